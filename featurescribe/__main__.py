@@ -1,0 +1,3 @@
+from featurescribe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""`featurescribe init` and `featurescribe sql`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from typing import Any
+
+import duckdb
+
+from featurescribe.errors import FeaturescribeError
+from featurescribe.store.connection import DEFAULT_DB, database_exists, open_db
+from featurescribe.store.schema import SCHEMA_VERSION
+
+
+def add_init_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file to create (default: {DEFAULT_DB})")
+
+
+def run_init(args: argparse.Namespace) -> int:
+    existed = database_exists(args.db)
+    con = open_db(args.db, create=True)
+    con.close()
+    verb = "upgraded" if existed else "created"
+    print(f"{verb} {args.db} (schema version {SCHEMA_VERSION})")
+    return 0
+
+
+def add_sql_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", help="the SQL to run, e.g. \"SELECT * FROM labels LIMIT 10\"")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default: {DEFAULT_DB})")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--write", action="store_true",
+                   help="open the database writable (default: read-only)")
+
+
+def run_sql(args: argparse.Namespace) -> int:
+    con = open_db(args.db, read_only=not args.write, create=False)
+    try:
+        try:
+            cur = con.execute(args.query)
+        except duckdb.Error as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FeaturescribeError(f"SQL error: {first}") from None
+        if cur.description is None:
+            return 0
+        columns = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+    finally:
+        con.close()
+    write_rows(columns, rows, args.format, sys.stdout)
+    return 0
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def _cell(v: Any, width: int = 60) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, float):
+        text = f"{v:.4g}"
+    else:
+        text = str(v)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def write_rows(columns: list[str], rows: list[tuple], fmt: str, out) -> None:
+    if fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(columns)
+        for r in rows:
+            w.writerow(["" if v is None else v for v in r])
+    elif fmt == "json":
+        json.dump([{c: _plain(v) for c, v in zip(columns, r)} for r in rows], out, indent=1)
+        out.write("\n")
+    else:
+        cells = [[_cell(v) for v in r] for r in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+        out.write("  ".join("-" * w for w in widths) + "\n")
+        for r in cells:
+            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+        out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")

@@ -1,0 +1,256 @@
+"""The database schema as an ordered list of migrations.
+
+A new database runs every migration; an older one runs those it lacks. The version a database
+is at lives in `schema_version`. Never edit a released migration: append a new one.
+"""
+
+from __future__ import annotations
+
+# Version 1: the tables and view of DESIGN.md.
+_V1 = [
+    """
+    CREATE TABLE IF NOT EXISTS sources (
+        source_id   VARCHAR PRIMARY KEY,
+        model_id    VARCHAR NOT NULL,
+        hook_name   VARCHAR NOT NULL,
+        layer       INTEGER NOT NULL,
+        kind        VARCHAR NOT NULL CHECK (kind IN ('neuron', 'sae')),
+        width       INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS sequences (
+        seq_id      BIGINT PRIMARY KEY,
+        token_ids   INTEGER[] NOT NULL,
+        tokens      VARCHAR[] NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS activations (
+        source_id   VARCHAR NOT NULL,
+        feature_id  INTEGER NOT NULL,
+        seq_id      BIGINT NOT NULL,
+        pos         INTEGER NOT NULL,
+        act         REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS features (
+        source_id   VARCHAR NOT NULL,
+        feature_id  INTEGER NOT NULL,
+        n_active    BIGINT NOT NULL,
+        frac_active DOUBLE NOT NULL,
+        max_act     REAL,
+        mean_act    REAL,
+        PRIMARY KEY (source_id, feature_id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS explanations (
+        explanation_id VARCHAR PRIMARY KEY,
+        source_id   VARCHAR NOT NULL,
+        feature_id  INTEGER NOT NULL,
+        text        VARCHAR NOT NULL,
+        explainer   VARCHAR NOT NULL,
+        method      VARCHAR NOT NULL,
+        run_id      VARCHAR,
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS scores (
+        explanation_id VARCHAR NOT NULL,
+        scorer      VARCHAR NOT NULL,
+        value       DOUBLE NOT NULL,
+        simulator   VARCHAR,
+        n_examples  INTEGER,
+        details     JSON
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS examples (
+        source_id   VARCHAR NOT NULL,
+        feature_id  INTEGER NOT NULL,
+        seq_id      BIGINT NOT NULL,
+        start_pos   INTEGER NOT NULL,
+        end_pos     INTEGER NOT NULL,
+        split       VARCHAR NOT NULL CHECK (split IN ('explain', 'valid', 'test')),
+        kind        VARCHAR NOT NULL CHECK (kind IN ('top', 'quantile', 'random'))
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS simulations (
+        explanation_id VARCHAR NOT NULL,
+        simulator   VARCHAR NOT NULL,
+        seq_id      BIGINT NOT NULL,
+        start_pos   INTEGER NOT NULL,
+        split       VARCHAR NOT NULL,
+        true_acts   FLOAT[] NOT NULL,
+        predicted   FLOAT[] NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS llm_calls (
+        call_id     VARCHAR PRIMARY KEY,
+        run_id      VARCHAR,
+        backend     VARCHAR NOT NULL,
+        model       VARCHAR NOT NULL,
+        purpose     VARCHAR,
+        prompt_hash VARCHAR NOT NULL,
+        input_tokens  INTEGER DEFAULT 0,
+        output_tokens INTEGER DEFAULT 0,
+        cost_usd    DOUBLE DEFAULT 0,
+        latency_s   DOUBLE,
+        status      VARCHAR NOT NULL,
+        error       VARCHAR
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS runs (
+        run_id      VARCHAR PRIMARY KEY,
+        flow        VARCHAR NOT NULL,
+        params      JSON,
+        status      VARCHAR NOT NULL,
+        started_at  TIMESTAMP DEFAULT current_timestamp,
+        finished_at TIMESTAMP
+    )
+    """,
+    """
+    CREATE OR REPLACE VIEW labels AS
+    SELECT e.source_id, e.feature_id, e.text AS explanation, s.value AS score, s.scorer,
+           e.explainer, s.simulator
+    FROM explanations e JOIN scores s USING (explanation_id)
+    QUALIFY row_number() OVER (PARTITION BY e.source_id, e.feature_id
+                               ORDER BY s.scorer = 'simulation' DESC, s.value DESC) = 1
+    """,
+]
+
+# Version 2: what the pipeline needs beyond the contract: harvest bookkeeping, feature status,
+# example metadata, score splits and baselines, the response cache, call details, LLM batches.
+_V2 = [
+    # sources: how the activations were made
+    "ALTER TABLE sources ADD COLUMN IF NOT EXISTS site VARCHAR",
+    "ALTER TABLE sources ADD COLUMN IF NOT EXISTS threshold DOUBLE",
+    "ALTER TABLE sources ADD COLUMN IF NOT EXISTS sae_path VARCHAR",
+    "ALTER TABLE sources ADD COLUMN IF NOT EXISTS corpus VARCHAR",
+    "ALTER TABLE sources ADD COLUMN IF NOT EXISTS ctx INTEGER",
+    "ALTER TABLE sources ADD COLUMN IF NOT EXISTS n_tokens BIGINT",
+    "ALTER TABLE sources ADD COLUMN IF NOT EXISTS params JSON",
+    "ALTER TABLE sources ADD COLUMN IF NOT EXISTS created_at TIMESTAMP",
+    # sequences: which tokenizer and corpus made them, so a second harvest can reuse them
+    "ALTER TABLE sequences ADD COLUMN IF NOT EXISTS tokenizer_id VARCHAR",
+    "ALTER TABLE sequences ADD COLUMN IF NOT EXISTS corpus VARCHAR",
+    "ALTER TABLE sequences ADD COLUMN IF NOT EXISTS corpus_index BIGINT",
+    # features: dead or too-rare features are marked with a reason, not dropped
+    "ALTER TABLE features ADD COLUMN IF NOT EXISTS status VARCHAR",
+    "ALTER TABLE features ADD COLUMN IF NOT EXISTS skip_reason VARCHAR",
+    # explanations: candidates, failures
+    "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS candidate INTEGER",
+    "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS chosen BOOLEAN",
+    "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS status VARCHAR",
+    # scores: which split, and the baselines read beside the score
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS split VARCHAR",
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS baseline_shuffled DOUBLE",
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS baseline_tokens DOUBLE",
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS run_id VARCHAR",
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS created_at TIMESTAMP",
+    # examples: rank inside its kind, quantile bin, the window's peak
+    "ALTER TABLE examples ADD COLUMN IF NOT EXISTS rank INTEGER",
+    "ALTER TABLE examples ADD COLUMN IF NOT EXISTS quantile INTEGER",
+    "ALTER TABLE examples ADD COLUMN IF NOT EXISTS max_act REAL",
+    "ALTER TABLE simulations ADD COLUMN IF NOT EXISTS kind VARCHAR",
+    "ALTER TABLE simulations ADD COLUMN IF NOT EXISTS run_id VARCHAR",
+    # llm_calls: when, cached or not, batch
+    "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS created_at TIMESTAMP",
+    "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS cached BOOLEAN",
+    "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS attempt INTEGER",
+    "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS batch_id VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS prefect_flow_run_id VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS error VARCHAR",
+    """
+    CREATE TABLE IF NOT EXISTS llm_cache (
+        cache_key   VARCHAR PRIMARY KEY,
+        backend     VARCHAR NOT NULL,
+        model       VARCHAR NOT NULL,
+        response    JSON NOT NULL,
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS harvest_progress (
+        source_id   VARCHAR NOT NULL,
+        seq_id      BIGINT NOT NULL,
+        PRIMARY KEY (source_id, seq_id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS llm_batches (
+        batch_id    VARCHAR PRIMARY KEY,
+        provider    VARCHAR NOT NULL,
+        run_id      VARCHAR,
+        purpose     VARCHAR,
+        status      VARCHAR NOT NULL,
+        n_requests  INTEGER,
+        input_file_id VARCHAR,
+        payload     JSON,
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        finished_at TIMESTAMP
+    )
+    """,
+    # labels: the best explanation per feature; simulation scores on the test split come first,
+    # and each carries its baselines and lift over the shuffled-explanation baseline.
+    """
+    CREATE OR REPLACE VIEW labels AS
+    SELECT e.source_id, e.feature_id, e.text AS explanation, s.value AS score, s.scorer,
+           e.explainer, s.simulator, s.split,
+           s.baseline_shuffled, s.baseline_tokens,
+           s.value - s.baseline_shuffled AS lift,
+           e.explanation_id
+    FROM explanations e JOIN scores s USING (explanation_id)
+    WHERE coalesce(e.status, 'ok') = 'ok'
+    QUALIFY row_number() OVER (
+        PARTITION BY e.source_id, e.feature_id
+        ORDER BY s.scorer = 'simulation' DESC, coalesce(s.split, 'test') = 'test' DESC,
+                 s.value DESC, e.explanation_id) = 1
+    """,
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    INTEGER NOT NULL,
+    applied_at TIMESTAMP DEFAULT current_timestamp
+)
+"""
+
+
+def current_version(con) -> int:
+    """The schema version of an open database, 0 for an empty one."""
+    has = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+    ).fetchone()[0]
+    if not has:
+        return 0
+    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(con, target: int = SCHEMA_VERSION) -> int:
+    """Apply the missing migrations up to `target` in one transaction; return the version."""
+    version = current_version(con)
+    if version >= target:
+        return version
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(VERSION_TABLE)
+        for v in range(version + 1, target + 1):
+            for stmt in MIGRATIONS[v - 1]:
+                con.execute(stmt)
+            con.execute("INSERT INTO schema_version (version) VALUES (?)", [v])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return target
