@@ -1,0 +1,45 @@
+"""Shared fixtures. Heavy ones (models, the fake LLM server, Prefect) import lazily."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    """Path of a database file that does not exist yet."""
+    return str(tmp_path / "test.duckdb")
+
+
+@pytest.fixture
+def con(db_path):
+    """An open, migrated database."""
+    from featurescribe.store import open_db
+
+    c = open_db(db_path)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def fake_llm(monkeypatch):
+    """A real HTTP server on 127.0.0.1 speaking the OpenAI and Anthropic APIs (tests/fake_llm.py).
+
+    The SDKs' own environment variables point at it, so code under test uses the real SDKs.
+    """
+    from tests.fake_llm import FakeLLMServer
+
+    server = FakeLLMServer()
+    server.start()
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url_openai)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url_anthropic)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    yield server
+    server.stop()
