@@ -1,0 +1,190 @@
+"""The store and the `init` / `sql` commands (issue 2)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import duckdb
+import pytest
+
+from featurescribe.store import open_db
+from featurescribe.store.schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, current_version
+
+DESIGN_TABLES = ["sources", "sequences", "activations", "features", "explanations", "scores",
+                 "examples", "simulations", "llm_calls", "runs", "labels"]
+
+DESIGN_COLUMNS = {
+    "sources": ["source_id", "model_id", "hook_name", "layer", "kind", "width"],
+    "sequences": ["seq_id", "token_ids", "tokens"],
+    "activations": ["source_id", "feature_id", "seq_id", "pos", "act"],
+    "features": ["source_id", "feature_id", "n_active", "frac_active", "max_act", "mean_act"],
+    "explanations": ["explanation_id", "source_id", "feature_id", "text", "explainer", "method",
+                     "run_id", "created_at"],
+    "scores": ["explanation_id", "scorer", "value", "simulator", "n_examples", "details"],
+    "examples": ["source_id", "feature_id", "seq_id", "start_pos", "end_pos", "split", "kind"],
+    "simulations": ["explanation_id", "simulator", "seq_id", "start_pos", "split", "true_acts",
+                    "predicted"],
+    "llm_calls": ["call_id", "run_id", "backend", "model", "purpose", "prompt_hash", "input_tokens",
+                  "output_tokens", "cost_usd", "latency_s", "status", "error"],
+    "runs": ["run_id", "flow", "params", "status", "started_at", "finished_at"],
+    "labels": ["source_id", "feature_id", "explanation", "score", "scorer", "explainer", "simulator"],
+}
+
+
+def cli(*args: str, cwd=None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "featurescribe", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout)
+
+
+def test_init_creates_every_design_table_and_column(db_path):
+    r = cli("init", "--db", db_path)
+    assert r.returncode == 0, r.stderr
+    con = duckdb.connect(db_path, read_only=True)
+    for table, cols in DESIGN_COLUMNS.items():
+        got = [c[0] for c in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+        ).fetchall()]
+        assert got, f"{table} missing"
+        for col in cols:
+            assert col in got, f"{table}.{col} missing"
+    assert current_version(con) == SCHEMA_VERSION
+    con.close()
+
+
+def test_help_lists_commands_both_ways():
+    for argv in (["featurescribe", "--help"], [sys.executable, "-m", "featurescribe", "--help"]):
+        exe = argv if argv[0] != "featurescribe" else [os.path.join(os.path.dirname(sys.executable), "featurescribe"), "--help"]
+        r = subprocess.run(exe, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0
+        for name in ("init", "sql"):
+            assert name in r.stdout
+
+
+def test_sql_formats(db_path):
+    assert cli("init", "--db", db_path).returncode == 0
+    q = "SELECT 1 AS a, 'x,y' AS b UNION ALL SELECT 2, NULL ORDER BY a"
+    r = cli("sql", "--db", db_path, q, "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    assert list(csv.reader(io.StringIO(r.stdout))) == [["a", "b"], ["1", "x,y"], ["2", ""]]
+    r = cli("sql", "--db", db_path, q, "--format", "json")
+    assert json.loads(r.stdout) == [{"a": 1, "b": "x,y"}, {"a": 2, "b": None}]
+    r = cli("sql", "--db", db_path, q)
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["a", "b"] and lines[-1] == "(2 rows)"
+    r = cli("sql", "--db", db_path, "SELECT * FROM labels", "--format", "json")
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+def test_sql_is_read_only_unless_asked(db_path):
+    assert cli("init", "--db", db_path).returncode == 0
+    r = cli("sql", "--db", db_path, "CREATE TABLE t (x INTEGER)")
+    assert r.returncode != 0 and "read-only" in r.stderr.lower()
+    r = cli("sql", "--db", db_path, "--write", "CREATE TABLE t (x INTEGER)")
+    assert r.returncode == 0, r.stderr
+
+
+def test_sql_syntax_error_is_one_line(db_path):
+    assert cli("init", "--db", db_path).returncode == 0
+    r = cli("sql", "--db", db_path, "SELEC 1")
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "syntax error" in r.stderr.lower()
+
+
+def test_sql_on_missing_database_leaves_no_file(tmp_path):
+    path = tmp_path / "typo.duckdb"
+    r = cli("sql", "--db", str(path), "SELECT 1")
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "no database" in r.stderr
+    assert not path.exists()
+
+
+def test_locked_database_names_the_holder_quickly(db_path):
+    assert cli("init", "--db", db_path).returncode == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import duckdb, sys, time
+            con = duckdb.connect({db_path!r})
+            print("ready", flush=True)
+            time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        for args in (["sql", "--db", db_path, "SELECT 1"], ["init", "--db", db_path]):
+            t0 = time.monotonic()
+            r = cli(*args, timeout=30)
+            assert time.monotonic() - t0 < 30
+            assert r.returncode != 0
+            assert len(r.stderr.strip().splitlines()) == 1
+            assert "locked" in r.stderr and f"PID {holder.pid}" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_newer_schema_is_refused(db_path):
+    con = open_db(db_path)
+    con.execute("INSERT INTO schema_version (version) VALUES (?)", [SCHEMA_VERSION + 1])
+    con.close()
+    r = cli("sql", "--db", db_path, "SELECT 1")
+    assert r.returncode != 0 and "newer" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_older_database_upgrades_keeping_its_rows(db_path):
+    # a database as version 1 wrote it
+    con = duckdb.connect(db_path)
+    con.execute(VERSION_TABLE)
+    for stmt in MIGRATIONS[0]:
+        con.execute(stmt)
+    con.execute("INSERT INTO schema_version (version) VALUES (1)")
+    con.execute("INSERT INTO sources VALUES ('6-mlp', 'm', 'h', 6, 'neuron', 10)")
+    con.execute("INSERT INTO explanations (explanation_id, source_id, feature_id, text, explainer, method)"
+                " VALUES ('e1', '6-mlp', 3, 'digits', 'baseline:tokens', 'tokens')")
+    con.execute("INSERT INTO scores VALUES ('e1', 'simulation', 0.5, 'lexical', 20, '{}')")
+    con.close()
+    # read-only use upgrades it first
+    r = cli("sql", "--db", db_path, "SELECT feature_id, explanation, score FROM labels", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"feature_id": 3, "explanation": "digits", "score": 0.5}]
+    con = open_db(db_path, read_only=True)
+    assert current_version(con) == SCHEMA_VERSION
+    assert con.execute("SELECT site FROM sources").fetchall() == [(None,)]
+    con.close()
+
+
+def test_bulk_insert_from_arrow(con):
+    import numpy as np
+
+    from featurescribe.store.bulk import insert_arrow
+
+    n = 100_000
+    rows = insert_arrow(con, "activations", {
+        "source_id": ["0-mlp"] * n,
+        "feature_id": np.arange(n, dtype=np.int32) % 7,
+        "seq_id": np.arange(n, dtype=np.int64) // 64,
+        "pos": np.arange(n, dtype=np.int32) % 64,
+        "act": np.linspace(0, 1, n, dtype=np.float32),
+    })
+    assert rows == n
+    assert con.execute("SELECT count(*), count(DISTINCT feature_id) FROM activations").fetchone() == (n, 7)
+
+
+def test_labels_view_prefers_simulation_then_best(con):
+    con.execute("INSERT INTO explanations (explanation_id, source_id, feature_id, text, explainer, method)"
+                " VALUES ('a', 's', 1, 'A', 'x', 'm'), ('b', 's', 1, 'B', 'x', 'm'), ('c', 's', 2, 'C', 'x', 'm')")
+    con.execute("INSERT INTO scores (explanation_id, scorer, value, simulator, split, baseline_shuffled) VALUES"
+                " ('a', 'simulation', 0.3, 'lexical', 'test', 0.1), ('b', 'simulation', 0.6, 'lexical', 'test', 0.2),"
+                " ('b', 'detection', 0.9, 'lexical', 'test', NULL), ('c', 'detection', 0.7, 'lexical', 'test', NULL)")
+    rows = con.execute("SELECT feature_id, explanation, scorer, score, lift FROM labels ORDER BY 1").fetchall()
+    assert rows[0][:4] == (1, "B", "simulation", 0.6) and rows[0][4] == pytest.approx(0.4)
+    assert rows[1][:4] == (2, "C", "detection", 0.7)
