@@ -1,0 +1,619 @@
+"""A fake LLM provider for tests: a real HTTP server on 127.0.0.1 in a background thread.
+
+It speaks enough of two APIs for the real SDKs to talk to it:
+
+- OpenAI   `POST /v1/chat/completions` (base URL `server.base_url_openai`, i.e. `.../v1`), with
+  `logprobs`/`top_logprobs` when the request asks and the responder gives them, and
+  `response_format` (json_schema / json_object) accepted;
+- Anthropic `POST /v1/messages` (base URL `server.base_url_anthropic`), with `usage`,
+  `stop_reason`, tools (`tool_choice` forcing a tool answers with a `tool_use` block) and
+  `output_config.format` (answers JSON text).
+
+Usage:
+
+    server = FakeLLMServer(latency_s=0.0)
+    server.start()                      # random free port
+    server.responder = lambda req: '{"explanation": "commas"}'
+    server.inject("429", retry_after=0) # fault queue: the next request gets a 429
+    ...
+    server.requests                     # one RecordedRequest per request the server saw
+    server.stop()
+
+A responder gets a `RecordedRequest` (`.api`, `.model`, `.messages`, `.json_schema`,
+`.top_logprobs`, `.body`, ...) and returns either the answer text, or a `Reply` (text plus
+optional per-token logprobs, finish reason, usage override). The default responder answers a
+JSON-schema request with a small instance of the schema and any other request with "ok".
+
+Faults (`server.inject(kind, times=1, **options)`; consumed first in, first out, one per request):
+
+| kind          | what the server does                                                           |
+|---------------|--------------------------------------------------------------------------------|
+| `"429"`       | 429 rate limit, `Retry-After: retry_after` (seconds; default 0) and optionally  |
+|               | `retry-after-ms: retry_after_ms`                                                |
+| `"500"`       | 500 internal error                                                              |
+| `"503"`       | 503 unavailable                                                                 |
+| `"529"`       | 529 overloaded (Anthropic body type `overloaded_error`; OpenAI gets it too)     |
+| `"slow"`      | sleeps `delay_s` (default 5 s) before answering normally                        |
+| `"malformed"` | 200, but the content is not valid JSON (Anthropic tool requests: a text block)  |
+| `"truncated"` | 200, content cut short, `finish_reason: "length"` / `stop_reason: "max_tokens"`|
+| `"disconnect"`| closes the connection without any answer                                         |
+
+Usage counts are deterministic: `count_tokens(text)` is the number of whitespace-separated words
+(at least 1); a request's input tokens are the sum over its message contents (and system prompt)
+plus 3 per message; output tokens are `count_tokens(answer text)`. A `Reply` may override both.
+
+`server.latency_s` is added to every answer (the throughput benchmark uses it);
+`server.max_in_flight` is the largest number of requests the server held at once.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+__all__ = [
+    "FakeLLMServer",
+    "Fault",
+    "RecordedRequest",
+    "Reply",
+    "count_tokens",
+    "example_for_schema",
+    "simple_logprobs",
+]
+
+FAULT_KINDS = ("429", "500", "503", "529", "slow", "malformed", "truncated", "disconnect")
+
+
+def count_tokens(text: str) -> int:
+    """The fake tokenizer: whitespace-separated words, at least 1."""
+    return max(1, len(str(text).split()))
+
+
+def _content_text(content: Any) -> str:
+    """A message content (string, or list of OpenAI/Anthropic content parts) as one string."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                if "text" in part:
+                    parts.append(str(part["text"]))
+                elif "content" in part:
+                    parts.append(_content_text(part["content"]))
+                elif "input" in part:
+                    parts.append(json.dumps(part["input"]))
+            else:
+                parts.append(str(part))
+        return "\n".join(parts)
+    return str(content)
+
+
+@dataclass
+class Fault:
+    kind: str
+    retry_after: float | None = 0  # seconds, sent as Retry-After (429)
+    retry_after_ms: float | None = None  # sent as retry-after-ms (429)
+    delay_s: float = 5.0  # 'slow'
+    api: str | None = None  # only requests of this API ('openai' / 'anthropic') take it
+
+
+@dataclass
+class Reply:
+    """What a responder may return instead of a plain string."""
+
+    text: str
+    # per output token: (token, logprob, {alternative token: logprob}); sent when asked for
+    logprobs: list[tuple[str, float, dict[str, float]]] | None = None
+    finish_reason: str | None = None  # default 'stop' / 'end_turn'
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclass
+class RecordedRequest:
+    """One request the server saw, and what it answered."""
+
+    api: str  # 'openai' | 'anthropic' | 'other'
+    path: str
+    headers: dict[str, str]
+    body: dict
+    model: str = ""
+    messages: list[dict] = field(default_factory=list)  # {'role', 'content' as text}; system first
+    json_schema: dict | None = None
+    top_logprobs: int = 0  # 0: none asked; OpenAI: top_logprobs (logprobs=True alone -> 0 but logprobs asked)
+    logprobs_asked: bool = False
+    max_tokens: int | None = None
+    fault: str | None = None  # the fault kind this request took, if any
+    status: int | None = None  # the HTTP status sent (None: connection closed without answer)
+    input_tokens: int = 0  # billed tokens of a 200 answer (0 for errors)
+    output_tokens: int = 0
+    response: dict | None = None  # the JSON body sent
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @property
+    def billed(self) -> bool:
+        """A 200 answer (the provider would charge for it)."""
+        return self.status == 200
+
+    @property
+    def user_text(self) -> str:
+        return "\n".join(m["content"] for m in self.messages if m["role"] == "user")
+
+
+Responder = Callable[[RecordedRequest], "str | Reply"]
+
+
+def example_for_schema(schema: dict | None, root: dict | None = None) -> Any:
+    """A small value that satisfies a JSON schema (enough for the schemas the project uses)."""
+    if not schema:
+        return {}
+    root = root or schema
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        node: Any = root
+        for part in ref.lstrip("#/").split("/"):
+            node = node.get(part, {})
+        return example_for_schema(node, root)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema and schema[key]:
+            return example_for_schema(schema[key][0], root)
+    typ = schema.get("type")
+    if isinstance(typ, list):
+        typ = next((t for t in typ if t != "null"), typ[0] if typ else "object")
+    if typ == "object" or (typ is None and "properties" in schema):
+        props = schema.get("properties", {})
+        return {k: example_for_schema(v, root) for k, v in props.items()}
+    if typ == "array":
+        n = max(1, int(schema.get("minItems", 1)))
+        return [example_for_schema(schema.get("items", {"type": "string"}), root) for _ in range(n)]
+    if typ == "integer":
+        lo = schema.get("minimum", 0)
+        return int(lo)
+    if typ == "number":
+        return float(schema.get("minimum", 0))
+    if typ == "boolean":
+        return True
+    if typ == "null":
+        return None
+    return "ok"
+
+
+def default_responder(req: RecordedRequest) -> str:
+    if req.json_schema is not None:
+        return json.dumps(example_for_schema(req.json_schema))
+    return "ok"
+
+
+def simple_logprobs(text: str, top: int = 0, logprob: float = -0.01) -> list[tuple[str, float, dict]]:
+    """Logprobs for `text` split on spaces: each word is sure (`logprob`), alternatives far below."""
+    out = []
+    words = text.split(" ")
+    for i, w in enumerate(words):
+        tok = w if i == 0 else " " + w
+        alts = {tok: logprob}
+        for j in range(max(0, top - 1)):
+            alts[f"alt{j}"] = -10.0 - j
+        out.append((tok, logprob, alts))
+    return out
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # listen backlog: many clients connect at once
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):  # quiet: clients that time out reset sockets
+        pass
+
+
+class FakeLLMServer:
+    """See the module docstring."""
+
+    def __init__(self, latency_s: float = 0.0, responder: Responder | None = None):
+        self.latency_s = float(latency_s)
+        self.responder: Responder = responder or default_responder
+        self.requests: list[RecordedRequest] = []
+        self.faults: deque[Fault] = deque()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "FakeLLMServer":
+        if self._httpd is not None:
+            return self
+        handler = _make_handler(self)
+        self._httpd = _Server(("127.0.0.1", 0), handler)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+            name=f"FakeLLMServer:{self.port}",
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._httpd = None
+        self._thread = None
+
+    def __enter__(self) -> "FakeLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url_openai(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def base_url_anthropic(self) -> str:
+        return self.url
+
+    # ------------------------------------------------------------------ faults and log
+    def inject(self, kind: str, times: int = 1, **options) -> None:
+        """Queue `times` faults of `kind` (see the module docstring) for the next requests."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {FAULT_KINDS}")
+        with self._lock:
+            for _ in range(times):
+                self.faults.append(Fault(kind, **options))
+
+    def reset(self) -> None:
+        """Forget the request log, queued faults and the in-flight maximum."""
+        with self._lock:
+            self.requests.clear()
+            self.faults.clear()
+            self.max_in_flight = self.in_flight
+
+    def requests_for(self, api: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if api is None or r.api == api]
+
+    @property
+    def billed_input_tokens(self) -> int:
+        return sum(r.input_tokens for r in self.requests if r.billed)
+
+    @property
+    def billed_output_tokens(self) -> int:
+        return sum(r.output_tokens for r in self.requests if r.billed)
+
+    def _take_fault(self, api: str) -> Fault | None:
+        with self._lock:
+            for i, f in enumerate(self.faults):
+                if f.api is None or f.api == api:
+                    del self.faults[i]
+                    return f
+        return None
+
+    def _enter(self, rec: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(rec)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+# ---------------------------------------------------------------------- request parsing
+def _parse_openai(rec: RecordedRequest) -> None:
+    b = rec.body
+    rec.model = str(b.get("model", ""))
+    rec.messages = [
+        {"role": m.get("role", "user"), "content": _content_text(m.get("content"))}
+        for m in b.get("messages", [])
+    ]
+    rf = b.get("response_format") or {}
+    if rf.get("type") == "json_schema":
+        rec.json_schema = (rf.get("json_schema") or {}).get("schema") or {}
+    elif rf.get("type") == "json_object":
+        rec.json_schema = {}
+    rec.logprobs_asked = bool(b.get("logprobs"))
+    rec.top_logprobs = int(b.get("top_logprobs") or 0) if rec.logprobs_asked else 0
+    mt = b.get("max_completion_tokens", b.get("max_tokens"))
+    rec.max_tokens = int(mt) if mt is not None else None
+
+
+def _parse_anthropic(rec: RecordedRequest) -> None:
+    b = rec.body
+    rec.model = str(b.get("model", ""))
+    msgs = []
+    system = b.get("system")
+    if system:
+        msgs.append({"role": "system", "content": _content_text(system)})
+    for m in b.get("messages", []):
+        msgs.append({"role": m.get("role", "user"), "content": _content_text(m.get("content"))})
+    rec.messages = msgs
+    tool = _forced_tool(b)
+    if tool is not None:
+        rec.json_schema = tool.get("input_schema") or {}
+    else:
+        fmt = ((b.get("output_config") or {}).get("format")) or b.get("output_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            rec.json_schema = fmt.get("schema") or {}
+    mt = b.get("max_tokens")
+    rec.max_tokens = int(mt) if mt is not None else None
+
+
+def _forced_tool(body: dict) -> dict | None:
+    """The tool the request forces (tool_choice type 'tool', or 'any' with exactly one tool)."""
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice") or {}
+    if not tools:
+        return None
+    if choice.get("type") == "tool":
+        for t in tools:
+            if t.get("name") == choice.get("name"):
+                return t
+    if choice.get("type") == "any" or len(tools) == 1:
+        return tools[0]
+    return None
+
+
+def _input_tokens(rec: RecordedRequest) -> int:
+    return sum(count_tokens(m["content"]) if m["content"] else 0 for m in rec.messages) + 3 * len(
+        rec.messages
+    )
+
+
+# ---------------------------------------------------------------------- responses
+def _openai_error(status: int, message: str, typ: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": typ, "param": None, "code": code}}
+
+
+def _anthropic_error(typ: str, message: str) -> dict:
+    return {"type": "error", "error": {"type": typ, "message": message}}
+
+
+_ERRORS = {
+    # kind: (status, openai type, anthropic type, message)
+    "429": (429, "rate_limit_exceeded", "rate_limit_error", "Rate limit reached; try again later."),
+    "500": (500, "server_error", "api_error", "Internal server error."),
+    "503": (503, "server_error", "api_error", "Service unavailable."),
+    "529": (529, "server_error", "overloaded_error", "Overloaded"),
+}
+
+
+def _token_bytes(tok: str) -> list[int]:
+    return list(tok.encode("utf-8"))
+
+
+def _openai_body(rec: RecordedRequest, reply: Reply) -> dict:
+    logprobs = None
+    if rec.logprobs_asked and reply.logprobs is not None:
+        content = []
+        for tok, lp, alts in reply.logprobs:
+            top = sorted(alts.items(), key=lambda kv: -kv[1])[: rec.top_logprobs]
+            content.append(
+                {
+                    "token": tok,
+                    "logprob": lp,
+                    "bytes": _token_bytes(tok),
+                    "top_logprobs": [
+                        {"token": t, "logprob": v, "bytes": _token_bytes(t)} for t, v in top
+                    ],
+                }
+            )
+        logprobs = {"content": content, "refusal": None}
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": rec.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                "logprobs": logprobs,
+                "finish_reason": reply.finish_reason or "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": rec.input_tokens,
+            "completion_tokens": rec.output_tokens,
+            "total_tokens": rec.input_tokens + rec.output_tokens,
+        },
+        "system_fingerprint": "fp_fake",
+    }
+
+
+_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def _anthropic_body(rec: RecordedRequest, reply: Reply, malformed: bool) -> dict:
+    tool = _forced_tool(rec.body)
+    stop = _ANTHROPIC_STOP.get(reply.finish_reason or "stop", reply.finish_reason or "end_turn")
+    content: list[dict]
+    if tool is not None and not malformed and stop != "max_tokens":
+        try:
+            value = json.loads(reply.text)
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            content = [
+                {"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:20], "name": tool["name"],
+                 "input": value}
+            ]
+            stop = "tool_use"
+        else:
+            content = [{"type": "text", "text": reply.text}]
+    else:
+        content = [{"type": "text", "text": reply.text}]
+    return {
+        "id": "msg_" + uuid.uuid4().hex[:24],
+        "type": "message",
+        "role": "assistant",
+        "model": rec.model,
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": rec.input_tokens,
+            "output_tokens": rec.output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        },
+    }
+
+
+def _make_handler(server: FakeLLMServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "FakeLLM/1.0"
+
+        def log_message(self, format, *args):  # quiet
+            pass
+
+        def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
+            data = json.dumps(body).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+                self.wfile.flush()
+            except OSError:
+                self.close_connection = True
+
+        def do_GET(self):
+            self._send(404, {"error": {"message": "not found", "type": "not_found"}})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = {}
+            path = self.path.split("?")[0].rstrip("/")
+            if path.endswith("/chat/completions"):
+                api = "openai"
+            elif path.endswith("/messages"):
+                api = "anthropic"
+            else:
+                api = "other"
+            rec = RecordedRequest(
+                api=api, path=path, headers={k.lower(): v for k, v in self.headers.items()},
+                body=body, started_at=time.monotonic(),
+            )
+            server._enter(rec)
+            try:
+                self._answer(rec)
+            finally:
+                rec.finished_at = time.monotonic()
+                server._leave()
+
+        def _answer(self, rec: RecordedRequest) -> None:
+            if rec.api == "other":
+                rec.status = 404
+                self._send(404, {"error": {"message": f"no route {rec.path}", "type": "not_found"}})
+                return
+            if rec.api == "anthropic":
+                if not rec.headers.get("x-api-key") and not rec.headers.get("authorization"):
+                    rec.status = 401
+                    self._send(401, _anthropic_error("authentication_error", "missing x-api-key"))
+                    return
+                _parse_anthropic(rec)
+            else:
+                if not rec.headers.get("authorization"):
+                    rec.status = 401
+                    self._send(401, _openai_error(401, "missing API key", "invalid_request_error"))
+                    return
+                _parse_openai(rec)
+
+            fault = server._take_fault(rec.api)
+            rec.fault = fault.kind if fault else None
+            if server.latency_s > 0:
+                time.sleep(server.latency_s)
+
+            if fault is not None and fault.kind == "disconnect":
+                rec.status = None
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+            if fault is not None and fault.kind in _ERRORS:
+                status, otype, atype, msg = _ERRORS[fault.kind]
+                headers = {}
+                if fault.kind == "429":
+                    if fault.retry_after is not None:
+                        headers["Retry-After"] = f"{fault.retry_after:g}"
+                    if fault.retry_after_ms is not None:
+                        headers["retry-after-ms"] = f"{fault.retry_after_ms:g}"
+                body = (
+                    _anthropic_error(atype, msg)
+                    if rec.api == "anthropic"
+                    else _openai_error(status, msg, otype, otype)
+                )
+                rec.status = status
+                rec.response = body
+                self._send(status, body, headers)
+                return
+            if fault is not None and fault.kind == "slow":
+                time.sleep(fault.delay_s)
+
+            try:
+                out = server.responder(rec)
+            except Exception as err:  # a broken responder is a 500, visible in the log
+                rec.status = 500
+                body = {"error": {"message": f"responder failed: {err!r}", "type": "server_error"}}
+                rec.response = body
+                self._send(500, body)
+                return
+            reply = out if isinstance(out, Reply) else Reply(text=str(out))
+            malformed = fault is not None and fault.kind == "malformed"
+            if malformed:
+                reply = Reply(text='{"this is": not json', finish_reason="stop")
+            if fault is not None and fault.kind == "truncated":
+                cut = max(1, len(reply.text) // 2)
+                reply = Reply(text=reply.text[:cut], logprobs=(reply.logprobs or [])[:1] or None,
+                              finish_reason="length")
+            rec.input_tokens = reply.input_tokens if reply.input_tokens is not None else _input_tokens(rec)
+            rec.output_tokens = (
+                reply.output_tokens if reply.output_tokens is not None else count_tokens(reply.text)
+            )
+            if rec.api == "openai":
+                body = _openai_body(rec, reply)
+            else:
+                body = _anthropic_body(rec, reply, malformed)
+            rec.status = 200
+            rec.response = body
+            self._send(200, body, {"x-request-id": "req_" + uuid.uuid4().hex[:16]})
+
+    return Handler
+
