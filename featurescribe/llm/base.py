@@ -7,7 +7,10 @@ Labelers and scorers see only `ChatRequest`, `ChatResponse` and `LLMClient.chat`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import json
 from typing import Any, Callable, Protocol, TypeVar
+
+from featurescribe.errors import FeaturescribeError
 
 T = TypeVar("T")
 
@@ -41,6 +44,46 @@ class ChatResponse:
     finish_reason: str | None = None
     cached: bool = False
     raw: dict[str, Any] | None = None
+    # filled by the client: what the answer cost, how many attempts it took, how long the last took
+    cost_usd: float = 0.0
+    attempts: int = 1
+    latency_s: float | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """The answer stopped at max_tokens (OpenAI 'length', Anthropic 'max_tokens')."""
+        return self.finish_reason in ("length", "max_tokens")
+
+    def json(self) -> Any:
+        """The text parsed as JSON; UnparseableResponse when it is not JSON."""
+        try:
+            return json.loads(self.text)
+        except (TypeError, ValueError) as err:
+            raise UnparseableResponse(f"answer is not valid JSON: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The cacheable part of the answer."""
+        return {
+            "text": self.text,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "finish_reason": self.finish_reason,
+            "logprobs": None
+            if self.logprobs is None
+            else [[t.token, t.logprob, t.top] for t in self.logprobs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], cached: bool = False) -> "ChatResponse":
+        lps = d.get("logprobs")
+        return cls(
+            text=d.get("text", ""),
+            input_tokens=int(d.get("input_tokens") or 0),
+            output_tokens=int(d.get("output_tokens") or 0),
+            finish_reason=d.get("finish_reason"),
+            logprobs=None if lps is None else [TokenLogprob(t, float(lp), dict(top or {})) for t, lp, top in lps],
+            cached=cached,
+        )
 
 
 class LLMError(Exception):
@@ -59,6 +102,18 @@ class BudgetExceeded(LLMError):
     """The run's spend reached --budget-usd: no new call starts."""
 
 
+class LLMAuthFailed(LLMCallFailed, FeaturescribeError):
+    """The provider refused the API key (401/403): every further call would fail too."""
+
+
+class MissingAPIKey(FeaturescribeError):
+    """The backend's API key variable is not set (raised by make_client, before any work)."""
+
+
+class NotAnLLMBackend(FeaturescribeError):
+    """make_client was given a baseline (`baseline:...`, `lexical`) or an unknown backend."""
+
+
 class LLMClient(Protocol):
     """What labelers and scorers are handed."""
 
@@ -66,6 +121,8 @@ class LLMClient(Protocol):
     backend: str  # 'openai' | 'anthropic' | 'local'
     model: str
     supports_logprobs: bool
+
+    supports_candidate_probs: bool  # True for local models (one forward pass, see LocalClient)
 
     async def chat(
         self, request: ChatRequest, parse: Callable[[ChatResponse], T] | None = None

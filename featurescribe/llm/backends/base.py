@@ -1,0 +1,55 @@
+"""What a backend provides to the client."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from typing import Any, Callable
+
+from featurescribe.llm.base import ChatRequest, ChatResponse
+
+
+class Backend:
+    backend: str = ""
+    model: str = ""
+    supports_logprobs: bool = False
+    supports_candidate_probs: bool = False
+    # apply the client's per-attempt timeout (remote APIs); local generation is not interruptible
+    uses_timeout: bool = True
+
+    async def send(
+        self, request: ChatRequest, *, max_tokens: int, timeout: float, retry_index: int = 0
+    ) -> ChatResponse:
+        """One attempt. Raises the SDK's own exceptions; the client classifies them."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+class PerLoop:
+    """One SDK client per event loop: httpx connection pools belong to the loop that made them."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self._factory = factory
+        self._by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            obj = self._by_loop.get(loop)
+            if obj is None:
+                obj = self._by_loop[loop] = self._factory()
+        return obj
+
+    async def aclose(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        with self._lock:
+            obj = self._by_loop.pop(loop, None)
+        if obj is not None:
+            await obj.close()

@@ -1,0 +1,82 @@
+"""What the batch runner needs from a provider, and the records it passes around.
+
+A provider adapter (`openai_batch.py`, `anthropic_batch.py`) speaks one provider's batch API
+through its official SDK (the synchronous client; batches are slow, and polling needs no
+concurrency). It knows the provider's limits, submits one chunk of requests, reports progress,
+and reads the results back as `ItemResult`s keyed by `custom_id`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+from featurescribe.llm.base import LLMCallFailed
+
+# What can come back for one request.
+SUCCEEDED, ERRORED, EXPIRED, CANCELED, MISSING = "succeeded", "errored", "expired", "canceled", "missing"
+
+
+class BatchPending(LLMCallFailed):
+    """Raised by `BatchCollector.chat` for a request that a batch will answer.
+
+    The collect pass of `label --batch` runs the pipeline only to learn which requests it would
+    make, and never writes; code that catches `LLMCallFailed` per feature treats this one like
+    any failed call, so one pending feature does not stop the others from being collected.
+    """
+
+
+@dataclass
+class BatchItem:
+    """One request in a batch: its custom_id (the response-cache key), the provider's request
+    body, and what the ledger needs to know about it."""
+
+    custom_id: str
+    params: dict[str, Any]
+    purpose: str = "chat"
+    wrapped: bool = False  # Anthropic: the schema was wrapped in {"value": ...}
+    json_schema: bool = False  # an answer in the forced tool is expected
+
+
+@dataclass
+class ItemResult:
+    custom_id: str
+    kind: str  # succeeded | errored | expired | canceled | missing
+    body: dict[str, Any] | None = None  # the provider's answer (chat.completion / message)
+    error: str | None = None
+
+
+@dataclass
+class BatchState:
+    """A provider's view of one batch, as polled."""
+
+    provider_status: str
+    ended: bool
+    total: int
+    done: int  # requests finished so far (any outcome), as far as the provider tells
+    counts: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. output_file_id, error_file_id
+
+
+class BatchProvider(Protocol):
+    name: str  # 'openai' | 'anthropic'
+    max_requests: int
+    max_bytes: int
+
+    def item_bytes(self, item: BatchItem) -> int:
+        """How many bytes the item adds to the batch (to stay under max_bytes)."""
+        ...
+
+    def submit(self, items: list[BatchItem], metadata: dict[str, str]) -> tuple[str, str | None]:
+        """Create a batch; (batch_id, input_file_id or None)."""
+        ...
+
+    def poll(self, batch_id: str) -> BatchState:
+        ...
+
+    def results(self, batch_id: str, state: BatchState) -> Iterator[ItemResult]:
+        """Every result the provider has for an ended batch (missing ones are the caller's)."""
+        ...
+
+    def cancel(self, batch_id: str) -> None:
+        ...

@@ -1,0 +1,579 @@
+"""The LLM client: one backend, wrapped in the cache, the budget, limits, retries and the ledger.
+
+    client = make_client("openai:gpt-4o-mini", store=CallStore(con), run_id=run_id,
+                         budget=Budget(5.0), concurrency=32)
+    resp = await client.chat(ChatRequest(messages=(...,), json_schema=SCHEMA), parse=my_parse)
+
+What one `chat` does:
+
+1. Cache: the key is the sha256 of (backend, model, parameters, messages, json_schema,
+   top_logprobs, seed). A stored answer that still parses is returned with a ledger row
+   `cached` (cost 0, no HTTP call). `use_cache=False` (`--no-cache`) skips the read but still
+   writes. Only successful, parseable answers are stored.
+2. Budget: no new attempt starts once the run's spend reached the limit: a `budget` row is
+   written and `BudgetExceeded` raised. Attempts already in flight finish and are recorded.
+3. Limits: the shared RPM/TPM buckets of backend:model, then this client's concurrency slot.
+4. Retries, one tenacity loop with a separate attempt budget and wait per kind of failure:
+   - transport (connection errors, timeouts): jittered exponential backoff;
+   - rate limit (429): waits what Retry-After / retry-after-ms says (else backoff), and pauses
+     every client of the same backend:model meanwhile;
+   - server (5xx, 529 overloaded): jittered exponential backoff;
+   - parse (the caller's `parse` raised UnparseableResponse, a JSON-schema answer is not JSON,
+     or the answer was cut at max_tokens; a truncated answer is asked again with twice the
+     max_tokens): asked again at once.
+   Other errors (400, 404, ...) are not retried; 401/403 raise LLMAuthFailed, which stops the run.
+   When a kind runs out of attempts the call ends in LLMCallFailed. A placeholder answer is
+   never returned.
+5. Ledger: every attempt that reached the server gets one `llm_calls` row: `ok`, `error` (with
+   the status and message) or `parse_error` (billed: tokens and cost recorded). Its
+   `prompt_hash` is the cache key, `attempt` its number within the call.
+
+The SDKs' own retries are off (max_retries=0): this is the one place that retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence, TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from featurescribe.llm.backends.base import Backend
+from featurescribe.llm.base import (
+    BudgetExceeded,
+    ChatRequest,
+    ChatResponse,
+    LLMAuthFailed,
+    LLMCallFailed,
+    NotAnLLMBackend,
+    UnparseableResponse,
+    parse_backend_spec,
+)
+from featurescribe.llm.budget import Budget
+from featurescribe.llm.limits import LoopSemaphore, estimate_tokens, shared_limiter
+from featurescribe.llm.prices import PriceTable
+from featurescribe.store.llm_calls import CallRow, CallStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LLM_BACKENDS = ("openai", "anthropic", "local")
+BASELINE_KINDS = ("baseline", "lexical")
+
+
+@dataclass
+class ClientSettings:
+    """Knobs of a client. Tests shrink the waits; the CLI sets concurrency and the budget."""
+
+    concurrency: int = 16  # requests this client has in flight at most
+    timeout_s: float = 120.0  # per attempt (remote backends)
+    rpm: float | None = None  # requests per minute for backend:model (None: no limit)
+    tpm: float | None = None  # tokens per minute for backend:model (None: no limit)
+    # attempts per kind of failure (the first try counts as attempt 1 of each kind)
+    transport_attempts: int = 4
+    rate_limit_attempts: int = 8
+    server_attempts: int = 5
+    max_parse_retries: int = 2  # asked again this many times after an unusable answer
+    backoff_initial_s: float = 1.0  # jittered exponential backoff: initial * 2**n + U(0, jitter)
+    backoff_max_s: float = 60.0
+    backoff_jitter_s: float = 1.0
+    max_retry_after_s: float = 120.0  # a longer Retry-After is cut to this
+    max_tokens_cap: int = 16384  # a truncated answer is asked again with up to this many
+    use_cache: bool = True  # read the cache (it is always written)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "ClientSettings":
+        """Defaults, then FEATURESCRIBE_LLM_* variables, then `overrides` (None values ignored)."""
+        s = cls()
+        env = {
+            "concurrency": ("FEATURESCRIBE_LLM_CONCURRENCY", int),
+            "timeout_s": ("FEATURESCRIBE_LLM_TIMEOUT", float),
+            "rpm": ("FEATURESCRIBE_LLM_RPM", float),
+            "tpm": ("FEATURESCRIBE_LLM_TPM", float),
+            "max_parse_retries": ("FEATURESCRIBE_LLM_PARSE_RETRIES", int),
+        }
+        for name, (var, typ) in env.items():
+            if os.environ.get(var):
+                setattr(s, name, typ(os.environ[var]))
+        for k, v in overrides.items():
+            if v is not None:
+                if not hasattr(s, k):
+                    raise TypeError(f"unknown client setting {k!r}")
+                setattr(s, k, v)
+        return s
+
+
+def cache_key(backend: str, model: str, request: ChatRequest) -> str:
+    """sha256 of what determines an answer: backend, model, parameters, messages, schema, seed."""
+    payload = {
+        "backend": backend,
+        "model": model,
+        "params": {"max_tokens": request.max_tokens, "temperature": request.temperature},
+        "messages": [dict(m) for m in request.messages],
+        "json_schema": request.json_schema,
+        "top_logprobs": request.top_logprobs,
+        "seed": request.seed,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------- failure classification
+@dataclass
+class Failure:
+    kind: str  # transport | rate_limit | server | parse | fatal | auth
+    message: str
+    retry_after: float | None = None
+    status: int | None = None
+
+
+class _Retry(Exception):
+    """An attempt failed in a way worth another attempt of its kind."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+def parse_retry_after(headers) -> float | None:
+    """Seconds to wait from retry-after-ms or Retry-After (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(ra)
+                return max(0.0, when.timestamp() - time.time())
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _sdk_message(exc: Exception) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | None:
+    """What kind of failure an SDK exception is (None: not an API failure, a bug)."""
+    name = type(exc).__name__
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or name == "APITimeoutError":
+        after = f" after {timeout_s:g} s" if timeout_s else ""
+        return Failure("transport", f"timeout{after}")
+    status = getattr(exc, "status_code", None)
+    if name == "APIConnectionError" or (status is None and type(exc).__module__.split(".")[0] in ("httpx", "httpcore")):
+        cause = exc.__cause__ or exc.__context__
+        detail = f": {type(cause).__name__}" if cause is not None else ""
+        return Failure("transport", f"connection error{detail}")
+    if status is None:
+        return None
+    msg = f"HTTP {status}: {_sdk_message(exc)}"
+    response = getattr(exc, "response", None)
+    if status == 429:
+        ra = parse_retry_after(getattr(response, "headers", None))
+        return Failure("rate_limit", msg, retry_after=ra, status=status)
+    if status in (408,):
+        return Failure("transport", msg, status=status)
+    if status >= 500:  # 500, 502, 503, 504, 529 overloaded
+        return Failure("server", msg, status=status)
+    if status in (401, 403):
+        return Failure("auth", msg, status=status)
+    return Failure("fatal", msg, status=status)
+
+
+class _Wait:
+    """tenacity wait: per failure kind, backoff by that kind's own attempt count."""
+
+    def __init__(self, settings: ClientSettings, counts: Counter):
+        self.counts = counts
+        self.backoff = wait_exponential_jitter(
+            initial=settings.backoff_initial_s, max=settings.backoff_max_s, jitter=settings.backoff_jitter_s
+        )
+        self.max_retry_after = settings.max_retry_after_s
+
+    def __call__(self, retry_state) -> float:
+        exc = retry_state.outcome.exception()
+        f: Failure = exc.failure
+        if f.kind == "parse":
+            return 0.0
+        if f.kind == "rate_limit" and f.retry_after is not None:
+            ra = min(f.retry_after, self.max_retry_after)
+            return ra + random.uniform(0, 0.1 * ra)
+        state = _AttemptNo(self.counts[f.kind])
+        return float(self.backoff(state))
+
+
+@dataclass
+class _AttemptNo:
+    attempt_number: int
+
+
+@dataclass
+class _CallState:
+    key: str
+    request: ChatRequest
+    max_tokens: int
+    counts: Counter = field(default_factory=Counter)
+    attempt: int = 0
+    parse_retries: int = 0
+    value: Any = None
+
+
+# ---------------------------------------------------------------------- the client
+class Client:
+    """An LLM client (the `LLMClient` protocol): see the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        store: CallStore | None = None,
+        run_id: str | None = None,
+        budget: Budget | None = None,
+        settings: ClientSettings | None = None,
+        prices: PriceTable | None = None,
+    ):
+        self._backend = backend
+        self.backend = backend.backend
+        self.model = backend.model
+        self.spec = f"{self.backend}:{self.model}"
+        self.store = store
+        self.run_id = run_id
+        self.budget = budget
+        self.settings = settings or ClientSettings()
+        self.prices = prices or PriceTable.load()
+        self.limiter = shared_limiter(self.backend, self.model, self.settings.rpm, self.settings.tpm)
+        self._sem = LoopSemaphore(self.settings.concurrency)
+        self._lock = threading.Lock()
+        self.ledger: list[CallRow] = []  # this client's rows, kept in memory when there is no store
+        self.spent_usd = 0.0
+        self.n_requests = 0  # attempts that were sent
+        self._price_warned = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def supports_logprobs(self) -> bool:
+        return self._backend.supports_logprobs
+
+    @property
+    def supports_candidate_probs(self) -> bool:
+        return self._backend.supports_candidate_probs
+
+    def __repr__(self) -> str:
+        return f"Client({self.spec!r})"
+
+    # ------------------------------------------------------------------ ledger
+    def _record(self, state: _CallState | None, key: str, purpose: str, status: str, **kw) -> CallRow:
+        row = CallRow(
+            backend=self.backend, model=self.model, prompt_hash=key, status=status, purpose=purpose,
+            run_id=self.run_id, attempt=state.attempt if state is not None else 0,
+            cached=(status == "cached"), **kw,
+        )
+        if self.store is not None:
+            self.store.record(row)
+        else:
+            with self._lock:
+                self.ledger.append(row)
+        return row
+
+    def _cost(self, input_tokens: int, output_tokens: int) -> tuple[float, str | None]:
+        cost, note = self.prices.cost(self.backend, self.model, input_tokens, output_tokens)
+        if note and not self._price_warned:
+            self._price_warned = True
+            log.warning(note)
+        return cost, note
+
+    def _spend(self, cost: float) -> None:
+        with self._lock:
+            self.spent_usd += cost
+        if self.budget is not None:
+            self.budget.add(cost)
+
+    # ------------------------------------------------------------------ chat
+    async def chat(
+        self, request: ChatRequest, parse: Callable[[ChatResponse], T] | None = None
+    ) -> T | ChatResponse:
+        """Send `request`; with `parse`, return its result, asking again on UnparseableResponse.
+
+        Raises LLMCallFailed when no usable answer came, BudgetExceeded when the budget is spent.
+        """
+        key = cache_key(self.backend, self.model, request)
+        if self.store is not None and self.settings.use_cache:
+            hit = self.store.get_cached(key)
+            if hit is not None:
+                resp = ChatResponse.from_dict(hit, cached=True)
+                try:
+                    value = self._check(request, resp, parse)
+                except UnparseableResponse:
+                    value = _MISS  # the parse function changed: ask the model again
+                if value is not _MISS:
+                    self._record(None, key, request.purpose, "cached", latency_s=0.0)
+                    return value
+        state = _CallState(key=key, request=request, max_tokens=request.max_tokens)
+        resp = await self._with_retries(state, parse)
+        if self.store is not None:
+            self.store.put_cached(key, self.backend, self.model, resp.to_dict())
+        return state.value if parse is not None else resp
+
+    def _check(self, request: ChatRequest, resp: ChatResponse, parse) -> Any:
+        """The parsed value of a usable answer; UnparseableResponse otherwise."""
+        if resp.truncated:
+            raise UnparseableResponse(
+                f"answer cut at max_tokens (finish_reason {resp.finish_reason})"
+            )
+        if parse is not None:
+            return parse(resp)
+        if request.json_schema is not None:
+            resp.json()
+        return resp
+
+    async def _with_retries(self, state: _CallState, parse) -> ChatResponse:
+        s = self.settings
+        limits = {
+            "transport": s.transport_attempts,
+            "rate_limit": s.rate_limit_attempts,
+            "server": s.server_attempts,
+            "parse": s.max_parse_retries + 1,
+        }
+
+        def stop(retry_state) -> bool:
+            f: Failure = retry_state.outcome.exception().failure
+            return state.counts[f.kind] >= limits[f.kind]
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda e: isinstance(e, _Retry)),
+            stop=stop,
+            wait=_Wait(s, state.counts),
+            sleep=asyncio.sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt(state, parse)
+        except _Retry as last:
+            f = last.failure
+            n = state.counts[f.kind]
+            raise LLMCallFailed(
+                f"{self.spec}: no usable answer after {state.attempt} attempt(s) "
+                f"({n} {f.kind.replace('_', ' ')} failure(s)); last: {f.message}"
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(self, state: _CallState, parse) -> ChatResponse:
+        request, key = state.request, state.key
+        if self.budget is not None:
+            try:
+                self.budget.check()
+            except BudgetExceeded as err:
+                self._record(state, key, request.purpose, "budget", error=str(err))
+                raise
+        est = estimate_tokens(request.messages, state.max_tokens)
+        await self.limiter.acquire(est)
+        async with self._sem.get():
+            state.attempt += 1
+            retry_index = state.parse_retries
+            t0 = time.monotonic()
+            timeout = s_timeout = self.settings.timeout_s
+            try:
+                with self._lock:
+                    self.n_requests += 1
+                if self._backend.uses_timeout:
+                    resp = await self._backend.send(
+                        request, max_tokens=state.max_tokens, timeout=timeout, retry_index=retry_index
+                    )
+                else:
+                    resp = await self._backend.send(
+                        request, max_tokens=state.max_tokens, timeout=0, retry_index=retry_index
+                    )
+            except (BudgetExceeded, LLMCallFailed):
+                raise
+            except Exception as exc:
+                latency = time.monotonic() - t0
+                f = classify(exc, s_timeout)
+                if f is None:  # not an API failure: record it and let it surface
+                    self._record(state, key, request.purpose, "error", latency_s=latency,
+                                 error=f"{type(exc).__name__}: {exc}"[:2000])
+                    raise
+                self._record(state, key, request.purpose, "error", latency_s=latency, error=f.message[:2000])
+                if f.kind == "auth":
+                    raise LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})") from None
+                if f.kind == "fatal":
+                    raise LLMCallFailed(f"{self.spec}: {f.message}") from None
+                if f.kind == "rate_limit" and f.retry_after:
+                    self.limiter.pause(min(f.retry_after, self.settings.max_retry_after_s))
+                state.counts[f.kind] += 1
+                raise _Retry(f) from None
+        latency = time.monotonic() - t0
+        self.limiter.settle(est, resp.input_tokens + resp.output_tokens)
+        cost, note = self._cost(resp.input_tokens, resp.output_tokens)
+        self._spend(cost)
+        resp.cost_usd = cost
+        resp.latency_s = latency
+        resp.attempts = state.attempt
+        try:
+            value = self._check(request, resp, parse)
+        except UnparseableResponse as err:
+            msg = str(err) or "unparseable answer"
+            self._record(state, key, request.purpose, "parse_error", input_tokens=resp.input_tokens,
+                         output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency,
+                         error=msg[:2000])
+            if resp.truncated:
+                state.max_tokens = min(max(state.max_tokens * 2, state.max_tokens + 1), self.settings.max_tokens_cap)
+            state.parse_retries += 1
+            state.counts["parse"] += 1
+            raise _Retry(Failure("parse", msg)) from None
+        self._record(state, key, request.purpose, "ok", input_tokens=resp.input_tokens,
+                     output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency, error=note)
+        state.value = value
+        return resp
+
+    # ------------------------------------------------------------------ local models
+    async def candidate_probs(
+        self,
+        text: str,
+        positions: Sequence[int],
+        candidates: Sequence[str],
+        *,
+        messages: Sequence[dict] | None = None,
+        normalize: bool = True,
+        purpose: str = "simulate",
+    ):
+        """Probabilities of `candidates` at each character offset of `text`, from one forward pass.
+
+        Returns a float array of shape (len(positions), len(candidates)): row i is the
+        distribution of the token that starts at `text[positions[i]]`, given everything before
+        it (the chat-templated `messages` first, when given, then `text` as the assistant's
+        answer so far). Rows sum to 1 over the candidates when `normalize`. Every candidate
+        must be one token of the model's tokenizer (for SmolLM2, "0".."9" are; "10" is not).
+        Local backends only (`supports_candidate_probs`); one ledger row per call, cost 0.
+        """
+        if not self._backend.supports_candidate_probs:
+            raise NotImplementedError(f"{self.spec} cannot score candidate tokens; use chat with top_logprobs")
+        key = hashlib.sha256(
+            json.dumps([text, list(positions), list(candidates), list(messages or [])], sort_keys=True).encode()
+        ).hexdigest()
+        if self.budget is not None:
+            self.budget.check()  # local calls cost 0, but a stopped run starts nothing new
+        t0 = time.monotonic()
+        async with self._sem.get():
+            probs, n_tokens = await self._backend.candidate_probs(
+                text, positions, candidates, messages=messages, normalize=normalize
+            )
+        self._record(_CallState(key, ChatRequest(messages=()), 0, attempt=1), key, purpose, "ok",
+                     input_tokens=n_tokens, output_tokens=0, cost_usd=0.0,
+                     latency_s=time.monotonic() - t0)
+        return probs
+
+    async def load(self) -> None:
+        """Load a local model now (it is otherwise loaded on the first call)."""
+        if hasattr(self._backend, "load"):
+            await self._backend.load()
+
+    # ------------------------------------------------------------------ closing
+    def flush(self) -> None:
+        if self.store is not None:
+            self.store.flush()
+
+    async def aclose(self) -> None:
+        """Close this loop's HTTP client and write buffered ledger rows."""
+        await self._backend.aclose()
+        self.flush()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+_MISS = object()
+
+
+def make_backend(spec: str, *, timeout_s: float = 120.0, device: str = "auto") -> Backend:
+    kind, model = parse_backend_spec(spec)
+    if kind in BASELINE_KINDS:
+        raise NotAnLLMBackend(
+            f"{spec!r} is a baseline, not an LLM backend: it needs no client (labelers and scorers "
+            "build it themselves); LLM backends are openai:MODEL, anthropic:MODEL, local:MODEL"
+        )
+    if kind not in LLM_BACKENDS:
+        raise NotAnLLMBackend(
+            f"unknown backend {spec!r}: use openai:MODEL, anthropic:MODEL, local:MODEL, "
+            "baseline:tokens or lexical"
+        )
+    if not model:
+        raise NotAnLLMBackend(f"backend {spec!r} names no model (e.g. {kind}:"
+                              + {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5",
+                                 "local": "smollm2-135m"}[kind] + ")")
+    if kind == "openai":
+        from featurescribe.llm.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(model, timeout_s=timeout_s)
+    if kind == "anthropic":
+        from featurescribe.llm.backends.anthropic_backend import AnthropicBackend
+
+        return AnthropicBackend(model, timeout_s=timeout_s)
+    from featurescribe.llm.backends.local import LocalBackend
+
+    return LocalBackend(model, device=device)
+
+
+def make_client(
+    spec: str,
+    *,
+    store: CallStore | None = None,
+    run_id: str | None = None,
+    budget: Budget | None = None,
+    settings: ClientSettings | None = None,
+    use_cache: bool | None = None,
+    concurrency: int | None = None,
+    prices: PriceTable | None = None,
+    device: str = "auto",
+    **setting_overrides,
+) -> Client:
+    """A client for BACKEND spec `openai:MODEL`, `anthropic:MODEL` or `local:MODEL`.
+
+    Raises (FeaturescribeError, before any work) MissingAPIKey when the backend's key is not
+    set, NotAnLLMBackend for `baseline:...`, `lexical` or an unknown backend.
+    `setting_overrides` are ClientSettings fields (timeout_s=..., rpm=..., ...).
+    """
+    if settings is None:
+        settings = ClientSettings.from_env(use_cache=use_cache, concurrency=concurrency, **setting_overrides)
+    else:
+        over = {k: v for k, v in dict(use_cache=use_cache, concurrency=concurrency, **setting_overrides).items()
+                if v is not None}
+        settings = replace(settings, **over)
+    backend = make_backend(spec, timeout_s=settings.timeout_s, device=device)
+    return Client(backend, store=store, run_id=run_id, budget=budget, settings=settings, prices=prices)
+
+
+def check_backend(spec: str) -> None:
+    """Raise the error make_client would (missing key, baseline, unknown) without building it."""
+    kind, _ = parse_backend_spec(spec)
+    if kind in BASELINE_KINDS:
+        return
+    make_backend(spec)
