@@ -43,3 +43,20 @@ def fake_llm(monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server for the session (prefect_test_harness: a temporary database).
+
+    Yields its API URL; flows called in the test process record their runs there, and a test may
+    hand the URL to a subprocess (PREFECT_API_URL) so that it does not start a server of its own.
+    """
+    from featurescribe.flows.prefect_env import configure_prefect
+
+    configure_prefect()
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(get_current_settings().api.url)

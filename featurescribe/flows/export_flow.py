@@ -1,0 +1,67 @@
+"""The export flow: feature dictionaries (and the HTML report) written from the database.
+
+One task per format, run one after another (each reads the whole database read-only); each
+writes `OUT/<format>/`, the report `OUT/report.html`. The writers are those of
+`featurescribe export` / `featurescribe report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from featurescribe.flows.prefect_env import configure_prefect
+
+configure_prefect()
+
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NONE  # noqa: E402
+
+from featurescribe.errors import FeaturescribeError  # noqa: E402
+from featurescribe.flows.runs import recorded_run  # noqa: E402
+
+FORMATS = ("neuronpedia", "oai", "delphi", "parquet", "json")
+
+
+def parse_formats(formats: str | list[str]) -> list[str]:
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    out = [f.strip() for f in items if f.strip()]
+    bad = [f for f in out if f not in FORMATS]
+    if bad:
+        raise FeaturescribeError(f"unknown export format {bad[0]!r}: use {', '.join(FORMATS)}")
+    return out
+
+
+@task(name="export-format", cache_policy=NONE)
+def export_format(db: str, fmt: str, out: str, source: str | None) -> str:
+    from featurescribe.export.command import run_export
+
+    rc = run_export(argparse.Namespace(db=db, format=fmt, out=out, source=source,
+                                       creator_id="featurescribe"))
+    if rc:
+        raise FeaturescribeError(f"export {fmt} failed (exit {rc})")
+    return out
+
+
+@task(name="export-report", cache_policy=NONE)
+def export_report(db: str, out: str, source: str | None) -> str:
+    from featurescribe.export.command import run_report
+
+    rc = run_report(argparse.Namespace(db=db, out=out, source=source, examples=8))
+    if rc:
+        raise FeaturescribeError(f"report failed (exit {rc})")
+    return out
+
+
+@flow(name="export", log_prints=False)
+def export_flow(db: str, out: str, formats: str | list[str] = "json", source: str | None = None,
+                report: bool = True) -> dict:
+    """Write each of `formats` to OUT/<format>/ and, with `report`, OUT/report.html."""
+    fmts = parse_formats(formats)
+    params = {"db": db, "out": out, "formats": fmts, "source": source, "report": report}
+    with recorded_run(db, "export", params) as run:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        written = [export_format(db, f, str(Path(out) / f), source) for f in fmts]
+        if report:
+            written.append(export_report(db, str(Path(out) / "report.html"), source))
+    return {"run_id": run.run_id, "written": written}

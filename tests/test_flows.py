@@ -1,0 +1,74 @@
+"""Flows under a Prefect test server: the runs table, the export flow, the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from featurescribe.store import open_db
+
+
+def _runs(db: str) -> list[dict]:
+    from featurescribe.store.runs import list_runs
+
+    con = open_db(db, read_only=True)
+    try:
+        return list_runs(con)
+    finally:
+        con.close()
+
+
+def _prefect_flow_run(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def test_export_flow_records_its_run(prefect_server, tmp_path):
+    from tests.export_fixtures import build_demo_db
+
+    from featurescribe.flows.export_flow import export_flow
+
+    db = str(tmp_path / "x.duckdb")
+    build_demo_db(db)
+    out = tmp_path / "out"
+    result = export_flow(db=db, out=str(out), formats="json,oai", report=True)
+    assert (out / "json" / "feature_dictionary.json").is_file()
+    assert (out / "oai").is_dir()
+    assert (out / "report.html").is_file()
+
+    (row,) = [r for r in _runs(db) if r["run_id"] == result["run_id"]]
+    assert row["flow"] == "export" and row["status"] == "completed"
+    assert row["finished_at"] >= row["started_at"]
+    assert json.loads(row["params"])["formats"] == ["json", "oai"]
+    # the same run in Prefect's own record
+    fr = _prefect_flow_run(row["prefect_flow_run_id"])
+    assert fr.state.is_completed() and fr.parameters["formats"] == "json,oai"
+
+
+def test_failed_flow_is_recorded_failed(prefect_server, tmp_path):
+    from featurescribe.errors import FeaturescribeError
+    from featurescribe.flows.export_flow import export_flow
+
+    db = str(tmp_path / "empty.duckdb")
+    open_db(db).close()
+    with pytest.raises(FeaturescribeError):
+        export_flow(db=db, out=str(tmp_path / "o"), formats="json", report=False)
+    (row,) = _runs(db)
+    assert row["status"] == "failed" and row["error"]
+    assert _prefect_flow_run(row["prefect_flow_run_id"]).state.is_failed()
+
+
+def test_running_rows_of_dead_processes_become_interrupted(tmp_path):
+    from featurescribe.store.runs import insert_run, mark_interrupted
+
+    db = str(tmp_path / "r.duckdb")
+    con = open_db(db)
+    insert_run(con, "label-x", "label", {"a": 1}, None)
+    assert mark_interrupted(con) == 1
+    status, finished = con.execute("SELECT status, finished_at FROM runs").fetchone()
+    con.close()
+    assert status == "interrupted" and finished is not None
