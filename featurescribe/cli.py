@@ -18,6 +18,8 @@ from featurescribe.store.connection import DEFAULT_DB
 COMMANDS: list[tuple[str, str, str]] = [
     ("init", "featurescribe.store.commands", "create an empty database with the schema"),
     ("sql", "featurescribe.store.commands", "run SQL against a database and print the result"),
+    ("harvest", "featurescribe.harvest.command",
+     "run a model over a corpus and store one layer's activations (neurons or SAE latents)"),
 ]
 
 

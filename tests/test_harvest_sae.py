@@ -1,0 +1,123 @@
+"""SAEs in SAELens' on-disk format: both config layouts, each architecture, against torch formulas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featurescribe.errors import FeaturescribeError
+from featurescribe.harvest.sae import load_sae, parse_config, site_of_hook
+
+
+def write_sae(folder, arch: str, d_in: int, d_sae: int, *, style: str = "v6", hook_name: str | None = None,
+              k: int = 4, apply_b_dec: bool = True, seed: int = 0, scale: float = 1.0) -> dict:
+    """An SAE folder as SAELens writes it; returns its weights (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        "W_enc": torch.randn(d_in, d_sae, generator=g) * scale / d_in ** 0.5,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in, generator=g),
+        "b_dec": torch.randn(d_in, generator=g) * 0.1,
+    }
+    if arch == "jumprelu":
+        w["threshold"] = torch.rand(d_sae, generator=g) * 0.5
+    if style == "v6":
+        cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+               "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none",
+               "reshape_activations": "none",
+               "metadata": {"model_name": "smollm2-135m", "hook_name": hook_name, "sae_lens_version": "6.5.0",
+                            "prepend_bos": True, "context_size": 64}}
+        if arch == "topk":
+            cfg["k"] = k
+    else:  # the flat layout of SAELens < 6
+        cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "hook_name": hook_name,
+               "hook_layer": 0, "model_name": "smollm2-135m", "apply_b_dec_to_input": apply_b_dec,
+               "normalize_activations": False, "finetuning_scaling_factor": False, "context_size": 64,
+               "prepend_bos": True, "sae_lens_training_version": "3.13.0"}
+        if arch == "topk":
+            cfg.update(architecture="standard", activation_fn_str="topk", activation_fn_kwargs={"k": k})
+        else:
+            cfg.update(architecture=arch, activation_fn_str="relu")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    return w
+
+
+def expected_latents(w: dict, arch: str, x: torch.Tensor, k: int = 4, apply_b_dec: bool = True) -> torch.Tensor:
+    """SAELens' encode written out with plain torch."""
+    x = x.float()
+    if apply_b_dec:
+        x = x - w["b_dec"]
+    pre = x @ w["W_enc"] + w["b_enc"]
+    if arch == "standard":
+        return torch.relu(pre)
+    if arch == "jumprelu":
+        return torch.where(pre > w["threshold"], torch.relu(pre), torch.zeros_like(pre))
+    vals, idx = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+
+
+@pytest.mark.parametrize("style", ["v6", "flat"])
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_encode_matches_formula(tmp_path, arch, style):
+    w = write_sae(tmp_path / "sae", arch, 16, 40, style=style, hook_name="blocks.3.hook_resid_post", k=5)
+    sae = load_sae(tmp_path / "sae")
+    assert sae.cfg.architecture == arch
+    assert sae.cfg.hook_name == "blocks.3.hook_resid_post"
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (16, 40)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    got = sae.encode(x)
+    want = expected_latents(w, arch, x, k=5)
+    torch.testing.assert_close(got, want)
+    assert (got > 0).any()
+    if arch == "topk":
+        assert int((got != 0).sum(-1).max()) <= 5
+
+
+def test_apply_b_dec_to_input_false(tmp_path):
+    w = write_sae(tmp_path / "sae", "standard", 8, 12, apply_b_dec=False)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(load_sae(tmp_path / "sae").encode(x), expected_latents(w, "standard", x, apply_b_dec=False))
+
+
+def test_config_fields_of_both_layouts():
+    v6 = parse_config({"architecture": "topk", "d_in": 4, "d_sae": 8, "k": 2, "metadata": {"hook_name": "h"}})
+    assert (v6.architecture, v6.k, v6.hook_name) == ("topk", 2, "h")
+    meta = parse_config({"architecture": "jumprelu", "d_in": 4, "d_sae": 8, "meta": {"hook_name": "m"}})
+    assert (meta.architecture, meta.hook_name) == ("jumprelu", "m")
+    old = parse_config({"d_in": 4, "d_sae": 8, "hook_point": "blocks.1.hook_mlp_out", "activation_fn_str": "relu"})
+    assert (old.architecture, old.hook_name, old.apply_b_dec_to_input) == ("standard", "blocks.1.hook_mlp_out", True)
+    with pytest.raises(FeaturescribeError, match="needs k"):
+        parse_config({"architecture": "topk", "d_in": 4, "d_sae": 8})
+    with pytest.raises(FeaturescribeError, match="not supported"):
+        parse_config({"architecture": "matryoshka_mystery", "d_in": 4, "d_sae": 8})
+    with pytest.raises(FeaturescribeError, match="d_in and d_sae"):
+        parse_config({"architecture": "standard"})
+
+
+def test_hook_names_map_to_sites():
+    assert site_of_hook("blocks.6.hook_resid_post") == ("resid", 6)
+    assert site_of_hook("blocks.7.hook_resid_pre") == ("resid", 6)
+    assert site_of_hook("blocks.6.mlp.hook_post") == ("mlp", 6)
+    assert site_of_hook("blocks.6.hook_mlp_out") == ("mlp_out", 6)
+    assert site_of_hook("blocks.6.hook_attn_out") == ("attn", 6)
+    assert site_of_hook("model.layers.6.mlp.down_proj.input") == ("mlp", 6)
+    assert site_of_hook("model.layers.6.output") == ("resid", 6)
+    assert site_of_hook("something.else") is None
+
+
+def test_bad_sae_folders(tmp_path):
+    with pytest.raises(FeaturescribeError, match="not a folder"):
+        load_sae(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FeaturescribeError, match="missing cfg.json"):
+        load_sae(tmp_path / "empty")
+    write_sae(tmp_path / "bad", "standard", 8, 12)
+    (tmp_path / "bad" / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 9, "d_sae": 12}))
+    with pytest.raises(FeaturescribeError, match="W_enc has shape"):
+        load_sae(tmp_path / "bad")
