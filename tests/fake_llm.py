@@ -33,6 +33,8 @@ Faults (`server.inject(kind, times=1, **options)`; consumed first in, first out,
 | `"500"`       | 500 internal error                                                              |
 | `"503"`       | 503 unavailable                                                                 |
 | `"529"`       | 529 overloaded (Anthropic body type `overloaded_error`; OpenAI gets it too)     |
+| `"401"`       | 401 invalid API key                                                             |
+| `"400"`       | 400 bad request                                                                 |
 | `"slow"`      | sleeps `delay_s` (default 5 s) before answering normally                        |
 | `"malformed"` | 200, but the content is not valid JSON (Anthropic tool requests: a text block)  |
 | `"truncated"` | 200, content cut short, `finish_reason: "length"` / `stop_reason: "max_tokens"`|
@@ -68,7 +70,7 @@ __all__ = [
     "simple_logprobs",
 ]
 
-FAULT_KINDS = ("429", "500", "503", "529", "slow", "malformed", "truncated", "disconnect")
+FAULT_KINDS = ("429", "500", "503", "529", "401", "400", "slow", "malformed", "truncated", "disconnect")
 
 
 def count_tokens(text: str) -> int:
@@ -401,6 +403,8 @@ _ERRORS = {
     "500": (500, "server_error", "api_error", "Internal server error."),
     "503": (503, "server_error", "api_error", "Service unavailable."),
     "529": (529, "server_error", "overloaded_error", "Overloaded"),
+    "401": (401, "invalid_api_key", "authentication_error", "Incorrect API key provided."),
+    "400": (400, "invalid_request_error", "invalid_request_error", "Bad request."),
 }
 
 
@@ -490,6 +494,7 @@ def _make_handler(server: FakeLLMServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "FakeLLM/1.0"
+        disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stalls on small answers
 
         def log_message(self, format, *args):  # quiet
             pass
@@ -501,10 +506,11 @@ def _make_handler(server: FakeLLMServer):
             self.send_header("Content-Length", str(len(data)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
-            self.end_headers()
+            # headers and body in one write
+            self._headers_buffer.append(b"\r\n")
+            self._headers_buffer.append(data)
             try:
-                self.wfile.write(data)
-                self.wfile.flush()
+                self.flush_headers()
             except OSError:
                 self.close_connection = True
 
@@ -617,3 +623,28 @@ def _make_handler(server: FakeLLMServer):
 
     return Handler
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.fake_llm --latency 0.2`: serve until stdin closes; prints `PORT n` first,
+    and `MAX_IN_FLIGHT n` / `REQUESTS n` when it stops (benchmarks run it as a child process)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    server = FakeLLMServer(latency_s=args.latency).start()
+    print(f"PORT {server.port}", flush=True)
+    try:
+        sys.stdin.read()
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+    print(f"MAX_IN_FLIGHT {server.max_in_flight}", flush=True)
+    print(f"REQUESTS {len(server.requests)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,7 +33,7 @@ from featurescribe.llm.client import (
     make_client,
 )
 from featurescribe.llm.prices import PriceTable
-from featurescribe.store.llm_calls import CallRow, CallStore
+from featurescribe.store.llm_calls import CallRow, CallStore, MemoryCallStore, load_cache
 
 __all__ = [
     "Budget",
@@ -47,6 +47,7 @@ __all__ = [
     "LLMAuthFailed",
     "LLMCallFailed",
     "LLMClient",
+    "MemoryCallStore",
     "LLMError",
     "MissingAPIKey",
     "NotAnLLMBackend",
@@ -55,6 +56,7 @@ __all__ = [
     "UnparseableResponse",
     "budget_message",
     "cache_key",
+    "load_cache",
     "check_backend",
     "make_client",
     "parse_backend_spec",

@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from featurescribe.llm.backends.base import Backend
+from featurescribe.llm.backends.base import BadAnswer, Backend
 from featurescribe.llm.base import (
     BudgetExceeded,
     ChatRequest,
@@ -180,6 +180,8 @@ def _sdk_message(exc: Exception) -> str:
 def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | None:
     """What kind of failure an SDK exception is (None: not an API failure, a bug)."""
     name = type(exc).__name__
+    if isinstance(exc, BadAnswer):
+        return Failure("server", str(exc))
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or name == "APITimeoutError":
         after = f" after {timeout_s:g} s" if timeout_s else ""
         return Failure("transport", f"timeout{after}")
@@ -513,7 +515,7 @@ class Client:
 _MISS = object()
 
 
-def make_backend(spec: str, *, timeout_s: float = 120.0, device: str = "auto") -> Backend:
+def make_backend(spec: str, *, timeout_s: float = 120.0, device: str = "auto", pool_size: int = 64) -> Backend:
     kind, model = parse_backend_spec(spec)
     if kind in BASELINE_KINDS:
         raise NotAnLLMBackend(
@@ -532,7 +534,7 @@ def make_backend(spec: str, *, timeout_s: float = 120.0, device: str = "auto") -
     if kind == "openai":
         from featurescribe.llm.backends.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(model, timeout_s=timeout_s)
+        return OpenAIBackend(model, timeout_s=timeout_s, pool_size=pool_size)
     if kind == "anthropic":
         from featurescribe.llm.backends.anthropic_backend import AnthropicBackend
 
@@ -567,7 +569,7 @@ def make_client(
         over = {k: v for k, v in dict(use_cache=use_cache, concurrency=concurrency, **setting_overrides).items()
                 if v is not None}
         settings = replace(settings, **over)
-    backend = make_backend(spec, timeout_s=settings.timeout_s, device=device)
+    backend = make_backend(spec, timeout_s=settings.timeout_s, device=device, pool_size=settings.concurrency)
     return Client(backend, store=store, run_id=run_id, budget=budget, settings=settings, prices=prices)
 
 

@@ -1,21 +1,24 @@
 """The `llm_calls` ledger and the `llm_cache` response cache: the SQL of the LLM layer.
 
 `CallStore` is what an LLM client is handed. Ledger rows and cache entries are buffered in
-memory and written in batches (a single-row INSERT costs milliseconds in DuckDB, which would cap
-a run at a few hundred calls a second); `flush()` writes them, and happens by itself every
-`flush_rows` rows or `flush_s` seconds, and on `close()`. Cache look-ups see unflushed entries.
+memory and written in batches by a background thread (a single-row INSERT costs milliseconds in
+DuckDB, and a batch written on the event loop would stall every call in flight): every
+`flush_rows` rows or `flush_s` seconds, on `flush()`, and on `close()`. Cache look-ups see
+entries not yet written. Reading the ledger (`rows`, `spend_usd`) flushes first.
 
-It works on its own cursor of the connection it is given (a DuckDB cursor is a separate
-connection to the same database), guarded by a lock, so clients on other threads may share it.
+It works on its own cursors of the connection it is given (a DuckDB cursor is a separate
+connection to the same database), so clients on other threads and the caller's own writes do
+not get in each other's way.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import threading
-import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass, field
 
 from featurescribe.store.bulk import insert_arrow
@@ -55,15 +58,28 @@ _LEDGER_COLUMNS = [
 class CallStore:
     """Ledger rows and cached responses of LLM calls, in one database."""
 
-    def __init__(self, con, *, flush_rows: int = 128, flush_s: float = 1.0):
-        self._con = con.cursor()
-        self._lock = threading.RLock()
+    def __init__(self, con, *, flush_rows: int = 128, flush_s: float = 1.0, background: bool = True):
+        self._wcon = con.cursor()  # the writer's
+        self._rcon = con.cursor()  # cache look-ups and reads
+        self._lock = threading.Lock()  # the buffers
+        self._db_lock = threading.RLock()  # the writer cursor
+        self._read_lock = threading.Lock()  # the reader cursor
         self._rows: list[CallRow] = []
         self._cache_pending: dict[str, tuple[str, str, str]] = {}  # key -> (backend, model, json)
+        self._cache_writing: dict[str, tuple[str, str, str]] = {}
         self.flush_rows = flush_rows
         self.flush_s = flush_s
-        self._last_flush = time.monotonic()
         self._closed = False
+        self._wake = threading.Event()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            ref = weakref.ref(self)
+            self._thread = threading.Thread(target=_writer_loop, args=(ref, self._wake), daemon=True,
+                                            name="featurescribe-ledger")
+            self._thread.start()
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ ledger
     def record(self, row: CallRow) -> None:
@@ -71,7 +87,8 @@ class CallStore:
             raise ValueError(f"unknown ledger status {row.status!r}")
         with self._lock:
             self._rows.append(row)
-            self._maybe_flush()
+            n = len(self._rows) + len(self._cache_pending)
+        self._nudge(n)
 
     def pending_rows(self) -> list[CallRow]:
         with self._lock:
@@ -81,12 +98,11 @@ class CallStore:
     def get_cached(self, key: str) -> dict | None:
         """The cached response under `key` (a dict), or None."""
         with self._lock:
-            pending = self._cache_pending.get(key)
-            if pending is not None:
-                return json.loads(pending[2])
-            row = self._con.execute(
-                "SELECT response FROM llm_cache WHERE cache_key = ?", [key]
-            ).fetchone()
+            pending = self._cache_pending.get(key) or self._cache_writing.get(key)
+        if pending is not None:
+            return json.loads(pending[2])
+        with self._read_lock:
+            row = self._rcon.execute("SELECT response FROM llm_cache WHERE cache_key = ?", [key]).fetchone()
         if row is None:
             return None
         value = row[0]
@@ -95,53 +111,74 @@ class CallStore:
     def put_cached(self, key: str, backend: str, model: str, response: dict) -> None:
         with self._lock:
             self._cache_pending[key] = (backend, model, json.dumps(response))
-            self._maybe_flush()
+            n = len(self._rows) + len(self._cache_pending)
+        self._nudge(n)
 
     # ------------------------------------------------------------------ writing
-    def _maybe_flush(self) -> None:
-        n = len(self._rows) + len(self._cache_pending)
-        if n >= self.flush_rows or (n and time.monotonic() - self._last_flush >= self.flush_s):
+    def _nudge(self, n: int) -> None:
+        if n >= self.flush_rows:
+            if self._thread is not None:
+                self._wake.set()
+            else:
+                self.flush()
+
+    def _background_flush(self) -> None:
+        try:
             self.flush()
+        except BaseException as err:  # surfaced by the next flush() from the caller
+            self._error = err
 
     def flush(self) -> None:
-        """Write the buffered ledger rows and cache entries."""
-        with self._lock:
-            rows, self._rows = self._rows, []
-            cache, self._cache_pending = self._cache_pending, {}
-            self._last_flush = time.monotonic()
-            if not rows and not cache:
-                return
+        """Write the buffered ledger rows and cache entries (waits for a write in progress)."""
+        with self._db_lock:
+            err, self._error = self._error, None
+            with self._lock:
+                rows, self._rows = self._rows, []
+                cache, self._cache_pending = self._cache_pending, {}
+                self._cache_writing = cache
             try:
-                self._con.execute("BEGIN TRANSACTION")
-                if rows:
-                    cols = {c: [getattr(r, c) for r in rows] for c in _LEDGER_COLUMNS}
-                    insert_arrow(self._con, "llm_calls", _arrow(cols))
-                if cache:
-                    self._con.executemany(
-                        "INSERT INTO llm_cache (cache_key, backend, model, response, created_at) "
-                        "VALUES (?, ?, ?, ?, current_timestamp) ON CONFLICT (cache_key) DO UPDATE "
-                        "SET response = excluded.response, created_at = excluded.created_at",
-                        [[k, b, m, j] for k, (b, m, j) in cache.items()],
-                    )
-                self._con.execute("COMMIT")
+                if rows or cache:
+                    self._write(rows, cache)
             except BaseException:
-                try:
-                    self._con.execute("ROLLBACK")
-                except Exception:
-                    pass
-                # keep what could not be written, so a later flush tries again
-                self._rows = rows + self._rows
-                cache.update(self._cache_pending)
-                self._cache_pending = cache
+                with self._lock:  # keep what could not be written, so a later flush tries again
+                    self._rows = rows + self._rows
+                    cache.update(self._cache_pending)
+                    self._cache_pending = cache
+                    self._cache_writing = {}
                 raise
+            with self._lock:
+                self._cache_writing = {}
+            if err is not None:
+                raise err
+
+    def _write(self, rows: list[CallRow], cache: dict) -> None:
+        con = self._wcon
+        con.execute("BEGIN TRANSACTION")
+        try:
+            write_calls(con, rows, cache)
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except Exception:
+                pass
+            raise
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
+        """Stop the writer, write what is buffered, release the cursors."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        try:
             self.flush()
-            self._closed = True
-            self._con.close()
+        finally:
+            self._wcon.close()
+            self._rcon.close()
 
     def __enter__(self) -> "CallStore":
         return self
@@ -153,28 +190,180 @@ class CallStore:
     def spend_usd(self, run_id: str | None = None) -> float:
         """Total cost in the ledger (of one run when `run_id`), buffered rows included."""
         self.flush()
-        with self._lock:
-            if run_id is None:
-                row = self._con.execute("SELECT coalesce(sum(cost_usd), 0) FROM llm_calls").fetchone()
-            else:
-                row = self._con.execute(
-                    "SELECT coalesce(sum(cost_usd), 0) FROM llm_calls WHERE run_id = ?", [run_id]
-                ).fetchone()
+        q = "SELECT coalesce(sum(cost_usd), 0) FROM llm_calls"
+        args: list = []
+        if run_id is not None:
+            q += " WHERE run_id = ?"
+            args.append(run_id)
+        with self._read_lock:
+            row = self._rcon.execute(q, args).fetchone()
         return float(row[0])
 
     def rows(self, run_id: str | None = None) -> list[dict]:
         """Ledger rows as dicts, oldest first (flushes first)."""
         self.flush()
-        with self._lock:
-            q = f"SELECT {', '.join(_LEDGER_COLUMNS)} FROM llm_calls"
-            args: list = []
-            if run_id is not None:
-                q += " WHERE run_id = ?"
-                args.append(run_id)
-            q += " ORDER BY created_at, call_id"
-            cur = self._con.execute(q, args)
+        q = f"SELECT {', '.join(_LEDGER_COLUMNS)} FROM llm_calls"
+        args: list = []
+        if run_id is not None:
+            q += " WHERE run_id = ?"
+            args.append(run_id)
+        q += " ORDER BY created_at, call_id"
+        with self._read_lock:
+            cur = self._rcon.execute(q, args)
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def write_calls(con, rows: list[CallRow], cache: dict[str, tuple[str, str, str]]) -> None:
+    """Insert ledger rows and upsert cache entries (key -> (backend, model, response JSON)) with
+    `con`, inside whatever transaction the caller has open."""
+    if rows:
+        cols = {c: [getattr(r, c) for r in rows] for c in _LEDGER_COLUMNS}
+        insert_arrow(con, "llm_calls", _arrow(cols))
+    if cache:
+        import pyarrow as pa
+
+        keys = list(cache)
+        tbl = pa.table({
+            "cache_key": pa.array(keys, type=pa.string()),
+            "backend": pa.array([cache[k][0] for k in keys], type=pa.string()),
+            "model": pa.array([cache[k][1] for k in keys], type=pa.string()),
+            "response": pa.array([cache[k][2] for k in keys], type=pa.string()),
+        })
+        view = f"_cache_{uuid.uuid4().hex}"
+        con.register(view, tbl)
+        try:
+            con.execute(
+                "INSERT OR REPLACE INTO llm_cache (cache_key, backend, model, response, created_at) "
+                f"SELECT cache_key, backend, model, response::JSON, current_timestamp FROM {view}"
+            )
+        finally:
+            con.unregister(view)
+
+
+class MemoryCallStore:
+    """A CallStore without a database, for work that runs away from the writer (a worker
+    process): rows and new cache entries stay in memory until the writer calls
+    `flush_to(con)` inside its own transaction. `cache` seeds the look-ups (see `load_cache`).
+    Picklable."""
+
+    def __init__(self, cache: dict[str, dict] | None = None):
+        self._lock = threading.Lock()
+        self._rows: list[CallRow] = []
+        self._known: dict[str, dict] = dict(cache or {})
+        self._new: dict[str, tuple[str, str, str]] = {}
+
+    def __getstate__(self):
+        with self._lock:
+            return {"rows": list(self._rows), "known": dict(self._known), "new": dict(self._new)}
+
+    def __setstate__(self, state):
+        self._lock = threading.Lock()
+        self._rows = state["rows"]
+        self._known = state["known"]
+        self._new = state["new"]
+
+    def record(self, row: CallRow) -> None:
+        if row.status not in STATUSES:
+            raise ValueError(f"unknown ledger status {row.status!r}")
+        with self._lock:
+            self._rows.append(row)
+
+    def get_cached(self, key: str) -> dict | None:
+        with self._lock:
+            if key in self._new:
+                return json.loads(self._new[key][2])
+            return self._known.get(key)
+
+    def put_cached(self, key: str, backend: str, model: str, response: dict) -> None:
+        with self._lock:
+            self._new[key] = (backend, model, json.dumps(response))
+
+    def pending_rows(self) -> list[CallRow]:
+        with self._lock:
+            return list(self._rows)
+
+    def rows(self, run_id: str | None = None) -> list[dict]:
+        with self._lock:
+            return [asdict(r) for r in self._rows if run_id is None or r.run_id == run_id]
+
+    def spend_usd(self, run_id: str | None = None) -> float:
+        return float(sum(r["cost_usd"] for r in self.rows(run_id)))
+
+    def flush(self) -> None:  # nothing to write by itself: the writer calls flush_to
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def flush_to(self, con) -> int:
+        """Write the rows and new cache entries with `con` (in the caller's transaction) and
+        forget them; returns the number of ledger rows written."""
+        with self._lock:
+            rows, self._rows = self._rows, []
+            new, self._new = self._new, {}
+        try:
+            write_calls(con, rows, new)
+        except BaseException:
+            with self._lock:
+                self._rows = rows + self._rows
+                new.update(self._new)
+                self._new = new
+            raise
+        with self._lock:
+            for k, (_, _, j) in new.items():
+                self._known[k] = json.loads(j)
+        return len(rows)
+
+
+def load_cache(con, keys: list[str] | None = None, backends: list[str] | None = None) -> dict[str, dict]:
+    """Cached responses as {cache_key: response} (all, or those of `keys` / `backends`), to seed
+    a MemoryCallStore."""
+    q = "SELECT cache_key, response FROM llm_cache"
+    args: list = []
+    conds = []
+    if keys is not None:
+        conds.append("cache_key IN (SELECT unnest(?::VARCHAR[]))")
+        args.append(list(keys))
+    if backends is not None:
+        conds.append("backend IN (SELECT unnest(?::VARCHAR[]))")
+        args.append(list(backends))
+    if conds:
+        q += " WHERE " + " AND ".join(conds)
+    out = {}
+    for k, v in con.execute(q, args).fetchall():
+        out[k] = json.loads(v) if isinstance(v, str) else v
+    return out
+
+
+def _writer_loop(ref, wake: threading.Event) -> None:
+    """The background writer; it holds the store only weakly, so a dropped store goes away."""
+    while True:
+        store = ref()
+        if store is None or store._stop:
+            return
+        interval = store.flush_s
+        del store
+        wake.wait(interval)
+        wake.clear()
+        store = ref()
+        if store is None or store._stop:
+            return
+        store._background_flush()
+        del store
+
+
+_OPEN: "weakref.WeakSet[CallStore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    """Write what open stores still buffer when the process ends without closing them."""
+    for store in list(_OPEN):
+        try:
+            store.close()
+        except Exception:
+            pass
 
 
 def _arrow(cols: dict):

@@ -10,6 +10,10 @@ from typing import Any, Callable
 from featurescribe.llm.base import ChatRequest, ChatResponse
 
 
+class BadAnswer(Exception):
+    """The server answered 200 with a body that is not a completion (retried like a 5xx)."""
+
+
 class Backend:
     backend: str = ""
     model: str = ""
@@ -53,3 +57,20 @@ class PerLoop:
             obj = self._by_loop.pop(loop, None)
         if obj is not None:
             await obj.close()
+
+
+class Shards:
+    """A few SDK clients used in turn. httpx's connection pool scans all its connections on every
+    request, so one pool of C connections costs O(C) per request; k pools of C/k cost O(C/k)."""
+
+    def __init__(self, clients: list):
+        self.clients = clients
+        self._i = 0
+
+    def next(self):
+        self._i = (self._i + 1) % len(self.clients)
+        return self.clients[self._i]
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()

@@ -31,7 +31,8 @@ class AnthropicBatchProvider:
             sdk = Anthropic(max_retries=5)
         self.sdk = sdk
 
-    def item_bytes(self, item: BatchItem) -> int:
+    @staticmethod
+    def item_bytes(item: BatchItem) -> int:
         # the JSON of {"custom_id", "params"} plus the list's comma
         return len(json.dumps({"custom_id": item.custom_id, "params": item.params},
                               separators=(",", ":")).encode()) + 1
@@ -76,7 +77,7 @@ def chat_response(body: dict, item: BatchItem):
 
     text = None
     content = body.get("content") or []
-    if item.json_schema:
+    if item.structured:
         for block in content:
             if block.get("type") == "tool_use" and block.get("name") == TOOL_NAME:
                 value = block.get("input")
@@ -94,3 +95,6 @@ def chat_response(body: dict, item: BatchItem):
         finish_reason=body.get("stop_reason"),
         raw={"id": body.get("id"), "model": body.get("model")},
     )
+
+
+AnthropicBatchProvider.chat_response = staticmethod(chat_response)

@@ -34,8 +34,8 @@ class BatchItem:
     custom_id: str
     params: dict[str, Any]
     purpose: str = "chat"
+    structured: bool = False  # the request asked for a JSON schema: the answer must be JSON
     wrapped: bool = False  # Anthropic: the schema was wrapped in {"value": ...}
-    json_schema: bool = False  # an answer in the forced tool is expected
 
 
 @dataclass
@@ -60,10 +60,11 @@ class BatchState:
 
 class BatchProvider(Protocol):
     name: str  # 'openai' | 'anthropic'
-    max_requests: int
-    max_bytes: int
+    max_requests: int  # requests per batch
+    max_bytes: int  # bytes per batch (input file or request body)
 
-    def item_bytes(self, item: BatchItem) -> int:
+    @staticmethod
+    def item_bytes(item: BatchItem) -> int:
         """How many bytes the item adds to the batch (to stay under max_bytes)."""
         ...
 
@@ -80,3 +81,16 @@ class BatchProvider(Protocol):
 
     def cancel(self, batch_id: str) -> None:
         ...
+
+
+def provider_class(backend: str):
+    """The adapter class for a backend ('openai' or 'anthropic')."""
+    if backend == "openai":
+        from featurescribe.llm.batch.openai_batch import OpenAIBatchProvider
+
+        return OpenAIBatchProvider
+    if backend == "anthropic":
+        from featurescribe.llm.batch.anthropic_batch import AnthropicBatchProvider
+
+        return AnthropicBatchProvider
+    raise ValueError(f"no batch API for backend {backend!r} (batches: openai, anthropic)")

@@ -43,7 +43,8 @@ class OpenAIBatchProvider:
             sdk = OpenAI(base_url=openai_base_url(), max_retries=5)
         self.sdk = sdk
 
-    def item_bytes(self, item: BatchItem) -> int:
+    @staticmethod
+    def item_bytes(item: BatchItem) -> int:
         return len(_line(item))
 
     def submit(self, items: list[BatchItem], metadata: dict[str, str]) -> tuple[str, str | None]:
@@ -119,3 +120,6 @@ def chat_response(body: dict, item: BatchItem):
         finish_reason=choice.finish_reason if choice is not None else None,
         raw={"id": r.id, "model": r.model},
     )
+
+
+OpenAIBatchProvider.chat_response = staticmethod(chat_response)

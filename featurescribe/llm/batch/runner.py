@@ -1,0 +1,366 @@
+"""Run a pipeline's LLM requests through provider batch APIs at the batch price.
+
+The design: the pipeline itself is never changed. `BatchRunner.run(clients, collect_pass)` runs
+it in *collect passes*: each pass calls `collect_pass(collectors)`, which runs the pipeline's
+compute steps (no writes) with every openai/anthropic client replaced by a `BatchCollector`.
+Answers already in the response cache come back as usual; every other request is recorded and
+raises `BatchPending`. After the pass the recorded requests go out as provider batches (chunked
+under each provider's limits, recorded in `llm_batches` the moment they exist), the runner polls
+them with backoff and a progress line, and writes every answer into the response cache under its
+cache key (the batch's `custom_id`) and into the ledger at the batch price. The next pass gets
+further (explanations are answered, so the simulation requests appear), until a pass finds every
+answer in the cache: then the caller runs the pipeline normally, which makes no paid call.
+
+Errored, expired, cancelled and missing requests are recorded in the ledger ('error') and asked
+again: in a new batch (retry='batch', up to `max_attempts` batches, then directly) or directly
+through the ordinary client (retry='direct'). Whatever an expired batch finished is kept.
+
+`wait=False` submits and returns (`label --batch --no-wait`); a later run first collects the
+batches that ended, then submits the next phase, so a nightly schedule advances one phase a
+night. A run that stops while waiting leaves its batches open; the next run picks them up
+instead of submitting the requests again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from featurescribe.errors import FeaturescribeError
+from featurescribe.llm.base import (BudgetExceeded, LLMAuthFailed, LLMError, parse_backend_spec)
+from featurescribe.llm.batch.base import (SUCCEEDED, BatchItem, BatchProvider, BatchState,
+                                          provider_class)
+from featurescribe.llm.batch.collector import BATCH_BACKENDS, BatchCollector, BatchSink
+from featurescribe.llm.prices import DEFAULT_PRICES, ENV_VAR, PriceTable
+from featurescribe.progress import Progress
+from featurescribe.store import batches as sql
+from featurescribe.store.llm_calls import CallRow, CallStore
+
+RETRY_MODES = ("batch", "direct")
+DEFAULT_BATCH_DISCOUNT = 0.5
+
+
+def batch_discount(override: str | os.PathLike | None = None) -> float:
+    """The batch price as a fraction of the list price: `batch_discount` at the top of the price
+    table (prices.json, then $FEATURESCRIBE_PRICES), 0.5 when neither says."""
+    value = DEFAULT_BATCH_DISCOUNT
+    for path in (DEFAULT_PRICES, override or os.environ.get(ENV_VAR)):
+        if not path:
+            continue
+        try:
+            data = json.loads(Path(path).expanduser().read_text())
+        except (OSError, ValueError):
+            continue  # PriceTable.load reports unreadable files
+        if isinstance(data, dict) and "batch_discount" in data:
+            value = float(data["batch_discount"])
+    return value
+
+
+def provider_limits(backend: str) -> tuple[int, int]:
+    cls = provider_class(backend)
+    return cls.max_requests, cls.max_bytes
+
+
+@dataclass
+class BatchOptions:
+    wait: bool = True  # False: submit and return (--no-wait)
+    retry: str = "batch"  # how failed requests are asked again: 'batch' | 'direct'
+    max_attempts: int = 3  # batches a request may be in before it is asked directly
+    poll_initial_s: float = 30.0  # first wait between polls; it grows by poll_factor
+    poll_factor: float = 1.5
+    poll_max_s: float = 600.0
+    max_phases: int = 8  # collect passes before giving up (explain, simulate, ... need 2-3)
+    max_requests: int | None = None  # per batch, when lower than the provider's limit
+    max_bytes: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.retry not in RETRY_MODES:
+            raise FeaturescribeError(f"--batch-retry must be one of {', '.join(RETRY_MODES)}")
+
+
+@dataclass
+class BatchReport:
+    done: bool = False  # every request is answered (or failed for good): run the pipeline now
+    phases: int = 0
+    submitted: list[str] = field(default_factory=list)  # batch ids this run created
+    n_submitted: int = 0  # requests in them
+    n_collected_batches: int = 0
+    n_answered: int = 0  # answers written into the cache
+    n_failed_items: int = 0  # errored / expired / cancelled / missing results
+    n_direct: int = 0  # requests asked through the ordinary client
+    n_given_up: int = 0
+    open_batches: int = 0  # still running when the run returned
+    budget_stopped: bool = False
+
+    def summary(self) -> str:
+        parts = [f"{len(self.submitted)} batch(es) submitted ({self.n_submitted:,} requests)",
+                 f"{self.n_collected_batches} collected ({self.n_answered:,} answers, "
+                 f"{self.n_failed_items:,} failed)"]
+        if self.n_direct:
+            parts.append(f"{self.n_direct:,} asked directly")
+        if self.n_given_up:
+            parts.append(f"{self.n_given_up:,} given up")
+        if self.open_batches:
+            parts.append(f"{self.open_batches} still running")
+        return "batch: " + ", ".join(parts)
+
+
+class BatchRunner:
+    """See the module docstring. `providers` ({'openai': ..., 'anthropic': ...}) replaces the
+    SDK-backed adapters (tests); `sleep` replaces asyncio.sleep."""
+
+    def __init__(self, con, store: CallStore, *, run_id: str | None = None,
+                 options: BatchOptions | None = None, budget=None, prices: PriceTable | None = None,
+                 providers: dict[str, BatchProvider] | None = None,
+                 sleep: Callable[[float], Awaitable[None]] | None = None, stream=None):
+        self.con = con.cursor()
+        self.store = store
+        self.run_id = run_id
+        self.options = options or BatchOptions()
+        self.budget = budget
+        self.prices = prices or PriceTable.load()
+        self.discount = batch_discount()
+        self._providers = dict(providers or {})
+        self._sleep = sleep or asyncio.sleep
+        self.stream = stream or sys.stderr
+        self.report = BatchReport()
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, text: str) -> None:
+        if self.options.progress:
+            print(text, file=self.stream, flush=True)
+
+    def provider(self, name: str) -> BatchProvider:
+        if name not in self._providers:
+            self._providers[name] = provider_class(name)()
+        return self._providers[name]
+
+    def limits(self, backend: str) -> tuple[int, int]:
+        n, b = provider_limits(backend)
+        if self.options.max_requests:
+            n = min(n, self.options.max_requests)
+        if self.options.max_bytes:
+            b = min(b, self.options.max_bytes)
+        return n, b
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, collector: BatchCollector, items: list[BatchItem]) -> str | None:
+        """Create one provider batch of `items` and record it at once."""
+        if self.report.budget_stopped:
+            return None
+        if self.budget is not None:
+            try:
+                self.budget.check()
+            except BudgetExceeded as err:
+                self.report.budget_stopped = True
+                self.log(f"batch: not submitting {len(items):,} requests: {err}")
+                return None
+        provider = self.provider(collector.backend)
+        purposes = sorted({i.purpose for i in items})
+        metadata = {"featurescribe_spec": collector.spec}
+        if self.run_id:
+            metadata["featurescribe_run"] = self.run_id
+        try:
+            batch_id, file_id = provider.submit(items, metadata)
+        except LLMError:
+            raise
+        except Exception as err:
+            raise FeaturescribeError(
+                f"{collector.spec}: could not submit a batch of {len(items):,} requests: "
+                f"{_one_line(err)}") from None
+        sql.insert_batch(self.con, batch_id=batch_id, provider=collector.backend, run_id=self.run_id,
+                         purpose=",".join(purposes), input_file_id=file_id,
+                         payload={"spec": collector.spec, "model": collector.model},
+                         items=[(i.custom_id, i.purpose, i.structured, i.wrapped) for i in items])
+        self.report.submitted.append(batch_id)
+        self.report.n_submitted += len(items)
+        self.log(f"batch: submitted {collector.backend} batch {batch_id} "
+                 f"({len(items):,} {'/'.join(purposes)} requests to {collector.model})")
+        return batch_id
+
+    # ------------------------------------------------------------------ polling and collecting
+    def poll_open(self) -> list[tuple[dict, BatchState]]:
+        """Poll every open batch once; collect those that ended. The ones still running."""
+        running = []
+        for row in sql.open_batches(self.con):
+            try:
+                state = self.provider(row["provider"]).poll(row["batch_id"])
+            except Exception as err:  # a flaky poll is tried again at the next round
+                self.log(f"batch: could not poll {row['batch_id']}: {_one_line(err)}")
+                running.append((row, None))
+                continue
+            if state.ended:
+                self.collect(row, state)
+            else:
+                if row["status"] != "in_progress" or row["payload"].get("counts") != state.counts:
+                    sql.update_batch(self.con, row["batch_id"], status="in_progress",
+                                     payload_update={"provider_status": state.provider_status,
+                                                     "counts": state.counts})
+                running.append((row, state))
+        return running
+
+    def collect(self, row: dict, state: BatchState) -> None:
+        """Write an ended batch's answers to the cache and every result to the ledger."""
+        batch_id = row["batch_id"]
+        spec = row["payload"].get("spec") or f"{row['provider']}:"
+        backend, model = parse_backend_spec(spec)
+        cls = provider_class(backend)
+        info = sql.item_info(self.con, batch_id)
+        outcomes: list[tuple[str, str, str | None]] = []
+        seen: set[str] = set()
+        answered = failed = 0
+
+        def ledger(cid: str, status: str, **kw) -> None:
+            purpose, _, _, attempt = info[cid]
+            self.store.record(CallRow(backend=backend, model=model, prompt_hash=cid, status=status,
+                                      purpose=purpose, run_id=self.run_id, attempt=attempt,
+                                      batch_id=batch_id, **kw))
+
+        for r in self.provider(backend).results(batch_id, state):
+            if r.custom_id not in info or r.custom_id in seen:
+                continue
+            seen.add(r.custom_id)
+            purpose, structured, wrapped, _ = info[r.custom_id]
+            if r.kind != SUCCEEDED:
+                ledger(r.custom_id, "error", error=f"{r.kind} in batch {batch_id}: {r.error or r.kind}"[:2000])
+                outcomes.append((r.custom_id, r.kind, r.error))
+                failed += 1
+                continue
+            resp = cls.chat_response(r.body or {}, BatchItem(r.custom_id, {}, purpose or "chat",
+                                                             structured, wrapped))
+            list_cost, note = self.prices.cost(backend, model, resp.input_tokens, resp.output_tokens)
+            cost = list_cost * self.discount
+            if self.budget is not None:
+                self.budget.add(cost)
+            problem = _unusable(resp, structured)
+            usage = dict(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens, cost_usd=cost)
+            if problem:
+                ledger(r.custom_id, "parse_error", error=f"{problem} (batch {batch_id})", **usage)
+                outcomes.append((r.custom_id, "errored", problem))
+                failed += 1
+                continue
+            self.store.put_cached(r.custom_id, backend, model, resp.to_dict())
+            ledger(r.custom_id, "ok", error=note, **usage)
+            outcomes.append((r.custom_id, "succeeded", None))
+            answered += 1
+        for cid in info:
+            if cid not in seen:
+                ledger(cid, "error", error=f"missing from the results of batch {batch_id}")
+                failed += 1
+        self.store.flush()  # answers in the cache before the batch counts as collected
+        sql.finish_batch(self.con, batch_id, outcomes, payload_update={
+            "provider_status": state.provider_status, "counts": state.counts,
+            **{k: v for k, v in state.extra.items() if v}})
+        self.report.n_collected_batches += 1
+        self.report.n_answered += answered
+        self.report.n_failed_items += failed
+        extra = f", errors: {state.extra['errors']}" if state.extra.get("errors") else ""
+        self.log(f"batch: collected {batch_id} ({state.provider_status}): {answered:,} answered, "
+                 f"{failed:,} to ask again{extra}")
+
+    async def wait_open(self) -> None:
+        """Poll the open batches, backing off, until every one has ended and been collected."""
+        opts = self.options
+        delay = opts.poll_initial_s
+        rows = sql.open_batches(self.con)
+        if not rows:
+            return
+        total = sum(int(r["n_requests"] or 0) for r in rows)
+        self.log(f"batch: waiting for {len(rows)} batch(es) ({total:,} requests); stop any time "
+                 f"and run again to pick them up")
+        with Progress("batch requests done", total=total, unit="req", enabled=opts.progress,
+                      stream=self.stream) as bar:
+            collected_n = 0
+            while True:
+                before = {r["batch_id"]: int(r["n_requests"] or 0) for r in sql.open_batches(self.con)}
+                running = self.poll_open()
+                still = {row["batch_id"] for row, _ in running}
+                collected_n += sum(n for bid, n in before.items() if bid not in still)
+                done = collected_n + sum(s.done for _, s in running if s is not None)
+                if done > bar.done:
+                    bar.advance(done - bar.done)
+                if not running:
+                    return
+                await self._sleep(delay)
+                delay = min(delay * opts.poll_factor, opts.poll_max_s)
+
+    # ------------------------------------------------------------------ direct retries
+    async def _direct(self, items, given_up: set[str]) -> None:
+        async def one(collector: BatchCollector, key: str, request) -> None:
+            try:
+                await collector.inner.chat(request)
+            except LLMAuthFailed:
+                raise
+            except LLMError as err:
+                given_up.add(key)
+                self.report.n_given_up += 1
+                self.log(f"batch: gave up on a {request.purpose} request: {_one_line(err)}")
+
+        self.report.n_direct += len(items)
+        self.log(f"batch: asking {len(items):,} request(s) directly (full price)")
+        await asyncio.gather(*(one(*x) for x in items))
+        self.store.flush()
+
+    # ------------------------------------------------------------------ the phases
+    async def run(self, clients: dict[str, Any],
+                  collect_pass: Callable[[dict[str, Any]], Awaitable[Any]]) -> BatchReport:
+        """Collect, submit, wait, repeat (see the module docstring).
+
+        `clients`: {name: Client}; the openai/anthropic ones are replaced by collectors in each
+        pass, others (local models) are passed as they are. `collect_pass(clients)` runs the
+        pipeline's compute with the clients it is given and writes nothing.
+        """
+        opts, report = self.options, self.report
+        given_up: set[str] = set()
+        for phase in range(1, opts.max_phases + 1):
+            report.phases = phase
+            self.poll_open()  # what ended since the last run or phase goes into the cache first
+            sink = BatchSink(self.con, self.submit, retry=opts.retry, max_attempts=opts.max_attempts,
+                             given_up=given_up, limits=self.limits)
+            swapped = {name: (BatchCollector(c, sink) if getattr(c, "backend", None) in BATCH_BACKENDS
+                              else c) for name, c in clients.items()}
+            await collect_pass(swapped)
+            sink.finish()
+            self.log(f"batch: pass {phase}: {sink.n_requests:,} request(s) not in the cache: "
+                     f"{sink.n_submitted:,} submitted, {sink.n_waiting:,} in running batches, "
+                     f"{len(sink.direct):,} to ask directly, {sink.n_given_up:,} given up")
+            if sink.direct:
+                await self._direct(sink.direct, given_up)
+            if sink.n_submitted == 0 and sink.n_waiting == 0:
+                if sink.direct:
+                    continue  # their answers may lead to further requests
+                report.done = True
+                return report
+            if report.budget_stopped and sink.n_waiting == 0:
+                report.done = True  # nothing more can be spent; the pipeline records the rest
+                return report
+            if not opts.wait:
+                report.open_batches = len(sql.open_batches(self.con))
+                return report
+            await self.wait_open()
+        raise FeaturescribeError(
+            f"label --batch: requests were still missing after {opts.max_phases} batch phases; "
+            "run it again to go on")
+
+
+def _unusable(resp, structured: bool) -> str | None:
+    if resp.truncated:
+        return f"answer cut at max_tokens (finish_reason {resp.finish_reason})"
+    if structured:
+        try:
+            json.loads(resp.text)
+        except (TypeError, ValueError):
+            return "answer is not valid JSON"
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
