@@ -215,7 +215,23 @@ _V2 = [
     """,
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2]
+# Version 3: one row per request of a provider batch (label --batch), so a restarted run finds
+# which requests are already in a batch, and how often each was tried, with SQL, at any scale.
+_V3 = [
+    """
+    CREATE TABLE IF NOT EXISTS llm_batch_items (
+        batch_id    VARCHAR NOT NULL,
+        custom_id   VARCHAR NOT NULL,
+        purpose     VARCHAR,
+        structured  BOOLEAN,
+        wrapped     BOOLEAN,
+        status      VARCHAR NOT NULL,
+        error       VARCHAR
+    )
+    """,
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """

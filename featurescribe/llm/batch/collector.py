@@ -87,7 +87,8 @@ class _Buffer:
 class BatchSink:
     """Where collectors put the requests of one pass. See the module docstring.
 
-    `submit(collector, items)` is the runner's: it creates one provider batch and records it.
+    `submit(collector, items)` is the runner's: it creates one provider batch and records it, and
+    returns its id (None when it submitted nothing, e.g. the budget is spent).
     Requests already tried in `max_attempts` batches (1 with retry='direct') are not batched again:
     they are kept in `direct` for the runner to send through the ordinary client.
     """
@@ -156,8 +157,8 @@ class BatchSink:
         if buf is None or not buf.items:
             return
         self._buffers[spec] = _Buffer()
-        self._submit(self._collectors[spec], buf.items)
-        self.n_submitted += len(buf.items)
+        if self._submit(self._collectors[spec], buf.items) is not None:
+            self.n_submitted += len(buf.items)
 
     def finish(self) -> None:
         """End of the pass: sort out the last requests and submit every partial batch."""

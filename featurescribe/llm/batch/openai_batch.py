@@ -36,11 +36,15 @@ class OpenAIBatchProvider:
 
     def __init__(self, sdk=None):
         if sdk is None:
+            import os
+
             from openai import OpenAI
 
-            from featurescribe.llm.backends.openai_backend import openai_base_url
+            from featurescribe.llm.backends.openai_backend import is_openai_proper, openai_base_url
 
-            sdk = OpenAI(base_url=openai_base_url(), max_retries=5)
+            base = openai_base_url()
+            key = os.environ.get("OPENAI_API_KEY") or (None if is_openai_proper(base) else "not-needed")
+            sdk = OpenAI(base_url=base, api_key=key, max_retries=5)
         self.sdk = sdk
 
     @staticmethod
@@ -71,10 +75,10 @@ class OpenAIBatchProvider:
             file_id = state.extra.get(key)
             if not file_id:
                 continue
-            text = self.sdk.files.content(file_id).text
-            for line in text.splitlines():
-                if line.strip():
-                    yield _result(json.loads(line))
+            with self.sdk.files.with_streaming_response.content(file_id) as resp:  # files reach 200 MB
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield _result(json.loads(line))
 
     def cancel(self, batch_id: str) -> None:
         self.sdk.batches.cancel(batch_id)

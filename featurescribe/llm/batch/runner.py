@@ -42,6 +42,7 @@ from featurescribe.store import batches as sql
 from featurescribe.store.llm_calls import CallRow, CallStore
 
 RETRY_MODES = ("batch", "direct")
+MAX_POLL_FAILURES = 5
 DEFAULT_BATCH_DISCOUNT = 0.5
 
 
@@ -130,6 +131,8 @@ class BatchRunner:
         self._sleep = sleep or asyncio.sleep
         self.stream = stream or sys.stderr
         self.report = BatchReport()
+        self.backends: set[str] | None = None  # set by run(): the providers of its clients
+        self._poll_failures: dict[str, int] = {}
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str) -> None:
@@ -168,8 +171,6 @@ class BatchRunner:
             metadata["featurescribe_run"] = self.run_id
         try:
             batch_id, file_id = provider.submit(items, metadata)
-        except LLMError:
-            raise
         except Exception as err:
             raise FeaturescribeError(
                 f"{collector.spec}: could not submit a batch of {len(items):,} requests: "
@@ -185,18 +186,39 @@ class BatchRunner:
         return batch_id
 
     # ------------------------------------------------------------------ polling and collecting
-    def poll_open(self) -> list[tuple[dict, BatchState]]:
-        """Poll every open batch once; collect those that ended. The ones still running."""
+    def _open(self) -> list[dict]:
+        """The open batches of the providers this run uses (all of them before `run`)."""
+        return [r for r in sql.open_batches(self.con)
+                if self.backends is None or r["provider"] in self.backends]
+
+    def poll_open(self) -> list[tuple[dict, BatchState | None]]:
+        """Poll every open batch once; collect those that ended. The ones still running (with
+        None for a batch whose poll failed: it is tried again at the next round, and after
+        `MAX_POLL_FAILURES` failures in a row the run stops with the error)."""
         running = []
-        for row in sql.open_batches(self.con):
+        for row in self._open():
+            bid = row["batch_id"]
             try:
-                state = self.provider(row["provider"]).poll(row["batch_id"])
-            except Exception as err:  # a flaky poll is tried again at the next round
-                self.log(f"batch: could not poll {row['batch_id']}: {_one_line(err)}")
+                state = self.provider(row["provider"]).poll(bid)
+                self._poll_failures.pop(bid, None)
+            except Exception as err:
+                n = self._poll_failures[bid] = self._poll_failures.get(bid, 0) + 1
+                if n >= MAX_POLL_FAILURES:
+                    raise FeaturescribeError(
+                        f"cannot poll {row['provider']} batch {bid} ({n} tries): {_one_line(err)}; "
+                        "it stays recorded, run again later to collect it") from None
+                self.log(f"batch: could not poll {bid}: {_one_line(err)}")
                 running.append((row, None))
                 continue
             if state.ended:
-                self.collect(row, state)
+                try:
+                    self.collect(row, state)
+                except FeaturescribeError:
+                    raise
+                except Exception as err:  # not marked collected: the next run reads it again
+                    raise FeaturescribeError(
+                        f"could not read the results of {row['provider']} batch {bid}: "
+                        f"{_one_line(err)}; run again to collect it") from None
             else:
                 if row["status"] != "in_progress" or row["payload"].get("counts") != state.counts:
                     sql.update_batch(self.con, row["batch_id"], status="in_progress",
@@ -232,8 +254,15 @@ class BatchRunner:
                 outcomes.append((r.custom_id, r.kind, r.error))
                 failed += 1
                 continue
-            resp = cls.chat_response(r.body or {}, BatchItem(r.custom_id, {}, purpose or "chat",
-                                                             structured, wrapped))
+            try:
+                resp = cls.chat_response(r.body or {}, BatchItem(r.custom_id, {}, purpose or "chat",
+                                                                 structured, wrapped))
+            except Exception as err:  # an answer of an unexpected shape
+                ledger(r.custom_id, "error", error=f"unreadable answer in batch {batch_id}: "
+                                                   f"{_one_line(err)}"[:2000])
+                outcomes.append((r.custom_id, "errored", _one_line(err)))
+                failed += 1
+                continue
             list_cost, note = self.prices.cost(backend, model, resp.input_tokens, resp.output_tokens)
             cost = list_cost * self.discount
             if self.budget is not None:
@@ -268,7 +297,7 @@ class BatchRunner:
         """Poll the open batches, backing off, until every one has ended and been collected."""
         opts = self.options
         delay = opts.poll_initial_s
-        rows = sql.open_batches(self.con)
+        rows = self._open()
         if not rows:
             return
         total = sum(int(r["n_requests"] or 0) for r in rows)
@@ -278,7 +307,7 @@ class BatchRunner:
                       stream=self.stream) as bar:
             collected_n = 0
             while True:
-                before = {r["batch_id"]: int(r["n_requests"] or 0) for r in sql.open_batches(self.con)}
+                before = {r["batch_id"]: int(r["n_requests"] or 0) for r in self._open()}
                 running = self.poll_open()
                 still = {row["batch_id"] for row, _ in running}
                 collected_n += sum(n for bid, n in before.items() if bid not in still)
@@ -317,6 +346,8 @@ class BatchRunner:
         pipeline's compute with the clients it is given and writes nothing.
         """
         opts, report = self.options, self.report
+        self.backends = {c.backend for c in clients.values()
+                         if getattr(c, "backend", None) in BATCH_BACKENDS}
         given_up: set[str] = set()
         for phase in range(1, opts.max_phases + 1):
             report.phases = phase
@@ -337,11 +368,8 @@ class BatchRunner:
                     continue  # their answers may lead to further requests
                 report.done = True
                 return report
-            if report.budget_stopped and sink.n_waiting == 0:
-                report.done = True  # nothing more can be spent; the pipeline records the rest
-                return report
             if not opts.wait:
-                report.open_batches = len(sql.open_batches(self.con))
+                report.open_batches = len(self._open())
                 return report
             await self.wait_open()
         raise FeaturescribeError(

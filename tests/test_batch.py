@@ -1,0 +1,356 @@
+"""The batch runner against the fake server's batch endpoints, through the real SDKs.
+
+A toy two-step pipeline (explain, then simulate from the explanation) stands in for `label`:
+its second step only exists once the first is answered, as in the real pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+
+from featurescribe.llm import CallStore, ChatRequest, make_client
+from featurescribe.llm.batch import BatchOptions, BatchPending, BatchRunner, batch_discount
+from featurescribe.llm.prices import PriceTable
+from featurescribe.store import batches as bsql
+from featurescribe.store import open_db
+from tests.fake_batch import FakeBatchServer
+
+SCHEMA = {"type": "object", "properties": {"explanation": {"type": "string"}},
+          "required": ["explanation"], "additionalProperties": False}
+
+
+@pytest.fixture
+def server(monkeypatch):
+    s = FakeBatchServer()
+    s.start()
+    monkeypatch.setenv("OPENAI_BASE_URL", s.base_url_openai)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", s.base_url_anthropic)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+
+    def responder(req):
+        text = req.user_text
+        if text.startswith("explain"):
+            n = text.split()[-1]
+            return json.dumps({"explanation": f"expl-{n}"})
+        return "0 1 2 3"
+
+    s.responder = responder
+    yield s
+    s.stop()
+
+
+def explain_request(i: int) -> ChatRequest:
+    return ChatRequest(messages=({"role": "user", "content": f"explain feature {i}"},),
+                       purpose="explain", json_schema=SCHEMA, max_tokens=64)
+
+
+async def toy_pipeline(clients, n: int) -> list[str | None]:
+    client = clients["explainer"]
+
+    async def one(i):
+        try:
+            expl = await client.chat(explain_request(i), parse=lambda r: r.json()["explanation"])
+            sim = await client.chat(ChatRequest(
+                messages=({"role": "user", "content": f"simulate {expl} on feature {i}"},),
+                purpose="simulate", max_tokens=32))
+            return f"{expl}|{sim.text}"
+        except BatchPending:
+            return None
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def _nosleep(_s):
+    return None
+
+
+def run_batched(db_path, spec: str, n: int, **opts):
+    """One `label --batch`-like run: the batch phases, then (when done) the normal pass."""
+    con = open_db(db_path)
+    store = CallStore(con)
+    try:
+        client = make_client(spec, store=store, run_id="r1")
+        options = BatchOptions(poll_initial_s=0.0, progress=False, **opts)
+        runner = BatchRunner(con, store, run_id="r1", options=options, sleep=_nosleep)
+
+        async def go():
+            report = await runner.run({"explainer": client}, lambda cl: toy_pipeline(cl, n))
+            out = await toy_pipeline({"explainer": client}, n) if report.done else None
+            await client.aclose()
+            return report, out
+
+        report, out = asyncio.run(go())
+        store.flush()
+        return report, out
+    finally:
+        store.close()
+        con.close()
+
+
+def chat_calls(server, api):
+    return [r for r in server.requests_for(api)]
+
+
+@pytest.mark.parametrize("spec,api", [("openai:gpt-4o-mini", "openai"),
+                                      ("anthropic:claude-haiku-4-5", "anthropic")])
+def test_two_phases_end_to_end_no_direct_call(server, db_path, spec, api):
+    report, out = run_batched(db_path, spec, 5)
+    assert report.done
+    assert out == [f"expl-{i}|0 1 2 3" for i in range(5)]
+    batches = server.created_batches(api)
+    assert len(batches) == 2  # explain, then simulate
+    assert [len(b.requests) for b in batches] == [5, 5]
+    assert chat_calls(server, api) == []  # no direct (full-price) call at all
+    con = open_db(db_path)
+    try:
+        rows = con.execute("SELECT purpose, status, batch_id, cost_usd, input_tokens, output_tokens "
+                           "FROM llm_calls WHERE batch_id IS NOT NULL").fetchall()
+        assert sorted(r[0] for r in rows) == ["explain"] * 5 + ["simulate"] * 5
+        assert all(r[1] == "ok" for r in rows)
+        backend, model = spec.split(":")
+        price = PriceTable.load().lookup(backend, model)
+        for _, _, _, cost, tin, tout in rows:
+            assert cost == pytest.approx(price.cost(tin, tout) * 0.5)
+        stored = bsql.list_batches(con)
+        assert [b["status"] for b in stored] == ["collected", "collected"]
+        assert {b["batch_id"] for b in stored} == {b.id for b in batches}
+        # the normal pass answered everything from the cache
+        assert con.execute("SELECT count(*) FROM llm_calls WHERE status = 'cached'").fetchone()[0] == 10
+    finally:
+        con.close()
+
+
+def test_batch_discount_default_and_override(tmp_path, monkeypatch):
+    assert batch_discount() == 0.5
+    p = tmp_path / "prices.json"
+    p.write_text(json.dumps({"batch_discount": 0.4, "models": {"openai:x": {"input": 1, "output": 2}}}))
+    monkeypatch.setenv("FEATURESCRIBE_PRICES", str(p))
+    assert batch_discount() == 0.4
+
+
+def test_expired_batch_keeps_partial_output_and_retries_rest(server, db_path):
+    server.plan(expire_after=2)  # the explain batch runs 2 of 5 requests, then expires
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 5)
+    assert report.done
+    assert out == [f"expl-{i}|0 1 2 3" for i in range(5)]
+    batches = server.created_batches("openai")
+    sizes = [len(b.requests) for b in batches]
+    assert batches[0].outcome == "expired"
+    # the 3 expired requests went into a new batch, beside the 2 simulations of the kept answers
+    assert sizes[0] == 5 and sum(sizes) == 5 + 3 + 5
+    assert chat_calls(server, "openai") == []
+    con = open_db(db_path)
+    try:
+        rows = con.execute("SELECT status, error FROM llm_calls WHERE batch_id = ?",
+                           [batches[0].id]).fetchall()
+        assert sorted(r[0] for r in rows) == ["error"] * 3 + ["ok"] * 2
+        assert all("expired" in r[1] for r in rows if r[0] == "error")
+        items = bsql.batch_items(con, batches[0].id)
+        assert sorted(i["status"] for i in items) == ["expired"] * 3 + ["succeeded"] * 2
+    finally:
+        con.close()
+    # the two answers the expired batch finished were not asked again
+    explain_ids = [r["custom_id"] for b in batches for r in b.requests
+                   if "explain" in json.dumps(r["body"]["messages"])]
+    assert len(explain_ids) == 5 + 3 and len(set(explain_ids)) == 5
+
+
+@pytest.mark.parametrize("api,spec", [("openai", "openai:gpt-4o-mini"),
+                                      ("anthropic", "anthropic:claude-haiku-4-5")])
+def test_errored_and_cancelled_requests_retried(server, db_path, api, spec):
+    server.plan(errors=[0, 3])
+    server.plan(cancel=True)  # the retry batch is cancelled: asked once more in a third
+    report, out = run_batched(db_path, spec, 4)
+    assert report.done and out == [f"expl-{i}|0 1 2 3" for i in range(4)]
+    batches = server.created_batches(api)
+    # 2 explain retries beside 2 simulations; that batch is cancelled and sent again whole;
+    # then the last 2 simulations
+    assert [len(b.requests) for b in batches] == [4, 4, 4, 2]
+    assert batches[1].outcome == "cancelled"
+    assert chat_calls(server, api) == []
+    con = open_db(db_path)
+    try:
+        errors = con.execute("SELECT error FROM llm_calls WHERE status = 'error' ORDER BY error").fetchall()
+        kinds = sorted(e[0].split(" ")[0] for e in errors)
+        assert kinds == ["canceled"] * 4 + ["errored"] * 2
+    finally:
+        con.close()
+
+
+def test_retry_direct_uses_the_ordinary_client(server, db_path):
+    server.plan(errors=[1])
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 3, retry="direct")
+    assert report.done and out == [f"expl-{i}|0 1 2 3" for i in range(3)]
+    direct = chat_calls(server, "openai")
+    assert len(direct) == 1 and direct[0].user_text == "explain feature 1"
+    assert report.n_direct == 1
+    con = open_db(db_path)
+    try:
+        row = con.execute("SELECT status, batch_id, cost_usd FROM llm_calls WHERE batch_id IS NULL "
+                          "AND status = 'ok'").fetchall()
+        assert len(row) == 1  # the direct call, at the list price
+    finally:
+        con.close()
+
+
+def test_chunks_under_the_request_limit(server, db_path):
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 7, max_requests=3)
+    assert report.done and all(out)
+    sizes = [len(b.requests) for b in server.created_batches("openai")]
+    assert sizes == [3, 3, 1, 3, 3, 1]
+
+
+def test_chunks_under_the_byte_limit(server, db_path):
+    from featurescribe.llm.batch.collector import BatchCollector
+
+    client = make_client("openai:gpt-4o-mini")
+    item = BatchCollector(client, sink=None).item("k" * 64, explain_request(0))
+    from featurescribe.llm.batch.openai_batch import OpenAIBatchProvider
+
+    size = OpenAIBatchProvider.item_bytes(item)
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 5, max_bytes=2 * size + 10)
+    assert report.done
+    first = [b for b in server.created_batches("openai")][:3]
+    assert [len(b.requests) for b in first] == [2, 2, 1]
+    for b in server.created_batches("openai"):
+        f = server.files[b.input_file_id]
+        assert f["meta"]["bytes"] <= 2 * size + 10 + 64  # simulate lines are about as long
+
+
+def test_restart_in_the_middle_of_a_batch_submits_nothing_again(server, db_path):
+    server.hold = True  # batches stay in progress
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 4, wait=False)
+    assert not report.done and out is None and len(report.submitted) == 1
+    con = open_db(db_path)
+    (row,) = bsql.open_batches(con)  # recorded as soon as it existed
+    con.close()
+    assert row["batch_id"] == server.created_batches()[0].id and row["n_requests"] == 4
+
+    # the process stops; a new one starts while the batch still runs: nothing is submitted again
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 4, wait=False)
+    assert not report.done and report.submitted == [] and len(server.created_batches()) == 1
+
+    # the batch ends; the next run collects it, submits the next phase and waits for it
+    server.hold = False
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 4)
+    assert report.done and out == [f"expl-{i}|0 1 2 3" for i in range(4)]
+    batches = server.created_batches()
+    assert [len(b.requests) for b in batches] == [4, 4]
+    assert chat_calls(server, "openai") == []
+    con = open_db(db_path)
+    try:
+        assert bsql.open_batches(con) == []
+        n_explain = con.execute("SELECT count(*) FROM llm_calls WHERE purpose = 'explain' AND "
+                                "status = 'ok' AND batch_id IS NOT NULL").fetchone()[0]
+        assert n_explain == 4  # collected once, though two runs saw the batch
+    finally:
+        con.close()
+
+
+def test_interrupted_while_waiting_then_picked_up(server, db_path):
+    """A run killed during the wait (here: the sleep raises) leaves the batch for the next run."""
+    server.hold = True
+    con = open_db(db_path)
+    store = CallStore(con)
+    client = make_client("openai:gpt-4o-mini", store=store)
+
+    async def boom(_s):
+        raise KeyboardInterrupt
+
+    runner = BatchRunner(con, store, options=BatchOptions(progress=False), sleep=boom)
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(runner.run({"explainer": client}, lambda cl: toy_pipeline(cl, 3)))
+    store.close()
+    con.close()
+    server.hold = False
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 3)
+    assert report.done and all(out)
+    assert [len(b.requests) for b in server.created_batches()] == [3, 3]
+
+
+def test_openai_failed_batch_is_retried(server, db_path):
+    server.plan(fail=True)
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 2)
+    assert report.done and all(out)
+    batches = server.created_batches()
+    assert batches[0].outcome == "failed" and [len(b.requests) for b in batches] == [2, 2, 2]
+
+
+def test_gives_up_after_max_attempts_then_direct(server, db_path):
+    for _ in range(2):
+        server.plan(errors=[0])
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 1, max_attempts=2)
+    assert report.done and out == ["expl-0|0 1 2 3"]
+    assert len(chat_calls(server, "openai")) == 1  # after two failed batches, asked directly
+    assert report.n_direct == 1
+
+
+def test_budget_stops_submitting(server, db_path):
+    from featurescribe.llm import Budget
+
+    con = open_db(db_path)
+    store = CallStore(con)
+    budget = Budget(limit_usd=0.0)
+    client = make_client("openai:gpt-4o-mini", store=store, budget=budget)
+    runner = BatchRunner(con, store, budget=budget, options=BatchOptions(progress=False, poll_initial_s=0))
+    report = asyncio.run(runner.run({"explainer": client}, lambda cl: toy_pipeline(cl, 2)))
+    store.close()
+    con.close()
+    assert report.done and report.budget_stopped and server.created_batches() == []
+
+
+def test_fake_server_speaks_the_sdks(server):
+    """The fake endpoints as the SDKs see them: upload, create, retrieve, content, results."""
+    import anthropic
+    import openai
+
+    oc = openai.OpenAI()
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "explain feature 7"}]}}
+    f = oc.files.create(file=("in.jsonl", io.BytesIO((json.dumps(line) + "\n").encode())), purpose="batch")
+    assert f.purpose == "batch" and f.bytes > 0
+    b = oc.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert b.status == "in_progress"
+    assert oc.batches.retrieve(b.id).status == "in_progress"
+    b = oc.batches.retrieve(b.id)
+    assert b.status == "completed" and b.request_counts.completed == 1
+    out = [json.loads(x) for x in oc.files.content(b.output_file_id).text.splitlines()]
+    assert out[0]["custom_id"] == "a" and out[0]["response"]["status_code"] == 200
+    assert json.loads(out[0]["response"]["body"]["choices"][0]["message"]["content"]) == {
+        "explanation": "expl-7"}
+
+    ac = anthropic.Anthropic()
+    mb = ac.messages.batches.create(requests=[{"custom_id": "x", "params": {
+        "model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}}])
+    ac.messages.batches.retrieve(mb.id)
+    assert ac.messages.batches.retrieve(mb.id).processing_status == "ended"
+    (res,) = list(ac.messages.batches.results(mb.id))
+    assert res.custom_id == "x" and res.result.type == "succeeded"
+    assert [r.api for r in server.requests] == ["batch"] * len(server.requests)
+
+
+def test_a_batch_that_cannot_be_polled_stops_the_run_and_stays_recorded(server, db_path):
+    from featurescribe.errors import FeaturescribeError
+    from featurescribe.llm.batch.openai_batch import OpenAIBatchProvider
+
+    class Unreachable(OpenAIBatchProvider):
+        def poll(self, batch_id):
+            raise ConnectionError("network is down")
+
+    con = open_db(db_path)
+    store = CallStore(con)
+    client = make_client("openai:gpt-4o-mini", store=store)
+    runner = BatchRunner(con, store, options=BatchOptions(progress=False, poll_initial_s=0),
+                         providers={"openai": Unreachable()}, sleep=_nosleep)
+    with pytest.raises(FeaturescribeError, match="cannot poll openai batch .* network is down"):
+        asyncio.run(runner.run({"explainer": client}, lambda cl: toy_pipeline(cl, 2)))
+    assert [b["status"] for b in bsql.open_batches(con)] == ["submitted"]
+    store.close()
+    con.close()
+    report, out = run_batched(db_path, "openai:gpt-4o-mini", 2)  # the network is back
+    assert report.done and all(out) and len(server.created_batches()) == 2
