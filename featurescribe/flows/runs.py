@@ -22,11 +22,13 @@ from featurescribe.store import runs as sql
 from featurescribe.store.connection import open_db
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunInfo:
     run_id: str
     flow: str
     prefect_flow_run_id: str | None
+    status: str = "completed"  # what the row gets when the body ends normally (e.g. 'stopped')
+    note: str | None = None  # written to `error` with it (e.g. why it stopped)
 
 
 def new_run_id(flow: str) -> str:
@@ -73,7 +75,7 @@ def recorded_run(db: str, flow: str, params: dict[str, Any]) -> Iterator[RunInfo
         status = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
         _finish(db, info.run_id, status, _error_line(err))
         raise
-    _finish(db, info.run_id, "completed", None)
+    _finish(db, info.run_id, info.status, info.note)
 
 
 def _finish(db: str, run_id: str, status: str, error: str | None) -> None:

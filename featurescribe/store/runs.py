@@ -49,3 +49,36 @@ def list_runs(con, flow: str | None = None) -> list[dict[str, Any]]:
         "FROM runs WHERE ? IS NULL OR flow = ? ORDER BY started_at, run_id", [flow, flow])
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def resume_cache_entries(con, source_id: str, limit: int) -> dict[str, dict]:
+    """Cached answers of the last calls of unfinished label runs of `source_id` (interrupted,
+    failed or cancelled): what a resumed run's chunks may find already answered. The `limit`
+    most recent ones, {cache_key: response}."""
+    rows = con.execute(
+        """
+        SELECT c.cache_key, c.response
+        FROM llm_calls l
+        JOIN runs r ON r.run_id = l.run_id
+        JOIN llm_cache c ON c.cache_key = l.prompt_hash
+        WHERE r.flow = 'label' AND r.status IN ('interrupted', 'failed', 'cancelled')
+          AND json_extract_string(r.params, '$.source_id') = $source
+          AND l.status = 'ok'
+        QUALIFY row_number() OVER (PARTITION BY c.cache_key ORDER BY l.created_at DESC) = 1
+        ORDER BY l.created_at DESC
+        LIMIT $limit
+        """, {"source": source_id, "limit": int(limit)}).fetchall()
+    return {k: (json.loads(v) if isinstance(v, str) else v) for k, v in rows}
+
+
+def label_run_totals(con, run_id: str) -> dict[str, Any]:
+    """What a label run spent and scored: spend, LLM calls (cached ones), mean test score."""
+    spent, n_calls, n_cached = con.execute(
+        "SELECT coalesce(sum(cost_usd), 0), count(*), count(*) FILTER (WHERE status = 'cached') "
+        "FROM llm_calls WHERE run_id = ?", [run_id]).fetchone()
+    (mean,) = con.execute(
+        "SELECT avg(s.value) FROM scores s JOIN explanations e USING (explanation_id) "
+        "WHERE s.run_id = ? AND s.scorer = 'simulation' AND s.split = 'test' AND e.chosen",
+        [run_id]).fetchone()
+    return {"spent_usd": float(spent), "llm_calls": int(n_calls), "cached_calls": int(n_cached),
+            "mean_score": None if mean is None else float(mean)}

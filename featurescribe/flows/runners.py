@@ -1,0 +1,70 @@
+"""Task runners for the label flow: threads in the flow's process, or a Dask cluster.
+
+`--task-runner thread` (default) runs chunks on a few threads of the flow's own process.
+`--task-runner dask` spreads them over a Dask cluster: a LocalCluster of `--workers` processes
+started for the run, or an existing cluster at `--dask-address` (tcp://scheduler:8786). Workers
+only compute (LLM calls); what they return travels back to the flow, the one writer of the
+database.
+
+A Dask worker reports its task runs to Prefect, so it must reach the same Prefect API as the flow:
+with a configured server that is `PREFECT_API_URL`; in ephemeral mode the flow's temporary server
+is started first and its URL handed to the local workers (`workers_see_api`). Workers of an
+existing cluster on other machines need `PREFECT_API_URL` set to a server they can reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from featurescribe.errors import FeaturescribeError
+
+RUNNERS = ("thread", "dask")
+
+
+def make_task_runner(kind: str, *, threads: int = 2, workers: int = 2, address: str | None = None):
+    if kind == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=max(1, threads))
+    if kind == "dask":
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={"n_workers": max(1, workers), "threads_per_worker": 1, "processes": True,
+                            "dashboard_address": ":0", "silence_logs": logging.WARNING},
+        )
+    raise FeaturescribeError(f"unknown task runner {kind!r}: use {' or '.join(RUNNERS)}")
+
+
+@contextmanager
+def workers_see_api() -> Iterator[str]:
+    """Make processes started from here (Dask workers) use this process's Prefect API.
+
+    Sets `PREFECT_API_URL` in the environment for the duration: the configured server's URL, or
+    the URL of the ephemeral server, started now if it is not running yet.
+    """
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the process-wide ephemeral server (a singleton)
+        server.start()
+        url = server.api_url
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = str(url)
+    try:
+        yield str(url)
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
