@@ -387,15 +387,17 @@ class Client:
 
     async def _attempt(self, state: _CallState, parse) -> ChatResponse:
         request, key = state.request, state.key
-        if self.budget is not None:
-            try:
-                self.budget.check()
-            except BudgetExceeded as err:
-                self._record(state, key, request.purpose, "budget", error=str(err))
-                raise
         est = estimate_tokens(request.messages, state.max_tokens)
         await self.limiter.acquire(est)
         async with self._sem.get():
+            # checked once a slot is free: a call still waiting for one has not started
+            if self.budget is not None:
+                try:
+                    self.budget.check()
+                except BudgetExceeded as err:
+                    self.limiter.settle(est, 0)
+                    self._record(state, key, request.purpose, "budget", error=str(err))
+                    raise
             state.attempt += 1
             retry_index = state.parse_retries
             t0 = time.monotonic()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -32,6 +33,12 @@ class LocalModel:
     model: object
     tokenizer: object
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # one worker thread per model: queued calls wait as futures, not as blocked pool threads
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurescribe-local"))
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     @property
     def device(self):
@@ -137,12 +144,13 @@ class LocalBackend(Backend):
         return get_local_model(self.model, self.device)
 
     async def load(self) -> LocalModel:
-        return await asyncio.to_thread(self._lm)
+        lm = _MODELS.get(self.model)
+        return lm if lm is not None else await asyncio.to_thread(self._lm)
 
     # ------------------------------------------------------------------ chat
     async def send(self, request: ChatRequest, *, max_tokens: int, timeout: float, retry_index: int = 0) -> ChatResponse:
         lm = await self.load()
-        return await asyncio.to_thread(self._generate, lm, request, max_tokens, retry_index)
+        return await lm.run(self._generate, lm, request, max_tokens, retry_index)
 
     def _generate(self, lm: LocalModel, request: ChatRequest, max_tokens: int, retry_index: int) -> ChatResponse:
         import torch
@@ -213,7 +221,7 @@ class LocalBackend(Backend):
     async def candidate_probs(self, text: str, positions: Sequence[int], candidates: Sequence[str], *,
                               messages: Sequence[dict] | None = None, normalize: bool = True):
         lm = await self.load()
-        return await asyncio.to_thread(
+        return await lm.run(
             self._candidate_probs, lm, text, list(positions), list(candidates), messages, normalize
         )
 
