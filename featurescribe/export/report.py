@@ -1,0 +1,83 @@
+"""`featurescribe report`: one self-contained HTML file to browse the features.
+
+The page is `templates/report.html` (its CSS and JavaScript inline, nothing fetched from the
+network) with the data embedded as JSON in a `<script type="application/json">` element,
+written feature by feature. For each feature: its stats, every explanation with its scores and
+baselines, its strongest top windows and some random ones, and a histogram of its activations.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from featurescribe.export.common import dumps
+from featurescribe.export.tabular import best_explanation, lift_of
+from featurescribe.store.export_queries import FeatureBundle, iter_feature_bundles
+
+MARKER = "/*@@DATA@@*/"
+
+
+def _template() -> tuple[str, str]:
+    text = resources.files("featurescribe.export").joinpath("templates/report.html").read_text("utf-8")
+    head, tail = text.split(MARKER)
+    return head, tail
+
+
+def embed(json_text: str) -> str:
+    """JSON made safe inside a <script> element: no '<', '>' or '&' (they only occur in strings)."""
+    return (json_text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _window(w: dict) -> dict:
+    return {"seq_id": w["seq_id"], "start_pos": w["start_pos"], "split": w["split"],
+            "tokens": w["tokens"], "acts": w["acts"]}
+
+
+def report_entry(b: FeatureBundle, n_top: int, n_random: int) -> dict:
+    return {
+        "source_id": b.source_id,
+        "feature_id": b.feature_id,
+        "stats": b.stats,
+        "best": best_explanation(b),
+        "explanations": [
+            {"explanation_id": e["explanation_id"], "text": e["text"], "explainer": e["explainer"],
+             "method": e["method"], "candidate": e["candidate"], "chosen": e["chosen"], "status": e["status"],
+             "scores": [
+                 {"scorer": s["scorer"], "split": s["split"], "simulator": s["simulator"], "value": s["value"],
+                  "baseline_shuffled": s["baseline_shuffled"], "baseline_tokens": s["baseline_tokens"],
+                  "lift": lift_of(s),
+                  "n_examples": s["n_examples"]}
+                 for s in e["scores"]]}
+            for e in b.explanations
+        ],
+        "top": [_window(w) for w in b.windows("top")][:n_top],
+        "random": [_window(w) for w in b.windows("random")][:n_random],
+        "histogram": b.histogram,
+    }
+
+
+def write_report(con, sources: list[dict], out: Path, *, db_name: str = "", top_examples: int = 8,
+                 on_feature: Callable[[], None] | None = None) -> int:
+    head, tail = _template()
+    n_random = max(2, top_examples // 2) if top_examples else 0
+    n = 0
+    with open(out, "w", encoding="utf-8", newline="\n") as f:
+        f.write(head)
+        meta = {"db": db_name, "sources": [
+            {k: s[k] for k in ("source_id", "model_id", "hook_name", "layer", "kind", "width")} for s in sources]}
+        f.write(embed(dumps(meta, compact=True))[:-1] + ',"features":[')
+        for src in sources:
+            for b in iter_feature_bundles(
+                con, src["source_id"], example_kinds=("top", "random"),
+                examples_per_kind=max(top_examples, n_random), histogram=True,
+            ):
+                f.write(("" if n == 0 else ",\n") + embed(dumps(report_entry(b, top_examples, n_random), compact=True)))
+                n += 1
+                if on_feature:
+                    on_feature()
+        f.write("]}")
+        f.write(tail)
+    return n
