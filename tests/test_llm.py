@@ -565,6 +565,19 @@ def test_non_llm_specs_are_refused(spec):
         make_client(spec)
 
 
+def test_check_backend_before_work(monkeypatch):
+    from featurescribe.llm import check_backend
+
+    check_backend("baseline:tokens")
+    check_backend("lexical")
+    with pytest.raises(FeaturescribeError, match="unknown model"):
+        check_backend("local:no-such-model")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(MissingAPIKey):
+        check_backend("openai:gpt-4o-mini")
+
+
 def test_baseline_error_says_what_it_is():
     with pytest.raises(NotAnLLMBackend, match="not an LLM backend"):
         make_client("baseline:tokens")

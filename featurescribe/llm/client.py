@@ -576,8 +576,13 @@ def make_client(
 
 
 def check_backend(spec: str) -> None:
-    """Raise the error make_client would (missing key, baseline, unknown) without building it."""
-    kind, _ = parse_backend_spec(spec)
+    """Raise, before any work, the error a run would meet: missing API key, unknown backend, or
+    (local) a model that cannot be found. Baselines pass."""
+    kind, model = parse_backend_spec(spec)
     if kind in BASELINE_KINDS:
         return
     make_backend(spec)
+    if kind == "local":
+        from featurescribe.harvest.models import resolve_model
+
+        resolve_model(model)  # FeaturescribeError for an unknown model or a missing package
