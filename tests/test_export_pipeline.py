@@ -10,21 +10,21 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from featurescribe.cli import main
+from featurescribe.cli import COMMANDS, main
 from featurescribe.store import open_db
 from tests.test_export import NP_ACTIVATION_KEYS, NP_EXPLANATION_KEYS, NP_FEATURE_KEYS, NP_SCORE_KEYS
 from tests.test_export import NeuronRecord, NeuronSimulationResults, oai_loads
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif("label" not in {name for name, _, _ in COMMANDS},
+                       reason="featurescribe label is not registered in this checkout"),
+]
 
 
 @pytest.fixture(scope="module")
 def pipeline_db(smollm2, tmp_path_factory):
-    from featurescribe.cli import COMMANDS
     from featurescribe.harvest.harvester import HarvestConfig, harvest
-
-    if "label" not in {name for name, _, _ in COMMANDS}:
-        pytest.skip("featurescribe label is not registered in this checkout")
 
     db = str(tmp_path_factory.mktemp("pipeline") / "real.duckdb")
     r = harvest(HarvestConfig(db=db, model="smollm2-135m", layer=2, corpus="builtin:stdlib", ctx=64,
