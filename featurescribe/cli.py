@@ -20,6 +20,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sql", "featurescribe.store.commands", "run SQL against a database and print the result"),
     ("harvest", "featurescribe.harvest.command",
      "run a model over a corpus and store one layer's activations (neurons or SAE latents)"),
+    ("label", "featurescribe.flows.label_command",
+     "sample, explain and score the features of a source"),
     ("export", "featurescribe.export.command",
      "write feature dictionaries: neuronpedia, oai, delphi, parquet or json"),
     ("report", "featurescribe.export.command", "write a self-contained HTML feature browser"),

@@ -1,0 +1,255 @@
+"""The label pipeline and the `label` command: chunks, resume, candidates, failures, budget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+
+import pytest
+
+from featurescribe.cli import build_parser, main
+from featurescribe.errors import FeaturescribeError
+from featurescribe.flows import label_core
+from featurescribe.flows.label_command import params_from_args, print_summary
+from featurescribe.flows.label_core import (
+    LabelParams,
+    compute_chunk,
+    parse_feature_spec,
+    prepare_chunk,
+    select_features,
+    write_chunk,
+)
+from featurescribe.store import open_db
+from tests.test_sampling import SOURCE, build_db
+
+GOOD = 'the tokens " def", " class" and " return"'
+
+
+@pytest.fixture
+def labdb(db_path):
+    con = open_db(db_path)
+    build_db(con, n_features=8)
+    con.close()
+    return db_path
+
+
+def _q(db, sql, params=None):
+    con = open_db(db, read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def _cli(db, *extra):
+    """The `label` command itself (the Prefect label flow)."""
+    return main(["label", "--db", db, "--source", SOURCE, "--no-progress", *extra])
+
+
+def _label(db, *extra):
+    """The same options through `label_core.run_label` (the pipeline without Prefect), with the
+    command's summary."""
+    args = build_parser().parse_args(["label", "--db", db, "--source", SOURCE, "--no-progress", *extra])
+    summary = label_core.run_label(args.db, params_from_args(args), progress=False)
+    print_summary(summary)
+    return 0
+
+
+def test_label_command_end_to_end(labdb, capsys, prefect_server):
+    assert _cli(labdb, "--features", "0:8") == 0
+    out = capsys.readouterr().out
+    assert "labelled now                  6" in out
+    assert "skipped: dead                 1  [0]" in out
+    assert "skipped: rare                 1  [1]" in out
+    assert "rare: active in 3 sequences" in out
+    labels = dict(_q(labdb, "SELECT feature_id, explanation FROM labels"))
+    assert sorted(labels) == [2, 3, 4, 5, 6, 7]
+    assert labels[2] == GOOD
+    assert _q(labdb, "SELECT count(*) FROM examples WHERE feature_id IN (0, 1)") == [(0,)]
+    assert _q(labdb, "SELECT count(DISTINCT feature_id) FROM examples") == [(6,)]
+    # every chosen explanation has a test simulation score, with baselines beside it
+    rows = _q(labdb, """SELECT s.split, s.scorer, s.simulator, s.baseline_shuffled IS NOT NULL,
+                               s.baseline_tokens IS NOT NULL, e.chosen, e.status, e.method
+                        FROM scores s JOIN explanations e USING (explanation_id)""")
+    assert len(rows) == 6
+    assert set(rows) == {("test", "simulation", "lexical", True, True, True, "ok", "tokens")}
+    assert _q(labdb, "SELECT flow, status, params->>'explainer' FROM runs") == \
+        [("label", "completed", "baseline:tokens")]
+    # the simulations table recomputes each score
+    n = _q(labdb, "SELECT count(*) FROM simulations")[0][0]
+    assert n == 6 * 20  # 10 top + 10 random test windows per feature
+
+
+def test_resume_skips_done_features(labdb, capsys):
+    assert _label(labdb, "--features", "2:5") == 0
+    capsys.readouterr()
+    assert _label(labdb, "--features", "0:8") == 0
+    out = capsys.readouterr().out
+    assert "already labelled (skipped)    3" in out
+    assert "labelled now                  3" in out
+    assert _q(labdb, "SELECT count(*), count(DISTINCT feature_id) FROM explanations") == [(6, 6)]
+    assert _q(labdb, "SELECT count(*) FROM runs WHERE status = 'completed'") == [(2,)]
+
+
+def _explain_responder(texts_by_seed=None, default=GOOD):
+    def responder(req):
+        if req.json_schema and "explanation" in json.dumps(req.json_schema):
+            seed = req.body.get("seed")
+            text = (texts_by_seed or {}).get(seed, default)
+            return json.dumps({"explanation": text})
+        return "ok"
+    return responder
+
+
+@pytest.mark.parametrize("spec,api", [("openai:gpt-4o-mini", "openai"),
+                                      ("anthropic:claude-haiku-4-5", "anthropic")])
+def test_label_llm_explainer_and_rerun_makes_no_new_calls(labdb, fake_llm, capsys, spec, api):
+    fake_llm.responder = _explain_responder()
+    assert _label(labdb, "--features", "0:8", "--explainer", spec) == 0
+    n_requests = len(fake_llm.requests_for(api))
+    assert n_requests == 6  # one explanation per alive feature
+    assert "explain_pairs" not in capsys.readouterr().err
+    rows = _q(labdb, "SELECT explainer, method, text, chosen FROM explanations")
+    assert set(rows) == {(spec, "pairs", GOOD, True)}
+    ledger = _q(labdb, "SELECT purpose, status, count(*), sum(cost_usd) > 0 FROM llm_calls GROUP BY ALL")
+    assert ledger == [("explain", "ok", 6, True)]
+    # a re-run of done features does nothing; --redo answers from the cache, no new request
+    assert _label(labdb, "--features", "0:8", "--explainer", spec) == 0
+    assert _label(labdb, "--features", "0:8", "--explainer", spec, "--redo") == 0
+    assert len(fake_llm.requests_for(api)) == n_requests
+    assert _q(labdb, "SELECT status, count(*) FROM llm_calls GROUP BY ALL ORDER BY ALL") == \
+        [("cached", 6), ("ok", 6)]
+    # the newer explanation is the chosen one now, the older kept
+    assert _q(labdb, "SELECT chosen, count(*) FROM explanations GROUP BY ALL ORDER BY ALL") == \
+        [(False, 6), (True, 6)]
+
+
+def test_candidates_best_on_valid_is_chosen_and_scored_on_test(labdb, fake_llm):
+    texts = {1: 'the token " cat"', 2: GOOD, 3: 'the token " def"'}
+    fake_llm.responder = _explain_responder(texts)
+    assert _label(labdb, "--features", "2:4", "--explainer", "openai:gpt-4o-mini",
+                  "--candidates", "3") == 0
+    assert len(fake_llm.requests_for("openai")) == 6
+    rows = _q(labdb, """SELECT e.feature_id, e.candidate, e.text, e.chosen, s.split, s.value
+                        FROM explanations e JOIN scores s USING (explanation_id)
+                        ORDER BY e.feature_id, e.candidate, s.split""")
+    for f in (2, 3):
+        mine = [r for r in rows if r[0] == f]
+        valid = {r[1]: r[5] for r in mine if r[4] == "valid"}
+        assert sorted(valid) == [0, 1, 2]  # every candidate scored on valid
+        chosen = {r[1] for r in mine if r[3]}
+        assert len(chosen) == 1
+        (c,) = chosen
+        assert valid[c] == max(valid.values())
+        assert [r[1] for r in mine if r[4] == "test"] == [c]  # only the chosen one on test
+    feature2 = {r[2] for r in rows if r[0] == 2 and r[3]}
+    assert feature2 == {GOOD}
+    label = _q(labdb, "SELECT explanation, split FROM labels WHERE feature_id = 2")
+    assert label == [(GOOD, "test")]
+
+
+def test_unparseable_explanations_are_recorded_failed_never_scored(labdb, fake_llm, capsys):
+    fake_llm.responder = lambda req: "not json at all"
+    assert _label(labdb, "--features", "2:4", "--explainer", "openai:gpt-4o-mini") == 0
+    out = capsys.readouterr().out
+    assert "failed                        2  [2, 3]" in out
+    assert _q(labdb, "SELECT status, text, chosen, count(*) FROM explanations GROUP BY ALL") == \
+        [("failed", "", False, 2)]
+    assert _q(labdb, "SELECT count(*) FROM scores") == [(0,)]
+    assert _q(labdb, "SELECT count(*) FROM labels") == [(0,)]
+    assert _q(labdb, "SELECT DISTINCT status FROM llm_calls") == [("parse_error",)]
+    # a later run tries them again
+    fake_llm.responder = _explain_responder()
+    assert _label(labdb, "--features", "2:4", "--explainer", "openai:gpt-4o-mini") == 0
+    assert _q(labdb, "SELECT count(*) FROM labels") == [(2,)]
+
+
+def test_shuffled_baseline_is_the_next_features_explanation(labdb):
+    assert _label(labdb, "--features", "2:6") == 0
+    rows = _q(labdb, """SELECT e.feature_id, e.text, s.details->'baseline_shuffled'->>'text'
+                        FROM explanations e JOIN scores s USING (explanation_id) ORDER BY 1""")
+    texts = [r[1] for r in rows]
+    assert [r[2] for r in rows] == texts[1:] + texts[:1]
+
+
+def test_budget_stops_new_calls_and_a_later_run_finishes(labdb, fake_llm, capsys):
+    fake_llm.responder = _explain_responder()
+    rc = _label(labdb, "--features", "2:8", "--explainer", "openai:gpt-4o-mini",
+                "--budget-usd", "0.0000001", "--concurrency", "1", "--chunk-size", "2")
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "stopped at budget             yes" in out
+    assert "stopped at the budget" in out
+    assert _q(labdb, "SELECT status FROM runs") == [("stopped",)]
+    n_done = _q(labdb, "SELECT count(*) FROM labels")[0][0]
+    assert 1 <= n_done < 6
+    assert _label(labdb, "--features", "2:8", "--explainer", "openai:gpt-4o-mini") == 0
+    assert _q(labdb, "SELECT count(*) FROM labels") == [(6,)]
+    assert _q(labdb, "SELECT count(*) FROM explanations WHERE chosen") == [(6,)]
+
+
+def test_missing_api_key_fails_before_any_work(labdb, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    rc = _cli(labdb, "--explainer", "openai:gpt-4o-mini")
+    assert rc != 0
+    assert "OPENAI_API_KEY" in capsys.readouterr().err
+    assert _q(labdb, "SELECT count(*) FROM runs") == [(0,)]
+    assert _q(labdb, "SELECT count(*) FROM examples") == [(0,)]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--features", "0:99"], "outside the source's 8 features"),
+    (["--features", "x"], "bad feature spec"),
+    (["--explainer", "lexical"], "simulator, not an explainer"),
+    (["--scorers", "simulation,vibes"], "unknown scorer"),
+    (["--candidates", "0"], "at least 1"),
+])
+def test_user_errors_are_one_line(labdb, capsys, args, msg):
+    assert _cli(labdb, *args) != 0
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+
+
+def test_unknown_source(labdb, capsys):
+    assert main(["label", "--db", labdb, "--source", "9-nope", "--no-progress"]) != 0
+    assert "no source '9-nope' (sources in this database: 3-test)" in capsys.readouterr().err
+
+
+def test_feature_specs():
+    assert parse_feature_spec("0:4", 10) == [0, 1, 2, 3]
+    assert parse_feature_spec("7,3,3", 10) == [3, 7]
+    assert parse_feature_spec("8:", 10) == [8, 9]
+    assert parse_feature_spec("ALL", 10) == "all"
+    assert parse_feature_spec("alive", 10) == "alive"
+    with pytest.raises(FeaturescribeError):
+        parse_feature_spec("3:1", 10)
+
+
+def test_select_alive_and_all(labdb):
+    con = open_db(labdb)
+    try:
+        assert select_features(con, SOURCE, "all") == list(range(8))
+        assert select_features(con, SOURCE, "alive") == list(range(1, 8))
+    finally:
+        con.close()
+
+
+def test_steps_are_plain_picklable_and_compute_needs_no_database(labdb):
+    """prepare (writer) -> compute (no DuckDB: the connection is closed) -> write (writer)."""
+    params = LabelParams(source_id=SOURCE, features="0:8")
+    con = open_db(labdb)
+    prepared = prepare_chunk(con, params, select_features(con, SOURCE, "0:8"))
+    con.close()
+    prepared = pickle.loads(pickle.dumps(prepared))
+    assert [s.feature_id for s in prepared.skipped] == [0, 1]
+    result = asyncio.run(compute_chunk(prepared, pickle.loads(pickle.dumps(params)), run_id="r1"))
+    result = pickle.loads(pickle.dumps(result))
+    assert result.labelled == [2, 3, 4, 5, 6, 7]
+    con = open_db(labdb)
+    try:
+        counts = write_chunk(con, result, run_id="r1")
+    finally:
+        con.close()
+    assert counts.explanations == 6 and counts.scores == 6
+    assert _q(labdb, "SELECT DISTINCT run_id FROM explanations") == [("r1",)]
