@@ -86,7 +86,7 @@ class LLMExplainer(Explainer):
     """An explainer backed by an LLM client (`openai:`, `anthropic:`, `local:`)."""
 
     def __init__(self, client: Any, method: str = "pairs", *, max_windows: int | None = None,
-                 temperature: float = 0.7, max_tokens: int = 300):
+                 temperature: float = 0.7, max_tokens: int = 160):
         if method not in METHODS:
             raise ValueError(f"unknown explainer method {method!r}: use {', '.join(METHODS)}")
         self.client = client
