@@ -445,7 +445,7 @@ class Client:
             self._record(state, key, request.purpose, "parse_error", input_tokens=resp.input_tokens,
                          output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency,
                          error=msg[:2000])
-            if resp.truncated:
+            if resp.truncated and getattr(self._backend, "grow_on_truncation", True):
                 state.max_tokens = min(max(state.max_tokens * 2, state.max_tokens + 1), self.settings.max_tokens_cap)
             state.parse_retries += 1
             state.counts["parse"] += 1

@@ -21,6 +21,9 @@ class Backend:
     supports_candidate_probs: bool = False
     # apply the client's per-attempt timeout (remote APIs); local generation is not interruptible
     uses_timeout: bool = True
+    # ask a truncated answer again with twice the max_tokens (a small local model that rambles
+    # would only ramble longer: it is asked again, sampling, at the same length)
+    grow_on_truncation: bool = True
 
     async def send(
         self, request: ChatRequest, *, max_tokens: int, timeout: float, retry_index: int = 0

@@ -135,6 +135,7 @@ class LocalBackend(Backend):
     supports_logprobs = True
     supports_candidate_probs = True
     uses_timeout = False
+    grow_on_truncation = False
 
     def __init__(self, model: str, *, device: str = "auto"):
         self.model = model
