@@ -1,0 +1,241 @@
+"""Detection and fuzzing (Paulo et al. 2024): a judge classifies windows against an explanation.
+
+- Detection: the judge sees the explanation and a batch of held-out windows, activating and
+  silent ones mixed, and says which windows the feature is active in.
+- Fuzzing: the judge sees windows with some tokens marked. Every activating window is shown
+  twice, once with its activating tokens marked and once with as many tokens marked at random
+  among its silent ones; silent windows are shown with random marks. The judge says which
+  markings fit the explanation.
+
+Both report balanced accuracy (the mean of the true-positive and true-negative rates), so the
+mix of classes does not move the score. A token is "activating" when it is at least 1 on the
+0-10 scale shown to LLMs (`records.discretize`, max over the windows scored). Several windows go
+into one request (`batch_size`), which makes both cheaper per feature than simulation.
+
+Judges: `LexicalJudge` (no LLM: the explanation's quoted tokens, as the `lexical` simulator
+reads them) and `LLMJudge` (any chat model, structured output, strict length check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from featurescribe.llm.base import ChatRequest, ChatResponse, LLMCallFailed, UnparseableResponse
+from featurescribe.records import Window, discretize
+from featurescribe.scorers.lexical import LexicalRule
+from featurescribe.scorers.metrics import balanced_accuracy
+from featurescribe.scorers.prompts import render_messages, show_token
+
+HIGHLIGHT_OPEN, HIGHLIGHT_CLOSE = "<<", ">>"
+
+
+@dataclass
+class Sample:
+    """One window as a judge sees it, and the right answer."""
+
+    window: Window
+    truth: bool  # detection: the feature is active; fuzzing: the marks are the activating tokens
+    marked: list[int] = field(default_factory=list)  # fuzzing: the marked token positions
+
+    def text(self) -> str:
+        marks = set(self.marked)
+        out, open_ = [], False
+        for i, tok in enumerate(self.window.tokens):
+            if i in marks and not open_:
+                out.append(HIGHLIGHT_OPEN)
+                open_ = True
+            elif i not in marks and open_:
+                out.append(HIGHLIGHT_CLOSE)
+                open_ = False
+            out.append(show_token(tok))
+        if open_:
+            out.append(HIGHLIGHT_CLOSE)
+        return "".join(out)
+
+
+class ClassifyFailed(Exception):
+    """The judge gave no usable answer for a batch after the LLM layer's retries."""
+
+
+def active_positions(window: Window, max_act: float) -> list[int]:
+    return [i for i, v in enumerate(discretize(window.acts, max_act)) if v >= 1]
+
+
+def _rng(*key: Any) -> random.Random:
+    return random.Random(zlib.crc32(repr(key).encode()))
+
+
+def detection_samples(windows: Sequence[Window], max_act: float) -> list[Sample]:
+    return [Sample(w, truth=bool(active_positions(w, max_act))) for w in windows]
+
+
+def fuzzing_samples(windows: Sequence[Window], max_act: float, rng: random.Random) -> list[Sample]:
+    samples: list[Sample] = []
+    counts = []
+    silent = []
+    for w in windows:
+        act = active_positions(w, max_act)
+        if not act:
+            silent.append(w)
+            continue
+        counts.append(len(act))
+        samples.append(Sample(w, truth=True, marked=act))
+        others = [i for i in range(len(w.tokens)) if i not in set(act)]
+        if others:
+            samples.append(Sample(w, truth=False, marked=sorted(rng.sample(others, min(len(act), len(others))))))
+    for w in silent:
+        if not w.tokens:
+            continue
+        k = min(len(w.tokens), rng.choice(counts) if counts else 1)
+        samples.append(Sample(w, truth=False, marked=sorted(rng.sample(range(len(w.tokens)), k))))
+    return samples
+
+
+def batches(samples: list[Sample], size: int, rng: random.Random) -> list[list[Sample]]:
+    """Shuffle, then cut into batches of `size`, keeping a window's two fuzzing versions apart
+    when the batches allow it."""
+    order = samples[:]
+    rng.shuffle(order)
+    n_batches = max(1, math.ceil(len(order) / size))
+    out: list[list[Sample]] = [[] for _ in range(n_batches)]
+    for s in order:
+        key = (s.window.seq_id, s.window.start_pos)
+        free = [b for b in out if len(b) < size]
+        clean = [b for b in free if all((o.window.seq_id, o.window.start_pos) != key for o in b)]
+        (clean or free)[0].append(s)
+    return [b for b in out if b]
+
+
+# ----------------------------------------------------------------------------- judges
+class Judge:
+    spec: str = ""
+
+    async def judge(self, task: str, explanation: str, batch: list[Sample]) -> list[bool]:
+        raise NotImplementedError
+
+
+class LexicalJudge(Judge):
+    """Detection: a window matches when it holds a token the explanation quotes or names.
+    Fuzzing: the marks fit when at least half of the marked tokens match."""
+
+    spec = "lexical"
+
+    async def judge(self, task, explanation, batch):
+        rule = LexicalRule.from_explanation(explanation)
+        out = []
+        for s in batch:
+            mask = rule.mask(s.window.tokens)
+            if task == "detection":
+                out.append(any(mask))
+            else:
+                hits = sum(mask[i] for i in s.marked)
+                out.append(bool(s.marked) and hits * 2 >= len(s.marked))
+        return out
+
+
+ANSWERS_SCHEMA = {
+    "type": "object",
+    "properties": {"answers": {"type": "array", "items": {"type": "integer"}}},
+    "required": ["answers"],
+    "additionalProperties": False,
+}
+
+
+def parse_answers(resp: ChatResponse, n: int) -> list[bool]:
+    data = resp.json()
+    answers = data.get("answers") if isinstance(data, dict) else data
+    if not isinstance(answers, list) or len(answers) != n:
+        got = len(answers) if isinstance(answers, list) else "no list"
+        raise UnparseableResponse(f"expected {n} answers, got {got}")
+    out = []
+    for a in answers:
+        if isinstance(a, bool) or (isinstance(a, int) and a in (0, 1)):
+            out.append(bool(a))
+        else:
+            raise UnparseableResponse(f"answer {a!r} is not 0 or 1")
+    return out
+
+
+class LLMJudge(Judge):
+    def __init__(self, client: Any):
+        self.client = client
+        self.spec = client.spec
+
+    async def judge(self, task, explanation, batch):
+        name = "detect_batch" if task == "detection" else "fuzz_batch"
+        examples = "\n".join(f"Text {i + 1}: {s.text()}" for i, s in enumerate(batch))
+        req = ChatRequest(
+            messages=render_messages(name, explanation=explanation.strip(), n=len(batch), examples=examples),
+            purpose="detect" if task == "detection" else "fuzz",
+            max_tokens=32 + 4 * len(batch),
+            json_schema=ANSWERS_SCHEMA,
+        )
+        return await self.client.chat(req, parse=lambda r: parse_answers(r, len(batch)))
+
+
+def make_judge(spec: str | Judge, client: Any = None) -> Judge:
+    if isinstance(spec, Judge):
+        return spec
+    if spec == "lexical":
+        return LexicalJudge()
+    if spec.startswith("baseline"):
+        raise ValueError(f"{spec} cannot judge detection or fuzzing: use lexical or an LLM")
+    if client is None:
+        from featurescribe.llm import make_client
+
+        client = make_client(spec)
+    return LLMJudge(client)
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclass
+class ClassifyOutcome:
+    value: float
+    n_examples: int
+    details: dict
+
+
+async def classify(
+    task: str,
+    judge: Judge,
+    explanation: str,
+    samples: list[Sample],
+    batch_list: list[list[Sample]],
+) -> ClassifyOutcome:
+    """Run the judge over prepared batches; balanced accuracy of its answers."""
+    try:
+        answers = await asyncio.gather(*(judge.judge(task, explanation, b) for b in batch_list))
+    except LLMCallFailed as err:
+        raise ClassifyFailed(f"{judge.spec}: {err}") from err
+    truth, pred = [], []
+    for b, a in zip(batch_list, answers):
+        truth += [s.truth for s in b]
+        pred += list(a)
+    value, counts = balanced_accuracy(truth, pred)
+    details = {
+        "balanced_accuracy": value,
+        **counts,
+        "n_positive": sum(truth),
+        "n_negative": len(truth) - sum(truth),
+        "n_requests": len(batch_list),
+        "batch_size": max((len(b) for b in batch_list), default=0),
+        "judge": judge.spec,
+    }
+    return ClassifyOutcome(value=value, n_examples=len(truth), details=details)
+
+
+def prepare(task: str, windows: Sequence[Window], max_act: float, batch_size: int, seed_key: tuple):
+    """The samples and batches of one feature for a task, the same for every explanation of it."""
+    rng = _rng(task, *seed_key)
+    if task == "detection":
+        samples = detection_samples(windows, max_act)
+    elif task == "fuzzing":
+        samples = fuzzing_samples(windows, max_act, rng)
+    else:
+        raise ValueError(f"unknown classification task {task!r}")
+    return samples, batches(samples, batch_size, rng)

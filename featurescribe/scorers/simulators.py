@@ -1,0 +1,407 @@
+"""Simulators: predict a feature's activation on every token of a window from an explanation.
+
+All of them work a whole window at a time (one forward pass or one request per window, never
+one per token), and return one float per token:
+
+| spec                 | how                                                                     |
+|----------------------|-------------------------------------------------------------------------|
+| `local:MODEL`        | one forward pass over the prompt and the window's tokens, each followed |
+|                      | by a tab and a placeholder; the expected value over the scale's digit   |
+|                      | tokens is read at every placeholder (`client.candidate_probs`)          |
+| `openai:MODEL`       | one request per window: the model copies each token and writes its     |
+|                      | activation; the expected value comes from `top_logprobs` at each number |
+| `anthropic:MODEL`,   | integer predictions as structured output (a JSON list, one per token),  |
+| models without       | length checked strictly, asked again when it does not line up           |
+| logprobs             |                                                                         |
+| `lexical`            | no LLM: 1 on the tokens the explanation quotes or names, else 0         |
+| `baseline:tokens`    | no LLM, ignores the explanation: the feature's mean activation on each  |
+|                      | token string in the `explain` split                                     |
+
+The placeholder trick follows Bills et al. 2023: because the model is causal, the distribution
+it puts on the token after `token<TAB>` depends only on what precedes it, so every slot of a
+window can be read from one pass, with a neutral placeholder written in each earlier slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+from featurescribe.llm.base import (
+    ChatRequest,
+    ChatResponse,
+    LLMCallFailed,
+    UnparseableResponse,
+    parse_backend_spec,
+)
+from featurescribe.records import SCALE_MAX, FeatureExamples, Window
+from featurescribe.scorers.lexical import LexicalRule
+from featurescribe.scorers.prompts import render_messages, render_text, show_token
+
+
+class SimulationFailed(Exception):
+    """The simulator could not turn this explanation into predictions (e.g. every retry failed)."""
+
+
+class Simulator:
+    """Base class. Subclasses implement `simulate_window`; `simulate` runs the windows at once."""
+
+    spec: str = ""
+    uses_explanation: bool = True  # False for baselines that ignore it (baseline:tokens)
+    needs_feature: bool = False  # True when predictions need the feature's explain split
+
+    async def simulate_window(
+        self, explanation: str, window: Window, feature: FeatureExamples | None = None
+    ) -> list[float]:
+        raise NotImplementedError
+
+    async def simulate(
+        self, explanation: str, windows: Sequence[Window], feature: FeatureExamples | None = None
+    ) -> list[list[float]]:
+        """One prediction list per window, each as long as the window. Raises SimulationFailed."""
+        try:
+            out = await asyncio.gather(
+                *(self.simulate_window(explanation, w, feature) for w in windows)
+            )
+        except LLMCallFailed as err:
+            raise SimulationFailed(f"{self.spec}: {err}") from err
+        for w, pred in zip(windows, out):
+            if len(pred) != len(w.tokens):  # a bug, not a model error
+                raise AssertionError(f"{self.spec} returned {len(pred)} values for {len(w.tokens)} tokens")
+        return [list(map(float, p)) for p in out]
+
+    async def aclose(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- no-LLM simulators
+class LexicalSimulator(Simulator):
+    """1.0 on tokens the explanation quotes (or names as a class: digits, ...), 0.0 elsewhere."""
+
+    spec = "lexical"
+
+    def predict(self, explanation: str, tokens: list[str]) -> list[float]:
+        return [1.0 if m else 0.0 for m in LexicalRule.from_explanation(explanation).mask(tokens)]
+
+    async def simulate_window(self, explanation, window, feature=None):
+        return self.predict(explanation, window.tokens)
+
+
+class TokenMeanSimulator(Simulator):
+    """The feature's mean activation on each token string over its `explain` windows.
+
+    A token never seen there gets the mean over all explain tokens. It ignores the explanation:
+    it is the lexical baseline a score is compared with, not a judge.
+    """
+
+    spec = "baseline:tokens"
+    uses_explanation = False
+    needs_feature = True
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[str, int], tuple[dict[str, float], float]] = {}
+
+    def table(self, feature: FeatureExamples) -> tuple[dict[str, float], float]:
+        key = (feature.source_id, feature.feature_id)
+        if key not in self._tables:
+            sums: dict[str, float] = defaultdict(float)
+            counts: dict[str, int] = defaultdict(int)
+            total, n = 0.0, 0
+            for w in feature.split("explain"):
+                for tok, a in zip(w.tokens, w.acts):
+                    sums[tok] += a
+                    counts[tok] += 1
+                    total += a
+                    n += 1
+            means = {t: sums[t] / counts[t] for t in sums}
+            self._tables[key] = (means, total / n if n else 0.0)
+        return self._tables[key]
+
+    async def simulate_window(self, explanation, window, feature=None):
+        if feature is None:
+            raise ValueError("baseline:tokens needs the feature's explain split")
+        means, default = self.table(feature)
+        return [means.get(t, default) for t in window.tokens]
+
+
+# ----------------------------------------------------------------------------- expected values
+def expected_value(probs: dict[int, float]) -> float | None:
+    """Σ v·p(v) / Σ p(v) over the scale values present; None when they carry no mass."""
+    total = sum(probs.values())
+    if total <= 0 or not math.isfinite(total):
+        return None
+    return sum(v * p for v, p in probs.items()) / total
+
+
+def _scale_value(token: str) -> int | None:
+    s = token.strip()
+    if s.isdigit() and s.isascii():
+        v = int(s)
+        if 0 <= v <= SCALE_MAX:
+            return v
+    return None
+
+
+# ----------------------------------------------------------------------------- local model
+class LocalSimulator(Simulator):
+    """All-at-once simulation with a local model: one forward pass per window.
+
+    The text is the prompt (`simulate_local`: the scale, two worked examples, the explanation)
+    followed by one line per window token: the token, a tab, and a placeholder slot. The client
+    tokenizes the text in pieces cut at every slot (`candidate_probs`), so each slot starts a
+    token and its distribution over the scale's digits is read from the logits just before it,
+    for all slots in one pass. The candidates are the scale values that are single tokens of the
+    model: 0..10, or 0..9 when "10" is two tokens (SmolLM2); the prompt then states a 0-9 scale.
+    """
+
+    SLOT = "unknown"
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.spec = client.spec
+        self.scale_max = SCALE_MAX  # lowered to 9 once the model says "10" is not one token
+
+    def build(self, explanation: str, tokens: list[str], scale_max: int | None = None) -> tuple[str, list[int]]:
+        """(text, slot offsets): the prompt and one `token<TAB>slot` line per window token."""
+        scale_max = self.scale_max if scale_max is None else scale_max
+        head = render_text("simulate_local", explanation=" ".join(explanation.split()), scale_max=scale_max)
+        parts = [head.rstrip("\n") + "\n"]
+        size = len(parts[0])
+        positions = []
+        for tok in tokens:
+            line = show_token(tok) + "\t"
+            parts.append(line)
+            size += len(line)
+            positions.append(size)
+            parts.append(self.SLOT + "\n")
+            size += len(self.SLOT) + 1
+        return "".join(parts), positions
+
+    async def window_probs(self, text: str, positions: list[int]) -> np.ndarray:
+        """Rows of probabilities over 0..scale_max at each slot (one forward pass)."""
+        cands = [str(v) for v in range(self.scale_max + 1)]
+        return np.asarray(await self.client.candidate_probs(text, positions, cands), dtype=np.float64)
+
+    def expected(self, probs: np.ndarray) -> list[float]:
+        """Rows of candidate probabilities -> expected scale values Σ v·p(v) / Σ p(v)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        values = np.arange(probs.shape[1], dtype=np.float64)
+        mass = probs.sum(axis=1)
+        ev = (probs * values).sum(axis=1) / np.where(mass > 0, mass, 1.0)
+        return [float(x) for x in ev]
+
+    async def simulate_window(self, explanation, window, feature=None):
+        if not window.tokens:
+            return []
+        while True:
+            scale_max = self.scale_max
+            text, positions = self.build(explanation, window.tokens, scale_max)
+            try:
+                probs = await self.window_probs(text, positions)
+            except ValueError as err:
+                # "10" is two tokens for this model: use the 0-9 scale it can write in one token
+                if "candidate" in str(err) and scale_max == SCALE_MAX:
+                    self.scale_max = SCALE_MAX - 1
+                    continue
+                if "candidate" in str(err) and self.scale_max < scale_max:
+                    continue  # another window lowered the scale meanwhile
+                raise SimulationFailed(f"{self.spec}: {err}") from err
+            return self.expected(probs)
+
+
+# ----------------------------------------------------------------------------- API models
+_FENCE = re.compile(r"^\s*```")
+_LINE = re.compile(r"^(?P<tok>.*?)(?:\t| {2,}|\t )\s*(?P<num>\d{1,2})\s*$")
+_LINE_LOOSE = re.compile(r"^(?P<tok>.*?)\s+(?P<num>\d{1,2})\s*$")
+
+
+def _answer_lines(text: str) -> list[tuple[int, str]]:
+    """(char offset, line) of the non-empty lines of an answer, code fences dropped."""
+    out, offset = [], 0
+    for line in text.split("\n"):
+        if line.strip() and not _FENCE.match(line):
+            out.append((offset, line))
+        offset += len(line) + 1
+    return out
+
+
+def parse_activation_lines(text: str, n: int) -> list[tuple[int, int]]:
+    """[(char offset of the number, the written integer)] for the n lines `token<TAB>n`.
+
+    Raises UnparseableResponse unless there are exactly n lines each ending in an integer.
+    """
+    lines = _answer_lines(text)
+    if len(lines) != n:
+        raise UnparseableResponse(f"expected {n} lines of token and activation, got {len(lines)}")
+    out = []
+    for offset, line in lines:
+        m = _LINE.match(line) or _LINE_LOOSE.match(line)
+        if not m:
+            raise UnparseableResponse(f"line without an activation: {line[:60]!r}")
+        v = int(m.group("num"))
+        if v > SCALE_MAX:
+            raise UnparseableResponse(f"activation {v} is off the 0-{SCALE_MAX} scale")
+        out.append((offset + m.start("num"), v))
+    return out
+
+
+def logprob_expected_values(resp: ChatResponse, numbers: list[tuple[int, int]]) -> list[float]:
+    """At each written number, the expected scale value over its top_logprobs alternatives.
+
+    The answer's logprob tokens are laid end to end to find the token holding each number; a
+    number whose token cannot be found, or whose alternatives hold no scale value, keeps the
+    integer written.
+    """
+    toks = resp.logprobs or []
+    starts, pos = [], 0
+    for t in toks:
+        starts.append(pos)
+        pos += len(t.token)
+    aligned = "".join(t.token for t in toks) == resp.text
+    out = []
+    k = 0
+    for offset, written in numbers:
+        value = float(written)
+        if aligned:
+            while k + 1 < len(toks) and starts[k + 1] <= offset:
+                k += 1
+            if k < len(toks) and starts[k] <= offset < starts[k] + max(1, len(toks[k].token)):
+                probs: dict[int, float] = defaultdict(float)
+                alts = dict(toks[k].top) or {toks[k].token: toks[k].logprob}
+                alts.setdefault(toks[k].token, toks[k].logprob)
+                for alt, lp in alts.items():
+                    v = _scale_value(alt)
+                    if v is not None and lp is not None and math.isfinite(lp):
+                        probs[v] += math.exp(lp)
+                ev = expected_value(probs)
+                if ev is not None:
+                    value = ev
+        out.append(value)
+    return out
+
+
+def _token_lines(tokens: list[str], numbered: bool) -> str:
+    if numbered:
+        return "\n".join(f"{i + 1}. {show_token(t)}" for i, t in enumerate(tokens))
+    return "\n".join(show_token(t) for t in tokens)
+
+
+ACTIVATIONS_SCHEMA = {
+    "type": "object",
+    "properties": {"activations": {"type": "array", "items": {"type": "integer"}}},
+    "required": ["activations"],
+    "additionalProperties": False,
+}
+
+
+def parse_activation_list(resp: ChatResponse, n: int) -> list[float]:
+    """The `{"activations": [...]}` answer as n numbers on the scale; UnparseableResponse if not."""
+    data = resp.json()
+    acts = data.get("activations") if isinstance(data, dict) else data
+    if not isinstance(acts, list):
+        raise UnparseableResponse("answer has no list of activations")
+    if len(acts) != n:
+        raise UnparseableResponse(f"expected {n} activations, got {len(acts)}")
+    out = []
+    for a in acts:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise UnparseableResponse(f"activation {a!r} is not a number")
+        out.append(float(min(SCALE_MAX, max(0, round(a)))))
+    return out
+
+
+class StructuredSimulator(Simulator):
+    """Integer predictions as structured output (models without logprobs), one request a window."""
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.spec = client.spec
+
+    async def simulate_window(self, explanation, window, feature=None):
+        n = len(window.tokens)
+        if n == 0:
+            return []
+        req = ChatRequest(
+            messages=render_messages(
+                "simulate_json", explanation=explanation.strip(), n=n,
+                tokens=_token_lines(window.tokens, numbered=True),
+            ),
+            purpose="simulate",
+            max_tokens=16 + 4 * n,
+            json_schema=ACTIVATIONS_SCHEMA,
+        )
+        return await self.client.chat(req, parse=lambda r: parse_activation_list(r, n))
+
+
+class LogprobSimulator(Simulator):
+    """OpenAI-style models with logprobs: the model writes `token<TAB>n` per token; the expected
+    value is read from the top_logprobs at each number. Answers without logprobs switch this
+    simulator to structured output (the model does not give them)."""
+
+    TOP_LOGPROBS = 15
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.spec = client.spec
+        self._fallback: StructuredSimulator | None = None
+
+    async def simulate_window(self, explanation, window, feature=None):
+        if self._fallback is not None:
+            return await self._fallback.simulate_window(explanation, window, feature)
+        n = len(window.tokens)
+        if n == 0:
+            return []
+        req = ChatRequest(
+            messages=render_messages(
+                "simulate_logprobs", explanation=explanation.strip(), n=n,
+                tokens=_token_lines(window.tokens, numbered=False),
+            ),
+            purpose="simulate",
+            max_tokens=64 + 12 * n + sum(len(t) for t in window.tokens),
+            top_logprobs=self.TOP_LOGPROBS,
+        )
+
+        def parse(resp: ChatResponse):
+            numbers = parse_activation_lines(resp.text, n)
+            if resp.logprobs is None:
+                return None  # no logprobs from this model: structured output instead
+            return logprob_expected_values(resp, numbers)
+
+        out = await self.client.chat(req, parse=parse)
+        if out is None:
+            self._fallback = self._fallback or StructuredSimulator(self.client)
+            return await self._fallback.simulate_window(explanation, window, feature)
+        return out
+
+
+# ----------------------------------------------------------------------------- factory
+NO_LLM_SIMULATORS = ("lexical", "baseline:tokens")
+
+
+def make_simulator(spec: str | Simulator, client: Any = None) -> Simulator:
+    """A simulator for a backend spec. LLM specs need `client` (from llm.make_client) unless the
+    llm layer can make one here."""
+    if isinstance(spec, Simulator):
+        return spec
+    kind, model = parse_backend_spec(spec)
+    if kind == "lexical":
+        return LexicalSimulator()
+    if kind == "baseline":
+        if model in ("", "tokens"):
+            return TokenMeanSimulator()
+        raise ValueError(f"unknown baseline simulator {spec!r}: use baseline:tokens")
+    if client is None:
+        from featurescribe.llm import make_client  # the llm layer builds and configures clients
+
+        client = make_client(spec)
+    if getattr(client, "supports_candidate_probs", False):
+        return LocalSimulator(client)
+    if getattr(client, "supports_logprobs", False):
+        return LogprobSimulator(client)
+    return StructuredSimulator(client)

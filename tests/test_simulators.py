@@ -1,0 +1,229 @@
+"""LLM simulators and judges through the real SDKs against the tests' local server, and the
+all-at-once local simulator on the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from featurescribe.records import Explanation, FeatureExamples, Window
+from featurescribe.scorers import (
+    LocalSimulator,
+    LogprobSimulator,
+    StructuredSimulator,
+    make_simulator,
+    score_explanations,
+)
+from featurescribe.scorers.simulators import parse_activation_lines
+from featurescribe.llm.base import UnparseableResponse
+from tests.fake_llm import Reply
+
+TOKENS = ["def", " f", "(", "x", "):", "\n", " return", " x"]
+ACTS = [3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def client(spec, **kw):
+    from featurescribe.llm import make_client
+
+    return make_client(spec, use_cache=False, backoff_initial_s=0.0, backoff_jitter_s=0.0, **kw)
+
+
+def _shown_tokens(user_text: str) -> list[str]:
+    """The token lines of a simulate_logprobs prompt (after the blank line that ends the text)."""
+    return user_text.split("\n\n")[-1].split("\n")
+
+
+def logprob_reply(lines: list[str], dists: list[dict[str, float]]) -> Reply:
+    """An answer `token<TAB>n` per line, with per-token logprobs: the token text as one sure
+    token, the tab, then the number token whose alternatives are `dists[i]` (probabilities)."""
+    text_parts, lps = [], []
+    for i, (tok, dist) in enumerate(zip(lines, dists)):
+        best = max(dist, key=dist.get)
+        if tok:
+            lps.append((tok, -0.01, {tok: -0.01}))
+        lps.append(("\t", -0.01, {"\t": -0.01}))
+        lps.append((best, math.log(dist[best]), {k: math.log(v) for k, v in dist.items()}))
+        text_parts.append(f"{tok}\t{best}")
+        if i < len(lines) - 1:
+            lps.append(("\n", -0.01, {"\n": -0.01}))
+    return Reply(text="\n".join(text_parts), logprobs=lps)
+
+
+def test_parse_activation_lines_is_strict():
+    assert parse_activation_lines("a\t1\n b\t10\n", 2) == [(2, 1), (7, 10)]
+    assert parse_activation_lines("```\na\t0\n```", 1) == [(6, 0)]
+    with pytest.raises(UnparseableResponse):
+        parse_activation_lines("a\t1", 2)
+    with pytest.raises(UnparseableResponse):
+        parse_activation_lines("a\tlots\nb\t1", 2)
+    with pytest.raises(UnparseableResponse):
+        parse_activation_lines("a\t11", 1)
+
+
+def test_openai_logprob_simulator_reads_expected_values(fake_llm):
+    dists = [{"8": 0.5, "6": 0.25, "0": 0.25}] + [{"0": 0.9, "1": 0.1}] * 5 + [{"4": 1.0}, {"0": 0.7, "2": 0.3}]
+
+    def responder(req):
+        assert req.top_logprobs > 0
+        assert "what the neuron responds to" in req.user_text.lower()
+        return logprob_reply(_shown_tokens(req.user_text), dists)
+
+    fake_llm.responder = responder
+    c = client("openai:gpt-4o-mini")
+    sim = make_simulator("openai:gpt-4o-mini", client=c)
+    assert isinstance(sim, LogprobSimulator)
+    w = Window(1, 0, TOKENS, ACTS, split="test")
+    (pred,) = run(sim.simulate('the keywords "def" and "return"', [w]))
+    expected = [sum(int(k) * v for k, v in d.items()) / sum(d.values()) for d in dists]
+    assert pred == pytest.approx(expected)
+    assert len(fake_llm.requests) == 1  # one request for the whole window
+
+
+def test_openai_misaligned_answer_is_asked_again(fake_llm):
+    answers = iter(["short", None])
+
+    def responder(req):
+        lines = _shown_tokens(req.user_text)
+        a = next(answers)
+        if a == "short":  # one line missing: the parse refuses it and the client asks again
+            lines = lines[:-1]
+        return logprob_reply(lines, [{"3": 1.0}] * len(lines))
+
+    fake_llm.responder = responder
+    sim = make_simulator("openai:gpt-4o-mini", client=client("openai:gpt-4o-mini"))
+    (pred,) = run(sim.simulate("anything", [Window(1, 0, TOKENS, ACTS)]))
+    assert pred == [3.0] * len(TOKENS)
+    assert len(fake_llm.requests) == 2
+
+
+def test_openai_without_logprobs_falls_back_to_structured_output(fake_llm):
+    def responder(req):
+        if req.json_schema is not None:
+            n = int(re.search(r"exactly (\d+) whole numbers", req.user_text).group(1))
+            return json.dumps({"activations": [5] + [0] * (n - 1)})
+        return Reply(text="\n".join(f"{t}\t1" for t in _shown_tokens(req.user_text)))  # no logprobs
+
+    fake_llm.responder = responder
+    sim = make_simulator("openai:some-local-model", client=client("openai:some-local-model"))
+    w = Window(1, 0, TOKENS, ACTS)
+    assert run(sim.simulate("x", [w])) == [[5.0] + [0.0] * 7]
+    assert run(sim.simulate("x", [w])) == [[5.0] + [0.0] * 7]
+    kinds = [r.json_schema is not None for r in fake_llm.requests]
+    assert kinds == [False, True, True]  # after one answer without logprobs: structured only
+
+
+def test_anthropic_structured_simulator_retries_until_lengths_line_up(fake_llm):
+    calls = []
+
+    def responder(req):
+        calls.append(req)
+        n = int(re.search(r"exactly (\d+) whole numbers", req.user_text).group(1))
+        assert req.json_schema is not None
+        if len(calls) == 1:
+            return json.dumps({"activations": [1] * (n + 2)})  # misaligned: asked again
+        return json.dumps({"activations": [10 if i in (0, 6) else 0 for i in range(n)]})
+
+    fake_llm.responder = responder
+    sim = make_simulator("anthropic:claude-haiku-4-5", client=client("anthropic:claude-haiku-4-5"))
+    assert isinstance(sim, StructuredSimulator)
+    fe = FeatureExamples("s", 0, 3.0, [Window(1, 0, TOKENS, ACTS, split="test"),
+                                       Window(2, 0, TOKENS, [0.0] * 8, kind="random", split="test")])
+    e = Explanation("e1", "s", 0, 'the keywords "def" and "return"', "x", "m")
+    res = run(score_explanations([e], [fe], simulator=sim, baselines=False))
+    assert len(res) == 1 and not res.failures
+    assert res[0].simulator == "anthropic:claude-haiku-4-5"
+    assert res[0].value == pytest.approx(np.corrcoef(ACTS + [0.0] * 8, ([10, 0, 0, 0, 0, 0, 10, 0] * 2))[0, 1])
+    assert len(calls) == 3  # two windows, one asked twice
+
+
+def test_structured_simulator_that_never_lines_up_is_a_failure(fake_llm):
+    fake_llm.responder = lambda req: json.dumps({"activations": [1, 2]})
+    sim = make_simulator("anthropic:claude-haiku-4-5", client=client("anthropic:claude-haiku-4-5"))
+    fe = FeatureExamples("s", 0, 3.0, [Window(1, 0, TOKENS, ACTS, split="test")])
+    e = Explanation("e1", "s", 0, "anything", "x", "m")
+    res = run(score_explanations([e], [fe], simulator=sim, baselines=False))
+    assert list(res) == [] and len(res.failures) == 1
+    assert res.failures[0].scorer == "simulation"
+
+
+def _answer_by_keyword(req) -> str:
+    """A judge that reads the prompt: detection says 1 for texts holding ' return'; fuzzing
+    says 1 when every marked span holds ' return' (only when the explanation mentions it)."""
+    explanation = re.search(r"Explanation of the feature: (.*)", req.user_text).group(1)
+    texts = re.findall(r"^Text \d+: (.*)$", req.user_text, flags=re.M)
+    knows = "return" in explanation
+    if "marked" in req.messages[0]["content"]:
+        spans = [re.findall(r"<<(.*?)>>", t) for t in texts]
+        answers = [int(knows and bool(s) and all("return" in x for x in s)) for s in spans]
+    else:
+        answers = [int(knows and " return" in t) for t in texts]
+    return json.dumps({"answers": answers})
+
+
+def test_llm_detection_and_fuzzing_judges_through_both_sdks(fake_llm):
+    fake_llm.responder = _answer_by_keyword
+    act = lambda toks: [2.0 if t == " return" else 0.0 for t in toks]  # noqa: E731
+    texts = [
+        ["def", " g", "():", " return", " 1"],
+        [" if", " x", ":", " return", " y"],
+        [" return", " None"],
+        [" a", " =", " 1"],
+        [" print", "(", "x", ")"],
+        [" for", " i", " in", " r"],
+    ]
+    windows = [Window(i, 0, t, act(t), kind="top" if any(act(t)) else "random", split="test")
+               for i, t in enumerate(texts)]
+    fe = FeatureExamples("s", 3, 2.0, windows)
+    exps = [Explanation("good", "s", 3, 'the token " return"', "x", "m"),
+            Explanation("bad", "s", 3, "loops", "x", "m", candidate=1)]
+    for spec in ("openai:gpt-4o-mini", "anthropic:claude-haiku-4-5"):
+        fake_llm.reset()
+        c = client(spec)
+        res = run(score_explanations(exps, [fe], simulator=spec, client=c,
+                                     scorers="detection,fuzzing", batch_size=4, baselines=False))
+        assert not res.failures
+        by = {(r.explanation_id, r.scorer): r for r in res}
+        assert by[("good", "detection")].value == 1.0
+        assert by[("good", "fuzzing")].value == 1.0
+        assert by[("bad", "detection")].value == 0.5
+        assert by[("bad", "fuzzing")].value == 0.5
+        d = by[("good", "fuzzing")].details
+        assert d["n_positive"] == 3 and d["n_negative"] == 6 and d["judge"] == spec
+        # batched: several windows per request, fewer requests than windows
+        assert by[("good", "detection")].details["n_requests"] == 2
+        assert len(fake_llm.requests) == 2 * (2 + 3)
+
+
+# ----------------------------------------------------------------------------- local model
+@pytest.mark.slow
+def test_local_simulator_on_smollm2_reads_every_slot_in_one_pass(smollm2):
+    from featurescribe.llm import make_client
+    from featurescribe.llm.backends.local import register_local_model
+
+    name, model, tokenizer = smollm2
+    register_local_model(name, model, tokenizer)
+    c = make_client(f"local:{name}", use_cache=False)
+    sim = make_simulator(f"local:{name}", client=c)
+    assert isinstance(sim, LocalSimulator)
+    w = Window(1, 0, ["The", " year", " 1", "9", "8", "4", " was", " cold"], [0, 0, 1, 1, 1, 1, 0, 0])
+    (pred,) = run(sim.simulate("numbers written with digits", [w]))
+    assert sim.scale_max == 9  # "10" is two SmolLM2 tokens: the 0-9 scale
+    assert len(pred) == len(w.tokens)
+    assert all(0.0 <= p <= 9.0 and math.isfinite(p) for p in pred)
+    assert len({round(p, 6) for p in pred}) > 1  # read at each slot, not one number copied
+    assert len([r for r in c.ledger if r.purpose == "simulate"]) == 1  # one forward pass
+
+    # the same slots read one at a time, from the text cut after each slot, give the same values
+    text, positions = sim.build("numbers written with digits", w.tokens)
+    one = [sim.expected(run(sim.window_probs(text[:p] + sim.SLOT, positions[: i + 1])))[-1]
+           for i, p in enumerate(positions[:2])]
+    assert one == pytest.approx(pred[:2], abs=1e-4)
