@@ -72,3 +72,57 @@ def test_running_rows_of_dead_processes_become_interrupted(tmp_path):
     status, finished = con.execute("SELECT status, finished_at FROM runs").fetchone()
     con.close()
     assert status == "interrupted" and finished is not None
+
+
+class _FakeClient:
+    def __init__(self, backend: str, concurrency: int):
+        import types
+
+        self.backend = backend
+        self.settings = types.SimpleNamespace(concurrency=concurrency)
+
+
+def test_global_limits_are_created_respected_and_held_per_chunk(prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from featurescribe.flows.limits import chunk_slots, ensure_global_limits
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name("featurescribe-llm-anthropic", 3)
+    limits = ensure_global_limits(["openai:m", "anthropic:m", "local:smollm2-135m", "lexical"],
+                                  concurrency=5, rpm=600)
+    assert set(limits) == {"openai", "anthropic"}
+    assert limits["openai"].limit == 5 and limits["openai"].rate_name == "featurescribe-llm-openai-rpm"
+    assert limits["anthropic"].limit == 3  # an existing limit is respected, not changed
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("featurescribe-llm-anthropic").limit == 3
+        assert client.read_global_concurrency_limit_by_name(
+            "featurescribe-llm-openai-rpm").slot_decay_per_second == 10.0
+
+    async def two_chunks():
+        held = asyncio.Event()
+        release = asyncio.Event()
+
+        async def first():
+            async with chunk_slots([_FakeClient("anthropic", 2)], limits):
+                held.set()
+                await release.wait()
+
+        task = asyncio.create_task(first())
+        await held.wait()
+        # 2 of 3 slots are held: a second chunk wanting 2 waits ...
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(_enter(chunk_slots([_FakeClient("anthropic", 2)], limits)), 1.5)
+        release.set()
+        await task
+        # ... and gets them once the first let go
+        await asyncio.wait_for(_enter(chunk_slots([_FakeClient("anthropic", 2)], limits)), 30)
+
+    asyncio.run(two_chunks())
+
+
+async def _enter(cm):
+    async with cm:
+        pass

@@ -15,7 +15,7 @@ computes, the next one is prepared.
 - `task_runner="dask"`: chunk tasks run on a Dask cluster (`workers` local processes, or the
   cluster at `dask_address`), one per worker at a time; each worker records to a
   `MemoryCallStore` that comes back with the chunk and is written in the chunk's transaction.
-  Without a Prefect server, `--concurrency` is shared out between the workers.
+  `--concurrency` is shared out between the workers.
 
 Resume: features that already have a chosen, scored explanation by the explainer are left out
 (`select_features(skip_done=True)`), so re-running a killed run labels only what is missing, and
@@ -71,7 +71,7 @@ def compute_chunk_task(prepared: PreparedChunk, params: LabelParams, run_id: str
                        store: Any, cached: dict | None, global_limits: dict | None):
     """Explain and score one chunk (LLM calls only, no database). Returns (ChunkResult, the
     MemoryCallStore of its calls when it had no database-backed store)."""
-    from featurescribe.flows.limits import apply_global_limits
+    from featurescribe.flows.limits import chunk_slots
 
     memory = None
     if store is None:
@@ -79,13 +79,16 @@ def compute_chunk_task(prepared: PreparedChunk, params: LabelParams, run_id: str
 
         memory = store = MemoryCallStore(cached)
 
+    if global_limits:  # never more requests in flight than the global limit has slots
+        cap = min(lim.limit for lim in global_limits.values())
+        params = dataclasses.replace(params, concurrency=max(1, min(params.concurrency, cap)))
+
     async def main() -> ChunkResult:
         clients = label_core._make_clients(params, store, budget, run_id)
-        for c in clients:
-            apply_global_limits(c, global_limits)
         try:
-            return await label_core.compute_chunk(prepared, params, store=store, budget=budget,
-                                                  run_id=run_id, clients=clients)
+            async with chunk_slots(list(clients), global_limits):
+                return await label_core.compute_chunk(prepared, params, store=store, budget=budget,
+                                                      run_id=run_id, clients=clients)
         finally:
             for c in {id(c): c for c in clients if c is not None}.values():
                 await c.aclose()
@@ -149,7 +152,7 @@ def label_flow(db: str, source: str, features: str = "all", explainer: str = "ba
 
 def _label(db: str, params: LabelParams, run_id: str, *, task_runner: str, workers: int,
            dask_address: str | None, progress: bool) -> LabelSummary:
-    from featurescribe.flows.limits import ensure_global_limits
+    from featurescribe.flows import limits
     from featurescribe.llm.budget import Budget
     from featurescribe.progress import Progress
     from featurescribe.store import runs as runs_sql
@@ -168,10 +171,10 @@ def _label(db: str, params: LabelParams, run_id: str, *, task_runner: str, worke
         in_flight_max = max(1, workers) if dask else 1
         llm_specs = [s for s in (params.explainer, params.simulator) if _uses_llm(s)]
         global_limits = None
-        if llm_specs and api_url():
-            global_limits = ensure_global_limits(llm_specs, params.concurrency) or None
+        if llm_specs and limits.enabled() and api_url():
+            global_limits = limits.ensure_global_limits(llm_specs, params.concurrency) or None
         chunk_params = params
-        if dask and not global_limits:
+        if dask:  # each worker's share (of this run's share of the global limit, with a server)
             chunk_params = dataclasses.replace(params, concurrency=max(1, params.concurrency // in_flight_max))
         budget = Budget(params.budget_usd)
         cached = None
@@ -252,3 +255,38 @@ def _label(db: str, params: LabelParams, run_id: str, *, task_runner: str, worke
         if store is not None:
             store.close()
         con.close()
+
+
+def flow_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The label flow's parameters from parsed `featurescribe label` options."""
+    import inspect
+
+    names = inspect.signature(label_flow.fn).parameters
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
+def preflight(db: str, options: dict[str, Any]) -> LabelParams:
+    """The checks the flow makes first, made before any flow run starts, so that a user error
+    ends in one line and no failed run: options, API keys, the database, source and features."""
+    from featurescribe.store.connection import open_db
+
+    runner_keys = ("db", "task_runner", "workers", "dask_address", "no_progress")
+    if options.get("task_runner", "thread") not in RUNNERS:
+        raise FeaturescribeError(f"unknown task runner {options['task_runner']!r}: use {' or '.join(RUNNERS)}")
+    if options.get("task_runner") == "dask" and int(options.get("workers") or 0) < 1:
+        raise FeaturescribeError("--workers must be at least 1")
+    params = label_params(**{k: v for k, v in options.items() if k not in runner_keys})
+    label_core.check_backends(params)
+    con = open_db(db, read_only=True, create=False)
+    try:
+        label_core.select_features(con, params.source_id, params.features, skip_done=False)
+    finally:
+        con.close()
+    return params
+
+
+def run_label_command(args: argparse.Namespace) -> LabelSummary:
+    """`featurescribe label` (without --batch): the label flow, in this process."""
+    options = flow_options(args)
+    preflight(options["db"], options)
+    return label_flow(**options)

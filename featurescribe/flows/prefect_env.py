@@ -1,6 +1,7 @@
 """Prefect's settings as featurescribe uses them, applied before Prefect is imported.
 
-- Analytics off (`PREFECT_SERVER_ANALYTICS_ENABLED=false`) unless the user set it.
+- Analytics off (`PREFECT_SERVER_ANALYTICS_ENABLED=false`) and Prefect's console logs at
+  WARNING (`PREFECT_LOGGING_LEVEL`), unless the user set them.
 - No `PREFECT_API_URL`: Prefect's ephemeral mode, a temporary server started in the background
   for the length of the command, its SQLite database in `PREFECT_HOME` (Prefect's default,
   `~/.prefect`; `make` points it into `.venv/prefect-home`).
@@ -16,6 +17,10 @@ import os
 def configure_prefect() -> None:
     """Set featurescribe's defaults for Prefect's settings; call before importing prefect."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's own INFO lines (flow run began, task run finished, temporary server started)
+    # would bury the progress bars and summaries; PREFECT_LOGGING_LEVEL=INFO brings them back.
+    # Warnings and errors still show, and the Prefect UI shows every run and task run.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # the ephemeral server's start-up check waits this long before giving up (default 20 s,
     # too short on a busy 2-core machine)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

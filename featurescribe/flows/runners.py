@@ -68,3 +68,15 @@ def workers_see_api() -> Iterator[str]:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = before
+
+
+def add_runner_arguments(p) -> None:
+    """`--task-runner`, `--workers`, `--dask-address` (label, serve)."""
+    p.add_argument("--task-runner", choices=RUNNERS, default="thread",
+                   help="thread (default): chunks run in this process; dask: chunks spread over a Dask "
+                        "cluster (the database is still written by this process only)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="dask: worker processes of the local cluster (default: 2)")
+    p.add_argument("--dask-address", default=None, metavar="ADDRESS",
+                   help="dask: use the running cluster at this scheduler address (tcp://host:8786) "
+                        "instead of starting a local one")
