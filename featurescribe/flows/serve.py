@@ -1,0 +1,95 @@
+"""`featurescribe serve --cron "0 3 * * *" [label options]`: the label flow on a schedule.
+
+It builds a Prefect deployment of the label flow with the given options as its parameters and a
+cron schedule, and serves it (`prefect.serve`): this process waits for scheduled (or manually
+started) runs and runs each one, one at a time, in a subprocess. Each run labels what is not
+labelled yet (features a harvest added since, features a killed or budget-stopped run left), so
+a nightly schedule keeps a growing database labelled.
+
+    featurescribe serve --cron "0 3 * * *" --db /data/f.duckdb --source 6-mlp --features alive \\
+        --explainer openai:gpt-4o-mini --simulator openai:gpt-4o-mini --budget-usd 5
+
+With no `PREFECT_API_URL` the deployment lives in Prefect's ephemeral server for as long as this
+process runs; with one, it is registered on that server (its UI shows it and can start runs).
+`--dry-run` prints the deployment and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from featurescribe.errors import FeaturescribeError
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from featurescribe.flows.label_command import add_label_arguments
+
+    p.add_argument("--cron", required=True, help='when to run, a cron expression, e.g. "0 3 * * *" (03:00 daily)')
+    p.add_argument("--timezone", default="UTC", help="the cron's time zone (default: UTC)")
+    p.add_argument("--name", default=None, help="the deployment's name (default: label-SOURCE)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the deployment (flow, schedule, parameters) and exit without serving")
+    add_label_arguments(p)
+
+
+def _check_cron(cron: str, tz: str) -> None:
+    from pydantic import ValidationError
+
+    from featurescribe.flows.prefect_env import configure_prefect
+
+    configure_prefect()
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron, timezone=tz)
+    except ValidationError as err:
+        field = err.errors()[0]["loc"][0] if err.errors() else "cron"
+        if field == "timezone":
+            raise FeaturescribeError(f"unknown --timezone {tz!r} (an IANA name: UTC, Europe/Paris, ...)") from None
+        raise FeaturescribeError(f"bad --cron {cron!r}: five fields, e.g. \"0 3 * * *\" (03:00 daily)") from None
+
+
+def build_deployment(args: argparse.Namespace):
+    """The RunnerDeployment `serve` would serve (a user error raises FeaturescribeError)."""
+    from featurescribe.flows.label_flow import flow_options, label_flow, preflight
+
+    _check_cron(args.cron, args.timezone)
+    options = flow_options(args)
+    options["db"] = os.path.abspath(options["db"])  # runs start in other processes
+    options["no_progress"] = True  # no terminal to draw on
+    preflight(options["db"], options)
+    from prefect.schedules import Cron
+
+    name = args.name or f"label-{args.source}"
+    return label_flow.to_deployment(
+        name=name, schedules=[Cron(args.cron, timezone=args.timezone)], parameters=options,
+        description=f"label new or unlabelled features of {args.source} in {options['db']}",
+        tags=["featurescribe", "label"])
+
+
+def describe(deployment) -> dict[str, Any]:
+    return {"deployment": f"{deployment.flow_name}/{deployment.name}",
+            "schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone}
+                          for s in deployment.schedules],
+            "parameters": deployment.parameters}
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from featurescribe.flows.prefect_env import api_url
+
+    dep = build_deployment(args)
+    info = describe(dep)
+    if args.dry_run:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    where = api_url() or "Prefect's ephemeral server (set PREFECT_API_URL to register it on a server)"
+    print(f"serving {info['deployment']} on {args.cron!r} ({args.timezone}) via {where}; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    from prefect import serve
+
+    serve(dep, limit=1, print_starting_message=False)  # one run at a time: one DuckDB writer
+    return 0
