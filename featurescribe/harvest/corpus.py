@@ -33,7 +33,7 @@ from featurescribe.errors import FeaturescribeError
 
 _TEXT_PIECE = 1 << 20  # large .txt files are read in pieces of about 1 MiB (cut at line ends)
 _DOC_CAP = 2000  # builtin:stdlib: characters per document at most (cut at a line end)
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__",
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "encodings",
                 "lib2to3", "turtledemo", "tkinter", "ensurepip", "venv", "__phello__", "pydoc_data"}
 
 BUILTIN_CORPORA = ("stdlib",)
@@ -272,7 +272,11 @@ class Sequence:
 
 
 def token_stream(corpus: Corpus, tokenizer, group_chars: int = 1 << 17) -> Iterator[np.ndarray]:
-    """The corpus as one stream of token ids (arrays), EOS between documents."""
+    """The corpus as one stream of token ids (arrays), EOS between documents.
+
+    Texts are tokenized in groups (the fast tokenizer's batch call); the first groups are small so
+    the first sequences come out at once, later ones grow to `group_chars` characters.
+    """
     eos = tokenizer.eos_token_id
     sep = np.asarray([eos], dtype=np.int32) if eos is not None else None
     texts: list[str] = []
@@ -292,13 +296,15 @@ def token_stream(corpus: Corpus, tokenizer, group_chars: int = 1 << 17) -> Itera
                 pending = False
                 yield sep
 
+    limit = min(4096, group_chars)
     for text, end in corpus.documents():
         texts.append(text)
         ends.append(end)
         size += len(text)
-        if size >= group_chars:
+        if size >= limit:
             yield from flush()
             texts, ends, size = [], [], 0
+            limit = min(2 * limit, group_chars)
     yield from flush()
 
 

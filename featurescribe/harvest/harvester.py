@@ -38,6 +38,7 @@ from featurescribe.harvest.sites import SITE_ABBR, SiteReader, check_site
 DEFAULT_CTX = 64
 DEFAULT_MAX_TOKENS = 100_000
 DEFAULT_AUTO_KEEP = 0.01  # `--threshold auto`: keep about 1% of a neuron site's entries
+DUCKDB_MEMORY_LIMIT = "128MB"  # the harvest's connection: bounded, whatever the corpus size
 FIRST_POS = 1  # positions < FIRST_POS are context only (BOS / the attention sink), not harvested
 
 
@@ -234,24 +235,32 @@ def _const_strings(value: str, n: int) -> pa.Array:
 
 
 class _TokenStrings:
-    """Token id -> its text as the tokenizer decodes that one token (' def' keeps its space)."""
+    """Token id -> its text as the tokenizer decodes that one token (' def' keeps its space).
+
+    Each id is decoded once, when first seen; a batch's `tokens` column is then a vectorized take.
+    """
 
     def __init__(self, tokenizer):
-        self.tok, self.memo = tokenizer, {}
+        self.tok = tokenizer
+        n = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+        self.text = np.empty(n, dtype=object)
+        self.known = np.zeros(n, dtype=bool)
+        self.decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
 
-    def __call__(self, ids: np.ndarray) -> list[str]:
-        memo, out, missing = self.memo, [], []
-        for i in ids.tolist():
-            s = memo.get(i)
-            if s is None:
-                missing.append(i)
-            out.append(s)
-        if missing:
-            for i in set(missing):
-                t = self.tok.convert_ids_to_tokens(i)
-                memo[i] = self.tok.convert_tokens_to_string([t]) if t is not None else ""
-            out = [memo[i] for i in ids.tolist()]
-        return out
+    def _decode(self, i: int) -> str:
+        piece = self.tok.convert_ids_to_tokens(i)
+        if piece is None:
+            return ""
+        if self.decoder is not None:
+            return self.decoder.decode([piece])
+        return self.tok.convert_tokens_to_string([piece])
+
+    def __call__(self, ids: np.ndarray) -> pa.Array:
+        uniq = np.unique(ids)
+        for i in uniq[~self.known[uniq]].tolist():
+            self.text[i] = self._decode(i)
+            self.known[i] = True
+        return pa.array(self.text[ids], type=pa.string())
 
 
 @dataclass
@@ -318,49 +327,55 @@ class _Writer:
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             self.error = err
 
+    def _tables(self, it: _Item) -> tuple[pa.Table | None, pa.Table | None, pa.Table]:
+        """(sequences, activations, harvest_progress) rows of one batch."""
+        b = it.batch
+        seqs = None
+        if b.new.any():
+            rows = np.flatnonzero(b.new)
+            toks = [b.token_ids[r] for r in rows]
+            lens = np.array([len(t) for t in toks], dtype=np.int32)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+            flat = np.concatenate(toks).astype(np.int32)
+            seqs = pa.table({
+                "seq_id": pa.array(b.seq_ids[rows]),
+                "token_ids": pa.ListArray.from_arrays(offsets, pa.array(flat)),
+                "tokens": pa.ListArray.from_arrays(offsets, self.token_strings(flat)),
+                "tokenizer_id": _const_strings(self.tokenizer_id, len(rows)),
+                "corpus": _const_strings(self.corpus_key, len(rows)),
+                "corpus_index": pa.array(b.corpus_index[rows]),
+            })
+        n = len(it.vals)
+        acts = pa.table({
+            "source_id": _const_strings(self.source_id, n),
+            "feature_id": pa.array(it.idx[:, 2]),
+            "seq_id": pa.array(b.seq_ids[it.idx[:, 0]]),
+            "pos": pa.array(it.idx[:, 1]),
+            "act": pa.array(it.vals),
+        }) if n else None
+        progress = pa.table({"source_id": _const_strings(self.source_id, len(b.seq_ids)),
+                             "seq_id": pa.array(b.seq_ids)})
+        return seqs, acts, progress
+
     def _write(self, items: list[_Item]) -> None:
+        """One transaction for the batches at hand: one insert per table (Arrow chunks concatenated)."""
         from featurescribe.store.bulk import insert_arrow
 
+        parts = [self._tables(it) for it in items]
         con = self.con
         con.execute("BEGIN TRANSACTION")
         try:
             if self.source_row is not None:
                 insert_arrow(con, "sources", {k: [v] for k, v in self.source_row.items()})
-            for it in items:
-                b = it.batch
-                if b.new.any():
-                    rows = np.flatnonzero(b.new)
-                    toks = [b.token_ids[r] for r in rows]
-                    lens = np.array([len(t) for t in toks], dtype=np.int32)
-                    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-                    flat = np.concatenate(toks).astype(np.int32)
-                    strings = self.token_strings(flat)
-                    insert_arrow(con, "sequences", pa.table({
-                        "seq_id": pa.array(b.seq_ids[rows]),
-                        "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-                        "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(strings, pa.string())),
-                        "tokenizer_id": _const_strings(self.tokenizer_id, len(rows)),
-                        "corpus": _const_strings(self.corpus_key, len(rows)),
-                        "corpus_index": pa.array(b.corpus_index[rows]),
-                    }))
-                n = len(it.vals)
-                if n:
-                    insert_arrow(con, "activations", pa.table({
-                        "source_id": _const_strings(self.source_id, n),
-                        "feature_id": pa.array(it.idx[:, 2]),
-                        "seq_id": pa.array(b.seq_ids[it.idx[:, 0]]),
-                        "pos": pa.array(it.idx[:, 1]),
-                        "act": pa.array(it.vals),
-                    }))
-                insert_arrow(con, "harvest_progress", pa.table({
-                    "source_id": _const_strings(self.source_id, len(b.seq_ids)),
-                    "seq_id": pa.array(b.seq_ids),
-                }))
-                self.rows += n
+            for i, table in enumerate(("sequences", "activations", "harvest_progress")):
+                chunks = [p[i] for p in parts if p[i] is not None]
+                if chunks:
+                    insert_arrow(con, table, pa.concat_tables(chunks) if len(chunks) > 1 else chunks[0])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        self.rows += sum(len(it.vals) for it in items)
         self.source_row = None
         self.commits += 1
 
@@ -522,16 +537,14 @@ class Harvester:
         """Entries above `threshold` at harvested positions: (idx int32 [N,3], vals float32 [N]) on the CPU."""
         import torch
 
-        T = acts.shape[1]
-        pos = torch.arange(T, device=acts.device)
-        valid = (pos[None, :] >= FIRST_POS) & (pos[None, :] < lengths[:, None])
-        mask = (acts > threshold) & valid[:, :, None]
+        mask = (acts > threshold) & self.valid_mask(acts, lengths)[:, :, None]
         idx = mask.nonzero().to(torch.int32)
         vals = acts[mask].float()
         return idx.cpu().numpy(), vals.cpu().numpy()
 
     @staticmethod
     def valid_mask(acts, lengths):
+        """[B, T] bool: the positions harvested (FIRST_POS <= pos < the sequence's length)."""
         import torch
 
         pos = torch.arange(acts.shape[1], device=acts.device)
@@ -670,6 +683,8 @@ def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:
         raise FeaturescribeError(f"corpus {cfg.corpus} is empty: it has no text to harvest")
     con = open_db(cfg.db)
     try:
+        # DuckDB otherwise keeps every block it wrote cached, and memory would grow with the corpus
+        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
         return h.run(con, cfg, corpus, first=first, seqs=seqs)
     finally:
         con.close()
