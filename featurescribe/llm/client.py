@@ -540,7 +540,7 @@ def make_backend(spec: str, *, timeout_s: float = 120.0, device: str = "auto", p
     if kind == "anthropic":
         from featurescribe.llm.backends.anthropic_backend import AnthropicBackend
 
-        return AnthropicBackend(model, timeout_s=timeout_s)
+        return AnthropicBackend(model, timeout_s=timeout_s, pool_size=pool_size)
     from featurescribe.llm.backends.local import LocalBackend
 
     return LocalBackend(model, device=device)

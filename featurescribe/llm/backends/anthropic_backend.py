@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from featurescribe.llm.backends.base import Backend, PerLoop
+from featurescribe.llm.backends.base import Backend, PerLoop, Shards
 from featurescribe.llm.base import ChatRequest, ChatResponse, MissingAPIKey
 
 TOOL_NAME = "answer"
@@ -32,8 +32,11 @@ class AnthropicBackend(Backend):
     backend = "anthropic"
     supports_logprobs = False
 
-    def __init__(self, model: str, *, timeout_s: float = 60.0):
+    SHARD = 16  # connections per SDK client (see backends.base.Shards)
+
+    def __init__(self, model: str, *, timeout_s: float = 60.0, pool_size: int = 64):
         self.model = model
+        self.pool_size = pool_size
         if not os.environ.get("ANTHROPIC_API_KEY") and not os.environ.get("ANTHROPIC_AUTH_TOKEN"):
             raise MissingAPIKey(
                 "ANTHROPIC_API_KEY is not set; export ANTHROPIC_API_KEY=sk-ant-..., "
@@ -42,10 +45,17 @@ class AnthropicBackend(Backend):
         self._timeout = timeout_s
         self._sdk = PerLoop(self._make_sdk)
 
-    def _make_sdk(self):
-        from anthropic import AsyncAnthropic
+    def _make_sdk(self) -> Shards:
+        import httpx
+        from anthropic import AsyncAnthropic, DefaultAsyncHttpxClient
 
-        return AsyncAnthropic(max_retries=0, timeout=self._timeout)
+        k = max(1, -(-self.pool_size // self.SHARD))
+        n = max(4, -(-self.pool_size // k))
+        return Shards([
+            AsyncAnthropic(max_retries=0, timeout=self._timeout, http_client=DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)))
+            for _ in range(k)
+        ])
 
     def params(self, request: ChatRequest, max_tokens: int) -> tuple[dict, bool]:
         system = "\n\n".join(m["content"] for m in request.messages if m["role"] == "system")
@@ -67,7 +77,7 @@ class AnthropicBackend(Backend):
         return kw, wrapped
 
     async def send(self, request: ChatRequest, *, max_tokens: int, timeout: float, retry_index: int = 0) -> ChatResponse:
-        sdk = self._sdk.get()
+        sdk = self._sdk.get().next()
         kw, wrapped = self.params(request, max_tokens)
         r = await sdk.messages.create(**kw, timeout=timeout)
         text = None
