@@ -221,6 +221,19 @@ def test_deterministic_for_a_seed(tmp_path):
     assert [r for r in a if r["kind"] == "random"] != [r for r in c if r["kind"] == "random"]
 
 
+def test_a_features_examples_do_not_depend_on_its_batch(tmp_path):
+    def run(name, batches):
+        c = open_db(str(tmp_path / name))
+        build_db(c)
+        for b in batches:
+            sample_examples(c, SOURCE, b)
+        rows = _examples(c)
+        c.close()
+        return rows
+
+    assert run("a.duckdb", [[3, 4, 5, 6]]) == run("b.duckdb", [[6], [3, 5], [4]])
+
+
 def test_existing_examples_are_kept_unless_resampled(db):
     con, _ = db
     first = sample_examples(con, SOURCE, [3, 4])

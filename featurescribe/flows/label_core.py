@@ -299,6 +299,8 @@ async def compute_chunk(prepared: PreparedChunk, params: LabelParams, *, store=N
     result = ChunkResult(prepared.source_id, skipped=list(prepared.skipped))
     own_clients = clients is None
     exp_client, sim_client = _make_clients(params, store, budget, run_id) if own_clients else clients
+    distinct_clients = list({id(c): c for c in (exp_client, sim_client) if c is not None}.values())
+    spent_before = sum(getattr(c, "spent_usd", 0.0) for c in distinct_clients)
     try:
         explainer = make_explainer(params.explainer, client=exp_client, method=params.method,
                                    max_windows=params.explain_windows)
@@ -398,12 +400,12 @@ async def compute_chunk(prepared: PreparedChunk, params: LabelParams, *, store=N
                 result.failed[f] = "scoring failed: " + ("; ".join(errors) or "no score")
     finally:
         if own_clients:
-            for c in {id(c): c for c in (exp_client, sim_client) if c is not None}.values():
+            for c in distinct_clients:
                 await c.aclose()
     if budget is not None:
         result.stopped_at_budget |= budget.stopped
-    result.spent_usd = sum(getattr(c, "spent_usd", 0.0) for c in
-                           {id(c): c for c in (exp_client, sim_client) if c is not None}.values())
+    # this chunk's spend (clients handed in may have served earlier chunks)
+    result.spent_usd = sum(getattr(c, "spent_usd", 0.0) for c in distinct_clients) - spent_before
     result.labelled.sort()
     result.not_done.sort()
     return result
