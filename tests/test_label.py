@@ -253,3 +253,33 @@ def test_steps_are_plain_picklable_and_compute_needs_no_database(labdb):
         con.close()
     assert counts.explanations == 6 and counts.scores == 6
     assert _q(labdb, "SELECT DISTINCT run_id FROM explanations") == [("r1",)]
+
+
+def test_compute_with_a_memory_store_and_write_flushes_its_ledger(labdb, fake_llm):
+    """The Dask path: compute records to an in-memory CallStore; write_chunk writes its rows and
+    answers in the chunk's transaction, and a second compute is answered from that cache."""
+    from featurescribe.store.memory_calls import MemoryCallStore
+
+    fake_llm.responder = _explain_responder()
+    params = LabelParams(source_id=SOURCE, features="2:5", explainer="openai:gpt-4o-mini")
+    con = open_db(labdb)
+    prepared = prepare_chunk(con, params, [2, 3, 4])
+    con.close()
+    memory = MemoryCallStore()
+    result = asyncio.run(compute_chunk(prepared, params, store=memory, run_id="r2"))
+    assert result.labelled == [2, 3, 4] and result.spent_usd > 0
+    con = open_db(labdb)
+    try:
+        counts = write_chunk(con, result, run_id="r2", calls=memory)
+        cached = {k: v for k, v in con.execute(
+            "SELECT cache_key, response::VARCHAR FROM llm_cache").fetchall()}
+    finally:
+        con.close()
+    assert counts.ledger_rows == 3
+    assert _q(labdb, "SELECT run_id, purpose, status, count(*) FROM llm_calls GROUP BY ALL") == \
+        [("r2", "explain", "ok", 3)]
+    assert len(fake_llm.requests_for("openai")) == 3
+    again = MemoryCallStore({k: json.loads(v) for k, v in cached.items()})
+    result = asyncio.run(compute_chunk(prepared, params, store=again, run_id="r3"))
+    assert result.labelled == [2, 3, 4]
+    assert len(fake_llm.requests_for("openai")) == 3  # all answered from the cache
