@@ -196,12 +196,18 @@ def _module_documents(path: Path) -> Iterator[str]:
         tree = ast.parse(source)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
         return
+    defs = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = [tree]  # the module, its top-level definitions and their methods (no full tree walk)
+    for node in tree.body:
+        if isinstance(node, defs):
+            nodes.append(node)
+            if isinstance(node, ast.ClassDef):
+                nodes.extend(sub for sub in node.body if isinstance(sub, defs))
     docs = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            d = ast.get_docstring(node)
-            if d and len(d) > 40:
-                docs.append(d)
+    for node in nodes:
+        d = ast.get_docstring(node)
+        if d and len(d) > 40:
+            docs.append(d)
     prose = list(_chunks("\n\n".join(docs)))
     lines = source.splitlines(keepends=True)
     code = []
