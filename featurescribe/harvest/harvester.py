@@ -596,7 +596,7 @@ class Harvester:
         if first is not None:
             seqs = _chain_first(first, seqs)
         done_tokens = len(plan.done_index) * cfg.ctx
-        total = max(max_tokens - done_tokens, 0) if max_tokens else None
+        total = max(-(-max_tokens // cfg.ctx) * cfg.ctx - done_tokens, 0) if max_tokens else None  # whole sequences
 
         writer = _Writer(con, source_id, tokenizer_id, corpus_key, _TokenStrings(self.tokenizer), source_row)
         reader = _Prefetch(_batches(seqs, plan, batch_size))
