@@ -235,6 +235,35 @@ def test_callers_parse_function_decides(fake_llm, store):
     assert rows[0]["error"] == "no EXPLANATION: line"
 
 
+def test_a_broken_parse_function_is_recorded_and_raised(fake_llm, store):
+    def broken(resp):
+        return resp.json()["missing"]
+
+    with pytest.raises(KeyError):
+        run(call(client_for("openai:gpt-4o-mini", store), req(json_schema=SCHEMA), broken))
+    rows = store.rows()
+    assert len(rows) == 1 and rows[0]["status"] == "parse_error" and rows[0]["cost_usd"] > 0
+    assert "KeyError" in rows[0]["error"]
+
+
+def test_cancelled_call_keeps_its_row(fake_llm, store):
+    fake_llm.latency_s = 2.0
+    client = client_for("openai:gpt-4o-mini", store, timeout_s=10)
+
+    async def go():
+        task = asyncio.ensure_future(client.chat(req()))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await client.aclose()
+
+    run(go())
+    rows = store.rows()
+    assert [(r["status"], r["error"]) for r in rows] == [("error", "cancelled")]
+    assert len(fake_llm.requests) == 1
+
+
 def test_truncated_answer_is_asked_again_with_more_tokens(fake_llm, store):
     fake_llm.inject("truncated")
     run(call(client_for("openai:gpt-4o-mini", store), req(max_tokens=100)))

@@ -401,23 +401,22 @@ class Client:
             state.attempt += 1
             retry_index = state.parse_retries
             t0 = time.monotonic()
-            timeout = s_timeout = self.settings.timeout_s
+            timeout = self.settings.timeout_s if self._backend.uses_timeout else 0
             try:
                 with self._lock:
                     self.n_requests += 1
-                if self._backend.uses_timeout:
-                    resp = await self._backend.send(
-                        request, max_tokens=state.max_tokens, timeout=timeout, retry_index=retry_index
-                    )
-                else:
-                    resp = await self._backend.send(
-                        request, max_tokens=state.max_tokens, timeout=0, retry_index=retry_index
-                    )
+                resp = await self._backend.send(
+                    request, max_tokens=state.max_tokens, timeout=timeout, retry_index=retry_index
+                )
             except (BudgetExceeded, LLMCallFailed):
+                raise
+            except asyncio.CancelledError:  # the request may have reached the server: keep a row
+                self._record(state, key, request.purpose, "error", latency_s=time.monotonic() - t0,
+                             error="cancelled")
                 raise
             except Exception as exc:
                 latency = time.monotonic() - t0
-                f = classify(exc, s_timeout)
+                f = classify(exc, timeout)
                 if f is None:  # not an API failure: record it and let it surface
                     self._record(state, key, request.purpose, "error", latency_s=latency,
                                  error=f"{type(exc).__name__}: {exc}"[:2000])
@@ -450,6 +449,11 @@ class Client:
             state.parse_retries += 1
             state.counts["parse"] += 1
             raise _Retry(Failure("parse", msg)) from None
+        except Exception as err:  # the caller's parse function broke: the answer was still paid for
+            self._record(state, key, request.purpose, "parse_error", input_tokens=resp.input_tokens,
+                         output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency,
+                         error=f"parse function raised {type(err).__name__}: {err}"[:2000])
+            raise
         self._record(state, key, request.purpose, "ok", input_tokens=resp.input_tokens,
                      output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency, error=note)
         state.value = value
