@@ -247,12 +247,15 @@ def test_a_broken_parse_function_is_recorded_and_raised(fake_llm, store):
 
 
 def test_cancelled_call_keeps_its_row(fake_llm, store):
-    fake_llm.latency_s = 2.0
-    client = client_for("openai:gpt-4o-mini", store, timeout_s=10)
+    fake_llm.latency_s = 3.0
+    client = client_for("openai:gpt-4o-mini", store, timeout_s=30)
 
     async def go():
         task = asyncio.ensure_future(client.chat(req()))
-        await asyncio.sleep(0.5)
+        for _ in range(200):  # until the server holds the request
+            if fake_llm.requests:
+                break
+            await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
