@@ -18,7 +18,6 @@ scores offline explainers get, on planted features and on real SmolLM2-135M MLP 
 2. Real neurons: `featurescribe harvest` of smollm2-135m layer 3 MLP over the builtin corpus,
    then `featurescribe label` with the baseline:tokens explainer, the lexical simulator and all
    three scorers: the distribution of scores, their baselines and lift, from the database.
-   Full size only: the local simulator on a few of those explanations.
 
     python benchmarks/quality.py --quick
     python benchmarks/quality.py
@@ -165,13 +164,15 @@ async def planted(args) -> float:
     print(f"# local:{args.model}: {len(local_exps)} explanations x {args.local_top}+{args.local_random} test "
           f"windows in {took:.0f} s, {len(res.failures)} failures; AUC over {n_pairs} true-vs-mismatched "
           f"pairs; largest spread between one feature's explanations: {max(spread):.3f} (* = the true one)")
-    if args.local_judge:
-        t0 = time.perf_counter()
-        res = await score_explanations(local_exps, examples, simulator=sim, client=client,
-                                       scorers="detection", baselines=False)
-        fig("planted_auc_local_detection", ranking_auc(local_exps, res, "detection").auc)
-        print(f"# local:{args.model} as detection judge: {len(res)} scored, {len(res.failures)} failed "
-              f"(unusable answers), {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    res = await score_explanations(local_exps, examples, simulator=sim, client=client,
+                                   scorers="detection,fuzzing", baselines=False)
+    for sc in ("detection", "fuzzing"):
+        fig(f"planted_auc_local_{sc}", ranking_auc(local_exps, res, sc).auc)
+        vals = sorted({round(r.value, 3) for r in res if r.scorer == sc})
+        print(f"# local:{args.model} as {sc} judge: balanced accuracies seen {vals}")
+    print(f"# local:{args.model} as judge (P('1') vs P('0'), one pass a batch): {len(res)} scored, "
+          f"{len(res.failures)} failed, {time.perf_counter() - t0:.0f} s")
     return ranking.auc
 
 
@@ -244,7 +245,6 @@ def main() -> int:
     args = ap.parse_args()
     args.bed_tokens = 20_000 if args.quick else 60_000
     args.local_top, args.local_random = (2, 2) if args.quick else (10, 10)
-    args.local_judge = not args.quick
     args.real_tokens = 20_000 if args.quick else 100_000
     args.real_features = "0:64" if args.quick else "0:256"
     return asyncio.run(main_async(args))

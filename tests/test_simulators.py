@@ -227,3 +227,15 @@ def test_local_simulator_on_smollm2_reads_every_slot_in_one_pass(smollm2):
     one = [sim.expected(run(sim.window_probs(text[:p] + sim.SLOT, positions[: i + 1])))[-1]
            for i, p in enumerate(positions[:2])]
     assert one == pytest.approx(pred[:2], abs=1e-4)
+
+    # the local model as a detection judge: one forward pass per batch, nothing to parse
+    windows = [w, Window(2, 0, [" the", " cat", " sat"], [0.0, 0.0, 0.0], kind="random", split="test"),
+               Window(3, 0, [" in", " 2", "0", "2", "4"], [0, 1, 1, 1, 1], split="test")]
+    for x in windows:
+        x.split = "test"
+    fe = FeatureExamples("s", 0, 1.0, windows)
+    e = Explanation("e", "s", 0, "numbers written with digits", "x", "m")
+    res = run(score_explanations([e], [fe], simulator=sim, client=c, scorers="detection", baselines=False))
+    assert not res.failures and res[0].simulator == f"local:{name}"
+    assert 0.0 <= res[0].value <= 1.0 and res[0].n_examples == 3
+    assert len([r for r in c.ledger if r.purpose == "detect"]) == 1

@@ -13,7 +13,8 @@ mix of classes does not move the score. A token is "activating" when it is at le
 into one request (`batch_size`), which makes both cheaper per feature than simulation.
 
 Judges: `LexicalJudge` (no LLM: the explanation's quoted tokens, as the `lexical` simulator
-reads them) and `LLMJudge` (any chat model, structured output, strict length check).
+reads them), `LLMJudge` (any chat model, structured output, strict length check) and
+`LocalJudge` (a local model: P("1") against P("0") at each answer, one forward pass a batch).
 """
 
 from __future__ import annotations
@@ -178,6 +179,32 @@ class LLMJudge(Judge):
         return await self.client.chat(req, parse=lambda r: parse_answers(r, len(batch)))
 
 
+class LocalJudge(Judge):
+    """A local model judges a whole batch in one forward pass, without generating: the answer is
+    written as lines `i: <slot>`, and at each slot the probabilities of "1" and "0" are read
+    (`client.candidate_probs`); the window counts as a yes when "1" is the likelier. Nothing
+    to parse, so a small model cannot fail the format."""
+
+    SLOT = "?"
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.spec = client.spec
+
+    async def judge(self, task, explanation, batch):
+        name = "detect_local" if task == "detection" else "fuzz_local"
+        examples = "\n".join(f"Text {i + 1}: {s.text()}" for i, s in enumerate(batch))
+        messages = render_messages(name, explanation=explanation.strip(), n=len(batch), examples=examples)
+        text, positions = "", []
+        for i in range(len(batch)):
+            text += f"{i + 1}: "
+            positions.append(len(text))
+            text += self.SLOT + "\n"
+        probs = await self.client.candidate_probs(text, positions, ["0", "1"], messages=messages,
+                                                  purpose="detect" if task == "detection" else "fuzz")
+        return [bool(row[1] > row[0]) for row in probs]
+
+
 def make_judge(spec: str | Judge, client: Any = None) -> Judge:
     if isinstance(spec, Judge):
         return spec
@@ -189,6 +216,8 @@ def make_judge(spec: str | Judge, client: Any = None) -> Judge:
         from featurescribe.llm import make_client
 
         client = make_client(spec)
+    if getattr(client, "supports_candidate_probs", False):
+        return LocalJudge(client)
     return LLMJudge(client)
 
 
