@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODEL, LAYER, SITE, CORPUS = "smollm2-135m", 6, "mlp", "builtin:stdlib"
+# --model picks another model (a local directory too); children read it from the environment
+MODEL = os.environ.get("FEATURESCRIBE_BENCH_MODEL", "smollm2-135m")
+LAYER, SITE, CORPUS = 6, "mlp", "builtin:stdlib"
 MEM_LAYER = 0
 
 
@@ -192,8 +194,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per round of the speed test")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of forward and harvest")
     ap.add_argument("--mem-tokens", type=int, default=None, help="N for the memory test (N and 4N tokens)")
+    ap.add_argument("--model", default=None, help="model to harvest (default smollm2-135m)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.model:
+        global MODEL
+        MODEL = os.environ["FEATURESCRIBE_BENCH_MODEL"] = args.model
     if args.memory_child:
         print(json.dumps(memory_child(args)))
         return 0
