@@ -1,0 +1,143 @@
+"""Tokens and dollars per labelled feature, for each explainer/scorer combination, from the ledger.
+
+    python benchmarks/cost.py --quick      # 12 features of a 4k-token smollm2 harvest
+    python benchmarks/cost.py              # 48 features of a 12k-token harvest
+
+Real smollm2-135m layer-6 MLP neurons are harvested from builtin:stdlib, then `featurescribe label`
+runs with the default sampling through the real openai and anthropic SDKs against the tests' local
+server (tests/fake_llm.py), which answers every prompt in the asked-for form. The server bills
+tokens as characters / 4, the usual rule of thumb (real tokenizers differ by some 10-20 %), and
+its answers are as long as real ones (a simulation answer repeats each token with its number).
+The ledger (`llm_calls`) is summed per purpose (explain, simulate, detect, fuzz), and each
+combination is priced at the list prices of featurescribe/llm/prices.json. Baseline calls (the
+shuffled-explanation score) are counted with their scorer: they are part of what a score costs.
+The last line is the cheapest full label (explain + simulation scoring) on gpt-4o-mini.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+OPENAI_MODELS = ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1", "gpt-4o"]
+ANTHROPIC_MODELS = ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5"]
+SCORERS = ["simulation", "detection", "fuzzing"]
+PURPOSE_OF = {"simulation": "simulate", "detection": "detect", "fuzzing": "fuzz"}
+
+
+def responder(req):
+    """Answer like a capable judge would, in the form each prompt asks for."""
+    from tests.test_simulators import logprob_reply
+
+    user = req.user_text
+    props = json.dumps((req.json_schema or {}).get("properties", {}))
+    if '"explanation"' in props:
+        tag = hashlib.sha256(user.encode()).hexdigest()[:4]
+        return json.dumps({"explanation": f'the tokens " def", " class" and " return" in Python code, '
+                                          f'mostly at the start of a definition ({tag})'})
+    if '"answers"' in props:
+        n = int(re.search(r"each of the (\d+) texts", user).group(1))
+        return json.dumps({"answers": [i % 2 for i in range(n)]})
+    if '"activations"' in props:
+        n = int(re.search(r"exactly (\d+) whole numbers", user).group(1))
+        return json.dumps({"activations": [0] * n})
+    # logprob simulation: the prompt ends with the window's tokens, one a line
+    lines = user.split("\n\n")[-1].split("\n")
+    return logprob_reply(lines, [{"0": 0.7, "3": 0.2, "10": 0.1} for _ in lines])
+
+
+def run(cmd: list[str]) -> str:
+    from featurescribe.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(cmd)
+    if rc != 0:
+        raise SystemExit(f"featurescribe {' '.join(cmd)} failed ({rc}):\n{out.getvalue()[-2000:]}")
+    return out.getvalue()
+
+
+def ledger(db: str, backend: str) -> tuple[dict[str, tuple[int, int, int]], int]:
+    from featurescribe.store import open_db
+
+    con = open_db(db, read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT purpose, count(*), sum(input_tokens), sum(output_tokens) FROM llm_calls "
+            "WHERE backend = ? AND status = 'ok' GROUP BY 1", [backend]).fetchall()
+        n = con.execute("SELECT count(DISTINCT feature_id) FROM explanations e JOIN scores s "
+                        "USING (explanation_id) WHERE e.explainer LIKE ?", [backend + ":%"]).fetchone()[0]
+    finally:
+        con.close()
+    return {p: (int(c), int(i or 0), int(o or 0)) for p, c, i, o in rows}, int(n)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    tokens, features = (4_000, "0:12") if args.quick else (12_000, "0:48")
+
+    from featurescribe.llm.prices import PriceTable
+    from tests.fake_llm import FakeLLMServer
+
+    prices = PriceTable.load()
+    server = FakeLLMServer()
+    server.responder = responder
+    server.start()
+    os.environ.update(OPENAI_BASE_URL=server.base_url_openai, OPENAI_API_KEY="bench",
+                      ANTHROPIC_BASE_URL=server.base_url_anthropic, ANTHROPIC_API_KEY="bench")
+    work = tempfile.mkdtemp(prefix="fs-cost-")
+    base = os.path.join(work, "harvest.duckdb")
+    run(["harvest", "--db", base, "--model", "smollm2-135m", "--layer", "6", "--site", "mlp",
+         "--corpus", "builtin:stdlib", "--max-tokens", str(tokens)])
+    print(f"harvest: smollm2-135m layer 6 mlp, {tokens:,} tokens of builtin:stdlib; label --features {features}")
+    print("tokens are the local server's estimate (characters / 4); prices from featurescribe/llm/prices.json")
+    print()
+    print(f"{'explainer / scorer':44s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   per labelled feature")
+    headline = None
+    for provider, models in (("openai", OPENAI_MODELS), ("anthropic", ANTHROPIC_MODELS)):
+        for method in ("pairs", "highlighted"):
+            db = os.path.join(work, f"{provider}-{method}.duckdb")
+            with open(base, "rb") as src, open(db, "wb") as dst:
+                dst.write(src.read())
+            spec = f"{provider}:{models[0]}"
+            run(["label", "--db", db, "--source", "6-mlp", "--features", features, "--explainer", spec,
+                 "--simulator", spec, "--scorers", ",".join(SCORERS), "--method", method, "--no-progress"])
+            usage, n = ledger(db, provider)
+            if not n:
+                raise SystemExit(f"{provider} {method}: no feature was labelled")
+            ex = usage.get("explain", (0, 0, 0))
+            for scorer in SCORERS:
+                sc = usage.get(PURPOSE_OF[scorer], (0, 0, 0))
+                calls, tin, tout = ex[0] + sc[0], ex[1] + sc[1], ex[2] + sc[2]
+                per_in, per_out = tin / n, tout / n
+                costs = []
+                for m in models:
+                    c, _ = prices.cost(provider, m, int(round(per_in * 1000)), int(round(per_out * 1000)))
+                    costs.append(f"{m} ${c:.3f}/1k")
+                    if provider == "openai" and m == "gpt-4o-mini" and scorer == "simulation" and method == "pairs":
+                        headline = c / 1000
+                label = f"{provider} {method} explain + {scorer}"
+                print(f"{label:44s} {calls / n:6.1f} {per_in:8.0f} {per_out:8.0f}   " + ", ".join(costs))
+    server.stop()
+    print()
+    print(f"cost_per_feature_usd_gpt4o_mini: {headline:.5f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
