@@ -25,6 +25,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export", "featurescribe.export.command",
      "write feature dictionaries: neuronpedia, oai, delphi, parquet or json"),
     ("report", "featurescribe.export.command", "write a self-contained HTML feature browser"),
+    ("demo", "featurescribe.flows.demo",
+     "the whole pipeline on a small model, offline: harvest, label, score, export"),
     ("serve", "featurescribe.flows.serve",
      "serve the label flow as a Prefect deployment on a cron schedule"),
 ]
