@@ -126,3 +126,27 @@ def test_global_limits_are_created_respected_and_held_per_chunk(prefect_server):
 async def _enter(cm):
     async with cm:
         pass
+
+
+@pytest.mark.slow
+def test_pipeline_flow_runs_every_stage_as_a_subflow(prefect_server, tmp_path):
+    from featurescribe.flows.pipeline import pipeline_flow
+
+    db = str(tmp_path / "p.duckdb")
+    out = tmp_path / "export"
+    r = pipeline_flow(db=db, model="smollm2-135m", layer=1, max_tokens=3000, features="0:24",
+                      out=str(out), formats="json", no_progress=True)
+    assert r["source_id"] == "1-mlp" and r["labelled"] + r["failed"] > 0
+    assert (out / "json" / "feature_dictionary.json").is_file() and (out / "report.html").is_file()
+    rows = _runs(db)
+    assert [(x["flow"], x["status"]) for x in rows] == [
+        ("pipeline", "completed"), ("harvest", "completed"), ("label", "completed"), ("export", "completed")]
+    # each stage is a subflow of the pipeline's flow run in Prefect
+    parent = rows[0]["prefect_flow_run_id"]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for x in rows[1:]:
+            fr = client.read_flow_run(x["prefect_flow_run_id"])
+            task_run = client.read_task_run(fr.parent_task_run_id)
+            assert str(task_run.flow_run_id) == parent
