@@ -162,7 +162,10 @@ def print_table(db: str, result: dict[str, Any], judge: str | None, out=None) ->
               "OPENAI_API_KEY or ANTHROPIC_API_KEY for a real judge)", file=out)
     for name, failed in result["failed"].items():
         for f, why in sorted(failed.items())[:3]:
+            why = why if len(why) <= 200 else why[:199] + "…"
             print(f"  {name} could not label feature {f}: {why}", file=out)
+        if len(failed) > 3:
+            print(f"  ... {len(failed) - 3} more features {name} could not label", file=out)
     print("""
 score: Pearson correlation of the simulated with the true activations on held-out test windows
        (10 top-activating + 10 random); shuffled: the same simulator given another feature's
