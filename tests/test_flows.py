@@ -150,3 +150,42 @@ def test_pipeline_flow_runs_every_stage_as_a_subflow(prefect_server, tmp_path):
             fr = client.read_flow_run(x["prefect_flow_run_id"])
             task_run = client.read_task_run(fr.parent_task_run_id)
             assert str(task_run.flow_run_id) == parent
+
+
+def test_a_chunk_that_fails_transiently_is_retried(prefect_server, tmp_path, monkeypatch):
+    from tests.test_sampling import SOURCE, build_db
+
+    from featurescribe.flows import label_core
+    from featurescribe.flows.label_flow import label_flow
+
+    db = str(tmp_path / "retry.duckdb")
+    con = open_db(db)
+    build_db(con, n_features=6)
+    con.close()
+    real = label_core.compute_chunk
+    calls = {"n": 0, "user": False}
+
+    async def flaky(prepared, params, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionResetError("the worker lost its connection")
+        return await real(prepared, params, **kw)
+
+    monkeypatch.setattr(label_core, "compute_chunk", flaky)
+    s = label_flow(db=db, source=SOURCE, features="all", no_progress=True)
+    assert calls["n"] == 2 and sorted(s.labelled) == [2, 3, 4, 5]
+    assert _runs(db)[0]["status"] == "completed"
+
+    # a user's error is not retried: the run fails at once
+    from featurescribe.errors import FeaturescribeError
+
+    async def refused(prepared, params, **kw):
+        calls["n"] += 1
+        raise FeaturescribeError("the provider refused the API key")
+
+    calls["n"] = 0
+    monkeypatch.setattr(label_core, "compute_chunk", refused)
+    with pytest.raises(FeaturescribeError):
+        label_flow(db=db, source=SOURCE, features="all", redo=True, no_progress=True)
+    assert calls["n"] == 1
+    assert [r["status"] for r in _runs(db)] == ["completed", "failed"]
