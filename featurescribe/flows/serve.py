@@ -79,6 +79,10 @@ def describe(deployment) -> dict[str, Any]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # a long-running server: Prefect's INFO lines (runs started, finished) are its log, and the
+    # served runs (its subprocesses) send theirs to the UI
+    if not args.dry_run:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     from featurescribe.flows.prefect_env import api_url
 
     dep = build_deployment(args)
