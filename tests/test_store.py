@@ -78,6 +78,10 @@ def test_sql_formats(db_path):
     r = cli("sql", "--db", db_path, q)
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["a", "b"] and lines[-1] == "(2 rows)"
+    r = cli("sql", "--db", db_path, "SELECT string_agg(table_name, ',' ORDER BY table_name) AS t "
+            "FROM information_schema.tables", "--format", "csv")
+    names = r.stdout.splitlines()[-1].split(",")  # one column: written as it is, for scripts
+    assert "activations" in names and "labels" in names
     r = cli("sql", "--db", db_path, "SELECT * FROM labels", "--format", "json")
     assert r.returncode == 0 and json.loads(r.stdout) == []
 

@@ -80,6 +80,15 @@ def _cell(v: Any, width: int = 60) -> str:
 
 def write_rows(columns: list[str], rows: list[tuple], fmt: str, out) -> None:
     if fmt == "csv":
+        # one column: nothing to separate, so a value with commas (string_agg) is written as it
+        # is and scripts can use it directly; quotes and line breaks still get CSV quoting
+        if len(columns) == 1 and not any(
+            isinstance(v, str) and any(ch in v for ch in '"\n\r') for v in [columns[0]] + [r[0] for r in rows]
+        ):
+            out.write(columns[0] + "\n")
+            for r in rows:
+                out.write(("" if r[0] is None else str(r[0])) + "\n")
+            return
         w = csv.writer(out, lineterminator="\n")
         w.writerow(columns)
         for r in rows:
