@@ -183,6 +183,21 @@ def test_bulk_insert_from_arrow(con):
     assert con.execute("SELECT count(*), count(DISTINCT feature_id) FROM activations").fetchone() == (n, 7)
 
 
+def test_bulk_insert_with_constants_while_a_result_is_half_read(con):
+    """DuckDB 2.0 refuses `con.register` while a result is partly fetched; the insert must still work,
+    and constant columns arrive as one value for every row."""
+    from featurescribe.store.bulk import insert_arrow
+
+    con.execute("CREATE TEMP TABLE many AS SELECT range AS x FROM range(50000)")
+    pending = con.execute("SELECT x FROM many")
+    assert len(pending.fetchmany(5)) == 5
+    rows = insert_arrow(con, "activations", {"feature_id": [3, 4], "seq_id": [1, 1], "pos": [0, 1],
+                                             "act": [0.5, 0.25]}, consts={"source_id": "2-resid"})
+    assert rows == 2
+    assert con.execute("SELECT source_id, feature_id, act FROM activations ORDER BY feature_id").fetchall() == [
+        ("2-resid", 3, 0.5), ("2-resid", 4, 0.25)]
+
+
 def test_labels_view_prefers_simulation_then_best(con):
     con.execute("INSERT INTO explanations (explanation_id, source_id, feature_id, text, explainer, method)"
                 " VALUES ('a', 's', 1, 'A', 'x', 'm'), ('b', 's', 1, 'B', 'x', 'm'), ('c', 's', 2, 'C', 'x', 'm')")
