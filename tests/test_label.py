@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import re
 
+import numpy as np
 import pytest
 
 from featurescribe.cli import build_parser, main
@@ -22,6 +24,7 @@ from featurescribe.flows.label_core import (
 )
 from featurescribe.store import open_db
 from tests.test_sampling import SOURCE, build_db
+from tests.test_simulators import _shown_tokens, logprob_reply
 
 GOOD = 'the tokens " def", " class" and " return"'
 
@@ -283,3 +286,66 @@ def test_compute_with_a_memory_store_and_write_flushes_its_ledger(labdb, fake_ll
     result = asyncio.run(compute_chunk(prepared, params, store=again, run_id="r3"))
     assert result.labelled == [2, 3, 4]
     assert len(fake_llm.requests_for("openai")) == 3  # all answered from the cache
+
+
+def _reader(req):
+    """A judge that reads the explanation: the tokens it quotes are the active ones. It answers
+    every request the label pipeline makes: explanations, logprob and structured simulations,
+    detection and fuzzing."""
+    schema = json.dumps(req.json_schema or {})
+    if "explanation" in schema and "activations" not in schema:
+        return json.dumps({"explanation": GOOD})
+    quoted = {q.strip() for q in re.findall(r'"([^"]+)"', req.user_text.split("\n")[0])}
+    fits = lambda tok: tok.strip() in quoted  # noqa: E731
+    if "activations" in schema:  # structured simulation: numbered token lines
+        block = req.user_text.split("\n\n")[2].split("\n")
+        tokens = [re.match(r"\d+\. (.*)$", line).group(1) for line in block]
+        return json.dumps({"activations": [10 if fits(t) else 0 for t in tokens]})
+    if req.top_logprobs > 0:  # logprob simulation: copy the token lines, a number after each
+        lines = _shown_tokens(req.user_text)
+        return logprob_reply(lines, [{"10": 0.9, "0": 0.1} if fits(t) else {"0": 1.0} for t in lines])
+    texts = re.findall(r"^Text \d+: (.*)$", req.user_text, flags=re.M)
+    if "marked" in req.messages[0]["content"]:  # fuzzing: do the marks sit on quoted tokens?
+        spans = [re.findall(r"<<(.*?)>>", t) for t in texts]
+        answers = [int(bool(s) and all(fits(t) for x in s for t in x.split())) for s in spans]
+    else:  # detection: does the text hold a quoted token?
+        answers = [int(any(q in t for q in quoted)) for t in texts]
+    return json.dumps({"answers": answers})
+
+
+@pytest.mark.parametrize("spec,api", [("openai:gpt-4o-mini", "openai"),
+                                      ("anthropic:claude-haiku-4-5", "anthropic")])
+def test_label_scores_with_every_scorer_through_an_api_judge(labdb, fake_llm, spec, api):
+    """`label --explainer X --simulator X --scorers simulation,detection,fuzzing` fills `scores` and
+    `simulations` through the real SDK (logprobs for OpenAI, structured output for Anthropic)."""
+    fake_llm.responder = _reader
+    assert _label(labdb, "--features", "2:4", "--explainer", spec, "--simulator", spec,
+                  "--scorers", "simulation,detection,fuzzing") == 0
+    rows = _q(labdb, """SELECT e.feature_id, s.scorer, s.simulator, s.split, s.value,
+                               s.baseline_shuffled IS NOT NULL, s.baseline_tokens IS NOT NULL
+                        FROM scores s JOIN explanations e USING (explanation_id) ORDER BY 1, 2""")
+    assert [(r[0], r[1]) for r in rows] == [(f, s) for f in (2, 3) for s in ("detection", "fuzzing", "simulation")]
+    assert {(r[2], r[3], r[5]) for r in rows} == {(spec, "test", True)}
+    assert all(r[6] for r in rows if r[1] == "simulation")
+    value = {(r[0], r[1]): r[4] for r in rows}
+    # feature 2 fires on exactly the quoted tokens: the reader's predictions match it
+    assert value[(2, "simulation")] > 0.8
+    # every window of feature 2 holds a planted token, so all are active: detection has one class
+    details = json.loads(_q(labdb, """SELECT s.details FROM scores s JOIN explanations e USING (explanation_id)
+                                     WHERE e.feature_id = 2 AND s.scorer = 'detection'""")[0][0])
+    assert value[(2, "detection")] == 0.5 and details["flag"] == "one_class" and details["fn"] == 0
+    assert value[(2, "fuzzing")] > 0.8
+    assert value[(3, "simulation")] < 0.5  # feature 3 fires at random
+    # every test window's predictions are stored and recompute the score
+    sims = _q(labdb, """SELECT e.feature_id, list(m.true_acts ORDER BY m.seq_id, m.start_pos),
+                               list(m.predicted ORDER BY m.seq_id, m.start_pos)
+                        FROM simulations m JOIN explanations e USING (explanation_id)
+                        WHERE m.simulator = ? AND m.split = 'test' GROUP BY 1 ORDER BY 1""", [spec])
+    assert [s[0] for s in sims] == [2, 3]
+    for f, true, pred in sims:
+        assert len(true) == 20
+        t, p = np.concatenate(true), np.concatenate(pred)
+        assert value[(f, "simulation")] == pytest.approx(np.corrcoef(t, p)[0, 1], abs=1e-9)
+    purposes = {r[0] for r in _q(labdb, "SELECT DISTINCT purpose FROM llm_calls WHERE status = 'ok'")}
+    assert {"explain", "simulate", "detect", "fuzz"} <= purposes
+    assert {r.api for r in fake_llm.requests} == {api}
