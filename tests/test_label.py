@@ -84,6 +84,14 @@ def test_label_command_end_to_end(labdb, capsys, prefect_server):
     assert n == 6 * 20  # 10 top + 10 random test windows per feature
 
 
+def test_window_counts_per_split_and_kind(labdb):
+    assert _label(labdb, "--features", "2:4", "--windows", "test.top=3, test.random=2,valid.random=0") == 0
+    counts = _q(labdb, "SELECT split, kind, count(*) FROM examples WHERE feature_id = 2 GROUP BY ALL ORDER BY ALL")
+    assert counts == [("explain", "quantile", 4), ("explain", "top", 20), ("test", "random", 2),
+                      ("test", "top", 3), ("valid", "top", 5)]
+    assert _q(labdb, "SELECT count(*) FROM simulations WHERE split = 'test'") == [(2 * 5,)]
+
+
 def test_resume_skips_done_features(labdb, capsys):
     assert _label(labdb, "--features", "2:5") == 0
     capsys.readouterr()
@@ -207,6 +215,9 @@ def test_missing_api_key_fails_before_any_work(labdb, monkeypatch, capsys):
     (["--explainer", "lexical"], "simulator, not an explainer"),
     (["--scorers", "simulation,vibes"], "unknown scorer"),
     (["--candidates", "0"], "at least 1"),
+    (["--windows", "test.middle=3"], "bad --windows item 'test.middle=3'"),
+    (["--windows", "test.top=-1"], "N must be a whole number"),
+    (["--windows", "test.top=0,test.random=0"], "leaves the test split empty"),
 ])
 def test_user_errors_are_one_line(labdb, capsys, args, msg):
     assert _cli(labdb, *args) != 0

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from featurescribe.errors import FeaturescribeError
 from featurescribe.flows import label_core
 from featurescribe.flows.label_core import DEFAULT_CHUNK_SIZE, LabelParams, LabelSummary
 from featurescribe.store.connection import DEFAULT_DB
+from featurescribe.records import KINDS, SPLITS
 from featurescribe.store.sampling import DEFAULT_COUNTS, SamplingConfig
 
 
@@ -47,6 +49,10 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                    help="show the explainer at most this many windows (default: all of the "
                         "explain split; small local models want fewer)")
     p.add_argument("--window", type=int, default=32, help="tokens per example window (default: 32)")
+    p.add_argument("--windows", default="", metavar="SPLIT.KIND=N,...",
+                   help="windows per split and kind, changing the defaults "
+                        f"({format_counts(DEFAULT_COUNTS)}); e.g. test.top=5,test.random=5 for a "
+                        "cheaper local judge. Features sampled before keep their windows")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--redo", action="store_true",
                    help="label features that already have a scored label by this explainer too")
@@ -74,8 +80,39 @@ def params_from_args(args: argparse.Namespace) -> LabelParams:
         chunk_size=args.chunk_size,
         skip_done=not args.redo,
         explain_windows=args.explain_windows,
-        sampling=SamplingConfig.with_counts(DEFAULT_COUNTS, window=args.window, seed=args.seed),
+        sampling=SamplingConfig.with_counts(parse_window_counts(args.windows), window=args.window,
+                                            seed=args.seed),
     )
+
+
+def format_counts(counts) -> str:
+    return ", ".join(f"{s}.{k}={n}" for s, kinds in counts.items() for k, n in kinds.items() if n)
+
+
+def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:
+    """DEFAULT_COUNTS changed by 'split.kind=n,...' (FeaturescribeError for anything else)."""
+    counts = {s: dict(DEFAULT_COUNTS.get(s, {})) for s in SPLITS}
+    for item in (x.strip() for x in (spec or "").split(",")):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        split, dot, kind = key.strip().partition(".")
+        if not (eq and dot) or split not in SPLITS or kind not in KINDS:
+            raise FeaturescribeError(
+                f"bad --windows item {item!r}: use SPLIT.KIND=N with SPLIT one of {', '.join(SPLITS)} "
+                f"and KIND one of {', '.join(KINDS)}")
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise FeaturescribeError(f"bad --windows item {item!r}: N must be a whole number >= 0")
+        counts[split][kind] = n
+    if not counts["explain"]["top"] + counts["explain"]["quantile"] + counts["explain"]["random"]:
+        raise FeaturescribeError("--windows leaves the explain split empty: the explainer needs windows")
+    if not counts["test"]["top"] + counts["test"]["quantile"] + counts["test"]["random"]:
+        raise FeaturescribeError("--windows leaves the test split empty: nothing to score on")
+    return counts
 
 
 def _ids(ids) -> str:
