@@ -167,6 +167,8 @@ def test_unparseable_explanations_are_recorded_failed_never_scored(labdb, fake_l
     assert "failed                        2  [2, 3]" in out
     assert _q(labdb, "SELECT status, text, chosen, count(*) FROM explanations GROUP BY ALL") == \
         [("failed", "", False, 2)]
+    errors = [r[0] for r in _q(labdb, "SELECT error FROM explanations")]
+    assert len(errors) == 2 and all(e and "parse failure" in e and "not valid JSON" in e for e in errors), errors
     assert _q(labdb, "SELECT count(*) FROM scores") == [(0,)]
     assert _q(labdb, "SELECT count(*) FROM labels") == [(0,)]
     assert _q(labdb, "SELECT DISTINCT status FROM llm_calls") == [("parse_error",)]

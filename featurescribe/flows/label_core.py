@@ -488,6 +488,7 @@ def write_chunk(con, result: ChunkResult, *, run_id: str | None = None, calls=No
                 "candidate": pa.array([r.explanation.candidate for r in rows], pa.int32()),
                 "chosen": pa.array([r.chosen for r in rows], pa.bool_()),
                 "status": pa.array([r.status for r in rows], pa.string()),
+                "error": pa.array([r.error for r in rows], pa.string()),
             }))
         counts.scores = save_scores(con, result.scores, run_id=run_id)
         if calls is not None and hasattr(calls, "flush_to"):

@@ -231,7 +231,13 @@ _V3 = [
     """,
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
+# Version 4: why a failed explanation has no text (the last error the LLM layer gave), so failures
+# can be read with SQL beside the ledger.
+_V4 = [
+    "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS error VARCHAR",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """
