@@ -207,3 +207,15 @@ def test_labels_view_prefers_simulation_then_best(con):
     rows = con.execute("SELECT feature_id, explanation, scorer, score, lift FROM labels ORDER BY 1").fetchall()
     assert rows[0][:4] == (1, "B", "simulation", 0.6) and rows[0][4] == pytest.approx(0.4)
     assert rows[1][:4] == (2, "C", "detection", 0.7)
+
+
+def test_labels_view_shows_test_scores_only(con):
+    """A candidate chosen on `valid` whose test scoring failed has no label: its valid score (the
+    split it was picked on) is not a held-out score."""
+    con.execute("INSERT INTO explanations (explanation_id, source_id, feature_id, text, explainer, method)"
+                " VALUES ('a', 's', 1, 'A', 'x', 'm'), ('b', 's', 1, 'B', 'x', 'm'), ('c', 's', 2, 'C', 'x', 'm')")
+    con.execute("INSERT INTO scores (explanation_id, scorer, value, simulator, split) VALUES"
+                " ('a', 'simulation', 0.2, 'lexical', 'valid'), ('b', 'simulation', 0.5, 'lexical', 'valid'),"
+                " ('b', 'simulation', 0.4, 'lexical', 'test'), ('c', 'simulation', 0.9, 'lexical', 'valid')")
+    assert con.execute("SELECT feature_id, explanation, score, split FROM labels").fetchall() == [
+        (1, "B", 0.4, "test")]

@@ -233,8 +233,23 @@ _V3 = [
 
 # Version 4: why a failed explanation has no text (the last error the LLM layer gave), so failures
 # can be read with SQL beside the ledger.
+# The labels view now reads test-split scores only: a candidate's `valid` score (the split it was
+# chosen on) never stands in for a test score that failed.
 _V4 = [
     "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS error VARCHAR",
+    """
+    CREATE OR REPLACE VIEW labels AS
+    SELECT e.source_id, e.feature_id, e.text AS explanation, s.value AS score, s.scorer,
+           e.explainer, s.simulator, s.split,
+           s.baseline_shuffled, s.baseline_tokens,
+           s.value - s.baseline_shuffled AS lift,
+           e.explanation_id
+    FROM explanations e JOIN scores s USING (explanation_id)
+    WHERE coalesce(e.status, 'ok') = 'ok' AND coalesce(s.split, 'test') = 'test'
+    QUALIFY row_number() OVER (
+        PARTITION BY e.source_id, e.feature_id
+        ORDER BY s.scorer = 'simulation' DESC, s.value DESC, e.explanation_id) = 1
+    """,
 ]
 
 MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
