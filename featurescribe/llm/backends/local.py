@@ -6,7 +6,9 @@ MODEL is anything `featurescribe.harvest.models.load_causal_lm` takes: `smollm2-
 - Chat generation with the tokenizer's chat template (greedy at temperature 0, sampled and
   seeded otherwise), with per-token logprobs when asked.
 - `candidate_probs`: the probability of each of a set of candidate tokens at many positions of
-  one text, from ONE forward pass (what a simulator with token probabilities needs).
+  one text, from ONE forward pass (what a simulator with token probabilities needs). The key/value
+  cache of the last few prompts is kept, and the part a new prompt shares with one of them (the
+  instructions and the explanation, for the windows of one feature) is not computed again.
 - Structured output: the schema is added to the system prompt and the first JSON value in the
   answer is kept (small models often fail; the client asks again, sampling, then gives up).
 
@@ -27,12 +29,19 @@ from featurescribe.llm.backends.base import Backend
 from featurescribe.llm.base import ChatRequest, ChatResponse, TokenLogprob
 
 
+PREFIX_CACHE_ENTRIES = 4  # key/value caches of recent prompts kept for reuse (~15 MB each for SmolLM2-135M); 0: none
+MIN_PREFIX_REUSE = 16  # reuse a cached prompt only when it shares at least this many tokens
+
+
 @dataclass
 class LocalModel:
     name: str
     model: object
     tokenizer: object
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # (token ids, their key/value cache) of recent candidate_probs prompts, newest last: the windows
+    # of one feature share the instructions and the explanation, which are then computed once
+    prefixes: list = field(default_factory=list)
     # one worker thread per model: queued calls wait as futures, not as blocked pool threads
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurescribe-local"))
@@ -254,11 +263,45 @@ class LocalBackend(Backend):
             raise ValueError("a position at the very start of the prompt has no context to predict from")
         idx = [where[p] - 1 for p in positions]  # the logits there predict the token at the position
         with lm.lock, torch.inference_mode():
-            input_ids = torch.tensor([ids], device=lm.device)
-            logits = lm.model(input_ids=input_ids).logits[0]
-            sel = logits[torch.tensor(idx, device=logits.device)].float()
+            logits, start = self._forward_reusing_prefix(lm, ids, min(idx))
+            sel = logits[torch.tensor([i - start for i in idx], device=logits.device)].float()
             probs = torch.softmax(sel, dim=-1)[:, torch.tensor(cand_ids, device=logits.device)]
         out = probs.cpu().numpy().astype(np.float64)
         if normalize:
             out = out / np.clip(out.sum(axis=1, keepdims=True), 1e-30, None)
         return out, len(ids)
+
+
+    @staticmethod
+    def _forward_reusing_prefix(lm: LocalModel, ids: list[int], first_needed: int):
+        """Logits for positions start..len(ids)-1 -> (logits, start). The key/value cache of the
+        recent prompt sharing the longest token prefix with `ids` is reused for that prefix (up to
+        the first position whose logits are needed), so only the rest is computed; the result is
+        the same as one full pass up to float rounding (~1e-5 in the logits)."""
+        import torch
+
+        best, shared = None, 0
+        for entry in lm.prefixes:
+            old = entry[0]
+            n = 0
+            for a, b in zip(old, ids):
+                if a != b:
+                    break
+                n += 1
+            if n > shared:
+                best, shared = entry, n
+        start = min(shared, first_needed, len(ids) - 1)
+        cache = None
+        if best is not None and start >= MIN_PREFIX_REUSE:
+            lm.prefixes.remove(best)  # its cache is cut back and extended in place: the new entry
+            cache = best[1]
+            if start < len(best[0]):
+                cache.crop(start - len(best[0]))  # a negative count: the tokens dropped from its end
+        else:
+            start = 0
+        out = lm.model(input_ids=torch.tensor([ids[start:]], device=lm.device),
+                       past_key_values=cache, use_cache=True)
+        kv = out.past_key_values
+        if PREFIX_CACHE_ENTRIES > 0 and kv is not None and getattr(kv, "is_croppable", False):
+            lm.prefixes = lm.prefixes[max(0, len(lm.prefixes) - PREFIX_CACHE_ENTRIES + 1):] + [(list(ids), kv)]
+        return out.logits[0], start
