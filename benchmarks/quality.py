@@ -10,8 +10,8 @@ scores offline explainers get, on planted features and on real SmolLM2-135M MLP 
    - `lexical` (simulation, detection, fuzzing), all plants;
    - `baseline:tokens` as a simulator: it ignores the explanation, so its AUC is 0.5 by design;
    - `local:smollm2-135m` simulation on three plants (digits, capitalised words, text in
-     brackets), each with its true and the two mismatched explanations; and (full size only)
-     the local model as the detection judge;
+     brackets), each with its true and the two mismatched explanations (6 true-vs-mismatched
+     pairs); and (full size only) the local model as the detection and fuzzing judge;
    - any API model named in FEATURESCRIBE_QUALITY_JUDGES (e.g. "openai:gpt-4o-mini"), all
      scorers, all plants, when its API key is set.
    Also the baseline:tokens explainer's explanations of the plants, scored by lexical.
@@ -22,6 +22,12 @@ scores offline explainers get, on planted features and on real SmolLM2-135M MLP 
     python benchmarks/quality.py --quick
     python benchmarks/quality.py
 
+Sizes. --quick: a bed over 20,000 tokens; the local simulator on 2 top + 1 random test windows
+of each of the three plants (9 explanations, 27 forward passes), no local detection/fuzzing
+judge; real neurons from 10,000 tokens, features 0:64. Full: 60,000 tokens; 10 + 10 windows
+and the local detection/fuzzing judge; 100,000 tokens, features 0:256. The quick run takes
+about 2-3 minutes on 2 CPU cores, almost all of it the local model's forward passes.
+
 Last line: `planted_auc_local: A` (the local simulator's AUC on the planted bed).
 """
 
@@ -29,9 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -164,6 +171,9 @@ async def planted(args) -> float:
     print(f"# local:{args.model}: {len(local_exps)} explanations x {args.local_top}+{args.local_random} test "
           f"windows in {took:.0f} s, {len(res.failures)} failures; AUC over {n_pairs} true-vs-mismatched "
           f"pairs; largest spread between one feature's explanations: {max(spread):.3f} (* = the true one)")
+    if not args.local_judge:
+        print(f"# local:{args.model} as detection/fuzzing judge: full size only")
+        return ranking.auc
     t0 = time.perf_counter()
     res = await score_explanations(local_exps, examples, simulator=sim, client=client,
                                    scorers="detection,fuzzing", baselines=False)
@@ -176,24 +186,34 @@ async def planted(args) -> float:
     return ranking.auc
 
 
+def cli(argv: list[str]) -> tuple[int, str]:
+    """`featurescribe ARGV` in this process (the model stays loaded; no second interpreter)."""
+    from featurescribe.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(argv)
+    except SystemExit as exc:  # argparse and friends
+        rc = exc.code if isinstance(exc.code, int) else 1
+    return int(rc or 0), err.getvalue() + out.getvalue()
+
+
 def real_neurons(args) -> None:
-    exe = [sys.executable, "-m", "featurescribe"]
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "q.duckdb")
         t0 = time.perf_counter()
-        h = subprocess.run(exe + ["harvest", "--db", db, "--model", args.model, "--layer", str(args.layer),
-                                  "--site", "mlp", "--max-tokens", str(args.real_tokens), "--device", "cpu"],
-                           capture_output=True, text=True, cwd=ROOT)
-        if h.returncode != 0:
-            print(f"# real neurons: harvest failed ({h.stderr.strip().splitlines()[-1:]}); planted bed only")
+        rc, out = cli(["harvest", "--db", db, "--model", args.model, "--layer", str(args.layer),
+                       "--site", "mlp", "--max-tokens", str(args.real_tokens), "--device", "cpu"])
+        if rc != 0:
+            print(f"# real neurons: harvest failed ({out.strip().splitlines()[-1:]}); planted bed only")
             return
         source = f"{args.layer}-mlp"
-        lab = subprocess.run(exe + ["label", "--db", db, "--source", source, "--features", args.real_features,
-                                    "--explainer", "baseline:tokens", "--simulator", "lexical",
-                                    "--scorers", "simulation,detection,fuzzing", "--no-progress"],
-                             capture_output=True, text=True, cwd=ROOT)
-        if lab.returncode != 0:
-            print(f"# real neurons: label failed ({lab.stderr.strip().splitlines()[-1:]}); planted bed only")
+        rc, out = cli(["label", "--db", db, "--source", source, "--features", args.real_features,
+                       "--explainer", "baseline:tokens", "--simulator", "lexical",
+                       "--scorers", "simulation,detection,fuzzing", "--no-progress"])
+        if rc != 0:
+            print(f"# real neurons: label failed ({out.strip().splitlines()[-1:]}); planted bed only")
             return
         print(f"# real neurons: smollm2-135m layer {args.layer} MLP, {args.real_tokens} tokens, features "
               f"{args.real_features}: harvest + label in {time.perf_counter() - t0:.0f} s")
@@ -244,8 +264,9 @@ def main() -> int:
     ap.add_argument("--layer", type=int, default=3)
     args = ap.parse_args()
     args.bed_tokens = 20_000 if args.quick else 60_000
-    args.local_top, args.local_random = (2, 2) if args.quick else (10, 10)
-    args.real_tokens = 20_000 if args.quick else 100_000
+    args.local_top, args.local_random = (2, 1) if args.quick else (10, 10)
+    args.local_judge = not args.quick  # the local detection/fuzzing judge (AUC 0.5 at quick sizes)
+    args.real_tokens = 10_000 if args.quick else 100_000
     args.real_features = "0:64" if args.quick else "0:256"
     return asyncio.run(main_async(args))
 
