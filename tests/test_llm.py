@@ -156,6 +156,30 @@ def test_many_faults_in_one_call_then_answer(fake_llm, store, spec):
     assert total == pytest.approx(price.cost(fake_llm.billed_input_tokens, fake_llm.billed_output_tokens))
 
 
+@pytest.mark.parametrize("kind,opts", [("429", {"retry_after": 0}), ("500", {}), ("slow", {"delay_s": 1.5}),
+                                       ("disconnect", {}), ("truncated", {})])
+def test_aiohttp_stack_retries_and_ledgers_alike(fake_llm, store, kind, opts):
+    """FEATURESCRIBE_LLM_HTTP=aiohttp (the openai SDK's aiohttp transport): same answers, retries
+    and ledger rows as the default httpx stack."""
+    pytest.importorskip("aiohttp")
+    spec = "openai:gpt-4o-mini"
+    fake_llm.responder = lambda r: json.dumps({"explanation": "closing brackets"})
+    fake_llm.inject(kind, **opts)
+    client = client_for(spec, store, http="aiohttp")
+    assert client.settings.http == "aiohttp"
+    assert run(call(client, req(json_schema=SCHEMA), explanation)) == "closing brackets"
+    assert len(fake_llm.requests) == 2 and fake_llm.requests[0].fault == kind
+    assert_ledger_matches(store.rows(), fake_llm.requests, spec)
+    if kind == "slow":
+        assert "timeout" in store.rows()[0]["error"]
+
+
+def test_unknown_http_stack_is_refused(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with pytest.raises(FeaturescribeError, match="HTTP stack"):
+        make_client("openai:gpt-4o-mini", http="curl")
+
+
 def test_sdk_does_not_retry_by_itself(fake_llm, store):
     fake_llm.inject("500")
     client = client_for("openai:gpt-4o-mini", store, server_attempts=1)

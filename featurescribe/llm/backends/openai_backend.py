@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 
+from featurescribe.errors import FeaturescribeError
 from featurescribe.llm.backends.base import Backend, PerLoop, Shards
 from featurescribe.llm.base import ChatRequest, ChatResponse, MissingAPIKey, TokenLogprob
 from featurescribe.llm.backends.base import BadAnswer
@@ -56,9 +57,18 @@ def strict_ok(schema: dict) -> bool:
 class OpenAIBackend(Backend):
     backend = "openai"
 
-    def __init__(self, model: str, *, timeout_s: float = 60.0, pool_size: int = 64):
+    def __init__(self, model: str, *, timeout_s: float = 60.0, pool_size: int = 64, http: str = "httpx"):
         self.model = model
         self.pool_size = pool_size
+        self.http = http
+        if http == "aiohttp":
+            try:
+                import aiohttp  # noqa: F401
+            except ImportError:
+                raise FeaturescribeError(
+                    "FEATURESCRIBE_LLM_HTTP=aiohttp needs the aiohttp package (pip install aiohttp), "
+                    "or leave it unset for the SDK's default httpx stack"
+                ) from None
         self.base_url = openai_base_url()
         key = os.environ.get("OPENAI_API_KEY")
         if not key:
@@ -82,6 +92,16 @@ class OpenAIBackend(Backend):
         import httpx
         from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
+        if self.http == "aiohttp":
+            from openai import DefaultAioHttpClient
+
+            # aiohttp's connector does not scan its connections per request: one pool of them all
+            n = max(4, self.pool_size)
+            return Shards([
+                AsyncOpenAI(api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self._timeout,
+                            http_client=DefaultAioHttpClient(
+                                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)))
+            ])
         # as many connections as the client's concurrency, in SDK clients of SHARD connections
         k = max(1, -(-self.pool_size // self.SHARD))
         n = max(4, -(-self.pool_size // k))
