@@ -22,11 +22,11 @@ scores offline explainers get, on planted features and on real SmolLM2-135M MLP 
     python benchmarks/quality.py --quick
     python benchmarks/quality.py
 
-Sizes. --quick: a bed over 20,000 tokens; the local simulator on 2 top + 1 random test windows
-of each of the three plants (9 explanations, 27 forward passes), no local detection/fuzzing
-judge; real neurons from 10,000 tokens, features 0:64. Full: 60,000 tokens; 10 + 10 windows
-and the local detection/fuzzing judge; 100,000 tokens, features 0:256. The quick run takes
-about 2-3 minutes on 2 CPU cores, almost all of it the local model's forward passes.
+Sizes. --quick: a bed over 20,000 tokens; the local simulator on 2 top + 2 random test windows
+of each of the three plants (9 explanations, 36 forward passes), no local detection/fuzzing
+judge; real neurons from 20,000 tokens, features 0:64 (the CLI's harvest and label, run in this
+process). Full: 60,000 tokens; 10 + 10 windows and the local detection/fuzzing judge; 100,000
+tokens, features 0:256. The quick run takes under a minute on 2 idle CPU cores.
 
 Last line: `planted_auc_local: A` (the local simulator's AUC on the planted bed).
 """
@@ -264,9 +264,9 @@ def main() -> int:
     ap.add_argument("--layer", type=int, default=3)
     args = ap.parse_args()
     args.bed_tokens = 20_000 if args.quick else 60_000
-    args.local_top, args.local_random = (2, 1) if args.quick else (10, 10)
+    args.local_top, args.local_random = (2, 2) if args.quick else (10, 10)
     args.local_judge = not args.quick  # the local detection/fuzzing judge (AUC 0.5 at quick sizes)
-    args.real_tokens = 10_000 if args.quick else 100_000
+    args.real_tokens = 20_000 if args.quick else 100_000
     args.real_features = "0:64" if args.quick else "0:256"
     return asyncio.run(main_async(args))
 
