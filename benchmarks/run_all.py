@@ -3,7 +3,7 @@
 Each benchmark prints its headline figure as its last line, `name: value`. The table between the
 markers in BENCHMARKS.md is rewritten with the machine, the command and the figures of this run.
 
-    python benchmarks/run_all.py            # the --quick size of each (about 10 minutes on 2 cores)
+    python benchmarks/run_all.py            # the --quick size of each (about 3 minutes on 2 idle cores)
     python benchmarks/run_all.py --full     # the full sizes
     python benchmarks/run_all.py --only harvest,sampling
 """
@@ -73,7 +73,7 @@ def main() -> int:
         if proc.returncode != 0:
             sys.stdout.write(proc.stderr[-3000:])
         lines = [l for l in proc.stdout.strip().splitlines() if l.strip()]
-        headline = lines[-1] if lines and re.match(r"^[a-z_]+: ", lines[-1]) else "(failed)"
+        headline = lines[-1] if lines and re.match(r"^[a-z_0-9]+: ", lines[-1]) else "(failed)"
         # every `name: value` line of the output is a figure worth keeping
         figures = [l for l in lines if re.match(r"^[a-z_0-9]+: \S", l)]
         rows.append((name, "python " + " ".join(cmd[1:]), headline, figures, took, proc.returncode))
