@@ -377,6 +377,42 @@ def test_cache_survives_reopening_the_database(fake_llm, db_path):
     assert len(fake_llm.requests) == 1
 
 
+def test_cache_lookups_see_every_writer(db_path):
+    """A store answers misses from its index of the file's keys; keys written by another process
+    before, and by other stores or a worker's MemoryCallStore of this process after, are found."""
+    import subprocess
+    import sys
+
+    from featurescribe.store import open_db
+    from featurescribe.store.memory_calls import MemoryCallStore
+
+    code = ("from featurescribe.store import open_db; from featurescribe.store.llm_calls import CallStore; "
+            f"con = open_db({db_path!r}); s = CallStore(con); "
+            "s.put_cached('from-another-process', 'openai', 'm', {'text': 'a'}); s.close(); con.close()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+    con = open_db(db_path)
+    s = CallStore(con)
+    try:
+        assert s.get_cached("never-written") is None  # reads the index
+        assert s.get_cached("from-another-process") == {"text": "a"}
+        other = CallStore(con)
+        other.put_cached("from-another-store", "openai", "m", {"text": "b"})
+        other.close()
+        worker = MemoryCallStore()
+        worker.put_cached("from-a-worker", "openai", "m", {"text": "c"})
+        w = con.cursor()
+        w.execute("BEGIN TRANSACTION")
+        worker.flush_to(w)
+        w.execute("COMMIT")
+        w.close()
+        assert s.get_cached("from-another-store") == {"text": "b"}
+        assert s.get_cached("from-a-worker") == {"text": "c"}
+        assert s.get_cached("never-written") is None
+    finally:
+        s.close()
+        con.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # budget
 

@@ -9,6 +9,14 @@ entries not yet written. Reading the ledger (`rows`, `spend_usd`) flushes first.
 It works on its own cursors of the connection it is given (a DuckDB cursor is a separate
 connection to the same database), so clients on other threads and the caller's own writes do
 not get in each other's way.
+
+A cache look-up that misses costs no query: on its first look-up a store reads which keys the
+database holds (one query; 8 bytes a key), and every write of cache entries in this process
+(`write_calls`, `MemoryCallStore.flush_to`) adds its keys to the stores open on that file. No
+other process can write the file while a store holds it open (DuckDB's lock), so a key the
+index does not know is not in the database; a key it knows is read with one query as before.
+(A point query on the event loop costs about a millisecond, a third of a whole request.)
+In-memory databases are always queried.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import json
+import os
 import threading
 import uuid
 import weakref
@@ -70,6 +79,7 @@ class CallStore:
         self.flush_rows = flush_rows
         self.flush_s = flush_s
         self._closed = False
+        self._index = _KeyIndex.open_for(con)  # None: an in-memory database, always queried
         self._wake = threading.Event()
         self._stop = False
         self._error: BaseException | None = None
@@ -101,12 +111,18 @@ class CallStore:
             pending = self._cache_pending.get(key) or self._cache_writing.get(key)
         if pending is not None:
             return json.loads(pending[2])
+        if self._index is not None and not self._index.may_hold(key, self._load_keys):
+            return None
         with self._read_lock:
             row = self._rcon.execute("SELECT response FROM llm_cache WHERE cache_key = ?", [key]).fetchone()
         if row is None:
             return None
         value = row[0]
         return json.loads(value) if isinstance(value, str) else value
+
+    def _load_keys(self) -> list[str]:
+        with self._read_lock:
+            return [k for (k,) in self._rcon.execute("SELECT cache_key FROM llm_cache").fetchall()]
 
     def put_cached(self, key: str, backend: str, model: str, response: dict) -> None:
         with self._lock:
@@ -214,6 +230,96 @@ class CallStore:
             return [dict(zip(names, r)) for r in cur.fetchall()]
 
 
+class _HashSet:
+    """A growing set of int64 hashes: a small Python set, folded into a sorted array (8 bytes a
+    key) when it grows past `fold`."""
+
+    def __init__(self, fold: int = 65536):
+        self._lock = threading.Lock()
+        self._recent: set[int] = set()
+        self._sorted = None  # numpy int64, sorted
+        self._fold = fold
+
+    def update(self, hashes) -> None:
+        with self._lock:
+            self._recent.update(hashes)
+            if len(self._recent) >= self._fold:
+                import numpy as np
+
+                parts = [np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))]
+                if self._sorted is not None:
+                    parts.append(self._sorted)
+                self._sorted = np.unique(np.concatenate(parts))
+                self._recent = set()
+
+    def __contains__(self, h: int) -> bool:
+        with self._lock:
+            if h in self._recent:
+                return True
+            arr = self._sorted
+        if arr is None:
+            return False
+        i = int(arr.searchsorted(h))
+        return i < len(arr) and int(arr[i]) == h
+
+
+class _KeyIndex:
+    """The cache keys a database file holds, as in-process hashes (see the module docstring).
+
+    `may_hold(key)` is False only when the key is certainly not in the database; True means
+    "query it": the keys read from the database on the first look-up, plus every key this
+    process wrote to that file (noted before the write, so no write can slip between).
+    """
+
+    _WRITTEN: "dict[str, _HashSet]" = {}  # database file -> keys this process wrote to it
+    _WRITTEN_LOCK = threading.Lock()
+
+    def __init__(self, path: str):
+        self._lock = threading.Lock()
+        self._loaded = None  # the keys read from the database, as a _HashSet
+        self._written = self._written_to(path)
+
+    @classmethod
+    def _written_to(cls, path: str) -> "_HashSet":
+        with cls._WRITTEN_LOCK:
+            hs = cls._WRITTEN.get(path)
+            if hs is None:
+                hs = cls._WRITTEN[path] = _HashSet()
+            return hs
+
+    @classmethod
+    def open_for(cls, con) -> "_KeyIndex | None":
+        path = _db_path(con)
+        return cls(path) if path else None
+
+    def may_hold(self, key: str, load) -> bool:
+        h = hash(key)
+        if h in self._written:
+            return True
+        with self._lock:
+            if self._loaded is None:
+                hs = _HashSet(fold=0)
+                hs.update(hash(k) for k in load())
+                self._loaded = hs
+        return h in self._loaded
+
+    @classmethod
+    def note_written(cls, con, keys) -> None:
+        """`keys` are about to be written to the database of `con` (call before the insert)."""
+        path = _db_path(con)
+        if path:
+            cls._written_to(path).update({hash(k) for k in keys})
+
+
+def _db_path(con) -> str | None:
+    """The file of `con`'s current database (None: in memory)."""
+    try:
+        rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    except Exception:  # an old DuckDB, or a closed connection: no index
+        return None
+    return os.path.realpath(rows[0][0]) if rows and rows[0][0] else None
+
+
 def write_calls(con, rows: list[CallRow], cache: dict[str, tuple[str, str, str]]) -> None:
     """Insert ledger rows and upsert cache entries (key -> (backend, model, response JSON)) with
     `con`, inside whatever transaction the caller has open."""
@@ -223,6 +329,7 @@ def write_calls(con, rows: list[CallRow], cache: dict[str, tuple[str, str, str]]
     if cache:
         import pyarrow as pa
 
+        _KeyIndex.note_written(con, cache)  # before the insert: an index may say "query" too early, never "absent"
         keys = list(cache)
         tbl = pa.table({
             "cache_key": pa.array(keys, type=pa.string()),

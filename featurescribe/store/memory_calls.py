@@ -16,7 +16,7 @@ import uuid
 import pyarrow as pa
 
 from featurescribe.store.bulk import insert_arrow
-from featurescribe.store.llm_calls import STATUSES, CallRow, _LEDGER_COLUMNS, _arrow
+from featurescribe.store.llm_calls import STATUSES, CallRow, _KeyIndex, _LEDGER_COLUMNS, _arrow
 
 
 class MemoryCallStore:
@@ -82,6 +82,7 @@ class MemoryCallStore:
         if rows:
             insert_arrow(con, "llm_calls", _arrow({c: [getattr(r, c) for r in rows] for c in _LEDGER_COLUMNS}))
         if new:
+            _KeyIndex.note_written(con, new)  # the CallStores open on this file learn the keys
             keys = list(new)
             tbl = pa.table({
                 "cache_key": pa.array(keys, type=pa.string()),
