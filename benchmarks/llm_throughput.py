@@ -2,8 +2,9 @@
 
 Against the fake provider of the tests (tests/fake_llm.py, a real HTTP server on 127.0.0.1)
 answering every request after a fixed latency L, a client with concurrency C can at best do
-C / L requests a second. We send N requests through the full client (the openai SDK, the
-retry loop, the limiter, the ledger in DuckDB) and report achieved rate / (C / L):
+C / L requests a second. We send N distinct requests through the full client as `featurescribe
+label` runs it (the cache look-up, the openai SDK, the retry loop, the limiter, the ledger and
+cache writes in DuckDB) and report achieved rate / (C / L):
 
     llm_concurrency_efficiency: R        (goal >= 0.8)
 
@@ -130,7 +131,7 @@ def measure_concurrency(latency_s: float = 0.2, concurrency: int = 64, n_request
             con = open_db(os.path.join(tmp, "bench.duckdb")) if with_store else None
             store = CallStore(con) if con is not None else None
             client = make_client("openai:gpt-4o-mini", store=store, run_id="bench",
-                                 concurrency=concurrency, use_cache=False, timeout_s=30, http=http)
+                                 concurrency=concurrency, use_cache=True, timeout_s=30, http=http)
             cpu0, server0 = time.process_time(), _cpu_seconds(pid)
 
             async def main():
