@@ -13,6 +13,7 @@ from featurescribe.labelers import (
     TokenListExplainer,
     make_explainer,
     parse_explanation,
+    parse_text_explanation,
     render_explain_prompt,
 )
 from featurescribe.llm.base import ChatResponse, UnparseableResponse
@@ -76,8 +77,42 @@ def test_highlighted_prompt_renders_expected_text():
     assert "<< and >>" in messages[0]["content"]
 
 
+EXPECTED_MARKED_TEXT_USER = """Excerpts:
+- x =<< (>>1<<)>>
+- f<<(>>a\\n)
+
+What do the marked tokens have in common? Answer in one short sentence."""
+
+
+def test_marked_text_prompt_renders_expected_text_and_ends_with_a_prefill():
+    messages = render_explain_prompt(small_feature(), "marked", answer="text")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[1]["content"] == EXPECTED_MARKED_TEXT_USER
+    assert messages[2]["content"] == "Explanation: the feature is active on"
+    assert "JSON" not in "\n".join(m["content"] for m in messages)
+    json_marked = render_explain_prompt(small_feature(), "marked")
+    assert [m["role"] for m in json_marked] == ["system", "user"]
+    assert "\n\n- x =<< (>>1<<)>>\n- f<<(>>a\\n)\n\n" in json_marked[1]["content"]
+
+
+def test_local_explainers_default_to_marked_windows_and_a_text_answer():
+    class Local:
+        spec = "local:smollm2-135m"
+
+    class Api:
+        spec = "openai:gpt-4o-mini"
+
+    local = make_explainer("local:smollm2-135m", client=Local())
+    assert (local.method, local.answer, local.max_windows) == ("marked", "text", 8)
+    req = local.request(small_feature())
+    assert req.json_schema is None and req.max_tokens <= 64 and req.messages[-1]["role"] == "assistant"
+    api = make_explainer("openai:gpt-4o-mini", client=Api())
+    assert (api.method, api.answer, api.max_windows) == ("pairs", "json", None)
+    assert make_explainer("local:x", client=Local(), method="pairs", answer="json").answer == "json"
+
+
 def test_prompt_shows_only_the_explain_split():
-    for method in ("pairs", "highlighted"):
+    for method in ("pairs", "highlighted", "marked"):
         text = "\n".join(m["content"] for m in render_explain_prompt(small_feature(), method))
         assert "SECRET" not in text and "HIDDEN" not in text
     only_top = render_explain_prompt(small_feature(), "pairs", max_windows=1)[1]["content"]
@@ -102,6 +137,30 @@ def test_parse_explanation_is_strict(text, ok):
             parse_explanation(resp)
     else:
         assert parse_explanation(resp) == ok
+
+
+@pytest.mark.parametrize("text,finish,ok", [
+    (' the token " def" at the start of a line.', "stop", 'the token " def" at the start of a line'),
+    (" numbers written with digits\nExcerpt 3: ...", "length", "numbers written with digits"),
+    ('The feature responds to the words "if" and "else"', "stop", 'the words "if" and "else"'),
+    ('Explanation: capitalized words. They start sentences', "length", "capitalized words"),
+    (' "opening brackets"', "stop", "opening brackets"),
+    (' the token "." at the end of sentences. More', "length", 'the token "." at the end of sentences'),
+    (" the server, which accepts connections and", "length", None),  # cut before the phrase ended
+    ("", "stop", None),
+    (" the", "stop", None),  # one word
+    (" <<the>> cat sat", "stop", None),  # copies the marks back
+    (' the token "Excerpt 8: "', "stop", None),
+    (" x\t7", "stop", None),
+    (" " + "word " * 30 + ".", "stop", None),  # over 25 words
+])
+def test_parse_text_explanation_is_strict(text, finish, ok):
+    resp = ChatResponse(text=text, finish_reason=finish)
+    if ok is None:
+        with pytest.raises(UnparseableResponse):
+            parse_text_explanation(resp)
+    else:
+        assert parse_text_explanation(resp) == ok
 
 
 def _client(spec: str, **kw):

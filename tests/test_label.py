@@ -136,6 +136,25 @@ def test_label_llm_explainer_and_rerun_makes_no_new_calls(labdb, fake_llm, capsy
         [(False, 6), (True, 6)]
 
 
+@pytest.mark.slow
+def test_label_with_a_local_explainer_writes_explanations(labdb, smollm2):
+    """`label --explainer local:MODEL`: a real SmolLM2 writes (weak, but parsed) plain-text
+    explanations of the marked windows; they are scored like any other."""
+    from featurescribe.llm.backends.local import register_local_model
+
+    name, model, tokenizer = smollm2
+    register_local_model(name, model, tokenizer)
+    assert _label(labdb, "--features", "2:4", "--explainer", f"local:{name}") == 0
+    rows = _q(labdb, "SELECT feature_id, explainer, method, status, text, error FROM explanations ORDER BY 1")
+    assert [r[0] for r in rows] == [2, 3]
+    assert {(r[1], r[2]) for r in rows} == {(f"local:{name}", "marked")}
+    ok = [r for r in rows if r[3] == "ok"]
+    assert ok, rows  # greedy first, then seeded samples: the same answers on every run
+    assert all(r[4] and 2 <= len(r[4].split()) <= 25 and r[5] is None for r in ok)
+    assert _q(labdb, "SELECT count(*) FROM labels") == [(len(ok),)]
+    assert _q(labdb, "SELECT DISTINCT backend, purpose FROM llm_calls") == [("local", "explain")]
+
+
 def test_candidates_best_on_valid_is_chosen_and_scored_on_test(labdb, fake_llm):
     texts = {1: 'the token " cat"', 2: GOOD, 3: 'the token " def"'}
     fake_llm.responder = _explain_responder(texts)

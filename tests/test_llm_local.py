@@ -136,3 +136,33 @@ def test_remote_clients_have_no_candidate_probs(fake_llm):
     assert not client.supports_candidate_probs
     with pytest.raises(NotImplementedError):
         asyncio.run(client.candidate_probs("a", [1], ["0"]))
+
+
+def test_local_explainer_answers_in_plain_text(local_name, con):
+    """SmolLM2-135M rarely writes JSON; the local explainer asks for a phrase that completes the
+    prefilled answer, and the phrase passes the strict checks (not that it is a good one)."""
+    from featurescribe.labelers import make_explainer
+    from featurescribe.records import FeatureExamples, Window
+
+    texts = [[" The", " price", " is", " 4", "2", " dollars", "."],
+             [" In", " 1", "9", "9", "8", " we", " moved", "."],
+             [" Call", " 5", "5", "5", " now", "."]]
+    windows = [Window(seq_id=i, start_pos=0, tokens=t, acts=[5.0 if x.strip().isdigit() else 0.0 for x in t],
+                      kind="top", split="explain") for i, t in enumerate(texts)]
+    feature = FeatureExamples("0-mlp", 1, 5.0, windows)
+    store = CallStore(con)
+    client = make_client(f"local:{local_name}", store=store, run_id="r")
+    explainer = make_explainer(f"local:{local_name}", client=client)
+
+    async def go():
+        try:
+            return await explainer.explain(feature)
+        finally:
+            await client.aclose()
+
+    (outcome,) = asyncio.run(go())
+    rows = store.rows()
+    store.close()
+    assert outcome.ok, outcome.error
+    assert 2 <= len(outcome.text.split()) <= 25 and "<<" not in outcome.text
+    assert rows and all(r["purpose"] == "explain" for r in rows) and rows[-1]["status"] == "ok"

@@ -114,7 +114,7 @@ def demo_flow_fn():
                     local = f"local:{DEMO_MODEL}"
                     summaries["llm"] = label_flow(
                         db=db, source=source, features=",".join(map(str, llm_feats)), explainer=local,
-                        simulator=local, method="highlighted", explain_windows=5, concurrency=4,
+                        simulator=local, explain_windows=5, concurrency=4,
                         no_progress=no_progress)
             exported = export_flow(db=db, out=out, formats="json", report=True)["written"] if out else []
         return {"run_id": run.run_id, "source_id": source, "features": feats, "llm_features": llm_feats,

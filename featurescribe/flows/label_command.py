@@ -41,8 +41,10 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-usd", type=float, default=None,
                    help="no new LLM call starts once the run has spent this much")
     p.add_argument("--no-cache", action="store_true", help="do not answer from the response cache")
-    p.add_argument("--method", choices=["pairs", "highlighted"], default="pairs",
-                   help="how LLM explainers see the examples (default: pairs)")
+    p.add_argument("--method", choices=["auto", "pairs", "highlighted", "marked"], default="auto",
+                   help="how LLM explainers see the examples: pairs (token and activation per line), "
+                        "highlighted (active tokens in << >>, listed with activations) or marked "
+                        "(active tokens in << >> only); default auto: marked for local models, else pairs")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                    help=f"features per chunk (default: {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--explain-windows", type=int, default=None,

@@ -38,7 +38,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import pyarrow as pa
 
 from featurescribe.errors import FeaturescribeError
-from featurescribe.labelers import ExplainOutcome, check_explainer_spec, is_llm_explainer, make_explainer
+from featurescribe.labelers import (
+    METHODS,
+    ExplainOutcome,
+    check_explainer_spec,
+    is_llm_explainer,
+    make_explainer,
+    resolve_method,
+)
 from featurescribe.labelers.base import first_error_line
 from featurescribe.llm.base import BudgetExceeded, parse_backend_spec
 from featurescribe.records import Explanation, FeatureExamples, ScoreResult
@@ -66,7 +73,7 @@ class LabelParams:
     concurrency: int = 16
     budget_usd: float | None = None
     use_cache: bool = True
-    method: str = "pairs"  # 'pairs' | 'highlighted' (LLM explainers)
+    method: str = "auto"  # 'pairs' | 'highlighted' | 'marked' (LLM explainers); auto: marked for local models, else pairs
     chunk_size: int = DEFAULT_CHUNK_SIZE
     skip_done: bool = True
     explain_windows: int | None = None  # at most this many explain windows in a prompt
@@ -96,13 +103,13 @@ class LabelParams:
             raise FeaturescribeError("--chunk-size must be at least 1")
         if self.budget_usd is not None and self.budget_usd < 0:
             raise FeaturescribeError("--budget-usd must be 0 or more")
-        if self.method not in ("pairs", "highlighted"):
-            raise FeaturescribeError(f"unknown --method {self.method!r}: use pairs or highlighted")
+        if self.method not in ("auto", *METHODS):
+            raise FeaturescribeError(f"unknown --method {self.method!r}: use auto, {', '.join(METHODS)}")
 
     @property
     def method_name(self) -> str:
         """What `explanations.method` records: the prompt style, or 'tokens' for the baseline."""
-        return self.method if is_llm_explainer(self.explainer) else "tokens"
+        return resolve_method(self.explainer, self.method) if is_llm_explainer(self.explainer) else "tokens"
 
     @property
     def n_candidates(self) -> int:
@@ -302,7 +309,7 @@ async def compute_chunk(prepared: PreparedChunk, params: LabelParams, *, store=N
     distinct_clients = list({id(c): c for c in (exp_client, sim_client) if c is not None}.values())
     spent_before = sum(getattr(c, "spent_usd", 0.0) for c in distinct_clients)
     try:
-        explainer = make_explainer(params.explainer, client=exp_client, method=params.method,
+        explainer = make_explainer(params.explainer, client=exp_client, method=params.method_name,
                                    max_windows=params.explain_windows)
         simulator = make_simulator(params.simulator, client=sim_client)
         n = params.n_candidates

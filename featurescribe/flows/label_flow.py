@@ -118,7 +118,7 @@ def _uses_llm(spec: str) -> bool:
 def label_flow(db: str, source: str, features: str = "all", explainer: str = "baseline:tokens",
                simulator: str = "lexical", scorers: str = "simulation", candidates: int = 1,
                concurrency: int = 16, budget_usd: float | None = None, no_cache: bool = False,
-               method: str = "pairs", chunk_size: int = DEFAULT_CHUNK_SIZE,
+               method: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE,
                explain_windows: int | None = None, window: int = 32, windows: str = "", seed: int = 0,
                redo: bool = False,
                task_runner: str = "thread", workers: int = 2, dask_address: str | None = None,

@@ -1,6 +1,7 @@
 """Explainers: they turn a feature's sampled `explain` windows into explanation candidates.
 
-- `LLMExplainer(client, method='pairs'|'highlighted')`: an LLM writes the explanation;
+- `LLMExplainer(client, method='pairs'|'highlighted'|'marked', answer='json'|'text')`: an LLM
+  writes the explanation (local models: `marked` windows and a plain-text answer by default);
 - `TokenListExplainer` (`baseline:tokens`): no LLM, names the tokens the feature fires on most.
 
 `make_explainer(spec, client=...)` picks one from a BACKEND spec. Explainers get their LLM client
@@ -17,12 +18,15 @@ from featurescribe.labelers.base import (
     Explainer,
     explain_windows,
     parse_explanation,
+    parse_text_explanation,
 )
 from featurescribe.labelers.baseline import TokenListExplainer, quote_token
 from featurescribe.labelers.llm_explainer import (
+    ANSWERS,
     METHODS,
     LLMExplainer,
     format_highlighted,
+    format_marked,
     format_pairs,
     render_explain_prompt,
 )
@@ -52,18 +56,38 @@ def check_explainer_spec(spec: str) -> None:
         raise ValueError(f"explainer {spec!r} names no model (e.g. {kind}:MODEL)")
 
 
-def make_explainer(spec: str, *, client: Any = None, method: str = "pairs",
-                   max_windows: int | None = None, **kw) -> Explainer:
-    """The explainer for BACKEND `spec`; an LLM spec needs its `client`."""
+# small local models: the shortest way of showing the windows, a plain-text answer, fewer windows
+LOCAL_METHOD, LOCAL_ANSWER, LOCAL_MAX_WINDOWS = "marked", "text", 8
+
+
+def default_method(spec: str) -> str:
+    """The way of showing windows when none is asked: `marked` for local models, else `pairs`."""
+    return LOCAL_METHOD if parse_backend_spec(spec)[0] == "local" else "pairs"
+
+
+def resolve_method(spec: str, method: str | None) -> str:
+    return default_method(spec) if method in (None, "", "auto") else method
+
+
+def make_explainer(spec: str, *, client: Any = None, method: str | None = None,
+                   max_windows: int | None = None, answer: str | None = None, **kw) -> Explainer:
+    """The explainer for BACKEND `spec`; an LLM spec needs its `client`. Local models answer in
+    plain text and see at most LOCAL_MAX_WINDOWS windows unless told otherwise."""
     check_explainer_spec(spec)
     if not is_llm_explainer(spec):
         return TokenListExplainer(**kw)
     if client is None:
         raise ValueError(f"explainer {spec} needs an LLM client")
-    return LLMExplainer(client, method, max_windows=max_windows, **kw)
+    local = parse_backend_spec(spec)[0] == "local"
+    if answer is None:
+        answer = LOCAL_ANSWER if local else "json"
+    if max_windows is None and local:
+        max_windows = LOCAL_MAX_WINDOWS
+    return LLMExplainer(client, resolve_method(spec, method), answer=answer, max_windows=max_windows, **kw)
 
 
 __all__ = [
+    "ANSWERS",
     "BASELINE_EXPLAINERS",
     "EXPLANATION_SCHEMA",
     "METHODS",
@@ -72,12 +96,16 @@ __all__ = [
     "LLMExplainer",
     "TokenListExplainer",
     "check_explainer_spec",
+    "default_method",
     "explain_windows",
     "format_highlighted",
+    "format_marked",
     "format_pairs",
     "is_llm_explainer",
     "make_explainer",
     "parse_explanation",
+    "parse_text_explanation",
     "quote_token",
     "render_explain_prompt",
+    "resolve_method",
 ]

@@ -7,6 +7,7 @@ A failed outcome is recorded as failed and never scored or shown as a label.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,6 +76,49 @@ def parse_explanation(resp: ChatResponse, max_chars: int = MAX_EXPLANATION_CHARS
     if len(text) > max_chars:
         raise UnparseableResponse(f"the explanation is {len(text)} characters long (at most {max_chars})")
     return text
+
+
+MAX_EXPLANATION_WORDS = 25
+
+# a preamble a model may write before the phrase itself (the prefill already says it)
+_PREAMBLE = re.compile(
+    r"^(?:explanation\s*:\s*)?(?:(?:this|the) (?:feature|neuron|unit)\s+"
+    r"(?:is active on|is active for|responds to|fires on|activates on|detects)\s*:?\s*)?",
+    re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_COPIED_FORMAT = re.compile(r"<<|>>|\t|\bexcerpt\s*\d|^text\s*\d|active tokens\s*:", re.IGNORECASE)
+
+
+def parse_text_explanation(resp: ChatResponse, max_chars: int = MAX_EXPLANATION_CHARS,
+                           max_words: int = MAX_EXPLANATION_WORDS) -> str:
+    """The phrase of a plain-text answer (the completion of "...the feature is active on"):
+    its first line and first sentence, whitespace collapsed, without a preamble or enclosing
+    quotes. UnparseableResponse when it is empty, cut off before the phrase ended, shorter than
+    two words or longer than `max_words` / `max_chars`, or copies the prompt's format back."""
+    text = (resp.text or "").strip()
+    first_line = text.split("\n", 1)[0]
+    end = _SENTENCE_END.search(first_line)
+    if end is not None:
+        phrase = first_line[:end.start()]
+    elif resp.finish_reason == "length" and "\n" not in text:
+        raise UnparseableResponse("the answer was cut off before its first sentence ended")
+    else:
+        phrase = first_line
+    if _COPIED_FORMAT.search(phrase):
+        raise UnparseableResponse("the answer copies the excerpts' format instead of explaining them")
+    phrase = _PREAMBLE.sub("", " ".join(phrase.split())).strip(" :;,-")
+    if len(phrase) >= 2 and phrase[0] == phrase[-1] and phrase[0] in "\"'`" and phrase.count(phrase[0]) == 2:
+        phrase = phrase[1:-1].strip()
+    if not phrase:
+        raise UnparseableResponse("the explanation is empty")
+    if _COPIED_FORMAT.search(phrase):
+        raise UnparseableResponse("the answer copies the excerpts' format instead of explaining them")
+    n_words = len(phrase.split())
+    if n_words < 2:
+        raise UnparseableResponse(f"the explanation {phrase!r} is a single word")
+    if n_words > max_words or len(phrase) > max_chars:
+        raise UnparseableResponse(f"the explanation is too long ({n_words} words, {len(phrase)} characters)")
+    return phrase
 
 
 def first_error_line(err: BaseException) -> str:

@@ -1,17 +1,26 @@
 """The LLM explainers: show a feature's `explain` windows to an LLM and ask what it responds to.
 
-Two ways of showing the windows (`method`), each with its template in `featurescribe/prompts/`:
+Three ways of showing the windows (`method`), each with its templates in `featurescribe/prompts/`:
 
 - `pairs` (explain_pairs.txt): every token on its own line with its activation on the 0-10
   scale, as in Bills et al. 2023;
 - `highlighted` (explain_highlighted.txt): the text of each window with the active tokens
-  inside << >>, and the active tokens with their activations listed after it (shorter prompts).
+  inside << >>, and the active tokens with their activations listed after it (shorter prompts);
+- `marked` (explain_marked.txt): the text with the active tokens inside << >>, no numbers (the
+  shortest; what small local models read best).
 
 Activations are put on the 0-10 scale with `records.discretize`, the maximum being the largest
-activation over the windows shown. The answer is JSON `{"explanation": "..."}`, parsed strictly
-(`parse_explanation`); the LLM layer asks again when it does not parse, and an explanation that
-never parses is a failed outcome. With `n` > 1 the candidates are sampled at `temperature` with
-seeds 1..n (distinct cache keys); a single explanation is asked at temperature 0.
+activation over the windows shown. Two ways of answering (`answer`):
+
+- `json`: `{"explanation": "..."}` as structured output, parsed strictly (`parse_explanation`);
+- `text` (the default for `local:` models, which rarely manage JSON): the prompt ends with the
+  start of the answer ("Explanation: the feature is active on", an assistant prefill taken up by
+  the local and Anthropic backends) and the model completes the phrase; the first sentence is
+  kept and checked strictly (`parse_text_explanation`).
+
+The LLM layer asks again when an answer does not parse, and an explanation that never parses is
+a failed outcome. With `n` > 1 the candidates are sampled at `temperature` with seeds 1..n
+(distinct cache keys); a single explanation is asked at temperature 0.
 """
 
 from __future__ import annotations
@@ -27,12 +36,14 @@ from featurescribe.labelers.base import (
     explain_windows,
     first_error_line,
     parse_explanation,
+    parse_text_explanation,
 )
 from featurescribe.llm.base import BudgetExceeded, ChatRequest, LLMError
 from featurescribe.records import FeatureExamples, Window, discretize
 from featurescribe.scorers.prompts import render_messages, show_token
 
-METHODS = ("pairs", "highlighted")
+METHODS = ("pairs", "highlighted", "marked")
+ANSWERS = ("json", "text")
 
 
 def _scale_max(windows: Sequence[Window]) -> float:
@@ -69,48 +80,68 @@ def format_highlighted(windows: Sequence[Window]) -> str:
     return "\n\n".join(blocks)
 
 
-_FORMATS = {"pairs": format_pairs, "highlighted": format_highlighted}
+def format_marked(windows: Sequence[Window]) -> str:
+    """Each window's text on one line after a dash, the active tokens (1 or more on the scale)
+    inside << >>. No "Excerpt i" labels: small models copy them into their answers."""
+    top = _scale_max(windows)
+    lines = []
+    for w in windows:
+        text = "".join(f"<<{show_token(t)}>>" if v > 0 else show_token(t)
+                       for t, v in zip(w.tokens, discretize(w.acts, top)))
+        lines.append(f"- {text}")
+    return "\n".join(lines)
+
+
+_FORMATS = {"pairs": format_pairs, "highlighted": format_highlighted, "marked": format_marked}
 
 
 def render_explain_prompt(feature: FeatureExamples, method: str = "pairs",
-                          max_windows: int | None = None) -> tuple[dict, ...]:
-    """The chat messages asking for an explanation of `feature` from its `explain` windows."""
+                          max_windows: int | None = None, answer: str = "json") -> tuple[dict, ...]:
+    """The chat messages asking for an explanation of `feature` from its `explain` windows (for
+    `answer='text'` the last message is the start of the assistant's answer)."""
     if method not in _FORMATS:
         raise ValueError(f"unknown explainer method {method!r}: use {', '.join(METHODS)}")
+    if answer not in ANSWERS:
+        raise ValueError(f"unknown answer mode {answer!r}: use {' or '.join(ANSWERS)}")
     windows = explain_windows(feature, max_windows)
-    return render_messages(f"explain_{method}", n_excerpts=len(windows),
-                           examples=_FORMATS[method](windows))
+    name = f"explain_{method}" + ("_text" if answer == "text" else "")
+    return render_messages(name, n_excerpts=len(windows), examples=_FORMATS[method](windows))
 
 
 class LLMExplainer(Explainer):
     """An explainer backed by an LLM client (`openai:`, `anthropic:`, `local:`)."""
 
-    def __init__(self, client: Any, method: str = "pairs", *, max_windows: int | None = None,
-                 temperature: float = 0.7, max_tokens: int = 160):
+    def __init__(self, client: Any, method: str = "pairs", *, answer: str = "json",
+                 max_windows: int | None = None, temperature: float = 0.7, max_tokens: int | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown explainer method {method!r}: use {', '.join(METHODS)}")
+        if answer not in ANSWERS:
+            raise ValueError(f"unknown answer mode {answer!r}: use {' or '.join(ANSWERS)}")
         self.client = client
         self.spec = client.spec
         self.method = method
+        self.answer = answer
         self.max_windows = max_windows
         self.temperature = temperature
-        self.max_tokens = max_tokens
+        # a text answer is one phrase: a short limit also stops a small model that rambles
+        self.max_tokens = max_tokens or (160 if answer == "json" else 48)
 
     def request(self, feature: FeatureExamples, candidate: int = 0, n: int = 1) -> ChatRequest:
         sampled = n > 1
         return ChatRequest(
-            messages=render_explain_prompt(feature, self.method, self.max_windows),
+            messages=render_explain_prompt(feature, self.method, self.max_windows, self.answer),
             purpose="explain",
             max_tokens=self.max_tokens,
             temperature=self.temperature if sampled else 0.0,
-            json_schema=EXPLANATION_SCHEMA,
+            json_schema=EXPLANATION_SCHEMA if self.answer == "json" else None,
             seed=candidate + 1 if sampled else None,
         )
 
     async def _one(self, feature: FeatureExamples, candidate: int, n: int) -> ExplainOutcome:
         req = self.request(feature, candidate, n)
+        parse = parse_explanation if self.answer == "json" else parse_text_explanation
         try:
-            text = await self.client.chat(req, parse=parse_explanation)
+            text = await self.client.chat(req, parse=parse)
         except BudgetExceeded as err:
             return ExplainOutcome(candidate, None, first_error_line(err), req.seed, stopped=True)
         except LLMError as err:

