@@ -48,6 +48,8 @@ class FeatureExamples:
     feature_id: int
     max_act: float
     windows: list[Window] = field(default_factory=list)
+    # the tokens the feature's output direction promotes most (label --logit-lens), else None
+    promoted: list[str] | None = None
 
     def split(self, name: str, kind: str | None = None) -> list[Window]:
         return [w for w in self.windows if w.split == name and (kind is None or w.kind == kind)]

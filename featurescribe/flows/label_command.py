@@ -50,6 +50,9 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explain-windows", type=int, default=None,
                    help="show the explainer at most this many windows (default: all of the "
                         "explain split; small local models want fewer)")
+    p.add_argument("--logit-lens", type=int, nargs="?", const=10, default=0, metavar="K",
+                   help="show LLM explainers the K (default 10) tokens each feature's output direction "
+                        "promotes most, read through the source model's unembedding (loads the model)")
     p.add_argument("--window", type=int, default=32, help="tokens per example window (default: 32)")
     p.add_argument("--windows", default="", metavar="SPLIT.KIND=N,...",
                    help="windows per split and kind, changing the defaults "
@@ -82,6 +85,7 @@ def params_from_args(args: argparse.Namespace) -> LabelParams:
         chunk_size=args.chunk_size,
         skip_done=not args.redo,
         explain_windows=args.explain_windows,
+        logit_lens=args.logit_lens,
         sampling=SamplingConfig.with_counts(parse_window_counts(args.windows), window=args.window,
                                             seed=args.seed),
     )

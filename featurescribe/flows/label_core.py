@@ -77,6 +77,7 @@ class LabelParams:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     skip_done: bool = True
     explain_windows: int | None = None  # at most this many explain windows in a prompt
+    logit_lens: int = 0  # > 0: show explainers this many tokens the feature's output promotes
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
@@ -99,6 +100,8 @@ class LabelParams:
             raise FeaturescribeError("--candidates must be at least 1")
         if self.concurrency < 1:
             raise FeaturescribeError("--concurrency must be at least 1")
+        if self.logit_lens < 0:
+            raise FeaturescribeError("--logit-lens must be 0 or more tokens")
         if self.chunk_size < 1:
             raise FeaturescribeError("--chunk-size must be at least 1")
         if self.budget_usd is not None and self.budget_usd < 0:
@@ -237,8 +240,33 @@ def prepare_chunk(con, params: LabelParams, feature_ids: Sequence[int]) -> Prepa
         for f in report.rare:
             skipped.append(SkippedFeature(f, "rare", reasons.get(f) or "too few active sequences"))
     loaded = load_examples(con, params.source_id, [f for f in ids if f not in set(report.skipped)])
+    if params.logit_lens and loaded and is_llm_explainer(params.explainer):
+        attach_promoted_tokens(con, params.source_id, loaded, params.logit_lens)
     return PreparedChunk(params.source_id, ids, [loaded[f] for f in sorted(loaded)],
                          sorted(skipped, key=lambda s: s.feature_id))
+
+
+def attach_promoted_tokens(con, source_id: str, examples: dict[int, FeatureExamples], k: int) -> None:
+    """Each feature's k most promoted tokens (logit lens), from `features.promoted_tokens` when
+    stored with at least k, else computed with the source's model and stored."""
+    from featurescribe.labelers.logit_lens import promoted_tokens
+
+    have = dict(con.execute(
+        "SELECT feature_id, promoted_tokens FROM features WHERE source_id = $s AND "
+        "feature_id IN (SELECT unnest($f::INTEGER[])) AND len(promoted_tokens) >= $k",
+        {"s": source_id, "f": sorted(examples), "k": k}).fetchall())
+    missing = [f for f in sorted(examples) if f not in have]
+    if missing:
+        cur = con.execute("SELECT * FROM sources WHERE source_id = ?", [source_id])
+        source = dict(zip([d[0] for d in cur.description], cur.fetchone()))
+        new = promoted_tokens(source, missing, k)
+        lens = pa.table({"feature_id": pa.array(list(new), pa.int32()),  # noqa: F841 (read by the SQL)
+                         "tokens": pa.array(list(new.values()), pa.list_(pa.string()))})
+        con.execute("UPDATE features f SET promoted_tokens = t.tokens FROM lens t "
+                    "WHERE f.source_id = ? AND f.feature_id = t.feature_id", [source_id])
+        have.update(new)
+    for f, fe in examples.items():
+        fe.promoted = list(have[f])[:k]
 
 
 # ---------------------------------------------------------------------------------------------

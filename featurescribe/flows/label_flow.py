@@ -120,7 +120,7 @@ def label_flow(db: str, source: str, features: str = "all", explainer: str = "ba
                concurrency: int = 16, budget_usd: float | None = None, no_cache: bool = False,
                method: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE,
                explain_windows: int | None = None, window: int = 32, windows: str = "", seed: int = 0,
-               redo: bool = False,
+               redo: bool = False, logit_lens: int = 0,
                task_runner: str = "thread", workers: int = 2, dask_address: str | None = None,
                no_progress: bool = False, batch: bool = False, no_wait: bool = False,
                batch_retry: str = "batch", batch_poll: float = 30.0) -> LabelSummary | None:
@@ -132,7 +132,7 @@ def label_flow(db: str, source: str, features: str = "all", explainer: str = "ba
         source=source, features=features, explainer=explainer, simulator=simulator, scorers=scorers,
         candidates=candidates, concurrency=concurrency, budget_usd=budget_usd, no_cache=no_cache,
         method=method, chunk_size=chunk_size, explain_windows=explain_windows, window=window,
-        windows=windows, seed=seed, redo=redo)
+        windows=windows, seed=seed, redo=redo, logit_lens=logit_lens)
     label_core.check_backends(params)
     if batch:  # provider batch APIs first, then the label run from the cache (flows/label_batch.py)
         from featurescribe.flows.label_batch import batch_options_from_args, run_label_batch

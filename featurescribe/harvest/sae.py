@@ -144,6 +144,7 @@ class SAE:
         if "threshold" not in w and "log_threshold" in w:
             w["threshold"] = torch.exp(w["log_threshold"])
         self.W_enc = w["W_enc"]
+        self.W_dec = w.get("W_dec")  # not needed to encode; the logit lens reads it
         self.b_dec = w["b_dec"]
         self.b_enc = w.get("b_enc")
         self.threshold = w.get("threshold")
@@ -158,7 +159,7 @@ class SAE:
         return self.cfg.d_sae
 
     def to(self, device, dtype=None) -> "SAE":
-        for name in ("W_enc", "b_dec", "b_enc", "threshold", "b_gate", "r_mag", "b_mag"):
+        for name in ("W_enc", "W_dec", "b_dec", "b_enc", "threshold", "b_gate", "r_mag", "b_mag"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device=device, dtype=dtype or t.dtype))

@@ -21,6 +21,9 @@ activation over the windows shown. Two ways of answering (`answer`):
 The LLM layer asks again when an answer does not parse, and an explanation that never parses is
 a failed outcome. With `n` > 1 the candidates are sampled at `temperature` with seeds 1..n
 (distinct cache keys); a single explanation is asked at temperature 0.
+
+With `label --logit-lens` a feature carries the tokens its output direction promotes most
+(`logit_lens.py`), and the prompt shows them after the excerpts (explain_logit_lens.txt).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from featurescribe.labelers.base import (
 )
 from featurescribe.llm.base import BudgetExceeded, ChatRequest, LLMError
 from featurescribe.records import FeatureExamples, Window, discretize
-from featurescribe.scorers.prompts import render_messages, show_token
+from featurescribe.scorers.prompts import render_messages, render_text, show_token
 
 METHODS = ("pairs", "highlighted", "marked")
 ANSWERS = ("json", "text")
@@ -105,7 +108,11 @@ def render_explain_prompt(feature: FeatureExamples, method: str = "pairs",
         raise ValueError(f"unknown answer mode {answer!r}: use {' or '.join(ANSWERS)}")
     windows = explain_windows(feature, max_windows)
     name = f"explain_{method}" + ("_text" if answer == "text" else "")
-    return render_messages(name, n_excerpts=len(windows), examples=_FORMATS[method](windows))
+    examples = _FORMATS[method](windows)
+    if feature.promoted:
+        tokens = ", ".join(json.dumps(t, ensure_ascii=False) for t in feature.promoted)
+        examples += "\n\n" + render_text("explain_logit_lens", tokens=tokens).strip()
+    return render_messages(name, n_excerpts=len(windows), examples=examples)
 
 
 class LLMExplainer(Explainer):
@@ -135,6 +142,7 @@ class LLMExplainer(Explainer):
             temperature=self.temperature if sampled else 0.0,
             json_schema=EXPLANATION_SCHEMA if self.answer == "json" else None,
             seed=candidate + 1 if sampled else None,
+            accept_truncated=self.answer == "text",  # parse_text_explanation needs one sentence only
         )
 
     async def _one(self, feature: FeatureExamples, candidate: int, n: int) -> ExplainOutcome:

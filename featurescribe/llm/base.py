@@ -26,6 +26,9 @@ class ChatRequest:
     json_schema: dict | None = None  # ask for structured output matching this JSON schema
     top_logprobs: int = 0  # > 0: ask for logprobs with this many alternatives per token
     seed: int | None = None  # distinguishes candidates sampled at temperature > 0 (and the cache key)
+    # the parse function judges an answer cut at max_tokens itself (e.g. it only needs the first
+    # sentence); otherwise a cut answer is unusable and asked again
+    accept_truncated: bool = False
 
 
 @dataclass

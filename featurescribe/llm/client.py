@@ -347,7 +347,7 @@ class Client:
 
     def _check(self, request: ChatRequest, resp: ChatResponse, parse) -> Any:
         """The parsed value of a usable answer; UnparseableResponse otherwise."""
-        if resp.truncated:
+        if resp.truncated and not (request.accept_truncated and parse is not None):
             raise UnparseableResponse(
                 f"answer cut at max_tokens (finish_reason {resp.finish_reason})"
             )

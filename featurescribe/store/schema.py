@@ -252,7 +252,12 @@ _V4 = [
     """,
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
+# Version 5: the tokens a feature's output direction promotes most (label --logit-lens).
+_V5 = [
+    "ALTER TABLE features ADD COLUMN IF NOT EXISTS promoted_tokens VARCHAR[]",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """
