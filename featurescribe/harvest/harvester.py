@@ -346,15 +346,13 @@ class _Writer:
                 "corpus_index": pa.array(b.corpus_index[rows]),
             })
         n = len(it.vals)
-        acts = pa.table({
-            "source_id": _const_strings(self.source_id, n),
+        acts = pa.table({  # source_id: a constant of the INSERT (see _write)
             "feature_id": pa.array(it.idx[:, 2]),
             "seq_id": pa.array(b.seq_ids[it.idx[:, 0]]),
             "pos": pa.array(it.idx[:, 1]),
             "act": pa.array(it.vals),
         }) if n else None
-        progress = pa.table({"source_id": _const_strings(self.source_id, len(b.seq_ids)),
-                             "seq_id": pa.array(b.seq_ids)})
+        progress = pa.table({"seq_id": pa.array(b.seq_ids)})
         return seqs, acts, progress
 
     def _write(self, items: list[_Item]) -> None:
@@ -370,7 +368,8 @@ class _Writer:
             for i, table in enumerate(("sequences", "activations", "harvest_progress")):
                 chunks = [p[i] for p in parts if p[i] is not None]
                 if chunks:
-                    insert_arrow(con, table, pa.concat_tables(chunks) if len(chunks) > 1 else chunks[0])
+                    insert_arrow(con, table, pa.concat_tables(chunks) if len(chunks) > 1 else chunks[0],
+                                 consts=None if table == "sequences" else {"source_id": self.source_id})
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -538,9 +537,9 @@ class Harvester:
         import torch
 
         mask = (acts > threshold) & self.valid_mask(acts, lengths)[:, :, None]
-        idx = mask.nonzero().to(torch.int32)
-        vals = acts[mask].float()
-        return idx.cpu().numpy(), vals.cpu().numpy()
+        nz = mask.nonzero()  # one host sync per batch (the boolean-mask gather would be a second one)
+        vals = acts[nz[:, 0], nz[:, 1], nz[:, 2]].float()
+        return nz.to(torch.int32).cpu().numpy(), vals.cpu().numpy()
 
     @staticmethod
     def valid_mask(acts, lengths):
