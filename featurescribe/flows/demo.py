@@ -201,7 +201,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = args.out or str(parent / "out" / Path(db).stem)
     judge = pick_judge()
     if judge:
-        from featurescribe.llm.client import check_backend
+        from featurescribe.llm.registry import check_backend
 
         check_backend(judge)
         who = f"{judge} explains and simulates all {args.features} features (budget ${args.budget_usd:g})"

@@ -31,7 +31,7 @@ from featurescribe.flows import label_core
 from featurescribe.flows.label_core import LabelParams, LabelSummary
 from featurescribe.llm.base import parse_backend_spec
 from featurescribe.llm.batch import BatchOptions, BatchPending, BatchReport, BatchRunner
-from featurescribe.llm.batch.collector import BATCH_BACKENDS
+from featurescribe.llm.batch.collector import has_batch_api
 
 POLL_DEFAULT_S = 30.0
 
@@ -88,14 +88,14 @@ class BatchLabelResult:
 
 
 def _batchable(spec: str) -> bool:
-    return parse_backend_spec(spec)[0] in BATCH_BACKENDS
+    return has_batch_api(parse_backend_spec(spec)[0])
 
 
 def run_label_batch(db: str, params: LabelParams, options: BatchOptions, *,
                     progress: bool = True, stream=None, providers: dict[str, Any] | None = None,
                     sleep=None) -> BatchLabelResult:
     """The batch phases, then (when every answer is in) the ordinary label run."""
-    from featurescribe.labelers.base import first_error_line
+    from featurescribe.errors import first_error_line
     from featurescribe.llm.budget import Budget
     from featurescribe.store import runs as runs_sql
     from featurescribe.store.connection import open_db

@@ -44,10 +44,12 @@ from featurescribe.labelers import (
     check_explainer_spec,
     is_llm_explainer,
     make_explainer,
-    resolve_method,
+    method_name,
 )
-from featurescribe.labelers.base import first_error_line
-from featurescribe.llm.base import BudgetExceeded, parse_backend_spec
+from featurescribe.errors import first_error_line
+from featurescribe.llm.base import BudgetExceeded
+from featurescribe.llm.registry import is_llm_spec
+from featurescribe.scorers.registry import SCORERS, check_simulator_spec
 from featurescribe.records import Explanation, FeatureExamples, ScoreResult
 from featurescribe.store.bulk import insert_arrow
 from featurescribe.store.sampling import SamplingConfig, load_examples, sample_examples
@@ -83,19 +85,13 @@ class LabelParams:
     def __post_init__(self) -> None:
         try:
             check_explainer_spec(self.explainer)
+            check_simulator_spec(self.simulator)
         except ValueError as err:
             raise FeaturescribeError(str(err)) from None
-        kind, model = parse_backend_spec(self.simulator)
-        if kind not in ("openai", "anthropic", "local", "lexical", "baseline"):
-            raise FeaturescribeError(
-                f"unknown simulator {self.simulator!r}: use lexical, baseline:tokens, openai:MODEL, "
-                "anthropic:MODEL or local:MODEL")
-        if kind in ("openai", "anthropic", "local") and not model:
-            raise FeaturescribeError(f"simulator {self.simulator!r} names no model (e.g. {kind}:MODEL)")
-        bad = [s for s in self.scorers if s not in ("simulation", "detection", "fuzzing")]
+        bad = [s for s in self.scorers if SCORERS.get(s) is None]
         if bad or not self.scorers:
             raise FeaturescribeError(
-                f"unknown scorer(s) {', '.join(bad) or '(none)'}: use simulation, detection, fuzzing")
+                f"unknown scorer(s) {', '.join(bad) or '(none)'}: use {', '.join(SCORERS.names())}")
         if self.candidates < 1:
             raise FeaturescribeError("--candidates must be at least 1")
         if self.concurrency < 1:
@@ -112,7 +108,7 @@ class LabelParams:
     @property
     def method_name(self) -> str:
         """What `explanations.method` records: the prompt style, or 'tokens' for the baseline."""
-        return resolve_method(self.explainer, self.method) if is_llm_explainer(self.explainer) else "tokens"
+        return method_name(self.explainer, self.method)
 
     @property
     def n_candidates(self) -> int:
@@ -309,9 +305,8 @@ def _make_clients(params: LabelParams, store, budget, run_id):
                            use_cache=params.use_cache, concurrency=params.concurrency)
 
     exp_client = make(params.explainer) if is_llm_explainer(params.explainer) else None
-    sim_kind, _ = parse_backend_spec(params.simulator)
     sim_client = None
-    if sim_kind in ("openai", "anthropic", "local"):
+    if is_llm_spec(params.simulator):
         sim_client = exp_client if (exp_client is not None and exp_client.spec == params.simulator) \
             else make(params.simulator)
     return exp_client, sim_client
@@ -368,7 +363,7 @@ async def compute_chunk(prepared: PreparedChunk, params: LabelParams, *, store=N
                 except BudgetExceeded:
                     stopped = True
                     return
-                out.extend(res)
+                out.extend(res.results)
                 errors.extend(f"{f.scorer}: {f.error}" for f in res.failures)
 
             await asyncio.gather(*(one(r) for r in rows))
@@ -575,11 +570,10 @@ class LabelSummary:
 
 def check_backends(params: LabelParams) -> None:
     """Fail before any work when an LLM backend cannot be used (no API key, unknown backend)."""
-    from featurescribe.llm.client import check_backend
+    from featurescribe.llm.registry import check_backend
 
     for spec in {params.explainer, params.simulator}:
-        if parse_backend_spec(spec)[0] in ("openai", "anthropic", "local"):
-            check_backend(spec)
+        check_backend(spec)
 
 
 def run_label(db: str, params: LabelParams, *, progress: bool = True) -> LabelSummary:

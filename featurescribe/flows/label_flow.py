@@ -48,7 +48,8 @@ from featurescribe.flows.label_core import (  # noqa: E402
     DEFAULT_CHUNK_SIZE, ChunkResult, LabelParams, LabelSummary, PreparedChunk)
 from featurescribe.flows.runners import RUNNERS, make_task_runner, workers_see_api  # noqa: E402
 from featurescribe.flows.runs import recorded_run  # noqa: E402
-from featurescribe.llm.base import BudgetExceeded, parse_backend_spec  # noqa: E402
+from featurescribe.llm.base import BudgetExceeded  # noqa: E402
+from featurescribe.llm.registry import is_llm_spec  # noqa: E402
 
 # cached answers of unfinished earlier runs handed to each Dask chunk at most
 RESUME_CACHE_LIMIT = 20_000
@@ -110,10 +111,6 @@ def label_params(**options: Any) -> LabelParams:
     return params_from_args(argparse.Namespace(**{**defaults, **options}))
 
 
-def _uses_llm(spec: str) -> bool:
-    return parse_backend_spec(spec)[0] in ("openai", "anthropic", "local")
-
-
 @flow(name="label")
 def label_flow(db: str, source: str, features: str = "all", explainer: str = "baseline:tokens",
                simulator: str = "lexical", scorers: str = "simulation", candidates: int = 1,
@@ -170,7 +167,7 @@ def _label(db: str, params: LabelParams, run_id: str, *, task_runner: str, worke
         summary = LabelSummary(run_id, params.source_id, params.explainer, params.simulator,
                                n_selected=len(all_ids), already_done=len(all_ids) - len(ids))
         in_flight_max = max(1, workers) if dask else 1
-        llm_specs = [s for s in (params.explainer, params.simulator) if _uses_llm(s)]
+        llm_specs = [s for s in (params.explainer, params.simulator) if is_llm_spec(s)]
         global_limits = None
         if llm_specs and limits.enabled() and api_url():
             global_limits = limits.ensure_global_limits(llm_specs, params.concurrency) or None

@@ -55,20 +55,16 @@ from featurescribe.llm.base import (
     ChatResponse,
     LLMAuthFailed,
     LLMCallFailed,
-    NotAnLLMBackend,
     UnparseableResponse,
-    parse_backend_spec,
 )
 from featurescribe.llm.budget import Budget
 from featurescribe.llm.limits import LoopSemaphore, estimate_tokens, shared_limiter
 from featurescribe.llm.prices import PriceTable
+from featurescribe.llm.registry import BackendOptions, make_backend
 from featurescribe.store.llm_calls import CallRow, CallStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-LLM_BACKENDS = ("openai", "anthropic", "local")
-BASELINE_KINDS = ("baseline", "lexical")
 
 
 @dataclass
@@ -526,41 +522,6 @@ class Client:
 _MISS = object()
 
 
-HTTP_STACKS = ("httpx", "aiohttp")
-
-
-def make_backend(spec: str, *, timeout_s: float = 120.0, device: str = "auto", pool_size: int = 64,
-                 http: str = "httpx") -> Backend:
-    kind, model = parse_backend_spec(spec)
-    if kind in BASELINE_KINDS:
-        raise NotAnLLMBackend(
-            f"{spec!r} is a baseline, not an LLM backend: it needs no client (labelers and scorers "
-            "build it themselves); LLM backends are openai:MODEL, anthropic:MODEL, local:MODEL"
-        )
-    if kind not in LLM_BACKENDS:
-        raise NotAnLLMBackend(
-            f"unknown backend {spec!r}: use openai:MODEL, anthropic:MODEL, local:MODEL, "
-            "baseline:tokens or lexical"
-        )
-    if not model:
-        raise NotAnLLMBackend(f"backend {spec!r} names no model (e.g. {kind}:"
-                              + {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5",
-                                 "local": "smollm2-135m"}[kind] + ")")
-    if http not in HTTP_STACKS:
-        raise NotAnLLMBackend(f"unknown HTTP stack {http!r} (FEATURESCRIBE_LLM_HTTP): use httpx or aiohttp")
-    if kind == "openai":
-        from featurescribe.llm.backends.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(model, timeout_s=timeout_s, pool_size=pool_size, http=http)
-    if kind == "anthropic":
-        from featurescribe.llm.backends.anthropic_backend import AnthropicBackend
-
-        return AnthropicBackend(model, timeout_s=timeout_s, pool_size=pool_size)
-    from featurescribe.llm.backends.local import LocalBackend
-
-    return LocalBackend(model, device=device)
-
-
 def make_client(
     spec: str,
     *,
@@ -586,19 +547,6 @@ def make_client(
         over = {k: v for k, v in dict(use_cache=use_cache, concurrency=concurrency, **setting_overrides).items()
                 if v is not None}
         settings = replace(settings, **over)
-    backend = make_backend(spec, timeout_s=settings.timeout_s, device=device, pool_size=settings.concurrency,
-                           http=settings.http)
+    backend = make_backend(spec, BackendOptions(timeout_s=settings.timeout_s, device=device,
+                                                pool_size=settings.concurrency, http=settings.http))
     return Client(backend, store=store, run_id=run_id, budget=budget, settings=settings, prices=prices)
-
-
-def check_backend(spec: str) -> None:
-    """Raise, before any work, the error a run would meet: missing API key, unknown backend, or
-    (local) a model that cannot be found. Baselines pass."""
-    kind, model = parse_backend_spec(spec)
-    if kind in BASELINE_KINDS:
-        return
-    make_backend(spec)
-    if kind == "local":
-        from featurescribe.harvest.models import resolve_model
-
-        resolve_model(model)  # FeaturescribeError for an unknown model or a missing package

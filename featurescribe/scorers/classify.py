@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from featurescribe.llm.base import ChatRequest, ChatResponse, LLMCallFailed, UnparseableResponse
-from featurescribe.records import Window, discretize
+from featurescribe.records import Explanation, ScoreResult, Window, discretize
+from featurescribe.scorers.context import ScoreFailure, ScoringContext
 from featurescribe.scorers.lexical import LexicalRule
 from featurescribe.scorers.metrics import balanced_accuracy
-from featurescribe.scorers.prompts import render_messages, show_token
+from featurescribe.prompts import render_messages, show_token
 
 HIGHLIGHT_OPEN, HIGHLIGHT_CLOSE = "<<", ">>"
 
@@ -268,3 +269,50 @@ def prepare(task: str, windows: Sequence[Window], max_act: float, batch_size: in
     else:
         raise ValueError(f"unknown classification task {task!r}")
     return samples, batches(samples, batch_size, rng)
+
+
+# ----------------------------------------------------------------------------- the scorers
+def _window_max(windows: Sequence[Window], fe) -> float:
+    m = max((w.max_act for w in windows), default=0.0)
+    return m if m > 0 else fe.max_act
+
+
+def _prepared(task: str, e: Explanation, ctx: ScoringContext):
+    """The feature's samples and batches for `task`, made once for all its explanations."""
+    fe, windows = ctx.windows_of(e)
+    key = (task, e.source_id, e.feature_id)
+    if key not in ctx.cache:
+        ctx.cache[key] = prepare(task, windows, _window_max(windows, fe), ctx.batch_size,
+                                 (e.source_id, e.feature_id, ctx.split))
+    return ctx.cache[key]
+
+
+async def score_classification(task: str, e: Explanation, ctx: ScoringContext) -> ScoreResult | ScoreFailure:
+    """Detection or fuzzing of one explanation: balanced accuracy, beside the shuffled baseline."""
+    judge = ctx.judge
+    samples, batch_list = _prepared(task, e, ctx)
+    if not samples:
+        return ScoreFailure(e.explanation_id, task, judge.spec, f"no {ctx.split} windows")
+    try:
+        out = await classify(task, judge, e.text, samples, batch_list)
+    except ClassifyFailed as err:
+        return ScoreFailure(e.explanation_id, task, judge.spec, str(err))
+    res = ScoreResult(explanation_id=e.explanation_id, scorer=task, value=out.value, simulator=judge.spec,
+                      n_examples=out.n_examples, split=ctx.split, details=out.details)
+    other = ctx.baseline_text(e)
+    if other is not None:
+        try:
+            base = await classify(task, judge, other, samples, batch_list)
+            res.baseline_shuffled = base.value
+            res.details["baseline_shuffled"] = ctx.baseline_note(e, other)
+        except ClassifyFailed as err:
+            res.details["baseline_shuffled"] = {"error": str(err)}
+    return res
+
+
+async def score_detection(e: Explanation, ctx: ScoringContext) -> ScoreResult | ScoreFailure:
+    return await score_classification("detection", e, ctx)
+
+
+async def score_fuzzing(e: Explanation, ctx: ScoringContext) -> ScoreResult | ScoreFailure:
+    return await score_classification("fuzzing", e, ctx)

@@ -38,11 +38,10 @@ from featurescribe.llm.base import (
     ChatResponse,
     LLMCallFailed,
     UnparseableResponse,
-    parse_backend_spec,
 )
 from featurescribe.records import SCALE_MAX, FeatureExamples, Window
 from featurescribe.scorers.lexical import LexicalRule
-from featurescribe.scorers.prompts import render_messages, render_text, show_token
+from featurescribe.prompts import render_messages, render_text, show_token
 
 
 class SimulationFailed(Exception):
@@ -378,30 +377,3 @@ class LogprobSimulator(Simulator):
             self._fallback = self._fallback or StructuredSimulator(self.client)
             return await self._fallback.simulate_window(explanation, window, feature)
         return out
-
-
-# ----------------------------------------------------------------------------- factory
-NO_LLM_SIMULATORS = ("lexical", "baseline:tokens")
-
-
-def make_simulator(spec: str | Simulator, client: Any = None) -> Simulator:
-    """A simulator for a backend spec. LLM specs need `client` (from llm.make_client) unless the
-    llm layer can make one here."""
-    if isinstance(spec, Simulator):
-        return spec
-    kind, model = parse_backend_spec(spec)
-    if kind == "lexical":
-        return LexicalSimulator()
-    if kind == "baseline":
-        if model in ("", "tokens"):
-            return TokenMeanSimulator()
-        raise ValueError(f"unknown baseline simulator {spec!r}: use baseline:tokens")
-    if client is None:
-        from featurescribe.llm import make_client  # the llm layer builds and configures clients
-
-        client = make_client(spec)
-    if getattr(client, "supports_candidate_probs", False):
-        return LocalSimulator(client)
-    if getattr(client, "supports_logprobs", False):
-        return LogprobSimulator(client)
-    return StructuredSimulator(client)

@@ -35,7 +35,7 @@ from featurescribe.errors import FeaturescribeError
 from featurescribe.llm.base import (BudgetExceeded, LLMAuthFailed, LLMError, parse_backend_spec)
 from featurescribe.llm.batch.base import (SUCCEEDED, BatchItem, BatchProvider, BatchState,
                                           provider_class)
-from featurescribe.llm.batch.collector import BATCH_BACKENDS, BatchCollector, BatchSink
+from featurescribe.llm.batch.collector import BatchCollector, BatchSink, has_batch_api
 from featurescribe.llm.prices import DEFAULT_PRICES, ENV_VAR, PriceTable
 from featurescribe.progress import Progress
 from featurescribe.store import batches as sql
@@ -347,14 +347,14 @@ class BatchRunner:
         """
         opts, report = self.options, self.report
         self.backends = {c.backend for c in clients.values()
-                         if getattr(c, "backend", None) in BATCH_BACKENDS}
+                         if has_batch_api(getattr(c, "backend", None))}
         given_up: set[str] = set()
         for phase in range(1, opts.max_phases + 1):
             report.phases = phase
             self.poll_open()  # what ended since the last run or phase goes into the cache first
             sink = BatchSink(self.con, self.submit, retry=opts.retry, max_attempts=opts.max_attempts,
                              given_up=given_up, limits=self.limits)
-            swapped = {name: (BatchCollector(c, sink) if getattr(c, "backend", None) in BATCH_BACKENDS
+            swapped = {name: (BatchCollector(c, sink) if has_batch_api(getattr(c, "backend", None))
                               else c) for name, c in clients.items()}
             await collect_pass(swapped)
             sink.finish()
