@@ -7,7 +7,6 @@ lists them, and `main` turns user errors into one line on stderr and a non-zero 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -62,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from featurescribe.flows.prefect_env import configure_prefect
+
+    configure_prefect()  # before any command imports Prefect
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -6,9 +6,16 @@ import os
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    """The test session is an entry point: Prefect's settings are made here, as `featurescribe`
+    makes them, before any test imports Prefect."""
+    from featurescribe.flows.prefect_env import configure_prefect
+
+    configure_prefect()
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def demo_flow_fn():
     from featurescribe.flows.export_flow import export_flow
     from featurescribe.flows.harvest_flow import harvest_flow
     from featurescribe.flows.label_flow import label_flow
-    from featurescribe.flows.runs import recorded_run
+    from featurescribe.flows.run_record import recorded_run
     from featurescribe.store.connection import open_db
     from featurescribe.store.demo import demo_features, demo_labels
 

@@ -2,7 +2,7 @@
 
 A scorer is an async function `(explanation, ScoringContext) -> ScoreResult | ScoreFailure`;
 `score_explanations` runs the ones asked for, and builds a simulator and a judge only when one
-of them needs it. The CLI's `--scorers` choices, `LabelParams` checks and the order of results
+of them needs it. The CLI's `--scorers` choices, `LabelOptions` checks and the order of results
 come from `SCORERS`. Adding a scorer: a module with its function, and one `ScorerKind(...)` line
 in `BUILTIN_SCORERS` (or `SCORERS.register(...)` from outside the package).
 

@@ -31,6 +31,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 
 from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.transaction import transaction
 
 STATUSES = ("ok", "error", "parse_error", "cached", "budget")
 
@@ -168,17 +169,8 @@ class CallStore:
                 raise err
 
     def _write(self, rows: list[CallRow], cache: dict) -> None:
-        con = self._wcon
-        con.execute("BEGIN TRANSACTION")
-        try:
-            write_calls(con, rows, cache)
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except Exception:
-                pass
-            raise
+        with transaction(self._wcon):
+            write_calls(self._wcon, rows, cache)
 
     def close(self) -> None:
         """Stop the writer, write what is buffered, release the cursors."""
@@ -484,7 +476,3 @@ def _arrow(cols: dict):
         "cached": pa.bool_(), "attempt": pa.int32(), "batch_id": pa.string(),
     }
     return pa.table({c: pa.array(v, type=types[c]) for c, v in cols.items()})
-
-
-def row_dict(row: CallRow) -> dict:
-    return asdict(row)

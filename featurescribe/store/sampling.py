@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from featurescribe.records import KINDS, SPLITS, FeatureExamples, Window
 from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.transaction import transaction
 
 # windows per split and kind; quantile counts are spread over the bins (the highest bins get
 # any remainder)
@@ -331,8 +332,7 @@ def sample_examples(
     }
     q_sql = _SAMPLE_SQL.format(tmp=tmp)
 
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(q_sql, _used(q_sql, params))
         if n_random:
             con.execute(_RANDOM_MAX_SQL.format(tmp=tmp), {"source": source_id})
@@ -366,13 +366,6 @@ def sample_examples(
         ).fetchone()[0])
         _mark_status(con, source_id, report, cfg)
         con.execute(f"DROP TABLE IF EXISTS {tmp}")
-        con.execute("COMMIT")
-    except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except Exception:
-            pass
-        raise
     return report
 
 
@@ -490,14 +483,3 @@ def load_examples(con, source_id: str, feature_ids: Iterable[int]) -> dict[int, 
         if fe.max_act <= 0:
             fe.max_act = max((w.max_act for w in fe.windows), default=0.0)
     return out
-
-
-def feature_status(con, source_id: str, feature_ids: Iterable[int]) -> dict[int, tuple[str | None, str | None]]:
-    """{feature_id: (status, skip_reason)} from `features`."""
-    feats = sorted({int(f) for f in feature_ids})
-    rows = con.execute(
-        "SELECT feature_id, status, skip_reason FROM features WHERE source_id = $source "
-        "AND feature_id IN (SELECT unnest($features::INTEGER[]))",
-        {"source": source_id, "features": feats},
-    ).fetchall()
-    return {int(f): (s, r) for f, s, r in rows}
