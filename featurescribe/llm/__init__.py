@@ -33,7 +33,8 @@ from featurescribe.llm.client import (
 )
 from featurescribe.llm.registry import BACKENDS, BackendKind, check_backend, register_backend
 from featurescribe.llm.prices import PriceTable
-from featurescribe.store.llm_calls import CallRow, CallStore, MemoryCallStore, load_cache
+from featurescribe.store.llm_calls import CallRow, CallStore, load_cache
+from featurescribe.store.memory_calls import MemoryCallStore
 
 __all__ = [
     "BACKENDS",

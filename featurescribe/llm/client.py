@@ -46,7 +46,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence, TypeVar
 
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception
 
 from featurescribe.llm.backends.base import BadAnswer, Backend
 from featurescribe.llm.base import (
@@ -207,14 +207,19 @@ def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | No
     return Failure("fatal", msg, status=status)
 
 
+def backoff_s(settings: ClientSettings, n: int) -> float:
+    """Jittered exponential backoff before the n-th retry of a kind: initial * 2**(n-1) + U(0, jitter),
+    at most backoff_max_s."""
+    wait = settings.backoff_initial_s * 2 ** max(0, n - 1) + random.uniform(0, settings.backoff_jitter_s)
+    return max(0.0, min(wait, settings.backoff_max_s))
+
+
 class _Wait:
     """tenacity wait: per failure kind, backoff by that kind's own attempt count."""
 
     def __init__(self, settings: ClientSettings, counts: Counter):
         self.counts = counts
-        self.backoff = wait_exponential_jitter(
-            initial=settings.backoff_initial_s, max=settings.backoff_max_s, jitter=settings.backoff_jitter_s
-        )
+        self.settings = settings
         self.max_retry_after = settings.max_retry_after_s
 
     def __call__(self, retry_state) -> float:
@@ -225,13 +230,7 @@ class _Wait:
         if f.kind == "rate_limit" and f.retry_after is not None:
             ra = min(f.retry_after, self.max_retry_after)
             return ra + random.uniform(0, 0.1 * ra)
-        state = _AttemptNo(self.counts[f.kind])
-        return float(self.backoff(state))
-
-
-@dataclass
-class _AttemptNo:
-    attempt_number: int
+        return backoff_s(self.settings, self.counts[f.kind])
 
 
 @dataclass
@@ -387,8 +386,8 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(self, state: _CallState, parse) -> ChatResponse:
-        request, key = state.request, state.key
-        est = estimate_tokens(request.messages, state.max_tokens)
+        """One attempt: wait for the limits and a slot, check the budget, send, judge the answer."""
+        est = estimate_tokens(state.request.messages, state.max_tokens)
         await self.limiter.acquire(est)
         async with self._sem.get():
             # checked once a slot is free: a call still waiting for one has not started
@@ -397,66 +396,73 @@ class Client:
                     self.budget.check()
                 except BudgetExceeded as err:
                     self.limiter.settle(est, 0)
-                    self._record(state, key, request.purpose, "budget", error=str(err))
+                    self._record(state, state.key, state.request.purpose, "budget", error=str(err))
                     raise
-            state.attempt += 1
-            retry_index = state.parse_retries
             t0 = time.monotonic()
-            timeout = self.settings.timeout_s if self._backend.uses_timeout else 0
-            try:
-                with self._lock:
-                    self.n_requests += 1
-                resp = await self._backend.send(
-                    request, max_tokens=state.max_tokens, timeout=timeout, retry_index=retry_index
-                )
-            except (BudgetExceeded, LLMCallFailed):
-                raise
-            except asyncio.CancelledError:  # the request may have reached the server: keep a row
-                self._record(state, key, request.purpose, "error", latency_s=time.monotonic() - t0,
-                             error="cancelled")
-                raise
-            except Exception as exc:
-                latency = time.monotonic() - t0
-                f = classify(exc, timeout)
-                if f is None:  # not an API failure: record it and let it surface
-                    self._record(state, key, request.purpose, "error", latency_s=latency,
-                                 error=f"{type(exc).__name__}: {exc}"[:2000])
-                    raise
-                self._record(state, key, request.purpose, "error", latency_s=latency, error=f.message[:2000])
-                if f.kind == "auth":
-                    raise LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})") from None
-                if f.kind == "fatal":
-                    raise LLMCallFailed(f"{self.spec}: {f.message}") from None
-                if f.kind == "rate_limit" and f.retry_after:
-                    self.limiter.pause(min(f.retry_after, self.settings.max_retry_after_s))
-                state.counts[f.kind] += 1
-                raise _Retry(f) from None
+            resp = await self._send(state, t0)
         latency = time.monotonic() - t0
         self.limiter.settle(est, resp.input_tokens + resp.output_tokens)
+        return self._answer(state, resp, latency, parse)
+
+    async def _send(self, state: _CallState, t0: float) -> ChatResponse:
+        """The backend's one attempt; a failure is recorded and raised as what the retry loop
+        makes of it (_Retry, LLMAuthFailed, LLMCallFailed, or the error itself)."""
+        state.attempt += 1
+        timeout = self.settings.timeout_s if self._backend.uses_timeout else 0
+        try:
+            with self._lock:
+                self.n_requests += 1
+            return await self._backend.send(state.request, max_tokens=state.max_tokens, timeout=timeout,
+                                            retry_index=state.parse_retries)
+        except (BudgetExceeded, LLMCallFailed):
+            raise
+        except asyncio.CancelledError:  # the request may have reached the server: keep a row
+            self._record(state, state.key, state.request.purpose, "error",
+                         latency_s=time.monotonic() - t0, error="cancelled")
+            raise
+        except Exception as exc:
+            raise self._failed(state, exc, time.monotonic() - t0, timeout) from None
+
+    def _failed(self, state: _CallState, exc: Exception, latency: float, timeout: float) -> BaseException:
+        """Record a failed attempt; the exception that says what happens next."""
+        f = classify(exc, timeout)
+        if f is None:  # not an API failure: record it and let it surface
+            self._record(state, state.key, state.request.purpose, "error", latency_s=latency,
+                         error=f"{type(exc).__name__}: {exc}"[:2000])
+            return exc
+        self._record(state, state.key, state.request.purpose, "error", latency_s=latency, error=f.message[:2000])
+        if f.kind == "auth":
+            return LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})")
+        if f.kind == "fatal":
+            return LLMCallFailed(f"{self.spec}: {f.message}")
+        if f.kind == "rate_limit" and f.retry_after:
+            self.limiter.pause(min(f.retry_after, self.settings.max_retry_after_s))
+        state.counts[f.kind] += 1
+        return _Retry(f)
+
+    def _answer(self, state: _CallState, resp: ChatResponse, latency: float, parse) -> ChatResponse:
+        """Bill an answer and judge it: recorded `ok`, or `parse_error` and asked again."""
         cost, note = self._cost(resp.input_tokens, resp.output_tokens)
         self._spend(cost)
-        resp.cost_usd = cost
-        resp.latency_s = latency
-        resp.attempts = state.attempt
+        resp.cost_usd, resp.latency_s, resp.attempts = cost, latency, state.attempt
+        billed = dict(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens, cost_usd=cost,
+                      latency_s=latency)
+        purpose = state.request.purpose
         try:
-            value = self._check(request, resp, parse)
+            value = self._check(state.request, resp, parse)
         except UnparseableResponse as err:
             msg = str(err) or "unparseable answer"
-            self._record(state, key, request.purpose, "parse_error", input_tokens=resp.input_tokens,
-                         output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency,
-                         error=msg[:2000])
-            if resp.truncated and getattr(self._backend, "grow_on_truncation", True):
+            self._record(state, state.key, purpose, "parse_error", error=msg[:2000], **billed)
+            if resp.truncated and self._backend.grow_on_truncation:
                 state.max_tokens = min(max(state.max_tokens * 2, state.max_tokens + 1), self.settings.max_tokens_cap)
             state.parse_retries += 1
             state.counts["parse"] += 1
             raise _Retry(Failure("parse", msg)) from None
         except Exception as err:  # the caller's parse function broke: the answer was still paid for
-            self._record(state, key, request.purpose, "parse_error", input_tokens=resp.input_tokens,
-                         output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency,
-                         error=f"parse function raised {type(err).__name__}: {err}"[:2000])
+            self._record(state, state.key, purpose, "parse_error",
+                         error=f"parse function raised {type(err).__name__}: {err}"[:2000], **billed)
             raise
-        self._record(state, key, request.purpose, "ok", input_tokens=resp.input_tokens,
-                     output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency, error=note)
+        self._record(state, state.key, purpose, "ok", error=note, **billed)
         state.value = value
         return resp
 

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurescribe.llm.base import (
+    CandidateNotOneToken,
     ChatRequest,
     ChatResponse,
     LLMCallFailed,
@@ -182,9 +183,9 @@ class LocalSimulator(Simulator):
             size += len(self.SLOT) + 1
         return "".join(parts), positions
 
-    async def window_probs(self, text: str, positions: list[int]) -> np.ndarray:
+    async def window_probs(self, text: str, positions: list[int], scale_max: int | None = None) -> np.ndarray:
         """Rows of probabilities over 0..scale_max at each slot (one forward pass)."""
-        cands = [str(v) for v in range(self.scale_max + 1)]
+        cands = [str(v) for v in range((self.scale_max if scale_max is None else scale_max) + 1)]
         return np.asarray(await self.client.candidate_probs(text, positions, cands), dtype=np.float64)
 
     def expected(self, probs: np.ndarray) -> list[float]:
@@ -198,20 +199,23 @@ class LocalSimulator(Simulator):
     async def simulate_window(self, explanation, window, feature=None):
         if not window.tokens:
             return []
-        while True:
-            scale_max = self.scale_max
-            text, positions = self.build(explanation, window.tokens, scale_max)
-            try:
-                probs = await self.window_probs(text, positions)
-            except ValueError as err:
-                # "10" is two tokens for this model: use the 0-9 scale it can write in one token
-                if "candidate" in str(err) and scale_max == SCALE_MAX:
-                    self.scale_max = SCALE_MAX - 1
-                    continue
-                if "candidate" in str(err) and self.scale_max < scale_max:
-                    continue  # another window lowered the scale meanwhile
+        try:
+            return await self._at_scale(explanation, window.tokens, self.scale_max)
+        except CandidateNotOneToken as err:
+            if err.candidate != str(SCALE_MAX):
                 raise SimulationFailed(f"{self.spec}: {err}") from err
-            return self.expected(probs)
+        except ValueError as err:
+            raise SimulationFailed(f"{self.spec}: {err}") from err
+        # "10" is two tokens for this model: the 0-9 scale it can write in one token
+        self.scale_max = SCALE_MAX - 1
+        try:
+            return await self._at_scale(explanation, window.tokens, self.scale_max)
+        except ValueError as err:
+            raise SimulationFailed(f"{self.spec}: {err}") from err
+
+    async def _at_scale(self, explanation: str, tokens: list[str], scale_max: int) -> list[float]:
+        text, positions = self.build(explanation, tokens, scale_max)
+        return self.expected(await self.window_probs(text, positions, scale_max))
 
 
 # ----------------------------------------------------------------------------- API models

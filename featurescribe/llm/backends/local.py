@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from featurescribe.llm.backends.base import Backend
-from featurescribe.llm.base import ChatRequest, ChatResponse, TokenLogprob
+from featurescribe.llm.base import CandidateNotOneToken, ChatRequest, ChatResponse, TokenLogprob
 
 
 PREFIX_CACHE_ENTRIES = 4  # key/value caches of recent prompts kept for reuse (~15 MB each for SmolLM2-135M); 0: none
@@ -130,10 +130,8 @@ def candidate_token_ids(tokenizer, candidates: Sequence[str]) -> list[int]:
     for c in candidates:
         toks = _ids(tokenizer, c)
         if len(toks) != 1:
-            raise ValueError(
-                f"candidate {c!r} is {len(toks)} tokens for this tokenizer ({toks}); "
-                "candidate_probs needs single-token candidates"
-            )
+            raise CandidateNotOneToken(c, f"candidate {c!r} is {len(toks)} tokens for this tokenizer "
+                                          f"({toks}); candidate_probs needs single-token candidates")
         ids.append(toks[0])
     if len(set(ids)) != len(ids):
         raise ValueError(f"candidates {list(candidates)} do not map to distinct tokens ({ids})")
