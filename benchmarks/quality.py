@@ -1,7 +1,7 @@
 """Explanation quality: how well each judge tells true explanations from mismatched ones, and the
 scores offline explainers get, on planted features and on real SmolLM2-135M MLP neurons.
 
-1. Planted bed (featurescribe.scorers.planted): features defined by rules over real tokens of
+1. Planted bed (featurescribe.testbed.planted): features defined by rules over real tokens of
    the builtin corpus (smollm2-135m tokenizer), each with its true explanation; every other
    plant's explanation is a mismatched candidate. For each judge and scorer: the AUC with which
    it ranks the true explanation above the mismatched ones (per feature, then averaged), on the
@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from featurescribe.records import FeatureExamples  # noqa: E402
 from featurescribe.scorers import score_explanations  # noqa: E402
-from featurescribe.scorers.planted import PlantedBed, build_bed, ranking_auc  # noqa: E402
+from featurescribe.testbed.planted import PlantedBed, build_bed, ranking_auc  # noqa: E402
 
 
 def fig(name: str, value) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from featurescribe.scorers import score_explanations
-from featurescribe.scorers.planted import build_bed, default_plants, ranking_auc, word_tokenize
+from featurescribe.testbed.planted import build_bed, default_plants, ranking_auc, word_tokenize
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_the_lexical_judge_cannot_read_context(bed):
 
 @pytest.mark.slow
 def test_bed_with_the_smollm2_tokenizer():
-    from featurescribe.scorers.planted import smollm2_tokenize
+    from featurescribe.testbed.planted import smollm2_tokenize
 
     if smollm2_tokenize() is None:
         pytest.skip("smollm2-135m is not installed")

@@ -22,7 +22,7 @@ from featurescribe.scorers import (
 )
 from featurescribe.scorers.lexical import LexicalRule, quoted_strings
 from featurescribe.scorers.metrics import auc, balanced_accuracy, correlation
-from featurescribe.scorers.planted import build_bed
+from featurescribe.testbed.planted import build_bed
 from featurescribe.store.bulk import insert_arrow
 from featurescribe.store.results import save_scores
 
