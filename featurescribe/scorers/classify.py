@@ -163,16 +163,21 @@ def parse_answers(resp: ChatResponse, n: int) -> list[bool]:
     return out
 
 
+def judge_messages(task: str, style: str, explanation: str, batch: list[Sample]) -> tuple[dict, ...]:
+    """The judge's prompt (`detect_batch`, `fuzz_local`, ...) for a batch of numbered texts."""
+    name = ("detect_" if task == "detection" else "fuzz_") + style
+    examples = "\n".join(f"Text {i + 1}: {s.text()}" for i, s in enumerate(batch))
+    return render_messages(name, explanation=explanation.strip(), n=len(batch), examples=examples)
+
+
 class LLMJudge(Judge):
     def __init__(self, client: Any):
         self.client = client
         self.spec = client.spec
 
     async def judge(self, task, explanation, batch):
-        name = "detect_batch" if task == "detection" else "fuzz_batch"
-        examples = "\n".join(f"Text {i + 1}: {s.text()}" for i, s in enumerate(batch))
         req = ChatRequest(
-            messages=render_messages(name, explanation=explanation.strip(), n=len(batch), examples=examples),
+            messages=judge_messages(task, "batch", explanation, batch),
             purpose="detect" if task == "detection" else "fuzz",
             max_tokens=32 + 4 * len(batch),
             json_schema=ANSWERS_SCHEMA,
@@ -193,9 +198,7 @@ class LocalJudge(Judge):
         self.spec = client.spec
 
     async def judge(self, task, explanation, batch):
-        name = "detect_local" if task == "detection" else "fuzz_local"
-        examples = "\n".join(f"Text {i + 1}: {s.text()}" for i, s in enumerate(batch))
-        messages = render_messages(name, explanation=explanation.strip(), n=len(batch), examples=examples)
+        messages = judge_messages(task, "local", explanation, batch)
         text, positions = "", []
         for i in range(len(batch)):
             text += f"{i + 1}: "

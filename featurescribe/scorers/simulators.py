@@ -319,6 +319,13 @@ def parse_activation_list(resp: ChatResponse, n: int) -> list[float]:
     return out
 
 
+def _simulate_request(template: str, explanation: str, tokens: list[str], **kw) -> ChatRequest:
+    """One window's simulation request; the structured template numbers the token lines."""
+    messages = render_messages(template, explanation=explanation.strip(), n=len(tokens),
+                               tokens=_token_lines(tokens, numbered=template == "simulate_json"))
+    return ChatRequest(messages=messages, purpose="simulate", **kw)
+
+
 class StructuredSimulator(Simulator):
     """Integer predictions as structured output (models without logprobs), one request a window."""
 
@@ -330,15 +337,8 @@ class StructuredSimulator(Simulator):
         n = len(window.tokens)
         if n == 0:
             return []
-        req = ChatRequest(
-            messages=render_messages(
-                "simulate_json", explanation=explanation.strip(), n=n,
-                tokens=_token_lines(window.tokens, numbered=True),
-            ),
-            purpose="simulate",
-            max_tokens=16 + 4 * n,
-            json_schema=ACTIVATIONS_SCHEMA,
-        )
+        req = _simulate_request("simulate_json", explanation, window.tokens, max_tokens=16 + 4 * n,
+                                json_schema=ACTIVATIONS_SCHEMA)
         return await self.client.chat(req, parse=lambda r: parse_activation_list(r, n))
 
 
@@ -360,15 +360,9 @@ class LogprobSimulator(Simulator):
         n = len(window.tokens)
         if n == 0:
             return []
-        req = ChatRequest(
-            messages=render_messages(
-                "simulate_logprobs", explanation=explanation.strip(), n=n,
-                tokens=_token_lines(window.tokens, numbered=False),
-            ),
-            purpose="simulate",
-            max_tokens=64 + 12 * n + sum(len(t) for t in window.tokens),
-            top_logprobs=self.TOP_LOGPROBS,
-        )
+        req = _simulate_request("simulate_logprobs", explanation, window.tokens,
+                                max_tokens=64 + 12 * n + sum(len(t) for t in window.tokens),
+                                top_logprobs=self.TOP_LOGPROBS)
 
         def parse(resp: ChatResponse):
             numbers = parse_activation_lines(resp.text, n)
