@@ -30,6 +30,7 @@ from featurescribe.flows.label_run import LabelRun, LabelSummary, check_backends
 from featurescribe.llm.base import parse_backend_spec
 from featurescribe.llm.batch import BatchOptions, BatchPending, BatchReport, BatchRunner
 from featurescribe.llm.batch.collector import has_batch_api
+from featurescribe.statuses import RunStatus
 
 
 def batch_options(options: LabelOptions) -> BatchOptions:
@@ -116,7 +117,7 @@ def _batch_phases(db: str, options: LabelOptions, *, stream, providers, sleep) -
                       "to collect them", file=stream)
                 raise
             if not report.done:
-                rec.status, rec.note = "waiting", report.summary()
+                rec.status, rec.note = RunStatus.WAITING, report.summary()
         return report, rec.run_id, run_spend(con, rec.run_id)
     finally:
         con.close()

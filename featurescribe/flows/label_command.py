@@ -17,6 +17,7 @@ import sys
 
 from featurescribe.flows import label_options
 from featurescribe.flows.label_run import LabelSummary
+from featurescribe.statuses import FeatureStatus
 from featurescribe.store.connection import DEFAULT_DB
 
 
@@ -33,8 +34,8 @@ def _ids(ids) -> str:
 
 def print_summary(s: LabelSummary, out=None) -> None:
     out = out or sys.stdout
-    dead = [k for k in s.skipped if k.status == "dead"]
-    rare = [k for k in s.skipped if k.status == "rare"]
+    dead = [k for k in s.skipped if k.status == FeatureStatus.DEAD]
+    rare = [k for k in s.skipped if k.status == FeatureStatus.RARE]
     rows = [
         ("run", s.run_id),
         ("source", s.source_id),

@@ -40,6 +40,7 @@ from featurescribe.flows.label_options import LabelOptions
 from featurescribe.labelers import ExplainOutcome, is_llm_explainer, make_explainer
 from featurescribe.llm.base import BudgetExceeded
 from featurescribe.records import Explanation, FeatureExamples, ScoreResult
+from featurescribe.statuses import ExplanationStatus, FeatureStatus
 from featurescribe.store import labelling as sql
 from featurescribe.store.sampling import load_examples, sample_examples
 from featurescribe.store.transaction import transaction
@@ -111,7 +112,7 @@ def chunks(ids: Sequence[int], size: int) -> Iterator[list[int]]:
 @dataclass
 class SkippedFeature:
     feature_id: int
-    status: str  # 'dead' | 'rare'
+    status: str  # FeatureStatus.DEAD | FeatureStatus.RARE
     reason: str
 
 
@@ -130,8 +131,8 @@ def prepare_chunk(con, options: LabelOptions, feature_ids: Sequence[int]) -> Pre
     skipped = []
     if report.skipped:
         reasons = sql.skip_reasons(con, options.source_id, report.skipped)
-        skipped += [SkippedFeature(f, "dead", reasons.get(f) or "no activations") for f in report.dead]
-        skipped += [SkippedFeature(f, "rare", reasons.get(f) or "too few active sequences") for f in report.rare]
+        skipped += [SkippedFeature(f, FeatureStatus.DEAD, reasons.get(f) or "no activations") for f in report.dead]
+        skipped += [SkippedFeature(f, FeatureStatus.RARE, reasons.get(f) or "too few active sequences") for f in report.rare]
     loaded = load_examples(con, options.source_id, [f for f in ids if f not in set(report.skipped)])
     if options.logit_lens and loaded and is_llm_explainer(options.explainer):
         attach_promoted_tokens(con, options.source_id, loaded, options.logit_lens)
@@ -163,7 +164,7 @@ class ExplanationRow:
     """An explanation as `explanations` stores it: an ok one, or a failed one (text '')."""
 
     explanation: Explanation
-    status: str = "ok"  # 'ok' | 'failed'
+    status: str = ExplanationStatus.OK
     chosen: bool = False
     error: str | None = None
 
@@ -304,7 +305,8 @@ def _explanation_row(chunk: _Chunk, fe: FeatureExamples, oc: ExplainOutcome) -> 
     e = Explanation(explanation_id=uuid.uuid4().hex, source_id=fe.source_id, feature_id=fe.feature_id,
                     text=oc.text if oc.ok else "", explainer=chunk.explainer.spec,
                     method=chunk.options.method_name, candidate=oc.candidate, run_id=chunk.run_id)
-    return ExplanationRow(e, "ok" if oc.ok else "failed", False, oc.error)
+    status = ExplanationStatus.OK if oc.ok else ExplanationStatus.FAILED
+    return ExplanationRow(e, status, False, oc.error)
 
 
 async def choose_candidates(chunk: _Chunk, per_feature: dict[int, list[ExplanationRow]]) -> dict[int, ExplanationRow]:
@@ -313,7 +315,7 @@ async def choose_candidates(chunk: _Chunk, per_feature: dict[int, list[Explanati
     chosen: dict[int, ExplanationRow] = {}
     contested: dict[int, list[ExplanationRow]] = {}
     for f, rows in per_feature.items():
-        ok = [r for r in rows if r.status == "ok"]
+        ok = [r for r in rows if r.status == ExplanationStatus.OK]
         if not ok:
             errs = sorted({r.error for r in rows if r.error})
             chunk.result.failed[f] = "explanation failed: " + ("; ".join(errs) or "no answer")

@@ -46,6 +46,7 @@ from featurescribe.flows.label_options import LabelOptions, flow_signature
 from featurescribe.flows.label_run import LabelSummary, check_backends, open_label_run, selected_features
 from featurescribe.flows.run_record import recorded_run
 from featurescribe.llm.base import BudgetExceeded
+from featurescribe.statuses import RunStatus
 
 
 def _transient(task, task_run, state) -> bool:
@@ -102,7 +103,7 @@ def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
     with recorded_run(db, "label", record) as run:
         summary = _label(db, options, run.run_id)
         if summary.stopped_at_budget:
-            run.status, run.note = "stopped", summary.budget_message
+            run.status, run.note = RunStatus.STOPPED, summary.budget_message
     return summary
 
 

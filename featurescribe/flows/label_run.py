@@ -25,6 +25,7 @@ from featurescribe.flows.label_core import (
     write_chunk,
 )
 from featurescribe.flows.label_options import LabelOptions
+from featurescribe.statuses import RunStatus
 
 
 @dataclass
@@ -149,7 +150,7 @@ def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> Label
             asyncio.run(_loop(run, ids, summary, progress))
             run.finish(summary)
             if summary.stopped_at_budget:
-                record.status, record.note = "stopped", summary.budget_message
+                record.status, record.note = RunStatus.STOPPED, summary.budget_message
         return summary
     finally:
         con.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from featurescribe.errors import first_error_line
+from featurescribe.statuses import RunStatus
 from featurescribe.store import runs as sql
 from featurescribe.store.connection import open_db
 
@@ -30,7 +31,7 @@ class RunInfo:
     run_id: str
     flow: str
     prefect_flow_run_id: str | None
-    status: str = "completed"  # what the row gets when the body ends normally (e.g. 'stopped')
+    status: str = RunStatus.COMPLETED  # what the row gets when the body ends normally (e.g. 'stopped')
     note: str | None = None  # written to `error` with it (e.g. why it stopped)
 
 
@@ -81,7 +82,7 @@ def recorded_run(target: Any, flow: str, params: dict[str, Any]) -> Iterator[Run
     try:
         yield info
     except BaseException as err:
-        status = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
+        status = RunStatus.CANCELLED if isinstance(err, KeyboardInterrupt) else RunStatus.FAILED
         with _writing(target) as con:
             sql.finish_run(con, info.run_id, status, first_error_line(err))
         raise

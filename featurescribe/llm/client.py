@@ -61,6 +61,7 @@ from featurescribe.llm.budget import Budget
 from featurescribe.llm.limits import LoopSemaphore, estimate_tokens, shared_limiter
 from featurescribe.llm.prices import PriceTable
 from featurescribe.llm.registry import BackendOptions, make_backend
+from featurescribe.statuses import CallStatus
 from featurescribe.store.llm_calls import CallRow, CallStore
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ class Client:
         row = CallRow(
             backend=self.backend, model=self.model, prompt_hash=key, status=status, purpose=purpose,
             run_id=self.run_id, attempt=state.attempt if state is not None else 0,
-            cached=(status == "cached"), **kw,
+            cached=(status == CallStatus.CACHED), **kw,
         )
         if self.store is not None:
             self.store.record(row)
@@ -332,7 +333,7 @@ class Client:
                 except UnparseableResponse:
                     value = _MISS  # the parse function changed: ask the model again
                 if value is not _MISS:
-                    self._record(None, key, request.purpose, "cached", latency_s=0.0)
+                    self._record(None, key, request.purpose, CallStatus.CACHED, latency_s=0.0)
                     return value
         state = _CallState(key=key, request=request, max_tokens=request.max_tokens)
         resp = await self._with_retries(state, parse)
@@ -396,7 +397,7 @@ class Client:
                     self.budget.check()
                 except BudgetExceeded as err:
                     self.limiter.settle(est, 0)
-                    self._record(state, state.key, state.request.purpose, "budget", error=str(err))
+                    self._record(state, state.key, state.request.purpose, CallStatus.BUDGET, error=str(err))
                     raise
             t0 = time.monotonic()
             resp = await self._send(state, t0)
@@ -417,7 +418,7 @@ class Client:
         except (BudgetExceeded, LLMCallFailed):
             raise
         except asyncio.CancelledError:  # the request may have reached the server: keep a row
-            self._record(state, state.key, state.request.purpose, "error",
+            self._record(state, state.key, state.request.purpose, CallStatus.ERROR,
                          latency_s=time.monotonic() - t0, error="cancelled")
             raise
         except Exception as exc:
@@ -427,10 +428,10 @@ class Client:
         """Record a failed attempt; the exception that says what happens next."""
         f = classify(exc, timeout)
         if f is None:  # not an API failure: record it and let it surface
-            self._record(state, state.key, state.request.purpose, "error", latency_s=latency,
+            self._record(state, state.key, state.request.purpose, CallStatus.ERROR, latency_s=latency,
                          error=f"{type(exc).__name__}: {exc}"[:2000])
             return exc
-        self._record(state, state.key, state.request.purpose, "error", latency_s=latency, error=f.message[:2000])
+        self._record(state, state.key, state.request.purpose, CallStatus.ERROR, latency_s=latency, error=f.message[:2000])
         if f.kind == "auth":
             return LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})")
         if f.kind == "fatal":
@@ -452,17 +453,17 @@ class Client:
             value = self._check(state.request, resp, parse)
         except UnparseableResponse as err:
             msg = str(err) or "unparseable answer"
-            self._record(state, state.key, purpose, "parse_error", error=msg[:2000], **billed)
+            self._record(state, state.key, purpose, CallStatus.PARSE_ERROR, error=msg[:2000], **billed)
             if resp.truncated and self._backend.grow_on_truncation:
                 state.max_tokens = min(max(state.max_tokens * 2, state.max_tokens + 1), self.settings.max_tokens_cap)
             state.parse_retries += 1
             state.counts["parse"] += 1
             raise _Retry(Failure("parse", msg)) from None
         except Exception as err:  # the caller's parse function broke: the answer was still paid for
-            self._record(state, state.key, purpose, "parse_error",
+            self._record(state, state.key, purpose, CallStatus.PARSE_ERROR,
                          error=f"parse function raised {type(err).__name__}: {err}"[:2000], **billed)
             raise
-        self._record(state, state.key, purpose, "ok", error=note, **billed)
+        self._record(state, state.key, purpose, CallStatus.OK, error=note, **billed)
         state.value = value
         return resp
 
@@ -498,7 +499,7 @@ class Client:
             probs, n_tokens = await self._backend.candidate_probs(
                 text, positions, candidates, messages=messages, normalize=normalize
             )
-        self._record(_CallState(key, ChatRequest(messages=()), 0, attempt=1), key, purpose, "ok",
+        self._record(_CallState(key, ChatRequest(messages=()), 0, attempt=1), key, purpose, CallStatus.OK,
                      input_tokens=n_tokens, output_tokens=0, cost_usd=0.0,
                      latency_s=time.monotonic() - t0)
         return probs

@@ -29,10 +29,11 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 
+from featurescribe.statuses import CallStatus
 from featurescribe.store.bulk import insert_arrow
 from featurescribe.store.transaction import transaction
 
-STATUSES = ("ok", "error", "parse_error", "cached", "budget")
+STATUSES = tuple(CallStatus)
 
 
 @dataclass
