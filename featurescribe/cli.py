@@ -35,7 +35,7 @@ def command_table() -> list[Command]:
         Command("harvest", "run a model over a corpus and store one layer's activations (neurons or SAE latents)",
                 harvest.add_arguments, harvest.run),
         Command("label", "sample, explain and score the features of a source",
-                label_command.add_label_arguments, label_command.run_label),
+                label_command.add_arguments, label_command.run),
         Command("export", "write feature dictionaries: neuronpedia, oai, delphi, parquet or json",
                 export.add_export_arguments, export.run_export),
         Command("report", "write a self-contained HTML feature browser",

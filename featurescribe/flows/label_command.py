@@ -21,7 +21,7 @@ from featurescribe.statuses import FeatureStatus
 from featurescribe.store.connection import DEFAULT_DB
 
 
-def add_label_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default: {DEFAULT_DB})")
     label_options.add_arguments(p)
 
@@ -67,16 +67,16 @@ def print_summary(s: LabelSummary, out=None) -> None:
               file=out)
 
 
-def run_label(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     options = label_options.from_args(args)
     if options.batch:  # provider batch APIs first, then the run from the cache
         from featurescribe.flows.label_batch import run_label_batch
 
         summary = run_label_batch(args.db, options).summary
     else:
-        from featurescribe.flows.label_flow import run_label_command
+        from featurescribe.flows.label_flow import run_label_flow
 
-        summary = run_label_command(args.db, options)  # the Prefect label flow
+        summary = run_label_flow(args.db, options)  # the Prefect label flow
     if summary is not None:
         print_summary(summary, out=sys.stdout)
     return 0

@@ -140,7 +140,7 @@ def preflight(db: str, options: LabelOptions) -> None:
         con.close()
 
 
-def run_label_command(db: str, options: LabelOptions) -> LabelSummary:
+def run_label_flow(db: str, options: LabelOptions) -> LabelSummary:
     """`featurescribe label` (without --batch): the label flow, in this process."""
     preflight(db, options)
     return label_flow(db=db, **dataclasses.asdict(options))

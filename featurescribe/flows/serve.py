@@ -27,14 +27,14 @@ from featurescribe.errors import FeaturescribeError
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from featurescribe.flows.label_command import add_label_arguments
+    from featurescribe.flows import label_command
 
     p.add_argument("--cron", required=True, help='when to run, a cron expression, e.g. "0 3 * * *" (03:00 daily)')
     p.add_argument("--timezone", default="UTC", help="the cron's time zone (default: UTC)")
     p.add_argument("--name", default=None, help="the deployment's name (default: label-SOURCE)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the deployment (flow, schedule, parameters) and exit without serving")
-    add_label_arguments(p)
+    label_command.add_arguments(p)
 
 
 def _check_cron(cron: str, tz: str) -> None:
