@@ -41,11 +41,9 @@ class LabelOptions:
     source: str = opt(dataclasses.MISSING, "SOURCE_ID, e.g. 6-mlp (harvest prints it)", required=True)
     features: str = opt("all", "which features: 0:64, 3,17,40, all or alive (default: all; dead and "
                                "rare features are marked and reported, not explained)")
-    explainer: str = opt("baseline:tokens", "openai:MODEL, anthropic:MODEL, local:MODEL or "
-                                            "baseline:tokens (default)")
-    simulator: str = opt("lexical", "lexical (default), baseline:tokens, openai:MODEL, anthropic:MODEL "
-                                    "or local:MODEL")
-    scorers: str = opt("simulation", "comma-separated: simulation, detection, fuzzing (default: simulation)")
+    explainer: str = opt("baseline:tokens", "{explainers} (default: baseline:tokens)")
+    simulator: str = opt("lexical", "{simulators} (default: lexical)")
+    scorers: str = opt("simulation", "comma-separated: {scorers} (default: simulation)")
     candidates: int = opt(1, "explanations per feature; with more than 1, the best on the valid split "
                              "is chosen (default: 1)")
     concurrency: int = opt(16, "LLM requests in flight (default: 16)")
@@ -177,12 +175,23 @@ def _window_item(item: str) -> tuple[str, str, int]:
 
 
 # --------------------------------------------------------------------- the CLI and the flow
+def _choices_help() -> dict[str, str]:
+    """What `{explainers}`, `{simulators}` and `{scorers}` in help texts stand for: the registries."""
+    from featurescribe.labelers.registry import explainer_specs_help
+    from featurescribe.scorers.registry import SCORERS, simulator_specs_help
+
+    return {"explainers": explainer_specs_help(), "simulators": simulator_specs_help(),
+            "scorers": ", ".join(SCORERS.names())}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per field of LabelOptions (booleans are flags)."""
     hints = typing.get_type_hints(LabelOptions)
+    names = _choices_help()
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(LabelOptions):
         kw = dict(f.metadata)
+        kw["help"] = kw["help"].format(**names)
         group = kw.pop("group", None)
         target = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
         flag = "--" + f.name.replace("_", "-")
