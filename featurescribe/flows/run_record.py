@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ def new_run_id(flow: str) -> str:
 
 def _prefect_ids() -> tuple[str | None, str | None]:
     """(this flow run's id, its parent flow run's id), None outside a flow run."""
+    if "prefect.context" not in sys.modules:  # no flow has run in this process: no need to import it
+        return None, None
     try:
         from prefect.context import FlowRunContext
 
