@@ -37,7 +37,6 @@ import numpy as np
 import pyarrow as pa
 
 from featurescribe.records import KINDS, SPLITS, FeatureExamples, Window
-from featurescribe.store.bulk import insert_arrow
 from featurescribe.store.transaction import transaction
 
 # windows per split and kind; quantile counts are spread over the bins (the highest bins get
