@@ -209,22 +209,6 @@ class LocalJudge(Judge):
         return [bool(row[1] > row[0]) for row in probs]
 
 
-def make_judge(spec: str | Judge, client: Any = None) -> Judge:
-    if isinstance(spec, Judge):
-        return spec
-    if spec == "lexical":
-        return LexicalJudge()
-    if spec.startswith("baseline"):
-        raise ValueError(f"{spec} cannot judge detection or fuzzing: use lexical or an LLM")
-    if client is None:
-        from featurescribe.llm import make_client
-
-        client = make_client(spec)
-    if getattr(client, "supports_candidate_probs", False):
-        return LocalJudge(client)
-    return LLMJudge(client)
-
-
 # ----------------------------------------------------------------------------- scoring
 @dataclass
 class ClassifyOutcome:

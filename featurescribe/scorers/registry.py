@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 from featurescribe.llm.base import parse_backend_spec
-from featurescribe.llm.registry import BACKENDS, kind_of
+from featurescribe.llm.registry import BACKENDS, NO_LLM_KINDS, kind_of
 from featurescribe.records import Explanation, ScoreResult
-from featurescribe.scorers.classify import score_detection, score_fuzzing
+from featurescribe.scorers.classify import Judge, LexicalJudge, LLMJudge, LocalJudge, score_detection, score_fuzzing
 from featurescribe.scorers.context import ScoreFailure, ScoringContext
 from featurescribe.scorers.simulation import score_simulation
 from featurescribe.scorers.simulators import (
@@ -145,6 +145,33 @@ def make_simulator(spec: str | Simulator, client: Any = None) -> Simulator:
 
         client = make_client(spec)
     return llm_simulator(client)
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    spec: str
+    make: Callable[[], Judge]
+
+
+# the no-LLM judges of detection and fuzzing, by spec
+JUDGES = _Registry((JudgeKind("lexical", LexicalJudge),), "spec")
+
+
+def make_judge(spec: str | Judge, client: Any = None) -> Judge:
+    """A judge for detection and fuzzing: a no-LLM one by spec, or the one an LLM client's
+    capabilities call for (candidate probabilities in one pass for local models)."""
+    if isinstance(spec, Judge):
+        return spec
+    kind = JUDGES.get(spec)
+    if kind is not None:
+        return kind.make()
+    if parse_backend_spec(spec)[0] in NO_LLM_KINDS:
+        raise ValueError(f"{spec} cannot judge detection or fuzzing: use {', '.join(JUDGES.names())} or an LLM")
+    if client is None:
+        from featurescribe.llm import make_client
+
+        client = make_client(spec)
+    return LocalJudge(client) if getattr(client, "supports_candidate_probs", False) else LLMJudge(client)
 
 
 def default_judge(simulator: str | Simulator) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from featurescribe.records import Explanation, FeatureExamples
 from featurescribe.scorers import classify as cls
 from featurescribe.scorers.context import ScoreFailure, ScoreOutcome, ScoringContext
-from featurescribe.scorers.registry import SCORERS, default_judge, make_simulator, parse_scorers
+from featurescribe.scorers.registry import SCORERS, default_judge, make_judge, make_simulator, parse_scorers
 from featurescribe.scorers.simulation import Simulated, simulation_score
 from featurescribe.scorers.simulators import Simulator, TokenMeanSimulator
 
@@ -69,7 +69,7 @@ def _context(explanations, examples, names, *, simulator, client, judge, judge_c
         if judge is None:
             judge = default_judge(simulator)
             judge_client = judge_client or (client if judge != "lexical" else None)
-        ctx.judge = cls.make_judge(judge, client=judge_client)
+        ctx.judge = make_judge(judge, client=judge_client)
     partners = shuffled_partners(explanations)
     ctx.others = {k: v.text for k, v in partners.items()}
     ctx.other_ids = {k: v.explanation_id for k, v in partners.items()}
