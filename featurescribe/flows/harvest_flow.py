@@ -55,3 +55,41 @@ def harvest_flow(db: str, model: str, layer: int | str | None = None, site: str 
     with recorded_run(db, "harvest", {k: v for k, v in params.items() if k != "progress"}) as run:
         result = harvest_task(params)
     return {"run_id": run.run_id, **result}
+
+
+@task(name="harvest-shard", cache_policy=NONE, retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
+def harvest_shard_task(plan: dict, index: int) -> dict:
+    from featurescribe.harvest.shards import run_shard
+
+    return run_shard(plan, index)
+
+
+@flow(name="harvest-shards")
+def harvest_shards_flow(plan: dict, task_runner: str = "thread", workers: int = 2,
+                        dask_address: str | None = None) -> list:
+    """Run the shards of a planned harvest (featurescribe/harvest/shards.py) on the task runner, then merge."""
+    import time
+    from contextlib import ExitStack
+
+    from featurescribe.flows.runners import make_task_runner, workers_see_api
+    from featurescribe.harvest.shards import merge
+
+    db = plan["params"]["db"]
+    t0 = time.monotonic()
+    with recorded_run(db, "harvest", {"shards": plan["shards"], "task_runner": task_runner,
+                                      **{k: v for k, v in plan["params"].items() if k != "progress"}}):
+        with ExitStack() as stack:
+            if task_runner == "dask":
+                stack.enter_context(workers_see_api())
+            runner = stack.enter_context(make_task_runner(task_runner, threads=plan["shards"], workers=workers,
+                                                          address=dask_address))
+            futures = [runner.submit(harvest_shard_task.with_options(task_run_name=f"harvest-shard-{i}"),
+                                     parameters={"plan": plan, "index": i}) for i in range(plan["shards"])]
+            done = [f.result() for f in futures]
+        results = merge(plan)
+    for r in results:
+        r.new_tokens = sum(d["new_tokens"] for d in done)
+        r.new_sequences = r.n_sequences if r.new_tokens else 0
+        r.seconds = time.monotonic() - t0
+        r.extra = {"shards": done}
+    return results

@@ -59,6 +59,11 @@ def source_settings(con, source_id: str) -> dict[str, Any] | None:
     return have
 
 
+def source_params(con, source_id: str) -> dict:
+    row = con.execute("SELECT params FROM sources WHERE source_id = ?", [source_id]).fetchone()
+    return json.loads(row[0]) if row and row[0] else {}
+
+
 def delete_source(con, source_id: str) -> None:
     def run(c):
         for table in ("activations", "features", "harvest_progress", "sources"):
