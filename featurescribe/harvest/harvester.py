@@ -316,9 +316,10 @@ def load_model(cfg: HarvestConfig):
     return ref.model_id, model, tokenizer
 
 
-def harvest_all(cfg: HarvestConfig, loaded=None) -> list[HarvestResult]:
+def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[HarvestResult]:
     """Run a harvest from a config: one result per source. Every user error is raised before the
-    database is opened. `loaded`: an optional `(model_id, model, tokenizer)` already in memory."""
+    database is opened. `loaded`: an optional `(model_id, model, tokenizer)` already in memory;
+    `one`: refuse a harvest of several sources."""
     from featurescribe.store import open_db
 
     check_config(cfg)
@@ -327,6 +328,8 @@ def harvest_all(cfg: HarvestConfig, loaded=None) -> list[HarvestResult]:
     model_id, model, tokenizer = loaded if loaded is not None else load_model(cfg)
     h = Harvester(model, tokenizer, model_id=model_id, layer=cfg.layer, site=cfg.site, sae=saes,
                   source_id=cfg.source_id)
+    if one and len(h.plans) != 1:
+        raise FeaturescribeError(f"this harvest has {len(h.plans)} sources: use harvest_all")
     seqs = corpus_mod.sequences(corpus, tokenizer, cfg.ctx, cfg.max_tokens or None)
     first = next(seqs, None)
     if first is None and cfg.index_range is None:
@@ -342,7 +345,4 @@ def harvest_all(cfg: HarvestConfig, loaded=None) -> list[HarvestResult]:
 
 def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:
     """A harvest of one source (see `harvest_all` for many)."""
-    results = harvest_all(cfg, loaded)
-    if len(results) != 1:
-        raise FeaturescribeError(f"this harvest has {len(results)} sources: use harvest_all")
-    return results[0]
+    return harvest_all(cfg, loaded, one=True)[0]
