@@ -3,6 +3,8 @@ source, and all 30 MLP layers in one pass), sharded speedup, and peak memory aga
 
     python benchmarks/harvest.py --quick     # CPU, about 5 minutes on 2 free cores
     python benchmarks/harvest.py --gpu       # one GPU: bfloat16, sizes where the forward runs >= 10 s
+    python benchmarks/harvest.py --write-model-config gpu-model   # here: config + tokenizer, 3.5 MB
+    python benchmarks/harvest.py --gpu --quick --model gpu-model  # there: random weights, same shapes
 
 1. `store_ingest_entries_per_s`: synthetic SAE-shaped batches (16,384 latents, 64 kept per token)
    through the harvest's writers into `activations` (benchmarks/harvest_store.py); the same items
@@ -74,8 +76,37 @@ def load(device: str, dtype: str | None):
     from featurescribe.harvest.models import load_causal_lm, pick_device
 
     device = pick_device(device)
+    folder = Path(MODEL)
+    if folder.is_dir() and (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
+        return device, *random_model(folder, device, dtype)
     model, tok = load_causal_lm(MODEL, device=device, dtype=dtype)
     return device, model, tok
+
+
+def random_model(folder: Path, device: str, dtype: str | None):
+    """A model of the folder's config with random weights (seeded), and its tokenizer: the GPU run's
+    stand-in when the 98 MB model package cannot travel (`--write-model-config DIR` writes the folder)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from featurescribe.harvest.models import torch_dtype
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    model.to(device=device, dtype=torch_dtype(dtype) or torch.float32).eval().requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def write_model_config(out: str) -> None:
+    """Config and tokenizer of smollm2-135m (about 3.5 MB, no weights) into `out`, for random_model."""
+    import shutil
+
+    from featurescribe.harvest.models import resolve_model
+
+    src = Path(resolve_model("smollm2-135m").path)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, Path(out) / name)
 
 
 def cfg_for(db: str, tokens: int, batch_size: int, dtype: str | None, device: str, layer: int = LAYER,
@@ -247,6 +278,9 @@ def parse_args():
     ap.add_argument("--mem-tokens", type=int, default=None, help="N for the memory test (N and 4N tokens)")
     ap.add_argument("--only", default=None, help="comma list of ingest,speed,multisite,shards,memory")
     ap.add_argument("--model", default=None, help="model to harvest (default smollm2-135m)")
+    ap.add_argument("--write-model-config", metavar="DIR", default=None,
+                    help="write smollm2-135m's config and tokenizer (no weights) to DIR and exit; "
+                         "--model DIR then runs a random-weight model of the same architecture")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gpu:
@@ -327,6 +361,9 @@ def main() -> int:
         MODEL = os.environ["FEATURESCRIBE_BENCH_MODEL"] = args.model
     if args.memory_child:
         print(json.dumps(memory_child(args)))
+        return 0
+    if args.write_model_config:
+        write_model_config(args.write_model_config)
         return 0
     from featurescribe.harvest.models import pick_device
 

@@ -38,7 +38,7 @@ from featurescribe.harvest.writer import WRITER_THREADS, Item, RowMaker, TokenSt
 
 DEFAULT_CTX = 64
 DEFAULT_MAX_TOKENS = 100_000
-DUCKDB_MEMORY_LIMIT = "256MB"  # the harvest's connection: bounded, whatever the corpus size
+DUCKDB_MEMORY_LIMIT = "128MB"  # the harvest's connection: bounded, whatever the corpus size
 
 
 @dataclass
