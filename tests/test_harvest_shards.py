@@ -124,3 +124,12 @@ def test_bad_shard_inputs(smollm2, tmp_path, corpus_file, capsys):
     assert "2 shards" in err and "overlap" in err
     err = cli_error(base + ["--shards", "2", "--threshold", "0.5"], capsys)
     assert "other settings" in err and "thresholds" in err
+
+
+def test_two_shards_on_threads_equal_one_process(smollm2, tmp_path, corpus_file, prefect_server):
+    one = str(tmp_path / "one.duckdb")
+    harvest_all(cfg(one, corpus_file, layer="2", site="mlp", sae=None), loaded=smollm2)
+    db = str(tmp_path / "threads.duckdb")
+    results = harvest_sharded(cfg(db, corpus_file, layer="2", site="mlp"), 2, task_runner="thread")
+    assert not any(d["skipped"] for d in results[0].extra["shards"])
+    assert_same(dump(one), dump(db))
