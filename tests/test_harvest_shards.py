@@ -66,8 +66,9 @@ def test_three_shards_on_dask_equal_one_process(smollm2, tmp_path, corpus_file, 
     assert sorted(d["shard"] for d in results[0].extra["shards"]) == [0, 1, 2]
     assert_same(dump(one), dump(sharded))
     assert not shard_dir(sharded).exists()
-    # running it again adds nothing
-    harvest_sharded(cfg(sharded, corpus_file), 3, task_runner="thread")
+    # running it again runs no shard and adds nothing
+    again = harvest_sharded(cfg(sharded, corpus_file), 3, task_runner="thread")
+    assert again[0].extra["shards"] == [] and again[0].new_tokens == 0
     assert_same(dump(one), dump(sharded))
 
 

@@ -83,8 +83,9 @@ def harvest_shards_flow(plan: dict, task_runner: str = "thread", workers: int = 
                 stack.enter_context(workers_see_api())
             runner = stack.enter_context(make_task_runner(task_runner, threads=plan["shards"], workers=workers,
                                                           address=dask_address))
+            todo = [] if plan["complete"] else range(plan["shards"])
             futures = [runner.submit(harvest_shard_task.with_options(task_run_name=f"harvest-shard-{i}"),
-                                     parameters={"plan": plan, "index": i}) for i in range(plan["shards"])]
+                                     parameters={"plan": plan, "index": i}) for i in todo]
             done = [f.result() for f in futures]
         results = merge(plan)
     for r in results:

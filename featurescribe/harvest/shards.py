@@ -33,6 +33,7 @@ class ShardPlan:
     thresholds: dict[str, float]
     settings: dict  # what every shard file and the merge must agree on
     sources: list[dict] = field(default_factory=list)  # per source: id, hook, layer, site, kind, width
+    complete: bool = False  # every source already has every sequence in DB: nothing to run
 
 
 def shard_dir(db: str) -> Path:
@@ -93,8 +94,9 @@ def _count_sequences(cfg: HarvestConfig, tokenizer) -> int:
     return n
 
 
-def _thresholds(cfg: HarvestConfig, h: Harvester) -> dict[str, float]:
-    """Each source's threshold: stored in DB, given, or estimated on the first batch (as one process does)."""
+def _thresholds(cfg: HarvestConfig, h: Harvester, n_seq: int) -> tuple[dict[str, float], bool]:
+    """Each source's threshold: stored in DB, given, or estimated on the first batch (as one process does);
+    and whether DB already holds every sequence of every source."""
     from featurescribe.harvest.batches import make_batches
     from featurescribe.harvest.harvester import _plan
     from featurescribe.harvest.source_state import prepare_states
@@ -106,6 +108,7 @@ def _thresholds(cfg: HarvestConfig, h: Harvester) -> dict[str, float]:
     con = open_db(cfg.db)
     try:
         states = prepare_states(con, h, cfg, corpus, tokenizer_id, batch_size)
+        complete = all(len(d) >= n_seq for d in _plan(con, states, tokenizer_id, corpus.key(cfg.ctx), None).done_index)
         if any(st.threshold is None for st in states):
             seqs = corpus_mod.sequences(corpus, h.tokenizer, cfg.ctx, cfg.max_tokens or None)
             fresh = _plan(con, states, tokenizer_id, corpus.key(cfg.ctx), None)
@@ -116,7 +119,7 @@ def _thresholds(cfg: HarvestConfig, h: Harvester) -> dict[str, float]:
                 h._item(next(make_batches(seqs, fresh, batch_size)), states)
     finally:
         con.close()
-    return {st.plan.source_id: float(st.threshold) for st in states}
+    return {st.plan.source_id: float(st.threshold) for st in states}, complete
 
 
 def plan_shards(cfg: HarvestConfig, shards: int, loaded=None) -> ShardPlan:
@@ -133,14 +136,14 @@ def plan_shards(cfg: HarvestConfig, shards: int, loaded=None) -> ShardPlan:
     if shards > n_seq:
         raise FeaturescribeError(f"--shards {shards} is more than the corpus's {n_seq} sequences")
     check_existing_shards(cfg.db, shards, None)
-    thresholds = _thresholds(cfg, h)
+    thresholds, complete = _thresholds(cfg, h, n_seq)
     settings = _settings(cfg, shards, n_seq, h, thresholds)
     check_existing_shards(cfg.db, shards, settings)
     params = {k: v for k, v in asdict(cfg).items() if k not in ("index_range", "thresholds")}
     params.update(overwrite=False, progress=False)
     sources = [{"source_id": p.source_id, "hook_name": p.hook_name, "layer": p.layer, "site": p.site,
                 "kind": p.kind, "width": p.width, "threshold": thresholds[p.source_id]} for p in h.plans]
-    return ShardPlan(params, shards, n_seq, shard_ranges(n_seq, shards), thresholds, settings, sources)
+    return ShardPlan(params, shards, n_seq, shard_ranges(n_seq, shards), thresholds, settings, sources, complete)
 
 
 def _shard_device(device: str, index: int) -> str:
@@ -193,13 +196,16 @@ def merge(plan: dict) -> list[HarvestResult]:
     db = p.params["db"]
     found = {m["shard_index"]: m for m in check_existing_shards(db, p.shards, p.settings)}
     missing = [i for i in range(p.shards) if found.get(i, {}).get("status") != "complete"]
+    if p.complete and not found:
+        missing = []
     if missing:
         raise FeaturescribeError(f"shard(s) {', '.join(map(str, missing))} of {p.shards} are not complete; "
                                  "run the same command again to finish them")
     paths = [shard_path(db, i, p.shards) for i in range(p.shards)]
     con = open_db(db)
     try:
-        merge_shard_files(con, paths)
+        if found:
+            merge_shard_files(con, paths)
         out = []
         for s in p.sources:
             params = {**source_params(con, s["source_id"]), "shards": p.shards, "status": "complete"}
@@ -212,7 +218,8 @@ def merge(plan: dict) -> list[HarvestResult]:
         con.close()
     for f in paths:
         f.unlink(missing_ok=True)
-    shard_dir(db).rmdir()
+    if shard_dir(db).exists():
+        shard_dir(db).rmdir()
     return out
 
 
