@@ -36,6 +36,6 @@ def auto_threshold(acts, valid, keep: float) -> float:
     if x.numel() > (1 << 24):  # a strided sample is plenty for a quantile
         x = x[:: x.numel() // (1 << 24) + 1]
     k = max(1, int(round(keep * x.numel())))
-    v = float(torch.topk(x, k).values.min())
+    v = float(torch.kthvalue(x, x.numel() - k + 1).values)  # the k-th largest (a selection, not a sort)
     v = max(v, 0.0)
     return float(f"{v:.4g}")
