@@ -1,18 +1,26 @@
-"""Harvest throughput against a bare forward pass, and peak memory against corpus size.
+"""Harvest benchmarks: the store's ingest rate, harvest speed against a bare forward pass (one
+source, and all 30 MLP layers in one pass), sharded speedup, and peak memory against corpus size.
 
-    python benchmarks/harvest.py --quick                      # CPU: 2 x 8k tokens, about 2 minutes on 2 free cores
-    python benchmarks/harvest.py --device cuda --dtype bfloat16   # GPU: 2 x 1M tokens with --quick
+    python benchmarks/harvest.py --quick     # CPU, about 5 minutes on 2 free cores
+    python benchmarks/harvest.py --gpu       # one GPU: bfloat16, sizes where the forward runs >= 10 s
+    python benchmarks/harvest.py --write-model-config gpu-model   # here: config + tokenizer, 3.5 MB
+    python benchmarks/harvest.py --gpu --quick --model gpu-model  # there: random weights, same shapes
 
-1. Speed: the same sequences of builtin:stdlib go through (a) a bare forward pass of smollm2-135m
-   up to layer 6's MLP neurons (the model stops at the hooked module; nothing is kept) and (b) the
-   whole harvest (reader thread, forward, device-side sparsification, Arrow, DuckDB writer thread,
-   final SQL stats), in interleaved rounds (2 by default) so both see the same machine load.
-   Prints `forward_tokens_per_s`, `harvest_tokens_per_s`, the same ratio in CPU time (robust when
-   other processes share the machine) and `harvest_vs_forward: RATIO` in wall time (goal >= 0.9).
-2. Memory: two fresh processes harvest N and 4N tokens (layer 0 with `--threshold 5%`, so many
-   rows reach DuckDB quickly); each samples its RSS (and on CUDA the peak allocated GPU memory) while
-   harvesting, and reports the peak above what it used before the harvest began (the loaded model
-   after one forward pass). Prints `harvest_memory_growth: RATIO` = peak(4N) / peak(N) (goal <= 1.2).
+1. `store_ingest_entries_per_s`: synthetic SAE-shaped batches (16,384 latents, 64 kept per token)
+   through the harvest's writers into `activations` (benchmarks/harvest_store.py); the same items
+   with one commit per batch, and DuckDB's bare Arrow insert of the columns, in the same run.
+2. `harvest_vs_forward`: the same sequences of builtin:stdlib go through (a) a bare forward pass of
+   smollm2-135m up to layer 6's MLP neurons and (b) the whole harvest (reader thread, forward,
+   device-side sparsification, writer threads, final SQL stats), in interleaved rounds, so both see
+   the same machine load; also in CPU time (robust when other processes share the machine).
+3. `multisite_vs_deepest_forward`: all 30 MLP layers harvested in one pass against a bare forward
+   pass to layer 29, and the same 30 sources harvested one by one, as before this change.
+4. `shard_speedup`: the layer-6 harvest as 3 shards on 3 local Dask worker processes against 1
+   shard on 1 (wall time, worker start and model loads included; and the streaming part alone).
+5. `harvest_memory_growth`: two fresh processes harvest N and 4N tokens (layer 0, `--threshold 5%`,
+   so many rows reach DuckDB); each samples its RSS (and on CUDA the GPU memory) while harvesting,
+   above what it used before (the loaded model after one forward pass): peak(4N) / peak(N).
+The last line is the headline, `harvest_vs_forward`.
 """
 
 from __future__ import annotations
@@ -68,8 +76,37 @@ def load(device: str, dtype: str | None):
     from featurescribe.harvest.models import load_causal_lm, pick_device
 
     device = pick_device(device)
+    folder = Path(MODEL)
+    if folder.is_dir() and (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
+        return device, *random_model(folder, device, dtype)
     model, tok = load_causal_lm(MODEL, device=device, dtype=dtype)
     return device, model, tok
+
+
+def random_model(folder: Path, device: str, dtype: str | None):
+    """A model of the folder's config with random weights (seeded), and its tokenizer: the GPU run's
+    stand-in when the 98 MB model package cannot travel (`--write-model-config DIR` writes the folder)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from featurescribe.harvest.models import torch_dtype
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    model.to(device=device, dtype=torch_dtype(dtype) or torch.float32).eval().requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def write_model_config(out: str) -> None:
+    """Config and tokenizer of smollm2-135m (about 3.5 MB, no weights) into `out`, for random_model."""
+    import shutil
+
+    from featurescribe.harvest.models import resolve_model
+
+    src = Path(resolve_model("smollm2-135m").path)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, Path(out) / name)
 
 
 def cfg_for(db: str, tokens: int, batch_size: int, dtype: str | None, device: str, layer: int = LAYER,
@@ -104,39 +141,82 @@ def bare_forward(h, batches, device: str) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def speed(args) -> dict:
-    """Rounds of (bare forward, whole harvest) on the same sequences, interleaved so that both see
-    the same machine; ratios of the summed times."""
+def make_batches(tok, tokens: int, bs: int):
     import numpy as np
 
     from featurescribe.harvest import corpus as corpus_mod
-    from featurescribe.harvest.harvester import Batch, Harvester, harvest
+    from featurescribe.harvest.batches import Batch
 
-    device, model, tok = load(args.device, args.dtype)
+    c = corpus_mod.open_corpus(CORPUS)
+    seqs = list(corpus_mod.sequences(c, tok, 64, tokens))
+    return [Batch(np.arange(i, i + len(chunk)), np.arange(i, i + len(chunk)), [s.token_ids for s in chunk],
+                  np.ones(len(chunk), bool)) for i in range(0, len(seqs), bs) for chunk in [seqs[i:i + bs]]]
+
+
+def timed(device: str, fn):
+    """(wall s, process CPU s, fn's value)."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def speed(args, loaded) -> dict:
+    """Rounds of (bare forward, whole harvest) on the same sequences, interleaved so that both see
+    the same machine; ratios of the summed times."""
+    from featurescribe.harvest.harvester import Harvester, harvest
+
+    device, model, tok = loaded
     bs = args.batch_size or (128 if device.startswith("cuda") else 32)
     h = Harvester(model, tok, model_id=MODEL, layer=LAYER, site=SITE)
-    c = corpus_mod.open_corpus(CORPUS)
-    seqs = list(corpus_mod.sequences(c, tok, 64, args.tokens))
-    batches = [Batch(np.arange(i, i + len(chunk)), np.arange(i, i + len(chunk)), [s.token_ids for s in chunk],
-                     np.ones(len(chunk), bool)) for i in range(0, len(seqs), bs) for chunk in [seqs[i:i + bs]]]
+    batches = make_batches(tok, args.tokens, bs)
     bare_forward(h, batches[:2], device)  # warm up
-    fwd = [0, 0.0, 0.0]
-    hv = [0, 0.0, 0.0]
-    entries = 0
+    fwd, hv, entries = [0, 0.0, 0.0], [0, 0.0, 0.0], 0
     with tempfile.TemporaryDirectory() as tmp:
         for r_i in range(args.rounds):
             n, w, cpu = bare_forward(h, batches, device)
             fwd = [fwd[0] + n, fwd[1] + w, fwd[2] + cpu]
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()  # the whole harvest: opening the db to the stats
-            r = harvest(cfg_for(str(Path(tmp) / f"b{r_i}.duckdb"), args.tokens, bs, args.dtype, device),
-                        loaded=(MODEL, model, tok))
-            hv = [hv[0] + r.new_tokens, hv[1] + time.perf_counter() - t0, hv[2] + time.process_time() - c0]
+            cfg = cfg_for(str(Path(tmp) / f"b{r_i}.duckdb"), args.tokens, bs, args.dtype, device)
+            w, cpu, r = timed(device, lambda: harvest(cfg, loaded=(MODEL, model, tok)))  # db open to final stats
+            hv = [hv[0] + r.new_tokens, hv[1] + w, hv[2] + cpu]
             entries = r.n_activations
     return {"device": device, "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs,
             "tokens": hv[0] // args.rounds, "rounds": args.rounds, "entries": entries,
             "forward_tokens_per_s": fwd[0] / fwd[1], "harvest_tokens_per_s": hv[0] / hv[1],
             "ratio": (hv[0] / hv[1]) / (fwd[0] / fwd[1]), "cpu_ratio": (hv[0] / hv[2]) / (fwd[0] / fwd[2])}
+
+
+def multisite(args, loaded) -> dict:
+    """All MLP layers in one harvest against a bare forward pass to the deepest, and against one
+    harvest per layer (as before many-source harvests)."""
+    from featurescribe.harvest.harvester import Harvester, HarvestConfig, harvest_all
+    from featurescribe.harvest.sites import n_layers
+
+    device, model, tok = loaded
+    bs = args.batch_size or (128 if device.startswith("cuda") else 32)
+    last = n_layers(model) - 1
+    deepest = Harvester(model, tok, model_id=MODEL, layer=last, site=SITE)
+    batches = make_batches(tok, args.multi_tokens, bs)
+    bare_forward(deepest, batches[:1], device)
+
+    def cfg(db, layer):
+        return HarvestConfig(db=db, model=MODEL, layer=layer, site=SITE, corpus=CORPUS, max_tokens=args.multi_tokens,
+                             ctx=64, batch_size=bs, device=device, dtype=args.dtype, progress=False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n, fwd_s, fwd_cpu = bare_forward(deepest, batches, device)
+        multi_s, multi_cpu, rs = timed(device, lambda: harvest_all(cfg(str(Path(tmp) / "m.duckdb"), "all"),
+                                                                   loaded=(MODEL, model, tok)))
+        one_s = one_cpu = 0.0
+        if not args.skip_one_by_one:
+            for layer in range(last + 1):
+                w, cpu, _ = timed(device, lambda: harvest_all(cfg(str(Path(tmp) / "o.duckdb"), layer),
+                                                              loaded=(MODEL, model, tok)))
+                one_s, one_cpu = one_s + w, one_cpu + cpu
+    return {"sources": len(rs), "tokens": n, "entries": sum(r.n_activations for r in rs), "forward_s": fwd_s,
+            "multi_s": multi_s, "one_by_one_s": one_s, "ratio": fwd_s / multi_s, "last": last,
+            "cpu_ratio": fwd_cpu / multi_cpu, "one_by_one_cpu_ratio": one_cpu / multi_cpu if one_cpu else 0.0}
 
 
 def memory_child(args) -> dict:
@@ -185,51 +265,128 @@ def run_child(tokens: int, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def parse_args():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes on 2 CPU cores)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (about 5 minutes on 2 CPU cores)")
+    ap.add_argument("--gpu", action="store_true", help="the GPU run: --device cuda --dtype bfloat16, no shards")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per round of the speed test")
+    ap.add_argument("--multi-tokens", type=int, default=None, help="tokens of the 30-layer test")
+    ap.add_argument("--skip-one-by-one", action="store_true", help="no one-harvest-per-layer comparison")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of forward and harvest")
     ap.add_argument("--mem-tokens", type=int, default=None, help="N for the memory test (N and 4N tokens)")
+    ap.add_argument("--only", default=None, help="comma list of ingest,speed,multisite,shards,memory")
     ap.add_argument("--model", default=None, help="model to harvest (default smollm2-135m)")
+    ap.add_argument("--write-model-config", metavar="DIR", default=None,
+                    help="write smollm2-135m's config and tokenizer (no weights) to DIR and exit; "
+                         "--model DIR then runs a random-weight model of the same architecture")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.model:
-        global MODEL
-        MODEL = os.environ["FEATURESCRIBE_BENCH_MODEL"] = args.model
-    if args.memory_child:
-        print(json.dumps(memory_child(args)))
-        return 0
-    from featurescribe.harvest.models import pick_device
+    if args.gpu:
+        args.device, args.dtype = "cuda", args.dtype or "bfloat16"
+    return args
 
-    gpu = pick_device(args.device).startswith("cuda")
+
+def sizes(args, gpu: bool) -> None:
+    # on a GPU the forward pass runs ~10^6 tokens/s: a round must last seconds, or the fixed costs
+    # (database open, final statistics) are all that is measured
+    q = args.quick
     if args.tokens is None:
-        # on a GPU the forward pass runs ~10^6 tokens/s: a round must last seconds, or the fixed costs
-        # (database open, final statistics) are all that is measured
-        args.tokens = (1_000_000 if args.quick else 4_000_000) if gpu else (8_192 if args.quick else 32_768)
+        args.tokens = (4_000_000 if q else 16_000_000) if gpu else (8_192 if q else 32_768)
+    if args.multi_tokens is None:
+        args.multi_tokens = (1_000_000 if q else 4_000_000) if gpu else (2_048 if q else 8_192)
+    if args.mem_tokens is None:
+        args.mem_tokens = (250_000 if q else 1_000_000) if gpu else (10_000 if q else 40_000)
+    args.ingest_items = 40 if q else 160
+    args.shard_tokens = 8_192 if q else 32_768
     if args.batch_size is None and not gpu:
         args.batch_size = 16  # more, smaller batches: the pipeline's fill and drain weigh less
-    s = speed(args)
+
+
+def report_ingest(args) -> None:
+    from harvest_store import ingest
+
+    g = ingest(args.ingest_items)
+    print(f"store ingest: {g['entries']:,} entries; one commit per batch {g['per_batch'] / 1e6:.1f}M/s; "
+          f"bare Arrow insert without source_id {g['bare'] / 1e6:.1f}M/s")
+    print(f"store_ingest_entries_per_s: {g['new']:.0f}", flush=True)
+
+
+def report_multisite(args, loaded) -> None:
+    m = multisite(args, loaded)
+    print(f"multisite: {m['sources']} sources (layers 0-{m['last']} mlp), {m['tokens']:,} tokens, "
+          f"{m['entries']:,} entries; forward to layer {m['last']} {m['forward_s']:.1f} s, one pass "
+          f"{m['multi_s']:.1f} s, one by one {m['one_by_one_s']:.1f} s")
+    if m["one_by_one_s"]:
+        print(f"multisite_speedup_vs_one_by_one: {m['one_by_one_s'] / m['multi_s']:.2f}  "
+              f"(in CPU time: {m['one_by_one_cpu_ratio']:.2f})")
+    print(f"multisite_vs_deepest_forward_cpu_time: {m['cpu_ratio']:.3f}")
+    print(f"multisite_vs_deepest_forward: {m['ratio']:.3f}", flush=True)
+
+
+def report_shards(args) -> None:
+    from harvest_store import shard_speed
+
+    s = shard_speed(args.shard_tokens, MODEL, CORPUS)
+    print(f"shards: {args.shard_tokens:,} tokens on {s['cores']} cores: 1 worker {s['wall_1']:.1f} s, "
+          f"3 workers {s['wall_3']:.1f} s (streaming only: x{s['stream_speedup']:.2f})")
+    print(f"shard_speedup: {s['speedup']:.3f}", flush=True)
+
+
+def report_memory(args) -> None:
+    n = args.mem_tokens
+    small, large = run_child(n, args), run_child(4 * n, args)
+    mib = 1 << 20
+    print(f"memory (layer {MEM_LAYER}, threshold 5%): {small['tokens']:,} tokens, {small['entries']:,} entries "
+          f"-> +{small['rss_extra'] / mib:.0f} MiB RSS; {large['tokens']:,} tokens, {large['entries']:,} entries "
+          f"-> +{large['rss_extra'] / mib:.0f} MiB RSS (model loaded: {small['rss_before'] / mib:.0f} MiB)")
+    if "gpu_extra" in small:
+        print(f"gpu memory: +{small['gpu_extra'] / mib:.0f} MiB -> +{large['gpu_extra'] / mib:.0f} MiB")
+        print(f"harvest_gpu_memory_growth: {large['gpu_extra'] / max(small['gpu_extra'], 1):.3f}")
+    print(f"harvest_memory_growth: {large['rss_extra'] / max(small['rss_extra'], 1):.3f}", flush=True)
+
+
+def report_speed(s: dict) -> None:
     print(f"device: {s['device']} {s['dtype']}, batch {s['batch_size']} x 64 tokens, {s['rounds']} rounds of "
           f"{s['tokens']:,} tokens, {s['entries']:,} entries kept per harvest")
     print(f"forward_tokens_per_s: {s['forward_tokens_per_s']:.0f}")
     print(f"harvest_tokens_per_s: {s['harvest_tokens_per_s']:.0f}  (the whole harvest: database open to final stats)")
     print(f"harvest_vs_forward_cpu_time: {s['cpu_ratio']:.3f}  (tokens per CPU-second, all threads)")
     print(f"harvest_vs_forward: {s['ratio']:.3f}", flush=True)
-    n = args.mem_tokens or ((250_000 if args.quick else 1_000_000) if gpu else (10_000 if args.quick else 40_000))
-    small, large = run_child(n, args), run_child(4 * n, args)
-    mib = 1 << 20
-    print(f"memory (layer {MEM_LAYER}, threshold 5%): {small['tokens']:,} tokens, {small['entries']:,} entries "
-          f"-> +{small['rss_extra'] / mib:.0f} MiB RSS; {large['tokens']:,} tokens, {large['entries']:,} entries "
-          f"-> +{large['rss_extra'] / mib:.0f} MiB RSS (model loaded: {small['rss_before'] / mib:.0f} MiB)")
-    ratios = [large["rss_extra"] / max(small["rss_extra"], 1)]
-    if "gpu_extra" in small:
-        print(f"gpu memory: +{small['gpu_extra'] / mib:.0f} MiB -> +{large['gpu_extra'] / mib:.0f} MiB")
-        print(f"harvest_gpu_memory_growth: {large['gpu_extra'] / max(small['gpu_extra'], 1):.3f}")
-    print(f"harvest_memory_growth: {max(ratios):.3f}")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.model:
+        global MODEL
+        MODEL = os.environ["FEATURESCRIBE_BENCH_MODEL"] = args.model
+    if args.memory_child:
+        print(json.dumps(memory_child(args)))
+        return 0
+    if args.write_model_config:
+        write_model_config(args.write_model_config)
+        return 0
+    from featurescribe.harvest.models import pick_device
+
+    gpu = pick_device(args.device).startswith("cuda")
+    sizes(args, gpu)
+    only = set(args.only.split(",")) if args.only else {"ingest", "speed", "multisite", "shards", "memory"}
+    if gpu:
+        only.discard("shards")  # one shard per GPU: a one-GPU machine has nothing to split
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if "ingest" in only:
+        report_ingest(args)
+    loaded = load(args.device, args.dtype) if only & {"speed", "multisite"} else None
+    if "multisite" in only:
+        report_multisite(args, loaded)
+    if "shards" in only:
+        report_shards(args)
+    if "memory" in only:
+        report_memory(args)
+    if "speed" in only:
+        report_speed(speed(args, loaded))  # last: its ratio is the headline
     return 0
 
 

@@ -297,8 +297,8 @@ def test_sae_for_another_layer_or_site(smollm2, db_path, corpus_file, tmp_path):
     write_sae(tmp_path / "sae", "standard", 576, 64, hook_name="blocks.5.hook_resid_post")
     with pytest.raises(FeaturescribeError, match="layer 5"):
         run(db_path, smollm2, corpus_file, sae=str(tmp_path / "sae"))
-    with pytest.raises(FeaturescribeError, match="site resid"):
-        run(db_path, smollm2, corpus_file, sae=str(tmp_path / "sae"), layer=5, site="attn")
+    with pytest.raises(FeaturescribeError, match="layer 5"):
+        run(db_path, smollm2, corpus_file, sae=str(tmp_path / "sae"), layer="3,4")
     assert not os.path.exists(db_path)
 
 

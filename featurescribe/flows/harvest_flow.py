@@ -28,24 +28,65 @@ def _transient(task, task_run, state) -> bool:
 
 @task(name="harvest", cache_policy=NONE, retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 def harvest_task(params: dict) -> dict:
-    from featurescribe.harvest.harvester import HarvestConfig, harvest
+    from featurescribe.harvest.harvester import HarvestConfig, harvest_all
 
-    r = harvest(HarvestConfig(**params))
-    return {"source_id": r.source_id, "model_id": r.model_id, "width": r.width, "alive": r.alive,
-            "n_tokens": r.n_tokens, "new_tokens": r.new_tokens, "n_activations": r.n_activations,
-            "threshold": r.threshold, "seconds": round(r.seconds, 3)}
+    results = [{"source_id": r.source_id, "model_id": r.model_id, "width": r.width, "alive": r.alive,
+                "n_tokens": r.n_tokens, "new_tokens": r.new_tokens, "n_activations": r.n_activations,
+                "threshold": r.threshold, "seconds": round(r.seconds, 3)} for r in harvest_all(HarvestConfig(**params))]
+    return {**results[0], "sources": results}
 
 
 @flow(name="harvest")
-def harvest_flow(db: str, model: str, layer: int, site: str | None = None, sae: str | None = None,
+def harvest_flow(db: str, model: str, layer: int | str | None = None, site: str | None = None,
+                 sae: str | list[str] | None = None,
                  corpus: str = "builtin:stdlib", max_tokens: int | None = 100_000, ctx: int = 64,
                  batch_size: int | None = None, device: str = "auto", dtype: str | None = None,
                  threshold: str | None = None, source_id: str | None = None, overwrite: bool = False,
                  progress: bool = True) -> dict:
-    """Harvest `model` at `layer`/`site` (or an SAE's latents) over `corpus`; returns counts."""
+    """Harvest `model` at `layer` x `site` (and SAEs) over `corpus` in one pass; returns the first
+    source's counts, and every source's under `sources`."""
     params = dict(db=db, model=model, layer=layer, site=site, sae=sae, corpus=corpus,
                   max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, device=device, dtype=dtype,
                   threshold=threshold, source_id=source_id, overwrite=overwrite, progress=progress)
     with recorded_run(db, "harvest", {k: v for k, v in params.items() if k != "progress"}) as run:
         result = harvest_task(params)
     return {"run_id": run.run_id, **result}
+
+
+@task(name="harvest-shard", cache_policy=NONE, retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
+def harvest_shard_task(plan: dict, index: int) -> dict:
+    from featurescribe.harvest.shards import run_shard
+
+    return run_shard(plan, index)
+
+
+@flow(name="harvest-shards")
+def harvest_shards_flow(plan: dict, task_runner: str = "thread", workers: int = 2,
+                        dask_address: str | None = None) -> list:
+    """Run the shards of a planned harvest (featurescribe/harvest/shards.py) on the task runner, then merge."""
+    import time
+    from contextlib import ExitStack
+
+    from featurescribe.flows.runners import make_task_runner, workers_see_api
+    from featurescribe.harvest.shards import merge
+
+    db = plan["params"]["db"]
+    t0 = time.monotonic()
+    with recorded_run(db, "harvest", {"shards": plan["shards"], "task_runner": task_runner,
+                                      **{k: v for k, v in plan["params"].items() if k != "progress"}}):
+        with ExitStack() as stack:
+            if task_runner == "dask":
+                stack.enter_context(workers_see_api())
+            runner = stack.enter_context(make_task_runner(task_runner, threads=plan["shards"], workers=workers,
+                                                          address=dask_address))
+            todo = [] if plan["complete"] else range(plan["shards"])
+            futures = [runner.submit(harvest_shard_task.with_options(task_run_name=f"harvest-shard-{i}"),
+                                     parameters={"plan": plan, "index": i}) for i in todo]
+            done = [f.result() for f in futures]
+        results = merge(plan)
+    for r in results:
+        r.new_tokens = sum(d["new_tokens"] for d in done)
+        r.new_sequences = r.n_sequences if r.new_tokens else 0
+        r.seconds = time.monotonic() - t0
+        r.extra = {"shards": done}
+    return results

@@ -1,11 +1,11 @@
-"""`featurescribe harvest`: a model's activations at one site of one layer, into the database."""
+"""`featurescribe harvest`: a model's activations at many sites and SAEs in one pass, into the database."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from featurescribe.harvest.harvester import DEFAULT_CTX, DEFAULT_MAX_TOKENS, HarvestConfig, harvest
+from featurescribe.harvest.harvester import DEFAULT_CTX, DEFAULT_MAX_TOKENS, HarvestConfig, HarvestResult
 from featurescribe.harvest.sites import SITES
 from featurescribe.store.connection import DEFAULT_DB
 
@@ -18,17 +18,21 @@ def _int(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from featurescribe.flows.runners import add_runner_arguments
+
     p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default: {DEFAULT_DB})")
     p.add_argument("--model", required=True,
                    help="smollm2-135m, gemma3-270m (offline, from their PyPI packages), a local model "
                         "directory, or a hub name (needs a network)")
-    p.add_argument("--layer", required=True, type=_int, help="decoder layer, 0-based")
-    p.add_argument("--site", choices=SITES, default=None,
-                   help="mlp: MLP neurons (input of the down projection; default), resid: residual stream "
-                        "after the layer, attn: attention output, mlp_out: MLP output. With --sae, "
-                        "the default is the SAE's own hook")
-    p.add_argument("--sae", metavar="DIR", help="an SAE in SAELens format (cfg.json + sae_weights.safetensors): "
-                                               "harvest its latents instead of the site's units")
+    p.add_argument("--layer", default=None,
+                   help="decoder layers, 0-based: 6, 3,6,9, 0-29 or all (needed unless --sae is given)")
+    p.add_argument("--site", default=None,
+                   help=f"comma list of {', '.join(SITES)}. mlp: MLP neurons (input of the down projection; "
+                        "default), resid: residual stream after the layer, attn: attention output, mlp_out: "
+                        "MLP output. With --sae and no --site only the SAEs are harvested")
+    p.add_argument("--sae", metavar="DIR", action="append", default=None,
+                   help="an SAE folder (SAELens format); repeat for more. Each is read at the hook its "
+                        "config names, in the same forward pass")
     p.add_argument("--corpus", default="builtin:stdlib",
                    help="a .txt file or folder, .jsonl (field text), .parquet (column text), or "
                         "builtin:stdlib (default)")
@@ -46,32 +50,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "estimated on the first batch; the default for neuron sites) or 'N%%'; SAE latents "
                         "default to 0 (keep every non-zero)")
     p.add_argument("--source-id", default=None,
-                   help="the source id to write (default: '{layer}-{set}', e.g. 6-mlp, 6-res-sae4k)")
+                   help="the source id to write when the harvest has one source (default: '{layer}-{set}', "
+                        "e.g. 6-mlp, 6-res-sae4k)")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete this source's activations and features first, and harvest again")
+                   help="delete these sources' activations and features first, and harvest again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--shards", type=_int, default=1,
+                   help="cut the corpus into N parts harvested in parallel on --task-runner (each writes its "
+                        "own file under DB.shards/, merged into --db at the end; default 1: one process)")
+    add_runner_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = HarvestConfig(
+def config_of(args: argparse.Namespace) -> HarvestConfig:
+    return HarvestConfig(
         db=args.db, model=args.model, layer=args.layer, site=args.site, sae=args.sae, corpus=args.corpus,
         max_tokens=args.max_tokens, ctx=args.ctx, batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, threshold=args.threshold, source_id=args.source_id, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    r = harvest(cfg)
+
+
+def print_result(r: HarvestResult) -> None:
     dead = r.width - r.alive
     what = "SAE latents" if r.kind == "sae" else "units"
-    if r.new_sequences:
-        print(f"harvested {r.new_tokens:,} tokens ({r.new_sequences:,} sequences) from {cfg.corpus} "
-              f"in {r.seconds:.1f} s ({r.tokens_per_s:,.0f} tokens/s)")
-    else:
-        print(f"nothing new to harvest: all {r.n_sequences:,} sequences were done already")
     print(f"{r.model_id} layer {r.layer} {r.site} ({r.hook_name}): {r.width:,} {what}, "
           f"threshold {r.threshold:.4g}")
     pct = 100.0 * r.n_activations / max(1, r.n_tokens * r.width)
     print(f"{r.n_activations:,} entries kept over {r.n_tokens:,} tokens ({pct:.2f}% dense); "
           f"{r.alive:,} features active, {dead:,} never above the threshold")
     print(f"source_id: {r.source_id}")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_of(args)
+    if args.shards > 1 or args.shards < 1:
+        from featurescribe.harvest.shards import harvest_sharded
+
+        results = harvest_sharded(cfg, args.shards, task_runner=args.task_runner, workers=args.workers,
+                                  dask_address=args.dask_address)
+    else:
+        from featurescribe.harvest.harvester import harvest_all
+
+        results = harvest_all(cfg)
+    r0 = results[0]
+    if r0.new_tokens:
+        print(f"harvested {r0.new_tokens:,} tokens for {len(results)} source(s) from {cfg.corpus} "
+              f"in {r0.seconds:.1f} s ({r0.tokens_per_s:,.0f} tokens/s)")
+    else:
+        print(f"nothing new to harvest: all {r0.n_sequences:,} sequences were done already")
+    for r in results:
+        print_result(r)
     sys.stdout.flush()
     return 0

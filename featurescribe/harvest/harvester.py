@@ -1,15 +1,15 @@
-"""The streaming harvest: corpus -> model (up to the site) -> sparse entries -> DuckDB.
+"""The streaming harvest: corpus -> model (one pass, up to the deepest site) -> sparse entries -> DuckDB.
 
-Three threads work at once: a reader tokenizes the corpus into batches of sequences, the main
-thread runs the model and keeps, on the model's device, only the entries above the threshold, and a
-writer inserts those entries (as Arrow tables) into DuckDB, one transaction per batch (or per group
-of batches that queued up meanwhile). Queues between them are short, so memory stays flat whatever
-the corpus size.
+Three kinds of threads work at once: a reader tokenizes the corpus into batches of sequences, the
+main thread runs the model once per batch for every source (layer x site neurons and SAEs) and keeps,
+on the model's device, only the entries above each source's threshold, and writer threads commit
+those entries to DuckDB in large Arrow inserts (featurescribe/harvest/writer.py). Queues between them
+are short, so memory stays flat whatever the corpus size.
 
-Every committed batch records its sequences in `harvest_progress`; a re-run skips them, so an
-interrupted harvest continues where it stopped and a finished one adds nothing. Per-feature
+Every committed batch records its sequences per source in `harvest_progress`; a re-run skips them,
+so an interrupted harvest continues where it stopped and a finished one adds nothing. Per-feature
 statistics are computed at the end by one SQL aggregate over the stored entries, so they are exact
-after any number of resumed runs:
+after any number of resumed runs (or merged shards):
 
     n_active    = entries kept (act > threshold)       frac_active = n_active / n_tokens
     max_act     = max over kept entries                mean_act    = mean over kept entries
@@ -18,37 +18,36 @@ after any number of resumed runs:
 
 from __future__ import annotations
 
-import json
-import queue
-import threading
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.harvest import corpus as corpus_mod
-from featurescribe.harvest.sae import SAE, load_sae, site_of_hook
-from featurescribe.harvest.sites import SITE_ABBR, SiteReader, check_site
+from featurescribe.harvest.batches import Batch, Plan, Prefetch, make_batches
+from featurescribe.harvest.sae import SAE, load_sae
+from featurescribe.harvest.sites import MultiSiteReader, n_layers
+from featurescribe.harvest.source_state import FIRST_POS, SourceState, prepare_states, source_row
+from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers, default_source_id,  # noqa: F401
+                                           parse_layers, parse_sites, plan_sources, width_label)
+from featurescribe.harvest.thresholds import auto_threshold, parse_threshold  # noqa: F401
+from featurescribe.harvest.writer import WRITER_THREADS, Item, RowMaker, TokenStrings, Writers
 
 DEFAULT_CTX = 64
 DEFAULT_MAX_TOKENS = 100_000
-DEFAULT_AUTO_KEEP = 0.01  # `--threshold auto`: keep about 1% of a neuron site's entries
 DUCKDB_MEMORY_LIMIT = "128MB"  # the harvest's connection: bounded, whatever the corpus size
-FIRST_POS = 1  # positions < FIRST_POS are context only (BOS / the attention sink), not harvested
 
 
 @dataclass
 class HarvestConfig:
     db: str
     model: str
-    layer: int
-    site: str | None = None  # default: the SAE's site, else 'mlp'
-    sae: str | None = None
+    layer: int | str | list[int] | None = None  # 6, '3,6,9', '0-29', 'all'; None: the SAEs' own layers
+    site: str | list[str] | None = None  # comma list; default 'mlp' (neurons) unless only SAEs are given
+    sae: str | list[str] | None = None  # one or more SAE folders, each read at its own hook
     corpus: str = "builtin:stdlib"
     max_tokens: int | None = DEFAULT_MAX_TOKENS  # None or 0: the whole corpus
     ctx: int = DEFAULT_CTX
@@ -59,6 +58,13 @@ class HarvestConfig:
     source_id: str | None = None
     overwrite: bool = False
     progress: bool = True
+    index_range: tuple[int, int | None] | None = None  # shards: corpus indices [lo, hi) only
+    thresholds: dict[str, float] | None = None  # shards: each source's threshold, fixed beforehand
+    writer_threads: int = WRITER_THREADS
+
+    @property
+    def sae_paths(self) -> list[str]:
+        return [] if not self.sae else [self.sae] if isinstance(self.sae, (str, Path)) else list(self.sae)
 
 
 @dataclass
@@ -74,7 +80,7 @@ class HarvestResult:
     n_sequences: int  # sequences harvested for this source in all (all runs)
     n_tokens: int  # positions harvested in all (all runs)
     n_activations: int  # entries stored in all (all runs)
-    new_sequences: int  # sequences harvested by this run
+    new_sequences: int  # sequences harvested for this source by this run
     new_tokens: int  # tokens (all positions) run through the model by this run
     seconds: float  # wall time of this run's streaming loop
     alive: int = 0  # features with at least one entry
@@ -85,436 +91,56 @@ class HarvestResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-# --- naming --------------------------------------------------------------------------------------
-
-def width_label(n: int) -> str:
-    """4096 -> '4k', 16384 -> '16k', 1048576 -> '1m', 3000 -> '3000'."""
-    if n % (1 << 20) == 0:
-        return f"{n >> 20}m"
-    if n % 1024 == 0:
-        return f"{n >> 10}k"
-    return str(n)
-
-
-def default_source_id(layer: int, site: str, sae_width: int | None = None) -> str:
-    """Neuronpedia style: '6-mlp' (neurons), '6-res-sae4k' (an SAE of width 4096 on resid)."""
-    base = f"{layer}-{SITE_ABBR[site]}"
-    return base if sae_width is None else f"{base}-sae{width_label(sae_width)}"
-
-
-def parse_threshold(spec) -> tuple[str, float]:
-    """('abs', value) | ('keep', fraction). Accepts a number, 'auto' (keep 1%) or 'N%' (keep N%)."""
-    if isinstance(spec, (int, float)):
-        return "abs", float(spec)
-    s = str(spec).strip().lower()
-    if s == "auto":
-        return "keep", DEFAULT_AUTO_KEEP
-    try:
-        if s.endswith("%"):
-            frac = float(s[:-1]) / 100
-            if not 0 < frac < 1:
-                raise ValueError
-            return "keep", frac
-        return "abs", float(s)
-    except ValueError:
-        raise FeaturescribeError(f"bad --threshold {spec!r}: use a number, 'auto' (keep about 1% of "
-                                 "entries) or a percentage like '2%'") from None
-
-
-# --- batches ---------------------------------------------------------------------------------------
-
 @dataclass
-class Batch:
-    seq_ids: np.ndarray  # int64 [B]
-    corpus_index: np.ndarray  # int64 [B]
-    token_ids: list[np.ndarray]  # int32 each
-    new: np.ndarray  # bool [B]: sequences not yet in the `sequences` table
+class _Loop:
+    """What the streaming loop counted."""
 
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(len(t) for t in self.token_ids))
-
-
-@dataclass
-class _Plan:
-    """What the database already holds for this source and corpus."""
-
-    known_index: np.ndarray  # sorted corpus_index of existing sequences (same tokenizer + corpus key)
-    known_seq: np.ndarray  # their seq_ids
-    done_index: np.ndarray  # sorted corpus_index already harvested for this source
-    next_seq_id: int
-
-
-def _member(sorted_arr: np.ndarray, x: int) -> int:
-    """Position of x in a sorted array, or -1."""
-    i = int(np.searchsorted(sorted_arr, x))
-    return i if i < len(sorted_arr) and sorted_arr[i] == x else -1
-
-
-def _batches(seqs: Iterator[corpus_mod.Sequence], plan: _Plan, batch_size: int) -> Iterator[Batch]:
-    next_id = plan.next_seq_id
-    buf: list[tuple[int, int, np.ndarray, bool]] = []
-    for s in seqs:
-        if _member(plan.done_index, s.corpus_index) >= 0:
-            continue
-        k = _member(plan.known_index, s.corpus_index)
-        if k >= 0:
-            sid, new = int(plan.known_seq[k]), False
-        else:
-            sid, new = next_id, True
-            next_id += 1
-        buf.append((sid, s.corpus_index, s.token_ids, new))
-        if len(buf) == batch_size:
-            yield _mk_batch(buf)
-            buf = []
-    if buf:
-        yield _mk_batch(buf)
-
-
-def _mk_batch(buf) -> Batch:
-    return Batch(np.array([b[0] for b in buf], dtype=np.int64), np.array([b[1] for b in buf], dtype=np.int64),
-                 [b[2] for b in buf], np.array([b[3] for b in buf], dtype=bool))
-
-
-class _Prefetch:
-    """Runs an iterator in a thread, a few items ahead."""
-
-    _END = object()
-
-    def __init__(self, it: Iterator, depth: int = 4):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._it, self._stop, self.error = it, threading.Event(), None
-        self._t = threading.Thread(target=self._run, name="harvest-reader", daemon=True)
-        self._t.start()
-
-    def _run(self):
-        try:
-            for item in self._it:
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            self.error = err
-        finally:
-            self._put_end()
-
-    def _put_end(self):
-        while not self._stop.is_set():
-            try:
-                self._q.put(self._END, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self):
-        while True:
-            item = self._q.get()
-            if item is self._END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
-
-    def close(self):
-        self._stop.set()
-        self._t.join(timeout=5)
-
-
-# --- writing ----------------------------------------------------------------------------------------
-
-def _const_strings(value: str, n: int) -> pa.Array:
-    """A string column of n copies of value, built from buffers (no Python loop)."""
-    b = value.encode()
-    offsets = np.arange(n + 1, dtype=np.int32) * len(b)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(b * n))
-
-
-class _TokenStrings:
-    """Token id -> its text as the tokenizer decodes that one token (' def' keeps its space).
-
-    Each id is decoded once, when first seen; a batch's `tokens` column is then a vectorized take.
-    """
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        n = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-        self.text = np.empty(n, dtype=object)
-        self.known = np.zeros(n, dtype=bool)
-        self.decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-
-    def _decode(self, i: int) -> str:
-        piece = self.tok.convert_ids_to_tokens(i)
-        if piece is None:
-            return ""
-        if self.decoder is not None:
-            return self.decoder.decode([piece])
-        return self.tok.convert_tokens_to_string([piece])
-
-    def __call__(self, ids: np.ndarray) -> pa.Array:
-        uniq = np.unique(ids)
-        for i in uniq[~self.known[uniq]].tolist():
-            self.text[i] = self._decode(i)
-            self.known[i] = True
-        return pa.array(self.text[ids], type=pa.string())
-
-
-@dataclass
-class _Item:
-    batch: Batch
-    idx: np.ndarray  # int32 [N, 3]: batch row, position, feature
-    vals: np.ndarray  # float32 [N]
-
-
-class _Writer:
-    """The DuckDB side: a thread that commits batches (grouping those that queued up)."""
-
-    def __init__(self, con, source_id: str, tokenizer_id: str, corpus_key: str, token_strings: _TokenStrings,
-                 source_row: dict | None):
-        self.con, self.source_id = con, source_id
-        self.tokenizer_id, self.corpus_key, self.token_strings = tokenizer_id, corpus_key, token_strings
-        self.source_row = source_row  # inserted with the first commit when the source is new
-        self.q: queue.Queue = queue.Queue(maxsize=3)
-        self.error: BaseException | None = None
-        self.rows = 0
-        self.commits = 0
-        self._t = threading.Thread(target=self._run, name="harvest-writer", daemon=True)
-        self._t.start()
-
-    def put(self, item) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                if not self._t.is_alive():
-                    raise RuntimeError("the harvest writer stopped") from self.error
-
-    def close(self) -> None:
-        """Write what is queued, then stop; re-raise a writer error."""
-        if self._t.is_alive():
-            self.put(None)
-            self._t.join()
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            while True:
-                item = self.q.get()
-                items, end = [], item is None
-                if item is not None:
-                    items.append(item)
-                while not end:
-                    try:
-                        more = self.q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        end = True
-                    else:
-                        items.append(more)
-                if items:
-                    self._write(items)
-                if end:
-                    return
-        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-            self.error = err
-
-    def _tables(self, it: _Item) -> tuple[pa.Table | None, pa.Table | None, pa.Table]:
-        """(sequences, activations, harvest_progress) rows of one batch."""
-        b = it.batch
-        seqs = None
-        if b.new.any():
-            rows = np.flatnonzero(b.new)
-            toks = [b.token_ids[r] for r in rows]
-            lens = np.array([len(t) for t in toks], dtype=np.int32)
-            offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
-            flat = np.concatenate(toks).astype(np.int32)
-            seqs = pa.table({
-                "seq_id": pa.array(b.seq_ids[rows]),
-                "token_ids": pa.ListArray.from_arrays(offsets, pa.array(flat)),
-                "tokens": pa.ListArray.from_arrays(offsets, self.token_strings(flat)),
-                "tokenizer_id": _const_strings(self.tokenizer_id, len(rows)),
-                "corpus": _const_strings(self.corpus_key, len(rows)),
-                "corpus_index": pa.array(b.corpus_index[rows]),
-            })
-        n = len(it.vals)
-        acts = pa.table({  # source_id: a constant of the INSERT (see _write)
-            "feature_id": pa.array(it.idx[:, 2]),
-            "seq_id": pa.array(b.seq_ids[it.idx[:, 0]]),
-            "pos": pa.array(it.idx[:, 1]),
-            "act": pa.array(it.vals),
-        }) if n else None
-        progress = pa.table({"seq_id": pa.array(b.seq_ids)})
-        return seqs, acts, progress
-
-    def _write(self, items: list[_Item]) -> None:
-        """One transaction for the batches at hand: one insert per table (Arrow chunks concatenated)."""
-        from featurescribe.store.bulk import insert_arrow
-
-        parts = [self._tables(it) for it in items]
-        con = self.con
-        con.execute("BEGIN TRANSACTION")
-        try:
-            if self.source_row is not None:
-                insert_arrow(con, "sources", {k: [v] for k, v in self.source_row.items()})
-            for i, table in enumerate(("sequences", "activations", "harvest_progress")):
-                chunks = [p[i] for p in parts if p[i] is not None]
-                if chunks:
-                    insert_arrow(con, table, pa.concat_tables(chunks) if len(chunks) > 1 else chunks[0],
-                                 consts=None if table == "sequences" else {"source_id": self.source_id})
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        self.rows += sum(len(it.vals) for it in items)
-        self.source_row = None
-        self.commits += 1
-
-
-# --- the harvest --------------------------------------------------------------------------------
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-def _plan(con, source_id: str, tokenizer_id: str, corpus_key: str) -> _Plan:
-    known = con.execute(
-        "SELECT corpus_index, seq_id FROM sequences WHERE tokenizer_id = ? AND corpus = ? ORDER BY corpus_index",
-        [tokenizer_id, corpus_key]).fetchnumpy()
-    done = con.execute(
-        "SELECT s.corpus_index FROM harvest_progress p JOIN sequences s USING (seq_id) "
-        "WHERE p.source_id = ? AND s.tokenizer_id = ? AND s.corpus = ? ORDER BY 1",
-        [source_id, tokenizer_id, corpus_key]).fetchnumpy()
-    nxt = con.execute("SELECT coalesce(max(seq_id) + 1, 0) FROM sequences").fetchone()[0]
-    return _Plan(np.asarray(known["corpus_index"], dtype=np.int64), np.asarray(known["seq_id"], dtype=np.int64),
-                 np.asarray(done["corpus_index"], dtype=np.int64), int(nxt))
-
-
-def _check_existing(con, source_id: str, want: dict, explicit_threshold: bool) -> tuple[bool, float | None]:
-    """(exists, stored threshold). A source that exists with other settings is an error."""
-    row = con.execute(
-        "SELECT model_id, hook_name, layer, kind, width, sae_path, corpus, ctx, threshold, params "
-        "FROM sources WHERE source_id = ?", [source_id]).fetchone()
-    if row is None:
-        return False, None
-    have = dict(zip(["model_id", "hook_name", "layer", "kind", "width", "sae_path", "corpus", "ctx"], row[:8]))
-    params = json.loads(row[9]) if row[9] else {}
-    have["tokenizer_id"] = params.get("tokenizer_id")
-    diffs = [f"{k} {have[k]!r} (now {want[k]!r})" for k in have if have[k] != want[k]]
-    stored = float(row[8]) if row[8] is not None else None
-    if explicit_threshold and stored is not None and abs(stored - want["threshold"]) > 1e-9 * max(1.0, abs(stored)):
-        diffs.append(f"threshold {stored!r} (now {want['threshold']!r})")
-    if diffs:
-        raise FeaturescribeError(
-            f"source {source_id} already exists with {'; '.join(diffs)}; pass --source-id NEW_ID to keep "
-            "both, or --overwrite to replace it")
-    return True, stored
-
-
-def _delete_source(con, source_id: str) -> None:
-    con.execute("BEGIN TRANSACTION")
-    try:
-        for table in ("activations", "features", "harvest_progress", "sources"):
-            con.execute(f"DELETE FROM {table} WHERE source_id = ?", [source_id])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-
-
-def _finalize(con, source_id: str, width: int, params: dict) -> tuple[int, int, int, int]:
-    """Exact per-feature stats from the stored entries; sources.n_tokens. -> (n_seq, n_tok, n_act, alive)."""
-    n_seq, n_tok = con.execute(
-        "SELECT count(*), coalesce(sum(greatest(len(s.token_ids) - ?, 0)), 0) "
-        "FROM harvest_progress p JOIN sequences s USING (seq_id) WHERE p.source_id = ?",
-        [FIRST_POS, source_id]).fetchone()
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.execute("DELETE FROM features WHERE source_id = ?", [source_id])
-        con.execute(
-            """
-            INSERT INTO features (source_id, feature_id, n_active, frac_active, max_act, mean_act, status)
-            SELECT ?, f.i::INTEGER, coalesce(a.n, 0), coalesce(a.n, 0) / greatest(?, 1)::DOUBLE, a.mx, a.mean,
-                   CASE WHEN a.n IS NULL THEN 'dead' ELSE 'alive' END
-            FROM range(?) f(i)
-            LEFT JOIN (SELECT feature_id, count(*) AS n, max(act) AS mx, avg(act) AS mean
-                       FROM activations WHERE source_id = ? GROUP BY feature_id) a ON a.feature_id = f.i
-            """, [source_id, int(n_tok), int(width), source_id])
-        con.execute("UPDATE sources SET n_tokens = ?, params = ? WHERE source_id = ?",
-                    [int(n_tok), json.dumps(params), source_id])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    n_act, alive = con.execute(
-        "SELECT coalesce(sum(n_active), 0), count(*) FILTER (WHERE n_active > 0) FROM features WHERE source_id = ?",
-        [source_id]).fetchone()
-    return int(n_seq), int(n_tok), int(n_act), int(alive)
-
-
-def _auto_threshold(acts, valid, keep: float) -> float:
-    """The value above which about `keep` of the valid entries lie (never below 0)."""
-    import torch
-
-    x = acts[valid].float().flatten()
-    if x.numel() == 0:
-        return 0.0
-    if x.numel() > (1 << 24):  # a strided sample is plenty for a quantile
-        x = x[:: x.numel() // (1 << 24) + 1]
-    k = max(1, int(round(keep * x.numel())))
-    v = float(torch.topk(x, k).values.min())
-    v = max(v, 0.0)
-    return float(f"{v:.4g}")
+    seconds: float = 0.0
+    tokens: int = 0
+    sequences: list[int] = field(default_factory=list)  # per source
 
 
 class Harvester:
-    """A loaded model + site (+ SAE), reusable for several harvests (benchmarks, tests)."""
+    """A loaded model and its sources (sites x layers, SAEs), reusable for several harvests."""
 
-    def __init__(self, model, tokenizer, *, model_id: str, layer: int, site: str | None = None,
-                 sae: str | SAE | None = None, device: str | None = None):
+    def __init__(self, model, tokenizer, *, model_id: str, layer=None, site=None,
+                 sae: str | SAE | list | None = None, device: str | None = None, source_id: str | None = None):
         import torch
 
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.device = torch.device(device) if device else next(model.parameters()).device
-        sae_obj = load_sae(sae, device="cpu") if isinstance(sae, (str, Path)) else sae
-        if site is not None:
-            check_site(site)
-        if sae_obj is not None:
-            hooked = site_of_hook(sae_obj.cfg.hook_name)
-            if hooked is not None:
-                if site is not None and hooked[0] != site:
-                    raise FeaturescribeError(f"the SAE was trained on {sae_obj.cfg.hook_name} (site {hooked[0]}), "
-                                             f"not on site {site}")
-                if hooked[1] != layer:
-                    raise FeaturescribeError(f"the SAE was trained on {sae_obj.cfg.hook_name} (layer {hooked[1]}), "
-                                             f"not on layer {layer}")
-                site = site or hooked[0]
-        self.reader = SiteReader(model, site or "mlp", layer)
-        self.site = self.reader.site
-        if sae_obj is not None and sae_obj.cfg.d_in != self.site.width:
-            raise FeaturescribeError(
-                f"SAE width mismatch: the SAE reads d_in={sae_obj.cfg.d_in} but site {self.site.site} of layer "
-                f"{layer} ({self.site.hook_name}) has width {self.site.width}")
-        self.sae = sae_obj.to(self.device) if sae_obj is not None else None
-        self.kind = "sae" if self.sae is not None else "neuron"
-        self.width = self.sae.width if self.sae is not None else self.site.width
+        saes = [load_sae(s, device="cpu") if isinstance(s, (str, Path)) else s
+                for s in ([] if sae is None else sae if isinstance(sae, list) else [sae])]
+        n = n_layers(model)
+        self.plans = plan_sources(parse_layers(layer, n), parse_sites(site), saes, source_id)
+        check_layers(self.plans, n)
+        self.reader = MultiSiteReader(model, [p.key for p in self.plans])
+        bind_sites(self.plans, self.reader.sites)
+        for p in self.plans:
+            if p.sae is not None:
+                p.sae = p.sae.to(self.device)
+
+    # single-source views, for callers that read one source
+    @property
+    def site(self):
+        return self.reader.sites[self.plans[0].key]
+
+    @property
+    def width(self) -> int:
+        return self.plans[0].width
+
+    @property
+    def kind(self) -> str:
+        return self.plans[0].kind
 
     def default_source_id(self) -> str:
-        return default_source_id(self.site.layer, self.site.site, self.sae.width if self.sae is not None else None)
+        return self.plans[0].source_id
 
     # the per-batch device work -------------------------------------------------------------------
-    def features(self, input_ids):
-        """Feature activations [B, T, width] for a padded batch (neurons, or SAE latents)."""
-        acts = self.reader.run(input_ids)
-        return self.sae.encode(acts) if self.sae is not None else acts
+    def features(self, input_ids) -> list:
+        """Feature activations [B, T, width] of every source for a padded batch (one forward pass)."""
+        captures = self.reader.run(input_ids)
+        return [p.sae.encode(captures[p.key]) if p.sae is not None else captures[p.key] for p in self.plans]
 
     def to_device(self, batch: Batch):
         import torch
@@ -526,18 +152,18 @@ class Harvester:
             ids[i, : len(t)] = t
             lengths[i] = len(t)
         pin = self.device.type == "cuda"
-        t_ids = torch.from_numpy(ids)
-        t_len = torch.from_numpy(lengths)
+        t_ids, t_len = torch.from_numpy(ids), torch.from_numpy(lengths)
         if pin:
             t_ids, t_len = t_ids.pin_memory(), t_len.pin_memory()
         return t_ids.to(self.device, non_blocking=pin), t_len.to(self.device, non_blocking=pin)
 
-    def sparse(self, acts, lengths, threshold: float):
-        """Entries above `threshold` at harvested positions: (idx int32 [N,3], vals float32 [N]) on the CPU."""
+    @staticmethod
+    def sparse(acts, valid, threshold: float):
+        """Entries above `threshold` where `valid` [B, T]: (idx int32 [N,3], vals float32 [N]) on the CPU."""
         import torch
 
-        mask = (acts > threshold) & self.valid_mask(acts, lengths)[:, :, None]
-        nz = mask.nonzero()  # one host sync per batch (the boolean-mask gather would be a second one)
+        mask = (acts > threshold) & valid[:, :, None]
+        nz = mask.nonzero()  # one host sync per source and batch (a boolean-mask gather would be a second)
         vals = acts[nz[:, 0], nz[:, 1], nz[:, 2]].float()
         return nz.to(torch.int32).cpu().numpy(), vals.cpu().numpy()
 
@@ -549,97 +175,115 @@ class Harvester:
         pos = torch.arange(acts.shape[1], device=acts.device)
         return (pos[None, :] >= FIRST_POS) & (pos[None, :] < lengths[:, None])
 
+    def _item(self, batch: Batch, states: list[SourceState]) -> Item:
+        """One forward pass: each source's kept entries (thresholds estimated on the first batch)."""
+        import torch
+
+        ids, lengths = self.to_device(batch)
+        parts = []
+        valid = None
+        for k, (st, acts) in enumerate(zip(states, self.features(ids))):
+            if valid is None:
+                valid = self.valid_mask(acts, lengths)
+            rows = valid if batch.todo is None else valid & torch.from_numpy(batch.todo[k]).to(valid.device)[:, None]
+            if st.threshold is None:
+                st.threshold = auto_threshold(acts, rows, st.keep)
+            parts.append((k, *self.sparse(acts, rows, st.threshold)))
+        return Item(batch, parts)
+
     # the whole harvest -----------------------------------------------------------------------------
     def run(self, con, cfg: HarvestConfig, corpus: corpus_mod.Corpus, first: corpus_mod.Sequence | None = None,
-            seqs: Iterator[corpus_mod.Sequence] | None = None) -> HarvestResult:
+            seqs: Iterator[corpus_mod.Sequence] | None = None) -> list[HarvestResult]:
+        tokenizer_id = corpus_mod.tokenizer_fingerprint(self.tokenizer)
+        corpus_key = corpus.key(cfg.ctx)
+        batch_size = cfg.batch_size or (128 if self.device.type == "cuda" else 32)
+        states = prepare_states(con, self, cfg, corpus, tokenizer_id, batch_size)
+        plan = _plan(con, states, tokenizer_id, corpus_key, cfg.index_range)
+        if seqs is None:
+            seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, cfg.max_tokens or None)
+        if first is not None:
+            seqs = _chain_first(first, seqs)
+        rows = RowMaker([st.plan.source_id for st in states], tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
+        loop = self._stream(con, cfg, states, make_batches(seqs, plan, batch_size), rows, _total(cfg, plan))
+        return [self._finish(con, st, loop, k, cfg) for k, st in enumerate(states)]
+
+    def _stream(self, con, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch],
+                rows: RowMaker, total: int | None) -> _Loop:
         import torch
 
         from featurescribe.progress import Progress
 
-        source_id = cfg.source_id or self.default_source_id()
-        tokenizer_id = corpus_mod.tokenizer_fingerprint(self.tokenizer)
-        corpus_key = corpus.key(cfg.ctx)
-        rule, tval = parse_threshold(cfg.threshold if cfg.threshold is not None
-                                     else ("auto" if self.kind == "neuron" else 0.0))
-        explicit = cfg.threshold is not None and rule == "abs"
-        want = {"model_id": self.model_id, "hook_name": self.site.hook_name, "layer": self.site.layer,
-                "kind": self.kind, "width": self.width, "sae_path": self.sae.path if self.sae is not None else None,
-                "corpus": corpus.name, "ctx": cfg.ctx, "tokenizer_id": tokenizer_id,
-                "threshold": tval if rule == "abs" else None}
-        if cfg.overwrite:
-            _delete_source(con, source_id)
-        exists, stored = _check_existing(con, source_id, want, explicit)
-        threshold = stored if stored is not None else (tval if rule == "abs" else None)
-        batch_size = cfg.batch_size or (128 if self.device.type == "cuda" else 32)
-        params = {
-            "tokenizer_id": tokenizer_id, "corpus_key": corpus_key, "corpus_spec": corpus.spec,
-            "first_pos": FIRST_POS, "bos": corpus_mod.adds_bos(self.tokenizer),
-            "threshold_rule": f"keep {tval:.2%} (estimated on the first batch)" if rule == "keep" else "absolute",
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-            "device": self.device.type, "batch_size": batch_size, "max_tokens": cfg.max_tokens,
-        }
-        if self.sae is not None:
-            params["sae"] = {"architecture": self.sae.cfg.architecture, "hook_name": self.sae.cfg.hook_name,
-                             "d_in": self.sae.cfg.d_in, "d_sae": self.sae.cfg.d_sae, "k": self.sae.cfg.k}
-        source_row = {
-            "source_id": source_id, "model_id": self.model_id, "hook_name": self.site.hook_name,
-            "layer": self.site.layer, "kind": self.kind, "width": self.width, "site": self.site.site,
-            "threshold": threshold, "sae_path": want["sae_path"], "corpus": corpus.name, "ctx": cfg.ctx,
-            "n_tokens": None, "params": json.dumps({**params, "status": "running"}), "created_at": _now(),
-        } if not exists else None
-
-        plan = _plan(con, source_id, tokenizer_id, corpus_key)
-        max_tokens = cfg.max_tokens or None
-        if seqs is None:
-            seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, max_tokens)
-        if first is not None:
-            seqs = _chain_first(first, seqs)
-        done_tokens = len(plan.done_index) * cfg.ctx
-        total = max(-(-max_tokens // cfg.ctx) * cfg.ctx - done_tokens, 0) if max_tokens else None  # whole sequences
-
-        writer = _Writer(con, source_id, tokenizer_id, corpus_key, _TokenStrings(self.tokenizer), source_row)
-        reader = _Prefetch(_batches(seqs, plan, batch_size))
-        new_seqs = new_tokens = 0
+        writers = Writers(con, rows, threads=cfg.writer_threads)
+        reader = Prefetch(batches)
+        loop = _Loop(sequences=[0] * len(states))
         t0 = time.monotonic()
         try:
             with Progress("harvest", total=total, unit="tok", enabled=cfg.progress) as bar, torch.inference_mode():
                 for batch in reader:
-                    ids, lengths = self.to_device(batch)
-                    acts = self.features(ids)
-                    if threshold is None:
-                        threshold = _auto_threshold(acts, self.valid_mask(acts, lengths), tval)
-                        if writer.source_row is not None:  # not written yet: the writer has no item
-                            writer.source_row["threshold"] = threshold
-                    idx, vals = self.sparse(acts, lengths, threshold)
-                    del acts
-                    writer.put(_Item(batch, idx, vals))
-                    n = batch.n_tokens
-                    new_seqs += len(batch.seq_ids)
-                    new_tokens += n
-                    bar.advance(n)
+                    item = self._item(batch, states)
+                    _insert_new_sources(con, states)  # once the first batch has set the thresholds
+                    writers.put(item)
+                    loop.tokens += batch.n_tokens
+                    for k in range(len(states)):
+                        loop.sequences[k] += int(batch.todo[k].sum()) if batch.todo is not None else len(batch.seq_ids)
+                    bar.advance(batch.n_tokens)
         except BaseException:
             reader.close()
             try:
-                writer.close()  # keep what was computed: it is committed and a re-run continues after it
+                writers.close()  # keep what was computed: it is committed and a re-run continues after it
             except BaseException:  # noqa: BLE001 - the first error is the one to report
                 pass
             raise
         reader.close()
-        writer.close()
-        seconds = time.monotonic() - t0
-        if threshold is None:  # nothing was left to run
-            threshold = tval if rule == "abs" else 0.0
-        params.update(status="complete", seconds=round(seconds, 3),
-                      tokens_per_s=round(new_tokens / seconds, 1) if seconds > 0 else None)
-        n_seq, n_tok, n_act, alive = _finalize(con, source_id, self.width, params)
-        if n_seq == 0:
-            raise FeaturescribeError(f"corpus {corpus.spec} gave no sequences to harvest")
+        writers.close()
+        loop.seconds = time.monotonic() - t0
+        return loop
+
+    def _finish(self, con, st: SourceState, loop: _Loop, k: int, cfg: HarvestConfig) -> HarvestResult:
+        from featurescribe.store.harvest_rows import finalize_source
+
+        if st.threshold is None:  # nothing was left to run
+            st.threshold = st.value if st.rule == "abs" else 0.0
+        _insert_new_sources(con, [st])
+        params = dict(st.params, status="complete", seconds=round(loop.seconds, 3),
+                      tokens_per_s=round(loop.tokens / loop.seconds, 1) if loop.seconds > 0 else None)
+        n_seq, n_tok, n_act, alive = finalize_source(con, st.plan.source_id, st.plan.width, FIRST_POS, params)
+        if n_seq == 0 and cfg.index_range is None:
+            raise FeaturescribeError(f"corpus {cfg.corpus} gave no sequences to harvest")
+        p = st.plan
         return HarvestResult(
-            source_id=source_id, model_id=self.model_id, hook_name=self.site.hook_name, layer=self.site.layer,
-            site=self.site.site, kind=self.kind, width=self.width, threshold=float(threshold),
-            n_sequences=n_seq, n_tokens=n_tok, n_activations=n_act, new_sequences=new_seqs,
-            new_tokens=new_tokens, seconds=seconds, alive=alive,
-        )
+            source_id=p.source_id, model_id=self.model_id, hook_name=p.hook_name, layer=p.layer, site=p.site,
+            kind=p.kind, width=p.width, threshold=float(st.threshold), n_sequences=n_seq, n_tokens=n_tok,
+            n_activations=n_act, new_sequences=loop.sequences[k], new_tokens=loop.tokens, seconds=loop.seconds,
+            alive=alive)
+
+
+def _insert_new_sources(con, states: list[SourceState]) -> None:
+    from featurescribe.store.harvest_rows import insert_sources
+
+    new = [st for st in states if not st.exists and st.threshold is not None]
+    insert_sources(con, [source_row(st) for st in new])
+    for st in new:
+        st.exists = True
+
+
+def _plan(con, states: list[SourceState], tokenizer_id: str, corpus_key: str, index_range) -> Plan:
+    from featurescribe.store.harvest_rows import done_corpus_indices, known_sequences
+
+    known_index, known_seq, nxt = known_sequences(con, tokenizer_id, corpus_key)
+    done = [done_corpus_indices(con, st.plan.source_id, tokenizer_id, corpus_key) for st in states]
+    return Plan(known_index, known_seq, done, nxt, tuple(index_range) if index_range else (0, None))
+
+
+def _total(cfg: HarvestConfig, plan: Plan) -> int | None:
+    """Tokens the progress bar expects (whole sequences), when known."""
+    if not cfg.max_tokens:
+        return None
+    n_seq = -(-cfg.max_tokens // cfg.ctx)
+    lo, hi = plan.index_range
+    n_seq = min(n_seq, hi if hi is not None else n_seq) - lo
+    done = min(len(d) for d in plan.done_index) if plan.done_index else 0
+    return max(n_seq - done, 0) * cfg.ctx
 
 
 def _chain_first(first, rest):
@@ -647,16 +291,10 @@ def _chain_first(first, rest):
     yield from rest
 
 
-def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:
-    """Run a harvest from a config. Every user error is raised before the database is opened.
-
-    `loaded`: an optional `(model_id, model, tokenizer)` already in memory (tests, benchmarks).
-    """
-    from featurescribe.harvest.models import load_causal_lm, pick_device, resolve_model, torch_dtype
-    from featurescribe.store import open_db
-
-    if cfg.site is not None:
-        check_site(cfg.site)
+def check_config(cfg: HarvestConfig) -> None:
+    """The option checks that need no model."""
+    parse_sites(cfg.site)
+    parse_layers(cfg.layer, n_layers=1)
     if cfg.ctx < 2:
         raise FeaturescribeError("--ctx must be at least 2")
     if cfg.batch_size is not None and cfg.batch_size < 1:
@@ -665,20 +303,36 @@ def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:
         raise FeaturescribeError("--max-tokens must be positive (0: the whole corpus)")
     if cfg.threshold is not None:
         parse_threshold(cfg.threshold)
+
+
+def load_model(cfg: HarvestConfig):
+    """(model_id, model, tokenizer) for a config."""
+    from featurescribe.harvest.models import load_causal_lm, pick_device, resolve_model, torch_dtype
+
+    device = pick_device(cfg.device)
+    torch_dtype(cfg.dtype)
+    ref = resolve_model(cfg.model)
+    model, tokenizer = load_causal_lm(ref, device=device, dtype=cfg.dtype)
+    return ref.model_id, model, tokenizer
+
+
+def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[HarvestResult]:
+    """Run a harvest from a config: one result per source. Every user error is raised before the
+    database is opened. `loaded`: an optional `(model_id, model, tokenizer)` already in memory;
+    `one`: refuse a harvest of several sources."""
+    from featurescribe.store import open_db
+
+    check_config(cfg)
     corpus = corpus_mod.open_corpus(cfg.corpus)
-    sae = load_sae(cfg.sae, device="cpu") if cfg.sae else None
-    if loaded is None:
-        device = pick_device(cfg.device)
-        torch_dtype(cfg.dtype)
-        ref = resolve_model(cfg.model)
-        model, tokenizer = load_causal_lm(ref, device=device, dtype=cfg.dtype)
-        model_id = ref.model_id
-    else:
-        model_id, model, tokenizer = loaded
-    h = Harvester(model, tokenizer, model_id=model_id, layer=cfg.layer, site=cfg.site, sae=sae)
+    saes = [load_sae(p, device="cpu") for p in cfg.sae_paths]
+    model_id, model, tokenizer = loaded if loaded is not None else load_model(cfg)
+    h = Harvester(model, tokenizer, model_id=model_id, layer=cfg.layer, site=cfg.site, sae=saes,
+                  source_id=cfg.source_id)
+    if one and len(h.plans) != 1:
+        raise FeaturescribeError(f"this harvest has {len(h.plans)} sources: use harvest_all")
     seqs = corpus_mod.sequences(corpus, tokenizer, cfg.ctx, cfg.max_tokens or None)
     first = next(seqs, None)
-    if first is None:
+    if first is None and cfg.index_range is None:
         raise FeaturescribeError(f"corpus {cfg.corpus} is empty: it has no text to harvest")
     con = open_db(cfg.db)
     try:
@@ -689,7 +343,6 @@ def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:
         con.close()
 
 
-def result_dict(r: HarvestResult) -> dict:
-    d = asdict(r)
-    d["tokens_per_s"] = r.tokens_per_s
-    return d
+def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:
+    """A harvest of one source (see `harvest_all` for many)."""
+    return harvest_all(cfg, loaded, one=True)[0]

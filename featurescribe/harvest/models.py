@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,11 @@ def _load_error(ref: ModelRef, err: Exception) -> FeaturescribeError:
     return FeaturescribeError(f"cannot load model {ref.name!r} from {ref.path}: {first}")
 
 
+# transformers builds a model on the meta device and then fills it; two threads loading at once
+# (shards on the thread runner) can see each other's meta parameters, so loads take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_causal_lm(name: str | ModelRef, device: str = "cpu", dtype=None):
     """Load a causal LM and its tokenizer: `(model, tokenizer)`, the model in eval mode on `device`.
 
@@ -241,13 +247,13 @@ def load_causal_lm(name: str | ModelRef, device: str = "cpu", dtype=None):
     _quiet_transformers()
     kwargs = {"dtype": dt} if dt is not None else {}
     try:
-        with warnings.catch_warnings():
+        with _LOAD_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+            model.to(device)
     except (OSError, ValueError, EnvironmentError) as err:
         raise _load_error(ref, err) from None
     tokenizer = load_tokenizer(ref)
-    model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -1,6 +1,6 @@
-"""Where activations are read: a site of one decoder layer, and a forward pass that stops there.
+"""Where activations are read: sites of decoder layers, and a forward pass that stops after the last.
 
-Sites of layer L (0-based):
+Sites of layer L (0-based), one entry each in `SITE_TABLE`:
 
 | site      | what                                              | hook_name (HF module path + .input/.output) |
 |-----------|---------------------------------------------------|---------------------------------------------|
@@ -10,20 +10,17 @@ Sites of layer L (0-based):
 | `attn`    | the attention block's output (output projection)  | `model.layers.L.self_attn.o_proj.output`    |
 | `mlp_out` | the MLP block's output (down projection output)   | `model.layers.L.mlp.output`                 |
 
-(Module paths are those of the model at hand; the examples are Llama/Gemma names.) The forward pass
-runs the model's backbone only up to the hooked module: a hook captures the tensor and raises, so no
-later layer and no LM head runs.
+(Module paths are those of the model at hand; the examples are Llama/Gemma names.) One forward pass
+reads every site asked for: a hook on each hooked module captures its tensor, and the hook that
+completes the set raises, so no later layer and no LM head runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from featurescribe.errors import FeaturescribeError
-
-SITES = ("mlp", "resid", "attn", "mlp_out")
-# Neuronpedia-style set names used in source ids: 6-mlp, 6-res, 6-att, 6-mlpout
-SITE_ABBR = {"mlp": "mlp", "resid": "res", "attn": "att", "mlp_out": "mlpout"}
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out", "wo")
@@ -32,7 +29,57 @@ _OUT_NAMES = ("o_proj", "c_proj", "dense", "out_proj", "wo")
 
 
 class _Stop(Exception):
-    """Raised by the capture hook to end the forward pass at the site."""
+    """Raised by the capture hook that completes the set, to end the forward pass."""
+
+
+def _child(module, names, what, where):
+    for n in names:
+        sub = getattr(module, n, None)
+        if sub is not None:
+            return n, sub
+    raise FeaturescribeError(f"cannot find the {what} in {where} ({type(module).__name__}); "
+                             f"looked for {', '.join(names)}")
+
+
+def _block(block, where):
+    return where, block
+
+
+def _mlp(block, where):
+    mn, mlp = _child(block, _MLP_NAMES, "MLP", where)
+    return f"{where}.{mn}", mlp
+
+
+def _mlp_down(block, where):
+    name, mlp = _mlp(block, where)
+    dn, down = _child(mlp, _DOWN_NAMES, "MLP down projection", name)
+    return f"{name}.{dn}", down
+
+
+def _attn_out(block, where):
+    an, attn = _child(block, _ATTN_NAMES, "attention block", where)
+    on, out = _child(attn, _OUT_NAMES, "attention output projection", f"{where}.{an}")
+    return f"{where}.{an}.{on}", out
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """A kind of site: its source-id abbreviation, which module of a block, and its input or output."""
+
+    name: str
+    abbr: str  # Neuronpedia-style set name in source ids: 6-mlp, 6-res, 6-att, 6-mlpout
+    locate: Callable  # (block, "model.layers.L") -> (module path, module)
+    io: str  # 'input' | 'output'
+
+
+SITE_TABLE: dict[str, SiteKind] = {k.name: k for k in (
+    SiteKind("mlp", "mlp", _mlp_down, "input"),
+    SiteKind("resid", "res", _block, "output"),
+    SiteKind("attn", "att", _attn_out, "output"),
+    SiteKind("mlp_out", "mlpout", _mlp, "output"),
+)}
+SITES = tuple(SITE_TABLE)
+SITE_ABBR = {k: v.abbr for k, v in SITE_TABLE.items()}
 
 
 @dataclass
@@ -60,84 +107,90 @@ def decoder_layers(model):
     raise FeaturescribeError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def _child(module, names, what, where):
-    for n in names:
-        sub = getattr(module, n, None)
-        if sub is not None:
-            return n, sub
-    raise FeaturescribeError(f"cannot find the {what} in {where} ({type(module).__name__}); "
-                             f"looked for {', '.join(names)}")
+def n_layers(model) -> int:
+    return len(decoder_layers(model)[1])
 
 
 def check_site(site: str) -> str:
-    if site not in SITES:
+    if site not in SITE_TABLE:
         raise FeaturescribeError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
     return site
 
 
-class SiteReader:
-    """Runs a model up to one site and returns the activations there, [batch, seq, width]."""
+def check_layer(layer: int, n: int) -> int:
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise FeaturescribeError(f"layer {layer} is out of range: the model has {n} layers (0-{n - 1})")
+    return layer
 
-    def __init__(self, model, site: str, layer: int):
-        check_site(site)
+
+class MultiSiteReader:
+    """Runs a model once and returns the activations at every site asked for: {(site, layer): [B, T, width]}."""
+
+    def __init__(self, model, wanted: list[tuple[str, int]]):
         self.model = model
         path, layers = decoder_layers(model)
         n = len(layers)
-        if not isinstance(layer, int) or not 0 <= layer < n:
-            raise FeaturescribeError(f"layer {layer} is out of range: the model has {n} layers (0-{n - 1})")
-        block = layers[layer]
-        where = f"{path}.{layer}"
-        if site == "resid":
-            name, module, io = where, block, "output"
-        elif site == "attn":
-            an, attn = _child(block, _ATTN_NAMES, "attention block", where)
-            on, module = _child(attn, _OUT_NAMES, "attention output projection", f"{where}.{an}")
-            name, io = f"{where}.{an}.{on}", "output"
-        else:
-            mn, mlp = _child(block, _MLP_NAMES, "MLP", where)
-            if site == "mlp_out":
-                name, module, io = f"{where}.{mn}", mlp, "output"
-            else:
-                dn, module = _child(mlp, _DOWN_NAMES, "MLP down projection", f"{where}.{mn}")
-                name, io = f"{where}.{mn}.{dn}", "input"
-        self.module, self._io, self._box = module, io, []
+        self._hooks: list[tuple[object, str, tuple[str, int]]] = []  # (module, io, key)
+        places: dict[tuple[str, int], tuple[str, str]] = {}
+        for site, layer in dict.fromkeys(wanted):
+            kind = SITE_TABLE[check_site(site)]
+            name, module = kind.locate(layers[check_layer(layer, n)], f"{path}.{layer}")
+            self._hooks.append((module, kind.io, (site, layer)))
+            places[(site, layer)] = (name, kind.io)
         self.backbone = getattr(model, "base_model", model)
-        width = self.run(self._probe_ids()).shape[-1]
-        self.site = Site(site, layer, name, io, int(width), n)
+        self._box: dict = {}
+        probe = self.run(self._probe_ids())
+        self.sites = {key: Site(key[0], key[1], places[key][0], places[key][1], int(probe[key].shape[-1]), n)
+                      for key in places}
 
     def _probe_ids(self):
         import torch
 
         return torch.tensor([[0, 1]], device=next(self.model.parameters()).device)
 
-    def _pre_hook(self, module, args):
-        self._box.append(args[0])
-        raise _Stop
+    def _capture(self, key, tensor):
+        self._box[key] = tensor[0] if isinstance(tensor, tuple) else tensor
+        if len(self._box) == len(self._hooks):
+            raise _Stop
 
-    def _post_hook(self, module, args, output):
-        self._box.append(output[0] if isinstance(output, tuple) else output)
-        raise _Stop
+    def _register(self):
+        handles = []
+        for module, io, key in self._hooks:
+            if io == "input":
+                fn = (lambda k: lambda m, args: self._capture(k, args[0]))(key)
+                handles.append(module.register_forward_pre_hook(fn))
+            else:
+                fn = (lambda k: lambda m, args, out: self._capture(k, out))(key)
+                handles.append(module.register_forward_hook(fn))
+        return handles
 
-    def run(self, input_ids):
-        """Activations at the site for `input_ids` [batch, seq] (right padding needs no mask)."""
+    def run(self, input_ids) -> dict:
+        """Activations at every site for `input_ids` [batch, seq] (right padding needs no mask)."""
         import torch
 
-        self._box.clear()
-        # the hook lives only during this call, so the model is left as it was found
-        if self._io == "input":
-            handle = self.module.register_forward_pre_hook(self._pre_hook)
-        else:
-            handle = self.module.register_forward_hook(self._post_hook)
+        self._box = {}
+        handles = self._register()  # the hooks live only during this call: the model is left as found
         try:
             with torch.inference_mode():
                 self.backbone(input_ids=input_ids, use_cache=False)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        if not self._box:
-            raise FeaturescribeError("the forward pass never reached the hooked module")
-        out = self._box[0]
-        self._box.clear()
+            for h in handles:
+                h.remove()
+        if len(self._box) != len(self._hooks):
+            raise FeaturescribeError("the forward pass never reached every hooked module")
+        out, self._box = self._box, {}
         return out
 
+
+class SiteReader:
+    """Runs a model up to one site and returns the activations there, [batch, seq, width]."""
+
+    def __init__(self, model, site: str, layer: int):
+        self._multi = MultiSiteReader(model, [(site, layer)])
+        self._key = (site, layer)
+        self.site = self._multi.sites[self._key]
+
+    def run(self, input_ids):
+        return self._multi.run(input_ids)[self._key]

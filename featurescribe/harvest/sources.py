@@ -1,0 +1,150 @@
+"""What one harvest reads: the sources (layer x site neurons, and SAEs at their own hooks).
+
+`--layer` takes `6`, `3,6,9`, `0-29` or `all`; `--site` a comma list; `--sae` repeats. Neurons are
+harvested at every layer x site when `--site` is given or no `--sae` is; each SAE is read at the hook
+its config names (without `--site`, `--layer` then only checks the SAEs' layers). Every check here
+runs before the database is opened: a bad combination is one error line and nothing written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featurescribe.errors import FeaturescribeError
+from featurescribe.harvest.sae import SAE, site_of_hook
+from featurescribe.harvest.sites import SITE_ABBR, SITES, Site, check_layer, check_site
+
+DEFAULT_SITE = "mlp"
+
+
+def width_label(n: int) -> str:
+    """4096 -> '4k', 16384 -> '16k', 1048576 -> '1m', 3000 -> '3000'."""
+    if n % (1 << 20) == 0:
+        return f"{n >> 20}m"
+    if n % 1024 == 0:
+        return f"{n >> 10}k"
+    return str(n)
+
+
+def default_source_id(layer: int, site: str, sae_width: int | None = None) -> str:
+    """Neuronpedia style: '6-mlp' (neurons), '6-res-sae4k' (an SAE of width 4096 on resid)."""
+    base = f"{layer}-{SITE_ABBR[site]}"
+    return base if sae_width is None else f"{base}-sae{width_label(sae_width)}"
+
+
+def parse_layers(spec, n_layers: int | None = None) -> list[int] | None:
+    """`6`, `3,6,9`, `0-29`, `all` (needs n_layers), an int or a list -> sorted distinct layers."""
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, (list, tuple)):
+        return sorted({int(x) for x in spec})
+    text = str(spec).strip().lower()
+    if text == "all":
+        return list(range(n_layers)) if n_layers is not None else None
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+            if b < a:
+                raise ValueError
+            layers.update(range(a, b + 1))
+    except ValueError:
+        raise FeaturescribeError(f"bad --layer {spec!r}: use a layer (6), a list (3,6,9), a range (0-29) "
+                                 "or all") from None
+    return sorted(layers)
+
+
+def parse_sites(spec) -> list[str] | None:
+    if spec is None:
+        return None
+    parts = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    sites = [check_site(p.strip()) for p in parts if p.strip()]
+    if not sites:
+        raise FeaturescribeError(f"bad --site {spec!r}: use a comma list of {', '.join(SITES)}")
+    return list(dict.fromkeys(sites))
+
+
+@dataclass
+class SourcePlan:
+    """One source of a harvest: where it reads, and (for an SAE) what encodes it."""
+
+    source_id: str
+    site: str
+    layer: int
+    sae: SAE | None = None
+    width: int = 0  # set once the site is located (neurons) or from the SAE
+    hook_name: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "sae" if self.sae is not None else "neuron"
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.site, self.layer
+
+
+def _sae_place(sae: SAE, layers: list[int] | None, sites: list[str] | None) -> tuple[str, int]:
+    hooked = site_of_hook(sae.cfg.hook_name)
+    if hooked is None:
+        if layers is None or len(layers) != 1 or (sites is not None and len(sites) != 1):
+            raise FeaturescribeError(f"SAE {sae.path}: hook {sae.cfg.hook_name!r} names no site we know; "
+                                     "give one --layer and one --site for it")
+        return (sites or [DEFAULT_SITE])[0], layers[0]
+    site, layer = hooked
+    if sites is None and layers is not None and layer not in layers:
+        raise FeaturescribeError(f"the SAE was trained on {sae.cfg.hook_name} (layer {layer}), "
+                                 f"not on layer {', '.join(map(str, layers))}")
+    return site, layer
+
+
+def plan_sources(layers: list[int] | None, sites: list[str] | None, saes: list[SAE],
+                 source_id: str | None = None) -> list[SourcePlan]:
+    """The sources of one harvest, before the model is looked at; duplicate ids are an error."""
+    if layers is None and not saes:
+        raise FeaturescribeError("--layer is needed (a layer, a list, a range or all)")
+    plans = []
+    if sites is not None or not saes:
+        plans = [SourcePlan(default_source_id(layer, site), site, layer)
+                 for layer in layers for site in (sites or [DEFAULT_SITE])]
+    for sae in saes:
+        site, layer = _sae_place(sae, layers, sites)
+        plans.append(SourcePlan(default_source_id(layer, site, sae.width), site, layer, sae, sae.width))
+    if source_id is not None:
+        if len(plans) != 1:
+            raise FeaturescribeError(f"--source-id names one source, but this harvest has {len(plans)} "
+                                     f"({', '.join(p.source_id for p in plans)})")
+        plans[0].source_id = source_id
+    _check_unique(plans)
+    return plans
+
+
+def _check_unique(plans: list[SourcePlan]) -> None:
+    seen: dict[str, SourcePlan] = {}
+    for p in plans:
+        if p.source_id in seen:
+            what = [q.sae.path if q.sae is not None else f"layer {q.layer} {q.site}" for q in (seen[p.source_id], p)]
+            raise FeaturescribeError(f"two sources would get the id {p.source_id} ({what[0]} and {what[1]}); "
+                                     "harvest one of them separately with --source-id")
+        seen[p.source_id] = p
+
+
+def bind_sites(plans: list[SourcePlan], sites: dict[tuple[str, int], Site]) -> None:
+    """Give each source its hook and width; an SAE whose d_in does not fit its hook is an error."""
+    for p in plans:
+        s = sites[p.key]
+        p.hook_name = s.hook_name
+        if p.sae is None:
+            p.width = s.width
+        elif p.sae.cfg.d_in != s.width:
+            raise FeaturescribeError(
+                f"SAE width mismatch: the SAE {p.sae.path} reads d_in={p.sae.cfg.d_in} but site {p.site} of layer "
+                f"{p.layer} ({s.hook_name}) has width {s.width}")
+
+
+def check_layers(plans: list[SourcePlan], n: int) -> None:
+    for p in plans:
+        check_layer(p.layer, n)

@@ -1,0 +1,200 @@
+"""The harvest's writers: threads that turn kept entries into Arrow tables and commit them to DuckDB.
+
+The forward loop only hands each batch's entries (numpy arrays) to a queue. Writer threads (each
+with its own cursor) take items from it, buffer them until about `flush_entries` entries (or
+`flush_s` seconds) are pending, and commit one transaction per buffer: new sequences, the entries of
+every source in ONE insert (`source_id` as an Arrow dictionary column) and the progress rows of those
+batches. DuckDB loads a million-row Arrow insert several times faster than the same rows in small
+inserts; a harvest's batches alone hold tens of thousands of entries.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from featurescribe.harvest.batches import Batch
+
+FLUSH_ENTRIES = 1 << 20
+FLUSH_SECONDS = 10.0
+WRITER_THREADS = 2
+
+
+def const_strings(value: str, n: int) -> pa.Array:
+    """A string column of n copies of value, built from buffers (no Python loop)."""
+    b = value.encode()
+    offsets = np.arange(n + 1, dtype=np.int32) * len(b)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(b * n))
+
+
+class TokenStrings:
+    """Token id -> its text as the tokenizer decodes that one token (' def' keeps its space).
+
+    Each id is decoded once, when first seen; a batch's `tokens` column is then a vectorized take.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        n = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+        self.text = np.empty(n, dtype=object)
+        self.known = np.zeros(n, dtype=bool)
+        self.decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._lock = threading.Lock()
+
+    def _decode(self, i: int) -> str:
+        piece = self.tok.convert_ids_to_tokens(i)
+        if piece is None:
+            return ""
+        if self.decoder is not None:
+            return self.decoder.decode([piece])
+        return self.tok.convert_tokens_to_string([piece])
+
+    def __call__(self, ids: np.ndarray) -> pa.Array:
+        uniq = np.unique(ids)
+        with self._lock:
+            for i in uniq[~self.known[uniq]].tolist():
+                self.text[i] = self._decode(i)
+                self.known[i] = True
+        return pa.array(self.text[ids], type=pa.string())
+
+
+@dataclass
+class Item:
+    batch: Batch
+    parts: list[tuple[int, np.ndarray, np.ndarray]]  # (source index, idx int32 [N, 3]: row/pos/feature, vals)
+
+    @property
+    def n_entries(self) -> int:
+        return sum(len(v) for _, _, v in self.parts)
+
+
+@dataclass
+class RowMaker:
+    """Builds the Arrow tables of a buffer of items."""
+
+    source_ids: list[str]
+    tokenizer_id: str
+    corpus_key: str
+    token_strings: TokenStrings
+
+    def _dict(self, keys: np.ndarray) -> pa.Array:
+        return pa.DictionaryArray.from_arrays(pa.array(keys.astype(np.int16)), pa.array(self.source_ids))
+
+    def sequences(self, items: list[Item]) -> pa.Table | None:
+        rows = [(it.batch, r) for it in items for r in np.flatnonzero(it.batch.new)]
+        if not rows:
+            return None
+        toks = [b.token_ids[r] for b, r in rows]
+        lens = np.array([len(t) for t in toks], dtype=np.int32)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        flat = np.concatenate(toks).astype(np.int32)
+        return pa.table({
+            "seq_id": pa.array(np.array([b.seq_ids[r] for b, r in rows], dtype=np.int64)),
+            "token_ids": pa.ListArray.from_arrays(offsets, pa.array(flat)),
+            "tokens": pa.ListArray.from_arrays(offsets, self.token_strings(flat)),
+            "tokenizer_id": const_strings(self.tokenizer_id, len(rows)),
+            "corpus": const_strings(self.corpus_key, len(rows)),
+            "corpus_index": pa.array(np.array([b.corpus_index[r] for b, r in rows], dtype=np.int64)),
+        })
+
+    def activations(self, items: list[Item]) -> pa.Table | None:
+        parts = [(k, it.batch, idx, vals) for it in items for k, idx, vals in it.parts if len(vals)]
+        if not parts:
+            return None
+        return pa.table({
+            "source_id": self._dict(np.concatenate([np.full(len(v), k, np.int16) for k, _, _, v in parts])),
+            "feature_id": pa.array(np.concatenate([idx[:, 2] for _, _, idx, _ in parts])),
+            "seq_id": pa.array(np.concatenate([b.seq_ids[idx[:, 0]] for _, b, idx, _ in parts])),
+            "pos": pa.array(np.concatenate([idx[:, 1] for _, _, idx, _ in parts])),
+            "act": pa.array(np.concatenate([v for _, _, _, v in parts])),
+        })
+
+    def progress(self, items: list[Item]) -> pa.Table:
+        keys, seqs = [], []
+        for it in items:
+            todo = it.batch.todo
+            for k in range(len(self.source_ids)):
+                rows = it.batch.seq_ids if todo is None else it.batch.seq_ids[todo[k]]
+                keys.append(np.full(len(rows), k, np.int16))
+                seqs.append(rows)
+        return pa.table({"source_id": self._dict(np.concatenate(keys)), "seq_id": pa.array(np.concatenate(seqs))})
+
+
+class Writers:
+    """Writer threads sharing one queue; `put` hands over an item, `close` drains and stops them."""
+
+    def __init__(self, con, rows: RowMaker, threads: int = WRITER_THREADS, flush_entries: int = FLUSH_ENTRIES,
+                 flush_s: float = FLUSH_SECONDS):
+        self.con, self.rows, self.flush_entries, self.flush_s = con, rows, flush_entries, flush_s
+        self.q: queue.Queue = queue.Queue(maxsize=4 * threads)
+        self.error: BaseException | None = None
+        self.entries = self.commits = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name=f"harvest-writer-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
+
+    def put(self, item: Item | None) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if not any(t.is_alive() for t in self._threads):
+                    raise RuntimeError("the harvest writers stopped") from self.error
+
+    def close(self) -> None:
+        """Write what is queued, then stop; re-raise a writer error."""
+        for t in self._threads:
+            if t.is_alive():
+                self.put(None)
+        for t in self._threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        cur = self.con.cursor()
+        try:
+            self._loop(cur)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+            self.error = err
+        finally:
+            cur.close()
+
+    def _loop(self, cur) -> None:
+        buf: list[Item] = []
+        pending, since = 0, time.monotonic()
+        while True:
+            try:
+                item = self.q.get(timeout=0.5)
+            except queue.Empty:
+                item = False  # nothing new: maybe time to flush
+            if item:
+                if not buf:
+                    since = time.monotonic()
+                buf.append(item)
+                pending += item.n_entries
+            due = pending >= self.flush_entries or (buf and time.monotonic() - since >= self.flush_s)
+            if buf and (item is None or due):
+                self._commit(cur, buf)
+                buf, pending = [], 0
+            if item is None:
+                return
+
+    def _commit(self, cur, items: list[Item]) -> None:
+        from featurescribe.store.harvest_rows import write_harvest_rows
+
+        acts = self.rows.activations(items)
+        write_harvest_rows(cur, self.rows.sequences(items), acts, self.rows.progress(items))
+        with self._lock:
+            self.entries += acts.num_rows if acts is not None else 0
+            self.commits += 1

@@ -1,0 +1,122 @@
+"""The harvest's SQL: what a database already holds, the batch transaction, final statistics.
+
+The harvest (featurescribe/harvest/) computes; this module is all it says to DuckDB.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from featurescribe.store.bulk import insert_arrow
+
+SOURCE_SETTINGS = ("model_id", "hook_name", "layer", "kind", "width", "sae_path", "corpus", "ctx")
+
+
+def _transaction(con, fn, *args):
+    con.execute("BEGIN TRANSACTION")
+    try:
+        out = fn(con, *args)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return out
+
+
+def known_sequences(con, tokenizer_id: str, corpus_key: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(corpus_index sorted, their seq_id, next free seq_id) of the sequences already stored."""
+    known = con.execute(
+        "SELECT corpus_index, seq_id FROM sequences WHERE tokenizer_id = ? AND corpus = ? ORDER BY corpus_index",
+        [tokenizer_id, corpus_key]).fetchnumpy()
+    nxt = con.execute("SELECT coalesce(max(seq_id) + 1, 0) FROM sequences").fetchone()[0]
+    return (np.asarray(known["corpus_index"], dtype=np.int64), np.asarray(known["seq_id"], dtype=np.int64),
+            int(nxt))
+
+
+def done_corpus_indices(con, source_id: str, tokenizer_id: str, corpus_key: str) -> np.ndarray:
+    """Sorted corpus_index of the sequences already harvested for a source."""
+    done = con.execute(
+        "SELECT s.corpus_index FROM harvest_progress p JOIN sequences s USING (seq_id) "
+        "WHERE p.source_id = ? AND s.tokenizer_id = ? AND s.corpus = ? ORDER BY 1",
+        [source_id, tokenizer_id, corpus_key]).fetchnumpy()
+    return np.asarray(done["corpus_index"], dtype=np.int64)
+
+
+def source_settings(con, source_id: str) -> dict[str, Any] | None:
+    """A stored source's settings (SOURCE_SETTINGS, tokenizer_id, threshold), or None."""
+    row = con.execute(f"SELECT {', '.join(SOURCE_SETTINGS)}, threshold, params FROM sources WHERE source_id = ?",
+                      [source_id]).fetchone()
+    if row is None:
+        return None
+    have = dict(zip(SOURCE_SETTINGS, row[: len(SOURCE_SETTINGS)]))
+    params = json.loads(row[-1]) if row[-1] else {}
+    have["tokenizer_id"] = params.get("tokenizer_id")
+    have["threshold"] = float(row[-2]) if row[-2] is not None else None
+    return have
+
+
+def source_params(con, source_id: str) -> dict:
+    row = con.execute("SELECT params FROM sources WHERE source_id = ?", [source_id]).fetchone()
+    return json.loads(row[0]) if row and row[0] else {}
+
+
+def delete_source(con, source_id: str) -> None:
+    def run(c):
+        for table in ("activations", "features", "harvest_progress", "sources"):
+            c.execute(f"DELETE FROM {table} WHERE source_id = ?", [source_id])
+    _transaction(con, run)
+
+
+def insert_sources(con, rows: list[dict]) -> None:
+    if rows:
+        _transaction(con, lambda c: insert_arrow(c, "sources", pa.Table.from_pylist(rows)))
+
+
+def set_source_threshold(con, source_id: str, threshold: float) -> None:
+    con.execute("UPDATE sources SET threshold = ? WHERE source_id = ?", [threshold, source_id])
+
+
+def write_harvest_rows(con, sequences: pa.Table | None, activations: pa.Table | None, progress: pa.Table) -> None:
+    """One transaction: new sequences, kept entries and the progress rows that mark them done.
+
+    `activations` and `progress` carry `source_id` as a dictionary column: one insert for every source.
+    """
+    def run(c):
+        if sequences is not None:
+            insert_arrow(c, "sequences", sequences)
+        if activations is not None:
+            insert_arrow(c, "activations", activations)
+        insert_arrow(c, "harvest_progress", progress)
+    _transaction(con, run)
+
+
+def finalize_source(con, source_id: str, width: int, first_pos: int, params: dict) -> tuple[int, int, int, int]:
+    """Exact per-feature stats from the stored entries; sources.n_tokens. -> (n_seq, n_tok, n_act, alive)."""
+    n_seq, n_tok = con.execute(
+        "SELECT count(*), coalesce(sum(greatest(len(s.token_ids) - ?, 0)), 0) "
+        "FROM harvest_progress p JOIN sequences s USING (seq_id) WHERE p.source_id = ?",
+        [first_pos, source_id]).fetchone()
+    _transaction(con, _write_features, source_id, int(n_tok), int(width), params)
+    n_act, alive = con.execute(
+        "SELECT coalesce(sum(n_active), 0), count(*) FILTER (WHERE n_active > 0) FROM features WHERE source_id = ?",
+        [source_id]).fetchone()
+    return int(n_seq), int(n_tok), int(n_act), int(alive)
+
+
+def _write_features(con, source_id: str, n_tok: int, width: int, params: dict) -> None:
+    con.execute("DELETE FROM features WHERE source_id = ?", [source_id])
+    con.execute(
+        """
+        INSERT INTO features (source_id, feature_id, n_active, frac_active, max_act, mean_act, status)
+        SELECT ?, f.i::INTEGER, coalesce(a.n, 0), coalesce(a.n, 0) / greatest(?, 1)::DOUBLE, a.mx, a.mean,
+               CASE WHEN a.n IS NULL THEN 'dead' ELSE 'alive' END
+        FROM range(?) f(i)
+        LEFT JOIN (SELECT feature_id, count(*) AS n, max(act) AS mx, avg(act) AS mean
+                   FROM activations WHERE source_id = ? GROUP BY feature_id) a ON a.feature_id = f.i
+        """, [source_id, n_tok, width, source_id])
+    con.execute("UPDATE sources SET n_tokens = ?, params = ? WHERE source_id = ?",
+                [n_tok, json.dumps(params), source_id])
