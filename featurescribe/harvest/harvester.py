@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.harvest import corpus as corpus_mod
-from featurescribe.harvest.sae import SAE, load_sae, site_of_hook
+from featurescribe.harvest.sae import SAE, check_sae_fits, load_sae, resolve_sae_site
 from featurescribe.harvest.sites import SITE_ABBR, SiteReader, check_site
 
 DEFAULT_CTX = 64
@@ -488,21 +488,11 @@ class Harvester:
         if site is not None:
             check_site(site)
         if sae_obj is not None:
-            hooked = site_of_hook(sae_obj.cfg.hook_name)
-            if hooked is not None:
-                if site is not None and hooked[0] != site:
-                    raise FeaturescribeError(f"the SAE was trained on {sae_obj.cfg.hook_name} (site {hooked[0]}), "
-                                             f"not on site {site}")
-                if hooked[1] != layer:
-                    raise FeaturescribeError(f"the SAE was trained on {sae_obj.cfg.hook_name} (layer {hooked[1]}), "
-                                             f"not on layer {layer}")
-                site = site or hooked[0]
+            site, layer = resolve_sae_site(sae_obj, layer, site)
         self.reader = SiteReader(model, site or "mlp", layer)
         self.site = self.reader.site
-        if sae_obj is not None and sae_obj.cfg.d_in != self.site.width:
-            raise FeaturescribeError(
-                f"SAE width mismatch: the SAE reads d_in={sae_obj.cfg.d_in} but site {self.site.site} of layer "
-                f"{layer} ({self.site.hook_name}) has width {self.site.width}")
+        if sae_obj is not None:
+            check_sae_fits(sae_obj, self.site)
         self.sae = sae_obj.to(self.device) if sae_obj is not None else None
         self.kind = "sae" if self.sae is not None else "neuron"
         self.width = self.sae.width if self.sae is not None else self.site.width
@@ -580,7 +570,8 @@ class Harvester:
         }
         if self.sae is not None:
             params["sae"] = {"architecture": self.sae.cfg.architecture, "hook_name": self.sae.cfg.hook_name,
-                             "d_in": self.sae.cfg.d_in, "d_sae": self.sae.cfg.d_sae, "k": self.sae.cfg.k}
+                             "d_in": self.sae.cfg.d_in, "d_sae": self.sae.cfg.d_sae, "k": self.sae.cfg.k,
+                             "format": self.sae.cfg.format, "transcoder": self.sae.cfg.transcoder}
         source_row = {
             "source_id": source_id, "model_id": self.model_id, "hook_name": self.site.hook_name,
             "layer": self.site.layer, "kind": self.kind, "width": self.width, "site": self.site.site,

@@ -9,6 +9,8 @@ Sites of layer L (0-based):
 | `resid`   | the residual stream after layer L                 | `model.layers.L.output`                     |
 | `attn`    | the attention block's output (output projection)  | `model.layers.L.self_attn.o_proj.output`    |
 | `mlp_out` | the MLP block's output (down projection output)   | `model.layers.L.mlp.output`                 |
+| `mlp_in`  | the MLP block's input (the residual stream after  | `model.layers.L.mlp.input`                  |
+|           | the pre-MLP norm): what a transcoder reads        |                                             |
 
 (Module paths are those of the model at hand; the examples are Llama/Gemma names.) The forward pass
 runs the model's backbone only up to the hooked module: a hook captures the tensor and raises, so no
@@ -21,9 +23,9 @@ from dataclasses import dataclass
 
 from featurescribe.errors import FeaturescribeError
 
-SITES = ("mlp", "resid", "attn", "mlp_out")
-# Neuronpedia-style set names used in source ids: 6-mlp, 6-res, 6-att, 6-mlpout
-SITE_ABBR = {"mlp": "mlp", "resid": "res", "attn": "att", "mlp_out": "mlpout"}
+SITES = ("mlp", "resid", "attn", "mlp_out", "mlp_in")
+# Neuronpedia-style set names used in source ids: 6-mlp, 6-res, 6-att, 6-mlpout, 6-mlpin
+SITE_ABBR = {"mlp": "mlp", "resid": "res", "attn": "att", "mlp_out": "mlpout", "mlp_in": "mlpin"}
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out", "wo")
@@ -95,8 +97,8 @@ class SiteReader:
             name, io = f"{where}.{an}.{on}", "output"
         else:
             mn, mlp = _child(block, _MLP_NAMES, "MLP", where)
-            if site == "mlp_out":
-                name, module, io = f"{where}.{mn}", mlp, "output"
+            if site in ("mlp_out", "mlp_in"):
+                name, module, io = f"{where}.{mn}", mlp, "output" if site == "mlp_out" else "input"
             else:
                 dn, module = _child(mlp, _DOWN_NAMES, "MLP down projection", f"{where}.{mn}")
                 name, io = f"{where}.{mn}.{dn}", "input"
