@@ -25,9 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", required=True, type=_int, help="decoder layer, 0-based")
     p.add_argument("--site", choices=SITES, default=None,
                    help="mlp: MLP neurons (input of the down projection; default), resid: residual stream "
-                        "after the layer, attn: attention output, mlp_out: MLP output. With --sae, "
+                        "after the layer, attn: attention output, mlp_out: MLP output, mlp_in: MLP input "
+                        "(after its norm; what transcoders read). With --sae, "
                         "the default is the SAE's own hook")
-    p.add_argument("--sae", metavar="DIR", help="an SAE in SAELens format (cfg.json + sae_weights.safetensors): "
+    p.add_argument("--sae", metavar="DIR", help="an SAE or transcoder folder, SAELens (cfg.json + "
+                                               "sae_weights.safetensors) or EleutherAI sparsify (cfg.json + "
+                                               "sae.safetensors in a folder named by its hookpoint, e.g. layers.6): "
                                                "harvest its latents instead of the site's units")
     p.add_argument("--corpus", default="builtin:stdlib",
                    help="a .txt file or folder, .jsonl (field text), .parquet (column text), or "
