@@ -159,3 +159,20 @@ def test_incomplete_folders(tmp_path):
     (tmp_path / "layers.1" / "sae.safetensors").write_bytes(b"")
     with pytest.raises(FeaturescribeError, match="cfg.json is not valid JSON"):
         load_sae(tmp_path / "layers.1")
+
+
+def test_hookpoint_of_a_relative_or_linked_folder(tmp_path, monkeypatch):
+    write_sparsify(tmp_path / "run" / "layers.3.mlp", 8, 16, 2)
+    monkeypatch.chdir(tmp_path / "run" / "layers.3.mlp")
+    assert load_sae(".").cfg.hook_name == "layers.3.mlp"
+    (tmp_path / "layers.5").symlink_to(tmp_path / "run" / "layers.3.mlp")
+    assert load_sae(tmp_path / "layers.5").cfg.hook_name == "layers.5"
+
+
+def test_saelens_sae_without_a_known_hook_reads_the_site_asked(tmp_path):
+    write_saelens_transcoder(tmp_path / "tc", 16, 24, 16, hook_name=None)
+    sae = load_sae(tmp_path / "tc")
+    assert resolve_sae_site(sae, 2) == ("mlp_in", 2)
+    assert resolve_sae_site(sae, 2, "resid") == ("resid", 2)
+    with pytest.raises(FeaturescribeError, match="its config names no hook: give --layer and --site"):
+        resolve_sae_site(sae)

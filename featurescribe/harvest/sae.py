@@ -61,7 +61,7 @@ def _natural_key(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.as_posix())]
 
 
-def _is_incomplete_sae(folder: Path) -> bool:
+def _has_sae_files(folder: Path) -> bool:
     return (folder / CFG_FILE).is_file() or any((folder / f.weights_file).is_file() for f in FORMATS)
 
 
@@ -81,7 +81,7 @@ def sae_dirs(path: str | Path) -> list[Path]:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FeaturescribeError(f"--sae {path}: not a folder (expected {_LAYOUTS} in it)")
-    if _is_incomplete_sae(p):
+    if _has_sae_files(p):
         if format_of(p) is None:
             missing = CFG_FILE if not (p / CFG_FILE).is_file() else " or ".join(f.weights_file for f in FORMATS)
             raise FeaturescribeError(f"--sae {path}: missing {missing} (expected {_LAYOUTS})")
@@ -115,8 +115,9 @@ def resolve_sae_site(sae: SAE, layer: int | None = None, site: str | None = None
     name = sae.cfg.hook_name
     hooked = site_of_hook(name)
     if hooked is None:
+        what = f"harvest cannot read its hook {name!r}" if name else "its config names no hook"
         if sae.cfg.format == "sparsify" or layer is None:
-            raise FeaturescribeError(f"SAE {sae.path}: harvest cannot read its hook {name!r}"
+            raise FeaturescribeError(f"SAE {sae.path}: {what}"
                                      + ("" if sae.cfg.format == "sparsify" else ": give --layer and --site"))
         return site or ("mlp_in" if sae.cfg.transcoder else "mlp"), layer
     hooked_site, hooked_layer = hooked

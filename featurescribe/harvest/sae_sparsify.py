@@ -18,6 +18,7 @@ k equal groups (`groupmax`), 0 elsewhere.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ _DEFAULT_EXPANSION, _DEFAULT_K = 32, 32  # sparsify's SparseCoderConfig defaults
 
 def hookpoint_of(folder: Path) -> str:
     """The hookpoint a checkpoint folder was saved under (`layers.6`, or `layers.6` for `layers.6/seed0`)."""
-    folder = folder.resolve()
+    folder = Path(os.path.abspath(folder))  # not resolve(): a symlink's own name is the one the user chose
     return folder.parent.name if re.fullmatch(r"seed\d+", folder.name) else folder.name
 
 
