@@ -90,8 +90,8 @@ def _weights(folder: Path, cfg: SAEConfig) -> dict:
     if tuple(enc.shape) != (cfg.d_sae, cfg.d_in):
         raise FeaturescribeError(f"SAE {folder}: {WEIGHTS_FILE}: encoder.weight has shape {tuple(enc.shape)}, "
                                  f"expected [num_latents, d_in] = [{cfg.d_sae}, {cfg.d_in}]")
+    # SAELens' orientation, W_enc [d_in, d_sae]: a transposed view, no copy (matmul reads it as fast)
     w = {"W_enc": enc.T, "b_enc": raw["encoder.bias"], "b_dec": raw.get("b_dec"), "W_dec": raw.get("W_dec")}
-    cfg.dtype = str(enc.dtype).replace("torch.", "")
     return {name: t for name, t in w.items() if t is not None}
 
 
@@ -100,4 +100,6 @@ def load_sparsify(folder: Path, raw_cfg: dict[str, Any]) -> SAE:
     hookpoint = hookpoint_of(folder)
     cfg = parse_sparsify_config(raw_cfg, hookpoint, str(folder / CFG_FILE))
     _check_hookpoint(cfg, hookpoint, folder)
-    return SAE(cfg, _weights(folder, cfg), str(folder.resolve()), WEIGHTS_FILE)
+    weights = _weights(folder, cfg)
+    cfg.dtype = str(weights["W_enc"].dtype).replace("torch.", "")  # sparsify's config does not record it
+    return SAE(cfg, weights, str(folder.resolve()), WEIGHTS_FILE)
