@@ -303,7 +303,7 @@ def test_sae_for_another_layer_or_site(smollm2, db_path, corpus_file, tmp_path):
 
 
 def test_bad_site_and_options(smollm2, db_path, corpus_file):
-    for kw, msg in [({"site": "mlp_in"}, "unknown site"), ({"threshold": "lots"}, "bad --threshold"),
+    for kw, msg in [({"site": "mlp_hidden"}, "unknown site"), ({"threshold": "lots"}, "bad --threshold"),
                     ({"ctx": 1}, "--ctx"), ({"corpus": "builtin:nope"}, "unknown builtin corpus")]:
         with pytest.raises(FeaturescribeError, match=msg):
             cfg = dict(site="mlp", corpus=corpus_file)

@@ -29,10 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", default=None,
                    help=f"comma list of {', '.join(SITES)}. mlp: MLP neurons (input of the down projection; "
                         "default), resid: residual stream after the layer, attn: attention output, mlp_out: "
-                        "MLP output. With --sae and no --site only the SAEs are harvested")
+                        "MLP output, mlp_in: MLP input (after its norm; what transcoders read). With --sae and no --site "
+                        "only the SAEs are harvested")
     p.add_argument("--sae", metavar="DIR", action="append", default=None,
-                   help="an SAE folder (SAELens format); repeat for more. Each is read at the hook its "
-                        "config names, in the same forward pass")
+                   help="an SAE or transcoder folder, SAELens (cfg.json + sae_weights.safetensors) or EleutherAI "
+                        "sparsify (cfg.json + sae.safetensors in a folder named by its hookpoint, e.g. layers.6), "
+                        "or a folder of such folders; repeat for more. Each is read at the hook its config "
+                        "names, in the same forward pass")
     p.add_argument("--corpus", default="builtin:stdlib",
                    help="a .txt file or folder, .jsonl (field text), .parquet (column text), or "
                         "builtin:stdlib (default)")

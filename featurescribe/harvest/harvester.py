@@ -28,7 +28,7 @@ import numpy as np
 from featurescribe.errors import FeaturescribeError
 from featurescribe.harvest import corpus as corpus_mod
 from featurescribe.harvest.batches import Batch, Plan, Prefetch, make_batches
-from featurescribe.harvest.sae import SAE, load_sae
+from featurescribe.harvest.sae import SAE, load_saes
 from featurescribe.harvest.sites import MultiSiteReader, n_layers
 from featurescribe.harvest.source_state import FIRST_POS, SourceState, prepare_states, source_row
 from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers, default_source_id,  # noqa: F401
@@ -109,8 +109,7 @@ class Harvester:
 
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.device = torch.device(device) if device else next(model.parameters()).device
-        saes = [load_sae(s, device="cpu") if isinstance(s, (str, Path)) else s
-                for s in ([] if sae is None else sae if isinstance(sae, list) else [sae])]
+        saes = load_saes([] if sae is None else sae if isinstance(sae, list) else [sae])
         n = n_layers(model)
         self.plans = plan_sources(parse_layers(layer, n), parse_sites(site), saes, source_id)
         check_layers(self.plans, n)
@@ -324,7 +323,7 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
 
     check_config(cfg)
     corpus = corpus_mod.open_corpus(cfg.corpus)
-    saes = [load_sae(p, device="cpu") for p in cfg.sae_paths]
+    saes = load_saes(cfg.sae_paths)
     model_id, model, tokenizer = loaded if loaded is not None else load_model(cfg)
     h = Harvester(model, tokenizer, model_id=model_id, layer=cfg.layer, site=cfg.site, sae=saes,
                   source_id=cfg.source_id)
@@ -334,10 +333,11 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
     first = next(seqs, None)
     if first is None and cfg.index_range is None:
         raise FeaturescribeError(f"corpus {cfg.corpus} is empty: it has no text to harvest")
+    from featurescribe.store.harvest_rows import limit_memory
+
     con = open_db(cfg.db)
     try:
-        # DuckDB otherwise keeps every block it wrote cached, and memory would grow with the corpus
-        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+        limit_memory(con, DUCKDB_MEMORY_LIMIT)
         return h.run(con, cfg, corpus, first=first, seqs=seqs)
     finally:
         con.close()

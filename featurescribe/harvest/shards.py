@@ -21,7 +21,7 @@ from featurescribe.errors import FeaturescribeError
 from featurescribe.harvest import corpus as corpus_mod
 from featurescribe.harvest.harvester import (HarvestConfig, HarvestResult, Harvester, check_config, harvest_all,
                                              load_model)
-from featurescribe.harvest.sae import load_sae
+from featurescribe.harvest.sae import load_saes
 
 
 @dataclass
@@ -128,7 +128,7 @@ def plan_shards(cfg: HarvestConfig, shards: int, loaded=None) -> ShardPlan:
         raise FeaturescribeError("--shards must be at least 1")
     check_config(cfg)
     corpus_mod.open_corpus(cfg.corpus)
-    saes = [load_sae(p, device="cpu") for p in cfg.sae_paths]
+    saes = load_saes(cfg.sae_paths)
     model_id, model, tokenizer = loaded if loaded is not None else load_model(cfg)
     h = Harvester(model, tokenizer, model_id=model_id, layer=cfg.layer, site=cfg.site, sae=saes,
                   source_id=cfg.source_id)

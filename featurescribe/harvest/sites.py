@@ -9,6 +9,10 @@ Sites of layer L (0-based), one entry each in `SITE_TABLE`:
 | `resid`   | the residual stream after layer L                 | `model.layers.L.output`                     |
 | `attn`    | the attention block's output (output projection)  | `model.layers.L.self_attn.o_proj.output`    |
 | `mlp_out` | the MLP block's output (down projection output)   | `model.layers.L.mlp.output`                 |
+| `mlp_in`  | the MLP block's input (after its norm; what       | `model.layers.L.mlp.input`                  |
+|           | transcoders read)                                 |                                             |
+| `mlp_in`  | the MLP block's input (the residual stream after  | `model.layers.L.mlp.input`                  |
+|           | the pre-MLP norm): what a transcoder reads        |                                             |
 
 (Module paths are those of the model at hand; the examples are Llama/Gemma names.) One forward pass
 reads every site asked for: a hook on each hooked module captures its tensor, and the hook that
@@ -77,6 +81,7 @@ SITE_TABLE: dict[str, SiteKind] = {k.name: k for k in (
     SiteKind("resid", "res", _block, "output"),
     SiteKind("attn", "att", _attn_out, "output"),
     SiteKind("mlp_out", "mlpout", _mlp, "output"),
+    SiteKind("mlp_in", "mlpin", _mlp, "input"),
 )}
 SITES = tuple(SITE_TABLE)
 SITE_ABBR = {k: v.abbr for k, v in SITE_TABLE.items()}

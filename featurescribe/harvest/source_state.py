@@ -62,7 +62,8 @@ def _params(h, cfg, corpus, tokenizer_id: str, batch_size: int, st: SourceState)
     sae = st.plan.sae
     if sae is not None:
         params["sae"] = {"architecture": sae.cfg.architecture, "hook_name": sae.cfg.hook_name,
-                         "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
+                         "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
+                         "format": sae.cfg.format, "transcoder": sae.cfg.transcoder}
     return params
 
 

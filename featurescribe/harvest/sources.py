@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from featurescribe.errors import FeaturescribeError
-from featurescribe.harvest.sae import SAE, site_of_hook
+from featurescribe.harvest.sae import SAE, check_sae_fits, resolve_sae_site, site_of_hook
 from featurescribe.harvest.sites import SITE_ABBR, SITES, Site, check_layer, check_site
 
 DEFAULT_SITE = "mlp"
@@ -88,13 +88,13 @@ class SourcePlan:
 
 
 def _sae_place(sae: SAE, layers: list[int] | None, sites: list[str] | None) -> tuple[str, int]:
-    hooked = site_of_hook(sae.cfg.hook_name)
-    if hooked is None:
-        if layers is None or len(layers) != 1 or (sites is not None and len(sites) != 1):
+    if site_of_hook(sae.cfg.hook_name) is None:
+        one_layer = layers[0] if layers is not None and len(layers) == 1 else None
+        if one_layer is None or (sites is not None and len(sites) != 1):
             raise FeaturescribeError(f"SAE {sae.path}: hook {sae.cfg.hook_name!r} names no site we know; "
                                      "give one --layer and one --site for it")
-        return (sites or [DEFAULT_SITE])[0], layers[0]
-    site, layer = hooked
+        return resolve_sae_site(sae, one_layer, (sites or [None])[0])
+    site, layer = resolve_sae_site(sae)
     if sites is None and layers is not None and layer not in layers:
         raise FeaturescribeError(f"the SAE was trained on {sae.cfg.hook_name} (layer {layer}), "
                                  f"not on layer {', '.join(map(str, layers))}")
@@ -139,10 +139,8 @@ def bind_sites(plans: list[SourcePlan], sites: dict[tuple[str, int], Site]) -> N
         p.hook_name = s.hook_name
         if p.sae is None:
             p.width = s.width
-        elif p.sae.cfg.d_in != s.width:
-            raise FeaturescribeError(
-                f"SAE width mismatch: the SAE {p.sae.path} reads d_in={p.sae.cfg.d_in} but site {p.site} of layer "
-                f"{p.layer} ({s.hook_name}) has width {s.width}")
+        else:
+            check_sae_fits(p.sae, s)
 
 
 def check_layers(plans: list[SourcePlan], n: int) -> None:

@@ -71,7 +71,7 @@ def output_directions(model, site: str, layer: int, feature_ids: Sequence[int], 
         w = down.weight.detach().float()
         # nn.Linear keeps [out, in] (a neuron is a column); GPT-2's Conv1D keeps [in, out] (a row)
         return w[ids] if w.shape[0] != d_model else w[:, ids].T
-    if site in ("resid", "attn", "mlp_out"):
+    if site in ("resid", "attn", "mlp_out", "mlp_in"):
         return torch.eye(d_model)[ids]
     raise FeaturescribeError(f"--logit-lens does not know the output direction of site {site!r}")
 

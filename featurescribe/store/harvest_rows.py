@@ -12,19 +12,19 @@ import numpy as np
 import pyarrow as pa
 
 from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.transaction import transaction
 
 SOURCE_SETTINGS = ("model_id", "hook_name", "layer", "kind", "width", "sae_path", "corpus", "ctx")
 
 
 def _transaction(con, fn, *args):
-    con.execute("BEGIN TRANSACTION")
-    try:
-        out = fn(con, *args)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return out
+    with transaction(con):
+        return fn(con, *args)
+
+
+def limit_memory(con, limit: str) -> None:
+    """DuckDB otherwise keeps every block it wrote cached, and memory would grow with the corpus."""
+    con.execute(f"SET memory_limit = '{limit}'")
 
 
 def known_sequences(con, tokenizer_id: str, corpus_key: str) -> tuple[np.ndarray, np.ndarray, int]:

@@ -1,0 +1,111 @@
+"""SAELens' on-disk format: `cfg.json` + `sae_weights.safetensors`, SAEs and transcoders.
+
+Weights: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`, and for
+JumpReLU `threshold [d_sae]` (or `log_threshold`); gated SAEs have `b_gate`, `r_mag`, `b_mag`.
+Transcoders (`architecture` transcoder, skip_transcoder, jumprelu_transcoder) read one hook
+(`hook_name`, the MLP's input) and predict another (`hook_name_out`, `d_out`): their `W_dec` is
+[d_sae, d_out], `b_dec` [d_out], and the input is encoded without subtracting `b_dec`; a skip
+transcoder's `W_skip` only matters to the output, not to the latents harvested.
+
+Config: the SAELens 6 layout (`architecture`, `d_in`, `d_sae`, `apply_b_dec_to_input`,
+`normalize_activations`, `k` for TopK, and `metadata` — or `meta` — holding `hook_name`,
+`hook_name_out`, `model_name`, ...) and the older flat layout (`hook_name` or `hook_point`,
+`hook_layer`, `activation_fn_str` / `activation_fn` with `activation_fn_kwargs: {"k": K}` for TopK,
+`architecture` standard|gated|jumprelu).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from featurescribe.errors import FeaturescribeError
+from featurescribe.harvest.sae_model import ARCHITECTURES, SAE, SAEConfig
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+_ALIASES = {"relu": "standard", "jump_relu": "jumprelu", "top_k": "topk", "transcoder": "standard"}
+_SAELENS_ARCHITECTURES = tuple(a for a in ARCHITECTURES if a != "groupmax")
+
+
+def _picker(cfg: dict[str, Any]):
+    meta = cfg.get("metadata") or cfg.get("meta") or {}
+    if not isinstance(meta, dict):
+        meta = {}
+
+    def pick(*names, default=None):
+        for n in names:
+            for d in (cfg, meta):
+                if d.get(n) is not None:
+                    return d[n]
+        return default
+
+    return pick
+
+
+def _architecture(cfg: dict[str, Any], act: str, where: str) -> tuple[str, bool]:
+    """(architecture, is a transcoder) from `architecture` and the activation function."""
+    arch = str(cfg.get("architecture") or ("topk" if act == "topk" else "standard")).lower()
+    transcoder = arch == "transcoder" or arch.endswith("_transcoder")
+    if transcoder and arch != "transcoder":
+        arch = arch[: -len("_transcoder")]
+        arch = "standard" if arch == "skip" else arch
+    arch = _ALIASES.get(arch, arch)
+    if arch == "standard" and act == "topk":  # old flat configs: standard architecture, topk activation
+        arch = "topk"
+    if arch not in _SAELENS_ARCHITECTURES:
+        raise FeaturescribeError(f"{where}: architecture {cfg.get('architecture')!r} is not supported "
+                                 f"(supported: {', '.join(_SAELENS_ARCHITECTURES)}, and their transcoders)")
+    return arch, transcoder
+
+
+def _topk_k(cfg: dict[str, Any], d_sae: int, where: str) -> int:
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
+    if k is None:
+        raise FeaturescribeError(f"{where}: a TopK SAE needs k (field k or activation_fn_kwargs.k)")
+    if not 0 < int(k) <= d_sae:
+        raise FeaturescribeError(f"{where}: k={k} must be between 1 and d_sae={d_sae}")
+    return int(k)
+
+
+def _normalization(cfg: dict[str, Any]) -> str:
+    norm = cfg.get("normalize_activations", "none")
+    if isinstance(norm, bool):
+        norm = "expected_average_only_in" if norm else "none"
+    return str(norm or "none")
+
+
+def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
+    """Read both SAELens config layouts, SAEs and transcoders, into one `SAEConfig`."""
+    pick = _picker(cfg)
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+        d_out = int(cfg["d_out"]) if cfg.get("d_out") is not None else None
+    except (KeyError, TypeError, ValueError):
+        raise FeaturescribeError(f"{where}: needs integer fields d_in and d_sae") from None
+    act = str(pick("activation_fn", "activation_fn_str", default="relu")).lower()
+    arch, transcoder = _architecture(cfg, act, where)
+    layer = pick("hook_layer")
+    return SAEConfig(
+        d_in=d_in, d_sae=d_sae, architecture=arch, k=_topk_k(cfg, d_sae, where) if arch == "topk" else None,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
+        normalize_activations=_normalization(cfg),
+        hook_name=pick("hook_name", "hook_point"),
+        hook_layer=int(layer) if layer is not None else None,
+        model_name=pick("model_name"),
+        dtype=str(cfg.get("dtype") or "float32"),
+        format="saelens", transcoder=transcoder,
+        d_out=(d_out or d_in) if transcoder else None,
+        hook_name_out=pick("hook_name_out") if transcoder else None,
+        raw=cfg,
+    )
+
+
+def load_saelens(folder: Path, raw_cfg: dict[str, Any]) -> SAE:
+    """An SAE (or transcoder) from a SAELens folder, on the CPU."""
+    from featurescribe.harvest.sae_files import read_safetensors
+
+    cfg = parse_config(raw_cfg, str(folder / CFG_FILE))
+    weights = read_safetensors(folder / WEIGHTS_FILE)
+    return SAE(cfg, weights, str(folder.resolve()), WEIGHTS_FILE)
