@@ -22,6 +22,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "run a model over a corpus and store one layer's activations (neurons or SAE latents)"),
     ("label", "featurescribe.flows.label_command",
      "sample, explain and score the features of a source"),
+    ("steer", "featurescribe.steer.command",
+     "continue prompts with one feature steered (clamped or added), beside the unsteered text"),
     ("export", "featurescribe.export.command",
      "write feature dictionaries: neuronpedia, oai, delphi, parquet or json"),
     ("report", "featurescribe.export.command", "write a self-contained HTML feature browser"),
