@@ -91,3 +91,5 @@ class ScoreResult:
     baseline_shuffled: float | None = None
     baseline_tokens: float | None = None
     simulations: list[SimulationRecord] = field(default_factory=list)
+    # the intervention scorer's audit rows (scorers/intervention.py InterventionRecord)
+    interventions: list[Any] = field(default_factory=list)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from featurescribe.steer.hooks import HookPoint, Intervention, steering
 
@@ -33,6 +33,8 @@ class Steerer:
         self.model, self.tokenizer, self.point = model, tokenizer, point
         self.device = next(model.parameters()).device
         self.stats = PassStats()
+        # called after every forward pass with (positions computed, tokens generated, seconds)
+        self.on_pass: Callable[[int, int, float], None] | None = None
         # transformers 5.x names the key/value cache argument `cache`; older versions past_key_values
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -51,8 +53,12 @@ class Steerer:
             mask[i, width - len(r):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _forward(self, ids, mask, past, intervention, strengths):
+    def _forward(self, ids, mask, past, intervention, strengths, n_out: int = 0):
+        import time
+
         import torch
+
+        t0 = time.perf_counter()
 
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         with torch.inference_mode(), steering(self.point, intervention, strengths):
@@ -60,6 +66,8 @@ class Steerer:
                              logits_to_keep=1, **{self._cache_arg: past})
         self.stats.forward_passes += 1
         self.stats.tokens_in += int(ids.numel())
+        if self.on_pass is not None:
+            self.on_pass(int(ids.numel()), n_out, time.perf_counter() - t0)
         cache = getattr(out, "cache", None)
         return out.logits[:, -1, :].float(), cache if cache is not None else out.past_key_values
 
@@ -87,7 +95,7 @@ class Steerer:
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         past, step_ids = None, ids
         for _ in range(max_new_tokens):
-            logits, past = self._forward(step_ids, mask, past, intervention, strengths)
+            logits, past = self._forward(step_ids, mask, past, intervention, strengths, int((~done).sum()))
             nxt = _pick(logits, temperature, gen)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
