@@ -33,7 +33,8 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulator", default="lexical",
                    help="lexical (default), baseline:tokens, openai:MODEL, anthropic:MODEL or local:MODEL")
     p.add_argument("--scorers", default="simulation",
-                   help="comma-separated: simulation, detection, fuzzing (default: simulation)")
+                   help="comma-separated: simulation, detection, fuzzing, intervention (default: "
+                        "simulation; intervention steers the source's model)")
     p.add_argument("--candidates", type=int, default=1,
                    help="explanations per feature; with more than 1, the best on the valid split "
                         "is chosen (default: 1)")
@@ -53,6 +54,13 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-lens", type=int, nargs="?", const=10, default=0, metavar="K",
                    help="show LLM explainers the K (default 10) tokens each feature's output direction "
                         "promotes most, read through the source model's unembedding (loads the model)")
+    p.add_argument("--output-effects", type=int, nargs="?", const=10, default=0, metavar="K",
+                   help="show LLM explainers the K (default 10) tokens whose next-token probability rises "
+                        "and falls most when the feature is steered (loads the source's model)")
+    p.add_argument("--intervention-prompts", type=int, default=8, metavar="N",
+                   help="neutral prompts the intervention scorer and --output-effects steer on (default 8)")
+    p.add_argument("--target-kl", type=float, default=2.0,
+                   help="steering strength is calibrated per feature to this next-token KL (default 2.0)")
     p.add_argument("--window", type=int, default=32, help="tokens per example window (default: 32)")
     p.add_argument("--windows", default="", metavar="SPLIT.KIND=N,...",
                    help="windows per split and kind, changing the defaults "
@@ -86,6 +94,9 @@ def params_from_args(args: argparse.Namespace) -> LabelParams:
         skip_done=not args.redo,
         explain_windows=args.explain_windows,
         logit_lens=args.logit_lens,
+        output_effects=args.output_effects,
+        intervention_prompts=args.intervention_prompts,
+        target_kl=args.target_kl,
         sampling=SamplingConfig.with_counts(parse_window_counts(args.windows), window=args.window,
                                             seed=args.seed),
     )

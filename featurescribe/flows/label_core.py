@@ -78,6 +78,9 @@ class LabelParams:
     skip_done: bool = True
     explain_windows: int | None = None  # at most this many explain windows in a prompt
     logit_lens: int = 0  # > 0: show explainers this many tokens the feature's output promotes
+    output_effects: int = 0  # > 0: show explainers this many tokens steering raises and lowers
+    intervention_prompts: int = 8  # neutral prompts of the intervention scorer and output effects
+    target_kl: float = 2.0  # the next-token KL steering is calibrated to
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
@@ -92,10 +95,13 @@ class LabelParams:
                 "anthropic:MODEL or local:MODEL")
         if kind in ("openai", "anthropic", "local") and not model:
             raise FeaturescribeError(f"simulator {self.simulator!r} names no model (e.g. {kind}:MODEL)")
-        bad = [s for s in self.scorers if s not in ("simulation", "detection", "fuzzing")]
+        from featurescribe.scorers.scoring import SCORERS
+
+        bad = [s for s in self.scorers if s not in SCORERS]
         if bad or not self.scorers:
             raise FeaturescribeError(
-                f"unknown scorer(s) {', '.join(bad) or '(none)'}: use simulation, detection, fuzzing")
+                f"unknown scorer(s) {', '.join(bad) or '(none)'}: use {', '.join(SCORERS)}")
+        self._check_steering()
         if self.candidates < 1:
             raise FeaturescribeError("--candidates must be at least 1")
         if self.concurrency < 1:
@@ -108,6 +114,25 @@ class LabelParams:
             raise FeaturescribeError("--budget-usd must be 0 or more")
         if self.method not in ("auto", *METHODS):
             raise FeaturescribeError(f"unknown --method {self.method!r}: use auto, {', '.join(METHODS)}")
+
+    def _check_steering(self) -> None:
+        from featurescribe.steer.calibrate import neutral_prompts
+
+        if self.output_effects < 0:
+            raise FeaturescribeError("--output-effects must be 0 or more tokens")
+        neutral_prompts(self.intervention_prompts)  # a clear error outside 1..the list's length
+        if not self.target_kl > 0:
+            raise FeaturescribeError(f"--target-kl must be a positive number, not {self.target_kl}")
+
+    @property
+    def steers(self) -> bool:
+        """Whether the run loads the source's model to steer it."""
+        return "intervention" in self.scorers or (self.output_effects > 0 and is_llm_explainer(self.explainer))
+
+    def intervention_config(self):
+        from featurescribe.scorers.intervention import InterventionConfig
+
+        return InterventionConfig(n_prompts=self.intervention_prompts, target_kl=self.target_kl)
 
     @property
     def method_name(self) -> str:
@@ -222,6 +247,7 @@ class PreparedChunk:
     feature_ids: list[int]
     examples: list[FeatureExamples]
     skipped: list[SkippedFeature] = field(default_factory=list)
+    source: dict | None = None  # the `sources` row, when the intervention scorer steers its model
 
 
 def prepare_chunk(con, params: LabelParams, feature_ids: Sequence[int]) -> PreparedChunk:
@@ -242,8 +268,18 @@ def prepare_chunk(con, params: LabelParams, feature_ids: Sequence[int]) -> Prepa
     loaded = load_examples(con, params.source_id, [f for f in ids if f not in set(report.skipped)])
     if params.logit_lens and loaded and is_llm_explainer(params.explainer):
         attach_promoted_tokens(con, params.source_id, loaded, params.logit_lens)
+    if params.output_effects and loaded and is_llm_explainer(params.explainer):
+        from featurescribe.steer.effects import attach_output_effects
+
+        attach_output_effects(con, params.source_id, loaded, params.output_effects,
+                              n_prompts=params.intervention_prompts, target_kl=params.target_kl)
+    source = None
+    if "intervention" in params.scorers and loaded:
+        from featurescribe.store.steering import source_row
+
+        source = source_row(con, params.source_id)
     return PreparedChunk(params.source_id, ids, [loaded[f] for f in sorted(loaded)],
-                         sorted(skipped, key=lambda s: s.feature_id))
+                         sorted(skipped, key=lambda s: s.feature_id), source)
 
 
 def attach_promoted_tokens(con, source_id: str, examples: dict[int, FeatureExamples], k: int) -> None:
@@ -342,6 +378,7 @@ async def compute_chunk(prepared: PreparedChunk, params: LabelParams, *, store=N
         simulator = make_simulator(params.simulator, client=sim_client)
         n = params.n_candidates
         by_key = {(fe.source_id, fe.feature_id): fe for fe in prepared.examples}
+        steering = _steering(prepared, params, store, run_id)
 
         def record(fe: FeatureExamples, oc: ExplainOutcome) -> ExplanationRow:
             e = Explanation(explanation_id=_new_id(), source_id=fe.source_id, feature_id=fe.feature_id,
@@ -363,6 +400,7 @@ async def compute_chunk(prepared: PreparedChunk, params: LabelParams, *, store=N
                     res = await score_explanations(
                         [e], {(e.source_id, e.feature_id): by_key[(e.source_id, e.feature_id)]},
                         simulator=simulator, client=sim_client, scorers=list(scorers), split=split,
+                        steering=steering,
                         other_explanations={e.explanation_id: others[e.explanation_id]}
                         if others and e.explanation_id in others else None)
                 except BudgetExceeded:
@@ -444,6 +482,17 @@ async def compute_chunk(prepared: PreparedChunk, params: LabelParams, *, store=N
     result.labelled.sort()
     result.not_done.sort()
     return result
+
+
+def _steering(prepared: PreparedChunk, params: LabelParams, store, run_id):
+    """The intervention scorer's FeatureSteering over the chunk's features (None when not asked)."""
+    if prepared.source is None or "intervention" not in params.scorers:
+        return None
+    from featurescribe.scorers.intervention import steering_for_source
+
+    max_acts = {fe.feature_id: fe.max_act for fe in prepared.examples}
+    return steering_for_source(prepared.source, max_acts, params.intervention_config(),
+                               store=store, run_id=run_id)
 
 
 def _rotate_others(rows: Sequence[ExplanationRow], by_candidate: bool = False) -> dict[str, str]:
@@ -582,6 +631,17 @@ def check_backends(params: LabelParams) -> None:
             check_backend(spec)
 
 
+def check_steering(con, params: LabelParams) -> None:
+    """Fail before any work when the run steers (intervention scorer, --output-effects) and the
+    source's model or SAE cannot be found here."""
+    if not params.steers:
+        return
+    from featurescribe.steer.source import check_source_steerable
+    from featurescribe.store.steering import source_row
+
+    check_source_steerable(source_row(con, params.source_id))
+
+
 def run_label(db: str, params: LabelParams, *, progress: bool = True) -> LabelSummary:
     """A whole label run in this process: select, then prepare/compute/write chunk by chunk.
 
@@ -597,6 +657,7 @@ def run_label(db: str, params: LabelParams, *, progress: bool = True) -> LabelSu
     con = open_db(db, create=False)
     try:
         all_ids = select_features(con, params.source_id, params.features, skip_done=False)
+        check_steering(con, params)
         ids = select_features(con, params.source_id, params.features, explainer=params.explainer,
                               skip_done=params.skip_done)
         run_id = f"label-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"

@@ -120,7 +120,8 @@ def label_flow(db: str, source: str, features: str = "all", explainer: str = "ba
                concurrency: int = 16, budget_usd: float | None = None, no_cache: bool = False,
                method: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE,
                explain_windows: int | None = None, window: int = 32, windows: str = "", seed: int = 0,
-               redo: bool = False, logit_lens: int = 0,
+               redo: bool = False, logit_lens: int = 0, output_effects: int = 0,
+               intervention_prompts: int = 8, target_kl: float = 2.0,
                task_runner: str = "thread", workers: int = 2, dask_address: str | None = None,
                no_progress: bool = False, batch: bool = False, no_wait: bool = False,
                batch_retry: str = "batch", batch_poll: float = 30.0) -> LabelSummary | None:
@@ -132,7 +133,8 @@ def label_flow(db: str, source: str, features: str = "all", explainer: str = "ba
         source=source, features=features, explainer=explainer, simulator=simulator, scorers=scorers,
         candidates=candidates, concurrency=concurrency, budget_usd=budget_usd, no_cache=no_cache,
         method=method, chunk_size=chunk_size, explain_windows=explain_windows, window=window,
-        windows=windows, seed=seed, redo=redo, logit_lens=logit_lens)
+        windows=windows, seed=seed, redo=redo, logit_lens=logit_lens, output_effects=output_effects,
+        intervention_prompts=intervention_prompts, target_kl=target_kl)
     label_core.check_backends(params)
     if batch:  # provider batch APIs first, then the label run from the cache (flows/label_batch.py)
         from featurescribe.flows.label_batch import batch_options_from_args, run_label_batch
@@ -281,6 +283,7 @@ def preflight(db: str, options: dict[str, Any]) -> LabelParams:
     con = open_db(db, read_only=True, create=False)
     try:
         label_core.select_features(con, params.source_id, params.features, skip_done=False)
+        label_core.check_steering(con, params)
     finally:
         con.close()
     return params

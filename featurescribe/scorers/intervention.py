@@ -225,6 +225,9 @@ class LocalPairJudge(PairJudge):
 def make_pair_judge(spec: str | PairJudge, client: Any = None) -> PairJudge:
     if isinstance(spec, PairJudge):
         return spec
+    if not isinstance(spec, str):  # a detection/fuzzing Judge: the same backend judges pairs
+        client = client or getattr(spec, "client", None)
+        spec = spec.spec
     if spec == "lexical" or spec.startswith("baseline"):
         return LexicalPairJudge()
     if client is None:
@@ -296,3 +299,16 @@ def ledger_hook(store, run_id: str | None, model: str, key: str, purpose: str = 
                              cost_usd=0.0, latency_s=seconds))
 
     return record
+
+
+def steering_for_source(source: dict, max_acts: dict[int, float | None],
+                        config: InterventionConfig = InterventionConfig(), *, store=None,
+                        run_id: str | None = None, device: str = "auto") -> FeatureSteering:
+    """A FeatureSteering over the features of a `sources` row (its model loaded once per process);
+    `max_acts` gives each feature's max activation (the unit of strength)."""
+    from featurescribe.steer.source import load_source_steering
+
+    st = load_source_steering(source, device=device)
+    hook = ledger_hook(store, run_id, str(source["model_id"]), str(source["source_id"]))
+    return FeatureSteering(st.local, st.point, lambda f: st.intervention(f, max_acts.get(f)), config,
+                           key=str(source["source_id"]), on_pass=hook)

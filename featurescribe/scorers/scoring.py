@@ -36,7 +36,7 @@ from featurescribe.scorers.simulators import (
     make_simulator,
 )
 
-SCORERS = ("simulation", "detection", "fuzzing")
+SCORERS = ("simulation", "detection", "fuzzing", "intervention")
 
 
 @dataclass
@@ -153,6 +153,7 @@ async def score_explanations(
     other_explanations: Mapping[str, str] | None = None,
     baselines: bool = True,
     batch_size: int = 8,
+    steering: Any = None,
 ) -> ScoreResults:
     """Score every explanation on its feature's `split` windows with each scorer.
 
@@ -161,20 +162,22 @@ async def score_explanations(
     `judge_client`) is who answers detection and fuzzing, by default the simulator's backend
     (`lexical` for the no-LLM simulators). `other_explanations` maps an explanation_id to the
     text used for its shuffled baseline; by default another feature's explanation from the list.
+    `steering` (a scorers.intervention.FeatureSteering) is what the intervention scorer steers.
     """
     names = parse_scorers(scorers)
     features = _feature_map(examples)
     sim = make_simulator(simulator, client=client) if "simulation" in names else None
     token_sim = TokenMeanSimulator()
     jdg = None
-    if {"detection", "fuzzing"} & set(names):
+    if {"detection", "fuzzing", "intervention"} & set(names):
         if judge is None:
             sim_spec = simulator if isinstance(simulator, str) else simulator.spec
             if sim_spec in ("lexical",) or sim_spec.startswith("baseline"):
                 judge = "lexical"
             else:
                 judge, judge_client = sim_spec, judge_client or client
-        jdg = cls.make_judge(judge, client=judge_client)
+        if {"detection", "fuzzing"} & set(names):
+            jdg = cls.make_judge(judge, client=judge_client)
 
     partners = shuffled_partners(explanations)
     others: dict[str, str] = {k: v.text for k, v in partners.items()}
@@ -253,8 +256,25 @@ async def score_explanations(
                 res.details["baseline_shuffled"] = {"error": str(err)}
         results.append(res)
 
+    async def run_intervention(e: Explanation) -> None:
+        from featurescribe.scorers import intervention as iv
+
+        pair_judge = iv.make_pair_judge(judge, client=judge_client)
+        if steering is None:
+            results.failures.append(ScoreFailure(e.explanation_id, "intervention", pair_judge.spec,
+                                                 "no model to steer (the intervention scorer needs the source)"))
+            return
+        other = others.get(e.explanation_id) if baselines else None
+        try:
+            results.append(await iv.score_intervention(e, steering, pair_judge, other=other,
+                                                       other_id=other_ids.get(e.explanation_id), split=split))
+        except iv.InterventionFailed as err:
+            results.failures.append(ScoreFailure(e.explanation_id, "intervention", pair_judge.spec, str(err)))
+
     jobs = []
     for e in explanations:
+        if "intervention" in names:
+            jobs.append(run_intervention(e))
         if "simulation" in names:
             jobs.append(run_simulation(e))
         for task in ("detection", "fuzzing"):

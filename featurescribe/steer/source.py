@@ -103,3 +103,20 @@ def load_source_steering(source: dict, device: str = "auto") -> SourceSteering:
         raise FeaturescribeError(f"{point.name} has width {point.width} but source "
                                  f"{source['source_id']!r} records {source['width']}")
     return SourceSteering(source, local, point, sae)
+
+
+def check_source_steerable(source: dict) -> None:
+    """Raise the error loading would meet, without loading: an unknown or missing model, an SAE
+    folder that is gone, a site featurescribe cannot steer."""
+    from pathlib import Path
+
+    from featurescribe.harvest.models import resolve_model
+
+    try:
+        resolve_model(str(source["model_id"]))
+    except FeaturescribeError as err:
+        raise FeaturescribeError(f"cannot load the model of source {source['source_id']!r}: {err}") from None
+    source_site(source)
+    if source.get("sae_path") and not Path(str(source["sae_path"])).is_dir():
+        raise FeaturescribeError(f"the SAE of source {source['source_id']!r} is gone: {source['sae_path']} "
+                                 "is not a folder")
