@@ -47,6 +47,9 @@ SCORER_DESCRIPTIONS = {
                  "(Paulo et al. 2024).",
     "fuzzing": "Balanced accuracy of an LLM judging whether the highlighted tokens of held-out "
                "windows match the explanation (Paulo et al. 2024).",
+    "intervention": "Accuracy of an LLM judging which of two continuations of neutral prompts (the feature "
+                    "steered at a strength calibrated to a target next-token KL, or not) the explanation "
+                    "describes; what the feature does to the output.",
 }
 
 
