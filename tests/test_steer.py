@@ -201,3 +201,35 @@ def test_steer_a_source_that_cannot_be_steered_here(hdb, capsys, sql, message):
     assert _digest(hdb) == before
     assert main(["steer", "--db", hdb, "--source", "3-nope", "--feature", "3", "--prompt", "Hi"]) == 2
     assert "no source '3-nope' (sources in this database: 3-mlp)" in capsys.readouterr().err
+
+
+def test_steer_an_sae_latent_adds_its_decoder_row(tmp_path, local, capsys):
+    """An SAE latent whose decoder row is the planted digits direction: steering it (strength in
+    multiples of its max activation) adds that row, and the model writes digits."""
+    from safetensors.torch import load_file, save_file
+
+    from featurescribe.steer.planted import default_output_plants, plant_direction
+    from featurescribe.store import open_db
+    from tests.test_harvest_sae import write_sae
+
+    folder = tmp_path / "sae"
+    write_sae(folder, "standard", 576, 16, hook_name="blocks.20.hook_resid_post")
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    w["W_dec"][0] = plant_direction(local.model, local.tokenizer, default_output_plants()[0]) * 240.0
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    db = str(tmp_path / "sae.duckdb")
+    assert main(["harvest", "--db", db, "--model", "smollm2-135m", "--layer", "20", "--sae", str(folder),
+                 "--max-tokens", "512", "--device", "cpu", "--no-progress"]) == 0
+    source = capsys.readouterr().out.strip().splitlines()[-1].split(": ")[1]
+    con = open_db(db, read_only=True)
+    max_act = con.execute("SELECT max_act FROM features WHERE source_id = ? AND feature_id = 0", [source]).fetchone()[0]
+    con.close()
+    strength = f"{0.5 / max_act:.6f}"  # adds half the residual norm along the digits direction
+    assert main(["steer", "--db", db, "--source", source, "--feature", "0", "--prompt", "The weather today is",
+                 "--prompt", "She looked at the", "--strength", strength, "--temperature", "0",
+                 "--max-new-tokens", "10", "--format", "json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["mode"] == "add" and res["hook"] == "model.layers.20.output"
+    steered = "".join(r["steered"][f"{float(strength):g}"] for r in res["rows"])
+    plain = "".join(r["unsteered"] for r in res["rows"])
+    assert sum(c.isdigit() for c in steered) > sum(c.isdigit() for c in plain) + 5
