@@ -120,8 +120,9 @@ def _columns(cells: list[str], width: int) -> list[str]:
 def print_text(result: dict) -> None:
     width = shutil.get_terminal_size((120, 24)).columns
     what = "clamped to" if result["mode"] == "clamp" else "decoder row added at"
+    max_act = "none recorded" if result["max_act"] is None else f"{result['max_act']:.4g}"
     print(f"source {result['source']} feature {result['feature']} at {result['hook']}: {what} strength x "
-          f"{result['scale']:g} (max activation {result['max_act']})")
+          f"{result['scale']:.4g} (max activation {max_act})")
     strengths = list(result["kl"])
     for row in result["rows"]:
         print(f"\nprompt: {row['prompt']!r}")
