@@ -286,6 +286,18 @@ async def score_intervention(e: Explanation, steering: FeatureSteering, judge: P
     return res
 
 
+async def score_or_fail(e: Explanation, steering: FeatureSteering | None, judge, judge_client=None, *,
+                        split: str = "test", other: str | None = None, other_id: str | None = None):
+    """(ScoreResult, None), or (None, (judge spec, why)) when it could not be scored."""
+    pair_judge = make_pair_judge(judge, client=judge_client)
+    if steering is None:
+        return None, (pair_judge.spec, "no model to steer (the intervention scorer needs the source)")
+    try:
+        return await score_intervention(e, steering, pair_judge, other=other, other_id=other_id, split=split), None
+    except InterventionFailed as err:
+        return None, (pair_judge.spec, str(err))
+
+
 def ledger_hook(store, run_id: str | None, model: str, key: str, purpose: str = SCORER):
     """An `on_pass` that writes one `llm_calls` row per forward pass (backend local, cost 0)."""
     if store is None:

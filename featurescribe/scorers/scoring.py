@@ -257,19 +257,15 @@ async def score_explanations(
         results.append(res)
 
     async def run_intervention(e: Explanation) -> None:
-        from featurescribe.scorers import intervention as iv
+        from featurescribe.scorers.intervention import score_or_fail
 
-        pair_judge = iv.make_pair_judge(judge, client=judge_client)
-        if steering is None:
-            results.failures.append(ScoreFailure(e.explanation_id, "intervention", pair_judge.spec,
-                                                 "no model to steer (the intervention scorer needs the source)"))
-            return
-        other = others.get(e.explanation_id) if baselines else None
-        try:
-            results.append(await iv.score_intervention(e, steering, pair_judge, other=other,
-                                                       other_id=other_ids.get(e.explanation_id), split=split))
-        except iv.InterventionFailed as err:
-            results.failures.append(ScoreFailure(e.explanation_id, "intervention", pair_judge.spec, str(err)))
+        res, error = await score_or_fail(e, steering, judge, judge_client, split=split,
+                                         other=others.get(e.explanation_id) if baselines else None,
+                                         other_id=other_ids.get(e.explanation_id))
+        if res is not None:
+            results.append(res)
+        else:
+            results.failures.append(ScoreFailure(e.explanation_id, "intervention", error[0], error[1]))
 
     jobs = []
     for e in explanations:
