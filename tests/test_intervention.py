@@ -191,6 +191,7 @@ def test_label_output_effects_are_stored_and_shown_to_the_explainer(hdb, fake_ll
 
 @pytest.mark.parametrize("sql,extra,message", [
     ("UPDATE sources SET model_id = 'no-such-model'", [], "cannot load the model of source '3-mlp'"),
+    ("UPDATE sources SET layer = 99", [], "layer 99 is out of range: the model has 30 layers"),
     (None, ["--intervention-prompts", "99"], "the number of neutral prompts must be 1 to 16"),
     (None, ["--target-kl", "0"], "--target-kl must be a positive number"),
     (None, ["--scorers", "intervention,vibes"], "unknown scorer(s) vibes"),

@@ -633,13 +633,16 @@ def check_backends(params: LabelParams) -> None:
 
 def check_steering(con, params: LabelParams) -> None:
     """Fail before any work when the run steers (intervention scorer, --output-effects) and the
-    source's model or SAE cannot be found here."""
+    source's model, its hook or its SAE is not usable here. The model is loaded once per process,
+    so the run then finds it loaded."""
     if not params.steers:
         return
-    from featurescribe.steer.source import check_source_steerable
+    from featurescribe.steer.source import check_source_steerable, load_source_steering
     from featurescribe.store.steering import source_row
 
-    check_source_steerable(source_row(con, params.source_id))
+    source = source_row(con, params.source_id)
+    check_source_steerable(source)
+    load_source_steering(source)
 
 
 def run_label(db: str, params: LabelParams, *, progress: bool = True) -> LabelSummary:
