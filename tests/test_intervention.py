@@ -187,6 +187,19 @@ def test_label_output_effects_are_stored_and_shown_to_the_explainer(hdb, fake_ll
     assert main(["label", "--db", hdb, "--source", "3-mlp", "--features", "20:22", "--no-progress", "--redo",
                  "--explainer", "openai:gpt-4o-mini", "--output-effects", "5", "--intervention-prompts", "4"]) == 0
     assert _q(hdb, "SELECT count(*) FROM llm_calls WHERE purpose = 'output_effects'")[0][0] == n
+    # the Neuronpedia export carries them as the feature's positive and negative tokens
+    import gzip
+    from pathlib import Path
+
+    out = Path(hdb).parent / "np"
+    assert main(["export", "--db", hdb, "--format", "neuronpedia", "--out", str(out)]) == 0
+    rows = [json.loads(x) for f in out.glob("*/3-mlp/features/batch-*.jsonl.gz")
+            for x in gzip.open(f, "rt").read().splitlines()]
+    f20 = next(r for r in rows if r["index"] == "20")
+    assert f20["pos_str"] == stored[0][1] and f20["neg_str"] == stored[0][2]
+    assert len(f20["pos_values"]) == 5 and all(v > 0 for v in f20["pos_values"])
+    assert all(v < 0 for v in f20["neg_values"])
+    assert next(r for r in rows if r["index"] == "30")["pos_str"] == []
 
 
 @pytest.mark.parametrize("sql,extra,message", [
