@@ -156,11 +156,14 @@ def test_steer_prints_both_continuations_side_by_side(hdb, capsys):
     assert capsys.readouterr().out == out  # the same seed gives the same text
 
 
-def test_steer_json_and_strength_zero_of_an_idle_neuron(hdb, capsys):
-    assert main(["steer", "--db", hdb, "--source", "3-mlp", "--feature", "5", "--prompt", "Once upon a time",
+def test_steer_json_with_prompts_from_a_file(hdb, capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nThe best way to\n")
+    assert main(["steer", "--db", hdb, "--source", "3-mlp", "--feature", "5", "--prompt-file", str(prompts),
                  "--strength", "40", "--max-new-tokens", "8", "--temperature", "0", "--format", "json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["mode"] == "clamp" and res["hook"] == "model.layers.3.mlp.down_proj.input"
+    assert [r["prompt"] for r in res["rows"]] == ["Once upon a time", "The best way to"]
     row = res["rows"][0]
     assert row["steered"]["40"] != row["unsteered"]
     assert res["kl"]["40"] > 0.1
@@ -173,6 +176,7 @@ def test_steer_json_and_strength_zero_of_an_idle_neuron(hdb, capsys):
     (["--feature", "3", "--strength", "inf"], "--strength must be a finite number, not 'inf'"),
     (["--feature", "3", "--max-new-tokens", "0"], "--max-new-tokens must be a finite number of at least 1"),
     (["--feature", "3", "--prompt", " "], "give at least one non-empty --prompt"),
+    (["--feature", "3", "--prompt-file", "/nonexistent/prompts.txt"], "--prompt-file /nonexistent/prompts.txt: no such file"),
 ])
 def test_steer_bad_input_is_one_line_and_writes_nothing(hdb, capsys, extra, message):
     before = _digest(hdb)
