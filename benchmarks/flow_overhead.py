@@ -3,7 +3,7 @@
 The same labelling work twice, on two copies of one synthetic source (so neither run is answered
 from the other's cache): the explainer `openai:gpt-4o-mini` against the fake provider of the tests
 in a child process (every answer after a fixed latency), the `lexical` simulator. Once through
-`label_core.run_label` (the plain loop: prepare, compute, write per chunk), once through the
+`label_run.run_label` (the plain loop: prepare, compute, write per chunk), once through the
 Prefect label flow (tasks per chunk, the runs row, Prefect's records; ephemeral server, started
 before the clock runs). Headline: features per minute through the flow / the bare loop,
 
@@ -53,7 +53,8 @@ def main() -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ["FEATURESCRIBE_PREFECT_LIMITS"] = "off"  # ephemeral mode anyway: in-process limits
 
-    from featurescribe.flows.label_core import LabelParams, run_label
+    from featurescribe.flows.label_options import LabelOptions
+    from featurescribe.flows.label_run import run_label
     from featurescribe.store import open_db
     from tests.test_sampling import SOURCE, build_db
 
@@ -70,7 +71,7 @@ def main() -> int:
         opts = dict(features=f"2:{n + 2}", explainer="openai:gpt-4o-mini", simulator="lexical",
                     concurrency=32, chunk_size=chunk)
 
-        params = LabelParams(source_id=SOURCE, **opts)
+        params = LabelOptions(source=SOURCE, **opts)
         n_bare, bare = label_rate_per_minute(lambda: len(run_label(dbs["bare"], params, progress=False).labelled))
 
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Explanation quality: how well each judge tells true explanations from mismatched ones, and the
 scores offline explainers get, on planted features and on real SmolLM2-135M MLP neurons.
 
-1. Planted bed (featurescribe.scorers.planted): features defined by rules over real tokens of
+1. Planted bed (featurescribe.testbed.planted): features defined by rules over real tokens of
    the builtin corpus (smollm2-135m tokenizer), each with its true explanation; every other
    plant's explanation is a mismatched candidate. For each judge and scorer: the AUC with which
    it ranks the true explanation above the mismatched ones (per feature, then averaged), on the
@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from featurescribe.records import FeatureExamples  # noqa: E402
 from featurescribe.scorers import score_explanations  # noqa: E402
-from featurescribe.scorers.planted import PlantedBed, build_bed, ranking_auc  # noqa: E402
+from featurescribe.testbed.planted import PlantedBed, build_bed, ranking_auc  # noqa: E402
 
 
 def fig(name: str, value) -> None:
@@ -76,7 +76,7 @@ def judge_aucs(label: str, bed: PlantedBed, exps, res, scorers) -> dict:
     out = {}
     for sc in scorers:
         for part, feats in (("lexical_plants", lexical), ("contextual_plants", context)):
-            r = ranking_auc(exps, res, sc, feats)
+            r = ranking_auc(exps, res.results, sc, feats)
             if r.per_feature:
                 out[(sc, part)] = r.auc
                 fig(f"planted_auc_{label}_{sc}_{part}", r.auc)
@@ -103,9 +103,9 @@ async def planted(args) -> float:
     # offline judges on every plant
     res = await score_explanations(exps, bed.examples, simulator="lexical",
                                    scorers="simulation,detection,fuzzing", baselines=False)
-    judge_aucs("lexical", bed, exps, res, ("simulation", "detection", "fuzzing"))
+    judge_aucs("lexical", bed, exps, res.results, ("simulation", "detection", "fuzzing"))
     res = await score_explanations(exps, bed.examples, simulator="baseline:tokens", baselines=False)
-    fig("planted_auc_baseline_tokens_simulation", ranking_auc(exps, res, "simulation").auc)
+    fig("planted_auc_baseline_tokens_simulation", ranking_auc(exps, res.results, "simulation").auc)
 
     # the offline explainer's explanations of the plants, scored by lexical
     from featurescribe.labelers import TokenListExplainer
@@ -122,11 +122,11 @@ async def planted(args) -> float:
     res = await score_explanations(mine, bed.examples, simulator="lexical",
                                    scorers="simulation,detection,fuzzing")
     for sc in ("simulation", "detection", "fuzzing"):
-        rs = [r for r in res if r.scorer == sc]
+        rs = [r for r in res.results if r.scorer == sc]
         print(f"# planted, baseline:tokens explainer, lexical {sc}: score {describe([r.value for r in rs])}; "
               f"shuffled {describe([r.baseline_shuffled for r in rs])}"
               + (f"; token baseline {describe([r.baseline_tokens for r in rs])}" if sc == "simulation" else ""))
-    lift = [r.value - r.baseline_shuffled for r in res if r.scorer == "simulation" and r.baseline_shuffled is not None]
+    lift = [r.value - r.baseline_shuffled for r in res.results if r.scorer == "simulation" and r.baseline_shuffled is not None]
     fig("planted_tokens_explainer_mean_lift", float(np.mean(lift)) if lift else 0.0)
 
     await intervention_bed(args)
@@ -145,7 +145,7 @@ async def planted(args) -> float:
                                        scorers="simulation,detection,fuzzing", baselines=False)
         await client.aclose()
         tag = spec.replace(":", "_").replace("-", "_").replace(".", "_")
-        judge_aucs(tag, bed, exps, res, ("simulation", "detection", "fuzzing"))
+        judge_aucs(tag, bed, exps, res.results, ("simulation", "detection", "fuzzing"))
         print(f"# {spec}: {len(res.failures)} failures, ${client.spent_usd:.4f}, {time.perf_counter() - t0:.0f} s")
 
     # the local model as a simulator, on three plants
@@ -161,8 +161,8 @@ async def planted(args) -> float:
     t0 = time.perf_counter()
     res = await score_explanations(local_exps, examples, simulator=sim, baselines=False)
     took = time.perf_counter() - t0
-    ranking = ranking_auc(local_exps, res, "simulation")
-    by_id = {r.explanation_id: r.value for r in res}
+    ranking = ranking_auc(local_exps, res.results, "simulation")
+    by_id = {r.explanation_id: r.value for r in res.results}
     for fid in ids:
         row = {e.explanation_id.split("-", 2)[2]: by_id.get(e.explanation_id) for e in local_exps if e.feature_id == fid}
         print(f"# local:{args.model} on {bed.plant(fid).name}: " + ", ".join(
@@ -180,10 +180,10 @@ async def planted(args) -> float:
     res = await score_explanations(local_exps, examples, simulator=sim, client=client,
                                    scorers="detection,fuzzing", baselines=False)
     for sc in ("detection", "fuzzing"):
-        fig(f"planted_auc_local_{sc}", ranking_auc(local_exps, res, sc).auc)
-        vals = sorted({round(r.value, 3) for r in res if r.scorer == sc})
+        fig(f"planted_auc_local_{sc}", ranking_auc(local_exps, res.results, sc).auc)
+        vals = sorted({round(r.value, 3) for r in res.results if r.scorer == sc})
         print(f"# local:{args.model} as {sc} judge: balanced accuracies seen {vals}")
-    print(f"# local:{args.model} as judge (P('1') vs P('0'), one pass a batch): {len(res)} scored, "
+    print(f"# local:{args.model} as judge (P('1') vs P('0'), one pass a batch): {len(res.results)} scored, "
           f"{len(res.failures)} failed, {time.perf_counter() - t0:.0f} s")
     return ranking.auc
 
@@ -195,7 +195,7 @@ async def intervention_bed(args) -> None:
     from featurescribe.llm import make_client
     from featurescribe.llm.backends.local import get_local_model
     from featurescribe.scorers.intervention import LexicalPairJudge, make_pair_judge, score_intervention
-    from featurescribe.scorers.planted import ranking_auc
+    from featurescribe.testbed.planted import ranking_auc
     from featurescribe.steer.planted import build_output_bed
 
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from featurescribe.llm import make_client  # noqa: E402
-from featurescribe.scorers.planted import build_bed  # noqa: E402
+from featurescribe.testbed.planted import build_bed  # noqa: E402
 from featurescribe.scorers.simulators import LocalSimulator  # noqa: E402
 
 

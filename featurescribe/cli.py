@@ -1,45 +1,54 @@
 """The `featurescribe` command.
 
-Each subcommand lives in a module with `add_arguments(parser)` and `run(args) -> int`; this file
-only registers them, and turns user errors into one line on stderr and a non-zero exit.
+Each subcommand lives in a module with an add-arguments and a run function; `command_table`
+lists them, and `main` turns user errors into one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 from featurescribe.errors import FeaturescribeError
-from featurescribe.store.connection import DEFAULT_DB
-
-# (name, module, one-line help). A command is listed here when it works.
-COMMANDS: list[tuple[str, str, str]] = [
-    ("init", "featurescribe.store.commands", "create an empty database with the schema"),
-    ("sql", "featurescribe.store.commands", "run SQL against a database and print the result"),
-    ("harvest", "featurescribe.harvest.command",
-     "run a model over a corpus and store one layer's activations (neurons or SAE latents)"),
-    ("label", "featurescribe.flows.label_command",
-     "sample, explain and score the features of a source"),
-    ("steer", "featurescribe.steer.command",
-     "continue prompts with one feature steered (clamped or added), beside the unsteered text"),
-    ("export", "featurescribe.export.command",
-     "write feature dictionaries: neuronpedia, oai, delphi, parquet or json"),
-    ("report", "featurescribe.export.command", "write a self-contained HTML feature browser"),
-    ("demo", "featurescribe.flows.demo",
-     "the whole pipeline on a small model, offline: harvest, label, score, export"),
-    ("serve", "featurescribe.flows.serve",
-     "serve the label flow as a Prefect deployment on a cron schedule"),
-]
 
 
-def _module_for(name: str, module: str):
-    mod = importlib.import_module(module)
-    # a module may hold several commands: add_<name>_arguments / run_<name>
-    add = getattr(mod, f"add_{name}_arguments", None) or getattr(mod, "add_arguments")
-    run = getattr(mod, f"run_{name}", None) or getattr(mod, "run")
-    return add, run
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str  # one line, shown by `featurescribe --help` and as the command's description
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def command_table() -> list[Command]:
+    """Every command, in help order. Adding one: its module with `add_arguments(parser)` and
+    `run(args) -> int`, and one line here."""
+    from featurescribe.export import command as export
+    from featurescribe.flows import demo, label_command, serve
+    from featurescribe.harvest import command as harvest
+    from featurescribe.steer import command as steer
+    from featurescribe.store import commands as store
+
+    return [
+        Command("init", "create an empty database with the schema", store.add_init_arguments, store.run_init),
+        Command("sql", "run SQL against a database and print the result", store.add_sql_arguments, store.run_sql),
+        Command("harvest", "run a model over a corpus and store one layer's activations (neurons or SAE latents)",
+                harvest.add_arguments, harvest.run),
+        Command("label", "sample, explain and score the features of a source",
+                label_command.add_arguments, label_command.run),
+        Command("steer", "continue prompts with one feature steered (clamped or added), beside the unsteered text",
+                steer.add_arguments, steer.run),
+        Command("export", "write feature dictionaries: neuronpedia, oai, delphi, parquet or json",
+                export.add_export_arguments, export.run_export),
+        Command("report", "write a self-contained HTML feature browser",
+                export.add_report_arguments, export.run_report),
+        Command("demo", "the whole pipeline on a small model, offline: harvest, label, score, export",
+                demo.add_demo_arguments, demo.run_demo),
+        Command("serve", "serve the label flow as a Prefect deployment on a cron schedule",
+                serve.add_serve_arguments, serve.run_serve),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,20 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label the features of a neural network with LLM explanations, scored by simulation.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module, help_text in COMMANDS:
-        add, run = _module_for(name, module)
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
-        p.set_defaults(_run=run)
+    for cmd in command_table():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
     return parser
 
 
-def add_db_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default: {DEFAULT_DB})")
-
-
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from featurescribe.flows.prefect_env import configure_prefect
+
+    configure_prefect()  # before any command imports Prefect
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

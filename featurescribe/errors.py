@@ -7,6 +7,12 @@ class FeaturescribeError(Exception):
     exit_code = 2
 
 
+def first_error_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for a ledger or run note."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 class DatabaseLocked(FeaturescribeError):
     pass
 

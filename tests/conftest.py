@@ -6,9 +6,16 @@ import os
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    """The test session is an entry point: Prefect's settings are made here, as `featurescribe`
+    makes them, before any test imports Prefect."""
+    from featurescribe.flows.prefect_env import configure_prefect
+
+    configure_prefect()
 
 
 @pytest.fixture
@@ -33,16 +40,23 @@ def fake_llm(monkeypatch):
 
     The SDKs' own environment variables point at it, so code under test uses the real SDKs.
     """
-    from tests.fake_llm import FakeLLMServer
+    from tests.fake_llm import FakeLLMServer, point_sdks_at
 
     server = FakeLLMServer()
     server.start()
-    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url_openai)
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url_anthropic)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    point_sdks_at(monkeypatch, server)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The export tests' database (tests/export_fixtures.py), built once a module."""
+    from tests.export_fixtures import build_demo_db
+
+    path = str(tmp_path_factory.mktemp("demo") / "demo.duckdb")
+    build_demo_db(path)
+    return path
 
 
 @pytest.fixture(scope="session")

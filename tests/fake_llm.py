@@ -648,3 +648,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def point_sdks_at(monkeypatch, server) -> None:
+    """The OpenAI and Anthropic SDKs' own variables, set to a fake server on 127.0.0.1."""
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url_openai)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url_anthropic)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")

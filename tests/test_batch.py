@@ -18,6 +18,7 @@ from featurescribe.llm.prices import PriceTable
 from featurescribe.store import batches as bsql
 from featurescribe.store import open_db
 from tests.fake_batch import FakeBatchServer
+from tests.fake_llm import point_sdks_at
 
 SCHEMA = {"type": "object", "properties": {"explanation": {"type": "string"}},
           "required": ["explanation"], "additionalProperties": False}
@@ -27,10 +28,7 @@ SCHEMA = {"type": "object", "properties": {"explanation": {"type": "string"}},
 def server(monkeypatch):
     s = FakeBatchServer()
     s.start()
-    monkeypatch.setenv("OPENAI_BASE_URL", s.base_url_openai)
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", s.base_url_anthropic)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    point_sdks_at(monkeypatch, s)
 
     def responder(req):
         text = req.user_text

@@ -18,6 +18,7 @@ from featurescribe.llm.prices import PriceTable
 from featurescribe.store import batches as bsql
 from featurescribe.store import open_db
 from tests.fake_batch import FakeBatchServer
+from tests.fake_llm import point_sdks_at
 from tests.test_sampling import SOURCE, build_db
 from tests.test_simulators import logprob_reply
 
@@ -45,10 +46,7 @@ def server(monkeypatch):
     s = FakeBatchServer()
     s.responder = responder
     s.start()
-    monkeypatch.setenv("OPENAI_BASE_URL", s.base_url_openai)
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", s.base_url_anthropic)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    point_sdks_at(monkeypatch, s)
     yield s
     s.stop()
 

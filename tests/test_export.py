@@ -17,16 +17,9 @@ import pytest
 
 from featurescribe.cli import main
 from featurescribe.store import open_db
-from tests.export_fixtures import build_demo_db, build_large_db
+from tests.export_fixtures import build_large_db
 
 FORMATS = ["neuronpedia", "oai", "delphi", "parquet", "json"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("demo") / "demo.duckdb")
-    build_demo_db(path)
-    return path
 
 
 @pytest.fixture(scope="module")

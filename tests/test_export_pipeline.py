@@ -10,16 +10,12 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from featurescribe.cli import COMMANDS, main
+from featurescribe.cli import main
 from featurescribe.store import open_db
 from tests.test_export import NP_ACTIVATION_KEYS, NP_EXPLANATION_KEYS, NP_FEATURE_KEYS, NP_SCORE_KEYS
 from tests.test_export import NeuronRecord, NeuronSimulationResults, oai_loads
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif("label" not in {name for name, _, _ in COMMANDS},
-                       reason="featurescribe label is not registered in this checkout"),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def test_global_limits_are_created_respected_and_held_per_chunk(prefect_server):
 
     from prefect.client.orchestration import get_client
 
-    from featurescribe.flows.limits import chunk_slots, ensure_global_limits
+    from featurescribe.flows.global_limits import chunk_slots, ensure_global_limits
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name("featurescribe-llm-anthropic", 3)

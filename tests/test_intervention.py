@@ -51,7 +51,7 @@ def _score_all(bed, judge):
 
 
 def test_planted_output_bed_lexical_judge_tells_true_descriptions(bed):
-    from featurescribe.scorers.planted import ranking_auc
+    from featurescribe.testbed.planted import ranking_auc
 
     exps = bed.explanations()
     res = _score_all(bed, LexicalPairJudge())

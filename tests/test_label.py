@@ -12,16 +12,16 @@ import pytest
 
 from featurescribe.cli import build_parser, main
 from featurescribe.errors import FeaturescribeError
-from featurescribe.flows import label_core
-from featurescribe.flows.label_command import params_from_args, print_summary
+from featurescribe.flows.label_command import print_summary
 from featurescribe.flows.label_core import (
-    LabelParams,
     compute_chunk,
     parse_feature_spec,
     prepare_chunk,
     select_features,
     write_chunk,
 )
+from featurescribe.flows.label_options import LabelOptions, from_args
+from featurescribe.flows.label_run import run_label
 from featurescribe.store import open_db
 from tests.test_sampling import SOURCE, build_db
 from tests.test_simulators import _shown_tokens, logprob_reply
@@ -51,10 +51,10 @@ def _cli(db, *extra):
 
 
 def _label(db, *extra):
-    """The same options through `label_core.run_label` (the pipeline without Prefect), with the
+    """The same options through `label_run.run_label` (the pipeline without Prefect), with the
     command's summary."""
     args = build_parser().parse_args(["label", "--db", db, "--source", SOURCE, "--no-progress", *extra])
-    summary = label_core.run_label(args.db, params_from_args(args), progress=False)
+    summary = run_label(args.db, from_args(args), progress=False)
     print_summary(summary)
     return 0
 
@@ -272,7 +272,7 @@ def test_select_alive_and_all(labdb):
 
 def test_steps_are_plain_picklable_and_compute_needs_no_database(labdb):
     """prepare (writer) -> compute (no DuckDB: the connection is closed) -> write (writer)."""
-    params = LabelParams(source_id=SOURCE, features="0:8")
+    params = LabelOptions(source=SOURCE, features="0:8")
     con = open_db(labdb)
     prepared = prepare_chunk(con, params, select_features(con, SOURCE, "0:8"))
     con.close()
@@ -296,7 +296,7 @@ def test_compute_with_a_memory_store_and_write_flushes_its_ledger(labdb, fake_ll
     from featurescribe.store.memory_calls import MemoryCallStore
 
     fake_llm.responder = _explain_responder()
-    params = LabelParams(source_id=SOURCE, features="2:5", explainer="openai:gpt-4o-mini")
+    params = LabelOptions(source=SOURCE, features="2:5", explainer="openai:gpt-4o-mini")
     con = open_db(labdb)
     prepared = prepare_chunk(con, params, [2, 3, 4])
     con.close()

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from featurescribe.scorers import score_explanations
-from featurescribe.scorers.planted import build_bed, default_plants, ranking_auc, word_tokenize
+from featurescribe.testbed.planted import build_bed, default_plants, ranking_auc, word_tokenize
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,13 @@ def test_lexical_judges_rank_each_true_explanation_first_on_lexical_plants(bed, 
     res = asyncio.run(score_explanations(exps, bed.examples, simulator="lexical", scorers=scorer,
                                          baselines=False))
     assert not res.failures
-    ranking = ranking_auc(exps, res, scorer)
+    ranking = ranking_auc(exps, res.results, scorer)
     assert set(ranking.per_feature) == set(lexical)
     for fid in lexical:
         assert ranking.true_best[fid], (scorer, bed.plant(fid).name, ranking.per_feature[fid])
     assert ranking.auc == 1.0
     # and the true explanation is clearly good, not merely the least bad
-    value = {r.explanation_id: r.value for r in res}
+    value = {r.explanation_id: r.value for r in res.results}
     true = [value[f"planted-{f}-{bed.plant(f).name}"] for f in lexical]
     assert min(true) > (0.9 if scorer == "simulation" else 0.95)
 
@@ -67,13 +67,13 @@ def test_the_lexical_judge_cannot_read_context(bed):
     explanation 0 (flagged), so it is no judge of contextual plants (the benchmark says so)."""
     fid = next(p.feature_id for p in bed.plants if p.name == "brackets")
     exps = [e for e in bed.explanations([fid]) if e.method == "true"]
-    (res,) = asyncio.run(score_explanations(exps, bed.examples, simulator="lexical", baselines=False))
+    (res,) = asyncio.run(score_explanations(exps, bed.examples, simulator="lexical", baselines=False)).results
     assert res.value == 0.0 and res.details["flag"] == "constant_predicted"
 
 
 @pytest.mark.slow
 def test_bed_with_the_smollm2_tokenizer():
-    from featurescribe.scorers.planted import smollm2_tokenize
+    from featurescribe.testbed.planted import smollm2_tokenize
 
     if smollm2_tokenize() is None:
         pytest.skip("smollm2-135m is not installed")

@@ -15,13 +15,6 @@ from tests.headless import Browser, chromium_path
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("demo") / "demo.duckdb")
-    build_demo_db(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def report(demo, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "features.html"
     assert main(["report", "--db", demo, "--out", str(out)]) == 0

@@ -22,7 +22,7 @@ from featurescribe.scorers import (
 )
 from featurescribe.scorers.lexical import LexicalRule, quoted_strings
 from featurescribe.scorers.metrics import auc, balanced_accuracy, correlation
-from featurescribe.scorers.planted import build_bed
+from featurescribe.testbed.planted import build_bed
 from featurescribe.store.bulk import insert_arrow
 from featurescribe.store.results import save_scores
 
@@ -139,7 +139,7 @@ def test_degenerate_simulations_score_zero_with_a_flag_never_nan():
     # an explanation the lexical simulator cannot read predicts all zeros: 0, flagged
     fe = FeatureExamples("s", 0, 2.0, ws)
     e = Explanation("e0", "s", 0, "something vague", "x", "m")
-    res = run(score_explanations([e], [fe], simulator="lexical"))
+    res = run(score_explanations([e], [fe], simulator="lexical")).results
     assert res[0].value == 0.0 and res[0].details["flag"] == "constant_predicted"
     assert not math.isnan(res[0].value)
 
@@ -155,7 +155,7 @@ def test_an_explanation_the_simulator_cannot_use_is_a_failure_not_a_score():
     fe = FeatureExamples("s", 0, 2.0, _windows())
     e = Explanation("e0", "s", 0, 'the token "b"', "x", "m")
     res = run(score_explanations([e], [fe], simulator=_Failing()))
-    assert list(res) == []
+    assert res.results == []
     assert len(res.failures) == 1
     f = res.failures[0]
     assert (f.explanation_id, f.scorer, f.judge) == ("e0", "simulation", "openai:broken")
@@ -175,9 +175,9 @@ def test_stored_scores_recompute_from_the_simulations_table(con, bed):
     assert not res.failures
     con.execute("BEGIN")
     _insert_explanations(con, exps)
-    save_scores(con, res, run_id="r1")
+    save_scores(con, res.results, run_id="r1")
     con.execute("COMMIT")
-    n_windows = {r.explanation_id: len(r.simulations) for r in res if r.scorer == "simulation"}
+    n_windows = {r.explanation_id: len(r.simulations) for r in res.results if r.scorer == "simulation"}
     rows = con.execute("""
         SELECT s.explanation_id, s.value, list(m.true_acts ORDER BY m.seq_id, m.start_pos),
                list(m.predicted ORDER BY m.seq_id, m.start_pos), count(m.seq_id)
@@ -206,7 +206,7 @@ def test_stored_scores_recompute_from_the_simulations_table(con, bed):
 
 def test_saving_again_replaces_rows_and_labels_show_lift(con, bed):
     exps = bed.explanations([0, 1])
-    res = run(score_explanations(exps, bed.examples, simulator="lexical"))
+    res = run(score_explanations(exps, bed.examples, simulator="lexical")).results
     _insert_explanations(con, exps)
     save_scores(con, res)
     n_sim = con.execute("SELECT count(*) FROM simulations").fetchall()[0][0]

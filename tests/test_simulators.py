@@ -139,9 +139,9 @@ def test_anthropic_structured_simulator_retries_until_lengths_line_up(fake_llm):
                                        Window(2, 0, TOKENS, [0.0] * 8, kind="random", split="test")])
     e = Explanation("e1", "s", 0, 'the keywords "def" and "return"', "x", "m")
     res = run(score_explanations([e], [fe], simulator=sim, baselines=False))
-    assert len(res) == 1 and not res.failures
-    assert res[0].simulator == "anthropic:claude-haiku-4-5"
-    assert res[0].value == pytest.approx(np.corrcoef(ACTS + [0.0] * 8, ([10, 0, 0, 0, 0, 0, 10, 0] * 2))[0, 1])
+    assert len(res.results) == 1 and not res.failures
+    assert res.results[0].simulator == "anthropic:claude-haiku-4-5"
+    assert res.results[0].value == pytest.approx(np.corrcoef(ACTS + [0.0] * 8, ([10, 0, 0, 0, 0, 0, 10, 0] * 2))[0, 1])
     assert len(calls) == 3  # two windows, one asked twice
 
 
@@ -151,7 +151,7 @@ def test_structured_simulator_that_never_lines_up_is_a_failure(fake_llm):
     fe = FeatureExamples("s", 0, 3.0, [Window(1, 0, TOKENS, ACTS, split="test")])
     e = Explanation("e1", "s", 0, "anything", "x", "m")
     res = run(score_explanations([e], [fe], simulator=sim, baselines=False))
-    assert list(res) == [] and len(res.failures) == 1
+    assert res.results == [] and len(res.failures) == 1
     assert res.failures[0].scorer == "simulation"
 
 
@@ -191,7 +191,7 @@ def test_llm_detection_and_fuzzing_judges_through_both_sdks(fake_llm):
         res = run(score_explanations(exps, [fe], simulator=spec, client=c,
                                      scorers="detection,fuzzing", batch_size=4, baselines=False))
         assert not res.failures
-        by = {(r.explanation_id, r.scorer): r for r in res}
+        by = {(r.explanation_id, r.scorer): r for r in res.results}
         assert by[("good", "detection")].value == 1.0
         assert by[("good", "fuzzing")].value == 1.0
         assert by[("bad", "detection")].value == 0.5
@@ -236,6 +236,6 @@ def test_local_simulator_on_smollm2_reads_every_slot_in_one_pass(smollm2):
     fe = FeatureExamples("s", 0, 1.0, windows)
     e = Explanation("e", "s", 0, "numbers written with digits", "x", "m")
     res = run(score_explanations([e], [fe], simulator=sim, client=c, scorers="detection", baselines=False))
-    assert not res.failures and res[0].simulator == f"local:{name}"
-    assert 0.0 <= res[0].value <= 1.0 and res[0].n_examples == 3
+    assert not res.failures and res.results[0].simulator == f"local:{name}"
+    assert 0.0 <= res.results[0].value <= 1.0 and res.results[0].n_examples == 3
     assert len([r for r in c.ledger if r.purpose == "detect"]) == 1

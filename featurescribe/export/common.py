@@ -109,20 +109,6 @@ def stable_id(*parts: Any) -> str:
     return "c" + h[:24]
 
 
-def pearson(x: list[float], y: list[float]) -> float | None:
-    """Pearson correlation, or None where it is undefined (fewer than 2 values, a constant side)."""
-    n = len(x)
-    if n < 2 or n != len(y):
-        return None
-    mx, my = sum(x) / n, sum(y) / n
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx <= 0 or syy <= 0:
-        return None
-    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
-    return r if math.isfinite(r) else None
-
-
 def preferred_score(scores: list[dict], scorer: str) -> dict | None:
     """An explanation's score of one scorer to report: the test split first, then by simulator."""
     rows = [s for s in scores if s["scorer"] == scorer]
@@ -179,8 +165,10 @@ def model_name_of(spec: str | None) -> str:
     """`openai:gpt-4o-mini` -> `gpt-4o-mini`; `baseline:tokens` -> `baseline-tokens`."""
     if not spec:
         return "none"
+    from featurescribe.llm.registry import is_llm_spec
+
     backend, _, model = spec.partition(":")
-    if backend in ("openai", "anthropic", "local") and model:
+    if is_llm_spec(spec) and model:
         return model
     return spec.replace(":", "-")
 

@@ -22,7 +22,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from featurescribe.export.common import delphi_module, dumps, pearson, preferred_score, write_text
+from featurescribe.export.common import delphi_module, dumps, preferred_score, write_text
+from featurescribe.scorers.metrics import correlation
 from featurescribe.store.export_queries import FeatureBundle, iter_feature_bundles
 
 SCORER_DIRS = {"simulation": "simulation", "detection": "detection", "fuzzing": "fuzz"}
@@ -73,7 +74,7 @@ def _simulation_file(b: FeatureBundle, e: dict, s: dict) -> list[dict] | None:
                 "uncalibrated_simulation": None,
             },
             "true_activations": true,
-            "ev_correlation_score": _or_nan(pearson(true, pred)),
+            "ev_correlation_score": _or_nan(correlation(true, pred).value),
             "rsquared_score": 0,
             "absolute_dev_explained_score": 0,
         })

@@ -217,6 +217,52 @@ def _metadata(src: dict, model: str, all_sources: list[dict], n_sequences: int, 
     }
 
 
+class _SourceWriter:
+    """One source's batch files; `names` collects the explanation and score types used."""
+
+    def __init__(self, d: Path, model: str, src: dict, creator_id: str, names: dict[str, dict[str, str]]):
+        self.d, self.model, self.src, self.creator_id, self.names = d, model, src, creator_id, names
+        self.features = Batches(d / "features", BATCH)
+        self.explanations = Batches(d / "explanations", BATCH)
+        self.scores = Batches(d / "explanation_scores", BATCH)
+        self.acts: GzipJsonl | None = None
+        self.acts_batch = -1
+        self.n_acts = 0
+
+    def feature(self, batch: int, b) -> None:
+        self.features.write(_feature_row(b, self.model, self.src, self.creator_id))
+        for w in b.examples:
+            if w["tokens"]:
+                self._activation(batch, b, w)
+        for e in b.explanations:
+            if e["status"] == "ok":
+                self._explanation(b, e)
+
+    def _activation(self, batch: int, b, w: dict) -> None:
+        if self.acts is None or self.acts_batch != batch:  # activations batch N: features batch N's
+            if self.acts is not None:
+                self.acts.close()
+            self.acts_batch = batch
+            self.acts = GzipJsonl(self.d / "activations" / f"batch-{batch}.jsonl.gz")
+        self.acts.write(_activation_row(b, w, self.model, self.src, self.creator_id))
+        self.n_acts += 1
+
+    def _explanation(self, b, e: dict) -> None:
+        self.explanations.write(_explanation_row(b, e, self.model, self.src, self.creator_id))
+        self.names["explanation_type"][f"featurescribe_{e['method']}"] = e["method"]
+        self.names["explanation_model_type"][model_name_of(e["explainer"])] = e["explainer"]
+        for k, s in enumerate(e["scores"]):
+            self.scores.write(_score_row(e, k, s, self.creator_id))
+            self.names["explanation_score_type"][f"featurescribe_{s['scorer']}"] = s["scorer"]
+            self.names["explanation_score_model"][model_name_of(s["simulator"])] = s["simulator"] or "none"
+
+    def close(self) -> None:
+        for w in (self.features, self.explanations, self.scores):
+            w.close()
+        if self.acts is not None:
+            self.acts.close()
+
+
 def write_neuronpedia(
     con,
     sources: list[dict],
@@ -236,48 +282,20 @@ def write_neuronpedia(
         d = out / model / src["source_id"]
         for name, row in _metadata(src, model, all_sources, n_sequences, creator_id).items():
             write_text(d / f"{name}.jsonl", dumps(row) + "\n")
-        features = Batches(d / "features", BATCH)
-        explanations = Batches(d / "explanations", BATCH)
-        scores = Batches(d / "explanation_scores", BATCH)
-        acts: GzipJsonl | None = None
-        acts_batch = -1
-        n_acts = 0
+        writer = _SourceWriter(d, model, src, creator_id, names)
         try:
             for i, b in enumerate(iter_feature_bundles(
                 con, src["source_id"], example_kinds=ACTIVATION_KINDS, histogram=True,
             )):
-                batch = i // BATCH
-                features.write(_feature_row(b, model, src, creator_id))
-                for w in b.examples:
-                    if not w["tokens"]:
-                        continue
-                    if acts is None or acts_batch != batch:
-                        if acts is not None:
-                            acts.close()
-                        acts_batch = batch
-                        acts = GzipJsonl(d / "activations" / f"batch-{batch}.jsonl.gz")
-                    acts.write(_activation_row(b, w, model, src, creator_id))
-                    n_acts += 1
-                for e in b.explanations:
-                    if e["status"] != "ok":
-                        continue
-                    explanations.write(_explanation_row(b, e, model, src, creator_id))
-                    names["explanation_type"][f"featurescribe_{e['method']}"] = e["method"]
-                    names["explanation_model_type"][model_name_of(e["explainer"])] = e["explainer"]
-                    for k, s in enumerate(e["scores"]):
-                        scores.write(_score_row(e, k, s, creator_id))
-                        names["explanation_score_type"][f"featurescribe_{s['scorer']}"] = s["scorer"]
-                        names["explanation_score_model"][model_name_of(s["simulator"])] = s["simulator"] or "none"
+                writer.feature(i // BATCH, b)
                 if on_feature:
                     on_feature()
         finally:
-            for w in (features, explanations, scores):
-                w.close()
-            if acts is not None:
-                acts.close()
+            writer.close()
         summary[src["source_id"]] = {
-            "path": f"{model}/{src['source_id']}", "features": features.rows, "activations": n_acts,
-            "explanations": explanations.rows, "explanation_scores": scores.rows,
+            "path": f"{model}/{src['source_id']}", "features": writer.features.rows,
+            "activations": writer.n_acts, "explanations": writer.explanations.rows,
+            "explanation_scores": writer.scores.rows,
         }
     for name, rows in _config_rows(names, creator_id).items():
         write_text(out / "config" / f"{name}.jsonl", "".join(dumps(r) + "\n" for r in rows))

@@ -27,7 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from featurescribe.export.common import dumps, pearson, preferred_score, write_text
+from featurescribe.export.common import dumps, preferred_score, write_text
+from featurescribe.scorers.metrics import correlation
 from featurescribe.store.export_queries import FeatureBundle, iter_feature_bundles
 
 
@@ -97,7 +98,7 @@ def simulation_results(b: FeatureBundle, layer: int) -> dict | None:
                 "ScoredSequenceSimulation",
                 simulation=simulation,
                 true_activations=true,
-                ev_correlation_score=pearson(true, pred),
+                ev_correlation_score=correlation(true, pred).value,
                 rsquared_score=None,
                 absolute_dev_explained_score=None,
             ))

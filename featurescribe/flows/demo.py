@@ -73,7 +73,7 @@ def demo_flow_fn():
     from featurescribe.flows.export_flow import export_flow
     from featurescribe.flows.harvest_flow import harvest_flow
     from featurescribe.flows.label_flow import label_flow
-    from featurescribe.flows.runs import recorded_run
+    from featurescribe.flows.run_record import recorded_run
     from featurescribe.store.connection import open_db
     from featurescribe.store.demo import demo_features, demo_labels
 
@@ -201,7 +201,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = args.out or str(parent / "out" / Path(db).stem)
     judge = pick_judge()
     if judge:
-        from featurescribe.llm.client import check_backend
+        from featurescribe.llm.registry import check_backend
 
         check_backend(judge)
         who = f"{judge} explains and simulates all {args.features} features (budget ${args.budget_usd:g})"

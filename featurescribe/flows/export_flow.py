@@ -10,15 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from featurescribe.flows.prefect_env import configure_prefect
+from prefect import flow, task
+from prefect.cache_policies import NONE
 
-configure_prefect()
-
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NONE  # noqa: E402
-
-from featurescribe.errors import FeaturescribeError  # noqa: E402
-from featurescribe.flows.runs import recorded_run  # noqa: E402
+from featurescribe.errors import FeaturescribeError
+from featurescribe.flows.run_record import recorded_run
 
 FORMATS = ("neuronpedia", "oai", "delphi", "parquet", "json")
 

@@ -7,14 +7,10 @@ are skipped, so a retried or re-run harvest adds only what is missing.
 
 from __future__ import annotations
 
-from featurescribe.flows.prefect_env import configure_prefect
+from prefect import flow, task
+from prefect.cache_policies import NONE
 
-configure_prefect()
-
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NONE  # noqa: E402
-
-from featurescribe.flows.runs import recorded_run  # noqa: E402
+from featurescribe.flows.run_record import recorded_run
 
 
 def _transient(task, task_run, state) -> bool:

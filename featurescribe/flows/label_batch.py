@@ -18,48 +18,24 @@ when they returned with batches still running); their ledger rows carry that run
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import datetime as dt
 import sys
-import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.flows import label_core
-from featurescribe.flows.label_core import LabelParams, LabelSummary
+from featurescribe.flows.label_options import LabelOptions
+from featurescribe.flows.label_run import LabelRun, LabelSummary, check_backends, open_label_run, run_label
 from featurescribe.llm.base import parse_backend_spec
 from featurescribe.llm.batch import BatchOptions, BatchPending, BatchReport, BatchRunner
-from featurescribe.llm.batch.collector import BATCH_BACKENDS
-
-POLL_DEFAULT_S = 30.0
-
-
-def add_batch_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("batch APIs (half price, results within 24 h)")
-    g.add_argument("--batch", action="store_true",
-                   help="send the openai:/anthropic: requests as provider batches (OpenAI Batch, "
-                        "Anthropic Message Batches) at the batch price")
-    g.add_argument("--no-wait", action="store_true",
-                   help="with --batch: submit and return; run the same command again later to "
-                        "collect and go on")
-    g.add_argument("--batch-retry", choices=["batch", "direct"], default="batch",
-                   help="errored, expired or cancelled requests go in a new batch (default) or "
-                        "directly through the ordinary API at the list price")
-    g.add_argument("--batch-poll", type=float, default=POLL_DEFAULT_S, metavar="S",
-                   help=f"first wait between polls, growing 1.5x up to 10 min (default: {POLL_DEFAULT_S:g})")
+from featurescribe.llm.batch.collector import has_batch_api
+from featurescribe.statuses import RunStatus
 
 
-def batch_options_from_args(args: argparse.Namespace) -> BatchOptions | None:
-    """The BatchOptions of `--batch` (None without it)."""
-    if not getattr(args, "batch", False):
-        if getattr(args, "no_wait", False):
-            raise FeaturescribeError("--no-wait goes with --batch")
-        return None
-    return BatchOptions(wait=not args.no_wait, retry=args.batch_retry,
-                        poll_initial_s=max(0.0, float(args.batch_poll)),
-                        progress=not getattr(args, "no_progress", False))
+def batch_options(options: LabelOptions) -> BatchOptions:
+    return BatchOptions(wait=not options.no_wait, retry=options.batch_retry,
+                        poll_initial_s=max(0.0, float(options.batch_poll)), progress=options.progress)
 
 
 class _Deferred:
@@ -88,86 +64,78 @@ class BatchLabelResult:
 
 
 def _batchable(spec: str) -> bool:
-    return parse_backend_spec(spec)[0] in BATCH_BACKENDS
+    return has_batch_api(parse_backend_spec(spec)[0])
 
 
-def run_label_batch(db: str, params: LabelParams, options: BatchOptions, *,
-                    progress: bool = True, stream=None, providers: dict[str, Any] | None = None,
-                    sleep=None) -> BatchLabelResult:
-    """The batch phases, then (when every answer is in) the ordinary label run."""
-    from featurescribe.labelers.base import first_error_line
-    from featurescribe.llm.budget import Budget
-    from featurescribe.store import runs as runs_sql
-    from featurescribe.store.connection import open_db
-    from featurescribe.store.llm_calls import CallStore
-
-    if not (_batchable(params.explainer) or _batchable(params.simulator)):
+def _check(options: LabelOptions) -> None:
+    if not (_batchable(options.explainer) or _batchable(options.simulator)):
         raise FeaturescribeError(
             "--batch needs an openai:MODEL or anthropic:MODEL explainer or simulator "
-            f"(got {params.explainer} / {params.simulator})")
-    if not params.use_cache:
+            f"(got {options.explainer} / {options.simulator})")
+    if not options.use_cache:
         raise FeaturescribeError("--batch works through the response cache: drop --no-cache")
-    label_core.check_backends(params)
+    check_backends(options)
+
+
+def run_label_batch(db: str, options: LabelOptions, *, stream=None, providers: dict[str, Any] | None = None,
+                    sleep=None) -> BatchLabelResult:
+    """The batch phases, then (when every answer is in) the ordinary label run."""
+    _check(options)
     stream = stream or sys.stderr
-    run_id = f"label-batch-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    con = open_db(db, create=False)
-    try:
-        ids = label_core.select_features(con, params.source_id, params.features,
-                                         explainer=params.explainer, skip_done=params.skip_done)
-        runs_sql.insert_run(con, run_id, "label-batch",
-                            {**params.as_dict(), "batch": {"wait": options.wait, "retry": options.retry}},
-                            None)
-        store = CallStore(con)
-        budget = Budget(params.budget_usd)
-        runner = BatchRunner(con, store, run_id=run_id, options=options, budget=budget,
-                             providers=providers, sleep=sleep, stream=stream)
-
-        async def main() -> BatchReport:
-            exp_client, sim_client = label_core._make_clients(params, store, budget, run_id)
-            clients = {"explainer": exp_client, "simulator": sim_client}
-
-            async def collect_pass(swapped: dict[str, Any]) -> None:
-                exp, sim = swapped["explainer"], swapped["simulator"]
-                if sim is not None and sim is sim_client and sim is not exp_client:
-                    sim = _Deferred(sim)  # a local simulator: run it once, in the final run
-                for chunk_ids in label_core.chunks(ids, params.chunk_size):
-                    prepared = label_core.prepare_chunk(con, params, chunk_ids)
-                    if prepared.examples:
-                        await label_core.compute_chunk(prepared, params, store=store, budget=budget,
-                                                       run_id=run_id, clients=(exp, sim))
-
-            try:
-                return await runner.run({k: v for k, v in clients.items() if v is not None},
-                                        lambda swapped: collect_pass({**clients, **swapped}))
-            finally:
-                for c in {id(c): c for c in clients.values() if c is not None}.values():
-                    await c.aclose()
-
-        try:
-            report = asyncio.run(main())
-            store.close()
-        except BaseException as err:
-            try:
-                store.close()
-            finally:
-                runs_sql.finish_run(con, run_id, "cancelled" if isinstance(err, KeyboardInterrupt)
-                                    else "failed", first_error_line(err))
-            if isinstance(err, KeyboardInterrupt):
-                print("featurescribe: submitted batches keep running; run the same command again "
-                      "to collect them", file=stream)
-            raise
-        spent = float(con.execute("SELECT coalesce(sum(cost_usd), 0) FROM llm_calls WHERE run_id = ?",
-                                  [run_id]).fetchone()[0])
-        runs_sql.finish_run(con, run_id, "completed" if report.done else "waiting",
-                            None if report.done else report.summary())
-    finally:
-        con.close()
+    report, run_id, spent = _batch_phases(db, options, stream=stream, providers=providers, sleep=sleep)
     print(report.summary() + f"; batch spend ${spent:.4f}", file=stream)
     if not report.done:
         print("featurescribe: batches are running; run the same command again (later) to collect "
               "them and go on", file=stream)
         return BatchLabelResult(report, None, run_id, spent)
-    if params.budget_usd is not None:  # the batches spent part of the budget already
-        params = replace(params, budget_usd=max(0.0, params.budget_usd - spent))
-    summary = label_core.run_label(db, params, progress=progress)
+    if options.budget_usd is not None:  # the batches spent part of the budget already
+        options = options.replace(budget_usd=max(0.0, options.budget_usd - spent))
+    summary = run_label(db, options, progress=options.progress)
     return BatchLabelResult(report, summary, run_id, spent)
+
+
+def _batch_phases(db: str, options: LabelOptions, *, stream, providers, sleep) -> tuple[BatchReport, str, float]:
+    """The collect passes and their batches, recorded as a 'label-batch' run:
+    (report, run id, what the batches cost)."""
+    from featurescribe.flows.run_record import recorded_run
+    from featurescribe.store.connection import open_db
+    from featurescribe.store.runs import run_spend
+
+    con = open_db(db, create=False)
+    try:
+        ids = label_core.select_features(con, options.source_id, options.features,
+                                         explainer=options.explainer, skip_done=options.skip_done)
+        record = {**options.as_dict(), "batch": {"wait": not options.no_wait, "retry": options.batch_retry}}
+        with recorded_run(con, "label-batch", record) as rec:
+            try:
+                with open_label_run(con, options, rec.run_id) as run:
+                    runner = BatchRunner(con, run.store, run_id=run.run_id, options=batch_options(options),
+                                         budget=run.budget, providers=providers, sleep=sleep, stream=stream)
+                    report = asyncio.run(_collect(run, runner, ids))
+            except KeyboardInterrupt:
+                print("featurescribe: submitted batches keep running; run the same command again "
+                      "to collect them", file=stream)
+                raise
+            if not report.done:
+                rec.status, rec.note = RunStatus.WAITING, report.summary()
+        return report, rec.run_id, run_spend(con, rec.run_id)
+    finally:
+        con.close()
+
+
+async def _collect(run: LabelRun, runner: BatchRunner, ids: list[int]) -> BatchReport:
+    """Collect passes of the pipeline, the batchable clients swapped for collectors."""
+    async with run.clients() as clients:
+        own = {"explainer": clients.explainer, "simulator": clients.simulator}
+
+        async def collect_pass(swapped: dict[str, Any]) -> None:
+            exp, sim = swapped.get("explainer", clients.explainer), swapped.get("simulator", clients.simulator)
+            if sim is not None and sim is clients.simulator and sim is not clients.explainer:
+                sim = _Deferred(sim)  # a local simulator: run it once, in the final run
+            for chunk_ids in label_core.chunks(ids, run.options.chunk_size):
+                prepared = label_core.prepare_chunk(run.con, run.options, chunk_ids)
+                if prepared.examples:
+                    await label_core.compute_chunk(prepared, run.options, clients=label_core.LLMClients(exp, sim),
+                                                   budget=run.budget, run_id=run.run_id)
+
+        return await runner.run({k: v for k, v in own.items() if v is not None}, collect_pass)

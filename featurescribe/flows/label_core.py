@@ -1,13 +1,13 @@
 """The label pipeline as plain functions of plain values: sample -> explain -> score -> write.
 
-The `label` command runs them in a loop; the Prefect label flow wraps each in a task. Features go
-in chunks (a few hundred):
+The label runs (flows/label_run.py, flows/label_flow.py) call them chunk by chunk; the Prefect
+label flow wraps the compute step in a task. Features go in chunks (a few hundred):
 
     ids = select_features(con, source_id, "alive", explainer=spec, skip_done=True)
-    for chunk_ids in chunks(ids, params.chunk_size):
-        prepared = prepare_chunk(con, params, chunk_ids)              # the writer: sampling SQL
-        result = await compute_chunk(prepared, params, store=store)   # LLM calls, no database
-        counts = write_chunk(con, result, run_id=run_id, calls=store) # the writer: one transaction
+    for chunk_ids in chunks(ids, options.chunk_size):
+        prepared = prepare_chunk(con, options, chunk_ids)              # the writer: sampling SQL
+        result = await compute_chunk(prepared, options, clients, ...)  # LLM calls, no database
+        counts = write_chunk(con, result, run_id=run_id)               # the writer: one transaction
 
 - `prepare_chunk` samples the chunk's examples (kept when a feature already has them, so a
   resumed run sees the same windows), marks dead and rare features, and loads the windows.
@@ -15,7 +15,7 @@ in chunks (a few hundred):
   each scored on the `valid` split by the simulation scorer, the best one chosen), then scores
   the chosen explanation on `test` with every scorer. All features of the chunk run at once
   under the LLM client's concurrency limit. It never touches DuckDB: LLM calls go through the
-  CallStore it is handed (ledger rows and the response cache).
+  clients it is handed, which record to their CallStore (ledger rows and the response cache).
 - `write_chunk` writes the chunk's explanations, scores, simulations and (from a store with
   `flush_to`) ledger rows in one transaction.
 
@@ -30,138 +30,24 @@ Every value passed between the steps is a picklable dataclass.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import uuid
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Iterator, Sequence
-
-import pyarrow as pa
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from featurescribe.errors import FeaturescribeError
-from featurescribe.labelers import (
-    METHODS,
-    ExplainOutcome,
-    check_explainer_spec,
-    is_llm_explainer,
-    make_explainer,
-    resolve_method,
-)
-from featurescribe.labelers.base import first_error_line
-from featurescribe.llm.base import BudgetExceeded, parse_backend_spec
+from featurescribe.flows.label_options import LabelOptions
+from featurescribe.labelers import ExplainOutcome, is_llm_explainer, make_explainer
+from featurescribe.llm.base import BudgetExceeded
 from featurescribe.records import Explanation, FeatureExamples, ScoreResult
-from featurescribe.store.bulk import insert_arrow
-from featurescribe.store.sampling import SamplingConfig, load_examples, sample_examples
-
-DEFAULT_CHUNK_SIZE = 256
-CANDIDATE_TEMPERATURE = 0.7
-
-
-# ---------------------------------------------------------------------------------------------
-# parameters
-
-
-@dataclass(frozen=True)
-class LabelParams:
-    """Everything a label run is asked to do (the CLI options)."""
-
-    source_id: str
-    features: str = "all"  # 'all', 'alive', '0:64', '3,17,40'
-    explainer: str = "baseline:tokens"
-    simulator: str = "lexical"
-    scorers: tuple[str, ...] = ("simulation",)
-    candidates: int = 1
-    concurrency: int = 16
-    budget_usd: float | None = None
-    use_cache: bool = True
-    method: str = "auto"  # 'pairs' | 'highlighted' | 'marked' (LLM explainers); auto: marked for local models, else pairs
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    skip_done: bool = True
-    explain_windows: int | None = None  # at most this many explain windows in a prompt
-    logit_lens: int = 0  # > 0: show explainers this many tokens the feature's output promotes
-    output_effects: int = 0  # > 0: show explainers this many tokens steering raises and lowers
-    intervention_prompts: int = 8  # neutral prompts of the intervention scorer and output effects
-    target_kl: float = 2.0  # the next-token KL steering is calibrated to
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-
-    def __post_init__(self) -> None:
-        try:
-            check_explainer_spec(self.explainer)
-        except ValueError as err:
-            raise FeaturescribeError(str(err)) from None
-        kind, model = parse_backend_spec(self.simulator)
-        if kind not in ("openai", "anthropic", "local", "lexical", "baseline"):
-            raise FeaturescribeError(
-                f"unknown simulator {self.simulator!r}: use lexical, baseline:tokens, openai:MODEL, "
-                "anthropic:MODEL or local:MODEL")
-        if kind in ("openai", "anthropic", "local") and not model:
-            raise FeaturescribeError(f"simulator {self.simulator!r} names no model (e.g. {kind}:MODEL)")
-        from featurescribe.scorers.scoring import SCORERS
-
-        bad = [s for s in self.scorers if s not in SCORERS]
-        if bad or not self.scorers:
-            raise FeaturescribeError(
-                f"unknown scorer(s) {', '.join(bad) or '(none)'}: use {', '.join(SCORERS)}")
-        self._check_steering()
-        if self.candidates < 1:
-            raise FeaturescribeError("--candidates must be at least 1")
-        if self.concurrency < 1:
-            raise FeaturescribeError("--concurrency must be at least 1")
-        if self.logit_lens < 0:
-            raise FeaturescribeError("--logit-lens must be 0 or more tokens")
-        if self.chunk_size < 1:
-            raise FeaturescribeError("--chunk-size must be at least 1")
-        if self.budget_usd is not None and self.budget_usd < 0:
-            raise FeaturescribeError("--budget-usd must be 0 or more")
-        if self.method not in ("auto", *METHODS):
-            raise FeaturescribeError(f"unknown --method {self.method!r}: use auto, {', '.join(METHODS)}")
-
-    def _check_steering(self) -> None:
-        from featurescribe.steer.calibrate import neutral_prompts
-
-        if self.output_effects < 0:
-            raise FeaturescribeError("--output-effects must be 0 or more tokens")
-        neutral_prompts(self.intervention_prompts)  # a clear error outside 1..the list's length
-        if not self.target_kl > 0:
-            raise FeaturescribeError(f"--target-kl must be a positive number, not {self.target_kl}")
-
-    @property
-    def steers(self) -> bool:
-        """Whether the run loads the source's model to steer it."""
-        return "intervention" in self.scorers or (self.output_effects > 0 and is_llm_explainer(self.explainer))
-
-    def intervention_config(self):
-        from featurescribe.scorers.intervention import InterventionConfig
-
-        return InterventionConfig(n_prompts=self.intervention_prompts, target_kl=self.target_kl)
-
-    @property
-    def method_name(self) -> str:
-        """What `explanations.method` records: the prompt style, or 'tokens' for the baseline."""
-        return resolve_method(self.explainer, self.method) if is_llm_explainer(self.explainer) else "tokens"
-
-    @property
-    def n_candidates(self) -> int:
-        return self.candidates if is_llm_explainer(self.explainer) else 1
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["scorers"] = list(self.scorers)
-        d["sampling"] = self.sampling.as_dict()
-        return d
+from featurescribe.statuses import ExplanationStatus, FeatureStatus
+from featurescribe.store import labelling as sql
+from featurescribe.store.sampling import load_examples, sample_examples
+from featurescribe.store.transaction import transaction
 
 
 # ---------------------------------------------------------------------------------------------
 # choosing features
-
-
-def _source_width(con, source_id: str) -> int:
-    row = con.execute("SELECT width FROM sources WHERE source_id = ?", [source_id]).fetchone()
-    if row is None:
-        known = [r[0] for r in con.execute("SELECT source_id FROM sources ORDER BY 1").fetchall()]
-        hint = f" (sources in this database: {', '.join(known)})" if known else \
-            " (the database has no sources: run featurescribe harvest first)"
-        raise FeaturescribeError(f"no source {source_id!r}{hint}")
-    return int(row[0])
 
 
 def parse_feature_spec(spec: str, width: int) -> list[int] | str:
@@ -200,27 +86,16 @@ def select_features(con, source_id: str, spec: str = "all", *, explainer: str | 
     With `skip_done`, features that already have a chosen explanation by `explainer` with a
     score are left out, so a resumed run does only what is missing.
     """
-    width = _source_width(con, source_id)
+    width = sql.source_width(con, source_id)
     parsed = parse_feature_spec(spec, width)
     if parsed == "all":
-        ids = [r[0] for r in con.execute(
-            "SELECT feature_id FROM features WHERE source_id = ? ORDER BY feature_id", [source_id]
-        ).fetchall()] or list(range(width))
+        ids = sql.all_feature_ids(con, source_id) or list(range(width))
     elif parsed == "alive":
-        ids = [r[0] for r in con.execute(
-            "SELECT feature_id FROM features WHERE source_id = ? AND n_active > 0 "
-            "AND coalesce(status, 'alive') NOT IN ('dead', 'rare') ORDER BY feature_id", [source_id]
-        ).fetchall()]
+        ids = sql.alive_feature_ids(con, source_id)
     else:
         ids = list(parsed)
     if skip_done and explainer and ids:
-        done = {r[0] for r in con.execute(
-            """SELECT DISTINCT e.feature_id FROM explanations e
-               WHERE e.source_id = $source AND e.explainer = $explainer AND e.chosen
-                 AND coalesce(e.status, 'ok') = 'ok'
-                 AND EXISTS (SELECT 1 FROM scores s WHERE s.explanation_id = e.explanation_id)""",
-            {"source": source_id, "explainer": explainer},
-        ).fetchall()}
+        done = sql.labelled_feature_ids(con, source_id, explainer)
         ids = [f for f in ids if f not in done]
     return [int(f) for f in ids]
 
@@ -237,7 +112,7 @@ def chunks(ids: Sequence[int], size: int) -> Iterator[list[int]]:
 @dataclass
 class SkippedFeature:
     feature_id: int
-    status: str  # 'dead' | 'rare'
+    status: str  # FeatureStatus.DEAD | FeatureStatus.RARE
     reason: str
 
 
@@ -250,35 +125,25 @@ class PreparedChunk:
     source: dict | None = None  # the `sources` row, when the intervention scorer steers its model
 
 
-def prepare_chunk(con, params: LabelParams, feature_ids: Sequence[int]) -> PreparedChunk:
+def prepare_chunk(con, options: LabelOptions, feature_ids: Sequence[int]) -> PreparedChunk:
     """Sample the chunk's windows (one SQL statement, written to `examples`) and load them."""
     ids = sorted({int(f) for f in feature_ids})
-    report = sample_examples(con, params.source_id, ids, params.sampling)
+    report = sample_examples(con, options.source_id, ids, options.sampling)
     skipped = []
     if report.skipped:
-        reasons = dict(con.execute(
-            "SELECT feature_id, skip_reason FROM features WHERE source_id = $source "
-            "AND feature_id IN (SELECT unnest($f::INTEGER[]))",
-            {"source": params.source_id, "f": report.skipped},
-        ).fetchall())
-        for f in report.dead:
-            skipped.append(SkippedFeature(f, "dead", reasons.get(f) or "no activations"))
-        for f in report.rare:
-            skipped.append(SkippedFeature(f, "rare", reasons.get(f) or "too few active sequences"))
-    loaded = load_examples(con, params.source_id, [f for f in ids if f not in set(report.skipped)])
-    if params.logit_lens and loaded and is_llm_explainer(params.explainer):
-        attach_promoted_tokens(con, params.source_id, loaded, params.logit_lens)
-    if params.output_effects and loaded and is_llm_explainer(params.explainer):
+        reasons = sql.skip_reasons(con, options.source_id, report.skipped)
+        skipped += [SkippedFeature(f, FeatureStatus.DEAD, reasons.get(f) or "no activations") for f in report.dead]
+        skipped += [SkippedFeature(f, FeatureStatus.RARE, reasons.get(f) or "too few active sequences") for f in report.rare]
+    loaded = load_examples(con, options.source_id, [f for f in ids if f not in set(report.skipped)])
+    if options.logit_lens and loaded and is_llm_explainer(options.explainer):
+        attach_promoted_tokens(con, options.source_id, loaded, options.logit_lens)
+    if options.output_effects and loaded and is_llm_explainer(options.explainer):
         from featurescribe.steer.effects import attach_output_effects
 
-        attach_output_effects(con, params.source_id, loaded, params.output_effects,
-                              n_prompts=params.intervention_prompts, target_kl=params.target_kl)
-    source = None
-    if "intervention" in params.scorers and loaded:
-        from featurescribe.store.steering import source_row
-
-        source = source_row(con, params.source_id)
-    return PreparedChunk(params.source_id, ids, [loaded[f] for f in sorted(loaded)],
+        attach_output_effects(con, options.source_id, loaded, options.output_effects,
+                              n_prompts=options.intervention_prompts, target_kl=options.target_kl)
+    source = sql.source_row(con, options.source_id) if "intervention" in options.scorer_names and loaded else None
+    return PreparedChunk(options.source_id, ids, [loaded[f] for f in sorted(loaded)],
                          sorted(skipped, key=lambda s: s.feature_id), source)
 
 
@@ -287,19 +152,11 @@ def attach_promoted_tokens(con, source_id: str, examples: dict[int, FeatureExamp
     stored with at least k, else computed with the source's model and stored."""
     from featurescribe.labelers.logit_lens import promoted_tokens
 
-    have = dict(con.execute(
-        "SELECT feature_id, promoted_tokens FROM features WHERE source_id = $s AND "
-        "feature_id IN (SELECT unnest($f::INTEGER[])) AND len(promoted_tokens) >= $k",
-        {"s": source_id, "f": sorted(examples), "k": k}).fetchall())
+    have = sql.stored_promoted_tokens(con, source_id, sorted(examples), k)
     missing = [f for f in sorted(examples) if f not in have]
     if missing:
-        cur = con.execute("SELECT * FROM sources WHERE source_id = ?", [source_id])
-        source = dict(zip([d[0] for d in cur.description], cur.fetchone()))
-        new = promoted_tokens(source, missing, k)
-        lens = pa.table({"feature_id": pa.array(list(new), pa.int32()),  # noqa: F841 (read by the SQL)
-                         "tokens": pa.array(list(new.values()), pa.list_(pa.string()))})
-        con.execute("UPDATE features f SET promoted_tokens = t.tokens FROM lens t "
-                    "WHERE f.source_id = ? AND f.feature_id = t.feature_id", [source_id])
+        new = promoted_tokens(sql.source_row(con, source_id), missing, k)
+        sql.save_promoted_tokens(con, source_id, new)
         have.update(new)
     for f, fe in examples.items():
         fe.promoted = list(have[f])[:k]
@@ -314,7 +171,7 @@ class ExplanationRow:
     """An explanation as `explanations` stores it: an ok one, or a failed one (text '')."""
 
     explanation: Explanation
-    status: str = "ok"  # 'ok' | 'failed'
+    status: str = ExplanationStatus.OK
     chosen: bool = False
     error: str | None = None
 
@@ -332,188 +189,242 @@ class ChunkResult:
     spent_usd: float = 0.0
 
 
-def _new_id() -> str:
-    return uuid.uuid4().hex
+@dataclass
+class LLMClients:
+    """The run's LLM clients: one for the explainer and one for the simulator (the same client
+    when both name the same backend), None for a no-LLM explainer or simulator."""
+
+    explainer: Any = None
+    simulator: Any = None
+
+    def distinct(self) -> list[Any]:
+        return list({id(c): c for c in (self.explainer, self.simulator) if c is not None}.values())
+
+    def spent_usd(self) -> float:
+        return sum(getattr(c, "spent_usd", 0.0) for c in self.distinct())
 
 
-def _make_clients(params: LabelParams, store, budget, run_id):
-    """(explainer client or None, simulator client or None); one client when both are the same."""
+def make_clients(options: LabelOptions, *, store=None, budget=None, run_id: str | None = None) -> LLMClients:
+    """The LLM clients a run of `options` needs, recording to `store` within `budget`."""
     from featurescribe.llm.client import make_client
+    from featurescribe.llm.registry import is_llm_spec
 
-    def make(spec):
+    def make(spec: str):
         return make_client(spec, store=store, run_id=run_id, budget=budget,
-                           use_cache=params.use_cache, concurrency=params.concurrency)
+                           use_cache=options.use_cache, concurrency=options.concurrency)
 
-    exp_client = make(params.explainer) if is_llm_explainer(params.explainer) else None
-    sim_kind, _ = parse_backend_spec(params.simulator)
-    sim_client = None
-    if sim_kind in ("openai", "anthropic", "local"):
-        sim_client = exp_client if (exp_client is not None and exp_client.spec == params.simulator) \
-            else make(params.simulator)
-    return exp_client, sim_client
+    clients = LLMClients(make(options.explainer) if is_llm_explainer(options.explainer) else None)
+    if is_llm_spec(options.simulator):
+        same = clients.explainer is not None and clients.explainer.spec == options.simulator
+        clients.simulator = clients.explainer if same else make(options.simulator)
+    return clients
 
 
-async def compute_chunk(prepared: PreparedChunk, params: LabelParams, *, store=None,
-                        budget=None, run_id: str | None = None, clients=None) -> ChunkResult:
-    """Explain and score every feature of the chunk, all at once under the client's concurrency.
-
-    `store` is the CallStore the LLM clients record to and read the cache from (a DuckDB-backed
-    CallStore, or an in-memory one whose rows `write_chunk` flushes); `budget` a shared
-    `llm.budget.Budget` (or a number of USD). `clients`, when given, is the pair (explainer client,
-    simulator client) to use instead of making them here (the caller then closes them).
-    """
-    from featurescribe.llm.budget import Budget
-    from featurescribe.scorers import make_simulator, score_explanations
-
-    if budget is not None and not isinstance(budget, Budget):
-        budget = Budget(float(budget))
-    result = ChunkResult(prepared.source_id, skipped=list(prepared.skipped))
-    own_clients = clients is None
-    exp_client, sim_client = _make_clients(params, store, budget, run_id) if own_clients else clients
-    distinct_clients = list({id(c): c for c in (exp_client, sim_client) if c is not None}.values())
-    spent_before = sum(getattr(c, "spent_usd", 0.0) for c in distinct_clients)
+@asynccontextmanager
+async def llm_clients(options: LabelOptions, *, store=None, budget=None,
+                      run_id: str | None = None) -> AsyncIterator[LLMClients]:
+    """`make_clients`, closed (HTTP clients, buffered ledger rows) when the block ends."""
+    clients = make_clients(options, store=store, budget=budget, run_id=run_id)
     try:
-        explainer = make_explainer(params.explainer, client=exp_client, method=params.method_name,
-                                   max_windows=params.explain_windows)
-        simulator = make_simulator(params.simulator, client=sim_client)
-        n = params.n_candidates
-        by_key = {(fe.source_id, fe.feature_id): fe for fe in prepared.examples}
-        steering = _steering(prepared, params, store, run_id)
-
-        def record(fe: FeatureExamples, oc: ExplainOutcome) -> ExplanationRow:
-            e = Explanation(explanation_id=_new_id(), source_id=fe.source_id, feature_id=fe.feature_id,
-                            text=oc.text if oc.ok else "", explainer=explainer.spec,
-                            method=params.method_name, candidate=oc.candidate, run_id=run_id)
-            return ExplanationRow(e, "ok" if oc.ok else "failed", False, oc.error)
-
-        async def score(rows: Sequence[ExplanationRow], scorers, split: str,
-                        others: dict[str, str] | None) -> tuple[list[ScoreResult], list[str], bool]:
-            """Score each explanation on its own (so a budget stop keeps what finished)."""
-            out: list[ScoreResult] = []
-            errors: list[str] = []
-            stopped = False
-
-            async def one(row: ExplanationRow):
-                nonlocal stopped
-                e = row.explanation
-                try:
-                    res = await score_explanations(
-                        [e], {(e.source_id, e.feature_id): by_key[(e.source_id, e.feature_id)]},
-                        simulator=simulator, client=sim_client, scorers=list(scorers), split=split,
-                        steering=steering,
-                        other_explanations={e.explanation_id: others[e.explanation_id]}
-                        if others and e.explanation_id in others else None)
-                except BudgetExceeded:
-                    stopped = True
-                    return
-                out.extend(res)
-                errors.extend(f"{f.scorer}: {f.error}" for f in res.failures)
-
-            await asyncio.gather(*(one(r) for r in rows))
-            return out, errors, stopped
-
-        # 1. explain every feature (candidates of all features at once)
-        async def explain(fe: FeatureExamples) -> list[ExplainOutcome]:
-            return await explainer.explain(fe, n)
-
-        outcomes = await asyncio.gather(*(explain(fe) for fe in prepared.examples))
-        per_feature: dict[int, list[ExplanationRow]] = {}
-        for fe, ocs in zip(prepared.examples, outcomes):
-            if any(oc.stopped for oc in ocs):
-                result.not_done.append(fe.feature_id)
-                result.stopped_at_budget = True
-                continue
-            rows = [record(fe, oc) for oc in ocs]
-            per_feature[fe.feature_id] = rows
-            result.explanations.extend(rows)
-
-        # 2. choose among candidates on `valid` (simulation scorer), or take the only one
-        chosen: dict[int, ExplanationRow] = {}
-        valid_rows = []
-        for f, rows in per_feature.items():
-            ok = [r for r in rows if r.status == "ok"]
-            if not ok:
-                errs = sorted({r.error for r in rows if r.error})
-                result.failed[f] = "explanation failed: " + ("; ".join(errs) or "no answer")
-            elif len(ok) == 1:
-                chosen[f] = ok[0]
-            else:
-                valid_rows.extend(ok)
-        if valid_rows:
-            vscores, _, stopped = await score(valid_rows, ("simulation",), "valid",
-                                              _rotate_others(valid_rows, by_candidate=True))
-            result.scores.extend(vscores)
-            result.stopped_at_budget |= stopped
-            value = {s.explanation_id: s.value for s in vscores if s.scorer == "simulation"}
-            for f, rows in per_feature.items():
-                ok = [r for r in rows if r.status == "ok"]
-                if len(ok) < 2:
-                    continue
-                scored = [r for r in ok if r.explanation.explanation_id in value]
-                if not scored:  # no candidate could be scored on valid: take the first one
-                    scored = ok[:1]
-                best = max(scored, key=lambda r: (value.get(r.explanation.explanation_id, float("-inf")),
-                                                  -r.explanation.candidate))
-                chosen[f] = best
-        for row in chosen.values():
-            row.chosen = True
-
-        # 3. score the chosen explanations on `test`; the shuffled baseline rotates by one
-        test_rows = [chosen[f] for f in sorted(chosen)]
-        tscores, errors, stopped = await score(test_rows, params.scorers, "test", _rotate_others(test_rows))
-        result.scores.extend(tscores)
-        result.stopped_at_budget |= stopped
-        scored_ids = {s.explanation_id for s in tscores}
-        for f in sorted(chosen):
-            if chosen[f].explanation.explanation_id in scored_ids:
-                result.labelled.append(f)
-            elif stopped:
-                result.not_done.append(f)
-            else:
-                result.failed[f] = "scoring failed: " + ("; ".join(errors) or "no score")
+        yield clients
     finally:
-        if own_clients:
-            for c in distinct_clients:
-                await c.aclose()
+        for c in clients.distinct():
+            await c.aclose()
+
+
+def as_budget(budget):
+    """A `Budget` from a Budget, a number of USD (what a Dask worker is handed) or None."""
+    from featurescribe.llm.budget import Budget
+
+    return budget if budget is None or isinstance(budget, Budget) else Budget(float(budget))
+
+
+@dataclass
+class _Chunk:
+    """One chunk's compute step: what every stage of it reads, and the result it fills in."""
+
+    prepared: PreparedChunk
+    options: LabelOptions
+    explainer: Any
+    simulator: Any
+    sim_client: Any
+    run_id: str | None
+    result: ChunkResult
+    steering: Any = None  # the intervention scorer's scorers.intervention.FeatureSteering
+    by_key: dict[tuple[str, int], FeatureExamples] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_key = {(fe.source_id, fe.feature_id): fe for fe in self.prepared.examples}
+
+    def examples_of(self, e: Explanation) -> FeatureExamples:
+        return self.by_key[(e.source_id, e.feature_id)]
+
+
+async def compute_chunk(prepared: PreparedChunk, options: LabelOptions, clients: LLMClients | None = None,
+                        *, store=None, budget=None, run_id: str | None = None) -> ChunkResult:
+    """Explain and score every feature of the chunk, all at once under the clients' concurrency.
+
+    `clients` record to their CallStore (ledger rows, response cache) and are the caller's to
+    close; without them, clients recording to `store` are made for this chunk and closed.
+    `budget` is the run's `llm.budget.Budget` (or a number of USD; None: no limit). `store` also
+    gets the ledger rows of the intervention scorer's forward passes.
+    """
+    from featurescribe.scorers import make_simulator
+
+    budget = as_budget(budget)
+    if clients is None:
+        async with llm_clients(options, store=store, budget=budget, run_id=run_id) as own:
+            return await compute_chunk(prepared, options, clients=own, store=store, budget=budget,
+                                       run_id=run_id)
+    spent_before = clients.spent_usd()
+    explainer = make_explainer(options.explainer, client=clients.explainer, method=options.method_name,
+                               max_windows=options.explain_windows)
+    chunk = _Chunk(prepared, options, explainer, make_simulator(options.simulator, client=clients.simulator),
+                   clients.simulator, run_id, ChunkResult(prepared.source_id, skipped=list(prepared.skipped)),
+                   steering=_steering(prepared, options, store, run_id))
+    per_feature = await explain_features(chunk)
+    chosen = await choose_candidates(chunk, per_feature)
+    await score_chosen(chunk, chosen)
+    result = chunk.result
     if budget is not None:
         result.stopped_at_budget |= budget.stopped
-    # this chunk's spend (clients handed in may have served earlier chunks)
-    result.spent_usd = sum(getattr(c, "spent_usd", 0.0) for c in distinct_clients) - spent_before
+    # this chunk's spend (the clients may have served earlier chunks)
+    result.spent_usd = clients.spent_usd() - spent_before
     result.labelled.sort()
     result.not_done.sort()
     return result
 
 
-def _steering(prepared: PreparedChunk, params: LabelParams, store, run_id):
+def _steering(prepared: PreparedChunk, options: LabelOptions, store, run_id):
     """The intervention scorer's FeatureSteering over the chunk's features (None when not asked)."""
-    if prepared.source is None or "intervention" not in params.scorers:
+    if prepared.source is None or "intervention" not in options.scorer_names:
         return None
     from featurescribe.scorers.intervention import steering_for_source
 
     max_acts = {fe.feature_id: fe.max_act for fe in prepared.examples}
-    return steering_for_source(prepared.source, max_acts, params.intervention_config(),
+    return steering_for_source(prepared.source, max_acts, options.intervention_config(),
                                store=store, run_id=run_id)
 
 
-def _rotate_others(rows: Sequence[ExplanationRow], by_candidate: bool = False) -> dict[str, str]:
+async def explain_features(chunk: _Chunk) -> dict[int, list[ExplanationRow]]:
+    """Every feature's candidates (all features at once); a feature the budget stopped is left
+    for a later run."""
+    n = chunk.options.n_candidates
+    outcomes = await asyncio.gather(*(chunk.explainer.explain(fe, n) for fe in chunk.prepared.examples))
+    per_feature: dict[int, list[ExplanationRow]] = {}
+    for fe, ocs in zip(chunk.prepared.examples, outcomes):
+        if any(oc.stopped for oc in ocs):
+            chunk.result.not_done.append(fe.feature_id)
+            chunk.result.stopped_at_budget = True
+            continue
+        rows = [_explanation_row(chunk, fe, oc) for oc in ocs]
+        per_feature[fe.feature_id] = rows
+        chunk.result.explanations.extend(rows)
+    return per_feature
+
+
+def _explanation_row(chunk: _Chunk, fe: FeatureExamples, oc: ExplainOutcome) -> ExplanationRow:
+    e = Explanation(explanation_id=uuid.uuid4().hex, source_id=fe.source_id, feature_id=fe.feature_id,
+                    text=oc.text if oc.ok else "", explainer=chunk.explainer.spec,
+                    method=chunk.options.method_name, candidate=oc.candidate, run_id=chunk.run_id)
+    status = ExplanationStatus.OK if oc.ok else ExplanationStatus.FAILED
+    return ExplanationRow(e, status, False, oc.error)
+
+
+async def choose_candidates(chunk: _Chunk, per_feature: dict[int, list[ExplanationRow]]) -> dict[int, ExplanationRow]:
+    """Each feature's chosen explanation: the only ok one, or the best candidate on `valid`
+    (simulation scorer). A feature without an ok explanation is failed."""
+    chosen: dict[int, ExplanationRow] = {}
+    contested: dict[int, list[ExplanationRow]] = {}
+    for f, rows in per_feature.items():
+        ok = [r for r in rows if r.status == ExplanationStatus.OK]
+        if not ok:
+            errs = sorted({r.error for r in rows if r.error})
+            chunk.result.failed[f] = "explanation failed: " + ("; ".join(errs) or "no answer")
+        elif len(ok) == 1:
+            chosen[f] = ok[0]
+        else:
+            contested[f] = ok
+    if contested:
+        chosen.update(await _best_on_valid(chunk, contested))
+    for row in chosen.values():
+        row.chosen = True
+    return chosen
+
+
+async def _best_on_valid(chunk: _Chunk, contested: dict[int, list[ExplanationRow]]) -> dict[int, ExplanationRow]:
+    rows = [r for ok in contested.values() for r in ok]
+    scores, _, stopped = await score_rows(chunk, rows, ("simulation",), "valid",
+                                          rotate_others(rows, by_candidate=True))
+    chunk.result.scores.extend(scores)
+    chunk.result.stopped_at_budget |= stopped
+    value = {s.explanation_id: s.value for s in scores if s.scorer == "simulation"}
+    best = {}
+    for f, ok in contested.items():
+        scored = [r for r in ok if r.explanation.explanation_id in value] or ok[:1]
+        best[f] = max(scored, key=lambda r: (value.get(r.explanation.explanation_id, float("-inf")),
+                                             -r.explanation.candidate))
+    return best
+
+
+async def score_chosen(chunk: _Chunk, chosen: dict[int, ExplanationRow]) -> None:
+    """Score the chosen explanations on `test` with every scorer; the shuffled baseline rotates
+    by one feature."""
+    rows = [chosen[f] for f in sorted(chosen)]
+    scores, errors, stopped = await score_rows(chunk, rows, chunk.options.scorer_names, "test",
+                                               rotate_others(rows))
+    result = chunk.result
+    result.scores.extend(scores)
+    result.stopped_at_budget |= stopped
+    scored_ids = {s.explanation_id for s in scores}
+    for f in sorted(chosen):
+        if chosen[f].explanation.explanation_id in scored_ids:
+            result.labelled.append(f)
+        elif stopped:
+            result.not_done.append(f)
+        else:
+            result.failed[f] = "scoring failed: " + ("; ".join(errors) or "no score")
+
+
+async def score_rows(chunk: _Chunk, rows: Sequence[ExplanationRow], scorers: Sequence[str], split: str,
+                     others: dict[str, str]) -> tuple[list[ScoreResult], list[str], bool]:
+    """Score each explanation on its own (so a budget stop keeps what finished): (scores, errors
+    of the failed ones, whether the budget stopped any)."""
+    from featurescribe.scorers import score_explanations
+
+    scores: list[ScoreResult] = []
+    errors: list[str] = []
+    stopped = False
+
+    async def one(row: ExplanationRow) -> None:
+        nonlocal stopped
+        e = row.explanation
+        try:
+            outcome = await score_explanations(
+                [e], {(e.source_id, e.feature_id): chunk.examples_of(e)}, simulator=chunk.simulator,
+                client=chunk.sim_client, scorers=list(scorers), split=split, steering=chunk.steering,
+                other_explanations={e.explanation_id: others[e.explanation_id]} if e.explanation_id in others else None)
+        except BudgetExceeded:
+            stopped = True
+            return
+        scores.extend(outcome.results)
+        errors.extend(f"{f.scorer}: {f.error}" for f in outcome.failures)
+
+    await asyncio.gather(*(one(r) for r in rows))
+    return scores, errors, stopped
+
+
+def rotate_others(rows: Sequence[ExplanationRow], by_candidate: bool = False) -> dict[str, str]:
     """Each explanation's shuffled baseline: an explanation of the next feature (rotated by one),
     the same candidate number when `by_candidate`. Empty with fewer than two features."""
-    by_feature: dict[int, list[ExplanationRow]] = {}
-    for r in rows:
-        by_feature.setdefault(r.explanation.feature_id, []).append(r)
-    feats = sorted(by_feature)
-    if len(feats) < 2:
-        return {}
-    out = {}
-    for i, f in enumerate(feats):
-        nxt = by_feature[feats[(i + 1) % len(feats)]]
-        for r in by_feature[f]:
-            other = nxt[0]
-            if by_candidate:
-                same = [o for o in nxt if o.explanation.candidate == r.explanation.candidate]
-                other = same[0] if same else nxt[0]
-            out[r.explanation.explanation_id] = other.explanation.text
-    return out
+    from featurescribe.scorers.scoring import rotate_by_feature
+
+    def pick(row: ExplanationRow, nxt: list[ExplanationRow]) -> str:
+        same = [o for o in nxt if o.explanation.candidate == row.explanation.candidate] if by_candidate else []
+        return (same or nxt)[0].explanation.text
+
+    partners = rotate_by_feature(rows, lambda r: r.explanation.feature_id, pick)
+    return {r.explanation.explanation_id: partners[id(r)] for r in rows if id(r) in partners}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,184 +449,10 @@ def write_chunk(con, result: ChunkResult, *, run_id: str | None = None, calls=No
     from featurescribe.store.results import save_scores
 
     counts = ChunkCounts()
-    rows = result.explanations
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    con.execute("BEGIN TRANSACTION")
-    try:
-        new_chosen = [r.explanation for r in rows if r.chosen]
-        if new_chosen:
-            keys = pa.table({
-                "feature_id": pa.array([e.feature_id for e in new_chosen], pa.int32()),
-                "explainer": pa.array([e.explainer for e in new_chosen], pa.string()),
-                "method": pa.array([e.method for e in new_chosen], pa.string()),
-            })
-            view = f"_chosen_{uuid.uuid4().hex}"
-            con.register(view, keys)
-            try:
-                con.execute(
-                    f"UPDATE explanations e SET chosen = false FROM {view} k "
-                    "WHERE e.source_id = ? AND e.feature_id = k.feature_id "
-                    "AND e.explainer = k.explainer AND e.method = k.method AND e.chosen",
-                    [result.source_id])
-            finally:
-                con.unregister(view)
-        if rows:
-            counts.explanations = insert_arrow(con, "explanations", pa.table({
-                "explanation_id": pa.array([r.explanation.explanation_id for r in rows], pa.string()),
-                "source_id": pa.array([r.explanation.source_id for r in rows], pa.string()),
-                "feature_id": pa.array([r.explanation.feature_id for r in rows], pa.int32()),
-                "text": pa.array([r.explanation.text for r in rows], pa.string()),
-                "explainer": pa.array([r.explanation.explainer for r in rows], pa.string()),
-                "method": pa.array([r.explanation.method for r in rows], pa.string()),
-                "run_id": pa.array([r.explanation.run_id or run_id for r in rows], pa.string()),
-                "created_at": pa.array([now] * len(rows), pa.timestamp("us")),
-                "candidate": pa.array([r.explanation.candidate for r in rows], pa.int32()),
-                "chosen": pa.array([r.chosen for r in rows], pa.bool_()),
-                "status": pa.array([r.status for r in rows], pa.string()),
-                "error": pa.array([r.error for r in rows], pa.string()),
-            }))
+    with transaction(con):
+        sql.unchoose_older(con, result.source_id, [r.explanation for r in result.explanations if r.chosen])
+        counts.explanations = sql.insert_explanations(con, result.explanations, run_id)
         counts.scores = save_scores(con, result.scores, run_id=run_id)
         if calls is not None and hasattr(calls, "flush_to"):
             counts.ledger_rows = int(calls.flush_to(con) or 0)
-        con.execute("COMMIT")
-    except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except Exception:
-            pass
-        raise
     return counts
-
-
-# ---------------------------------------------------------------------------------------------
-# a whole run, for the command
-
-
-@dataclass
-class LabelSummary:
-    run_id: str
-    source_id: str
-    explainer: str
-    simulator: str
-    n_selected: int = 0
-    already_done: int = 0
-    labelled: list[int] = field(default_factory=list)
-    skipped: list[SkippedFeature] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
-    not_done: list[int] = field(default_factory=list)
-    explanations_written: int = 0
-    scores_written: int = 0
-    spent_usd: float = 0.0
-    llm_calls: int = 0
-    cached_calls: int = 0
-    stopped_at_budget: bool = False
-    budget_message: str | None = None
-    mean_score: float | None = None
-
-    def add(self, result: ChunkResult, counts: ChunkCounts) -> None:
-        self.labelled += result.labelled
-        self.skipped += result.skipped
-        self.failed.update(result.failed)
-        self.not_done += result.not_done
-        self.explanations_written += counts.explanations
-        self.scores_written += counts.scores
-        self.stopped_at_budget |= result.stopped_at_budget
-
-
-def check_backends(params: LabelParams) -> None:
-    """Fail before any work when an LLM backend cannot be used (no API key, unknown backend)."""
-    from featurescribe.llm.client import check_backend
-
-    for spec in {params.explainer, params.simulator}:
-        if parse_backend_spec(spec)[0] in ("openai", "anthropic", "local"):
-            check_backend(spec)
-
-
-def check_steering(con, params: LabelParams) -> None:
-    """Fail before any work when the run steers (intervention scorer, --output-effects) and the
-    source's model, its hook or its SAE is not usable here. The model is loaded once per process,
-    so the run then finds it loaded."""
-    if not params.steers:
-        return
-    from featurescribe.steer.source import check_source_steerable, load_source_steering
-    from featurescribe.store.steering import source_row
-
-    source = source_row(con, params.source_id)
-    check_source_steerable(source)
-    load_source_steering(source)
-
-
-def run_label(db: str, params: LabelParams, *, progress: bool = True) -> LabelSummary:
-    """A whole label run in this process: select, then prepare/compute/write chunk by chunk.
-
-    Recorded in `runs` (flow 'label'; status 'completed', 'stopped' at the budget, or 'failed').
-    """
-    from featurescribe.llm.budget import Budget
-    from featurescribe.progress import Progress
-    from featurescribe.store import runs as runs_sql
-    from featurescribe.store.connection import open_db
-    from featurescribe.store.llm_calls import CallStore
-
-    check_backends(params)
-    con = open_db(db, create=False)
-    try:
-        all_ids = select_features(con, params.source_id, params.features, skip_done=False)
-        check_steering(con, params)
-        ids = select_features(con, params.source_id, params.features, explainer=params.explainer,
-                              skip_done=params.skip_done)
-        run_id = f"label-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        summary = LabelSummary(run_id, params.source_id, params.explainer, params.simulator,
-                               n_selected=len(all_ids), already_done=len(all_ids) - len(ids))
-        runs_sql.insert_run(con, run_id, "label", params.as_dict(), None)
-        store = CallStore(con)
-        budget = Budget(params.budget_usd)
-
-        async def main() -> None:
-            clients = _make_clients(params, store, budget, run_id)
-            try:
-                with Progress("label", total=len(ids), unit="features", enabled=progress) as bar:
-                    for chunk_ids in chunks(ids, params.chunk_size):
-                        if budget.exhausted:
-                            summary.not_done += chunk_ids
-                            summary.stopped_at_budget = True
-                            continue
-                        prepared = prepare_chunk(con, params, chunk_ids)
-                        result = await compute_chunk(prepared, params, store=store, budget=budget,
-                                                     run_id=run_id, clients=clients)
-                        store.flush()
-                        counts = write_chunk(con, result, run_id=run_id)
-                        summary.add(result, counts)
-                        bar.advance(len(chunk_ids))
-            finally:
-                for c in {id(c): c for c in clients if c is not None}.values():
-                    await c.aclose()
-
-        try:
-            asyncio.run(main())
-            store.close()
-        except BaseException as err:
-            try:
-                store.close()
-            finally:
-                runs_sql.finish_run(con, run_id, "cancelled" if isinstance(err, KeyboardInterrupt)
-                                    else "failed", first_error_line(err))
-            raise
-        summary.stopped_at_budget |= budget.stopped
-        if summary.stopped_at_budget:
-            summary.budget_message = (
-                f"stopped at the budget: ${params.budget_usd:.4f} spent or reached; "
-                f"{len(summary.not_done)} feature(s) left for a later run")
-        spent, n_calls, n_cached = con.execute(
-            "SELECT coalesce(sum(cost_usd), 0), count(*), count(*) FILTER (WHERE status = 'cached') "
-            "FROM llm_calls WHERE run_id = ?", [run_id]).fetchone()
-        summary.spent_usd, summary.llm_calls, summary.cached_calls = float(spent), int(n_calls), int(n_cached)
-        row = con.execute(
-            "SELECT avg(s.value) FROM scores s JOIN explanations e USING (explanation_id) "
-            "WHERE s.run_id = ? AND s.scorer = 'simulation' AND s.split = 'test' AND e.chosen",
-            [run_id]).fetchone()
-        summary.mean_score = None if row[0] is None else float(row[0])
-        runs_sql.finish_run(con, run_id, "stopped" if summary.stopped_at_budget else "completed",
-                            summary.budget_message)
-        return summary
-    finally:
-        con.close()

@@ -10,17 +10,13 @@ the features that have a label, and the export is rewritten whole.
 
 from __future__ import annotations
 
-from featurescribe.flows.prefect_env import configure_prefect
+from prefect import flow
 
-configure_prefect()
-
-from prefect import flow  # noqa: E402
-
-from featurescribe.flows.export_flow import export_flow  # noqa: E402
-from featurescribe.flows.harvest_flow import harvest_flow  # noqa: E402
-from featurescribe.flows.label_core import DEFAULT_CHUNK_SIZE  # noqa: E402
-from featurescribe.flows.label_flow import label_flow  # noqa: E402
-from featurescribe.flows.runs import recorded_run  # noqa: E402
+from featurescribe.flows.export_flow import export_flow
+from featurescribe.flows.harvest_flow import harvest_flow
+from featurescribe.flows.label_options import DEFAULT_CHUNK_SIZE
+from featurescribe.flows.label_flow import label_flow
+from featurescribe.flows.run_record import recorded_run
 
 
 @flow(name="pipeline")

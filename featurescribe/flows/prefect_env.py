@@ -6,7 +6,7 @@
   for the length of the command, its SQLite database in `PREFECT_HOME` (Prefect's default,
   `~/.prefect`; `make` points it into `.venv/prefect-home`).
 - `PREFECT_API_URL` set (or set in the active Prefect profile): every flow run is recorded on that
-  server, and provider limits become Prefect global concurrency limits (see `limits.py`).
+  server, and provider limits become Prefect global concurrency limits (see `global_limits.py`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ process runs; with one, it is registered on that server (its UI shows it and can
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,14 +27,14 @@ from featurescribe.errors import FeaturescribeError
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from featurescribe.flows.label_command import add_label_arguments
+    from featurescribe.flows import label_command
 
     p.add_argument("--cron", required=True, help='when to run, a cron expression, e.g. "0 3 * * *" (03:00 daily)')
     p.add_argument("--timezone", default="UTC", help="the cron's time zone (default: UTC)")
     p.add_argument("--name", default=None, help="the deployment's name (default: label-SOURCE)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the deployment (flow, schedule, parameters) and exit without serving")
-    add_label_arguments(p)
+    label_command.add_arguments(p)
 
 
 def _check_cron(cron: str, tz: str) -> None:
@@ -55,19 +56,20 @@ def _check_cron(cron: str, tz: str) -> None:
 
 def build_deployment(args: argparse.Namespace):
     """The RunnerDeployment `serve` would serve (a user error raises FeaturescribeError)."""
-    from featurescribe.flows.label_flow import flow_options, label_flow, preflight
+    from featurescribe.flows.label_flow import label_flow, preflight
+    from featurescribe.flows.label_options import from_args
 
     _check_cron(args.cron, args.timezone)
-    options = flow_options(args)
-    options["db"] = os.path.abspath(options["db"])  # runs start in other processes
-    options["no_progress"] = True  # no terminal to draw on
-    preflight(options["db"], options)
+    db = os.path.abspath(args.db)  # runs start in other processes
+    options = from_args(args).replace(no_progress=True)  # no terminal to draw on
+    preflight(db, options)
     from prefect.schedules import Cron
 
     name = args.name or f"label-{args.source}"
     return label_flow.to_deployment(
-        name=name, schedules=[Cron(args.cron, timezone=args.timezone)], parameters=options,
-        description=f"label new or unlabelled features of {args.source} in {options['db']}",
+        name=name, schedules=[Cron(args.cron, timezone=args.timezone)],
+        parameters={"db": db, **dataclasses.asdict(options)},
+        description=f"label new or unlabelled features of {args.source} in {db}",
         tags=["featurescribe", "label"])
 
 

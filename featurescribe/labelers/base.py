@@ -121,12 +121,7 @@ def parse_text_explanation(resp: ChatResponse, max_chars: int = MAX_EXPLANATION_
     return phrase
 
 
-def first_error_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-def _join(items: Sequence[str]) -> str:
+def join_words(items: Sequence[str]) -> str:
     """'a', 'a and b', 'a, b and c'."""
     items = list(items)
     if len(items) <= 1:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from featurescribe.labelers.base import ExplainOutcome, Explainer, _join, explain_windows
+from featurescribe.labelers.base import ExplainOutcome, Explainer, explain_windows, join_words
 from featurescribe.records import FeatureExamples
 
 
@@ -72,7 +72,7 @@ class TokenListExplainer(Explainer):
         if not tokens:
             return None
         names = list(dict.fromkeys(quote_token(t) for t in tokens))
-        return ("the token " if len(names) == 1 else "the tokens ") + _join(names)
+        return ("the token " if len(names) == 1 else "the tokens ") + join_words(names)
 
     async def explain(self, feature: FeatureExamples, n: int = 1) -> list[ExplainOutcome]:
         text = self.explanation(feature)

@@ -37,16 +37,17 @@ from featurescribe.labelers.base import (
     ExplainOutcome,
     Explainer,
     explain_windows,
-    first_error_line,
     parse_explanation,
     parse_text_explanation,
 )
 from featurescribe.llm.base import BudgetExceeded, ChatRequest, LLMError
 from featurescribe.records import FeatureExamples, Window, discretize
-from featurescribe.scorers.prompts import render_messages, render_text, show_token
+from featurescribe.errors import first_error_line
+from featurescribe.prompts import render_messages, render_text, show_token
 
 METHODS = ("pairs", "highlighted", "marked")
 ANSWERS = ("json", "text")
+CANDIDATE_TEMPERATURE = 0.7  # sampling temperature when a feature gets several candidates
 
 
 def _scale_max(windows: Sequence[Window]) -> float:
@@ -126,7 +127,7 @@ class LLMExplainer(Explainer):
     """An explainer backed by an LLM client (`openai:`, `anthropic:`, `local:`)."""
 
     def __init__(self, client: Any, method: str = "pairs", *, answer: str = "json",
-                 max_windows: int | None = None, temperature: float = 0.7, max_tokens: int | None = None):
+                 max_windows: int | None = None, temperature: float = CANDIDATE_TEMPERATURE, max_tokens: int | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown explainer method {method!r}: use {', '.join(METHODS)}")
         if answer not in ANSWERS:

@@ -29,13 +29,17 @@ from featurescribe.llm.client import (
     Client,
     ClientSettings,
     cache_key,
-    check_backend,
     make_client,
 )
+from featurescribe.llm.registry import BACKENDS, BackendKind, check_backend, register_backend
 from featurescribe.llm.prices import PriceTable
-from featurescribe.store.llm_calls import CallRow, CallStore, MemoryCallStore, load_cache
+from featurescribe.store.llm_calls import CallRow, CallStore, load_cache
+from featurescribe.store.memory_calls import MemoryCallStore
 
 __all__ = [
+    "BACKENDS",
+    "BackendKind",
+    "register_backend",
     "Budget",
     "BudgetExceeded",
     "CallRow",

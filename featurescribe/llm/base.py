@@ -93,6 +93,15 @@ class LLMError(Exception):
     """Base of the LLM layer's errors."""
 
 
+class CandidateNotOneToken(ValueError):
+    """A candidate of `candidate_probs` is not one token of the model's tokenizer (e.g. "10"
+    for SmolLM2): the caller may ask again with fewer candidates."""
+
+    def __init__(self, candidate: str, message: str):
+        super().__init__(message)
+        self.candidate = candidate
+
+
 class UnparseableResponse(LLMError):
     """Raised by a parse function: the answer does not have the asked-for form. It is asked again."""
 

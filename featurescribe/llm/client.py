@@ -46,7 +46,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence, TypeVar
 
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception
 
 from featurescribe.llm.backends.base import BadAnswer, Backend
 from featurescribe.llm.base import (
@@ -55,20 +55,17 @@ from featurescribe.llm.base import (
     ChatResponse,
     LLMAuthFailed,
     LLMCallFailed,
-    NotAnLLMBackend,
     UnparseableResponse,
-    parse_backend_spec,
 )
 from featurescribe.llm.budget import Budget
 from featurescribe.llm.limits import LoopSemaphore, estimate_tokens, shared_limiter
 from featurescribe.llm.prices import PriceTable
+from featurescribe.llm.registry import BackendOptions, make_backend
+from featurescribe.statuses import CallStatus
 from featurescribe.store.llm_calls import CallRow, CallStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-LLM_BACKENDS = ("openai", "anthropic", "local")
-BASELINE_KINDS = ("baseline", "lexical")
 
 
 @dataclass
@@ -211,14 +208,19 @@ def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | No
     return Failure("fatal", msg, status=status)
 
 
+def backoff_s(settings: ClientSettings, n: int) -> float:
+    """Jittered exponential backoff before the n-th retry of a kind: initial * 2**(n-1) + U(0, jitter),
+    at most backoff_max_s."""
+    wait = settings.backoff_initial_s * 2 ** max(0, n - 1) + random.uniform(0, settings.backoff_jitter_s)
+    return max(0.0, min(wait, settings.backoff_max_s))
+
+
 class _Wait:
     """tenacity wait: per failure kind, backoff by that kind's own attempt count."""
 
     def __init__(self, settings: ClientSettings, counts: Counter):
         self.counts = counts
-        self.backoff = wait_exponential_jitter(
-            initial=settings.backoff_initial_s, max=settings.backoff_max_s, jitter=settings.backoff_jitter_s
-        )
+        self.settings = settings
         self.max_retry_after = settings.max_retry_after_s
 
     def __call__(self, retry_state) -> float:
@@ -229,13 +231,7 @@ class _Wait:
         if f.kind == "rate_limit" and f.retry_after is not None:
             ra = min(f.retry_after, self.max_retry_after)
             return ra + random.uniform(0, 0.1 * ra)
-        state = _AttemptNo(self.counts[f.kind])
-        return float(self.backoff(state))
-
-
-@dataclass
-class _AttemptNo:
-    attempt_number: int
+        return backoff_s(self.settings, self.counts[f.kind])
 
 
 @dataclass
@@ -297,7 +293,7 @@ class Client:
         row = CallRow(
             backend=self.backend, model=self.model, prompt_hash=key, status=status, purpose=purpose,
             run_id=self.run_id, attempt=state.attempt if state is not None else 0,
-            cached=(status == "cached"), **kw,
+            cached=(status == CallStatus.CACHED), **kw,
         )
         if self.store is not None:
             self.store.record(row)
@@ -337,7 +333,7 @@ class Client:
                 except UnparseableResponse:
                     value = _MISS  # the parse function changed: ask the model again
                 if value is not _MISS:
-                    self._record(None, key, request.purpose, "cached", latency_s=0.0)
+                    self._record(None, key, request.purpose, CallStatus.CACHED, latency_s=0.0)
                     return value
         state = _CallState(key=key, request=request, max_tokens=request.max_tokens)
         resp = await self._with_retries(state, parse)
@@ -391,8 +387,8 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(self, state: _CallState, parse) -> ChatResponse:
-        request, key = state.request, state.key
-        est = estimate_tokens(request.messages, state.max_tokens)
+        """One attempt: wait for the limits and a slot, check the budget, send, judge the answer."""
+        est = estimate_tokens(state.request.messages, state.max_tokens)
         await self.limiter.acquire(est)
         async with self._sem.get():
             # checked once a slot is free: a call still waiting for one has not started
@@ -401,66 +397,73 @@ class Client:
                     self.budget.check()
                 except BudgetExceeded as err:
                     self.limiter.settle(est, 0)
-                    self._record(state, key, request.purpose, "budget", error=str(err))
+                    self._record(state, state.key, state.request.purpose, CallStatus.BUDGET, error=str(err))
                     raise
-            state.attempt += 1
-            retry_index = state.parse_retries
             t0 = time.monotonic()
-            timeout = self.settings.timeout_s if self._backend.uses_timeout else 0
-            try:
-                with self._lock:
-                    self.n_requests += 1
-                resp = await self._backend.send(
-                    request, max_tokens=state.max_tokens, timeout=timeout, retry_index=retry_index
-                )
-            except (BudgetExceeded, LLMCallFailed):
-                raise
-            except asyncio.CancelledError:  # the request may have reached the server: keep a row
-                self._record(state, key, request.purpose, "error", latency_s=time.monotonic() - t0,
-                             error="cancelled")
-                raise
-            except Exception as exc:
-                latency = time.monotonic() - t0
-                f = classify(exc, timeout)
-                if f is None:  # not an API failure: record it and let it surface
-                    self._record(state, key, request.purpose, "error", latency_s=latency,
-                                 error=f"{type(exc).__name__}: {exc}"[:2000])
-                    raise
-                self._record(state, key, request.purpose, "error", latency_s=latency, error=f.message[:2000])
-                if f.kind == "auth":
-                    raise LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})") from None
-                if f.kind == "fatal":
-                    raise LLMCallFailed(f"{self.spec}: {f.message}") from None
-                if f.kind == "rate_limit" and f.retry_after:
-                    self.limiter.pause(min(f.retry_after, self.settings.max_retry_after_s))
-                state.counts[f.kind] += 1
-                raise _Retry(f) from None
+            resp = await self._send(state, t0)
         latency = time.monotonic() - t0
         self.limiter.settle(est, resp.input_tokens + resp.output_tokens)
+        return self._answer(state, resp, latency, parse)
+
+    async def _send(self, state: _CallState, t0: float) -> ChatResponse:
+        """The backend's one attempt; a failure is recorded and raised as what the retry loop
+        makes of it (_Retry, LLMAuthFailed, LLMCallFailed, or the error itself)."""
+        state.attempt += 1
+        timeout = self.settings.timeout_s if self._backend.uses_timeout else 0
+        try:
+            with self._lock:
+                self.n_requests += 1
+            return await self._backend.send(state.request, max_tokens=state.max_tokens, timeout=timeout,
+                                            retry_index=state.parse_retries)
+        except (BudgetExceeded, LLMCallFailed):
+            raise
+        except asyncio.CancelledError:  # the request may have reached the server: keep a row
+            self._record(state, state.key, state.request.purpose, CallStatus.ERROR,
+                         latency_s=time.monotonic() - t0, error="cancelled")
+            raise
+        except Exception as exc:
+            raise self._failed(state, exc, time.monotonic() - t0, timeout) from None
+
+    def _failed(self, state: _CallState, exc: Exception, latency: float, timeout: float) -> BaseException:
+        """Record a failed attempt; the exception that says what happens next."""
+        f = classify(exc, timeout)
+        if f is None:  # not an API failure: record it and let it surface
+            self._record(state, state.key, state.request.purpose, CallStatus.ERROR, latency_s=latency,
+                         error=f"{type(exc).__name__}: {exc}"[:2000])
+            return exc
+        self._record(state, state.key, state.request.purpose, CallStatus.ERROR, latency_s=latency, error=f.message[:2000])
+        if f.kind == "auth":
+            return LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})")
+        if f.kind == "fatal":
+            return LLMCallFailed(f"{self.spec}: {f.message}")
+        if f.kind == "rate_limit" and f.retry_after:
+            self.limiter.pause(min(f.retry_after, self.settings.max_retry_after_s))
+        state.counts[f.kind] += 1
+        return _Retry(f)
+
+    def _answer(self, state: _CallState, resp: ChatResponse, latency: float, parse) -> ChatResponse:
+        """Bill an answer and judge it: recorded `ok`, or `parse_error` and asked again."""
         cost, note = self._cost(resp.input_tokens, resp.output_tokens)
         self._spend(cost)
-        resp.cost_usd = cost
-        resp.latency_s = latency
-        resp.attempts = state.attempt
+        resp.cost_usd, resp.latency_s, resp.attempts = cost, latency, state.attempt
+        billed = dict(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens, cost_usd=cost,
+                      latency_s=latency)
+        purpose = state.request.purpose
         try:
-            value = self._check(request, resp, parse)
+            value = self._check(state.request, resp, parse)
         except UnparseableResponse as err:
             msg = str(err) or "unparseable answer"
-            self._record(state, key, request.purpose, "parse_error", input_tokens=resp.input_tokens,
-                         output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency,
-                         error=msg[:2000])
-            if resp.truncated and getattr(self._backend, "grow_on_truncation", True):
+            self._record(state, state.key, purpose, CallStatus.PARSE_ERROR, error=msg[:2000], **billed)
+            if resp.truncated and self._backend.grow_on_truncation:
                 state.max_tokens = min(max(state.max_tokens * 2, state.max_tokens + 1), self.settings.max_tokens_cap)
             state.parse_retries += 1
             state.counts["parse"] += 1
             raise _Retry(Failure("parse", msg)) from None
         except Exception as err:  # the caller's parse function broke: the answer was still paid for
-            self._record(state, key, request.purpose, "parse_error", input_tokens=resp.input_tokens,
-                         output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency,
-                         error=f"parse function raised {type(err).__name__}: {err}"[:2000])
+            self._record(state, state.key, purpose, CallStatus.PARSE_ERROR,
+                         error=f"parse function raised {type(err).__name__}: {err}"[:2000], **billed)
             raise
-        self._record(state, key, request.purpose, "ok", input_tokens=resp.input_tokens,
-                     output_tokens=resp.output_tokens, cost_usd=cost, latency_s=latency, error=note)
+        self._record(state, state.key, purpose, CallStatus.OK, error=note, **billed)
         state.value = value
         return resp
 
@@ -496,7 +499,7 @@ class Client:
             probs, n_tokens = await self._backend.candidate_probs(
                 text, positions, candidates, messages=messages, normalize=normalize
             )
-        self._record(_CallState(key, ChatRequest(messages=()), 0, attempt=1), key, purpose, "ok",
+        self._record(_CallState(key, ChatRequest(messages=()), 0, attempt=1), key, purpose, CallStatus.OK,
                      input_tokens=n_tokens, output_tokens=0, cost_usd=0.0,
                      latency_s=time.monotonic() - t0)
         return probs
@@ -526,41 +529,6 @@ class Client:
 _MISS = object()
 
 
-HTTP_STACKS = ("httpx", "aiohttp")
-
-
-def make_backend(spec: str, *, timeout_s: float = 120.0, device: str = "auto", pool_size: int = 64,
-                 http: str = "httpx") -> Backend:
-    kind, model = parse_backend_spec(spec)
-    if kind in BASELINE_KINDS:
-        raise NotAnLLMBackend(
-            f"{spec!r} is a baseline, not an LLM backend: it needs no client (labelers and scorers "
-            "build it themselves); LLM backends are openai:MODEL, anthropic:MODEL, local:MODEL"
-        )
-    if kind not in LLM_BACKENDS:
-        raise NotAnLLMBackend(
-            f"unknown backend {spec!r}: use openai:MODEL, anthropic:MODEL, local:MODEL, "
-            "baseline:tokens or lexical"
-        )
-    if not model:
-        raise NotAnLLMBackend(f"backend {spec!r} names no model (e.g. {kind}:"
-                              + {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5",
-                                 "local": "smollm2-135m"}[kind] + ")")
-    if http not in HTTP_STACKS:
-        raise NotAnLLMBackend(f"unknown HTTP stack {http!r} (FEATURESCRIBE_LLM_HTTP): use httpx or aiohttp")
-    if kind == "openai":
-        from featurescribe.llm.backends.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(model, timeout_s=timeout_s, pool_size=pool_size, http=http)
-    if kind == "anthropic":
-        from featurescribe.llm.backends.anthropic_backend import AnthropicBackend
-
-        return AnthropicBackend(model, timeout_s=timeout_s, pool_size=pool_size)
-    from featurescribe.llm.backends.local import LocalBackend
-
-    return LocalBackend(model, device=device)
-
-
 def make_client(
     spec: str,
     *,
@@ -586,19 +554,6 @@ def make_client(
         over = {k: v for k, v in dict(use_cache=use_cache, concurrency=concurrency, **setting_overrides).items()
                 if v is not None}
         settings = replace(settings, **over)
-    backend = make_backend(spec, timeout_s=settings.timeout_s, device=device, pool_size=settings.concurrency,
-                           http=settings.http)
+    backend = make_backend(spec, BackendOptions(timeout_s=settings.timeout_s, device=device,
+                                                pool_size=settings.concurrency, http=settings.http))
     return Client(backend, store=store, run_id=run_id, budget=budget, settings=settings, prices=prices)
-
-
-def check_backend(spec: str) -> None:
-    """Raise, before any work, the error a run would meet: missing API key, unknown backend, or
-    (local) a model that cannot be found. Baselines pass."""
-    kind, model = parse_backend_spec(spec)
-    if kind in BASELINE_KINDS:
-        return
-    make_backend(spec)
-    if kind == "local":
-        from featurescribe.harvest.models import resolve_model
-
-        resolve_model(model)  # FeaturescribeError for an unknown model or a missing package

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featurescribe.errors import FeaturescribeError
+from featurescribe.llm.registry import BACKENDS
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.json")
 ENV_VAR = "FEATURESCRIBE_PRICES"
-FREE_BACKENDS = ("local",)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class PriceTable:
 
     def lookup(self, backend: str, model: str) -> Price | None:
         backend, model = backend.lower(), model.lower()
-        if backend in FREE_BACKENDS:
+        if backend in BACKENDS.where(runs_locally=True):
             return Price(0.0, 0.0)
         for name in (f"{backend}:{model}", model):
             if name in self.prices:

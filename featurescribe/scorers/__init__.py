@@ -4,17 +4,20 @@
   (correlation), detection and fuzzing (balanced accuracy), with baselines beside each score.
 - `make_simulator(spec, client=...)`: `local:MODEL`, `openai:MODEL`, `anthropic:MODEL`,
   `lexical`, `baseline:tokens`.
-- `planted`: a bed of features with known rules and true explanations, to test the judges.
+- `registry.py`: the scorers and no-LLM simulators, one entry each.
 """
 
-from featurescribe.scorers.scoring import (
+from featurescribe.scorers.context import ScoreFailure, ScoreOutcome, ScoringContext
+from featurescribe.scorers.registry import (
     SCORERS,
-    ScoreFailure,
-    ScoreResults,
+    SIMULATORS,
+    ScorerKind,
+    SimulatorKind,
+    check_simulator_spec,
+    make_simulator,
     parse_scorers,
-    score_explanations,
-    simulation_score,
 )
+from featurescribe.scorers.scoring import score_explanations, simulation_score
 from featurescribe.scorers.simulators import (
     LexicalSimulator,
     LocalSimulator,
@@ -23,20 +26,24 @@ from featurescribe.scorers.simulators import (
     Simulator,
     StructuredSimulator,
     TokenMeanSimulator,
-    make_simulator,
 )
 
 __all__ = [
     "SCORERS",
+    "SIMULATORS",
     "LexicalSimulator",
     "LocalSimulator",
     "LogprobSimulator",
     "ScoreFailure",
-    "ScoreResults",
+    "ScoreOutcome",
+    "ScorerKind",
+    "ScoringContext",
     "SimulationFailed",
+    "SimulatorKind",
     "Simulator",
     "StructuredSimulator",
     "TokenMeanSimulator",
+    "check_simulator_spec",
     "make_simulator",
     "parse_scorers",
     "score_explanations",

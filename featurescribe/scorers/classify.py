@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from featurescribe.llm.base import ChatRequest, ChatResponse, LLMCallFailed, UnparseableResponse
-from featurescribe.records import Window, discretize
+from featurescribe.records import Explanation, ScoreResult, Window, discretize
+from featurescribe.scorers.context import ScoreFailure, ScoringContext
 from featurescribe.scorers.lexical import LexicalRule
 from featurescribe.scorers.metrics import balanced_accuracy
-from featurescribe.scorers.prompts import render_messages, show_token
+from featurescribe.prompts import render_messages, show_token
 
 HIGHLIGHT_OPEN, HIGHLIGHT_CLOSE = "<<", ">>"
 
@@ -162,16 +163,21 @@ def parse_answers(resp: ChatResponse, n: int) -> list[bool]:
     return out
 
 
+def judge_messages(task: str, style: str, explanation: str, batch: list[Sample]) -> tuple[dict, ...]:
+    """The judge's prompt (`detect_batch`, `fuzz_local`, ...) for a batch of numbered texts."""
+    name = ("detect_" if task == "detection" else "fuzz_") + style
+    examples = "\n".join(f"Text {i + 1}: {s.text()}" for i, s in enumerate(batch))
+    return render_messages(name, explanation=explanation.strip(), n=len(batch), examples=examples)
+
+
 class LLMJudge(Judge):
     def __init__(self, client: Any):
         self.client = client
         self.spec = client.spec
 
     async def judge(self, task, explanation, batch):
-        name = "detect_batch" if task == "detection" else "fuzz_batch"
-        examples = "\n".join(f"Text {i + 1}: {s.text()}" for i, s in enumerate(batch))
         req = ChatRequest(
-            messages=render_messages(name, explanation=explanation.strip(), n=len(batch), examples=examples),
+            messages=judge_messages(task, "batch", explanation, batch),
             purpose="detect" if task == "detection" else "fuzz",
             max_tokens=32 + 4 * len(batch),
             json_schema=ANSWERS_SCHEMA,
@@ -192,9 +198,7 @@ class LocalJudge(Judge):
         self.spec = client.spec
 
     async def judge(self, task, explanation, batch):
-        name = "detect_local" if task == "detection" else "fuzz_local"
-        examples = "\n".join(f"Text {i + 1}: {s.text()}" for i, s in enumerate(batch))
-        messages = render_messages(name, explanation=explanation.strip(), n=len(batch), examples=examples)
+        messages = judge_messages(task, "local", explanation, batch)
         text, positions = "", []
         for i in range(len(batch)):
             text += f"{i + 1}: "
@@ -203,22 +207,6 @@ class LocalJudge(Judge):
         probs = await self.client.candidate_probs(text, positions, ["0", "1"], messages=messages,
                                                   purpose="detect" if task == "detection" else "fuzz")
         return [bool(row[1] > row[0]) for row in probs]
-
-
-def make_judge(spec: str | Judge, client: Any = None) -> Judge:
-    if isinstance(spec, Judge):
-        return spec
-    if spec == "lexical":
-        return LexicalJudge()
-    if spec.startswith("baseline"):
-        raise ValueError(f"{spec} cannot judge detection or fuzzing: use lexical or an LLM")
-    if client is None:
-        from featurescribe.llm import make_client
-
-        client = make_client(spec)
-    if getattr(client, "supports_candidate_probs", False):
-        return LocalJudge(client)
-    return LLMJudge(client)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -268,3 +256,50 @@ def prepare(task: str, windows: Sequence[Window], max_act: float, batch_size: in
     else:
         raise ValueError(f"unknown classification task {task!r}")
     return samples, batches(samples, batch_size, rng)
+
+
+# ----------------------------------------------------------------------------- the scorers
+def _window_max(windows: Sequence[Window], fe) -> float:
+    m = max((w.max_act for w in windows), default=0.0)
+    return m if m > 0 else fe.max_act
+
+
+def _prepared(task: str, e: Explanation, ctx: ScoringContext):
+    """The feature's samples and batches for `task`, made once for all its explanations."""
+    fe, windows = ctx.windows_of(e)
+    key = (task, e.source_id, e.feature_id)
+    if key not in ctx.cache:
+        ctx.cache[key] = prepare(task, windows, _window_max(windows, fe), ctx.batch_size,
+                                 (e.source_id, e.feature_id, ctx.split))
+    return ctx.cache[key]
+
+
+async def score_classification(task: str, e: Explanation, ctx: ScoringContext) -> ScoreResult | ScoreFailure:
+    """Detection or fuzzing of one explanation: balanced accuracy, beside the shuffled baseline."""
+    judge = ctx.judge
+    samples, batch_list = _prepared(task, e, ctx)
+    if not samples:
+        return ScoreFailure(e.explanation_id, task, judge.spec, f"no {ctx.split} windows")
+    try:
+        out = await classify(task, judge, e.text, samples, batch_list)
+    except ClassifyFailed as err:
+        return ScoreFailure(e.explanation_id, task, judge.spec, str(err))
+    res = ScoreResult(explanation_id=e.explanation_id, scorer=task, value=out.value, simulator=judge.spec,
+                      n_examples=out.n_examples, split=ctx.split, details=out.details)
+    other = ctx.baseline_text(e)
+    if other is not None:
+        try:
+            base = await classify(task, judge, other, samples, batch_list)
+            res.baseline_shuffled = base.value
+            res.details["baseline_shuffled"] = ctx.baseline_note(e, other)
+        except ClassifyFailed as err:
+            res.details["baseline_shuffled"] = {"error": str(err)}
+    return res
+
+
+async def score_detection(e: Explanation, ctx: ScoringContext) -> ScoreResult | ScoreFailure:
+    return await score_classification("detection", e, ctx)
+
+
+async def score_fuzzing(e: Explanation, ctx: ScoringContext) -> ScoreResult | ScoreFailure:
+    return await score_classification("fuzzing", e, ctx)

@@ -28,8 +28,9 @@ from typing import Any, Callable, Sequence
 
 from featurescribe.llm.base import ChatRequest, ChatResponse, LLMCallFailed, UnparseableResponse
 from featurescribe.records import Explanation, ScoreResult
+from featurescribe.scorers.context import ScoreFailure, ScoringContext
 from featurescribe.scorers.lexical import LexicalRule
-from featurescribe.scorers.prompts import render_messages, show_token
+from featurescribe.prompts import render_messages, show_token
 from featurescribe.steer.calibrate import DEFAULT_TARGET_KL, Calibration, calibrate, neutral_prompts
 from featurescribe.steer.hooks import HookPoint, Intervention
 
@@ -136,7 +137,7 @@ _STOP = frozenset("that this with from into about which their there these those 
 def lexical_hits(explanation: str, text: str) -> int:
     """How many tokens of `text` the explanation quotes or names (its content words when it
     quotes nothing and names no class)."""
-    from featurescribe.scorers.planted import word_tokenize
+    from featurescribe.testbed.planted import word_tokenize
 
     rule = LexicalRule.from_explanation(explanation)
     tokens = word_tokenize(text)
@@ -286,16 +287,17 @@ async def score_intervention(e: Explanation, steering: FeatureSteering, judge: P
     return res
 
 
-async def score_or_fail(e: Explanation, steering: FeatureSteering | None, judge, judge_client=None, *,
-                        split: str = "test", other: str | None = None, other_id: str | None = None):
-    """(ScoreResult, None), or (None, (judge spec, why)) when it could not be scored."""
-    pair_judge = make_pair_judge(judge, client=judge_client)
-    if steering is None:
-        return None, (pair_judge.spec, "no model to steer (the intervention scorer needs the source)")
+async def score_intervention_in_context(e: Explanation, ctx: ScoringContext) -> ScoreResult | ScoreFailure:
+    """The registered scorer: the context's steering and pair judge, its shuffled baseline."""
+    judge = ctx.pair_judge
+    if ctx.steering is None:
+        return ScoreFailure(e.explanation_id, SCORER, judge.spec,
+                            "no model to steer (the intervention scorer needs the source)")
     try:
-        return await score_intervention(e, steering, pair_judge, other=other, other_id=other_id, split=split), None
+        return await score_intervention(e, ctx.steering, judge, other=ctx.baseline_text(e),
+                                        other_id=ctx.other_ids.get(e.explanation_id), split=ctx.split)
     except InterventionFailed as err:
-        return None, (pair_judge.spec, str(err))
+        return ScoreFailure(e.explanation_id, SCORER, judge.spec, str(err))
 
 
 def ledger_hook(store, run_id: str | None, model: str, key: str, purpose: str = SCORER):

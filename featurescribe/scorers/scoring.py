@@ -1,16 +1,10 @@
-"""Scoring explanations on held-out windows: simulation, detection and fuzzing, with baselines.
+"""Scoring explanations on held-out windows, with baselines beside every score.
 
 `score_explanations` is the scorers' entry point. For each explanation it takes the feature's
-windows of one split (`test` by default; `valid` when choosing among candidates), and returns a
-`ScoreResult` per scorer:
-
-- simulation: Pearson correlation between the true raw activations and the simulator's
-  predictions over every window of the split concatenated (top, quantile and random alike), as
-  Bills et al.'s `ev_correlation_score`. `details.per_kind` holds the same correlation over each
-  kind's windows alone. Each window's arrays go to `ScoreResult.simulations`, so the score can
-  be recomputed from the `simulations` table. A constant true or predicted array scores 0 with
-  `details.flag`; never NaN.
-- detection, fuzzing: balanced accuracy of a judge (see classify.py).
+windows of one split (`test` by default; `valid` when choosing among candidates), and runs each
+scorer asked for (scorers/registry.py): simulation (correlation, scorers/simulation.py),
+detection and fuzzing (balanced accuracy, scorers/classify.py), intervention (a judge picks the
+steered of two continuations, scorers/intervention.py).
 
 Baselines on the same windows sit beside every score: `baseline_shuffled`, the same simulator (or
 judge) given another feature's explanation, and for simulation `baseline_tokens`, the
@@ -21,123 +15,71 @@ judge) given another feature's explanation, and for simulation `baseline_tokens`
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
-
-from featurescribe.records import KINDS, Explanation, FeatureExamples, ScoreResult, SimulationRecord, Window
+from featurescribe.records import Explanation, FeatureExamples
 from featurescribe.scorers import classify as cls
-from featurescribe.scorers.metrics import correlation
-from featurescribe.scorers.simulators import (
-    SimulationFailed,
-    Simulator,
-    TokenMeanSimulator,
-    make_simulator,
-)
+from featurescribe.scorers.context import ScoreFailure, ScoreOutcome, ScoringContext
+from featurescribe.scorers.registry import SCORERS, default_judge, make_judge, make_simulator, parse_scorers
+from featurescribe.scorers.simulation import Simulated, simulation_score
+from featurescribe.scorers.simulators import Simulator, TokenMeanSimulator
 
-SCORERS = ("simulation", "detection", "fuzzing", "intervention")
+__all__ = ["ScoreFailure", "ScoreOutcome", "Simulated", "score_explanations", "shuffled_partners",
+           "simulation_score"]
 
 
-@dataclass
-class ScoreFailure:
-    explanation_id: str
-    scorer: str
-    judge: str | None
-    error: str
-
-
-class ScoreResults(list):
-    """A list of ScoreResult, with `failures`: the explanations that could not be scored."""
-
-    def __init__(self, results: Iterable[ScoreResult] = (), failures: Iterable[ScoreFailure] = ()):
-        super().__init__(results)
-        self.failures: list[ScoreFailure] = list(failures)
-
-
-def parse_scorers(text: str | Sequence[str] | None) -> list[str]:
-    """'simulation,detection' -> ['simulation', 'detection']; an unknown name is a ValueError."""
-    if text is None:
-        return ["simulation"]
-    names = [n.strip().lower() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    bad = [n for n in names if n not in SCORERS]
-    if bad:
-        raise ValueError(f"unknown scorer(s) {', '.join(bad)}: use {', '.join(SCORERS)}")
-    return list(dict.fromkeys(names)) or ["simulation"]
-
-
-# ----------------------------------------------------------------------------- simulation
-@dataclass
-class Simulated:
-    value: float
-    details: dict
-    records: list[SimulationRecord]
-
-
-def simulation_score(windows: Sequence[Window], predicted: Sequence[Sequence[float]]) -> Simulated:
-    """The score from windows and predictions, with per-kind breakdowns and records."""
-    records = [
-        SimulationRecord(seq_id=w.seq_id, start_pos=w.start_pos, split=w.split, kind=w.kind,
-                         true_acts=[float(a) for a in w.acts], predicted=[float(p) for p in pred])
-        for w, pred in zip(windows, predicted)
-    ]
-    true = np.concatenate([np.asarray(r.true_acts, dtype=np.float32) for r in records]) if records else np.zeros(0)
-    pred = np.concatenate([np.asarray(r.predicted, dtype=np.float32) for r in records]) if records else np.zeros(0)
-    # computed from float32 values, exactly as the `simulations` table (FLOAT[]) keeps them
-    overall = correlation(true, pred)
-    per_kind: dict[str, float] = {}
-    kind_flags: dict[str, str] = {}
-    for kind in KINDS:
-        sel = [r for r in records if r.kind == kind]
-        if not sel:
-            continue
-        c = correlation(np.concatenate([np.asarray(r.true_acts, dtype=np.float32) for r in sel]),
-                        np.concatenate([np.asarray(r.predicted, dtype=np.float32) for r in sel]))
-        per_kind[kind] = c.value
-        if c.flag:
-            kind_flags[kind] = c.flag
-    details: dict[str, Any] = {
-        "method": "pearson over all held-out tokens (ev_correlation_score)",
-        "n_windows": len(records),
-        "n_tokens": int(true.size),
-        "windows_per_kind": {k: sum(r.kind == k for r in records) for k in KINDS if any(r.kind == k for r in records)},
-        "per_kind": per_kind,
-    }
-    if overall.flag:
-        details["flag"] = overall.flag
-    if kind_flags:
-        details["per_kind_flags"] = kind_flags
-    return Simulated(overall.value, details, records)
-
-
-# ----------------------------------------------------------------------------- orchestration
 def _feature_map(examples: Mapping[tuple[str, int], FeatureExamples] | Iterable[FeatureExamples]):
     if isinstance(examples, Mapping):
         return dict(examples)
     return {(fe.source_id, fe.feature_id): fe for fe in examples}
 
 
+def rotate_by_feature(items: Sequence[Any], feature_of, pick) -> dict[Any, Any]:
+    """Each item's partner among the items of the next feature (features in order, rotated by
+    one): `pick(item, next_feature_items)`. Empty with fewer than two features. The shuffled
+    explanation baselines of scoring and of the label pipeline both come from here."""
+    by_feature: dict[Any, list[Any]] = {}
+    for item in items:
+        by_feature.setdefault(feature_of(item), []).append(item)
+    keys = sorted(by_feature)
+    if len(keys) < 2:
+        return {}
+    return {id(item): pick(item, by_feature[keys[(i + 1) % len(keys)]])
+            for i, key in enumerate(keys) for item in by_feature[key]}
+
+
 def shuffled_partners(explanations: Sequence[Explanation]) -> dict[str, Explanation]:
     """For each explanation, another feature's explanation (the next feature in order, preferring
-    the same explainer), for the shuffled-explanation baseline. None when there is one feature."""
-    by_feature: dict[tuple[str, int], list[Explanation]] = {}
-    for e in explanations:
-        by_feature.setdefault((e.source_id, e.feature_id), []).append(e)
-    keys = sorted(by_feature)
-    out: dict[str, Explanation] = {}
-    if len(keys) < 2:
-        return out
-    for i, key in enumerate(keys):
-        other = by_feature[keys[(i + 1) % len(keys)]]
-        for e in by_feature[key]:
-            same = [o for o in other if o.explainer == e.explainer] or other
-            out[e.explanation_id] = same[min(e.candidate, len(same) - 1)]
-    return out
+    the same explainer), for the shuffled-explanation baseline. Empty when there is one feature."""
+    def pick(e: Explanation, other: list[Explanation]) -> Explanation:
+        same = [o for o in other if o.explainer == e.explainer] or other
+        return same[min(e.candidate, len(same) - 1)]
+
+    partners = rotate_by_feature(explanations, lambda e: (e.source_id, e.feature_id), pick)
+    return {e.explanation_id: partners[id(e)] for e in explanations if id(e) in partners}
 
 
-def _window_max(windows: Sequence[Window], fe: FeatureExamples) -> float:
-    m = max((w.max_act for w in windows), default=0.0)
-    return m if m > 0 else fe.max_act
+def _context(explanations, examples, names, *, simulator, client, judge, judge_client, split,
+             other_explanations, baselines, batch_size, steering) -> ScoringContext:
+    kinds = [SCORERS.get(n) for n in names]
+    ctx = ScoringContext(_feature_map(examples), split, baselines=baselines, batch_size=batch_size,
+                         token_simulator=TokenMeanSimulator())
+    if any(k.uses_simulator for k in kinds):
+        ctx.simulator = make_simulator(simulator, client=client)
+    if judge is None:
+        judge = default_judge(simulator)
+        judge_client = judge_client or (client if judge != "lexical" else None)
+    if any(k.uses_judge for k in kinds):
+        ctx.judge = make_judge(judge, client=judge_client)
+    if any(k.uses_steering for k in kinds):
+        from featurescribe.scorers.intervention import make_pair_judge
+
+        ctx.steering, ctx.pair_judge = steering, make_pair_judge(judge, client=judge_client)
+    partners = shuffled_partners(explanations)
+    ctx.others = {k: v.text for k, v in partners.items()}
+    ctx.other_ids = {k: v.explanation_id for k, v in partners.items()}
+    ctx.others.update(other_explanations or {})
+    return ctx
 
 
 async def score_explanations(
@@ -154,7 +96,7 @@ async def score_explanations(
     baselines: bool = True,
     batch_size: int = 8,
     steering: Any = None,
-) -> ScoreResults:
+) -> ScoreOutcome:
     """Score every explanation on its feature's `split` windows with each scorer.
 
     `simulator`: a spec (`local:MODEL`, `openai:MODEL`, `anthropic:MODEL`, `lexical`,
@@ -165,118 +107,14 @@ async def score_explanations(
     `steering` (a scorers.intervention.FeatureSteering) is what the intervention scorer steers.
     """
     names = parse_scorers(scorers)
-    features = _feature_map(examples)
-    sim = make_simulator(simulator, client=client) if "simulation" in names else None
-    token_sim = TokenMeanSimulator()
-    jdg = None
-    if {"detection", "fuzzing", "intervention"} & set(names):
-        if judge is None:
-            sim_spec = simulator if isinstance(simulator, str) else simulator.spec
-            if sim_spec in ("lexical",) or sim_spec.startswith("baseline"):
-                judge = "lexical"
-            else:
-                judge, judge_client = sim_spec, judge_client or client
-        if {"detection", "fuzzing"} & set(names):
-            jdg = cls.make_judge(judge, client=judge_client)
-
-    partners = shuffled_partners(explanations)
-    others: dict[str, str] = {k: v.text for k, v in partners.items()}
-    other_ids = {k: v.explanation_id for k, v in partners.items()}
-    if other_explanations:
-        others.update(other_explanations)
-
-    results = ScoreResults()
-    token_baseline: dict[tuple[str, int], float] = {}
-    prepared: dict[tuple[str, str, int], tuple] = {}
-
-    def windows_of(e: Explanation) -> tuple[FeatureExamples, list[Window]]:
-        fe = features.get((e.source_id, e.feature_id))
-        if fe is None:
-            raise KeyError(f"no examples for feature {e.source_id}/{e.feature_id}")
-        return fe, [w for w in fe.split(split) if w.tokens]
-
-    async def run_simulation(e: Explanation) -> None:
-        fe, windows = windows_of(e)
-        if not windows:
-            results.failures.append(ScoreFailure(e.explanation_id, "simulation", sim.spec, f"no {split} windows"))
-            return
-        try:
-            preds = await sim.simulate(e.text, windows, feature=fe)
-        except SimulationFailed as err:
-            results.failures.append(ScoreFailure(e.explanation_id, "simulation", sim.spec, str(err)))
-            return
-        scored = simulation_score(windows, preds)
-        res = ScoreResult(explanation_id=e.explanation_id, scorer="simulation", value=scored.value,
-                          simulator=sim.spec, n_examples=len(windows), split=split,
-                          details=scored.details, simulations=scored.records)
-        if baselines:
-            other = others.get(e.explanation_id)
-            if other is not None and sim.uses_explanation:
-                try:
-                    base = simulation_score(windows, await sim.simulate(other, windows, feature=fe))
-                    res.baseline_shuffled = base.value
-                    res.details["baseline_shuffled"] = {
-                        "explanation_id": other_ids.get(e.explanation_id), "text": other,
-                        **({"flag": base.details["flag"]} if "flag" in base.details else {}),
-                    }
-                except SimulationFailed as err:
-                    res.details["baseline_shuffled"] = {"error": str(err)}
-            key = (e.source_id, e.feature_id)
-            if key not in token_baseline:
-                tok = simulation_score(windows, await token_sim.simulate("", windows, feature=fe))
-                token_baseline[key] = tok.value
-            res.baseline_tokens = token_baseline[key]
-        results.append(res)
-
-    async def run_classify(e: Explanation, task: str) -> None:
-        fe, windows = windows_of(e)
-        key = (task, e.source_id, e.feature_id)
-        if key not in prepared:
-            prepared[key] = cls.prepare(task, windows, _window_max(windows, fe), batch_size,
-                                        (e.source_id, e.feature_id, split))
-        samples, batch_list = prepared[key]
-        if not samples:
-            results.failures.append(ScoreFailure(e.explanation_id, task, jdg.spec, f"no {split} windows"))
-            return
-        try:
-            out = await cls.classify(task, jdg, e.text, samples, batch_list)
-        except cls.ClassifyFailed as err:
-            results.failures.append(ScoreFailure(e.explanation_id, task, jdg.spec, str(err)))
-            return
-        res = ScoreResult(explanation_id=e.explanation_id, scorer=task, value=out.value,
-                          simulator=jdg.spec, n_examples=out.n_examples, split=split, details=out.details)
-        other = others.get(e.explanation_id) if baselines else None
-        if other is not None:
-            try:
-                base = await cls.classify(task, jdg, other, samples, batch_list)
-                res.baseline_shuffled = base.value
-                res.details["baseline_shuffled"] = {"explanation_id": other_ids.get(e.explanation_id),
-                                                    "text": other}
-            except cls.ClassifyFailed as err:
-                res.details["baseline_shuffled"] = {"error": str(err)}
-        results.append(res)
-
-    async def run_intervention(e: Explanation) -> None:
-        from featurescribe.scorers.intervention import score_or_fail
-
-        res, error = await score_or_fail(e, steering, judge, judge_client, split=split,
-                                         other=others.get(e.explanation_id) if baselines else None,
-                                         other_id=other_ids.get(e.explanation_id))
-        if res is not None:
-            results.append(res)
-        else:
-            results.failures.append(ScoreFailure(e.explanation_id, "intervention", error[0], error[1]))
-
-    jobs = []
-    for e in explanations:
-        if "intervention" in names:
-            jobs.append(run_intervention(e))
-        if "simulation" in names:
-            jobs.append(run_simulation(e))
-        for task in ("detection", "fuzzing"):
-            if task in names:
-                jobs.append(run_classify(e, task))
-    await asyncio.gather(*jobs)
+    ctx = _context(explanations, examples, names, simulator=simulator, client=client, judge=judge,
+                   judge_client=judge_client, split=split, other_explanations=other_explanations,
+                   baselines=baselines, batch_size=batch_size, steering=steering)
+    outcome = ScoreOutcome()
+    done = await asyncio.gather(*(SCORERS.get(n).score(e, ctx) for e in explanations for n in names))
+    for item in done:
+        outcome.add(item)
     order = {e.explanation_id: i for i, e in enumerate(explanations)}
-    results.sort(key=lambda r: (order.get(r.explanation_id, 0), SCORERS.index(r.scorer)))
-    return results
+    rank = {n: i for i, n in enumerate(SCORERS.names())}
+    outcome.results.sort(key=lambda r: (order.get(r.explanation_id, 0), rank[r.scorer]))
+    return outcome

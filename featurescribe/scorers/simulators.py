@@ -34,15 +34,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurescribe.llm.base import (
+    CandidateNotOneToken,
     ChatRequest,
     ChatResponse,
     LLMCallFailed,
     UnparseableResponse,
-    parse_backend_spec,
 )
 from featurescribe.records import SCALE_MAX, FeatureExamples, Window
 from featurescribe.scorers.lexical import LexicalRule
-from featurescribe.scorers.prompts import render_messages, render_text, show_token
+from featurescribe.prompts import render_messages, render_text, show_token
 
 
 class SimulationFailed(Exception):
@@ -183,9 +183,9 @@ class LocalSimulator(Simulator):
             size += len(self.SLOT) + 1
         return "".join(parts), positions
 
-    async def window_probs(self, text: str, positions: list[int]) -> np.ndarray:
+    async def window_probs(self, text: str, positions: list[int], scale_max: int | None = None) -> np.ndarray:
         """Rows of probabilities over 0..scale_max at each slot (one forward pass)."""
-        cands = [str(v) for v in range(self.scale_max + 1)]
+        cands = [str(v) for v in range((self.scale_max if scale_max is None else scale_max) + 1)]
         return np.asarray(await self.client.candidate_probs(text, positions, cands), dtype=np.float64)
 
     def expected(self, probs: np.ndarray) -> list[float]:
@@ -199,20 +199,23 @@ class LocalSimulator(Simulator):
     async def simulate_window(self, explanation, window, feature=None):
         if not window.tokens:
             return []
-        while True:
-            scale_max = self.scale_max
-            text, positions = self.build(explanation, window.tokens, scale_max)
-            try:
-                probs = await self.window_probs(text, positions)
-            except ValueError as err:
-                # "10" is two tokens for this model: use the 0-9 scale it can write in one token
-                if "candidate" in str(err) and scale_max == SCALE_MAX:
-                    self.scale_max = SCALE_MAX - 1
-                    continue
-                if "candidate" in str(err) and self.scale_max < scale_max:
-                    continue  # another window lowered the scale meanwhile
+        try:
+            return await self._at_scale(explanation, window.tokens, self.scale_max)
+        except CandidateNotOneToken as err:
+            if err.candidate != str(SCALE_MAX):
                 raise SimulationFailed(f"{self.spec}: {err}") from err
-            return self.expected(probs)
+        except ValueError as err:
+            raise SimulationFailed(f"{self.spec}: {err}") from err
+        # "10" is two tokens for this model: the 0-9 scale it can write in one token
+        self.scale_max = SCALE_MAX - 1
+        try:
+            return await self._at_scale(explanation, window.tokens, self.scale_max)
+        except ValueError as err:
+            raise SimulationFailed(f"{self.spec}: {err}") from err
+
+    async def _at_scale(self, explanation: str, tokens: list[str], scale_max: int) -> list[float]:
+        text, positions = self.build(explanation, tokens, scale_max)
+        return self.expected(await self.window_probs(text, positions, scale_max))
 
 
 # ----------------------------------------------------------------------------- API models
@@ -316,6 +319,13 @@ def parse_activation_list(resp: ChatResponse, n: int) -> list[float]:
     return out
 
 
+def _simulate_request(template: str, explanation: str, tokens: list[str], **kw) -> ChatRequest:
+    """One window's simulation request; the structured template numbers the token lines."""
+    messages = render_messages(template, explanation=explanation.strip(), n=len(tokens),
+                               tokens=_token_lines(tokens, numbered=template == "simulate_json"))
+    return ChatRequest(messages=messages, purpose="simulate", **kw)
+
+
 class StructuredSimulator(Simulator):
     """Integer predictions as structured output (models without logprobs), one request a window."""
 
@@ -327,15 +337,8 @@ class StructuredSimulator(Simulator):
         n = len(window.tokens)
         if n == 0:
             return []
-        req = ChatRequest(
-            messages=render_messages(
-                "simulate_json", explanation=explanation.strip(), n=n,
-                tokens=_token_lines(window.tokens, numbered=True),
-            ),
-            purpose="simulate",
-            max_tokens=16 + 4 * n,
-            json_schema=ACTIVATIONS_SCHEMA,
-        )
+        req = _simulate_request("simulate_json", explanation, window.tokens, max_tokens=16 + 4 * n,
+                                json_schema=ACTIVATIONS_SCHEMA)
         return await self.client.chat(req, parse=lambda r: parse_activation_list(r, n))
 
 
@@ -357,15 +360,9 @@ class LogprobSimulator(Simulator):
         n = len(window.tokens)
         if n == 0:
             return []
-        req = ChatRequest(
-            messages=render_messages(
-                "simulate_logprobs", explanation=explanation.strip(), n=n,
-                tokens=_token_lines(window.tokens, numbered=False),
-            ),
-            purpose="simulate",
-            max_tokens=64 + 12 * n + sum(len(t) for t in window.tokens),
-            top_logprobs=self.TOP_LOGPROBS,
-        )
+        req = _simulate_request("simulate_logprobs", explanation, window.tokens,
+                                max_tokens=64 + 12 * n + sum(len(t) for t in window.tokens),
+                                top_logprobs=self.TOP_LOGPROBS)
 
         def parse(resp: ChatResponse):
             numbers = parse_activation_lines(resp.text, n)
@@ -378,30 +375,3 @@ class LogprobSimulator(Simulator):
             self._fallback = self._fallback or StructuredSimulator(self.client)
             return await self._fallback.simulate_window(explanation, window, feature)
         return out
-
-
-# ----------------------------------------------------------------------------- factory
-NO_LLM_SIMULATORS = ("lexical", "baseline:tokens")
-
-
-def make_simulator(spec: str | Simulator, client: Any = None) -> Simulator:
-    """A simulator for a backend spec. LLM specs need `client` (from llm.make_client) unless the
-    llm layer can make one here."""
-    if isinstance(spec, Simulator):
-        return spec
-    kind, model = parse_backend_spec(spec)
-    if kind == "lexical":
-        return LexicalSimulator()
-    if kind == "baseline":
-        if model in ("", "tokens"):
-            return TokenMeanSimulator()
-        raise ValueError(f"unknown baseline simulator {spec!r}: use baseline:tokens")
-    if client is None:
-        from featurescribe.llm import make_client  # the llm layer builds and configures clients
-
-        client = make_client(spec)
-    if getattr(client, "supports_candidate_probs", False):
-        return LocalSimulator(client)
-    if getattr(client, "supports_logprobs", False):
-        return LogprobSimulator(client)
-    return StructuredSimulator(client)

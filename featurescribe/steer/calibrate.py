@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 from featurescribe.errors import FeaturescribeError
@@ -24,12 +23,13 @@ DEFAULT_TARGET_KL = 2.0
 GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 BISECT_STEPS = 4
 
-_NEUTRAL_FILE = Path(__file__).resolve().parent.parent / "prompts" / "steer_neutral.txt"
 
 
 @lru_cache(maxsize=1)
 def _all_neutral_prompts() -> tuple[str, ...]:
-    lines = _NEUTRAL_FILE.read_text(encoding="utf-8").splitlines()
+    from featurescribe.prompts import load_template
+
+    lines = load_template("steer_neutral").splitlines()
     return tuple(x.strip() for x in lines if x.strip() and not x.startswith("#"))
 
 

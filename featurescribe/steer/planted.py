@@ -5,7 +5,7 @@ the mean unembedding row of a class of tokens (digits, closing brackets, a word,
 scaled to unit norm. Pushed along it, the model writes those tokens more. Strength is in multiples
 of the median residual-stream norm at that layer on the neutral prompts. Each plant has its true
 description; every other plant's description is a mismatched candidate, so a scorer is good when
-it scores the true one above the mismatched ones (`scorers.planted.ranking_auc`).
+it scores the true one above the mismatched ones (`testbed.planted.ranking_auc`).
 """
 
 from __future__ import annotations

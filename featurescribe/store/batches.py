@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.transaction import transaction
 
 OPEN_STATUSES = ("submitted", "in_progress", "ended")
 _COLUMNS = ("batch_id", "provider", "run_id", "purpose", "status", "n_requests", "input_file_id",
@@ -30,13 +31,8 @@ _COLUMNS = ("batch_id", "provider", "run_id", "purpose", "status", "n_requests",
 
 
 def _in_transaction(con, fn) -> None:
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         fn()
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def insert_batch(con, *, batch_id: str, provider: str, run_id: str | None, purpose: str | None,
@@ -113,11 +109,6 @@ def finish_batch(con, batch_id: str, results: Iterable[tuple[str, str, str | Non
         update_batch(con, batch_id, status="collected", payload_update=payload_update)
 
     _in_transaction(con, write)
-
-
-def get_batch(con, batch_id: str) -> dict[str, Any] | None:
-    rows = _select(con, "WHERE batch_id = ?", [batch_id])
-    return rows[0] if rows else None
 
 
 def open_batches(con, provider: str | None = None) -> list[dict[str, Any]]:

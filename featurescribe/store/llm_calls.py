@@ -12,7 +12,7 @@ not get in each other's way.
 
 A cache look-up that misses costs no query: on its first look-up a store reads which keys the
 database holds (one query; 8 bytes a key), and every write of cache entries in this process
-(`write_calls`, `MemoryCallStore.flush_to`) adds its keys to the stores open on that file. No
+(`write_calls`, `memory_calls.MemoryCallStore.flush_to`) adds its keys to the stores open on that file. No
 other process can write the file while a store holds it open (DuckDB's lock), so a key the
 index does not know is not in the database; a key it knows is read with one query as before.
 (A point query on the event loop costs about a millisecond, a third of a whole request.)
@@ -21,18 +21,19 @@ In-memory databases are always queried.
 
 from __future__ import annotations
 
-import atexit
 import datetime as dt
 import json
 import os
 import threading
 import uuid
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from featurescribe.statuses import CallStatus
 from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.transaction import transaction
 
-STATUSES = ("ok", "error", "parse_error", "cached", "budget")
+STATUSES = tuple(CallStatus)
 
 
 @dataclass
@@ -89,7 +90,6 @@ class CallStore:
             self._thread = threading.Thread(target=_writer_loop, args=(ref, self._wake), daemon=True,
                                             name="featurescribe-ledger")
             self._thread.start()
-        _OPEN.add(self)
 
     # ------------------------------------------------------------------ ledger
     def record(self, row: CallRow) -> None:
@@ -168,24 +168,14 @@ class CallStore:
                 raise err
 
     def _write(self, rows: list[CallRow], cache: dict) -> None:
-        con = self._wcon
-        con.execute("BEGIN TRANSACTION")
-        try:
-            write_calls(con, rows, cache)
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except Exception:
-                pass
-            raise
+        with transaction(self._wcon):
+            write_calls(self._wcon, rows, cache)
 
     def close(self) -> None:
         """Stop the writer, write what is buffered, release the cursors."""
         if self._closed:
             return
         self._closed = True
-        _OPEN.discard(self)
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -348,81 +338,6 @@ def write_calls(con, rows: list[CallRow], cache: dict[str, tuple[str, str, str]]
             con.unregister(view)
 
 
-class MemoryCallStore:
-    """A CallStore without a database, for work that runs away from the writer (a worker
-    process): rows and new cache entries stay in memory until the writer calls
-    `flush_to(con)` inside its own transaction. `cache` seeds the look-ups (see `load_cache`).
-    Picklable."""
-
-    def __init__(self, cache: dict[str, dict] | None = None):
-        self._lock = threading.Lock()
-        self._rows: list[CallRow] = []
-        self._known: dict[str, dict] = dict(cache or {})
-        self._new: dict[str, tuple[str, str, str]] = {}
-
-    def __getstate__(self):
-        with self._lock:
-            return {"rows": list(self._rows), "known": dict(self._known), "new": dict(self._new)}
-
-    def __setstate__(self, state):
-        self._lock = threading.Lock()
-        self._rows = state["rows"]
-        self._known = state["known"]
-        self._new = state["new"]
-
-    def record(self, row: CallRow) -> None:
-        if row.status not in STATUSES:
-            raise ValueError(f"unknown ledger status {row.status!r}")
-        with self._lock:
-            self._rows.append(row)
-
-    def get_cached(self, key: str) -> dict | None:
-        with self._lock:
-            if key in self._new:
-                return json.loads(self._new[key][2])
-            return self._known.get(key)
-
-    def put_cached(self, key: str, backend: str, model: str, response: dict) -> None:
-        with self._lock:
-            self._new[key] = (backend, model, json.dumps(response))
-
-    def pending_rows(self) -> list[CallRow]:
-        with self._lock:
-            return list(self._rows)
-
-    def rows(self, run_id: str | None = None) -> list[dict]:
-        with self._lock:
-            return [asdict(r) for r in self._rows if run_id is None or r.run_id == run_id]
-
-    def spend_usd(self, run_id: str | None = None) -> float:
-        return float(sum(r["cost_usd"] for r in self.rows(run_id)))
-
-    def flush(self) -> None:  # nothing to write by itself: the writer calls flush_to
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def flush_to(self, con) -> int:
-        """Write the rows and new cache entries with `con` (in the caller's transaction) and
-        forget them; returns the number of ledger rows written."""
-        with self._lock:
-            rows, self._rows = self._rows, []
-            new, self._new = self._new, {}
-        try:
-            write_calls(con, rows, new)
-        except BaseException:
-            with self._lock:
-                self._rows = rows + self._rows
-                new.update(self._new)
-                self._new = new
-            raise
-        with self._lock:
-            for k, (_, _, j) in new.items():
-                self._known[k] = json.loads(j)
-        return len(rows)
-
-
 def load_cache(con, keys: list[str] | None = None, backends: list[str] | None = None) -> dict[str, dict]:
     """Cached responses as {cache_key: response} (all, or those of `keys` / `backends`), to seed
     a MemoryCallStore."""
@@ -460,19 +375,6 @@ def _writer_loop(ref, wake: threading.Event) -> None:
         del store
 
 
-_OPEN: "weakref.WeakSet[CallStore]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_stores() -> None:
-    """Write what open stores still buffer when the process ends without closing them."""
-    for store in list(_OPEN):
-        try:
-            store.close()
-        except Exception:
-            pass
-
-
 def _arrow(cols: dict):
     import pyarrow as pa
 
@@ -484,7 +386,3 @@ def _arrow(cols: dict):
         "cached": pa.bool_(), "attempt": pa.int32(), "batch_id": pa.string(),
     }
     return pa.table({c: pa.array(v, type=types[c]) for c, v in cols.items()})
-
-
-def row_dict(row: CallRow) -> dict:
-    return asdict(row)

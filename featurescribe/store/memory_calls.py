@@ -1,41 +1,38 @@
 """`MemoryCallStore`: the ledger and response cache of LLM calls, held in memory.
 
-A Dask worker of the label flow must not open the database (only the flow's process writes
-it), so its LLM clients record to one of these: cache look-ups answer from the entries it was
-given (`cached`) and from its own new answers; ledger rows and new cache entries stay in memory.
-The store travels back with the chunk's results (it pickles), and the flow writes it with
-`flush_to(con)` inside the chunk's transaction.
+Work that runs away from the database's writer (a Dask worker of the label flow, which must not
+open the database) hands its LLM clients one of these: cache look-ups answer from the entries it
+was given (`cache`, e.g. from `llm_calls.load_cache`) and from its own new answers; ledger rows
+and new cache entries stay in memory. The store pickles, travels back with the chunk's results
+(`outgoing()` leaves the given cache behind), and the writer writes it with `flush_to(con)`
+inside its own transaction.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import uuid
+from dataclasses import asdict
 
-import pyarrow as pa
-
-from featurescribe.store.bulk import insert_arrow
-from featurescribe.store.llm_calls import STATUSES, CallRow, _KeyIndex, _LEDGER_COLUMNS, _arrow
+from featurescribe.store.llm_calls import STATUSES, CallRow, write_calls
 
 
 class MemoryCallStore:
     """The CallStore interface (record, get_cached, put_cached, flush, close) without a database."""
 
-    def __init__(self, cached: dict[str, dict] | None = None):
-        self._cached = dict(cached or {})  # key -> response dict, given
-        self._rows: list[CallRow] = []
-        self._new: dict[str, tuple[str, str, str]] = {}  # key -> (backend, model, response json)
+    def __init__(self, cache: dict[str, dict] | None = None):
         self._lock = threading.Lock()
+        self._rows: list[CallRow] = []
+        self._known: dict[str, dict] = dict(cache or {})  # key -> response, given or written
+        self._new: dict[str, tuple[str, str, str]] = {}  # key -> (backend, model, response JSON)
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
+        with self._lock:
+            return {"rows": list(self._rows), "known": dict(self._known), "new": dict(self._new)}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._rows, self._known, self._new = state["rows"], state["known"], state["new"]
 
     # ------------------------------------------------------------------ the client's side
     def record(self, row: CallRow) -> None:
@@ -46,10 +43,9 @@ class MemoryCallStore:
 
     def get_cached(self, key: str) -> dict | None:
         with self._lock:
-            new = self._new.get(key)
-            if new is not None:
-                return json.loads(new[2])
-            return self._cached.get(key)
+            if key in self._new:
+                return json.loads(self._new[key][2])
+            return self._known.get(key)
 
     def put_cached(self, key: str, backend: str, model: str, response: dict) -> None:
         with self._lock:
@@ -59,7 +55,14 @@ class MemoryCallStore:
         with self._lock:
             return list(self._rows)
 
-    def flush(self) -> None:  # nothing to write to
+    def rows(self, run_id: str | None = None) -> list[dict]:
+        with self._lock:
+            return [asdict(r) for r in self._rows if run_id is None or r.run_id == run_id]
+
+    def spend_usd(self, run_id: str | None = None) -> float:
+        return float(sum(r["cost_usd"] for r in self.rows(run_id)))
+
+    def flush(self) -> None:  # nothing to write by itself: the writer calls flush_to
         pass
 
     def close(self) -> None:
@@ -74,28 +77,20 @@ class MemoryCallStore:
         return out
 
     def flush_to(self, con) -> int:
-        """Write the rows and new cache entries on `con`, in the caller's transaction; returns
-        the number of ledger rows written. The store is empty afterwards."""
+        """Write the rows and new cache entries with `con` (in the caller's transaction) and
+        forget them; returns the number of ledger rows written. On failure they are kept."""
         with self._lock:
             rows, self._rows = self._rows, []
             new, self._new = self._new, {}
-        if rows:
-            insert_arrow(con, "llm_calls", _arrow({c: [getattr(r, c) for r in rows] for c in _LEDGER_COLUMNS}))
-        if new:
-            _KeyIndex.note_written(con, new)  # the CallStores open on this file learn the keys
-            keys = list(new)
-            tbl = pa.table({
-                "cache_key": pa.array(keys, type=pa.string()),
-                "backend": pa.array([new[k][0] for k in keys], type=pa.string()),
-                "model": pa.array([new[k][1] for k in keys], type=pa.string()),
-                "response": pa.array([new[k][2] for k in keys], type=pa.string()),
-            })
-            view = f"_memcache_{uuid.uuid4().hex}"
-            con.register(view, tbl)
-            try:
-                con.execute(
-                    "INSERT OR REPLACE INTO llm_cache (cache_key, backend, model, response, created_at) "
-                    f"SELECT cache_key, backend, model, response::JSON, current_timestamp FROM {view}")
-            finally:
-                con.unregister(view)
+        try:
+            write_calls(con, rows, new)
+        except BaseException:
+            with self._lock:
+                self._rows = rows + self._rows
+                new.update(self._new)
+                self._new = new
+            raise
+        with self._lock:
+            for k, (_, _, j) in new.items():
+                self._known[k] = json.loads(j)
         return len(rows)

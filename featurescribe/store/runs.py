@@ -33,16 +33,6 @@ def mark_interrupted(con) -> int:
     return int(n)
 
 
-def get_run(con, run_id: str) -> dict[str, Any] | None:
-    cur = con.execute(
-        "SELECT run_id, flow, params, status, started_at, finished_at, prefect_flow_run_id, error "
-        "FROM runs WHERE run_id = ?", [run_id])
-    row = cur.fetchone()
-    if row is None:
-        return None
-    return dict(zip([d[0] for d in cur.description], row))
-
-
 def list_runs(con, flow: str | None = None) -> list[dict[str, Any]]:
     cur = con.execute(
         "SELECT run_id, flow, params, status, started_at, finished_at, prefect_flow_run_id, error "
@@ -82,3 +72,9 @@ def label_run_totals(con, run_id: str) -> dict[str, Any]:
         [run_id]).fetchone()
     return {"spent_usd": float(spent), "llm_calls": int(n_calls), "cached_calls": int(n_cached),
             "mean_score": None if mean is None else float(mean)}
+
+
+def run_spend(con, run_id: str) -> float:
+    """What the ledger rows of a run cost."""
+    return float(con.execute("SELECT coalesce(sum(cost_usd), 0) FROM llm_calls WHERE run_id = ?",
+                             [run_id]).fetchone()[0])

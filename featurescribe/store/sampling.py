@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from featurescribe.records import KINDS, SPLITS, FeatureExamples, Window
-from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.transaction import transaction
 
 # windows per split and kind; quantile counts are spread over the bins (the highest bins get
 # any remainder)
@@ -312,42 +312,14 @@ def sample_examples(
         if not feats:
             return report
 
-    top_p, q_p, r_p = _patterns(cfg)
-    n_top, n_random = len(top_p), len(r_p)
-    # top candidates: a few more than needed, so that dropping duplicate windows leaves enough
-    pool = n_top + max(8, n_top // 4) if cfg.dedupe else n_top
     tmp = "_fs_sample"
-    params = {
-        "source": source_id, "features": feats, "fmin": feats[0], "fmax": feats[-1],
-        "left": cfg.left, "w": cfg.window, "seed": cfg.seed, "dedupe": cfg.dedupe,
-        "n_top": n_top, "top_pool": pool, "q_max": max(1, max(len(b) for b in q_p)),
-        "nq": cfg.n_quantiles, "n_random": n_random,
-        # enough candidates that excluding this feature's used sequences still leaves n_random
-        "r_pool": n_random + pool + sum(len(b) for b in q_p),
-        # per-bin counts, and the patterns padded so that DuckDB can type an empty one
-        "q_counts": [len(b) for b in q_p],
-        "top_pattern": top_p or ["explain"], "q_pattern": [b or ["explain"] for b in q_p],
-        "r_pattern": r_p or ["explain"],
-    }
+    params = _sample_params(source_id, feats, cfg)
     q_sql = _SAMPLE_SQL.format(tmp=tmp)
-
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(q_sql, _used(q_sql, params))
-        if n_random:
+        if params["n_random"]:
             con.execute(_RANDOM_MAX_SQL.format(tmp=tmp), {"source": source_id})
-        counts = con.execute(
-            f"SELECT feature_id, any_value(n_seqs) FROM {tmp} GROUP BY feature_id"
-        ).fetchall()
-        n_seqs = {int(f): int(n) for f, n in counts}
-        for f in feats:
-            n = n_seqs.get(f, 0)
-            if n == 0:
-                report.dead.append(f)
-            elif n < cfg.min_active:
-                report.rare.append(f)
-            else:
-                report.sampled.append(f)
+        _classify(con, tmp, feats, cfg, report)
         if resample:
             con.execute(
                 "DELETE FROM examples WHERE source_id = $source "
@@ -366,14 +338,41 @@ def sample_examples(
         ).fetchone()[0])
         _mark_status(con, source_id, report, cfg)
         con.execute(f"DROP TABLE IF EXISTS {tmp}")
-        con.execute("COMMIT")
-    except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except Exception:
-            pass
-        raise
     return report
+
+
+def _sample_params(source_id: str, feats: list[int], cfg: SamplingConfig) -> dict:
+    """The sampling statement's parameters."""
+    top_p, q_p, r_p = _patterns(cfg)
+    n_top, n_random = len(top_p), len(r_p)
+    # top candidates: a few more than needed, so that dropping duplicate windows leaves enough
+    pool = n_top + max(8, n_top // 4) if cfg.dedupe else n_top
+    return {
+        "source": source_id, "features": feats, "fmin": feats[0], "fmax": feats[-1],
+        "left": cfg.left, "w": cfg.window, "seed": cfg.seed, "dedupe": cfg.dedupe,
+        "n_top": n_top, "top_pool": pool, "q_max": max(1, max(len(b) for b in q_p)),
+        "nq": cfg.n_quantiles, "n_random": n_random,
+        # enough candidates that excluding this feature's used sequences still leaves n_random
+        "r_pool": n_random + pool + sum(len(b) for b in q_p),
+        # per-bin counts, and the patterns padded so that DuckDB can type an empty one
+        "q_counts": [len(b) for b in q_p],
+        "top_pattern": top_p or ["explain"], "q_pattern": [b or ["explain"] for b in q_p],
+        "r_pattern": r_p or ["explain"],
+    }
+
+
+def _classify(con, tmp: str, feats: list[int], cfg: SamplingConfig, report: SampleReport) -> None:
+    """Each feature dead (no active sequence), rare (fewer than min_active) or sampled."""
+    counts = con.execute(f"SELECT feature_id, any_value(n_seqs) FROM {tmp} GROUP BY feature_id").fetchall()
+    n_seqs = {int(f): int(n) for f, n in counts}
+    for f in feats:
+        n = n_seqs.get(f, 0)
+        if n == 0:
+            report.dead.append(f)
+        elif n < cfg.min_active:
+            report.rare.append(f)
+        else:
+            report.sampled.append(f)
 
 
 def _used(sql: str, params: dict) -> dict:
@@ -490,14 +489,3 @@ def load_examples(con, source_id: str, feature_ids: Iterable[int]) -> dict[int, 
         if fe.max_act <= 0:
             fe.max_act = max((w.max_act for w in fe.windows), default=0.0)
     return out
-
-
-def feature_status(con, source_id: str, feature_ids: Iterable[int]) -> dict[int, tuple[str | None, str | None]]:
-    """{feature_id: (status, skip_reason)} from `features`."""
-    feats = sorted({int(f) for f in feature_ids})
-    rows = con.execute(
-        "SELECT feature_id, status, skip_reason FROM features WHERE source_id = $source "
-        "AND feature_id IN (SELECT unnest($features::INTEGER[]))",
-        {"source": source_id, "features": feats},
-    ).fetchall()
-    return {int(f): (s, r) for f, s, r in rows}

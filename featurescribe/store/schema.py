@@ -6,6 +6,8 @@ is at lives in `schema_version`. Never edit a released migration: append a new o
 
 from __future__ import annotations
 
+from featurescribe.store.transaction import transaction
+
 # Version 1: the tables and view of DESIGN.md.
 _V1 = [
     """
@@ -311,15 +313,10 @@ def migrate(con, target: int = SCHEMA_VERSION) -> int:
     version = current_version(con)
     if version >= target:
         return version
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(VERSION_TABLE)
         for v in range(version + 1, target + 1):
             for stmt in MIGRATIONS[v - 1]:
                 con.execute(stmt)
             con.execute("INSERT INTO schema_version (version) VALUES (?)", [v])
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     return target

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from featurescribe.llm.backends.base import Backend
-from featurescribe.llm.base import ChatRequest, ChatResponse, TokenLogprob
+from featurescribe.llm.base import CandidateNotOneToken, ChatRequest, ChatResponse, TokenLogprob
 
 
 PREFIX_CACHE_ENTRIES = 4  # key/value caches of recent prompts kept for reuse (~15 MB each for SmolLM2-135M); 0: none
+RETRY_TEMPERATURE = 0.7  # asking a greedy model again gives the same answer: sample instead
 MIN_PREFIX_REUSE = 16  # reuse a cached prompt only when it shares at least this many tokens
 
 
@@ -124,16 +125,42 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
+def _prompt(tok, request: ChatRequest) -> str:
+    """The chat-templated prompt; a JSON schema is stated in the system message (a small model
+    has no structured output), and a last assistant message is a prefill the model goes on from."""
+    messages = list(request.messages)
+    if request.json_schema is not None:
+        note = ("Answer with JSON only, no other text. The JSON must match this JSON schema:\n"
+                + json.dumps(request.json_schema))
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
+        else:
+            messages.insert(0, {"role": "system", "content": note})
+    if messages and messages[-1]["role"] == "assistant":
+        return render_chat(tok, messages[:-1]) + messages[-1]["content"]
+    return render_chat(tok, messages)
+
+
+def _token_logprobs(tok, scores, gen: list[int], k: int) -> list[TokenLogprob]:
+    import torch
+
+    out = []
+    for step, tid in enumerate(gen):
+        lp = torch.log_softmax(scores[step][0].float(), dim=-1)
+        top = torch.topk(lp, k)
+        out.append(TokenLogprob(token=tok.decode([tid]), logprob=float(lp[tid]),
+                                top={tok.decode([int(i)]): float(v) for v, i in zip(top.values, top.indices)}))
+    return out
+
+
 def candidate_token_ids(tokenizer, candidates: Sequence[str]) -> list[int]:
     """The token id of each candidate; ValueError when a candidate is not one token or two collide."""
     ids = []
     for c in candidates:
         toks = _ids(tokenizer, c)
         if len(toks) != 1:
-            raise ValueError(
-                f"candidate {c!r} is {len(toks)} tokens for this tokenizer ({toks}); "
-                "candidate_probs needs single-token candidates"
-            )
+            raise CandidateNotOneToken(c, f"candidate {c!r} is {len(toks)} tokens for this tokenizer "
+                                          f"({toks}); candidate_probs needs single-token candidates")
         ids.append(toks[0])
     if len(set(ids)) != len(ids):
         raise ValueError(f"candidates {list(candidates)} do not map to distinct tokens ({ids})")
@@ -166,43 +193,22 @@ class LocalBackend(Backend):
     def _generate(self, lm: LocalModel, request: ChatRequest, max_tokens: int, retry_index: int) -> ChatResponse:
         import torch
 
-        messages = list(request.messages)
-        if request.json_schema is not None:
-            note = ("Answer with JSON only, no other text. The JSON must match this JSON schema:\n"
-                    + json.dumps(request.json_schema))
-            if messages and messages[0]["role"] == "system":
-                messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
-            else:
-                messages.insert(0, {"role": "system", "content": note})
         tok = lm.tokenizer
-        if messages and messages[-1]["role"] == "assistant":
-            # a prefill: the answer starts with this text and the model goes on from it
-            prompt = render_chat(tok, messages[:-1]) + messages[-1]["content"]
-        else:
-            prompt = render_chat(tok, messages)
-        ids = _ids(tok, prompt)
+        ids = _ids(tok, _prompt(tok, request))
         temperature = request.temperature
         if retry_index > 0 and temperature <= 0:
-            temperature = 0.7  # asking a greedy model again gives the same answer: sample instead
+            temperature = RETRY_TEMPERATURE
         sample = temperature > 0
+        eos = tok.eos_token_id
         with lm.lock, torch.inference_mode():
             if sample:
-                seed = (request.seed or 0) * 1000 + retry_index
-                torch.manual_seed(seed)
+                torch.manual_seed((request.seed or 0) * 1000 + retry_index)
             input_ids = torch.tensor([ids], device=lm.device)
-            eos = tok.eos_token_id
             out = lm.model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_tokens,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-                eos_token_id=eos,
-                output_scores=request.top_logprobs > 0,
-                return_dict_in_generate=True,
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
+                do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos, eos_token_id=eos,
+                output_scores=request.top_logprobs > 0, return_dict_in_generate=True,
             )
         new = out.sequences[0, len(ids):].tolist()
         finished = bool(new) and eos is not None and new[-1] == eos
@@ -210,20 +216,9 @@ class LocalBackend(Backend):
         text = tok.decode(gen, skip_special_tokens=True)
         logprobs = None
         if request.top_logprobs > 0 and out.scores is not None:
-            logprobs = []
-            k = int(request.top_logprobs)
-            for step, tid in enumerate(gen):
-                lp = torch.log_softmax(out.scores[step][0].float(), dim=-1)
-                top = torch.topk(lp, k)
-                logprobs.append(TokenLogprob(
-                    token=tok.decode([tid]),
-                    logprob=float(lp[tid]),
-                    top={tok.decode([int(i)]): float(v) for v, i in zip(top.values, top.indices)},
-                ))
+            logprobs = _token_logprobs(tok, out.scores, gen, int(request.top_logprobs))
         if request.json_schema is not None:
-            found = extract_json(text)
-            if found is not None:
-                text = found
+            text = extract_json(text) or text
         return ChatResponse(
             text=text.strip() if request.json_schema is None else text,
             input_tokens=len(ids),

@@ -84,13 +84,7 @@ class BatchProvider(Protocol):
 
 
 def provider_class(backend: str):
-    """The adapter class for a backend ('openai' or 'anthropic')."""
-    if backend == "openai":
-        from featurescribe.llm.batch.openai_batch import OpenAIBatchProvider
+    """The adapter class for a backend with a batch API (see llm/registry.py)."""
+    from featurescribe.llm.registry import batch_provider_class
 
-        return OpenAIBatchProvider
-    if backend == "anthropic":
-        from featurescribe.llm.batch.anthropic_batch import AnthropicBatchProvider
-
-        return AnthropicBatchProvider
-    raise ValueError(f"no batch API for backend {backend!r} (batches: openai, anthropic)")
+    return batch_provider_class(backend)

@@ -15,10 +15,16 @@ from typing import Any, Callable
 
 from featurescribe.llm.base import ChatRequest, ChatResponse, UnparseableResponse
 from featurescribe.llm.batch.base import BatchItem, BatchPending, provider_class
-from featurescribe.llm.client import cache_key, make_backend
+from featurescribe.llm.client import cache_key
+from featurescribe.llm.registry import BACKENDS, make_backend
 from featurescribe.store import batches as sql
 
-BATCH_BACKENDS = ("openai", "anthropic")
+
+
+def has_batch_api(backend: str | None) -> bool:
+    """Whether a backend ('openai') has a provider batch API (llm/registry.py)."""
+    return backend in BACKENDS.where(batch_provider=True)
+
 _MISS = object()
 
 

@@ -35,7 +35,7 @@ from featurescribe.errors import FeaturescribeError
 from featurescribe.llm.base import (BudgetExceeded, LLMAuthFailed, LLMError, parse_backend_spec)
 from featurescribe.llm.batch.base import (SUCCEEDED, BatchItem, BatchProvider, BatchState,
                                           provider_class)
-from featurescribe.llm.batch.collector import BATCH_BACKENDS, BatchCollector, BatchSink
+from featurescribe.llm.batch.collector import BatchCollector, BatchSink, has_batch_api
 from featurescribe.llm.prices import DEFAULT_PRICES, ENV_VAR, PriceTable
 from featurescribe.progress import Progress
 from featurescribe.store import batches as sql
@@ -230,68 +230,64 @@ class BatchRunner:
     def collect(self, row: dict, state: BatchState) -> None:
         """Write an ended batch's answers to the cache and every result to the ledger."""
         batch_id = row["batch_id"]
-        spec = row["payload"].get("spec") or f"{row['provider']}:"
-        backend, model = parse_backend_spec(spec)
-        cls = provider_class(backend)
+        backend, model = parse_backend_spec(row["payload"].get("spec") or f"{row['provider']}:")
         info = sql.item_info(self.con, batch_id)
         outcomes: list[tuple[str, str, str | None]] = []
         seen: set[str] = set()
-        answered = failed = 0
-
-        def ledger(cid: str, status: str, **kw) -> None:
-            purpose, _, _, attempt = info[cid]
-            self.store.record(CallRow(backend=backend, model=model, prompt_hash=cid, status=status,
-                                      purpose=purpose, run_id=self.run_id, attempt=attempt,
-                                      batch_id=batch_id, **kw))
-
         for r in self.provider(backend).results(batch_id, state):
-            if r.custom_id not in info or r.custom_id in seen:
-                continue
-            seen.add(r.custom_id)
-            purpose, structured, wrapped, _ = info[r.custom_id]
-            if r.kind != SUCCEEDED:
-                ledger(r.custom_id, "error", error=f"{r.kind} in batch {batch_id}: {r.error or r.kind}"[:2000])
-                outcomes.append((r.custom_id, r.kind, r.error))
-                failed += 1
-                continue
-            try:
-                resp = cls.chat_response(r.body or {}, BatchItem(r.custom_id, {}, purpose or "chat",
-                                                                 structured, wrapped))
-            except Exception as err:  # an answer of an unexpected shape
-                ledger(r.custom_id, "error", error=f"unreadable answer in batch {batch_id}: "
-                                                   f"{_one_line(err)}"[:2000])
-                outcomes.append((r.custom_id, "errored", _one_line(err)))
-                failed += 1
-                continue
-            list_cost, note = self.prices.cost(backend, model, resp.input_tokens, resp.output_tokens)
-            cost = list_cost * self.discount
-            if self.budget is not None:
-                self.budget.add(cost)
-            problem = _unusable(resp, structured)
-            usage = dict(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens, cost_usd=cost)
-            if problem:
-                ledger(r.custom_id, "parse_error", error=f"{problem} (batch {batch_id})", **usage)
-                outcomes.append((r.custom_id, "errored", problem))
-                failed += 1
-                continue
-            self.store.put_cached(r.custom_id, backend, model, resp.to_dict())
-            ledger(r.custom_id, "ok", error=note, **usage)
-            outcomes.append((r.custom_id, "succeeded", None))
-            answered += 1
-        for cid in info:
-            if cid not in seen:
-                ledger(cid, "error", error=f"missing from the results of batch {batch_id}")
-                failed += 1
+            if r.custom_id in info and r.custom_id not in seen:
+                seen.add(r.custom_id)
+                outcomes.append(self._collect_one(r, batch_id, backend, model, info))
+        missing = [cid for cid in info if cid not in seen]
+        for cid in missing:
+            self._ledger(info, cid, backend, model, batch_id, "error",
+                         error=f"missing from the results of batch {batch_id}")
         self.store.flush()  # answers in the cache before the batch counts as collected
         sql.finish_batch(self.con, batch_id, outcomes, payload_update={
             "provider_status": state.provider_status, "counts": state.counts,
             **{k: v for k, v in state.extra.items() if v}})
+        answered = sum(o[1] == "succeeded" for o in outcomes)
+        failed = len(outcomes) - answered + len(missing)
         self.report.n_collected_batches += 1
         self.report.n_answered += answered
         self.report.n_failed_items += failed
         extra = f", errors: {state.extra['errors']}" if state.extra.get("errors") else ""
         self.log(f"batch: collected {batch_id} ({state.provider_status}): {answered:,} answered, "
                  f"{failed:,} to ask again{extra}")
+
+    def _ledger(self, info: dict, cid: str, backend: str, model: str, batch_id: str, status: str, **kw) -> None:
+        purpose, _, _, attempt = info[cid]
+        self.store.record(CallRow(backend=backend, model=model, prompt_hash=cid, status=status,
+                                  purpose=purpose, run_id=self.run_id, attempt=attempt,
+                                  batch_id=batch_id, **kw))
+
+    def _collect_one(self, r, batch_id: str, backend: str, model: str, info: dict) -> tuple[str, str, str | None]:
+        """One result: its ledger row, its answer into the cache; (custom_id, outcome, error)."""
+        purpose, structured, wrapped, _ = info[r.custom_id]
+        if r.kind != SUCCEEDED:
+            self._ledger(info, r.custom_id, backend, model, batch_id, "error",
+                         error=f"{r.kind} in batch {batch_id}: {r.error or r.kind}"[:2000])
+            return r.custom_id, r.kind, r.error
+        try:
+            resp = provider_class(backend).chat_response(
+                r.body or {}, BatchItem(r.custom_id, {}, purpose or "chat", structured, wrapped))
+        except Exception as err:  # an answer of an unexpected shape
+            self._ledger(info, r.custom_id, backend, model, batch_id, "error",
+                         error=f"unreadable answer in batch {batch_id}: {_one_line(err)}"[:2000])
+            return r.custom_id, "errored", _one_line(err)
+        list_cost, note = self.prices.cost(backend, model, resp.input_tokens, resp.output_tokens)
+        cost = list_cost * self.discount
+        if self.budget is not None:
+            self.budget.add(cost)
+        usage = dict(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens, cost_usd=cost)
+        problem = _unusable(resp, structured)
+        if problem:
+            self._ledger(info, r.custom_id, backend, model, batch_id, "parse_error",
+                         error=f"{problem} (batch {batch_id})", **usage)
+            return r.custom_id, "errored", problem
+        self.store.put_cached(r.custom_id, backend, model, resp.to_dict())
+        self._ledger(info, r.custom_id, backend, model, batch_id, "ok", error=note, **usage)
+        return r.custom_id, "succeeded", None
 
     async def wait_open(self) -> None:
         """Poll the open batches, backing off, until every one has ended and been collected."""
@@ -347,14 +343,14 @@ class BatchRunner:
         """
         opts, report = self.options, self.report
         self.backends = {c.backend for c in clients.values()
-                         if getattr(c, "backend", None) in BATCH_BACKENDS}
+                         if has_batch_api(getattr(c, "backend", None))}
         given_up: set[str] = set()
         for phase in range(1, opts.max_phases + 1):
             report.phases = phase
             self.poll_open()  # what ended since the last run or phase goes into the cache first
             sink = BatchSink(self.con, self.submit, retry=opts.retry, max_attempts=opts.max_attempts,
                              given_up=given_up, limits=self.limits)
-            swapped = {name: (BatchCollector(c, sink) if getattr(c, "backend", None) in BATCH_BACKENDS
+            swapped = {name: (BatchCollector(c, sink) if has_batch_api(getattr(c, "backend", None))
                               else c) for name, c in clients.items()}
             await collect_pass(swapped)
             sink.finish()

@@ -2,8 +2,9 @@
 
 `recorded_run(db, flow, params)` wraps a flow's body: it inserts a row (`status='running'`, the
 parameters as JSON, Prefect's flow-run id), and sets `completed` or `failed` (with the error) and
-`finished_at` when the body ends. The database is opened only for these short writes, so the body
-(or a subflow, or a read-only export) opens it as it needs.
+`finished_at` when the body ends. Given a path, the database is opened only for these short
+writes, so the body (or a subflow, or a read-only export) opens it as it needs; given an open
+connection (a run that holds the database throughout), the rows are written on it.
 
 A run killed outright (SIGKILL, power loss) cannot record its end. Writers hold the database for
 their whole body and DuckDB admits one writing process, so when a top-level flow starts, a row
@@ -13,11 +14,15 @@ still `running` belongs to a process that is gone: it is marked `interrupted`.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from featurescribe.errors import first_error_line
+from featurescribe.statuses import RunStatus
 from featurescribe.store import runs as sql
 from featurescribe.store.connection import open_db
 
@@ -27,7 +32,7 @@ class RunInfo:
     run_id: str
     flow: str
     prefect_flow_run_id: str | None
-    status: str = "completed"  # what the row gets when the body ends normally (e.g. 'stopped')
+    status: str = RunStatus.COMPLETED  # what the row gets when the body ends normally (e.g. 'stopped')
     note: str | None = None  # written to `error` with it (e.g. why it stopped)
 
 
@@ -38,6 +43,8 @@ def new_run_id(flow: str) -> str:
 
 def _prefect_ids() -> tuple[str | None, str | None]:
     """(this flow run's id, its parent flow run's id), None outside a flow run."""
+    if "prefect.context" not in sys.modules:  # no flow has run in this process: no need to import it
+        return None, None
     try:
         from prefect.context import FlowRunContext
 
@@ -53,34 +60,34 @@ def _prefect_ids() -> tuple[str | None, str | None]:
         return None, None
 
 
-def _error_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+@contextmanager
+def _writing(target: Any) -> Iterator[Any]:
+    """A connection to write on: `target` itself, or the database at path `target` for a moment."""
+    if not isinstance(target, (str, os.PathLike)):
+        yield target
+        return
+    con = open_db(target)
+    try:
+        yield con
+    finally:
+        con.close()
 
 
 @contextmanager
-def recorded_run(db: str, flow: str, params: dict[str, Any]) -> Iterator[RunInfo]:
+def recorded_run(target: Any, flow: str, params: dict[str, Any]) -> Iterator[RunInfo]:
+    """The body's run row. `target`: a database path, or an open connection to write on."""
     prefect_id, parent = _prefect_ids()
     info = RunInfo(new_run_id(flow), flow, prefect_id)
-    con = open_db(db)
-    try:
+    with _writing(target) as con:
         if parent is None:
             sql.mark_interrupted(con)
         sql.insert_run(con, info.run_id, flow, params, prefect_id)
-    finally:
-        con.close()
     try:
         yield info
     except BaseException as err:
-        status = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
-        _finish(db, info.run_id, status, _error_line(err))
+        status = RunStatus.CANCELLED if isinstance(err, KeyboardInterrupt) else RunStatus.FAILED
+        with _writing(target) as con:
+            sql.finish_run(con, info.run_id, status, first_error_line(err))
         raise
-    _finish(db, info.run_id, info.status, info.note)
-
-
-def _finish(db: str, run_id: str, status: str, error: str | None) -> None:
-    con = open_db(db)
-    try:
-        sql.finish_run(con, run_id, status, error)
-    finally:
-        con.close()
+    with _writing(target) as con:
+        sql.finish_run(con, info.run_id, info.status, info.note)

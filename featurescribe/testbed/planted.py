@@ -220,60 +220,72 @@ def build_bed(
     plants = list(plants) if plants is not None else default_plants()
     n_top = n_top or {"explain": 10, "valid": 5, "test": 10}
     n_random = n_random or {"explain": 5, "valid": 5, "test": 10}
-    tok_fn, tok_name = None, "words"
+    tok_fn, tok_name = _tokenizer(tokenizer)
+    stream = _token_stream(tok_fn, texts, max_tokens)
+    chunks = _chunks(stream, window)
+    examples: dict[tuple[str, int], FeatureExamples] = {}
+    for p in plants:
+        windows = _plant_windows(p, stream, chunks, window, n_top, n_random, seed, amplitude_noise)
+        if windows:
+            max_act = float(max(w.max_act for w in windows))
+            examples[(SOURCE_ID, p.feature_id)] = FeatureExamples(SOURCE_ID, p.feature_id, max_act, windows)
+    return PlantedBed(plants=plants, examples=examples, tokenizer=tok_name, n_tokens=len(stream))
+
+
+def _tokenizer(tokenizer: str) -> tuple[Callable[[str], list[str]], str]:
     if tokenizer in ("auto", "smollm2"):
         tok_fn = smollm2_tokenize()
         if tok_fn is None and tokenizer == "smollm2":
             raise RuntimeError("the smollm2-135m tokenizer is not available")
-        tok_name = "smollm2-135m" if tok_fn else "words"
-    tok_fn = tok_fn or word_tokenize
+        if tok_fn is not None:
+            return tok_fn, "smollm2-135m"
+    return word_tokenize, "words"
 
+
+def _token_stream(tok_fn, texts: Sequence[str] | None, max_tokens: int) -> list[str]:
     stream: list[str] = []
     for text in texts if texts is not None else corpus_texts(max_chars=max_tokens * 6):
         stream.extend(tok_fn(text))
         stream.append("\n")
         if len(stream) >= max_tokens:
             break
-    stream = stream[:max_tokens]
-    chunks = _chunks(stream, window)
+    return stream[:max_tokens]
 
-    examples: dict[tuple[str, int], FeatureExamples] = {}
-    for p in plants:
-        rng = np.random.default_rng([seed, p.feature_id])
-        scale = float(2.0 + p.feature_id % 5)  # features differ in their activation size
-        acts_all = np.asarray(p.rule(stream), dtype=np.float64)
-        noise = 1.0 - amplitude_noise * rng.random(acts_all.size)
-        acts_all = acts_all * noise * scale
-        chunk_acts = [acts_all[i:i + window] for i, _ in chunks]
-        active = [k for k, a in enumerate(chunk_acts) if a.max() > 0]
-        need_top = sum(n_top.values())
-        if len(active) < need_top:
-            continue
-        # top windows: the most active chunks, dealt round-robin to the splits (disjoint)
-        active.sort(key=lambda k: (-chunk_acts[k].sum(), k))
-        top = active[: need_top]
-        used = set(top)
-        rest = [k for k in range(len(chunks)) if k not in used]
-        rng.shuffle(rest)
-        windows: list[Window] = []
-        order = [s for s in ("explain", "valid", "test")]
-        counts = {s: 0 for s in order}
-        i = 0
-        for k in top:
-            while counts[order[i % 3]] >= n_top[order[i % 3]]:
-                i += 1
-            split = order[i % 3]
-            counts[split] += 1
+
+def _plant_windows(p: PlantedFeature, stream: list[str], chunks, window: int, n_top: dict[str, int],
+                   n_random: dict[str, int], seed: int, amplitude_noise: float) -> list[Window]:
+    """A plant's windows: its most active chunks dealt round-robin to the splits (disjoint), then
+    random chunks; none when it fires in too few chunks."""
+    rng = np.random.default_rng([seed, p.feature_id])
+    scale = float(2.0 + p.feature_id % 5)  # features differ in their activation size
+    acts_all = np.asarray(p.rule(stream), dtype=np.float64)
+    acts_all = acts_all * (1.0 - amplitude_noise * rng.random(acts_all.size)) * scale
+    chunk_acts = [acts_all[i:i + window] for i, _ in chunks]
+    active = [k for k, a in enumerate(chunk_acts) if a.max() > 0]
+    need_top = sum(n_top.values())
+    if len(active) < need_top:
+        return []
+    active.sort(key=lambda k: (-chunk_acts[k].sum(), k))
+    top = active[: need_top]
+    used = set(top)
+    rest = [k for k in range(len(chunks)) if k not in used]
+    rng.shuffle(rest)
+    order = ["explain", "valid", "test"]
+    counts = {s: 0 for s in order}
+    windows: list[Window] = []
+    i = 0
+    for k in top:
+        while counts[order[i % 3]] >= n_top[order[i % 3]]:
             i += 1
-            windows.append(_window(chunks[k], chunk_acts[k], "top", split))
-        pos = 0
-        for split in order:
-            for k in rest[pos:pos + n_random[split]]:
-                windows.append(_window(chunks[k], chunk_acts[k], "random", split))
-            pos += n_random[split]
-        max_act = float(max(w.max_act for w in windows))
-        examples[(SOURCE_ID, p.feature_id)] = FeatureExamples(SOURCE_ID, p.feature_id, max_act, windows)
-    return PlantedBed(plants=plants, examples=examples, tokenizer=tok_name, n_tokens=len(stream))
+        split = order[i % 3]
+        counts[split] += 1
+        i += 1
+        windows.append(_window(chunks[k], chunk_acts[k], "top", split))
+    pos = 0
+    for split in order:
+        windows += [_window(chunks[k], chunk_acts[k], "random", split) for k in rest[pos:pos + n_random[split]]]
+        pos += n_random[split]
+    return windows
 
 
 def _window(chunk: tuple[int, list[str]], acts: np.ndarray, kind: str, split: str) -> Window:

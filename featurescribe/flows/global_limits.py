@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from featurescribe.llm.base import ChatRequest, ChatResponse, parse_backend_spec
+from featurescribe.llm.registry import BACKENDS
 
-SHARED_BACKENDS = ("openai", "anthropic")
 LEASE_S = 60  # the shortest lease Prefect allows
 
 
@@ -74,7 +74,7 @@ def ensure_global_limits(specs: list[str], concurrency: int, rpm: float | None =
 
         for spec in specs:
             backend, _ = parse_backend_spec(spec)
-            if backend not in SHARED_BACKENDS or backend in out:
+            if backend not in BACKENDS.where(shared_limits=True) or backend in out:
                 continue
             conc_name, rate_name = limit_names(backend)
             conc = read(conc_name)

@@ -1,4 +1,4 @@
-"""The scorers' prompt templates, read from `featurescribe/prompts/` (simulate_*, detect_*, fuzz_*).
+"""The prompt templates, read from this folder (explain_*, simulate_*, detect_*, fuzz_*).
 
 A template is plain text with `$name` placeholders (string.Template, so braces in tokens or JSON
 need no escaping). A chat template splits into messages at lines `[system]`, `[user]`,
@@ -12,8 +12,13 @@ from functools import lru_cache
 from pathlib import Path
 from string import Template
 
-_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+_PROMPTS = Path(__file__).resolve().parent
 _ROLE = re.compile(r"^\[(system|user|assistant)\]\s*$", re.M)
+
+
+def template_names() -> list[str]:
+    """Every template in this folder, by name (the file name without `.txt`)."""
+    return sorted(p.stem for p in _PROMPTS.glob("*.txt"))
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,115 @@
+"""The label flow's chunk loop: prepare the next chunk while earlier ones compute on the task
+runner, write each result as it comes back (this process is the database's one writer)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from contextlib import ExitStack
+from typing import Any
+
+from featurescribe.flows import label_core
+from featurescribe.flows.label_core import ChunkResult, PreparedChunk
+from featurescribe.flows.label_run import LabelRun, LabelSummary
+
+# cached answers of unfinished earlier runs handed to each Dask chunk at most
+RESUME_CACHE_LIMIT = 20_000
+
+
+class ChunkPipeline:
+    """One flow run's chunks. With Dask, several are in flight (one per worker), each worker
+    with its share of `--concurrency` and of what is left of the budget."""
+
+    def __init__(self, run: LabelRun, summary: LabelSummary, task: Any):
+        o = run.options
+        self.run, self.summary, self.task = run, summary, task
+        self.dask = o.task_runner == "dask"
+        self.in_flight_max = max(1, o.workers) if self.dask else 1
+        self.global_limits = _global_limits(o)
+        # each worker's share (of this run's share of the global limit, with a server)
+        self.chunk_options = dataclasses.replace(o, concurrency=max(1, o.concurrency // self.in_flight_max)) \
+            if self.dask else o
+        self.cached = _resume_cache(run) if self.dask else None
+        self.pending = iter(())
+
+    def label(self, ids: list[int]) -> None:
+        from featurescribe.flows.runners import make_task_runner, workers_see_api
+        from featurescribe.progress import Progress
+
+        o = self.run.options
+        self.pending = label_core.chunks(ids, o.chunk_size)
+        with ExitStack() as stack:
+            if self.dask:
+                stack.enter_context(workers_see_api())
+            runner = stack.enter_context(make_task_runner(
+                o.task_runner, threads=1, workers=o.workers, address=o.dask_address))
+            bar = stack.enter_context(Progress("label", total=len(ids), unit="features", enabled=o.progress))
+            self._drain(runner, bar)
+
+    def _drain(self, runner, bar) -> None:
+        in_flight: deque = deque()
+        ahead = self._prepare_next()
+        while ahead is not None or in_flight:
+            while ahead is not None and len(in_flight) < self.in_flight_max:
+                if ahead.examples:
+                    in_flight.append((ahead, self._submit(runner, ahead)))
+                else:  # dead or rare features only: nothing to compute
+                    self._write(ChunkResult(ahead.source_id, skipped=list(ahead.skipped)), None)
+                    bar.advance(len(ahead.feature_ids))
+                ahead = self._prepare_next()
+            if in_flight:
+                prepared, future = in_flight.popleft()
+                self._write(*future.result())
+                bar.advance(len(prepared.feature_ids))
+
+    def _prepare_next(self) -> PreparedChunk | None:
+        for chunk_ids in self.pending:
+            if not self.run.budget.exhausted:
+                return label_core.prepare_chunk(self.run.con, self.run.options, chunk_ids)
+            self.summary.leave_for_later(chunk_ids)
+        return None
+
+    def _submit(self, runner, prepared: PreparedChunk):
+        from prefect.utilities.annotations import quote
+
+        budget: Any = self.run.budget
+        if self.dask:  # a worker's share of what is left (a number: a Budget does not pickle)
+            budget = None if budget.limit_usd is None else (budget.remaining_usd or 0.0) / self.in_flight_max
+        name = f"label-chunk-{prepared.feature_ids[0]}-{prepared.feature_ids[-1]}"
+        # quote: Prefect does not walk the examples looking for futures (in this process; a
+        # quoted value does not survive Dask's pickling, which walks them anyway)
+        q = (lambda v: v) if self.dask else quote
+        return runner.submit(self.task.with_options(task_run_name=name), parameters={
+            "prepared": q(prepared), "options": self.chunk_options, "run_id": self.run.run_id,
+            "budget": budget, "store": q(self.run.store), "cached": self.cached,
+            "global_limits": self.global_limits})
+
+    def _write(self, result: ChunkResult, calls) -> None:
+        if self.run.store is not None:
+            self.run.store.flush()  # this chunk's ledger rows before its results
+        counts = label_core.write_chunk(self.run.con, result, run_id=self.run.run_id, calls=calls)
+        self.summary.add(result, counts)
+        if calls is not None:
+            self.run.budget.add(result.spent_usd)
+
+
+def _global_limits(options) -> dict | None:
+    """Prefect global limits of the run's provider backends, with a Prefect server."""
+    from featurescribe.flows import global_limits
+    from featurescribe.flows.prefect_env import api_url
+    from featurescribe.llm.registry import is_llm_spec
+
+    specs = [s for s in (options.explainer, options.simulator) if is_llm_spec(s)]
+    if specs and global_limits.enabled() and api_url():
+        return global_limits.ensure_global_limits(specs, options.concurrency) or None
+    return None
+
+
+def _resume_cache(run: LabelRun) -> dict:
+    from featurescribe.llm.registry import is_llm_spec
+    from featurescribe.store.runs import resume_cache_entries
+
+    o = run.options
+    if not (is_llm_spec(o.explainer) or is_llm_spec(o.simulator)):
+        return {}
+    return resume_cache_entries(run.con, o.source_id, RESUME_CACHE_LIMIT)

@@ -1,0 +1,245 @@
+"""The options of a label run, declared once.
+
+`LabelOptions` is what `featurescribe label` parses (`add_arguments`), what the Prefect label
+flow takes as parameters (`flow_signature`: the flow's signature is made from these fields), and
+what the pipeline steps read (`prepare_chunk`, `compute_chunk`, ...). A new option is one field
+here, with its help text in `opt(...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from featurescribe.errors import FeaturescribeError
+from featurescribe.records import KINDS, SPLITS
+from featurescribe.store.sampling import DEFAULT_COUNTS, SamplingConfig
+
+DEFAULT_CHUNK_SIZE = 256
+RUNNERS = ("thread", "dask")
+BATCH_RETRIES = ("batch", "direct")
+METHOD_CHOICES = ("auto", "pairs", "highlighted", "marked")
+POLL_DEFAULT_S = 30.0
+BATCH_GROUP = "batch APIs (half price, results within 24 h)"
+
+
+def opt(default: Any, help: str, **argparse_kw: Any) -> Any:
+    """A dataclass field that is also a command-line option (`--name-with-dashes`)."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def format_counts(counts) -> str:
+    return ", ".join(f"{s}.{k}={n}" for s, kinds in counts.items() for k, n in kinds.items() if n)
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    source: str = opt(dataclasses.MISSING, "SOURCE_ID, e.g. 6-mlp (harvest prints it)", required=True)
+    features: str = opt("all", "which features: 0:64, 3,17,40, all or alive (default: all; dead and "
+                               "rare features are marked and reported, not explained)")
+    explainer: str = opt("baseline:tokens", "{explainers} (default: baseline:tokens)")
+    simulator: str = opt("lexical", "{simulators} (default: lexical)")
+    scorers: str = opt("simulation", "comma-separated: {scorers} (default: simulation)")
+    candidates: int = opt(1, "explanations per feature; with more than 1, the best on the valid split "
+                             "is chosen (default: 1)")
+    concurrency: int = opt(16, "LLM requests in flight (default: 16)")
+    budget_usd: float | None = opt(None, "no new LLM call starts once the run has spent this much")
+    no_cache: bool = opt(False, "do not answer from the response cache")
+    method: str = opt("auto", "how LLM explainers see the examples: pairs (token and activation per "
+                              "line), highlighted (active tokens in << >>, listed with activations) or "
+                              "marked (active tokens in << >> only); default auto: marked for local "
+                              "models, else pairs", choices=METHOD_CHOICES)
+    chunk_size: int = opt(DEFAULT_CHUNK_SIZE, f"features per chunk (default: {DEFAULT_CHUNK_SIZE})")
+    explain_windows: int | None = opt(None, "show the explainer at most this many windows (default: all "
+                                            "of the explain split; small local models want fewer)")
+    logit_lens: int = opt(0, "show LLM explainers the K (default 10) tokens each feature's output "
+                             "direction promotes most, read through the source model's unembedding "
+                             "(loads the model)", nargs="?", const=10, metavar="K")
+    output_effects: int = opt(0, "show LLM explainers the K (default 10) tokens whose next-token probability "
+                                 "rises and falls most when the feature is steered (loads the source's "
+                                 "model)", nargs="?", const=10, metavar="K")
+    intervention_prompts: int = opt(8, "neutral prompts the intervention scorer and --output-effects steer "
+                                       "on (default 8)", metavar="N")
+    target_kl: float = opt(2.0, "steering strength is calibrated per feature to this next-token KL "
+                                "(default 2.0)")
+    window: int = opt(32, "tokens per example window (default: 32)")
+    windows: str = opt("", "windows per split and kind, changing the defaults "
+                           f"({format_counts(DEFAULT_COUNTS)}); e.g. test.top=5,test.random=5 for a "
+                           "cheaper local judge. Features sampled before keep their windows",
+                       metavar="SPLIT.KIND=N,...")
+    seed: int = opt(0, "sampling seed (default: 0)")
+    redo: bool = opt(False, "label features that already have a scored label by this explainer too")
+    no_progress: bool = opt(False, "no progress bar or progress lines")
+    batch: bool = opt(False, "send the openai:/anthropic: requests as provider batches (OpenAI Batch, "
+                             "Anthropic Message Batches) at the batch price", group=BATCH_GROUP)
+    no_wait: bool = opt(False, "with --batch: submit and return; run the same command again later to "
+                               "collect and go on", group=BATCH_GROUP)
+    batch_retry: str = opt("batch", "errored, expired or cancelled requests go in a new batch (default) "
+                                    "or directly through the ordinary API at the list price",
+                           choices=BATCH_RETRIES, group=BATCH_GROUP)
+    batch_poll: float = opt(POLL_DEFAULT_S, "first wait between polls, growing 1.5x up to 10 min "
+                                            f"(default: {POLL_DEFAULT_S:g})", metavar="S", group=BATCH_GROUP)
+    task_runner: str = opt("thread", "thread (default): chunks run in this process; dask: chunks spread "
+                                     "over a Dask cluster (the database is still written by this "
+                                     "process only)", choices=RUNNERS)
+    workers: int = opt(2, "dask: worker processes of the local cluster (default: 2)")
+    dask_address: str | None = opt(None, "dask: use the running cluster at this scheduler address "
+                                         "(tcp://host:8786) instead of starting a local one",
+                                   metavar="ADDRESS")
+
+    def __post_init__(self) -> None:
+        from featurescribe.flows.label_checks import check_options
+
+        check_options(self)
+
+    # ----------------------------------------------------------------- what the pipeline reads
+    @property
+    def source_id(self) -> str:
+        return self.source
+
+    @property
+    def scorer_names(self) -> tuple[str, ...]:
+        return tuple(s.strip().lower() for s in self.scorers.split(",") if s.strip())
+
+    @property
+    def use_cache(self) -> bool:
+        return not self.no_cache
+
+    @property
+    def skip_done(self) -> bool:
+        return not self.redo
+
+    @property
+    def progress(self) -> bool:
+        return not self.no_progress
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig.with_counts(parse_window_counts(self.windows), window=self.window,
+                                          seed=self.seed)
+
+    @property
+    def method_name(self) -> str:
+        """What `explanations.method` records: the prompt style, or the no-LLM explainer's own."""
+        from featurescribe.labelers import method_name
+
+        return method_name(self.explainer, self.method)
+
+    @property
+    def n_candidates(self) -> int:
+        from featurescribe.labelers import is_llm_explainer
+
+        return self.candidates if is_llm_explainer(self.explainer) else 1
+
+    @property
+    def steers(self) -> bool:
+        """Whether the run loads the source's model to steer it (the intervention scorer, or
+        --output-effects with an LLM explainer)."""
+        from featurescribe.labelers import is_llm_explainer
+
+        return "intervention" in self.scorer_names or (self.output_effects > 0 and is_llm_explainer(self.explainer))
+
+    def intervention_config(self):
+        from featurescribe.scorers.intervention import InterventionConfig
+
+        return InterventionConfig(n_prompts=self.intervention_prompts, target_kl=self.target_kl)
+
+    def replace(self, **changes: Any) -> "LabelOptions":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The pipeline's parameters as `runs.params` records them."""
+        d = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+        d["source_id"] = d.pop("source")
+        d["scorers"] = list(self.scorer_names)
+        d["sampling"] = self.sampling.as_dict()
+        return d
+
+
+# options that say how a run is carried out, not what it computes
+RUN_ONLY = ("no_progress", "batch", "no_wait", "batch_retry", "batch_poll", "task_runner", "workers",
+            "dask_address")
+
+
+def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:
+    """DEFAULT_COUNTS changed by 'split.kind=n,...' (FeaturescribeError for anything else)."""
+    counts = {s: dict(DEFAULT_COUNTS.get(s, {})) for s in SPLITS}
+    for item in (x.strip() for x in (spec or "").split(",")):
+        if item:
+            split, kind, n = _window_item(item)
+            counts[split][kind] = n
+    for split, what in (("explain", "the explainer needs windows"), ("test", "nothing to score on")):
+        if not sum(counts[split].get(k, 0) for k in KINDS):
+            raise FeaturescribeError(f"--windows leaves the {split} split empty: {what}")
+    return counts
+
+
+def _window_item(item: str) -> tuple[str, str, int]:
+    key, eq, value = item.partition("=")
+    split, dot, kind = key.strip().partition(".")
+    if not (eq and dot) or split not in SPLITS or kind not in KINDS:
+        raise FeaturescribeError(
+            f"bad --windows item {item!r}: use SPLIT.KIND=N with SPLIT one of {', '.join(SPLITS)} "
+            f"and KIND one of {', '.join(KINDS)}")
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise FeaturescribeError(f"bad --windows item {item!r}: N must be a whole number >= 0")
+    return split, kind, n
+
+
+# --------------------------------------------------------------------- the CLI and the flow
+def _choices_help() -> dict[str, str]:
+    """What `{explainers}`, `{simulators}` and `{scorers}` in help texts stand for: the registries."""
+    from featurescribe.labelers.registry import explainer_specs_help
+    from featurescribe.scorers.registry import SCORERS, simulator_specs_help
+
+    return {"explainers": explainer_specs_help(), "simulators": simulator_specs_help(),
+            "scorers": ", ".join(SCORERS.names())}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per field of LabelOptions (booleans are flags)."""
+    hints = typing.get_type_hints(LabelOptions)
+    names = _choices_help()
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(LabelOptions):
+        kw = dict(f.metadata)
+        kw["help"] = kw["help"].format(**names)
+        group = kw.pop("group", None)
+        target = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            target.add_argument(flag, action="store_true", **kw)
+            continue
+        if not kw.get("required"):
+            kw["default"] = f.default
+        target.add_argument(flag, type=_scalar(hints[f.name]), **kw)
+
+
+def _scalar(hint: Any) -> type:
+    """int for `int` and `int | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def from_args(args: argparse.Namespace) -> LabelOptions:
+    names = [f.name for f in dataclasses.fields(LabelOptions)]
+    return LabelOptions(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+def flow_signature(**leading: type) -> inspect.Signature:
+    """Keyword-only parameters: `leading` ones (db), then one per field of LabelOptions."""
+    hints = typing.get_type_hints(LabelOptions)
+    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=t) for n, t in leading.items()]
+    for f in dataclasses.fields(LabelOptions):
+        default = inspect.Parameter.empty if f.metadata.get("required") else f.default
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=hints[f.name]))
+    return inspect.Signature(params)

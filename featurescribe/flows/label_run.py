@@ -1,0 +1,179 @@
+"""A label run: the run context every way of running the pipeline shares, and the plain loop.
+
+`LabelRun` is what the plain loop (`run_label`), the Prefect label flow (flows/label_flow.py) and
+the batch phases (flows/label_batch.py) have in common: the run id and its `runs` row, the budget,
+the database-backed call store, the LLM clients (closed at the end), the budget message and the
+run's totals read back from the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from featurescribe.flows.label_core import (
+    ChunkCounts,
+    ChunkResult,
+    SkippedFeature,
+    chunks,
+    compute_chunk,
+    llm_clients,
+    prepare_chunk,
+    select_features,
+    write_chunk,
+)
+from featurescribe.flows.label_checks import check_steering
+from featurescribe.flows.label_options import LabelOptions
+from featurescribe.statuses import RunStatus
+
+
+@dataclass
+class LabelSummary:
+    run_id: str
+    source_id: str
+    explainer: str
+    simulator: str
+    n_selected: int = 0
+    already_done: int = 0
+    labelled: list[int] = field(default_factory=list)
+    skipped: list[SkippedFeature] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    not_done: list[int] = field(default_factory=list)
+    explanations_written: int = 0
+    scores_written: int = 0
+    spent_usd: float = 0.0
+    llm_calls: int = 0
+    cached_calls: int = 0
+    stopped_at_budget: bool = False
+    budget_message: str | None = None
+    mean_score: float | None = None
+
+    def add(self, result: ChunkResult, counts: ChunkCounts) -> None:
+        self.labelled += result.labelled
+        self.skipped += result.skipped
+        self.failed.update(result.failed)
+        self.not_done += result.not_done
+        self.explanations_written += counts.explanations
+        self.scores_written += counts.scores
+        self.stopped_at_budget |= result.stopped_at_budget
+
+    def leave_for_later(self, feature_ids: list[int]) -> None:
+        """Features a run did not start because the budget was spent."""
+        self.not_done += feature_ids
+        self.stopped_at_budget = True
+
+
+def check_backends(options: LabelOptions) -> None:
+    """Fail before any work when an LLM backend cannot be used (no API key, unknown backend,
+    a local model that is not there)."""
+    from featurescribe.llm.registry import check_backend
+
+    for spec in {options.explainer, options.simulator}:
+        check_backend(spec)
+
+
+class LabelRun:
+    """One run over an open connection: see the module docstring."""
+
+    def __init__(self, con, options: LabelOptions, run_id: str, *, call_store: bool = True):
+        from featurescribe.llm.budget import Budget
+        from featurescribe.store.llm_calls import CallStore
+
+        self.con, self.options, self.run_id = con, options, run_id
+        self.budget = Budget(options.budget_usd)
+        self.store = CallStore(con) if call_store else None
+
+    def summary(self, ids: list[int], n_selected: int) -> LabelSummary:
+        o = self.options
+        return LabelSummary(self.run_id, o.source_id, o.explainer, o.simulator,
+                            n_selected=n_selected, already_done=n_selected - len(ids))
+
+    def clients(self):
+        """The run's LLM clients (async context manager), recording to its call store."""
+        return llm_clients(self.options, store=self.store, budget=self.budget, run_id=self.run_id)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def finish(self, summary: LabelSummary) -> LabelSummary:
+        """Close the call store, then fill in the budget message and the totals."""
+        from featurescribe.store.runs import label_run_totals
+
+        self.close()
+        summary.stopped_at_budget |= self.budget.stopped
+        if summary.stopped_at_budget:
+            summary.budget_message = (
+                f"stopped at the budget: ${self.options.budget_usd or 0:.4f} spent or reached; "
+                f"{len(summary.not_done)} feature(s) left for a later run")
+        totals = label_run_totals(self.con, self.run_id)
+        summary.spent_usd, summary.llm_calls = totals["spent_usd"], totals["llm_calls"]
+        summary.cached_calls, summary.mean_score = totals["cached_calls"], totals["mean_score"]
+        return summary
+
+
+@contextmanager
+def open_label_run(con, options: LabelOptions, run_id: str, *, call_store: bool = True) -> Iterator[LabelRun]:
+    """A LabelRun whose call store is closed however the block ends."""
+    run = LabelRun(con, options, run_id, call_store=call_store)
+    try:
+        yield run
+    finally:
+        run.close()
+
+
+def selected_features(con, options: LabelOptions) -> tuple[list[int], int]:
+    """(the features this run labels, how many the spec selects before leaving out done ones)."""
+    every = select_features(con, options.source_id, options.features, skip_done=False)
+    todo = select_features(con, options.source_id, options.features, explainer=options.explainer,
+                           skip_done=options.skip_done)
+    return todo, len(every)
+
+
+def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> LabelSummary:
+    """A whole label run in this process, without Prefect: prepare/compute/write chunk by chunk.
+
+    Recorded in `runs` (flow 'label'; status 'completed', 'stopped' at the budget, or 'failed').
+    """
+    from featurescribe.flows.run_record import recorded_run
+    from featurescribe.store.connection import open_db
+
+    check_backends(options)
+    con = open_db(db, create=False)
+    try:
+        ids, n_selected = selected_features(con, options)
+        check_steering(con, options)
+        with recorded_run(con, "label", options.as_dict()) as record, \
+                open_label_run(con, options, record.run_id) as run:
+            summary = run.summary(ids, n_selected)
+            asyncio.run(_loop(run, ids, summary, progress))
+            run.finish(summary)
+            if summary.stopped_at_budget:
+                record.status, record.note = RunStatus.STOPPED, summary.budget_message
+        return summary
+    finally:
+        con.close()
+
+
+async def _loop(run: LabelRun, ids: list[int], summary: LabelSummary, progress: bool) -> None:
+    from featurescribe.progress import Progress
+
+    async with run.clients() as clients:
+        with Progress("label", total=len(ids), unit="features", enabled=progress) as bar:
+            for chunk_ids in chunks(ids, run.options.chunk_size):
+                if run.budget.exhausted:
+                    summary.leave_for_later(chunk_ids)
+                    continue
+                prepared = prepare_chunk(run.con, run.options, chunk_ids)
+                result = await compute_chunk(prepared, run.options, clients=clients, store=run.store,
+                                             budget=run.budget, run_id=run.run_id)
+                run.store.flush()
+                summary.add(result, write_chunk(run.con, result, run_id=run.run_id))
+                bar.advance(len(chunk_ids))
+
+
+__all__ = ["LabelRun", "LabelSummary", "check_backends", "open_label_run", "run_label",
+           "selected_features"]
