@@ -35,7 +35,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 OPENAI_MODELS = ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1", "gpt-4o"]
 ANTHROPIC_MODELS = ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5"]
 SCORERS = ["simulation", "detection", "fuzzing"]
-PURPOSE_OF = {"simulation": "simulate", "detection": "detect", "fuzzing": "fuzz"}
+# the intervention scorer steers the source's model (the same forward passes whatever the explainer),
+# so it runs with the `pairs` explainer only
+STEERING_SCORERS = ["intervention"]
+PURPOSE_OF = {"simulation": "simulate", "detection": "detect", "fuzzing": "fuzz", "intervention": "intervention"}
 
 
 def responder(req):
@@ -49,8 +52,10 @@ def responder(req):
         return json.dumps({"explanation": f'the tokens " def", " class" and " return" in Python code, '
                                           f'mostly at the start of a definition ({tag})'})
     if '"answers"' in props:
-        n = int(re.search(r"each of the (\d+) texts", user).group(1))
-        return json.dumps({"answers": [i % 2 for i in range(n)]})
+        n, what = re.search(r"each of the (\d+) (texts|pairs)", user).groups()
+        if what == "pairs":  # the intervention judge answers a letter per pair
+            return json.dumps({"answers": ["AB"[i % 2] for i in range(int(n))]})
+        return json.dumps({"answers": [i % 2 for i in range(int(n))]})
     if '"activations"' in props:
         n = int(re.search(r"exactly (\d+) whole numbers", user).group(1))
         return json.dumps({"activations": [0] * n})
@@ -85,6 +90,21 @@ def ledger(db: str, backend: str) -> tuple[dict[str, tuple[int, int, int]], int]
     return {p: (int(c), int(i or 0), int(o or 0)) for p, c, i, o in rows}, int(n)
 
 
+def print_forward_passes(db: str, provider: str, n: int) -> None:
+    """The intervention scorer's local forward passes (ledger rows, backend local, cost 0)."""
+    from featurescribe.store import open_db
+
+    con = open_db(db, read_only=True)
+    try:
+        passes, tin, tout, secs = con.execute(
+            "SELECT count(*), sum(input_tokens), sum(output_tokens), sum(latency_s) FROM llm_calls "
+            "WHERE backend = 'local' AND purpose = 'intervention'").fetchone()
+    finally:
+        con.close()
+    print(f"{'  ' + provider + ' intervention: local steering':44s} {passes / n:6.1f} {(tin or 0) / n:8.0f} "
+          f"{(tout or 0) / n:8.0f}   forward passes of the source model, {(secs or 0) / n:.1f} s a feature, $0")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -115,13 +135,14 @@ def main() -> int:
             with open(base, "rb") as src, open(db, "wb") as dst:
                 dst.write(src.read())
             spec = f"{provider}:{models[0]}"
+            scorers = SCORERS + (STEERING_SCORERS if method == "pairs" else [])
             run(["label", "--db", db, "--source", "6-mlp", "--features", features, "--explainer", spec,
-                 "--simulator", spec, "--scorers", ",".join(SCORERS), "--method", method, "--no-progress"])
+                 "--simulator", spec, "--scorers", ",".join(scorers), "--method", method, "--no-progress"])
             usage, n = ledger(db, provider)
             if not n:
                 raise SystemExit(f"{provider} {method}: no feature was labelled")
             ex = usage.get("explain", (0, 0, 0))
-            for scorer in SCORERS:
+            for scorer in scorers:
                 sc = usage.get(PURPOSE_OF[scorer], (0, 0, 0))
                 calls, tin, tout = ex[0] + sc[0], ex[1] + sc[1], ex[2] + sc[2]
                 per_in, per_out = tin / n, tout / n
@@ -133,6 +154,8 @@ def main() -> int:
                         headline = c / 1000
                 label = f"{provider} {method} explain + {scorer}"
                 print(f"{label:44s} {calls / n:6.1f} {per_in:8.0f} {per_out:8.0f}   " + ", ".join(costs))
+            if "intervention" in scorers:
+                print_forward_passes(db, provider, n)
     server.stop()
     print()
     print(f"cost_per_feature_usd_gpt4o_mini: {headline:.5f}")

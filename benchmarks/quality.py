@@ -129,6 +129,8 @@ async def planted(args) -> float:
     lift = [r.value - r.baseline_shuffled for r in res.results if r.scorer == "simulation" and r.baseline_shuffled is not None]
     fig("planted_tokens_explainer_mean_lift", float(np.mean(lift)) if lift else 0.0)
 
+    await intervention_bed(args)
+
     # API judges the user configured
     for spec in [s.strip() for s in os.environ.get("FEATURESCRIBE_QUALITY_JUDGES", "").split(",") if s.strip()]:
         from featurescribe.llm import make_client
@@ -184,6 +186,34 @@ async def planted(args) -> float:
     print(f"# local:{args.model} as judge (P('1') vs P('0'), one pass a batch): {len(res.results)} scored, "
           f"{len(res.failures)} failed, {time.perf_counter() - t0:.0f} s")
     return ranking.auc
+
+
+async def intervention_bed(args) -> None:
+    """The intervention scorer on the planted bed of output directions (steer/planted.py): each
+    plant's true description against the others', judged by `lexical` and by the local model (both
+    read the same continuations: the steering is done once per plant)."""
+    from featurescribe.llm import make_client
+    from featurescribe.llm.backends.local import get_local_model
+    from featurescribe.scorers.intervention import LexicalPairJudge, make_pair_judge, score_intervention
+    from featurescribe.testbed.planted import ranking_auc
+    from featurescribe.steer.planted import build_output_bed
+
+    t0 = time.perf_counter()
+    bed = build_output_bed(get_local_model(args.model, device="cpu"))
+    exps = bed.explanations()
+    print(f"# output bed: {len(bed.plants)} directions added after layer {bed.layer} of {args.model} "
+          f"(strength unit: residual norm {bed.scale:.0f}), each with its true and {len(bed.plants) - 1} "
+          "mismatched descriptions")
+    client = make_client(f"local:{args.model}", use_cache=False)
+    for tag, judge in (("lexical", LexicalPairJudge()), ("local", make_pair_judge(f"local:{args.model}", client))):
+        res = [await score_intervention(e, bed.steering, judge) for e in exps]
+        r = ranking_auc(exps, res, "intervention")
+        true = [x.value for e, x in zip(exps, res) if e.method == "true"]
+        print(f"# {tag} intervention judge: true descriptions score {describe(true)}, mismatched "
+              f"{describe([x.value for e, x in zip(exps, res) if e.method != 'true'])}; "
+              f"{time.perf_counter() - t0:.0f} s so far")
+        fig(f"planted_auc_{tag}_intervention", r.auc)
+    await client.aclose()
 
 
 def cli(argv: list[str]) -> tuple[int, str]:

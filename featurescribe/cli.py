@@ -13,6 +13,7 @@ from typing import Callable
 
 from featurescribe.errors import FeaturescribeError
 
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -27,6 +28,7 @@ def command_table() -> list[Command]:
     from featurescribe.export import command as export
     from featurescribe.flows import demo, label_command, serve
     from featurescribe.harvest import command as harvest
+    from featurescribe.steer import command as steer
     from featurescribe.store import commands as store
 
     return [
@@ -36,6 +38,8 @@ def command_table() -> list[Command]:
                 harvest.add_arguments, harvest.run),
         Command("label", "sample, explain and score the features of a source",
                 label_command.add_arguments, label_command.run),
+        Command("steer", "continue prompts with one feature steered (clamped or added), beside the unsteered text",
+                steer.add_arguments, steer.run),
         Command("export", "write feature dictionaries: neuronpedia, oai, delphi, parquet or json",
                 export.add_export_arguments, export.run_export),
         Command("report", "write a self-contained HTML feature browser",

@@ -50,6 +50,10 @@ class FeatureExamples:
     windows: list[Window] = field(default_factory=list)
     # the tokens the feature's output direction promotes most (label --logit-lens), else None
     promoted: list[str] | None = None
+    # the tokens whose next-token probability rises / falls most when the feature is steered
+    # (label --output-effects), else None
+    output_rising: list[str] | None = None
+    output_falling: list[str] | None = None
 
     def split(self, name: str, kind: str | None = None) -> list[Window]:
         return [w for w in self.windows if w.split == name and (kind is None or w.kind == kind)]
@@ -91,3 +95,5 @@ class ScoreResult:
     baseline_shuffled: float | None = None
     baseline_tokens: float | None = None
     simulations: list[SimulationRecord] = field(default_factory=list)
+    # the intervention scorer's audit rows (scorers/intervention.py InterventionRecord)
+    interventions: list[Any] = field(default_factory=list)

@@ -63,6 +63,24 @@ def _explain_cases() -> dict[str, str]:
             out[name] = _text(render_explain_prompt(fe, method, None, answer))
     out["explain_pairs+explain_logit_lens"] = _text(render_explain_prompt(
         dataclasses.replace(fe, promoted=["def", " class", " lambda"]), "pairs", None, "json"))
+    out["explain_pairs+explain_output_effects"] = _text(render_explain_prompt(
+        dataclasses.replace(fe, output_rising=[" def", "\n"], output_falling=[" the"]), "pairs", None, "json"))
+    return out
+
+
+def _intervention_cases() -> dict[str, str]:
+    from featurescribe.scorers.intervention import LLMPairJudge, LocalPairJudge
+    from featurescribe.steer.calibrate import _all_neutral_prompts
+
+    pairs = [("The", " def main():", " weather was"), ("I think that", " it rained", " class Foo:\n")]
+    out = {"steer_neutral": "\n".join(_all_neutral_prompts()) + "\n"}
+    with scripted(lambda r: json.dumps({"answers": ["A", "B"]})) as script:
+        asyncio.run(LLMPairJudge(make_client("script:any", use_cache=False)).pick(EXPLANATION, pairs))
+        out["intervention_batch"] = _text(script.requests[0].messages)
+    with scripted(_answer, candidate_probs=True) as script:
+        asyncio.run(LocalPairJudge(make_client("script:any")).pick(EXPLANATION, pairs))
+        messages, text = script.prob_calls[0]
+        out["intervention_local"] = _text(messages) + "[assistant, scored]\n" + text
     return out
 
 
@@ -102,7 +120,7 @@ def _judge_cases() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, str]:
-    return {**_explain_cases(), **_simulate_cases(), **_judge_cases()}
+    return {**_explain_cases(), **_simulate_cases(), **_judge_cases(), **_intervention_cases()}
 
 
 def test_every_template_has_a_snapshot(rendered):

@@ -47,6 +47,9 @@ SCORER_DESCRIPTIONS = {
                  "(Paulo et al. 2024).",
     "fuzzing": "Balanced accuracy of an LLM judging whether the highlighted tokens of held-out "
                "windows match the explanation (Paulo et al. 2024).",
+    "intervention": "Accuracy of an LLM judging which of two continuations of neutral prompts (the feature "
+                    "steered at a strength calibrated to a target next-token KL, or not) the explanation "
+                    "describes; what the feature does to the output.",
 }
 
 
@@ -77,10 +80,11 @@ def _feature_row(b: FeatureBundle, model: str, src: dict, creator_id: str) -> di
         "correlated_neurons_l1": [],
         "correlated_neurons_pearson": [],
         "decoder_weights_dist": [],
-        "neg_str": [],
-        "neg_values": [],
-        "pos_str": [],
-        "pos_values": [],
+        # what steering the feature does to the next token (label --output-effects), when measured
+        "neg_str": s.get("output_falling") or [],
+        "neg_values": s.get("output_falling_delta") or [],
+        "pos_str": s.get("output_rising") or [],
+        "pos_values": s.get("output_rising_delta") or [],
         "sourceSetName": source_set_name(src["source_id"]),
         "topkCosSimIndices": [],
         "topkCosSimValues": [],

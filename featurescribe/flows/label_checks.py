@@ -41,3 +41,28 @@ def check_options(o: "LabelOptions") -> None:
     if o.no_wait and not o.batch:
         raise FeaturescribeError("--no-wait goes with --batch")
     parse_window_counts(o.windows)
+    _check_steering_options(o)
+
+
+def _check_steering_options(o: "LabelOptions") -> None:
+    from featurescribe.steer.calibrate import neutral_prompts
+
+    if o.output_effects < 0:
+        raise FeaturescribeError("--output-effects must be 0 or more tokens")
+    neutral_prompts(o.intervention_prompts)  # a clear error outside 1..the list's length
+    if not o.target_kl > 0:
+        raise FeaturescribeError(f"--target-kl must be a positive number, not {o.target_kl}")
+
+
+def check_steering(con, o: "LabelOptions") -> None:
+    """Fail before any work when the run steers (intervention scorer, --output-effects) and the
+    source's model, its hook or its SAE is not usable here. The model is loaded once per process,
+    so the run then finds it loaded."""
+    if not o.steers:
+        return
+    from featurescribe.steer.source import check_source_steerable, load_source_steering
+    from featurescribe.store.steering import source_row
+
+    source = source_row(con, o.source_id)
+    check_source_steerable(source)
+    load_source_steering(source)

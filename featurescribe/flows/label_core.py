@@ -122,6 +122,7 @@ class PreparedChunk:
     feature_ids: list[int]
     examples: list[FeatureExamples]
     skipped: list[SkippedFeature] = field(default_factory=list)
+    source: dict | None = None  # the `sources` row, when the intervention scorer steers its model
 
 
 def prepare_chunk(con, options: LabelOptions, feature_ids: Sequence[int]) -> PreparedChunk:
@@ -136,8 +137,14 @@ def prepare_chunk(con, options: LabelOptions, feature_ids: Sequence[int]) -> Pre
     loaded = load_examples(con, options.source_id, [f for f in ids if f not in set(report.skipped)])
     if options.logit_lens and loaded and is_llm_explainer(options.explainer):
         attach_promoted_tokens(con, options.source_id, loaded, options.logit_lens)
+    if options.output_effects and loaded and is_llm_explainer(options.explainer):
+        from featurescribe.steer.effects import attach_output_effects
+
+        attach_output_effects(con, options.source_id, loaded, options.output_effects,
+                              n_prompts=options.intervention_prompts, target_kl=options.target_kl)
+    source = sql.source_row(con, options.source_id) if "intervention" in options.scorer_names and loaded else None
     return PreparedChunk(options.source_id, ids, [loaded[f] for f in sorted(loaded)],
-                         sorted(skipped, key=lambda s: s.feature_id))
+                         sorted(skipped, key=lambda s: s.feature_id), source)
 
 
 def attach_promoted_tokens(con, source_id: str, examples: dict[int, FeatureExamples], k: int) -> None:
@@ -243,6 +250,7 @@ class _Chunk:
     sim_client: Any
     run_id: str | None
     result: ChunkResult
+    steering: Any = None  # the intervention scorer's scorers.intervention.FeatureSteering
     by_key: dict[tuple[str, int], FeatureExamples] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -258,19 +266,22 @@ async def compute_chunk(prepared: PreparedChunk, options: LabelOptions, clients:
 
     `clients` record to their CallStore (ledger rows, response cache) and are the caller's to
     close; without them, clients recording to `store` are made for this chunk and closed.
-    `budget` is the run's `llm.budget.Budget` (or a number of USD; None: no limit).
+    `budget` is the run's `llm.budget.Budget` (or a number of USD; None: no limit). `store` also
+    gets the ledger rows of the intervention scorer's forward passes.
     """
     from featurescribe.scorers import make_simulator
 
     budget = as_budget(budget)
     if clients is None:
         async with llm_clients(options, store=store, budget=budget, run_id=run_id) as own:
-            return await compute_chunk(prepared, options, clients=own, budget=budget, run_id=run_id)
+            return await compute_chunk(prepared, options, clients=own, store=store, budget=budget,
+                                       run_id=run_id)
     spent_before = clients.spent_usd()
     explainer = make_explainer(options.explainer, client=clients.explainer, method=options.method_name,
                                max_windows=options.explain_windows)
     chunk = _Chunk(prepared, options, explainer, make_simulator(options.simulator, client=clients.simulator),
-                   clients.simulator, run_id, ChunkResult(prepared.source_id, skipped=list(prepared.skipped)))
+                   clients.simulator, run_id, ChunkResult(prepared.source_id, skipped=list(prepared.skipped)),
+                   steering=_steering(prepared, options, store, run_id))
     per_feature = await explain_features(chunk)
     chosen = await choose_candidates(chunk, per_feature)
     await score_chosen(chunk, chosen)
@@ -282,6 +293,17 @@ async def compute_chunk(prepared: PreparedChunk, options: LabelOptions, clients:
     result.labelled.sort()
     result.not_done.sort()
     return result
+
+
+def _steering(prepared: PreparedChunk, options: LabelOptions, store, run_id):
+    """The intervention scorer's FeatureSteering over the chunk's features (None when not asked)."""
+    if prepared.source is None or "intervention" not in options.scorer_names:
+        return None
+    from featurescribe.scorers.intervention import steering_for_source
+
+    max_acts = {fe.feature_id: fe.max_act for fe in prepared.examples}
+    return steering_for_source(prepared.source, max_acts, options.intervention_config(),
+                               store=store, run_id=run_id)
 
 
 async def explain_features(chunk: _Chunk) -> dict[int, list[ExplanationRow]]:
@@ -380,7 +402,7 @@ async def score_rows(chunk: _Chunk, rows: Sequence[ExplanationRow], scorers: Seq
         try:
             outcome = await score_explanations(
                 [e], {(e.source_id, e.feature_id): chunk.examples_of(e)}, simulator=chunk.simulator,
-                client=chunk.sim_client, scorers=list(scorers), split=split,
+                client=chunk.sim_client, scorers=list(scorers), split=split, steering=chunk.steering,
                 other_explanations={e.explanation_id: others[e.explanation_id]} if e.explanation_id in others else None)
         except BudgetExceeded:
             stopped = True

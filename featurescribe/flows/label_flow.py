@@ -40,6 +40,7 @@ from prefect.cache_policies import NONE
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.flows import label_core
+from featurescribe.flows.label_checks import check_steering
 from featurescribe.flows.label_chunks import ChunkPipeline
 from featurescribe.flows.label_core import ChunkResult, PreparedChunk
 from featurescribe.flows.label_options import LabelOptions, flow_signature
@@ -81,8 +82,8 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
     async def main() -> ChunkResult:
         async with label_core.llm_clients(options, store=store, budget=budget, run_id=run_id) as clients:
             async with chunk_slots(clients.distinct(), global_limits):
-                return await label_core.compute_chunk(prepared, options, clients=clients, budget=budget,
-                                                      run_id=run_id)
+                return await label_core.compute_chunk(prepared, options, clients=clients, store=store,
+                                                      budget=budget, run_id=run_id)
 
     result = asyncio.run(main())
     return result, (memory.outgoing() if memory is not None else None)
@@ -136,6 +137,7 @@ def preflight(db: str, options: LabelOptions) -> None:
     con = open_db(db, read_only=True, create=False)
     try:
         label_core.select_features(con, options.source_id, options.features, skip_done=False)
+        check_steering(con, options)
     finally:
         con.close()
 

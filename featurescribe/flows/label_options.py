@@ -59,6 +59,13 @@ class LabelOptions:
     logit_lens: int = opt(0, "show LLM explainers the K (default 10) tokens each feature's output "
                              "direction promotes most, read through the source model's unembedding "
                              "(loads the model)", nargs="?", const=10, metavar="K")
+    output_effects: int = opt(0, "show LLM explainers the K (default 10) tokens whose next-token probability "
+                                 "rises and falls most when the feature is steered (loads the source's "
+                                 "model)", nargs="?", const=10, metavar="K")
+    intervention_prompts: int = opt(8, "neutral prompts the intervention scorer and --output-effects steer "
+                                       "on (default 8)", metavar="N")
+    target_kl: float = opt(2.0, "steering strength is calibrated per feature to this next-token KL "
+                                "(default 2.0)")
     window: int = opt(32, "tokens per example window (default: 32)")
     windows: str = opt("", "windows per split and kind, changing the defaults "
                            f"({format_counts(DEFAULT_COUNTS)}); e.g. test.top=5,test.random=5 for a "
@@ -127,6 +134,19 @@ class LabelOptions:
         from featurescribe.labelers import is_llm_explainer
 
         return self.candidates if is_llm_explainer(self.explainer) else 1
+
+    @property
+    def steers(self) -> bool:
+        """Whether the run loads the source's model to steer it (the intervention scorer, or
+        --output-effects with an LLM explainer)."""
+        from featurescribe.labelers import is_llm_explainer
+
+        return "intervention" in self.scorer_names or (self.output_effects > 0 and is_llm_explainer(self.explainer))
+
+    def intervention_config(self):
+        from featurescribe.scorers.intervention import InterventionConfig
+
+        return InterventionConfig(n_prompts=self.intervention_prompts, target_kl=self.target_kl)
 
     def replace(self, **changes: Any) -> "LabelOptions":
         return dataclasses.replace(self, **changes)

@@ -24,6 +24,7 @@ from featurescribe.flows.label_core import (
     select_features,
     write_chunk,
 )
+from featurescribe.flows.label_checks import check_steering
 from featurescribe.flows.label_options import LabelOptions
 from featurescribe.statuses import RunStatus
 
@@ -144,6 +145,7 @@ def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> Label
     con = open_db(db, create=False)
     try:
         ids, n_selected = selected_features(con, options)
+        check_steering(con, options)
         with recorded_run(con, "label", options.as_dict()) as record, \
                 open_label_run(con, options, record.run_id) as run:
             summary = run.summary(ids, n_selected)
@@ -166,8 +168,8 @@ async def _loop(run: LabelRun, ids: list[int], summary: LabelSummary, progress: 
                     summary.leave_for_later(chunk_ids)
                     continue
                 prepared = prepare_chunk(run.con, run.options, chunk_ids)
-                result = await compute_chunk(prepared, run.options, clients=clients, budget=run.budget,
-                                             run_id=run.run_id)
+                result = await compute_chunk(prepared, run.options, clients=clients, store=run.store,
+                                             budget=run.budget, run_id=run.run_id)
                 run.store.flush()
                 summary.add(result, write_chunk(run.con, result, run_id=run.run_id))
                 bar.advance(len(chunk_ids))

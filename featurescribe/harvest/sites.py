@@ -135,12 +135,12 @@ class MultiSiteReader:
         self.model = model
         path, layers = decoder_layers(model)
         n = len(layers)
-        self._hooks: list[tuple[object, str, tuple[str, int]]] = []  # (module, io, key)
+        self.hook_points: list[tuple[object, str, tuple[str, int]]] = []  # (module, io, key)
         places: dict[tuple[str, int], tuple[str, str]] = {}
         for site, layer in dict.fromkeys(wanted):
             kind = SITE_TABLE[check_site(site)]
             name, module = kind.locate(layers[check_layer(layer, n)], f"{path}.{layer}")
-            self._hooks.append((module, kind.io, (site, layer)))
+            self.hook_points.append((module, kind.io, (site, layer)))
             places[(site, layer)] = (name, kind.io)
         self.backbone = getattr(model, "base_model", model)
         self._box: dict = {}
@@ -155,12 +155,12 @@ class MultiSiteReader:
 
     def _capture(self, key, tensor):
         self._box[key] = tensor[0] if isinstance(tensor, tuple) else tensor
-        if len(self._box) == len(self._hooks):
+        if len(self._box) == len(self.hook_points):
             raise _Stop
 
     def _register(self):
         handles = []
-        for module, io, key in self._hooks:
+        for module, io, key in self.hook_points:
             if io == "input":
                 fn = (lambda k: lambda m, args: self._capture(k, args[0]))(key)
                 handles.append(module.register_forward_pre_hook(fn))
@@ -183,7 +183,7 @@ class MultiSiteReader:
         finally:
             for h in handles:
                 h.remove()
-        if len(self._box) != len(self._hooks):
+        if len(self._box) != len(self.hook_points):
             raise FeaturescribeError("the forward pass never reached every hooked module")
         out, self._box = self._box, {}
         return out
@@ -196,6 +196,7 @@ class SiteReader:
         self._multi = MultiSiteReader(model, [(site, layer)])
         self._key = (site, layer)
         self.site = self._multi.sites[self._key]
+        self.module, self.io, _ = self._multi.hook_points[0]  # what steering hooks
 
     def run(self, input_ids):
         return self._multi.run(input_ids)[self._key]

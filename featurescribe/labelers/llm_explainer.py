@@ -113,7 +113,14 @@ def render_explain_prompt(feature: FeatureExamples, method: str = "pairs",
     if feature.promoted:
         tokens = ", ".join(json.dumps(t, ensure_ascii=False) for t in feature.promoted)
         examples += "\n\n" + render_text("explain_logit_lens", tokens=tokens).strip()
+    if feature.output_rising:
+        examples += "\n\n" + render_text("explain_output_effects", rising=_quoted(feature.output_rising),
+                                         falling=_quoted(feature.output_falling or [])).strip()
     return render_messages(name, n_excerpts=len(windows), examples=examples)
+
+
+def _quoted(tokens) -> str:
+    return ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
 
 
 class LLMExplainer(Explainer):

@@ -39,6 +39,8 @@ class ScoringContext:
     simulator: Any = None  # a scorers.simulators.Simulator, when a scorer simulates
     token_simulator: Any = None  # the baseline:tokens simulator, for `baseline_tokens`
     judge: Any = None  # a scorers.classify.Judge, when a scorer classifies
+    steering: Any = None  # a scorers.intervention.FeatureSteering, when a scorer steers the model
+    pair_judge: Any = None  # a scorers.intervention.PairJudge, when a scorer steers the model
     others: dict[str, str] = field(default_factory=dict)  # explanation_id -> shuffled-baseline text
     other_ids: dict[str, str] = field(default_factory=dict)  # explanation_id -> its explanation_id
     baselines: bool = True

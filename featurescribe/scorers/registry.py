@@ -20,6 +20,7 @@ from featurescribe.llm.registry import BACKENDS, NO_LLM_KINDS, kind_of
 from featurescribe.records import Explanation, ScoreResult
 from featurescribe.scorers.classify import Judge, LexicalJudge, LLMJudge, LocalJudge, score_detection, score_fuzzing
 from featurescribe.scorers.context import ScoreFailure, ScoringContext
+from featurescribe.scorers.intervention import score_intervention_in_context
 from featurescribe.scorers.simulation import score_simulation
 from featurescribe.scorers.simulators import (
     LexicalSimulator,
@@ -39,12 +40,14 @@ class ScorerKind:
     score: ScoreFn
     uses_simulator: bool = False  # needs the context's simulator
     uses_judge: bool = False  # needs the context's detection/fuzzing judge
+    uses_steering: bool = False  # needs the context's steering (the source's model) and pair judge
 
 
 BUILTIN_SCORERS: tuple[ScorerKind, ...] = (
     ScorerKind("simulation", score_simulation, uses_simulator=True),
     ScorerKind("detection", score_detection, uses_judge=True),
     ScorerKind("fuzzing", score_fuzzing, uses_judge=True),
+    ScorerKind("intervention", score_intervention_in_context, uses_steering=True),
 )
 
 

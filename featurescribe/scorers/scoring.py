@@ -3,7 +3,8 @@
 `score_explanations` is the scorers' entry point. For each explanation it takes the feature's
 windows of one split (`test` by default; `valid` when choosing among candidates), and runs each
 scorer asked for (scorers/registry.py): simulation (correlation, scorers/simulation.py),
-detection and fuzzing (balanced accuracy, scorers/classify.py).
+detection and fuzzing (balanced accuracy, scorers/classify.py), intervention (a judge picks the
+steered of two continuations, scorers/intervention.py).
 
 Baselines on the same windows sit beside every score: `baseline_shuffled`, the same simulator (or
 judge) given another feature's explanation, and for simulation `baseline_tokens`, the
@@ -59,17 +60,21 @@ def shuffled_partners(explanations: Sequence[Explanation]) -> dict[str, Explanat
 
 
 def _context(explanations, examples, names, *, simulator, client, judge, judge_client, split,
-             other_explanations, baselines, batch_size) -> ScoringContext:
+             other_explanations, baselines, batch_size, steering) -> ScoringContext:
     kinds = [SCORERS.get(n) for n in names]
     ctx = ScoringContext(_feature_map(examples), split, baselines=baselines, batch_size=batch_size,
                          token_simulator=TokenMeanSimulator())
     if any(k.uses_simulator for k in kinds):
         ctx.simulator = make_simulator(simulator, client=client)
+    if judge is None:
+        judge = default_judge(simulator)
+        judge_client = judge_client or (client if judge != "lexical" else None)
     if any(k.uses_judge for k in kinds):
-        if judge is None:
-            judge = default_judge(simulator)
-            judge_client = judge_client or (client if judge != "lexical" else None)
         ctx.judge = make_judge(judge, client=judge_client)
+    if any(k.uses_steering for k in kinds):
+        from featurescribe.scorers.intervention import make_pair_judge
+
+        ctx.steering, ctx.pair_judge = steering, make_pair_judge(judge, client=judge_client)
     partners = shuffled_partners(explanations)
     ctx.others = {k: v.text for k, v in partners.items()}
     ctx.other_ids = {k: v.explanation_id for k, v in partners.items()}
@@ -90,6 +95,7 @@ async def score_explanations(
     other_explanations: Mapping[str, str] | None = None,
     baselines: bool = True,
     batch_size: int = 8,
+    steering: Any = None,
 ) -> ScoreOutcome:
     """Score every explanation on its feature's `split` windows with each scorer.
 
@@ -98,11 +104,12 @@ async def score_explanations(
     `judge_client`) is who answers detection and fuzzing, by default the simulator's backend
     (`lexical` for the no-LLM simulators). `other_explanations` maps an explanation_id to the
     text used for its shuffled baseline; by default another feature's explanation from the list.
+    `steering` (a scorers.intervention.FeatureSteering) is what the intervention scorer steers.
     """
     names = parse_scorers(scorers)
     ctx = _context(explanations, examples, names, simulator=simulator, client=client, judge=judge,
                    judge_client=judge_client, split=split, other_explanations=other_explanations,
-                   baselines=baselines, batch_size=batch_size)
+                   baselines=baselines, batch_size=batch_size, steering=steering)
     outcome = ScoreOutcome()
     done = await asyncio.gather(*(SCORERS.get(n).score(e, ctx) for e in explanations for n in names))
     for item in done:

@@ -126,6 +126,7 @@ _SOURCE_FILTERS = {
     "labels": "source_id = $source",
     "scores": "explanation_id IN (SELECT explanation_id FROM explanations WHERE source_id = $source)",
     "simulations": "explanation_id IN (SELECT explanation_id FROM explanations WHERE source_id = $source)",
+    "interventions": "explanation_id IN (SELECT explanation_id FROM explanations WHERE source_id = $source)",
     "sequences": (
         "seq_id IN (SELECT seq_id FROM examples WHERE source_id = $source"
         " UNION SELECT seq_id FROM activations WHERE source_id = $source)"
@@ -152,7 +153,9 @@ def copy_table_to_parquet(con, table: str, path: str, source_id: str | None) -> 
 def _features_sql() -> str:
     return f"""
         SELECT feature_id, n_active, frac_active, {_f32('max_act')} AS max_act,
-               {_f32('mean_act')} AS mean_act, status, skip_reason
+               {_f32('mean_act')} AS mean_act, status, skip_reason, output_rising, output_falling,
+               from_json(output_effects->'rising_delta', '["DOUBLE"]') AS output_rising_delta,
+               from_json(output_effects->'falling_delta', '["DOUBLE"]') AS output_falling_delta
         FROM features WHERE source_id = $source ORDER BY feature_id"""
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from featurescribe.records import ScoreResult
 from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.steering import save_interventions
 
 
 def _finite(x: float | None) -> float | None:
@@ -79,4 +80,5 @@ def save_scores(con, results: Iterable[ScoreResult], run_id: str | None = None) 
             "kind": pa.array([s.kind for _, s in sims], pa.string()),
             "run_id": pa.array([run_id] * len(sims), pa.string()),
         }))
+    save_interventions(con, results, run_id)
     return len(results)

@@ -259,7 +259,34 @@ _V5 = [
     "ALTER TABLE features ADD COLUMN IF NOT EXISTS promoted_tokens VARCHAR[]",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
+# Version 6: what a feature does when steered (featurescribe steer, the intervention scorer):
+# its TokenChange output effects beside promoted_tokens, and the intervention scorer's audit rows
+# (one per neutral prompt: the two continuations, their order, the judge's pick).
+_V6 = [
+    "ALTER TABLE features ADD COLUMN IF NOT EXISTS output_rising VARCHAR[]",
+    "ALTER TABLE features ADD COLUMN IF NOT EXISTS output_falling VARCHAR[]",
+    "ALTER TABLE features ADD COLUMN IF NOT EXISTS output_effects JSON",
+    """
+    CREATE TABLE IF NOT EXISTS interventions (
+        explanation_id VARCHAR NOT NULL,
+        judge       VARCHAR NOT NULL,
+        split       VARCHAR NOT NULL,
+        role        VARCHAR NOT NULL CHECK (role IN ('explanation', 'shuffled')),
+        prompt_index INTEGER NOT NULL,
+        prompt      VARCHAR NOT NULL,
+        strength    DOUBLE NOT NULL,
+        kl          DOUBLE,
+        steered     VARCHAR NOT NULL,
+        unsteered   VARCHAR NOT NULL,
+        steered_first BOOLEAN NOT NULL,
+        picked      VARCHAR NOT NULL CHECK (picked IN ('A', 'B', 'tie')),
+        correct     DOUBLE NOT NULL,
+        run_id      VARCHAR
+    )
+    """,
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """
