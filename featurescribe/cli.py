@@ -27,6 +27,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("report", "featurescribe.export.command", "write a self-contained HTML feature browser"),
     ("demo", "featurescribe.flows.demo",
      "the whole pipeline on a small model, offline: harvest, label, score, export"),
+    ("embed", "featurescribe.semantic.commands", "embed every label for semantic search (offline MiniLM by default)"),
+    ("search", "featurescribe.semantic.commands", "find the features whose best label is closest in meaning to a query"),
     ("serve", "featurescribe.flows.serve",
      "serve the label flow as a Prefect deployment on a cron schedule"),
 ]

@@ -6,6 +6,8 @@ is at lives in `schema_version`. Never edit a released migration: append a new o
 
 from __future__ import annotations
 
+from featurescribe.store.embeddings import MIGRATION as EMBEDDINGS_MIGRATION
+
 # Version 1: the tables and view of DESIGN.md.
 _V1 = [
     """
@@ -257,7 +259,10 @@ _V5 = [
     "ALTER TABLE features ADD COLUMN IF NOT EXISTS promoted_tokens VARCHAR[]",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5]
+# Version 6: label embeddings for semantic search and the browser (store/embeddings.py).
+_V6 = list(EMBEDDINGS_MIGRATION)
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """
