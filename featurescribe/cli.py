@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
      "the whole pipeline on a small model, offline: harvest, label, score, export"),
     ("embed", "featurescribe.semantic.commands", "embed every label for semantic search (offline MiniLM by default)"),
     ("search", "featurescribe.semantic.commands", "find the features whose best label is closest in meaning to a query"),
+    ("browse", "featurescribe.web.command", "a local web app to browse, filter and search features (read-only)"),
     ("serve", "featurescribe.flows.serve",
      "serve the label flow as a Prefect deployment on a cron schedule"),
 ]
