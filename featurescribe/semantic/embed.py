@@ -76,8 +76,22 @@ def embed_labels(con, embedder=None, *, source_id: str | None = None, batch: int
                 if store is not None:
                     store.close()
 
-    asyncio.run(run())
+    _run(run)
     return summary
+
+
+def _run(make_coro) -> None:
+    """Run a coroutine to the end, also from code that is inside an event loop (the label run
+    writes its chunks there): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(make_coro())
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, make_coro()).result()
 
 
 def embed_new_labels(con, source_id: str) -> int:
