@@ -342,8 +342,14 @@ def iter_feature_bundles(
     histogram_bins: int = HISTOGRAM_BINS,
     simulations: bool = False,
     batch_rows: int = BATCH_ROWS,
+    fill_windows: bool = True,
 ) -> Iterator[FeatureBundle]:
-    """One bundle per row of `features` for `source_id`, in feature_id order, streamed."""
+    """One bundle per row of `features` for `source_id`, in feature_id order, streamed.
+
+    With `fill_windows`, a feature that no label run sampled gets top, quantile and random
+    windows read from `activations` (store/windows.py, `split` None) instead of none."""
+    from featurescribe.store.windows import fill_stream_sql, keep_windows
+
     params = {"source": source_id}
     streams: dict[str, _Stream] = {}
     try:
@@ -354,6 +360,9 @@ def iter_feature_bundles(
             streams["examples"] = _Stream(
                 con, _examples_sql(example_kinds, examples_per_kind), params, max(64, batch_rows // 8)
             )
+            if fill_windows:
+                sql, fill_params = fill_stream_sql(source_id)
+                streams["filled"] = _Stream(con, sql, fill_params, max(64, batch_rows // 8))
         if histogram:
             streams["histogram"] = _Stream(con, _histogram_sql(histogram_bins), params, batch_rows)
         if simulations:
@@ -366,6 +375,11 @@ def iter_feature_bundles(
                 bundle.explanations = [_explanation(r) for r in streams["explanations"].take(fid)]
             if examples:
                 bundle.examples = [_densify(r) for r in streams["examples"].take(fid)]
+                if fill_windows:
+                    filled = streams["filled"].take(fid)
+                    if not bundle.examples:
+                        bundle.examples = keep_windows([_densify(r) for r in filled], example_kinds,
+                                                       examples_per_kind)
             if histogram:
                 h = streams["histogram"].take(fid)
                 bundle.histogram = _histogram(h[0], histogram_bins) if h else None

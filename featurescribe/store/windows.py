@@ -35,7 +35,7 @@ class WindowCounts:
 
 
 _SQL = """
-WITH a AS MATERIALIZED (
+WITH a AS {materialized} (
     SELECT feature_id, seq_id, pos, act FROM activations
     WHERE source_id = $source AND act > 0 {feature_filter}),
 per_seq AS (
@@ -100,7 +100,26 @@ def windows_sql(*, one_feature: bool, skip_sampled: bool = False) -> str:
     flt = "AND feature_id = $feature" if one_feature else ""
     if skip_sampled:
         flt += " AND feature_id NOT IN (SELECT DISTINCT feature_id FROM examples WHERE source_id = $source)"
-    return _SQL.format(feature_filter=flt)
+    # one feature's rows are few: read them once; a whole source's are scanned where needed
+    return _SQL.format(feature_filter=flt, materialized="MATERIALIZED" if one_feature else "")
+
+
+def fill_stream_sql(source_id: str, counts: WindowCounts = WindowCounts()) -> tuple[str, dict]:
+    """The whole-source query (features without sampled windows only) and its parameters."""
+    return windows_sql(one_feature=False, skip_sampled=True), {"source": source_id, **counts.params()}
+
+
+def keep_windows(windows: list[dict], kinds: tuple[str, ...] | None, per_kind: int | None) -> list[dict]:
+    """The windows of `kinds` (all when None), at most `per_kind` of each, in their order."""
+    seen: dict[str, int] = {}
+    out = []
+    for w in windows:
+        if kinds and w["kind"] not in kinds:
+            continue
+        seen[w["kind"]] = seen.get(w["kind"], 0) + 1
+        if per_kind is None or seen[w["kind"]] <= per_kind:
+            out.append(w)
+    return out
 
 
 def feature_windows(con, source_id: str, feature_id: int, counts: WindowCounts = WindowCounts()) -> list[dict]:
