@@ -33,7 +33,7 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulator", default="lexical",
                    help="lexical (default), baseline:tokens, openai:MODEL, anthropic:MODEL or local:MODEL")
     p.add_argument("--scorers", default="simulation",
-                   help="comma-separated: simulation, detection, fuzzing (default: simulation)")
+                   help="comma-separated: simulation, detection, fuzzing, embedding (default: simulation)")
     p.add_argument("--candidates", type=int, default=1,
                    help="explanations per feature; with more than 1, the best on the valid split "
                         "is chosen (default: 1)")

@@ -92,10 +92,12 @@ class LabelParams:
                 "anthropic:MODEL or local:MODEL")
         if kind in ("openai", "anthropic", "local") and not model:
             raise FeaturescribeError(f"simulator {self.simulator!r} names no model (e.g. {kind}:MODEL)")
-        bad = [s for s in self.scorers if s not in ("simulation", "detection", "fuzzing")]
+        from featurescribe.scorers.scoring import SCORERS
+
+        bad = [s for s in self.scorers if s not in SCORERS]
         if bad or not self.scorers:
             raise FeaturescribeError(
-                f"unknown scorer(s) {', '.join(bad) or '(none)'}: use simulation, detection, fuzzing")
+                f"unknown scorer(s) {', '.join(bad) or '(none)'}: use {', '.join(SCORERS)}")
         if self.candidates < 1:
             raise FeaturescribeError("--candidates must be at least 1")
         if self.concurrency < 1:

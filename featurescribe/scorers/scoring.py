@@ -28,6 +28,7 @@ import numpy as np
 
 from featurescribe.records import KINDS, Explanation, FeatureExamples, ScoreResult, SimulationRecord, Window
 from featurescribe.scorers import classify as cls
+from featurescribe.scorers.embedding import NoWindows, make_embedding_scorer
 from featurescribe.scorers.metrics import correlation
 from featurescribe.scorers.simulators import (
     SimulationFailed,
@@ -36,7 +37,7 @@ from featurescribe.scorers.simulators import (
     make_simulator,
 )
 
-SCORERS = ("simulation", "detection", "fuzzing")
+SCORERS = ("simulation", "detection", "fuzzing", "embedding")
 
 
 @dataclass
@@ -153,6 +154,7 @@ async def score_explanations(
     other_explanations: Mapping[str, str] | None = None,
     baselines: bool = True,
     batch_size: int = 8,
+    embedder: Any = None,
 ) -> ScoreResults:
     """Score every explanation on its feature's `split` windows with each scorer.
 
@@ -161,6 +163,7 @@ async def score_explanations(
     `judge_client`) is who answers detection and fuzzing, by default the simulator's backend
     (`lexical` for the no-LLM simulators). `other_explanations` maps an explanation_id to the
     text used for its shuffled baseline; by default another feature's explanation from the list.
+    `embedder` (a spec or an embedder, default the offline MiniLM) serves the embedding scorer.
     """
     names = parse_scorers(scorers)
     features = _feature_map(examples)
@@ -253,10 +256,22 @@ async def score_explanations(
                 res.details["baseline_shuffled"] = {"error": str(err)}
         results.append(res)
 
+    emb = make_embedding_scorer(embedder) if "embedding" in names else None
+
+    async def run_embedding(e: Explanation) -> None:
+        _, windows = windows_of(e)
+        try:
+            results.append(await emb.score(e, windows, split, others.get(e.explanation_id) if baselines else None,
+                                           other_ids.get(e.explanation_id)))
+        except NoWindows as err:
+            results.failures.append(ScoreFailure(e.explanation_id, "embedding", emb.spec, str(err)))
+
     jobs = []
     for e in explanations:
         if "simulation" in names:
             jobs.append(run_simulation(e))
+        if "embedding" in names:
+            jobs.append(run_embedding(e))
         for task in ("detection", "fuzzing"):
             if task in names:
                 jobs.append(run_classify(e, task))
