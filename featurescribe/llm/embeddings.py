@@ -15,6 +15,7 @@ ledger rows (purpose `embed`), cost from the price table and the response cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,6 +29,7 @@ from featurescribe.llm.embed_models import PackagedEmbedder, embedder_dir, packa
 DEFAULT_EMBEDDER = "local:all-minilm-l6-v2"
 LOCAL_BATCH = 64
 HOSTED_BATCH = 256
+SMALL_BATCH = 8  # texts embedded on one thread
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:
@@ -65,6 +67,21 @@ def _load(pe: PackagedEmbedder, device: str) -> _LoadedModel:
         return lm
 
 
+@contextlib.contextmanager
+def _few_threads(torch, n_texts: int):
+    """One intra-op thread for a handful of texts (a search query): on a busy machine, torch's
+    threads spin waiting for each other and a 10 ms query took a second; batches keep them all."""
+    if n_texts > SMALL_BATCH:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class LocalEmbedder:
     """A packaged sentence-transformers model, mean-pooled and normalized."""
 
@@ -82,7 +99,7 @@ class LocalEmbedder:
 
         lm = _load(self.pe, self.device)
         out = []
-        with lm.lock, torch.inference_mode():
+        with lm.lock, torch.inference_mode(), _few_threads(torch, len(texts)):
             for i in range(0, len(texts), self.batch_size):
                 batch = [t if t.strip() else " " for t in texts[i:i + self.batch_size]]
                 enc = lm.tokenizer(batch, padding=True, truncation=True, max_length=self.pe.max_length,
