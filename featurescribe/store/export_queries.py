@@ -52,6 +52,7 @@ class FeatureBundle:
     examples: list[dict[str, Any]] = field(default_factory=list)
     histogram: dict[str, Any] | None = None
     simulations: list[dict[str, Any]] = field(default_factory=list)
+    moments: dict[str, Any] | None = None  # mean, variance, skewness, kurtosis, quantile_boundaries
 
     def best_explanation(self) -> dict[str, Any] | None:
         for e in self.explanations:
@@ -343,6 +344,7 @@ def iter_feature_bundles(
     simulations: bool = False,
     batch_rows: int = BATCH_ROWS,
     fill_windows: bool = True,
+    with_moments: bool = False,
 ) -> Iterator[FeatureBundle]:
     """One bundle per row of `features` for `source_id`, in feature_id order, streamed.
 
@@ -363,6 +365,10 @@ def iter_feature_bundles(
             if fill_windows:
                 sql, fill_params = fill_stream_sql(source_id)
                 streams["filled"] = _Stream(con, sql, fill_params, max(64, batch_rows // 8))
+        if with_moments:
+            from featurescribe.store.moments import MOMENTS_SQL
+
+            streams["moments"] = _Stream(con, MOMENTS_SQL, params, batch_rows)
         if histogram:
             streams["histogram"] = _Stream(con, _histogram_sql(histogram_bins), params, batch_rows)
         if simulations:
@@ -380,6 +386,11 @@ def iter_feature_bundles(
                     if not bundle.examples:
                         bundle.examples = keep_windows([_densify(r) for r in filled], example_kinds,
                                                        examples_per_kind)
+            if with_moments:
+                from featurescribe.store.moments import moments
+
+                m = streams["moments"].take(fid)
+                bundle.moments = moments(m[0]) if m else None
             if histogram:
                 h = streams["histogram"].take(fid)
                 bundle.histogram = _histogram(h[0], histogram_bins) if h else None
