@@ -257,21 +257,14 @@ async def score_explanations(
         results.append(res)
 
     emb = make_embedding_scorer(embedder) if "embedding" in names else None
-
-    async def run_embedding(e: Explanation) -> None:
-        _, windows = windows_of(e)
-        try:
-            results.append(await emb.score(e, windows, split, others.get(e.explanation_id) if baselines else None,
-                                           other_ids.get(e.explanation_id)))
-        except NoWindows as err:
-            results.failures.append(ScoreFailure(e.explanation_id, "embedding", emb.spec, str(err)))
-
     jobs = []
     for e in explanations:
         if "simulation" in names:
             jobs.append(run_simulation(e))
         if "embedding" in names:
-            jobs.append(run_embedding(e))
+            jobs.append(_run_embedding(emb, e, windows_of(e)[1], split, results,
+                                       others.get(e.explanation_id) if baselines else None,
+                                       other_ids.get(e.explanation_id)))
         for task in ("detection", "fuzzing"):
             if task in names:
                 jobs.append(run_classify(e, task))
@@ -279,3 +272,11 @@ async def score_explanations(
     order = {e.explanation_id: i for i, e in enumerate(explanations)}
     results.sort(key=lambda r: (order.get(r.explanation_id, 0), SCORERS.index(r.scorer)))
     return results
+
+
+async def _run_embedding(emb, e: Explanation, windows: Sequence[Window], split: str, results: ScoreResults,
+                         other: str | None, other_id: str | None) -> None:
+    try:
+        results.append(await emb.score(e, windows, split, other, other_id))
+    except NoWindows as err:
+        results.failures.append(ScoreFailure(e.explanation_id, "embedding", emb.spec, str(err)))
