@@ -93,8 +93,9 @@ def test_feature_page_has_everything(served, browse_db):
     assert f["windows_from"] == "examples" and {w["kind"] for w in f["windows"]} >= {"top", "random"}
     for w in f["windows"]:
         assert len(w["tokens"]) == len(w["acts"])
-    assert f["neighbours"] and all((n["source_id"], n["feature_id"]) != ("6-mlp", 3) for n in f["neighbours"])
-    assert f["neighbours"][0]["explanation"] == f["explanations"][0]["text"]  # the same label elsewhere
+    nb = get(served.url + "/api/feature/6-mlp/3/neighbours")["neighbours"]
+    assert nb and all((n["source_id"], n["feature_id"]) != ("6-mlp", 3) for n in nb)
+    assert nb[0]["explanation"] == f["explanations"][0]["text"]  # the same label elsewhere
 
     # a feature the label run never sampled still has windows, read from activations
     g = get(served.url + "/api/feature/%s/%d" % UNSAMPLED)
@@ -159,6 +160,7 @@ def test_browse_in_headless_chromium(served, browse_db, tmp_path):
         page.goto(served.url + "/feature/%s/%d" % UNSAMPLED, ready="document.body && document.body.dataset.feature === '%s/%d'" % UNSAMPLED)
         assert page.evaluate("document.getElementById('windows').dataset.from") == "activations"
         assert page.evaluate("document.querySelectorAll('#windows .window[data-kind=top] .tok').length") > 0
+        page.wait_for("document.getElementById('neighbours').dataset.ready === '1'", timeout=30)
         target = page.evaluate("document.querySelector('#neighbours a.nb').dataset.id")
         page.evaluate("document.querySelector('#neighbours a.nb').click()")
         page.wait_for(f"document.body.dataset.feature === {json.dumps(target)}", timeout=10)

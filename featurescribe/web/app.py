@@ -5,9 +5,12 @@
     GET /api/features?...              one page of the feature list (filters, sort, text or
                                        semantic search: mode=semantic&q=...)
     GET /api/feature/SOURCE/ID         a feature: stats, histogram, explanations with scores,
-                                       windows, promoted tokens, nearest labels
+                                       windows, promoted tokens
+    GET /api/feature/SOURCE/ID/neighbours   the nearest labels of other features
 
-Each request reads through its own cursor of one read-only connection.
+Each request reads through its own cursor of one in-memory DuckDB to which the file is attached
+read-only; the list pages read an in-memory table of every feature with its best label, built
+when the server starts.
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ class BrowseState:
     def __init__(self, db_path: str):
         self.db_path = db_path
         self.con = bq.open_read_only(db_path)
+        self.n_features = bq.prepare_rows(self.con)
         self._embedders: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def cursor(self):
-        return self.con.cursor()
+        cur = self.con.cursor()
+        bq.use_catalog(cur)
+        return cur
 
     def embedder(self, spec: str):
         from featurescribe.llm.embeddings import make_embedder
@@ -82,7 +88,7 @@ def _semantic(state: BrowseState, cur, q: bq.ListQuery, text: str) -> tuple[list
     return rows, len(rows)
 
 
-def _neighbours(state: BrowseState, cur, explanations: list[dict], source_id: str, feature_id: int) -> list[dict]:
+def _neighbours(cur, explanations: list[dict], source_id: str, feature_id: int) -> list[dict]:
     from featurescribe.semantic.search import rank_hits
     from featurescribe.store.embeddings import embedders_present, vector_of
 
@@ -159,8 +165,17 @@ def create_app(state: BrowseState) -> FastAPI:
             return _clean({
                 "stats": stats, "explanations": explanations, "windows": windows, "windows_from": origin,
                 "histogram": bq.feature_histogram(cur, source_id, feature_id),
-                "neighbours": _neighbours(state, cur, explanations, source_id, feature_id),
             })
+        finally:
+            cur.close()
+
+    @app.get("/api/feature/{source_id}/{feature_id}/neighbours")
+    def api_neighbours(source_id: str, feature_id: int):
+        """The nearest labels of other features (a scan of every vector: fetched after the page)."""
+        cur = state.cursor()
+        try:
+            explanations = bq.feature_explanations(cur, source_id, feature_id)
+            return _clean({"neighbours": _neighbours(cur, explanations, source_id, feature_id)})
         finally:
             cur.close()
 

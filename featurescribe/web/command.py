@@ -22,6 +22,7 @@ def run_browse(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise FeaturescribeError(f"--port must be 0 to 65535, not {args.port}")
     sock = bind(args.host, args.port)
+    print(f"reading {args.db} (read-only) ...", flush=True)
     try:
         server, state = make_server(args.db, sock)
     except BaseException:
