@@ -116,7 +116,8 @@ _STATUS_SQL = {
 
 
 def list_features(con, q: ListQuery) -> tuple[list[dict], int]:
-    """One page of features with their best label, and the number of features that match."""
+    """One page of features with their best label, and the number of features that match (two
+    queries: a count, and a top-N sort that never materializes the other rows)."""
     q.check()
     where, params = [], {}
     for name, cond in _FILTERS.items():
@@ -126,28 +127,18 @@ def list_features(con, q: ListQuery) -> tuple[list[dict], int]:
             params[name] = value
     if q.status:
         where.append(f"({_STATUS_SQL[q.status]})")
+    clause = ("WHERE " + " AND ".join(where)) if where else ""
     direction = "DESC" if q.desc else "ASC"
-    sql = f"""
+    cur = con.execute(f"""
         SELECT source_id, feature_id, n_active, frac_active, max_act, status, explanation, score,
-               scorer, lift, explainer, count(*) OVER () AS total
-        FROM {ROWS}
-        {'WHERE ' + ' AND '.join(where) if where else ''}
+               scorer, lift, explainer
+        FROM {ROWS} {clause}
         ORDER BY {SORTS[q.sort]} {direction} NULLS LAST, source_id, feature_id
-        LIMIT {int(q.limit)} OFFSET {int(q.offset)}"""
-    cur = con.execute(sql, params)
+        LIMIT {int(q.limit)} OFFSET {int(q.offset)}""", params)
     cols = [c[0] for c in cur.description]
     rows = [dict(zip(cols, r)) for r in cur.fetchall()]
-    total = rows[0].pop("total") if rows else _count(con, sql, params, q)
-    for r in rows:
-        r.pop("total", None)
+    total = con.execute(f"SELECT count(*) FROM {ROWS} {clause}", params).fetchone()[0]
     return rows, int(total)
-
-
-def _count(con, sql: str, params: dict, q: ListQuery) -> int:
-    if q.offset == 0:
-        return 0
-    inner = sql.rsplit("LIMIT", 1)[0]
-    return int(con.execute(f"SELECT count(*) FROM ({inner})", params).fetchone()[0])
 
 
 def meta(con) -> dict[str, Any]:
