@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["harvest", "sampling", "llm_throughput", "flow_overhead", "simulation", "quality", "cost"]
+BENCHES = ["harvest", "sampling", "llm_throughput", "flow_overhead", "simulation", "quality", "cost", "search"]
 START, END = "<!-- bench:auto -->", "<!-- /bench:auto -->"
 
 
