@@ -100,7 +100,7 @@ def test_search_sql_documented_in_the_store_module_works(db):
     con = open_db(db, read_only=True)
     try:
         rows = con.execute("""
-            SELECT l.source_id, l.feature_id, l.explanation, list_inner_product(x.vec, $query) AS similarity
+            SELECT l.source_id, l.feature_id, l.explanation, list_inner_product(x.vec, $query::FLOAT[]) AS similarity
             FROM label_embeddings x JOIN labels l USING (explanation_id)
             WHERE x.embedder = 'local:all-minilm-l6-v2'
             ORDER BY similarity DESC LIMIT 3""", {"query": [float(v) for v in qvec]}).fetchall()

@@ -6,7 +6,7 @@ the vectors without a join. Cosine similarity is `list_inner_product(vec, query)
 stored vector and query has norm 1. From SQL, with a query vector from any embedder:
 
     SELECT l.source_id, l.feature_id, l.explanation,
-           list_inner_product(x.vec, $query) AS similarity
+           list_inner_product(x.vec, $query::FLOAT[]) AS similarity
     FROM label_embeddings x JOIN labels l USING (explanation_id)
     WHERE x.embedder = 'local:all-minilm-l6-v2'
     ORDER BY similarity DESC LIMIT 10
@@ -108,7 +108,7 @@ def nearest_explanations(con, embedder: str, query: np.ndarray, n: int,
                          source_id: str | None = None) -> list[dict]:
     """The `n` explanations whose vectors are closest to `query` (any explanation, best or not)."""
     rows = con.execute(
-        """SELECT explanation_id, source_id, feature_id, list_inner_product(vec, $q) AS similarity
+        """SELECT explanation_id, source_id, feature_id, list_inner_product(vec, $q::FLOAT[]) AS similarity
            FROM label_embeddings
            WHERE embedder = $embedder AND ($source IS NULL OR source_id = $source)
            ORDER BY similarity DESC, explanation_id LIMIT $n""",
