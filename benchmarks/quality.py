@@ -111,7 +111,7 @@ async def planted(args) -> float:
     # the embedding scorer (offline MiniLM): retrieval AUC of activating windows per explanation
     t1 = time.perf_counter()
     res = await score_explanations(exps, bed.examples, scorers="embedding", baselines=False)
-    judge_aucs("embedding", bed, exps, res, ("embedding",))
+    judge_aucs("minilm", bed, exps, res, ("embedding",))
     true_ids = {e.explanation_id for e in exps if e.method == "true"}
     print(f"# planted, embedding scorer: true explanations {describe([r.value for r in res if r.explanation_id in true_ids])}; "
           f"mismatched {describe([r.value for r in res if r.explanation_id not in true_ids])}; "
