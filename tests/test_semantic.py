@@ -181,3 +181,21 @@ def test_labels_are_embedded_as_they_land(db_path):
     assert ok
     got = q(db_path, "SELECT explanation_id FROM label_embeddings WHERE embedder = ?", [MINILM])
     assert sorted(got) == sorted(ok)
+
+
+def test_hosted_embedder_failure_is_one_line_and_keeps_earlier_batches(db, fake_llm, capsys):
+    spec = "openai:text-embedding-3-small"
+    assert main(["embed", "--db", db, "--embedder", spec]) == 0
+    capsys.readouterr()
+    n = n_embeddable(db)
+    con = open_db(db)
+    con.execute("DELETE FROM label_embeddings WHERE explanation_id IN "
+                "(SELECT explanation_id FROM label_embeddings ORDER BY explanation_id LIMIT 3)")
+    con.close()
+    fake_llm.inject("400")  # a request error is not retried; these three texts were never asked alone
+    assert main(["embed", "--db", db, "--embedder", spec]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line
+    assert err.startswith("featurescribe: embedding failed:") and "HTTP 400" in err
+    assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == n - 3
+    assert main(["embed", "--db", db, "--embedder", spec]) == 0  # and a later run finishes
+    assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == n

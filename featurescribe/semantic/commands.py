@@ -27,9 +27,17 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise FeaturescribeError("--batch-size must be at least 1")
     kind, model = check_embedder_spec(args.embedder or DEFAULT_EMBEDDER)
+    from featurescribe.llm.base import LLMError
+
     con = open_db(args.db, create=False)
     try:
         s = embed_labels(con, f"{kind}:{model}", source_id=args.source, batch=args.batch_size)
+    except LLMError as err:  # a hosted embedder gave up after its retries (401/403 are user errors)
+        if isinstance(err, FeaturescribeError):
+            raise
+        print(f"featurescribe: embedding failed: {str(err).splitlines()[0]} (the batches before it are kept; "
+              "run embed again to go on)", file=sys.stderr)
+        return 1
     finally:
         con.close()
     print(f"embedded {s.embedded} explanation(s) with {s.embedder}"
