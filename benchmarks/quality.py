@@ -9,6 +9,7 @@ scores offline explainers get, on planted features and on real SmolLM2-135M MLP 
    the token after a dot).
    - `lexical` (simulation, detection, fuzzing), all plants;
    - `baseline:tokens` as a simulator: it ignores the explanation, so its AUC is 0.5 by design;
+   - the `embedding` scorer (offline all-MiniLM-L6-v2), all plants (`planted_auc_embedding`);
    - `local:smollm2-135m` simulation on three plants (digits, capitalised words, text in
      brackets), each with its true and the two mismatched explanations (6 true-vs-mismatched
      pairs); and (full size only) the local model as the detection and fuzzing judge;
@@ -106,6 +107,16 @@ async def planted(args) -> float:
     judge_aucs("lexical", bed, exps, res.results, ("simulation", "detection", "fuzzing"))
     res = await score_explanations(exps, bed.examples, simulator="baseline:tokens", baselines=False)
     fig("planted_auc_baseline_tokens_simulation", ranking_auc(exps, res.results, "simulation").auc)
+
+    # the embedding scorer (offline MiniLM): retrieval AUC of activating windows per explanation
+    t1 = time.perf_counter()
+    res = await score_explanations(exps, bed.examples, scorers="embedding", baselines=False)
+    judge_aucs("minilm", bed, exps, res, ("embedding",))
+    true_ids = {e.explanation_id for e in exps if e.method == "true"}
+    print(f"# planted, embedding scorer: true explanations {describe([r.value for r in res if r.explanation_id in true_ids])}; "
+          f"mismatched {describe([r.value for r in res if r.explanation_id not in true_ids])}; "
+          f"{time.perf_counter() - t1:.0f} s")
+    fig("planted_auc_embedding", ranking_auc(exps, res, "embedding").auc)
 
     # the offline explainer's explanations of the plants, scored by lexical
     from featurescribe.labelers import TokenListExplainer

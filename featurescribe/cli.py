@@ -28,8 +28,10 @@ def command_table() -> list[Command]:
     from featurescribe.export import command as export
     from featurescribe.flows import demo, label_command, serve
     from featurescribe.harvest import command as harvest
+    from featurescribe.semantic import commands as semantic
     from featurescribe.steer import command as steer
     from featurescribe.store import commands as store
+    from featurescribe.web import command as web
 
     return [
         Command("init", "create an empty database with the schema", store.add_init_arguments, store.run_init),
@@ -44,6 +46,12 @@ def command_table() -> list[Command]:
                 export.add_export_arguments, export.run_export),
         Command("report", "write a self-contained HTML feature browser",
                 export.add_report_arguments, export.run_report),
+        Command("embed", "embed every label for semantic search (offline MiniLM by default)",
+                semantic.add_embed_arguments, semantic.run_embed),
+        Command("search", "find the features whose best label is closest in meaning to a query",
+                semantic.add_search_arguments, semantic.run_search),
+        Command("browse", "a local web app to browse, filter and search features (read-only)",
+                web.add_browse_arguments, web.run_browse),
         Command("demo", "the whole pipeline on a small model, offline: harvest, label, score, export",
                 demo.add_demo_arguments, demo.run_demo),
         Command("serve", "serve the label flow as a Prefect deployment on a cron schedule",

@@ -5,6 +5,8 @@ It speaks enough of two APIs for the real SDKs to talk to it:
 - OpenAI   `POST /v1/chat/completions` (base URL `server.base_url_openai`, i.e. `.../v1`), with
   `logprobs`/`top_logprobs` when the request asks and the responder gives them, and
   `response_format` (json_schema / json_object) accepted;
+- OpenAI   `POST /v1/embeddings`: deterministic bag-of-words vectors (`fake_embedding`), usage
+  in the same fake tokens, faults as for chat requests;
 - Anthropic `POST /v1/messages` (base URL `server.base_url_anthropic`), with `usage`,
   `stop_reason`, tools (`tool_choice` forcing a tool answers with a `tool_use` block) and
   `output_config.format` (answers JSON text).
@@ -66,6 +68,7 @@ __all__ = [
     "RecordedRequest",
     "Reply",
     "count_tokens",
+    "fake_embedding",
     "example_for_schema",
     "simple_logprobs",
 ]
@@ -527,6 +530,8 @@ def _make_handler(server: FakeLLMServer):
             path = self.path.split("?")[0].rstrip("/")
             if path.endswith("/chat/completions"):
                 api = "openai"
+            elif path.endswith("/embeddings"):
+                api = "embeddings"
             elif path.endswith("/messages"):
                 api = "anthropic"
             else:
@@ -543,6 +548,9 @@ def _make_handler(server: FakeLLMServer):
                 server._leave()
 
         def _answer(self, rec: RecordedRequest) -> None:
+            if rec.api == "embeddings":
+                self._answer_embeddings(rec)
+                return
             if rec.api == "other":
                 rec.status = 404
                 self._send(404, {"error": {"message": f"no route {rec.path}", "type": "not_found"}})
@@ -621,7 +629,51 @@ def _make_handler(server: FakeLLMServer):
             rec.response = body
             self._send(200, body, {"x-request-id": "req_" + uuid.uuid4().hex[:16]})
 
+        def _answer_embeddings(self, rec: RecordedRequest) -> None:
+            """OpenAI `POST /v1/embeddings`: deterministic bag-of-words vectors (see fake_embedding);
+            faults queued for api 'openai' (or any) apply as to chat requests."""
+            if not rec.headers.get("authorization"):
+                rec.status = 401
+                self._send(401, _openai_error(401, "missing API key", "invalid_request_error"))
+                return
+            texts = rec.body.get("input")
+            texts = [texts] if isinstance(texts, str) else list(texts or [])
+            rec.model = str(rec.body.get("model", ""))
+            rec.messages = [{"role": "user", "content": str(t)} for t in texts]
+            fault = server._take_fault("openai")
+            rec.fault = fault.kind if fault else None
+            if fault is not None and fault.kind in _ERRORS:
+                status, otype, _, msg = _ERRORS[fault.kind]
+                rec.status = status
+                self._send(status, _openai_error(status, msg, otype, otype),
+                           {"Retry-After": "0"} if fault.kind == "429" else None)
+                return
+            rec.input_tokens = sum(count_tokens(t) for t in texts)
+            body = {"object": "list", "model": rec.model,
+                    "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(str(t))}
+                             for i, t in enumerate(texts)],
+                    "usage": {"prompt_tokens": rec.input_tokens, "total_tokens": rec.input_tokens}}
+            rec.status = 200
+            rec.response = {"n": len(texts)}
+            self._send(200, body)
+
     return Handler
+
+
+EMBED_DIM = 64
+
+
+def fake_embedding(text: str, dim: int = EMBED_DIM) -> list[float]:
+    """A deterministic embedding: each lower-cased word adds 1 at a hashed coordinate, so texts
+    sharing words are close and texts sharing none are orthogonal (mostly)."""
+    import hashlib
+
+    vec = [0.0] * dim
+    for word in str(text).lower().split():
+        w = "".join(ch for ch in word if ch.isalnum())
+        if w:
+            vec[int(hashlib.sha256(w.encode()).hexdigest(), 16) % dim] += 1.0
+    return vec
 
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import duckdb
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
 from featurescribe.cli import main
@@ -316,6 +317,24 @@ def oai_loads(text: str, backwards_compatible: bool = True) -> Any:
     return json.loads(text, object_hook=partial(_hook, backwards_compatible=backwards_compatible))
 
 
+def check_moments(db, source, fid, rec) -> None:
+    """The record's moments are those of every harvested token (unstored ones as 0)."""
+    acts = np.asarray([r[0] for r in q(db, "SELECT act FROM activations WHERE source_id = ? AND feature_id = ?",
+                                       [source, fid])], dtype=np.float64)
+    if acts.size == 0:
+        assert rec.mean is None and rec.quantile_boundaries is None  # NaN in the format is null
+        return
+    n_tokens = q(db, "SELECT coalesce(n_tokens, 0) FROM sources WHERE source_id = ?", [source])[0][0]
+    x = np.concatenate([acts, np.zeros(max(0, n_tokens - acts.size))])
+    mean, var = x.mean(), x.var()
+    assert rec.mean == pytest.approx(mean, rel=1e-5) and rec.variance == pytest.approx(var, rel=1e-4)
+    if var > 0:
+        z = (x - mean) / np.sqrt(var)
+        assert rec.skewness == pytest.approx((z ** 3).mean(), rel=1e-3, abs=1e-6)
+        assert rec.kurtosis == pytest.approx((z ** 4).mean() - 3, rel=1e-3, abs=1e-6)
+    assert len(rec.quantile_boundaries) == 3 and rec.quantile_boundaries == sorted(rec.quantile_boundaries)
+
+
 def test_oai_records_read_back_with_the_format_loader(demo, exported):
     root = exported["oai"]
     for source, layer in q(demo, "SELECT source_id, layer FROM sources ORDER BY 1"):
@@ -341,7 +360,7 @@ def test_oai_records_read_back_with_the_format_loader(demo, exported):
             n_quant = q(demo, "SELECT count(*) FROM examples WHERE source_id = ? AND feature_id = ? AND kind = 'quantile'",
                         [source, fid])[0][0]
             assert (rec.random_sample_by_quantile is None) == (n_quant == 0)
-            assert rec.mean is None  # NaN in the format is null
+            check_moments(demo, source, fid, rec)
 
             # scored explanations: one line, the stored simulation score and its windows
             path = root / source / "explanations" / str(layer) / f"{fid}.jsonl"

@@ -95,6 +95,9 @@ def test_report_in_headless_chromium(demo, report, tmp_path):
         rows = "document.querySelectorAll('#rows tr').length"
         n_features = q(demo, "SELECT count(*) FROM features")[0][0]
         assert page.evaluate(rows) == n_features
+        best_first = q(demo, "SELECT source_id || '/' || feature_id FROM labels ORDER BY score DESC LIMIT 1")[0][0]
+        assert page.evaluate("document.querySelector('#rows tr').dataset.id") == best_first
+        assert page.evaluate("document.querySelector('#rows tr.selected').dataset.id") == best_first
         assert page.evaluate("document.querySelectorAll('#detail .window .tok').length") > 0
         assert page.evaluate("document.querySelectorAll('#detail svg.hist rect').length") > 0
 
@@ -117,10 +120,14 @@ def test_report_in_headless_chromium(demo, report, tmp_path):
                                   m.dispatchEvent(new Event('input')); })()""")
         n_good = q(demo, "SELECT count(*) FROM labels WHERE score >= 0.99")[0][0]
         page.wait_for(f"{rows} === {n_good}", timeout=10)
-        page.evaluate("document.querySelector('th[data-key=score]').click()")
+        # it opens sorted by score, best first; a click on the score header turns the order round
         first = page.evaluate("document.querySelector('#rows tr').dataset.id")
         best = q(demo, "SELECT source_id || '/' || feature_id FROM labels ORDER BY score DESC LIMIT 1")[0][0]
         assert first == best
+        page.evaluate("document.querySelector('th[data-key=score]').click()")
+        first = page.evaluate("document.querySelector('#rows tr').dataset.id")
+        worst = q(demo, "SELECT source_id || '/' || feature_id FROM labels WHERE score >= 0.99 ORDER BY score LIMIT 1")[0][0]
+        assert first == worst
 
         png = page.screenshot(tmp_path / "report.png")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -129,3 +136,24 @@ def test_report_in_headless_chromium(demo, report, tmp_path):
         page.close()
     finally:
         browser.close()
+
+
+def test_report_over_the_size_limit_is_refused_pointing_at_browse(demo, tmp_path, capsys):
+    out = tmp_path / "big.html"
+    assert main(["report", "--db", demo, "--out", str(out), "--max-mb", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line
+    assert err.startswith("featurescribe: error: the report of 40 features would be about 0.")
+    assert "over --max-mb 0.01" in err and f"featurescribe browse --db {demo}" in err
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    assert main(["report", "--db", demo, "--out", str(out), "--max-mb", "0"]) == 0 and out.exists()
+
+
+def test_report_size_estimate_refuses_early(tmp_path):
+    from featurescribe.errors import FeaturescribeError
+    from featurescribe.export.report import SizeGuard
+
+    guard = SizeGuard(max_bytes=1_000_000, total=1_000_000, db_path="x.duckdb")
+    with pytest.raises(FeaturescribeError, match="about 1,000 MB"):
+        for i in range(1, SizeGuard.SAMPLE + 1):  # 1 kB a feature: a million would be 1 GB
+            guard.add(1000, i)
+    assert guard.written == SizeGuard.SAMPLE * 1000  # refused after the sample, not at the limit

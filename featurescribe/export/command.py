@@ -12,6 +12,7 @@ from featurescribe.store.connection import DEFAULT_DB, open_db
 from featurescribe.store.export_queries import count_features, export_sources
 
 FORMATS = ("neuronpedia", "oai", "delphi", "parquet", "json")
+DEFAULT_MAX_MB = 100.0
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,21 +77,28 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default=None, metavar="SOURCE_ID", help="one source (default: all)")
     p.add_argument("--examples", type=int, default=8, metavar="N",
                    help="top windows shown per feature (default: 8; random windows: half as many)")
+    p.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB, metavar="MB",
+                   help="refuse a report larger than this (default: 100; 0 for no limit): "
+                        "`featurescribe browse` serves a database of any size")
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from featurescribe.export.report import write_report
+    from featurescribe.export.report import SizeGuard, write_report
 
     if args.examples < 0:
         raise FeaturescribeError("--examples must be 0 or more")
+    max_mb = getattr(args, "max_mb", DEFAULT_MAX_MB)  # flows build their own Namespace
+    if max_mb < 0:
+        raise FeaturescribeError("--max-mb must be 0 (no limit) or more")
     con = open_db(args.db, read_only=True, create=False)
     try:
         sources = export_sources(con, args.source, db_label=f"database {args.db}")
         total = sum(count_features(con, s["source_id"]) for s in sources)
         with output_file(args.out) as tmp:
             with Progress("report", total=total, unit="features") as prog:
+                guard = SizeGuard(int(max_mb * 1e6) if max_mb else None, total, args.db)
                 n = write_report(con, sources, Path(tmp), db_name=Path(args.db).name,
-                                 top_examples=args.examples, on_feature=lambda: prog.advance(1))
+                                 top_examples=args.examples, on_feature=lambda: prog.advance(1), guard=guard)
     finally:
         con.close()
     print(f"wrote a report of {n} features to {args.out}")

@@ -12,8 +12,11 @@ object carries its fields in declaration order and then `"dataclass_name"`, the 
 
 A NeuronRecord's `most_positive_activation_records` are the feature's top windows (all splits,
 strongest first), `random_sample` its random windows, `random_sample_by_quantile` its quantile
-windows by bin (null when it has none). The moments (mean, variance, ...) are null: the store
-keeps activations sparse, above the source's threshold, so they are not known exactly.
+windows by bin (null when it has none); every alive feature has them, sampled by a label run or
+read from `activations`. The moments (mean, variance, skewness, excess kurtosis) are over every
+harvested token, a token below the source's threshold (not stored) counting as 0, and the quantile
+boundaries are the quartiles of the feature's per-sequence peaks (store/moments.py); null for a
+dead feature.
 Each scored explanation's simulation is the stored one behind its simulation score (the test
 split first): the simulator's predictions on the 0-10 scale (`simulated_normalized_activations`),
 the true activations, a per-window correlation, and the stored score as the overall
@@ -59,11 +62,7 @@ def neuron_record(b: FeatureBundle, layer: int) -> dict:
         neuron_id=_neuron_id(layer, b.feature_id),
         random_sample=[_record(w) for w in b.windows("random")],
         random_sample_by_quantile=by_quantile,
-        quantile_boundaries=None,
-        mean=None,
-        variance=None,
-        skewness=None,
-        kurtosis=None,
+        **{k: (b.moments or {}).get(k) for k in ("quantile_boundaries", "mean", "variance", "skewness", "kurtosis")},
         most_positive_activation_records=[_record(w) for w in b.windows("top")],
     )
 
@@ -127,7 +126,7 @@ def write_oai(con, sources: list[dict], out: Path, *, on_feature: Callable[[], N
         neurons.mkdir(parents=True, exist_ok=True)
         explanations.mkdir(parents=True, exist_ok=True)
         n_records = n_results = 0
-        for b in iter_feature_bundles(con, src["source_id"], simulations=True):
+        for b in iter_feature_bundles(con, src["source_id"], simulations=True, with_moments=True):
             write_text(neurons / f"{b.feature_id}.json", dumps(neuron_record(b, layer), compact=True))
             n_records += 1
             results = simulation_results(b, layer)

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from featurescribe.errors import FeaturescribeError
 from featurescribe.export.common import dumps
 from featurescribe.export.tabular import best_explanation, lift_of
 from featurescribe.store.export_queries import FeatureBundle, iter_feature_bundles
@@ -59,8 +60,34 @@ def report_entry(b: FeatureBundle, n_top: int, n_random: int) -> dict:
     }
 
 
+class SizeGuard:
+    """Stops a report that would pass `max_bytes`: after the first SAMPLE features it extrapolates
+    to all `total` features, and it stops outright once the file passes the limit."""
+
+    SAMPLE = 200
+
+    def __init__(self, max_bytes: int | None, total: int, db_path: str):
+        self.max_bytes, self.total, self.db_path = max_bytes, total, db_path
+        self.written = 0
+
+    def add(self, n_bytes: int, n_features: int) -> None:
+        self.written += n_bytes
+        if self.max_bytes is None:
+            return
+        estimate = self.written if n_features < self.SAMPLE else self.written / n_features * self.total
+        if self.written > self.max_bytes or (n_features == self.SAMPLE and estimate > self.max_bytes):
+            raise FeaturescribeError(
+                f"the report of {self.total:,} features would be about {_mb(estimate)} MB, over "
+                f"--max-mb {self.max_bytes / 1e6:g}; browse this database with: featurescribe browse --db "
+                f"{self.db_path} (or raise --max-mb, or pick one --source)")
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:,.0f}" if n_bytes >= 1e7 else f"{n_bytes / 1e6:.2g}"
+
+
 def write_report(con, sources: list[dict], out: Path, *, db_name: str = "", top_examples: int = 8,
-                 on_feature: Callable[[], None] | None = None) -> int:
+                 on_feature: Callable[[], None] | None = None, guard: SizeGuard | None = None) -> int:
     head, tail = _template()
     n_random = max(2, top_examples // 2) if top_examples else 0
     n = 0
@@ -74,8 +101,11 @@ def write_report(con, sources: list[dict], out: Path, *, db_name: str = "", top_
                 con, src["source_id"], example_kinds=("top", "random"),
                 examples_per_kind=max(top_examples, n_random), histogram=True,
             ):
-                f.write(("" if n == 0 else ",\n") + embed(dumps(report_entry(b, top_examples, n_random), compact=True)))
+                entry = ("" if n == 0 else ",\n") + embed(dumps(report_entry(b, top_examples, n_random), compact=True))
+                f.write(entry)
                 n += 1
+                if guard is not None:
+                    guard.add(len(entry.encode("utf-8")), n)
                 if on_feature:
                     on_feature()
         f.write("]}")

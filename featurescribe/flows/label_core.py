@@ -455,4 +455,8 @@ def write_chunk(con, result: ChunkResult, *, run_id: str | None = None, calls=No
         counts.scores = save_scores(con, result.scores, run_id=run_id)
         if calls is not None and hasattr(calls, "flush_to"):
             counts.ledger_rows = int(calls.flush_to(con) or 0)
+    if result.explanations:  # labels land with their embeddings (semantic search, browse)
+        from featurescribe.semantic.embed import embed_new_labels
+
+        embed_new_labels(con, result.source_id)
     return counts

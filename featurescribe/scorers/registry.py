@@ -20,6 +20,7 @@ from featurescribe.llm.registry import BACKENDS, NO_LLM_KINDS, kind_of
 from featurescribe.records import Explanation, ScoreResult
 from featurescribe.scorers.classify import Judge, LexicalJudge, LLMJudge, LocalJudge, score_detection, score_fuzzing
 from featurescribe.scorers.context import ScoreFailure, ScoringContext
+from featurescribe.scorers.embedding import score_embedding_in_context
 from featurescribe.scorers.intervention import score_intervention_in_context
 from featurescribe.scorers.simulation import score_simulation
 from featurescribe.scorers.simulators import (
@@ -48,6 +49,7 @@ BUILTIN_SCORERS: tuple[ScorerKind, ...] = (
     ScorerKind("detection", score_detection, uses_judge=True),
     ScorerKind("fuzzing", score_fuzzing, uses_judge=True),
     ScorerKind("intervention", score_intervention_in_context, uses_steering=True),
+    ScorerKind("embedding", score_embedding_in_context),
 )
 
 

@@ -52,6 +52,7 @@ class FeatureBundle:
     examples: list[dict[str, Any]] = field(default_factory=list)
     histogram: dict[str, Any] | None = None
     simulations: list[dict[str, Any]] = field(default_factory=list)
+    moments: dict[str, Any] | None = None  # mean, variance, skewness, kurtosis, quantile_boundaries
 
     def best_explanation(self) -> dict[str, Any] | None:
         for e in self.explanations:
@@ -333,6 +334,57 @@ def _explanation(row: dict) -> dict:
     return row
 
 
+def _open_streams(con, source_id: str, *, explanations: bool, examples: bool, example_kinds, examples_per_kind,
+                  histogram: bool, histogram_bins: int, simulations: bool, batch_rows: int,
+                  fill_windows: bool, with_moments: bool, streams: dict[str, _Stream]) -> None:
+    from featurescribe.store.moments import MOMENTS_SQL
+    from featurescribe.store.windows import fill_stream_sql
+
+    params = {"source": source_id}
+    small = max(64, batch_rows // 8)
+    streams["features"] = _Stream(con, _features_sql(), params, batch_rows)
+    if explanations:
+        streams["explanations"] = _Stream(con, _explanations_sql(), params, batch_rows)
+    if examples:
+        streams["examples"] = _Stream(con, _examples_sql(example_kinds, examples_per_kind), params, small)
+        if fill_windows:
+            sql, fill_params = fill_stream_sql(source_id)
+            streams["filled"] = _Stream(con, sql, fill_params, small)
+    if with_moments:
+        streams["moments"] = _Stream(con, MOMENTS_SQL, params, batch_rows)
+    if histogram:
+        streams["histogram"] = _Stream(con, _histogram_sql(histogram_bins), params, batch_rows)
+    if simulations:
+        streams["simulations"] = _Stream(con, _simulations_sql(), params, small)
+
+
+def _bundle(source_id: str, f: dict, streams: dict[str, _Stream], example_kinds, examples_per_kind,
+            histogram_bins: int) -> FeatureBundle:
+    from featurescribe.store.moments import moments
+    from featurescribe.store.windows import keep_windows
+
+    fid = f["feature_id"]
+    b = FeatureBundle(source_id=source_id, feature_id=fid,
+                      stats={k: v for k, v in f.items() if k != "feature_id"})
+    if "explanations" in streams:
+        b.explanations = [_explanation(r) for r in streams["explanations"].take(fid)]
+    if "examples" in streams:
+        b.examples = [_densify(r) for r in streams["examples"].take(fid)]
+    if "filled" in streams:
+        filled = streams["filled"].take(fid)
+        if not b.examples:
+            b.examples = keep_windows([_densify(r) for r in filled], example_kinds, examples_per_kind)
+    if "moments" in streams:
+        m = streams["moments"].take(fid)
+        b.moments = moments(m[0]) if m else None
+    if "histogram" in streams:
+        h = streams["histogram"].take(fid)
+        b.histogram = _histogram(h[0], histogram_bins) if h else None
+    if "simulations" in streams:
+        b.simulations = streams["simulations"].take(fid)
+    return b
+
+
 def iter_feature_bundles(
     con,
     source_id: str,
@@ -345,36 +397,22 @@ def iter_feature_bundles(
     histogram_bins: int = HISTOGRAM_BINS,
     simulations: bool = False,
     batch_rows: int = BATCH_ROWS,
+    fill_windows: bool = True,
+    with_moments: bool = False,
 ) -> Iterator[FeatureBundle]:
-    """One bundle per row of `features` for `source_id`, in feature_id order, streamed."""
-    params = {"source": source_id}
+    """One bundle per row of `features` for `source_id`, in feature_id order, streamed.
+
+    With `fill_windows`, a feature that no label run sampled gets top, quantile and random
+    windows read from `activations` (store/windows.py, `split` None) instead of none;
+    `with_moments` adds its moments and quantile boundaries (store/moments.py)."""
     streams: dict[str, _Stream] = {}
     try:
-        streams["features"] = _Stream(con, _features_sql(), params, batch_rows)
-        if explanations:
-            streams["explanations"] = _Stream(con, _explanations_sql(), params, batch_rows)
-        if examples:
-            streams["examples"] = _Stream(
-                con, _examples_sql(example_kinds, examples_per_kind), params, max(64, batch_rows // 8)
-            )
-        if histogram:
-            streams["histogram"] = _Stream(con, _histogram_sql(histogram_bins), params, batch_rows)
-        if simulations:
-            streams["simulations"] = _Stream(con, _simulations_sql(), params, max(64, batch_rows // 8))
+        _open_streams(con, source_id, explanations=explanations, examples=examples, example_kinds=example_kinds,
+                      examples_per_kind=examples_per_kind, histogram=histogram, histogram_bins=histogram_bins,
+                      simulations=simulations, batch_rows=batch_rows, fill_windows=fill_windows,
+                      with_moments=with_moments, streams=streams)
         for f in streams["features"].rows():
-            fid = f["feature_id"]
-            stats = {k: v for k, v in f.items() if k != "feature_id"}
-            bundle = FeatureBundle(source_id=source_id, feature_id=fid, stats=stats)
-            if explanations:
-                bundle.explanations = [_explanation(r) for r in streams["explanations"].take(fid)]
-            if examples:
-                bundle.examples = [_densify(r) for r in streams["examples"].take(fid)]
-            if histogram:
-                h = streams["histogram"].take(fid)
-                bundle.histogram = _histogram(h[0], histogram_bins) if h else None
-            if simulations:
-                bundle.simulations = streams["simulations"].take(fid)
-            yield bundle
+            yield _bundle(source_id, f, streams, example_kinds, examples_per_kind, histogram_bins)
     finally:
         for s in streams.values():
             s.close()

@@ -6,6 +6,7 @@ is at lives in `schema_version`. Never edit a released migration: append a new o
 
 from __future__ import annotations
 
+from featurescribe.store.embeddings import MIGRATION as EMBEDDINGS_MIGRATION
 from featurescribe.store.transaction import transaction
 
 # Version 1: the tables and view of DESIGN.md.
@@ -286,7 +287,10 @@ _V6 = [
     """,
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6]
+# Version 7: label embeddings for semantic search and the browser (store/embeddings.py).
+_V7 = list(EMBEDDINGS_MIGRATION)
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """

@@ -1,0 +1,1 @@
+"""Finding features by meaning: label embeddings (`embed`) and semantic search (`search`)."""

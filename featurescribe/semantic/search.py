@@ -1,0 +1,91 @@
+"""Semantic search over the best label of every feature (`featurescribe search`, browse, Python).
+
+The query is embedded by the embedder that made the database's vectors (the one with most
+vectors, unless one is named); the nearest explanation vectors are read with one SQL scan, and a
+hit counts when its explanation is its feature's best label (the `labels` view). When too few of
+the nearest vectors are best labels (other candidates, other explainers, `--min-score`), the scan
+is widened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featurescribe.errors import FeaturescribeError
+from featurescribe.llm.embeddings import embed_sync, make_embedder
+from featurescribe.store import embeddings as emb_sql
+
+
+@dataclass
+class SearchHit:
+    source_id: str
+    feature_id: int
+    similarity: float
+    explanation: str
+    score: float | None
+    scorer: str | None
+    lift: float | None
+    density: float | None
+    explainer: str | None
+    explanation_id: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def pick_embedder(con, embedder: str | None, db_label: str = "the database") -> str:
+    """The embedder whose vectors a search uses, or a user error saying how to make them."""
+    present = emb_sql.embedders_present(con)
+    if embedder is not None:
+        from featurescribe.llm.embeddings import check_embedder_spec
+
+        kind, model = check_embedder_spec(embedder)
+        embedder = f"{kind}:{model}"
+    if not present:
+        raise FeaturescribeError(
+            f"{db_label} has no label embeddings; make them with: featurescribe embed --db PATH"
+            + (f" --embedder {embedder}" if embedder else ""))
+    if embedder is None:
+        return present[0][0]
+    if embedder not in dict(present):
+        have = ", ".join(e for e, _ in present)
+        raise FeaturescribeError(f"{db_label} has no embeddings by {embedder} (it has: {have}); "
+                                 f"make them with: featurescribe embed --embedder {embedder}")
+    return embedder
+
+
+def rank_hits(con, embedder: str, qvec: np.ndarray, *, k: int, source_id: str | None = None,
+              min_score: float | None = None) -> list[SearchHit]:
+    """The `k` features whose best label is nearest to `qvec` (a unit vector)."""
+    n = max(4 * k, 64)
+    total = int(con.execute("SELECT count(*) FROM label_embeddings WHERE embedder = ?", [embedder]).fetchone()[0])
+    while True:
+        near = emb_sql.nearest_explanations(con, embedder, qvec, n, source_id)
+        best = emb_sql.best_labels_of(con, [(h["source_id"], h["feature_id"]) for h in near])
+        hits: dict[tuple[str, int], SearchHit] = {}
+        for h in near:
+            key = (h["source_id"], h["feature_id"])
+            b = best.get(key)
+            if key in hits or b is None or b["explanation_id"] != h["explanation_id"]:
+                continue
+            if min_score is not None and (b["score"] is None or b["score"] < min_score):
+                continue
+            hits[key] = SearchHit(key[0], key[1], h["similarity"], b["explanation"], b["score"], b["scorer"],
+                                  b["lift"], b["frac_active"], b["explainer"], b["explanation_id"])
+        if len(hits) >= k or len(near) < n or n >= total:
+            return list(hits.values())[:k]
+        n *= 8
+
+
+def search(con, query: str, *, embedder: str | None = None, source_id: str | None = None, k: int = 10,
+           min_score: float | None = None, db_label: str = "the database") -> list[SearchHit]:
+    """Features whose best label is closest in meaning to `query`, nearest first."""
+    if not query.strip():
+        raise FeaturescribeError("the search query is empty")
+    if k < 1:
+        raise FeaturescribeError("-k must be at least 1")
+    spec = pick_embedder(con, embedder, db_label)
+    qvec = embed_sync(make_embedder(spec), [query], purpose="search")[0]
+    return rank_hits(con, spec, qvec, k=k, source_id=source_id, min_score=min_score)

@@ -1,0 +1,220 @@
+"""Reads of the `browse` web app: a filtered, sorted, paged feature list and one feature's page.
+
+Sorting, filtering and paging run in DuckDB (one query a page, `LIMIT`/`OFFSET`), so a page costs
+the same at a thousand features or a million. Nothing here writes: the app opens the database
+read-only (`open_read_only`), without even upgrading an older schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from featurescribe.errors import FeaturescribeError, SchemaTooNew
+from featurescribe.store.export_queries import HISTOGRAM_BINS
+from featurescribe.store.schema import SCHEMA_VERSION, current_version
+
+SORTS = {  # name -> ORDER BY expression (ties: source, feature)
+    "score": "score", "lift": "lift", "density": "frac_active", "max_act": "max_act",
+    "feature": "feature_id", "n_active": "n_active",
+}
+STATUSES = ("labelled", "unlabelled", "alive", "dead", "rare")
+
+
+CATALOG = "fsdb"  # the database file, attached read-only
+ROWS = "memory.main.browse_rows"  # every feature with its best label, built once at start
+
+
+def open_read_only(path: str):
+    """An in-memory DuckDB with the file attached read-only as the default catalog: nothing can
+    be written to the file (an older schema is read as it is), and the app keeps its own tables
+    (`ROWS`) in memory. Each thread's cursor must `use_catalog` first."""
+    import duckdb
+
+    from featurescribe.errors import DatabaseLocked
+    from featurescribe.store.connection import _lock_message, database_exists
+
+    if not database_exists(path):
+        raise FeaturescribeError(f"no database at {path}")
+    con = duckdb.connect()
+    try:
+        con.execute(f"ATTACH '{path.replace(chr(39), chr(39) * 2)}' AS {CATALOG} (READ_ONLY)")
+    except duckdb.Error as err:
+        con.close()
+        if "lock" in str(err).lower():
+            raise DatabaseLocked(_lock_message(path, err)) from None
+        raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
+    use_catalog(con)
+    version = current_version(con)
+    if version > SCHEMA_VERSION:
+        con.close()
+        raise SchemaTooNew(f"database {path} has schema version {version}, newer than this featurescribe "
+                           f"understands ({SCHEMA_VERSION}); upgrade featurescribe")
+    return con
+
+
+def use_catalog(con) -> None:
+    con.execute(f"USE {CATALOG}")
+    con.execute("SET enable_progress_bar = false")
+
+
+def prepare_rows(con) -> int:
+    """Every feature joined with its best label, in memory: the list pages sort and filter this
+    table (a million rows) instead of computing the `labels` view for every page."""
+    con.execute(f"""CREATE OR REPLACE TABLE {ROWS} AS
+                    SELECT f.source_id, f.feature_id, f.n_active, f.frac_active, f.max_act, f.status,
+                           l.explanation, l.score, l.scorer, l.lift, l.explainer, l.explanation_id
+                    FROM features f LEFT JOIN labels l USING (source_id, feature_id)""")
+    return int(con.execute(f"SELECT count(*) FROM {ROWS}").fetchone()[0])
+
+
+def has_table(con, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [name]).fetchone()[0])
+
+
+@dataclass
+class ListQuery:
+    source: str | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+    min_lift: float | None = None
+    min_density: float | None = None
+    max_density: float | None = None
+    status: str | None = None
+    explainer: str | None = None
+    text: str | None = None
+    sort: str = "score"
+    desc: bool = True
+    offset: int = 0
+    limit: int = 50
+
+    def check(self) -> None:
+        if self.sort not in SORTS:
+            raise FeaturescribeError(f"unknown sort {self.sort!r}: use {', '.join(SORTS)}")
+        if self.status and self.status not in STATUSES:
+            raise FeaturescribeError(f"unknown status {self.status!r}: use {', '.join(STATUSES)}")
+        if not (0 <= self.offset) or not (1 <= self.limit <= 500):
+            raise FeaturescribeError("offset must be 0 or more and limit 1 to 500")
+
+
+_FILTERS = {  # ListQuery field -> SQL condition on the joined row
+    "source": "source_id = $source",
+    "min_score": "score >= $min_score",
+    "max_score": "score <= $max_score",
+    "min_lift": "lift >= $min_lift",
+    "min_density": "frac_active >= $min_density",
+    "max_density": "frac_active <= $max_density",
+    "explainer": "explainer = $explainer",
+    "text": "explanation ILIKE '%' || $text || '%'",
+}
+_STATUS_SQL = {
+    "labelled": "explanation IS NOT NULL", "unlabelled": "explanation IS NULL",
+    "alive": "coalesce(status, CASE WHEN n_active > 0 THEN 'alive' ELSE 'dead' END) = 'alive'",
+    "dead": "n_active = 0 OR status = 'dead'", "rare": "status = 'rare'",
+}
+
+
+def list_features(con, q: ListQuery) -> tuple[list[dict], int]:
+    """One page of features with their best label, and the number of features that match (two
+    queries: a count, and a top-N sort that never materializes the other rows)."""
+    q.check()
+    where, params = [], {}
+    for name, cond in _FILTERS.items():
+        value = getattr(q, name)
+        if value not in (None, ""):
+            where.append(cond)
+            params[name] = value
+    if q.status:
+        where.append(f"({_STATUS_SQL[q.status]})")
+    clause = ("WHERE " + " AND ".join(where)) if where else ""
+    direction = "DESC" if q.desc else "ASC"
+    cur = con.execute(f"""
+        SELECT source_id, feature_id, n_active, frac_active, max_act, status, explanation, score,
+               scorer, lift, explainer
+        FROM {ROWS} {clause}
+        ORDER BY {SORTS[q.sort]} {direction} NULLS LAST, source_id, feature_id
+        LIMIT {int(q.limit)} OFFSET {int(q.offset)}""", params)
+    cols = [c[0] for c in cur.description]
+    rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    total = con.execute(f"SELECT count(*) FROM {ROWS} {clause}", params).fetchone()[0]
+    return rows, int(total)
+
+
+def meta(con) -> dict[str, Any]:
+    """Sources, explainers and embedders, for the filters."""
+    sources = [dict(zip(("source_id", "model_id", "hook_name", "layer", "kind", "width"), r)) for r in con.execute(
+        "SELECT source_id, model_id, hook_name, layer, kind, width FROM sources ORDER BY source_id").fetchall()]
+    explainers = [r[0] for r in con.execute("SELECT DISTINCT explainer FROM explanations ORDER BY 1").fetchall()]
+    embedders = []
+    if has_table(con, "label_embeddings"):
+        embedders = [r[0] for r in con.execute(
+            "SELECT embedder FROM label_embeddings GROUP BY 1 ORDER BY count(*) DESC").fetchall()]
+    return {"sources": sources, "explainers": explainers, "embedders": embedders}
+
+
+def feature_stats(con, source_id: str, feature_id: int) -> dict | None:
+    cols = [r[0] for r in con.execute("DESCRIBE features").fetchall()]
+    extra = ", promoted_tokens" if "promoted_tokens" in cols else ""
+    cur = con.execute(f"""SELECT source_id, feature_id, n_active, frac_active, max_act, mean_act, status,
+                                 skip_reason{extra}
+                          FROM features WHERE source_id = ? AND feature_id = ?""", [source_id, int(feature_id)])
+    row = cur.fetchone()
+    return None if row is None else dict(zip([c[0] for c in cur.description], row))
+
+
+def feature_explanations(con, source_id: str, feature_id: int) -> list[dict]:
+    """Every explanation of a feature with all its scores and baselines; the best label first."""
+    cur = con.execute("""
+        WITH best AS (SELECT explanation_id FROM @ROWS@ WHERE source_id = $s AND feature_id = $f)
+        SELECT e.explanation_id, e.text, e.explainer, e.method, e.candidate, e.chosen,
+               coalesce(e.status, 'ok') AS status, e.error,
+               e.explanation_id IN (SELECT explanation_id FROM best) AS is_best,
+               list({'scorer': s.scorer, 'split': s.split, 'value': s.value, 'simulator': s.simulator,
+                     'baseline_shuffled': s.baseline_shuffled, 'baseline_tokens': s.baseline_tokens,
+                     'lift': s.value - s.baseline_shuffled, 'n_examples': s.n_examples}
+                    ORDER BY s.scorer, s.split) FILTER (WHERE s.scorer IS NOT NULL) AS scores
+        FROM explanations e LEFT JOIN scores s USING (explanation_id)
+        WHERE e.source_id = $s AND e.feature_id = $f
+        GROUP BY ALL ORDER BY is_best DESC, e.chosen DESC NULLS LAST, e.candidate, e.explanation_id""".replace("@ROWS@", ROWS),
+        {"s": source_id, "f": int(feature_id)})
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r)) | {"scores": (r[cols.index("scores")] or [])} for r in cur.fetchall()]
+
+
+def feature_histogram(con, source_id: str, feature_id: int, bins: int = HISTOGRAM_BINS) -> dict | None:
+    row = con.execute(f"""
+        WITH a AS (SELECT act FROM activations WHERE source_id = ? AND feature_id = ?),
+        r AS (SELECT min(act) AS lo, max(act) AS hi FROM a)
+        SELECT any_value(r.lo), any_value(r.hi),
+               list(n ORDER BY bin) FILTER (WHERE bin IS NOT NULL), list(bin ORDER BY bin)
+        FROM (SELECT CAST(CASE WHEN r.hi > r.lo THEN least({bins - 1}, floor((a.act - r.lo) / (r.hi - r.lo) * {bins}))
+                               ELSE 0 END AS INTEGER) AS bin, count(*) AS n
+              FROM a, r GROUP BY 1) JOIN r ON true""", [source_id, int(feature_id)]).fetchone()
+    if row is None or row[0] is None:
+        return None
+    counts = [0] * bins
+    for n, b in zip(row[2] or [], row[3] or []):
+        counts[b] = int(n)
+    return {"lo": float(row[0]), "hi": float(row[1]), "counts": counts}
+
+
+def sampled_windows(con, source_id: str, feature_id: int) -> list[dict]:
+    """The windows a label run sampled for the feature (from `examples`), with dense `acts`."""
+    from featurescribe.store.windows import densify
+
+    cur = con.execute("""
+        SELECT x.kind, x.split, x.seq_id, x.start_pos, x.end_pos, x.rank, x.quantile,
+               s.tokens[x.start_pos + 1 : x.end_pos] AS tokens,
+               coalesce(list(a.pos - x.start_pos ORDER BY a.pos) FILTER (WHERE a.pos IS NOT NULL), []) AS nz_pos,
+               coalesce(list(a.act ORDER BY a.pos) FILTER (WHERE a.pos IS NOT NULL), []) AS nz_act,
+               coalesce(max(a.act), 0) AS win_max
+        FROM examples x JOIN sequences s USING (seq_id)
+        LEFT JOIN activations a ON a.source_id = x.source_id AND a.feature_id = x.feature_id
+             AND a.seq_id = x.seq_id AND a.pos >= x.start_pos AND a.pos < x.end_pos
+        WHERE x.source_id = $s AND x.feature_id = $f
+        GROUP BY x.kind, x.split, x.seq_id, x.start_pos, x.end_pos, x.rank, x.quantile, s.tokens
+        ORDER BY CASE x.kind WHEN 'top' THEN 0 WHEN 'quantile' THEN 1 ELSE 2 END, win_max DESC, x.seq_id""",
+        {"s": source_id, "f": int(feature_id)})
+    cols = [c[0] for c in cur.description]
+    return [densify(dict(zip(cols, r))) for r in cur.fetchall()]

@@ -1,0 +1,144 @@
+"""SQL of label embeddings: the `label_embeddings` table, what is missing, search.
+
+One row per (explanation, embedder): the explanation's text embedded as a unit-length
+`FLOAT[]` vector, with its feature's `source_id` and `feature_id` copied in so a search ranks
+the vectors without a join. Cosine similarity is `list_inner_product(vec, query)` because every
+stored vector and query has norm 1. From SQL, with a query vector from any embedder:
+
+    SELECT l.source_id, l.feature_id, l.explanation,
+           list_inner_product(x.vec, $query::FLOAT[]) AS similarity
+    FROM label_embeddings x JOIN labels l USING (explanation_id)
+    WHERE x.embedder = 'local:all-minilm-l6-v2'
+    ORDER BY similarity DESC LIMIT 10
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from featurescribe.store.bulk import insert_arrow
+
+MIGRATION = [
+    """
+    CREATE TABLE IF NOT EXISTS label_embeddings (
+        explanation_id VARCHAR NOT NULL,
+        embedder    VARCHAR NOT NULL,
+        source_id   VARCHAR NOT NULL,
+        feature_id  INTEGER NOT NULL,
+        dim         INTEGER NOT NULL,
+        vec         FLOAT[] NOT NULL,
+        created_at  TIMESTAMP
+    )
+    """,
+]
+
+_MISSING = """
+    SELECT e.explanation_id, e.source_id, e.feature_id, e.text
+    FROM explanations e
+    WHERE coalesce(e.status, 'ok') = 'ok' AND length(trim(e.text)) > 0
+      AND ($source IS NULL OR e.source_id = $source)
+      AND NOT EXISTS (SELECT 1 FROM label_embeddings x
+                      WHERE x.explanation_id = e.explanation_id AND x.embedder = $embedder)
+    ORDER BY e.source_id, e.feature_id, e.explanation_id"""
+
+
+@dataclass
+class PendingText:
+    explanation_id: str
+    source_id: str
+    feature_id: int
+    text: str
+
+
+def count_missing(con, embedder: str, source_id: str | None = None) -> int:
+    sql = f"SELECT count(*) FROM ({_MISSING})"
+    return int(con.execute(sql, {"embedder": embedder, "source": source_id}).fetchone()[0])
+
+
+def iter_missing(con, embedder: str, source_id: str | None, batch: int) -> Iterator[list[PendingText]]:
+    """Explanations without an embedding by `embedder`, `batch` at a time (read up front per
+    batch, so the caller may write between batches on the same connection)."""
+    cur = con.cursor()
+    try:
+        reader = cur.sql(_MISSING, params={"embedder": embedder, "source": source_id}).to_arrow_reader(batch)
+        rows: list[PendingText] = []
+        for rb in reader:
+            for r in rb.to_pylist():
+                rows.append(PendingText(r["explanation_id"], r["source_id"], r["feature_id"], r["text"]))
+                if len(rows) >= batch:
+                    yield rows
+                    rows = []
+        if rows:
+            yield rows
+    finally:
+        cur.close()
+
+
+def write_embeddings(con, embedder: str, items: Sequence[PendingText], vectors: np.ndarray) -> int:
+    """Insert one batch of vectors (rows of `vectors` match `items`)."""
+    if not len(items):
+        return 0
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    vec = pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), flat)
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    table = pa.table({
+        "explanation_id": pa.array([i.explanation_id for i in items], pa.string()),
+        "source_id": pa.array([i.source_id for i in items], pa.string()),
+        "feature_id": pa.array([i.feature_id for i in items], pa.int32()),
+        "vec": vec,
+    })
+    return insert_arrow(con, "label_embeddings", table,
+                        consts={"embedder": embedder, "dim": d, "created_at": now})
+
+
+def embedders_present(con) -> list[tuple[str, int]]:
+    """(embedder, number of vectors) in the database, most vectors first."""
+    return [(r[0], int(r[1])) for r in con.execute(
+        "SELECT embedder, count(*) FROM label_embeddings GROUP BY 1 ORDER BY 2 DESC, 1").fetchall()]
+
+
+def nearest_explanations(con, embedder: str, query: np.ndarray, n: int,
+                         source_id: str | None = None) -> list[dict]:
+    """The `n` explanations whose vectors are closest to `query` (any explanation, best or not)."""
+    rows = con.execute(
+        """SELECT explanation_id, source_id, feature_id, list_inner_product(vec, $q::FLOAT[]) AS similarity
+           FROM label_embeddings
+           WHERE embedder = $embedder AND ($source IS NULL OR source_id = $source)
+           ORDER BY similarity DESC, explanation_id LIMIT $n""",
+        {"q": [float(x) for x in query], "embedder": embedder, "source": source_id, "n": int(n)},
+    ).fetchall()
+    return [{"explanation_id": r[0], "source_id": r[1], "feature_id": r[2], "similarity": float(r[3])}
+            for r in rows]
+
+
+def best_labels_of(con, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+    """The `labels` row (with density) of each (source_id, feature_id) in `keys` that has one."""
+    out: dict[tuple[str, int], dict] = {}
+    by_source: dict[str, list[int]] = {}
+    for s, f in keys:
+        by_source.setdefault(s, []).append(int(f))
+    for source, ids in by_source.items():
+        cur = con.execute(
+            """SELECT l.source_id, l.feature_id, l.explanation_id, l.explanation, l.score, l.scorer,
+                      l.lift, l.explainer, f.frac_active, f.n_active
+               FROM labels l LEFT JOIN features f USING (source_id, feature_id)
+               WHERE l.source_id = $source AND list_contains($ids, l.feature_id)""",
+            {"source": source, "ids": sorted(set(ids))})
+        cols = [c[0] for c in cur.description]
+        for r in cur.fetchall():
+            row = dict(zip(cols, r))
+            out[(row["source_id"], row["feature_id"])] = row
+    return out
+
+
+def vector_of(con, explanation_id: str, embedder: str) -> np.ndarray | None:
+    row = con.execute("SELECT vec FROM label_embeddings WHERE explanation_id = ? AND embedder = ? LIMIT 1",
+                      [explanation_id, embedder]).fetchone()
+    return None if row is None else np.asarray(row[0], dtype=np.float32)

@@ -1,0 +1,186 @@
+"""The browse app: JSON endpoints over `store/browse_queries.py` and one HTML page.
+
+    GET /                              the page (also /feature/SOURCE/ID: a permalink)
+    GET /api/meta                      sources, explainers, embedders
+    GET /api/features?...              one page of the feature list (filters, sort, text or
+                                       semantic search: mode=semantic&q=...)
+    GET /api/feature/SOURCE/ID         a feature: stats, histogram, explanations with scores,
+                                       windows, promoted tokens
+    GET /api/feature/SOURCE/ID/neighbours   the nearest labels of other features
+
+Each request reads through its own cursor of one in-memory DuckDB to which the file is attached
+read-only; the list pages read an in-memory table of every feature with its best label, built
+when the server starts.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from featurescribe.errors import FeaturescribeError
+from featurescribe.store import browse_queries as bq
+from featurescribe.store.windows import feature_windows
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class BrowseState:
+    """The read-only connection and the embedder a semantic query needs (loaded on first use)."""
+
+    def __init__(self, db_path: str):
+        self.db_path = db_path
+        self.con = bq.open_read_only(db_path)
+        self.n_features = bq.prepare_rows(self.con)
+        self._embedders: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def cursor(self):
+        cur = self.con.cursor()
+        bq.use_catalog(cur)
+        return cur
+
+    def embedder(self, spec: str):
+        from featurescribe.llm.embeddings import make_embedder
+
+        with self._lock:
+            if spec not in self._embedders:
+                self._embedders[spec] = make_embedder(spec)
+            return self._embedders[spec]
+
+    def embed_query(self, spec: str, text: str):
+        from featurescribe.llm.embeddings import LocalEmbedder, embed_sync, make_embedder
+
+        emb = self.embedder(spec)
+        if not isinstance(emb, LocalEmbedder):  # a hosted client belongs to one event loop
+            emb = make_embedder(spec)
+        return embed_sync(emb, [text], purpose="search")[0]
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _semantic(state: BrowseState, cur, q: bq.ListQuery, text: str) -> tuple[list[dict], int]:
+    from featurescribe.semantic.search import pick_embedder, rank_hits
+
+    if not bq.has_table(cur, "label_embeddings"):
+        raise FeaturescribeError("this database has no label embeddings; make them with: featurescribe embed")
+    spec = pick_embedder(cur, None)
+    hits = rank_hits(cur, spec, state.embed_query(spec, text), k=q.limit, source_id=q.source,
+                     min_score=q.min_score)
+    rows = [{"source_id": h.source_id, "feature_id": h.feature_id, "explanation": h.explanation,
+             "score": h.score, "scorer": h.scorer, "lift": h.lift, "frac_active": h.density,
+             "explainer": h.explainer, "similarity": h.similarity} for h in hits]
+    return rows, len(rows)
+
+
+def _neighbours(cur, explanations: list[dict], source_id: str, feature_id: int) -> list[dict]:
+    from featurescribe.semantic.search import rank_hits
+    from featurescribe.store.embeddings import embedders_present, vector_of
+
+    best = next((e for e in explanations if e["is_best"]), None)
+    if best is None or not bq.has_table(cur, "label_embeddings"):
+        return []
+    present = embedders_present(cur)
+    if not present:
+        return []
+    vec = vector_of(cur, best["explanation_id"], present[0][0])
+    if vec is None:
+        return []
+    hits = rank_hits(cur, present[0][0], vec, k=7)
+    return [{"source_id": h.source_id, "feature_id": h.feature_id, "explanation": h.explanation,
+             "score": h.score, "similarity": h.similarity}
+            for h in hits if (h.source_id, h.feature_id) != (source_id, feature_id)][:6]
+
+
+def _page() -> str:
+    return resources.files("featurescribe.web").joinpath("templates/browse.html").read_text("utf-8")
+
+
+def _feature_page(state: BrowseState, source_id: str, feature_id: int) -> dict:
+    cur = state.cursor()
+    try:
+        stats = bq.feature_stats(cur, source_id, feature_id)
+        if stats is None:
+            raise HTTPException(404, f"no feature {source_id}/{feature_id}")
+        explanations = bq.feature_explanations(cur, source_id, feature_id)
+        windows = bq.sampled_windows(cur, source_id, feature_id)
+        origin = "examples"
+        if not windows and stats["n_active"]:
+            windows, origin = feature_windows(cur, source_id, feature_id), "activations"
+        return _clean({
+            "stats": stats, "explanations": explanations, "windows": windows, "windows_from": origin,
+            "histogram": bq.feature_histogram(cur, source_id, feature_id),
+        })
+    finally:
+        cur.close()
+
+
+def create_app(state: BrowseState) -> FastAPI:
+    app = FastAPI(title="featurescribe browse", docs_url=None, redoc_url=None, openapi_url=None)
+    page = _page()
+
+    @app.exception_handler(FeaturescribeError)
+    async def user_error(_, err: FeaturescribeError):
+        return JSONResponse({"error": str(err)}, status_code=400)
+
+    @app.get("/", response_class=HTMLResponse)
+    @app.get("/feature/{source_id}/{feature_id}", response_class=HTMLResponse)
+    def index(source_id: str | None = None, feature_id: int | None = None):
+        return page
+
+    @app.get("/api/meta")
+    def api_meta():
+        cur = state.cursor()
+        try:
+            return _clean({"db": state.db_path, **bq.meta(cur)})
+        finally:
+            cur.close()
+
+    @app.get("/api/features")
+    def api_features(source: str | None = None, min_score: float | None = None, max_score: float | None = None,
+                     min_lift: float | None = None, min_density: float | None = None,
+                     max_density: float | None = None, status: str | None = None, explainer: str | None = None,
+                     q: str | None = None, mode: str = "text", sort: str = "score",
+                     order: str = Query("desc", pattern="^(asc|desc)$"), offset: int = 0, limit: int = 50):
+        lq = bq.ListQuery(source or None, min_score, max_score, min_lift, min_density, max_density, status or None,
+                          explainer or None, q if mode == "text" else None, sort, order == "desc", offset, limit)
+        cur = state.cursor()
+        try:
+            if mode == "semantic" and q and q.strip():
+                rows, total = _semantic(state, cur, lq, q)
+            else:
+                rows, total = bq.list_features(cur, lq)
+        finally:
+            cur.close()
+        return _clean({"rows": rows, "total": total, "offset": offset, "limit": limit, "mode": mode})
+
+    @app.get("/api/feature/{source_id}/{feature_id}")
+    def api_feature(source_id: str, feature_id: int):
+        return _feature_page(state, source_id, feature_id)
+
+    @app.get("/api/feature/{source_id}/{feature_id}/neighbours")
+    def api_neighbours(source_id: str, feature_id: int):
+        """The nearest labels of other features (a scan of every vector: fetched after the page)."""
+        cur = state.cursor()
+        try:
+            explanations = bq.feature_explanations(cur, source_id, feature_id)
+            return _clean({"neighbours": _neighbours(cur, explanations, source_id, feature_id)})
+        finally:
+            cur.close()
+
+    return app
