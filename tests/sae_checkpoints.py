@@ -48,17 +48,23 @@ def sparsify_latents(w: dict, x: torch.Tensor, k: int, *, transcode: bool = Fals
     return out
 
 
+def saelens_weights(g: torch.Generator, d_in: int, d_sae: int, d_out: int, *, scale: float,
+                    b_dec_scale: float) -> dict:
+    """Random SAELens encoder/decoder weights, drawn in a fixed order from `g`."""
+    return {
+        "W_enc": torch.randn(d_in, d_sae, generator=g) * scale / d_in ** 0.5,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+        "W_dec": torch.randn(d_sae, d_out, generator=g),
+        "b_dec": torch.randn(d_out, generator=g) * b_dec_scale,
+    }
+
+
 def write_saelens_transcoder(folder, d_in: int, d_sae: int, d_out: int, *, arch: str = "transcoder",
                              hook_name: str | None = None, hook_name_out: str | None = None,
                              seed: int = 0, scale: float = 1.0) -> dict:
     """A transcoder folder as SAELens 6 saves it (cfg.json + sae_weights.safetensors)."""
     g = torch.Generator().manual_seed(seed)
-    w = {
-        "W_enc": torch.randn(d_in, d_sae, generator=g) * scale / d_in ** 0.5,
-        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
-        "W_dec": torch.randn(d_sae, d_out, generator=g),
-        "b_dec": torch.randn(d_out, generator=g) * 0.5,
-    }
+    w = saelens_weights(g, d_in, d_sae, d_out, scale=scale, b_dec_scale=0.5)
     if arch == "jumprelu_transcoder":
         w["threshold"] = torch.rand(d_sae, generator=g) * 0.3
     if arch == "skip_transcoder":

@@ -15,6 +15,7 @@ import pytest
 from featurescribe.cli import main
 from featurescribe.semantic.embed import embed_labels
 from featurescribe.store import open_db
+from tests.dbq import q
 from featurescribe.web.server import serve_in_thread
 from tests.export_fixtures import build_demo_db
 from tests.headless import Browser, chromium_path
@@ -40,13 +41,6 @@ def browse_db(tmp_path_factory) -> str:
 def digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-
-def q(db: str, sql: str, params=None) -> list[tuple]:
-    con = open_db(db, read_only=True, create=False)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")

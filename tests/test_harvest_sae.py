@@ -9,18 +9,14 @@ import torch
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.harvest.sae import load_sae, parse_config, site_of_hook
+from tests.sae_checkpoints import saelens_weights
 
 
 def write_sae(folder, arch: str, d_in: int, d_sae: int, *, style: str = "v6", hook_name: str | None = None,
               k: int = 4, apply_b_dec: bool = True, seed: int = 0, scale: float = 1.0) -> dict:
     """An SAE folder as SAELens writes it; returns its weights (float32)."""
     g = torch.Generator().manual_seed(seed)
-    w = {
-        "W_enc": torch.randn(d_in, d_sae, generator=g) * scale / d_in ** 0.5,
-        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
-        "W_dec": torch.randn(d_sae, d_in, generator=g),
-        "b_dec": torch.randn(d_in, generator=g) * 0.1,
-    }
+    w = saelens_weights(g, d_in, d_sae, d_in, scale=scale, b_dec_scale=0.1)
     if arch == "jumprelu":
         w["threshold"] = torch.rand(d_sae, generator=g) * 0.5
     if style == "v6":

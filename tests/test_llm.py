@@ -37,7 +37,7 @@ SCHEMA = {
     "required": ["explanation"],
     "additionalProperties": False,
 }
-FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, backoff_jitter_s=0.01, timeout_s=0.5)
+FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, backoff_jitter_s=0.01, timeout_s=1.0)  # the "slow" fault answers after 1.5 s
 PRICES = PriceTable.load()
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from featurescribe.cli import main
 from featurescribe.store import open_db
+from tests.dbq import q
 from tests.export_fixtures import build_demo_db
 from tests.headless import Browser, chromium_path
 
@@ -20,13 +21,6 @@ def report(demo, tmp_path_factory) -> Path:
     assert main(["report", "--db", demo, "--out", str(out)]) == 0
     return out
 
-
-def q(db: str, sql: str, params=None) -> list[tuple]:
-    con = open_db(db, read_only=True, create=False)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def embedded(html: str) -> dict:

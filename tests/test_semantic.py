@@ -14,6 +14,7 @@ from featurescribe.flows.label_run import run_label
 from featurescribe.flows.label_options import from_args
 from featurescribe.llm.embeddings import embed_sync, make_embedder
 from featurescribe.store import open_db
+from tests.dbq import q
 from tests.export_fixtures import build_demo_db
 from tests.fake_llm import fake_embedding
 
@@ -33,13 +34,6 @@ def db(demo_db, tmp_path):
     shutil.copy(demo_db, path)
     return path
 
-
-def q(db, sql, params=None):
-    con = open_db(db, read_only=True, create=False)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def n_embeddable(db) -> int:
