@@ -44,6 +44,13 @@ Usage counts are deterministic: `count_tokens(text)` is the number of whitespace
 (at least 1); a request's input tokens are the sum over its message contents (and system prompt)
 plus 3 per message; output tokens are `count_tokens(answer text)`. A `Reply` may override both.
 
+Dialects: `server.refuse` maps a part of an OpenAI request body to the error the server answers
+when that part is sent: `(status, message)`. Keys are a body field (`"logprobs"`, `"seed"`, ...)
+or `"response_format.TYPE"`. `FakeLLMServer(dialect="llama.cpp")` refuses what llama-cpp-python's
+server refuses: `response_format` of type `json_schema`, with HTTP 500 and the message
+`LLAMA_CPP_JSON_SCHEMA_ERROR`. A schema stated in the prompt (a line that is a JSON object with
+`type` or `properties`) is read as `json_schema` when the request has none, as a model would.
+
 `server.latency_s` is added to every answer (the throughput benchmark uses it);
 `server.max_in_flight` is the largest number of requests the server held at once.
 """
@@ -69,6 +76,13 @@ __all__ = [
     "example_for_schema",
     "simple_logprobs",
 ]
+
+LLAMA_CPP_JSON_SCHEMA_ERROR = ("1 validation error: response_format.type: Input should be 'text' or "
+                               "'json_object' (input: 'json_schema')")
+DIALECTS = {
+    "openai": {},
+    "llama.cpp": {"response_format.json_schema": (500, LLAMA_CPP_JSON_SCHEMA_ERROR)},
+}
 
 FAULT_KINDS = ("429", "500", "503", "529", "401", "400", "slow", "malformed", "truncated", "disconnect")
 
@@ -226,8 +240,9 @@ class _Server(ThreadingHTTPServer):
 class FakeLLMServer:
     """See the module docstring."""
 
-    def __init__(self, latency_s: float = 0.0, responder: Responder | None = None):
+    def __init__(self, latency_s: float = 0.0, responder: Responder | None = None, dialect: str = "openai"):
         self.latency_s = float(latency_s)
+        self.refuse: dict[str, tuple[int, str]] = dict(DIALECTS[dialect])
         self.responder: Responder = responder or default_responder
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
@@ -308,6 +323,15 @@ class FakeLLMServer:
     def billed_output_tokens(self) -> int:
         return sum(r.output_tokens for r in self.requests if r.billed)
 
+    def refusal(self, rec: RecordedRequest) -> tuple[int, str] | None:
+        """The error this server answers an OpenAI request with for a part it does not take."""
+        if rec.api != "openai":
+            return None
+        rf = rec.body.get("response_format") or {}
+        if rf and f"response_format.{rf.get('type')}" in self.refuse:
+            return self.refuse[f"response_format.{rf.get('type')}"]
+        return next((self.refuse[k] for k in rec.body if k in self.refuse), None)
+
     def _take_fault(self, api: str) -> Fault | None:
         with self._lock:
             for i, f in enumerate(self.faults):
@@ -339,11 +363,29 @@ def _parse_openai(rec: RecordedRequest) -> None:
     if rf.get("type") == "json_schema":
         rec.json_schema = (rf.get("json_schema") or {}).get("schema") or {}
     elif rf.get("type") == "json_object":
-        rec.json_schema = {}
+        rec.json_schema = _schema_in_prompt(rec.messages) or {}
+    else:
+        rec.json_schema = _schema_in_prompt(rec.messages)
     rec.logprobs_asked = bool(b.get("logprobs"))
     rec.top_logprobs = int(b.get("top_logprobs") or 0) if rec.logprobs_asked else 0
     mt = b.get("max_completion_tokens", b.get("max_tokens"))
     rec.max_tokens = int(mt) if mt is not None else None
+
+
+def _schema_in_prompt(messages: list[dict]) -> dict | None:
+    """A JSON schema stated on a line of the prompt, as a model reading it would find it."""
+    for m in messages:
+        for line in m["content"].splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and ("properties" in value or "type" in value):
+                return value
+    return None
 
 
 def _parse_anthropic(rec: RecordedRequest) -> None:
@@ -560,6 +602,12 @@ def _make_handler(server: FakeLLMServer):
                     return
                 _parse_openai(rec)
 
+            refused = server.refusal(rec)
+            if refused is not None:
+                rec.status, message = refused
+                rec.response = _openai_error(rec.status, message, "invalid_request_error")
+                self._send(rec.status, rec.response)
+                return
             fault = server._take_fault(rec.api)
             rec.fault = fault.kind if fault else None
             if server.latency_s > 0:

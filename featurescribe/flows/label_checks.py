@@ -15,6 +15,7 @@ def check_options(o: "LabelOptions") -> None:
     from featurescribe.flows.label_options import METHOD_CHOICES, RUNNERS, parse_window_counts
     from featurescribe.labelers import check_explainer_spec
     from featurescribe.scorers.registry import SCORERS, check_simulator_spec
+    from featurescribe.statuses import STRUCTURED_CHOICES
 
     try:
         check_explainer_spec(o.explainer)
@@ -38,6 +39,8 @@ def check_options(o: "LabelOptions") -> None:
         raise FeaturescribeError(f"unknown task runner {o.task_runner!r}: use {' or '.join(RUNNERS)}")
     if o.task_runner == "dask" and int(o.workers or 0) < 1:
         raise FeaturescribeError("--workers must be at least 1")
+    if o.structured not in STRUCTURED_CHOICES:
+        raise FeaturescribeError(f"unknown --structured {o.structured!r}: use {', '.join(STRUCTURED_CHOICES)}")
     if o.no_wait and not o.batch:
         raise FeaturescribeError("--no-wait goes with --batch")
     parse_window_counts(o.windows)

@@ -21,6 +21,10 @@ What one `chat` does:
    - parse (the caller's `parse` raised UnparseableResponse, a JSON-schema answer is not JSON,
      or the answer was cut at max_tokens; a truncated answer is asked again with twice the
      max_tokens): asked again at once.
+   - rejected (the server refused the request's form: `response_format`, `logprobs`, an unknown
+     parameter; llm/negotiation.py): sent again at once in the weaker form the backend moved
+     to, which is remembered in the database per base URL + model; with no weaker form left the
+     call fails as `request rejected`, never retried as an outage.
    Other errors (400, 404, ...) are not retried; 401/403 raise LLMAuthFailed, which stops the run.
    When a kind runs out of attempts the call ends in LLMCallFailed. A placeholder answer is
    never returned.
@@ -58,6 +62,7 @@ from featurescribe.llm.base import (
     UnparseableResponse,
 )
 from featurescribe.llm.budget import Budget
+from featurescribe.llm.negotiation import RequestRejected
 from featurescribe.llm.limits import LoopSemaphore, estimate_tokens, shared_limiter
 from featurescribe.llm.prices import PriceTable
 from featurescribe.llm.registry import BackendOptions, make_backend
@@ -91,6 +96,8 @@ class ClientSettings:
     # aiohttp transport, `openai[aiohttp]`): the same requests, errors and retries, about a third
     # less CPU per request, which is what limits one event loop on a machine with few cores
     http: str = "httpx"
+    structured: str = "auto"  # --structured: auto (negotiated) | json_schema | json_object | text
+    rejected_attempts: int = 6  # sends after refusals of the request's form (one per weaker form)
 
     @classmethod
     def from_env(cls, **overrides) -> "ClientSettings":
@@ -103,6 +110,7 @@ class ClientSettings:
             "tpm": ("FEATURESCRIBE_LLM_TPM", float),
             "max_parse_retries": ("FEATURESCRIBE_LLM_PARSE_RETRIES", int),
             "http": ("FEATURESCRIBE_LLM_HTTP", str),
+            "structured": ("FEATURESCRIBE_LLM_STRUCTURED", str),
         }
         for name, (var, typ) in env.items():
             if os.environ.get(var):
@@ -133,7 +141,7 @@ def cache_key(backend: str, model: str, request: ChatRequest) -> str:
 # ---------------------------------------------------------------------- failure classification
 @dataclass
 class Failure:
-    kind: str  # transport | rate_limit | server | parse | fatal | auth
+    kind: str  # transport | rate_limit | server | parse | fatal | auth | rejected
     message: str
     retry_after: float | None = None
     status: int | None = None
@@ -182,6 +190,8 @@ def _sdk_message(exc: Exception) -> str:
 def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | None:
     """What kind of failure an SDK exception is (None: not an API failure, a bug)."""
     name = type(exc).__name__
+    if isinstance(exc, RequestRejected):
+        return Failure("rejected", str(exc))
     if isinstance(exc, BadAnswer):
         return Failure("server", str(exc))
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or name == "APITimeoutError":
@@ -226,7 +236,7 @@ class _Wait:
     def __call__(self, retry_state) -> float:
         exc = retry_state.outcome.exception()
         f: Failure = exc.failure
-        if f.kind == "parse":
+        if f.kind in ("parse", "rejected"):
             return 0.0
         if f.kind == "rate_limit" and f.retry_after is not None:
             ra = min(f.retry_after, self.max_retry_after)
@@ -275,6 +285,7 @@ class Client:
         self.spent_usd = 0.0
         self.n_requests = 0  # attempts that were sent
         self._price_warned = False
+        self._load_capabilities()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -287,6 +298,26 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client({self.spec!r})"
+
+    # ------------------------------------------------------------------ capabilities
+    def _capability_store(self):
+        """The store's capability table and this backend's key, when both exist."""
+        key = getattr(self._backend, "capability_key", None)
+        if key is None or not hasattr(self.store, "endpoint_capabilities"):
+            return None, None
+        return self.store, key()
+
+    def _load_capabilities(self) -> None:
+        store, key = self._capability_store()
+        if store is not None:
+            record = store.endpoint_capabilities(*key)
+            if record is not None:
+                self._backend.apply_capabilities(record)
+
+    def _remember_capabilities(self) -> None:
+        store, key = self._capability_store()
+        if store is not None:
+            store.remember_capabilities(*key, self._backend.capabilities_record())
 
     # ------------------------------------------------------------------ ledger
     def _record(self, state: _CallState | None, key: str, purpose: str, status: str, **kw) -> CallRow:
@@ -360,6 +391,7 @@ class Client:
             "rate_limit": s.rate_limit_attempts,
             "server": s.server_attempts,
             "parse": s.max_parse_retries + 1,
+            "rejected": s.rejected_attempts,
         }
 
         def stop(retry_state) -> bool:
@@ -415,6 +447,8 @@ class Client:
                 self.n_requests += 1
             return await self._backend.send(state.request, max_tokens=state.max_tokens, timeout=timeout,
                                             retry_index=state.parse_retries)
+        except RequestRejected as exc:  # before LLMCallFailed, its base: a refusal may be sent again
+            raise self._failed(state, exc, time.monotonic() - t0, timeout) from None
         except (BudgetExceeded, LLMCallFailed):
             raise
         except asyncio.CancelledError:  # the request may have reached the server: keep a row
@@ -436,6 +470,10 @@ class Client:
             return LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})")
         if f.kind == "fatal":
             return LLMCallFailed(f"{self.spec}: {f.message}")
+        if f.kind == "rejected":
+            if not exc.changed:
+                return RequestRejected(f"{self.spec}: {f.message}", exc.feature, False)
+            self._remember_capabilities()
         if f.kind == "rate_limit" and f.retry_after:
             self.limiter.pause(min(f.retry_after, self.settings.max_retry_after_s))
         state.counts[f.kind] += 1
@@ -555,5 +593,6 @@ def make_client(
                 if v is not None}
         settings = replace(settings, **over)
     backend = make_backend(spec, BackendOptions(timeout_s=settings.timeout_s, device=device,
-                                                pool_size=settings.concurrency, http=settings.http))
+                                                pool_size=settings.concurrency, http=settings.http,
+                                                structured=settings.structured))
     return Client(backend, store=store, run_id=run_id, budget=budget, settings=settings, prices=prices)

@@ -1,0 +1,165 @@
+"""Capability negotiation (llm/negotiation.py) with the real openai SDK against a 127.0.0.1 server
+that refuses what llama.cpp's server and others refuse (tests/fake_llm.py dialects)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from featurescribe.llm import CallStore, ChatRequest, LLMCallFailed, make_client
+from featurescribe.llm.limits import reset_shared_limiters
+from featurescribe.llm.negotiation import RequestRejected, refused_feature
+from featurescribe.scorers.registry import llm_simulator
+from featurescribe.scorers.simulators import LogprobSimulator, StructuredSimulator
+from tests.fake_llm import LLAMA_CPP_JSON_SCHEMA_ERROR, Reply, simple_logprobs
+
+SCHEMA = {"type": "object", "properties": {"explanation": {"type": "string"}},
+          "required": ["explanation"], "additionalProperties": False}
+# a refusal retried as an outage would wait seconds: these tests would then take minutes
+SLOW_BACKOFF = dict(backoff_initial_s=5.0, backoff_max_s=5.0, backoff_jitter_s=0.0, timeout_s=5.0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_limiters():
+    reset_shared_limiters()
+    yield
+    reset_shared_limiters()
+
+
+@pytest.fixture
+def store(con):
+    s = CallStore(con)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def llama(fake_llm):
+    fake_llm.refuse.update({"response_format.json_schema": (500, LLAMA_CPP_JSON_SCHEMA_ERROR)})
+    return fake_llm
+
+
+def req(**kw) -> ChatRequest:
+    return ChatRequest(messages=({"role": "system", "content": "You explain features."},
+                                 {"role": "user", "content": "explain"}), **kw)
+
+
+def explanation(resp):
+    return resp.json()["explanation"]
+
+
+async def ask(client, *requests, parse=explanation):
+    try:
+        return [await client.chat(r, parse) for r in requests]
+    finally:
+        await client.aclose()
+
+
+def client_for(store, **kw):
+    return make_client("openai:smollm2", store=store, run_id="run-1", **{**SLOW_BACKOFF, **kw})
+
+
+def forms(server) -> list[str | None]:
+    return [(r.body.get("response_format") or {}).get("type") for r in server.requests]
+
+
+def test_llama_cpp_json_schema_refusal_moves_to_json_object_at_once(llama, store, con):
+    t0 = time.monotonic()
+    out = asyncio.run(ask(client_for(store), req(json_schema=SCHEMA, seed=1), req(json_schema=SCHEMA, seed=2)))
+    assert time.monotonic() - t0 < 4.0  # no backoff: the refusal is not an outage
+    assert out == ["ok", "ok"]
+    assert forms(llama) == ["json_schema", "json_object", "json_object"]
+    # json_object: the schema is stated in the prompt
+    assert json.dumps(SCHEMA, separators=(",", ":")) in llama.requests[1].messages[0]["content"]
+    rows = store.rows()
+    assert [r["status"] for r in rows] == ["error", "ok", "ok"]
+    assert rows[0]["error"].startswith("request rejected (HTTP 500: 1 validation error: response_format")
+    assert "json_schema -> json_object" in rows[0]["error"]
+    assert con.execute("SELECT base_url, model, structured, logprobs FROM llm_capabilities").fetchall() == [
+        (llama.base_url_openai, "smollm2", "json_object", True)]
+
+
+def test_the_next_run_starts_with_the_remembered_form(llama, store):
+    asyncio.run(ask(client_for(store), req(json_schema=SCHEMA)))
+    llama.reset()
+    asyncio.run(ask(client_for(store, use_cache=False), req(json_schema=SCHEMA)))
+    assert forms(llama) == ["json_object"]
+
+
+def test_json_object_refused_too_moves_to_text_parsed_strictly(llama, store):
+    llama.refuse["response_format.json_object"] = (400, "response_format json_object is not supported")
+    llama.responder = lambda r: "```json\n" + json.dumps({"explanation": "commas"}) + "\n```"
+    out = asyncio.run(ask(client_for(store), req(json_schema=SCHEMA)))
+    assert out == ["commas"]
+    assert forms(llama) == ["json_schema", "json_object", None]
+    assert "JSON schema" in llama.requests[-1].messages[0]["content"]
+
+
+def test_text_form_refuses_words_around_the_json(llama, store):
+    llama.responder = lambda r: 'Sure! {"explanation": "commas"}'
+    client = client_for(store, structured="text", max_parse_retries=1)
+    with pytest.raises(LLMCallFailed, match="parse"):
+        asyncio.run(ask(client, req(json_schema=SCHEMA)))
+    assert forms(llama) == [None, None]
+
+
+def test_a_forced_form_the_server_refuses_fails_once_as_request_rejected(llama, store):
+    with pytest.raises(RequestRejected, match="request rejected"):
+        asyncio.run(ask(client_for(store, structured="json_schema"), req(json_schema=SCHEMA)))
+    assert len(llama.requests) == 1
+    assert [r["status"] for r in store.rows()] == ["error"]
+
+
+def test_forced_json_object_is_sent_as_asked(fake_llm, store):
+    asyncio.run(ask(client_for(store, structured="json_object"), req(json_schema=SCHEMA)))
+    assert forms(fake_llm) == ["json_object"]
+
+
+def test_refused_logprobs_switch_the_simulator_to_json(fake_llm, store):
+    fake_llm.refuse["logprobs"] = (400, "logprobs is not supported by this server")
+
+    def responder(r):
+        if r.json_schema is not None:
+            return json.dumps({"activations": [0, 10]})
+        return Reply("a\t0\nb\t10", logprobs=simple_logprobs("a\t0\nb\t10", top=2))
+
+    fake_llm.responder = responder
+    client = client_for(store)
+    simulator = llm_simulator(client)
+    assert isinstance(simulator, LogprobSimulator)
+    window = type("W", (), {"tokens": ["a", "b"]})()
+
+    async def go():
+        try:
+            return await simulator.simulate_window("letters", window)
+        finally:
+            await client.aclose()
+
+    out = asyncio.run(go())
+    assert out == [0, 10] and isinstance(simulator._fallback, StructuredSimulator)
+    assert client.supports_logprobs is False
+    assert [r.logprobs_asked for r in fake_llm.requests] == [True, False, False]
+
+
+def test_an_unknown_parameter_is_dropped(fake_llm, store, con):
+    fake_llm.refuse["seed"] = (400, "Unrecognized request argument supplied: seed")
+    out = asyncio.run(ask(client_for(store), req(json_schema=SCHEMA, seed=3)))
+    assert out == ["ok"]
+    assert ["seed" in r.body for r in fake_llm.requests] == [True, False]
+    assert con.execute("SELECT dropped_params FROM llm_capabilities").fetchone()[0] == ["seed"]
+
+
+@pytest.mark.parametrize("status, message, sent, expected", [
+    (500, LLAMA_CPP_JSON_SCHEMA_ERROR, {"response_format": {}}, "response_format"),
+    (422, "response_format: extra inputs are not permitted", {"response_format": {}}, "response_format"),
+    (500, "CUDA out of memory", {"response_format": {}}, None),  # an outage, retried as one
+    (400, "maximum context length exceeded", {"response_format": {}, "seed": 1}, None),
+    (400, "logprobs is not supported", {"logprobs": True}, "logprobs"),
+    (400, "Unrecognized request argument supplied: seed", {"seed": 1}, "seed"),
+    (503, "seed server overloaded, unknown state", {"seed": 1}, None),
+])
+def test_what_counts_as_a_refusal(status, message, sent, expected):
+    assert refused_feature(status, message, sent) == expected
