@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -163,3 +164,45 @@ def test_an_unknown_parameter_is_dropped(fake_llm, store, con):
 ])
 def test_what_counts_as_a_refusal(status, message, sent, expected):
     assert refused_feature(status, message, sent) == expected
+
+
+def test_label_through_a_llama_cpp_like_server_uses_every_answer(labdb, llama, capsys):
+    """`label` with an LLM explainer, simulator and every scorer at a server that refuses
+    json_schema: refusals are re-sent at once as json_object, no feature fails, and the next run
+    starts with json_object."""
+    from tests.test_label import _label, _q, _reader
+
+    llama.responder = _reader
+    spec = "openai:smollm2"
+    assert _label(labdb, "--features", "2:4", "--explainer", spec, "--simulator", spec,
+                  "--scorers", "simulation,detection,fuzzing") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"failed\s+0", out), out
+    assert _q(labdb, "SELECT count(*) FROM scores") == [(6,)]
+    errors = _q(labdb, "SELECT DISTINCT left(error, 17) FROM llm_calls WHERE status = 'error'")
+    assert errors == [("request rejected ",)]
+    assert _q(labdb, "SELECT structured FROM llm_capabilities") == [("json_object",)]
+    llama.reset()
+    assert _label(labdb, "--features", "2:4", "--explainer", spec, "--simulator", spec,
+                  "--scorers", "detection", "--redo", "--no-cache") == 0
+    assert "json_schema" not in forms(llama) and all(r.status == 200 for r in llama.requests)
+
+
+def test_label_structured_option(labdb, capsys):
+    from featurescribe.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["label", "--db", labdb, "--source", "x", "--structured", "yaml"])
+    assert exc.value.code == 2
+    assert "--structured" in capsys.readouterr().err
+
+
+@pytest.fixture
+def labdb(db_path):
+    from featurescribe.store import open_db
+    from tests.test_sampling import build_db
+
+    con = open_db(db_path)
+    build_db(con, n_features=8)
+    con.close()
+    return db_path
