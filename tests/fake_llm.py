@@ -51,6 +51,9 @@ server refuses: `response_format` of type `json_schema`, with HTTP 500 and the m
 `LLAMA_CPP_JSON_SCHEMA_ERROR`. A schema stated in the prompt (a line that is a JSON object with
 `type` or `properties`) is read as `json_schema` when the request has none, as a model would.
 
+`server.html_status = 200` (or 404) answers every request with an HTML page instead: a base URL
+that is a web site, not an API.
+
 `server.latency_s` is added to every answer (the throughput benchmark uses it);
 `server.max_in_flight` is the largest number of requests the server held at once.
 """
@@ -243,6 +246,7 @@ class FakeLLMServer:
     def __init__(self, latency_s: float = 0.0, responder: Responder | None = None, dialect: str = "openai"):
         self.latency_s = float(latency_s)
         self.refuse: dict[str, tuple[int, str]] = dict(DIALECTS[dialect])
+        self.html_status: int | None = None  # set: every request gets an HTML page with this status
         self.responder: Responder = responder or default_responder
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
@@ -556,6 +560,14 @@ def _make_handler(server: FakeLLMServer):
             except OSError:
                 self.close_connection = True
 
+        def _send_page(self, status: int, page: str) -> None:
+            data = page.encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_GET(self):
             self._send(404, {"error": {"message": "not found", "type": "not_found"}})
 
@@ -585,6 +597,10 @@ def _make_handler(server: FakeLLMServer):
                 server._leave()
 
         def _answer(self, rec: RecordedRequest) -> None:
+            if server.html_status is not None:  # a web page, not an API
+                rec.status = server.html_status
+                self._send_page(server.html_status, "<!doctype html><html><body><h1>Welcome</h1></body></html>")
+                return
             if rec.api == "other":
                 rec.status = 404
                 self._send(404, {"error": {"message": f"no route {rec.path}", "type": "not_found"}})

@@ -206,3 +206,17 @@ def labdb(db_path):
     build_db(con, n_features=8)
     con.close()
     return db_path
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_a_base_url_that_is_no_api_is_one_line_and_exit_2(labdb, fake_llm, capsys, status):
+    from tests.test_label import _cli
+
+    fake_llm.html_status = status
+    assert _cli(labdb, "--features", "2:4", "--explainer", "openai:smollm2") == 2
+    # (Prefect logs the failed task run on stderr too; the command's own line is the last)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("featurescribe: error:")]
+    assert len(err) == 1, err
+    assert err[0].startswith(f"featurescribe: error: {fake_llm.base_url_openai} is not an OpenAI-compatible API")
+    assert f"HTTP {status} (text/html)" in err[0] and "Welcome" in err[0]
+    assert len(fake_llm.requests) <= 2  # not retried as an outage

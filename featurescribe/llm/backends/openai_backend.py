@@ -100,6 +100,17 @@ def _error_message(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+class NotAnOpenAIServer(FeaturescribeError):
+    """OPENAI_BASE_URL answers, but not as an OpenAI-compatible API (an HTML page, a 404 that is
+    no API error): every call would fail the same way, so the run stops with this one line."""
+
+
+def _is_api_error(body) -> bool:
+    """An error body of an OpenAI-compatible API: {"error": ...} (a web page or a framework's
+    own 404, e.g. {"detail": "Not Found"}, is not)."""
+    return isinstance(body, dict) and "error" in body
+
+
 class OpenAIBackend(Backend):
     backend = "openai"
 
@@ -219,6 +230,14 @@ class OpenAIBackend(Backend):
                         what[:200], change)
         return RequestRejected(f"request rejected ({what}); {change}", feature, True)
 
+    def _not_an_api(self, status: int, http) -> "NotAnOpenAIServer":
+        kind = (http.headers.get("content-type") or "no content type").split(";")[0]
+        text = " ".join((http.text or "").split())[:120]
+        return NotAnOpenAIServer(
+            f"{self.base_url} is not an OpenAI-compatible API: POST {self.base_url}/chat/completions "
+            f"answered HTTP {status} ({kind}) {text!r}; set OPENAI_BASE_URL to the API's base URL "
+            f"(it usually ends in /v1)")
+
     # ------------------------------------------------------------------ requests
     def params(self, request: ChatRequest, max_tokens: int) -> dict:
         kw: dict = {"model": self.model, "messages": [dict(m) for m in request.messages]}
@@ -264,6 +283,8 @@ class OpenAIBackend(Backend):
             http = await sdk.post("/chat/completions", body=kw, cast_to=httpx.Response,
                                   options={"timeout": timeout})
         except APIStatusError as exc:
+            if exc.status_code in (404, 405) and not _is_api_error(exc.body):
+                raise self._not_an_api(exc.status_code, exc.response) from None
             raised = self._rejected(exc, kw)
             if raised is exc:
                 raise
@@ -271,7 +292,9 @@ class OpenAIBackend(Backend):
         try:
             r = http.json()
         except ValueError:
-            raise BadAnswer(f"the server's answer is not JSON: {http.text[:200]!r}") from None
+            raise self._not_an_api(http.status_code, http) from None
+        if not isinstance(r, dict):
+            raise BadAnswer(f"the server's answer is not a completion: {http.text[:200]!r}")
         resp = self.parse_completion(r, asked_logprobs="logprobs" in kw)
         if request.json_schema is not None and kw.get("response_format", {}).get("type") != "json_schema":
             resp.text = strip_json_fence(resp.text)
