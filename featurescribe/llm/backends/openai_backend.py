@@ -106,9 +106,10 @@ class NotAnOpenAIServer(FeaturescribeError):
 
 
 def _is_api_error(body) -> bool:
-    """An error body of an OpenAI-compatible API: {"error": ...} (a web page or a framework's
-    own 404, e.g. {"detail": "Not Found"}, is not)."""
-    return isinstance(body, dict) and "error" in body
+    """An error body of an OpenAI-compatible API: {"error": ...}, or older vLLM's
+    {"object": "error", "message": ...} (a web page or a framework's own 404, e.g.
+    {"detail": "Not Found"}, is not)."""
+    return isinstance(body, dict) and ("error" in body or "message" in body)
 
 
 class OpenAIBackend(Backend):
