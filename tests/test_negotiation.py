@@ -220,3 +220,10 @@ def test_a_base_url_that_is_no_api_is_one_line_and_exit_2(labdb, fake_llm, capsy
     assert err[0].startswith(f"featurescribe: error: {fake_llm.base_url_openai} is not an OpenAI-compatible API")
     assert f"HTTP {status} (text/html)" in err[0] and "Welcome" in err[0]
     assert len(fake_llm.requests) <= 2  # not retried as an outage
+
+
+def test_an_api_404_is_a_failed_call_not_a_wrong_url(fake_llm, store):
+    fake_llm.refuse["model"] = (404, "The model `smollm2` does not exist.")
+    with pytest.raises(LLMCallFailed, match="HTTP 404: The model `smollm2` does not exist"):
+        asyncio.run(ask(client_for(store), req(json_schema=SCHEMA)))
+    assert len(fake_llm.requests) == 1
