@@ -227,3 +227,31 @@ def test_an_api_404_is_a_failed_call_not_a_wrong_url(fake_llm, store):
     with pytest.raises(LLMCallFailed, match="HTTP 404: The model `smollm2` does not exist"):
         asyncio.run(ask(client_for(store), req(json_schema=SCHEMA)))
     assert len(fake_llm.requests) == 1
+
+
+def test_timeout_and_concurrency_per_backend_kind(monkeypatch):
+    from featurescribe.errors import FeaturescribeError
+    from featurescribe.llm.client import ClientSettings
+
+    monkeypatch.setenv("FEATURESCRIBE_LLM_TIMEOUT", "60")
+    monkeypatch.setenv("FEATURESCRIBE_LLM_TIMEOUT_OPENAI", "900")
+    monkeypatch.setenv("FEATURESCRIBE_LLM_CONCURRENCY_OPENAI", "2")
+    assert ClientSettings.from_env("openai", concurrency=16).timeout_s == 900
+    assert ClientSettings.from_env("openai", concurrency=16).concurrency == 2  # a cap on --concurrency
+    assert ClientSettings.from_env("anthropic", concurrency=16).timeout_s == 60
+    assert ClientSettings.from_env("openai", timeout_s=5).timeout_s == 5  # --timeout wins
+    monkeypatch.setenv("FEATURESCRIBE_LLM_TIMEOUT_OPENAI", "soon")
+    with pytest.raises(FeaturescribeError, match="FEATURESCRIBE_LLM_TIMEOUT_OPENAI='soon' is not a valid float"):
+        ClientSettings.from_env("openai")
+
+
+def test_label_timeout_is_reported_as_a_timeout(labdb, fake_llm, capsys, monkeypatch):
+    from tests.test_label import _label, _q
+
+    fake_llm.responder = lambda r: json.dumps({"explanation": "commas"})
+    fake_llm.inject("slow", times=8, delay_s=1.5)
+    monkeypatch.setenv("FEATURESCRIBE_LLM_TIMEOUT", "30")  # --timeout wins over it
+    assert _label(labdb, "--features", "2:3", "--explainer", "openai:smollm2", "--timeout", "0.3") == 0
+    assert re.search(r"failed\s+1", capsys.readouterr().out)
+    (error,) = _q(labdb, "SELECT error FROM explanations")[0]
+    assert "transport failure" in error and "timeout after 0.3 s" in error and "parse" not in error

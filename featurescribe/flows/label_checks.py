@@ -28,6 +28,7 @@ def check_options(o: "LabelOptions") -> None:
             f"unknown scorer(s) {', '.join(bad) or '(none)'}: use {', '.join(SCORERS.names())}")
     for failed, message in ((o.candidates < 1, "--candidates must be at least 1"),
                             (o.concurrency < 1, "--concurrency must be at least 1"),
+                            (o.timeout is not None and o.timeout <= 0, "--timeout must be more than 0"),
                             (o.logit_lens < 0, "--logit-lens must be 0 or more tokens"),
                             (o.chunk_size < 1, "--chunk-size must be at least 1"),
                             (o.budget_usd is not None and o.budget_usd < 0, "--budget-usd must be 0 or more")):

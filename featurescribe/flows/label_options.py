@@ -48,6 +48,9 @@ class LabelOptions:
     candidates: int = opt(1, "explanations per feature; with more than 1, the best on the valid split "
                              "is chosen (default: 1)")
     concurrency: int = opt(16, "LLM requests in flight (default: 16)")
+    timeout: float | None = opt(None, "seconds one LLM request may take before it counts as a timeout "
+                                      "(default: FEATURESCRIBE_LLM_TIMEOUT_<KIND>, else "
+                                      "FEATURESCRIBE_LLM_TIMEOUT, else 120)", metavar="S")
     budget_usd: float | None = opt(None, "no new LLM call starts once the run has spent this much")
     no_cache: bool = opt(False, "do not answer from the response cache")
     method: str = opt("auto", "how LLM explainers see the examples: pairs (token and activation per "

@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception
 
+from featurescribe.errors import FeaturescribeError
 from featurescribe.llm.backends.base import BadAnswer, Backend
 from featurescribe.llm.base import (
     BudgetExceeded,
@@ -60,6 +61,7 @@ from featurescribe.llm.base import (
     LLMAuthFailed,
     LLMCallFailed,
     UnparseableResponse,
+    parse_backend_spec,
 )
 from featurescribe.llm.budget import Budget
 from featurescribe.llm.negotiation import RequestRejected
@@ -100,27 +102,45 @@ class ClientSettings:
     rejected_attempts: int = 6  # sends after refusals of the request's form (one per weaker form)
 
     @classmethod
-    def from_env(cls, **overrides) -> "ClientSettings":
-        """Defaults, then FEATURESCRIBE_LLM_* variables, then `overrides` (None values ignored)."""
+    def from_env(cls, kind: str | None = None, **overrides) -> "ClientSettings":
+        """Defaults, then FEATURESCRIBE_LLM_* variables, then those for one backend kind
+        (FEATURESCRIBE_LLM_TIMEOUT_OPENAI, ...), then `overrides` (None values ignored).
+        FEATURESCRIBE_LLM_CONCURRENCY_<KIND> caps the concurrency an override gives too."""
         s = cls()
-        env = {
-            "concurrency": ("FEATURESCRIBE_LLM_CONCURRENCY", int),
-            "timeout_s": ("FEATURESCRIBE_LLM_TIMEOUT", float),
-            "rpm": ("FEATURESCRIBE_LLM_RPM", float),
-            "tpm": ("FEATURESCRIBE_LLM_TPM", float),
-            "max_parse_retries": ("FEATURESCRIBE_LLM_PARSE_RETRIES", int),
-            "http": ("FEATURESCRIBE_LLM_HTTP", str),
-            "structured": ("FEATURESCRIBE_LLM_STRUCTURED", str),
-        }
-        for name, (var, typ) in env.items():
-            if os.environ.get(var):
-                setattr(s, name, typ(os.environ[var]))
+        for name, (var, typ) in _ENV_SETTINGS.items():
+            for v in (var, f"{var}_{kind.upper()}" if kind else None):
+                if v and os.environ.get(v):
+                    setattr(s, name, _env_value(v, typ))
         for k, v in overrides.items():
             if v is not None:
                 if not hasattr(s, k):
                     raise TypeError(f"unknown client setting {k!r}")
                 setattr(s, k, v)
+        cap = f"FEATURESCRIBE_LLM_CONCURRENCY_{kind.upper()}" if kind else None
+        if cap and os.environ.get(cap):
+            s.concurrency = min(s.concurrency, _env_value(cap, int))
         return s
+
+
+_ENV_SETTINGS = {
+    "concurrency": ("FEATURESCRIBE_LLM_CONCURRENCY", int),
+    "timeout_s": ("FEATURESCRIBE_LLM_TIMEOUT", float),
+    "rpm": ("FEATURESCRIBE_LLM_RPM", float),
+    "tpm": ("FEATURESCRIBE_LLM_TPM", float),
+    "max_parse_retries": ("FEATURESCRIBE_LLM_PARSE_RETRIES", int),
+    "http": ("FEATURESCRIBE_LLM_HTTP", str),
+    "structured": ("FEATURESCRIBE_LLM_STRUCTURED", str),
+}
+
+
+def _env_value(var: str, typ: type):
+    try:
+        value = typ(os.environ[var])
+    except ValueError:
+        raise FeaturescribeError(f"{var}={os.environ[var]!r} is not a valid {typ.__name__}") from None
+    if typ in (int, float) and value <= 0:
+        raise FeaturescribeError(f"{var} must be more than 0 (got {os.environ[var]!r})")
+    return value
 
 
 def cache_key(backend: str, model: str, request: ChatRequest) -> str:
@@ -587,7 +607,8 @@ def make_client(
     `setting_overrides` are ClientSettings fields (timeout_s=..., rpm=..., ...).
     """
     if settings is None:
-        settings = ClientSettings.from_env(use_cache=use_cache, concurrency=concurrency, **setting_overrides)
+        settings = ClientSettings.from_env(parse_backend_spec(spec)[0], use_cache=use_cache,
+                                           concurrency=concurrency, **setting_overrides)
     else:
         over = {k: v for k, v in dict(use_cache=use_cache, concurrency=concurrency, **setting_overrides).items()
                 if v is not None}
