@@ -42,3 +42,15 @@ class FeatureStatus(StrEnum):
     ALIVE = "alive"
     DEAD = "dead"  # no activations
     RARE = "rare"  # too few active sequences to sample
+
+
+class StructuredForm(StrEnum):
+    """`llm_capabilities.structured`: how structured answers are asked for, best first
+    (llm/negotiation.py); `label --structured` takes these or `auto`."""
+
+    JSON_SCHEMA = "json_schema"  # response_format json_schema: the server enforces the schema
+    JSON_OBJECT = "json_object"  # response_format json_object, the schema stated in the prompt
+    TEXT = "text"  # no response_format: the schema in the prompt, the answer parsed strictly
+
+
+STRUCTURED_CHOICES = ("auto", *(f.value for f in StructuredForm))  # label --structured

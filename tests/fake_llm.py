@@ -46,6 +46,16 @@ Usage counts are deterministic: `count_tokens(text)` is the number of whitespace
 (at least 1); a request's input tokens are the sum over its message contents (and system prompt)
 plus 3 per message; output tokens are `count_tokens(answer text)`. A `Reply` may override both.
 
+Dialects: `server.refuse` maps a part of an OpenAI request body to the error the server answers
+when that part is sent: `(status, message)`. Keys are a body field (`"logprobs"`, `"seed"`, ...)
+or `"response_format.TYPE"`. `FakeLLMServer(dialect="llama.cpp")` refuses what llama-cpp-python's
+server refuses: `response_format` of type `json_schema`, with HTTP 500 and the message
+`LLAMA_CPP_JSON_SCHEMA_ERROR`. A schema stated in the prompt (a line that is a JSON object with
+`type` or `properties`) is read as `json_schema` when the request has none, as a model would.
+
+`server.html_status = 200` (or 404) answers every request with an HTML page instead: a base URL
+that is a web site, not an API.
+
 `server.latency_s` is added to every answer (the throughput benchmark uses it);
 `server.max_in_flight` is the largest number of requests the server held at once.
 """
@@ -72,6 +82,13 @@ __all__ = [
     "example_for_schema",
     "simple_logprobs",
 ]
+
+LLAMA_CPP_JSON_SCHEMA_ERROR = ("1 validation error: response_format.type: Input should be 'text' or "
+                               "'json_object' (input: 'json_schema')")
+DIALECTS = {
+    "openai": {},
+    "llama.cpp": {"response_format.json_schema": (500, LLAMA_CPP_JSON_SCHEMA_ERROR)},
+}
 
 FAULT_KINDS = ("429", "500", "503", "529", "401", "400", "slow", "malformed", "truncated", "disconnect")
 
@@ -229,8 +246,10 @@ class _Server(ThreadingHTTPServer):
 class FakeLLMServer:
     """See the module docstring."""
 
-    def __init__(self, latency_s: float = 0.0, responder: Responder | None = None):
+    def __init__(self, latency_s: float = 0.0, responder: Responder | None = None, dialect: str = "openai"):
         self.latency_s = float(latency_s)
+        self.refuse: dict[str, tuple[int, str]] = dict(DIALECTS[dialect])
+        self.html_status: int | None = None  # set: every request gets an HTML page with this status
         self.responder: Responder = responder or default_responder
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
@@ -311,6 +330,15 @@ class FakeLLMServer:
     def billed_output_tokens(self) -> int:
         return sum(r.output_tokens for r in self.requests if r.billed)
 
+    def refusal(self, rec: RecordedRequest) -> tuple[int, str] | None:
+        """The error this server answers an OpenAI request with for a part it does not take."""
+        if rec.api != "openai":
+            return None
+        rf = rec.body.get("response_format") or {}
+        if rf and f"response_format.{rf.get('type')}" in self.refuse:
+            return self.refuse[f"response_format.{rf.get('type')}"]
+        return next((self.refuse[k] for k in rec.body if k in self.refuse), None)
+
     def _take_fault(self, api: str) -> Fault | None:
         with self._lock:
             for i, f in enumerate(self.faults):
@@ -342,11 +370,29 @@ def _parse_openai(rec: RecordedRequest) -> None:
     if rf.get("type") == "json_schema":
         rec.json_schema = (rf.get("json_schema") or {}).get("schema") or {}
     elif rf.get("type") == "json_object":
-        rec.json_schema = {}
+        rec.json_schema = _schema_in_prompt(rec.messages) or {}
+    else:
+        rec.json_schema = _schema_in_prompt(rec.messages)
     rec.logprobs_asked = bool(b.get("logprobs"))
     rec.top_logprobs = int(b.get("top_logprobs") or 0) if rec.logprobs_asked else 0
     mt = b.get("max_completion_tokens", b.get("max_tokens"))
     rec.max_tokens = int(mt) if mt is not None else None
+
+
+def _schema_in_prompt(messages: list[dict]) -> dict | None:
+    """A JSON schema stated on a line of the prompt, as a model reading it would find it."""
+    for m in messages:
+        for line in m["content"].splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and ("properties" in value or "type" in value):
+                return value
+    return None
 
 
 def _parse_anthropic(rec: RecordedRequest) -> None:
@@ -517,6 +563,14 @@ def _make_handler(server: FakeLLMServer):
             except OSError:
                 self.close_connection = True
 
+        def _send_page(self, status: int, page: str) -> None:
+            data = page.encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_GET(self):
             self._send(404, {"error": {"message": "not found", "type": "not_found"}})
 
@@ -548,6 +602,10 @@ def _make_handler(server: FakeLLMServer):
                 server._leave()
 
         def _answer(self, rec: RecordedRequest) -> None:
+            if server.html_status is not None:  # a web page, not an API
+                rec.status = server.html_status
+                self._send_page(server.html_status, "<!doctype html><html><body><h1>Welcome</h1></body></html>")
+                return
             if rec.api == "embeddings":
                 self._answer_embeddings(rec)
                 return
@@ -568,6 +626,12 @@ def _make_handler(server: FakeLLMServer):
                     return
                 _parse_openai(rec)
 
+            refused = server.refusal(rec)
+            if refused is not None:
+                rec.status, message = refused
+                rec.response = _openai_error(rec.status, message, "invalid_request_error")
+                self._send(rec.status, rec.response)
+                return
             fault = server._take_fault(rec.api)
             rec.fault = fault.kind if fault else None
             if server.latency_s > 0:

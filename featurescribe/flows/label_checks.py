@@ -15,6 +15,7 @@ def check_options(o: "LabelOptions") -> None:
     from featurescribe.flows.label_options import METHOD_CHOICES, RUNNERS, parse_window_counts
     from featurescribe.labelers import check_explainer_spec
     from featurescribe.scorers.registry import SCORERS, check_simulator_spec
+    from featurescribe.statuses import STRUCTURED_CHOICES
 
     try:
         check_explainer_spec(o.explainer)
@@ -27,6 +28,7 @@ def check_options(o: "LabelOptions") -> None:
             f"unknown scorer(s) {', '.join(bad) or '(none)'}: use {', '.join(SCORERS.names())}")
     for failed, message in ((o.candidates < 1, "--candidates must be at least 1"),
                             (o.concurrency < 1, "--concurrency must be at least 1"),
+                            (o.timeout is not None and o.timeout <= 0, "--timeout must be more than 0"),
                             (o.logit_lens < 0, "--logit-lens must be 0 or more tokens"),
                             (o.chunk_size < 1, "--chunk-size must be at least 1"),
                             (o.budget_usd is not None and o.budget_usd < 0, "--budget-usd must be 0 or more")):
@@ -38,6 +40,8 @@ def check_options(o: "LabelOptions") -> None:
         raise FeaturescribeError(f"unknown task runner {o.task_runner!r}: use {' or '.join(RUNNERS)}")
     if o.task_runner == "dask" and int(o.workers or 0) < 1:
         raise FeaturescribeError("--workers must be at least 1")
+    if o.structured not in STRUCTURED_CHOICES:
+        raise FeaturescribeError(f"unknown --structured {o.structured!r}: use {', '.join(STRUCTURED_CHOICES)}")
     if o.no_wait and not o.batch:
         raise FeaturescribeError("--no-wait goes with --batch")
     parse_window_counts(o.windows)

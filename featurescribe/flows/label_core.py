@@ -211,7 +211,8 @@ def make_clients(options: LabelOptions, *, store=None, budget=None, run_id: str 
 
     def make(spec: str):
         return make_client(spec, store=store, run_id=run_id, budget=budget,
-                           use_cache=options.use_cache, concurrency=options.concurrency)
+                           use_cache=options.use_cache, concurrency=options.concurrency,
+                           structured=options.structured, timeout_s=options.timeout)
 
     clients = LLMClients(make(options.explainer) if is_llm_explainer(options.explainer) else None)
     if is_llm_spec(options.simulator):

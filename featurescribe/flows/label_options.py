@@ -17,6 +17,7 @@ from typing import Any
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.records import KINDS, SPLITS
+from featurescribe.statuses import STRUCTURED_CHOICES
 from featurescribe.store.sampling import DEFAULT_COUNTS, SamplingConfig
 
 DEFAULT_CHUNK_SIZE = 256
@@ -47,12 +48,20 @@ class LabelOptions:
     candidates: int = opt(1, "explanations per feature; with more than 1, the best on the valid split "
                              "is chosen (default: 1)")
     concurrency: int = opt(16, "LLM requests in flight (default: 16)")
+    timeout: float | None = opt(None, "seconds one LLM request may take before it counts as a timeout "
+                                      "(default: FEATURESCRIBE_LLM_TIMEOUT_<KIND>, else "
+                                      "FEATURESCRIBE_LLM_TIMEOUT, else 120)", metavar="S")
     budget_usd: float | None = opt(None, "no new LLM call starts once the run has spent this much")
     no_cache: bool = opt(False, "do not answer from the response cache")
     method: str = opt("auto", "how LLM explainers see the examples: pairs (token and activation per "
                               "line), highlighted (active tokens in << >>, listed with activations) or "
                               "marked (active tokens in << >> only); default auto: marked for local "
                               "models, else pairs", choices=METHOD_CHOICES)
+    structured: str = opt("auto", "how openai: backends ask for structured answers: json_schema, "
+                                  "json_object (schema stated in the prompt) or text (schema in the "
+                                  "prompt, answer parsed strictly); default auto: the best form the "
+                                  "server takes, learnt from its refusals and remembered per server "
+                                  "and model", choices=STRUCTURED_CHOICES)
     chunk_size: int = opt(DEFAULT_CHUNK_SIZE, f"features per chunk (default: {DEFAULT_CHUNK_SIZE})")
     explain_windows: int | None = opt(None, "show the explainer at most this many windows (default: all "
                                             "of the explain split; small local models want fewer)")

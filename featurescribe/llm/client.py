@@ -21,6 +21,10 @@ What one `chat` does:
    - parse (the caller's `parse` raised UnparseableResponse, a JSON-schema answer is not JSON,
      or the answer was cut at max_tokens; a truncated answer is asked again with twice the
      max_tokens): asked again at once.
+   - rejected (the server refused the request's form: `response_format`, `logprobs`, an unknown
+     parameter; llm/negotiation.py): sent again at once in the weaker form the backend moved
+     to, which is remembered in the database per base URL + model; with no weaker form left the
+     call fails as `request rejected`, never retried as an outage.
    Other errors (400, 404, ...) are not retried; 401/403 raise LLMAuthFailed, which stops the run.
    When a kind runs out of attempts the call ends in LLMCallFailed. A placeholder answer is
    never returned.
@@ -48,6 +52,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception
 
+from featurescribe.errors import FeaturescribeError
 from featurescribe.llm.backends.base import BadAnswer, Backend
 from featurescribe.llm.base import (
     BudgetExceeded,
@@ -56,8 +61,10 @@ from featurescribe.llm.base import (
     LLMAuthFailed,
     LLMCallFailed,
     UnparseableResponse,
+    parse_backend_spec,
 )
 from featurescribe.llm.budget import Budget
+from featurescribe.llm.negotiation import RequestRejected
 from featurescribe.llm.limits import LoopSemaphore, estimate_tokens, shared_limiter
 from featurescribe.llm.prices import PriceTable
 from featurescribe.llm.registry import BackendOptions, make_backend
@@ -91,28 +98,49 @@ class ClientSettings:
     # aiohttp transport, `openai[aiohttp]`): the same requests, errors and retries, about a third
     # less CPU per request, which is what limits one event loop on a machine with few cores
     http: str = "httpx"
+    structured: str = "auto"  # --structured: auto (negotiated) | json_schema | json_object | text
+    rejected_attempts: int = 6  # sends after refusals of the request's form (one per weaker form)
 
     @classmethod
-    def from_env(cls, **overrides) -> "ClientSettings":
-        """Defaults, then FEATURESCRIBE_LLM_* variables, then `overrides` (None values ignored)."""
+    def from_env(cls, kind: str | None = None, **overrides) -> "ClientSettings":
+        """Defaults, then FEATURESCRIBE_LLM_* variables, then those for one backend kind
+        (FEATURESCRIBE_LLM_TIMEOUT_OPENAI, ...), then `overrides` (None values ignored).
+        FEATURESCRIBE_LLM_CONCURRENCY_<KIND> caps the concurrency an override gives too."""
         s = cls()
-        env = {
-            "concurrency": ("FEATURESCRIBE_LLM_CONCURRENCY", int),
-            "timeout_s": ("FEATURESCRIBE_LLM_TIMEOUT", float),
-            "rpm": ("FEATURESCRIBE_LLM_RPM", float),
-            "tpm": ("FEATURESCRIBE_LLM_TPM", float),
-            "max_parse_retries": ("FEATURESCRIBE_LLM_PARSE_RETRIES", int),
-            "http": ("FEATURESCRIBE_LLM_HTTP", str),
-        }
-        for name, (var, typ) in env.items():
-            if os.environ.get(var):
-                setattr(s, name, typ(os.environ[var]))
+        for name, (var, typ) in _ENV_SETTINGS.items():
+            for v in (var, f"{var}_{kind.upper()}" if kind else None):
+                if v and os.environ.get(v):
+                    setattr(s, name, _env_value(v, typ))
         for k, v in overrides.items():
             if v is not None:
                 if not hasattr(s, k):
                     raise TypeError(f"unknown client setting {k!r}")
                 setattr(s, k, v)
+        cap = f"FEATURESCRIBE_LLM_CONCURRENCY_{kind.upper()}" if kind else None
+        if cap and os.environ.get(cap):
+            s.concurrency = min(s.concurrency, _env_value(cap, int))
         return s
+
+
+_ENV_SETTINGS = {
+    "concurrency": ("FEATURESCRIBE_LLM_CONCURRENCY", int),
+    "timeout_s": ("FEATURESCRIBE_LLM_TIMEOUT", float),
+    "rpm": ("FEATURESCRIBE_LLM_RPM", float),
+    "tpm": ("FEATURESCRIBE_LLM_TPM", float),
+    "max_parse_retries": ("FEATURESCRIBE_LLM_PARSE_RETRIES", int),
+    "http": ("FEATURESCRIBE_LLM_HTTP", str),
+    "structured": ("FEATURESCRIBE_LLM_STRUCTURED", str),
+}
+
+
+def _env_value(var: str, typ: type):
+    try:
+        value = typ(os.environ[var])
+    except ValueError:
+        raise FeaturescribeError(f"{var}={os.environ[var]!r} is not a valid {typ.__name__}") from None
+    if typ in (int, float) and value <= 0:
+        raise FeaturescribeError(f"{var} must be more than 0 (got {os.environ[var]!r})")
+    return value
 
 
 def cache_key(backend: str, model: str, request: ChatRequest) -> str:
@@ -133,7 +161,7 @@ def cache_key(backend: str, model: str, request: ChatRequest) -> str:
 # ---------------------------------------------------------------------- failure classification
 @dataclass
 class Failure:
-    kind: str  # transport | rate_limit | server | parse | fatal | auth
+    kind: str  # transport | rate_limit | server | parse | fatal | auth | rejected
     message: str
     retry_after: float | None = None
     status: int | None = None
@@ -182,6 +210,8 @@ def _sdk_message(exc: Exception) -> str:
 def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | None:
     """What kind of failure an SDK exception is (None: not an API failure, a bug)."""
     name = type(exc).__name__
+    if isinstance(exc, RequestRejected):
+        return Failure("rejected", str(exc))
     if isinstance(exc, BadAnswer):
         return Failure("server", str(exc))
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or name == "APITimeoutError":
@@ -226,7 +256,7 @@ class _Wait:
     def __call__(self, retry_state) -> float:
         exc = retry_state.outcome.exception()
         f: Failure = exc.failure
-        if f.kind == "parse":
+        if f.kind in ("parse", "rejected"):
             return 0.0
         if f.kind == "rate_limit" and f.retry_after is not None:
             ra = min(f.retry_after, self.max_retry_after)
@@ -275,6 +305,7 @@ class Client:
         self.spent_usd = 0.0
         self.n_requests = 0  # attempts that were sent
         self._price_warned = False
+        self._load_capabilities()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -287,6 +318,26 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client({self.spec!r})"
+
+    # ------------------------------------------------------------------ capabilities
+    def _capability_store(self):
+        """The store's capability table and this backend's key, when both exist."""
+        key = getattr(self._backend, "capability_key", None)
+        if key is None or not hasattr(self.store, "endpoint_capabilities"):
+            return None, None
+        return self.store, key()
+
+    def _load_capabilities(self) -> None:
+        store, key = self._capability_store()
+        if store is not None:
+            record = store.endpoint_capabilities(*key)
+            if record is not None:
+                self._backend.apply_capabilities(record)
+
+    def _remember_capabilities(self) -> None:
+        store, key = self._capability_store()
+        if store is not None:
+            store.remember_capabilities(*key, self._backend.capabilities_record())
 
     # ------------------------------------------------------------------ ledger
     def _record(self, state: _CallState | None, key: str, purpose: str, status: str, **kw) -> CallRow:
@@ -360,6 +411,7 @@ class Client:
             "rate_limit": s.rate_limit_attempts,
             "server": s.server_attempts,
             "parse": s.max_parse_retries + 1,
+            "rejected": s.rejected_attempts,
         }
 
         def stop(retry_state) -> bool:
@@ -415,6 +467,8 @@ class Client:
                 self.n_requests += 1
             return await self._backend.send(state.request, max_tokens=state.max_tokens, timeout=timeout,
                                             retry_index=state.parse_retries)
+        except RequestRejected as exc:  # before LLMCallFailed, its base: a refusal may be sent again
+            raise self._failed(state, exc, time.monotonic() - t0, timeout) from None
         except (BudgetExceeded, LLMCallFailed):
             raise
         except asyncio.CancelledError:  # the request may have reached the server: keep a row
@@ -436,6 +490,10 @@ class Client:
             return LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})")
         if f.kind == "fatal":
             return LLMCallFailed(f"{self.spec}: {f.message}")
+        if f.kind == "rejected":
+            if not exc.changed:
+                return RequestRejected(f"{self.spec}: {f.message}", exc.feature, False)
+            self._remember_capabilities()
         if f.kind == "rate_limit" and f.retry_after:
             self.limiter.pause(min(f.retry_after, self.settings.max_retry_after_s))
         state.counts[f.kind] += 1
@@ -549,11 +607,13 @@ def make_client(
     `setting_overrides` are ClientSettings fields (timeout_s=..., rpm=..., ...).
     """
     if settings is None:
-        settings = ClientSettings.from_env(use_cache=use_cache, concurrency=concurrency, **setting_overrides)
+        settings = ClientSettings.from_env(parse_backend_spec(spec)[0], use_cache=use_cache,
+                                           concurrency=concurrency, **setting_overrides)
     else:
         over = {k: v for k, v in dict(use_cache=use_cache, concurrency=concurrency, **setting_overrides).items()
                 if v is not None}
         settings = replace(settings, **over)
     backend = make_backend(spec, BackendOptions(timeout_s=settings.timeout_s, device=device,
-                                                pool_size=settings.concurrency, http=settings.http))
+                                                pool_size=settings.concurrency, http=settings.http,
+                                                structured=settings.structured))
     return Client(backend, store=store, run_id=run_id, budget=budget, settings=settings, prices=prices)

@@ -29,6 +29,7 @@ class BackendOptions:
     device: str = "auto"
     pool_size: int = 64
     http: str = "httpx"
+    structured: str = "auto"  # auto | json_schema | json_object | text (llm/negotiation.py)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _lazy(path: str, options: tuple[str, ...] = ()) -> Callable[[str, BackendOpt
 
 BUILTIN_BACKENDS: tuple[BackendKind, ...] = (
     BackendKind("openai", _lazy("featurescribe.llm.backends.openai_backend:OpenAIBackend",
-                                options=("timeout_s", "pool_size", "http")),
+                                options=("timeout_s", "pool_size", "http", "structured")),
                 "gpt-4o-mini", logprobs=True, shared_limits=True,
                 batch_provider="featurescribe.llm.batch.openai_batch:OpenAIBatchProvider"),
     BackendKind("anthropic", _lazy("featurescribe.llm.backends.anthropic_backend:AnthropicBackend",
@@ -137,6 +138,11 @@ def make_backend(spec: str, options: BackendOptions | None = None) -> Backend:
     if options.http not in HTTP_STACKS:
         raise NotAnLLMBackend(
             f"unknown HTTP stack {options.http!r} (FEATURESCRIBE_LLM_HTTP): use httpx or aiohttp")
+    from featurescribe.llm.negotiation import STRUCTURED_CHOICES
+
+    if options.structured not in STRUCTURED_CHOICES:
+        raise NotAnLLMBackend(f"unknown structured-output form {options.structured!r}: "
+                              f"use {', '.join(STRUCTURED_CHOICES)}")
     return kind.factory(model, options)
 
 

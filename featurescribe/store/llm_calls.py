@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from featurescribe.statuses import CallStatus
 from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.capabilities import read_capabilities, write_capabilities
 from featurescribe.store.transaction import transaction
 
 STATUSES = tuple(CallStatus)
@@ -191,6 +192,16 @@ class CallStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ server capabilities
+    def endpoint_capabilities(self, base_url: str, model: str) -> dict | None:
+        """What an earlier run learnt `model` at `base_url` takes (llm/negotiation.py), or None."""
+        with self._read_lock:
+            return read_capabilities(self._rcon, base_url, model)
+
+    def remember_capabilities(self, base_url: str, model: str, record: dict) -> None:
+        with self._db_lock, transaction(self._wcon):
+            write_capabilities(self._wcon, base_url, model, record)
 
     # ------------------------------------------------------------------ reading
     def spend_usd(self, run_id: str | None = None) -> float:

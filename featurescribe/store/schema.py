@@ -290,7 +290,23 @@ _V6 = [
 # Version 7: label embeddings for semantic search and the browser (store/embeddings.py).
 _V7 = list(EMBEDDINGS_MIGRATION)
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+# Version 8: what an OpenAI-compatible server + model was found to take (llm/negotiation.py), so
+# a later run starts with the structured-output form, logprobs and parameters that work there.
+_V8 = [
+    """
+    CREATE TABLE IF NOT EXISTS llm_capabilities (
+        base_url        VARCHAR NOT NULL,
+        model           VARCHAR NOT NULL,
+        structured      VARCHAR NOT NULL,
+        logprobs        BOOLEAN NOT NULL,
+        dropped_params  VARCHAR[] NOT NULL,
+        updated_at      TIMESTAMP NOT NULL DEFAULT current_timestamp,
+        PRIMARY KEY (base_url, model)
+    )
+    """,
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """
