@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import closing
 
 import pytest
 
@@ -32,6 +33,36 @@ def con(db_path):
     c = open_db(db_path)
     yield c
     c.close()
+
+
+@pytest.fixture
+def store(con):
+    """The DuckDB-backed LLM call store (ledger and cache) of `con`."""
+    from featurescribe.store.llm_calls import CallStore
+
+    with closing(CallStore(con)) as s:
+        yield s
+
+
+@pytest.fixture
+def fresh_limiters():
+    """Process-wide rate limiters cleared before and after the test."""
+    from featurescribe.llm.limits import reset_shared_limiters
+
+    reset_shared_limiters()
+    yield
+    reset_shared_limiters()
+
+
+@pytest.fixture
+def labdb(db_path):
+    """A database holding the sampling tests' synthetic source (8 features)."""
+    from featurescribe.store import open_db
+    from tests.test_sampling import build_db
+
+    with closing(open_db(db_path)) as c:
+        build_db(c, n_features=8)
+    return db_path
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 from featurescribe.cli import main
 from featurescribe.records import Explanation
 from featurescribe.scorers.intervention import LexicalPairJudge, lexical_hits, make_pair_judge
+from tests.dbq import q
 from tests.test_steer import _digest, harvested, hdb, local  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -129,14 +130,7 @@ def test_local_judge_answers_every_pair_in_one_pass(bed):
 
 
 # ----------------------------------------------------------------------------- in the label run
-def _q(db, sql, params=None):
-    from featurescribe.store import open_db
-
-    con = open_db(db, read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
+_q = q
 
 
 def test_label_with_the_intervention_scorer_stores_scores_audit_rows_and_passes(hdb, capsys):

@@ -23,26 +23,14 @@ from featurescribe.flows.label_core import (
 from featurescribe.flows.label_options import LabelOptions, from_args
 from featurescribe.flows.label_run import run_label
 from featurescribe.store import open_db
+from tests.dbq import q
 from tests.test_sampling import SOURCE, build_db
 from tests.test_simulators import _shown_tokens, logprob_reply
 
 GOOD = 'the tokens " def", " class" and " return"'
 
 
-@pytest.fixture
-def labdb(db_path):
-    con = open_db(db_path)
-    build_db(con, n_features=8)
-    con.close()
-    return db_path
-
-
-def _q(db, sql, params=None):
-    con = open_db(db, read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
+_q = q
 
 
 def _cli(db, *extra):

@@ -28,7 +28,7 @@ from featurescribe.llm import (
     make_client,
 )
 from featurescribe.llm.client import classify, parse_retry_after
-from featurescribe.llm.limits import RateLimiter, TokenBucket, reset_shared_limiters
+from featurescribe.llm.limits import RateLimiter, TokenBucket
 from tests.fake_llm import Reply, count_tokens, simple_logprobs
 
 SCHEMA = {
@@ -42,17 +42,8 @@ PRICES = PriceTable.load()
 
 
 @pytest.fixture(autouse=True)
-def _fresh_limiters():
-    reset_shared_limiters()
+def _fresh_limiters(fresh_limiters):
     yield
-    reset_shared_limiters()
-
-
-@pytest.fixture
-def store(con):
-    s = CallStore(con)
-    yield s
-    s.close()
 
 
 def req(text="explain the feature", **kw) -> ChatRequest:

@@ -9,7 +9,7 @@ import torch
 
 from featurescribe.harvest.sae import SAE, SAEConfig
 from featurescribe.labelers.logit_lens import output_directions, register_model, top_promoted
-from tests.test_label import GOOD, _label, _q, labdb  # noqa: F401 (labdb is a fixture)
+from tests.test_label import GOOD, _label, _q
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from featurescribe.llm import CallStore, ChatRequest, LLMCallFailed, make_client
-from featurescribe.llm.limits import reset_shared_limiters
+from featurescribe.llm import ChatRequest, LLMCallFailed, make_client
 from featurescribe.llm.negotiation import RequestRejected, refused_feature
 from featurescribe.scorers.registry import llm_simulator
 from featurescribe.scorers.simulators import LogprobSimulator, StructuredSimulator
@@ -24,17 +23,8 @@ SLOW_BACKOFF = dict(backoff_initial_s=5.0, backoff_max_s=5.0, backoff_jitter_s=0
 
 
 @pytest.fixture(autouse=True)
-def _fresh_limiters():
-    reset_shared_limiters()
+def _fresh_limiters(fresh_limiters):
     yield
-    reset_shared_limiters()
-
-
-@pytest.fixture
-def store(con):
-    s = CallStore(con)
-    yield s
-    s.close()
 
 
 @pytest.fixture
@@ -195,17 +185,6 @@ def test_label_structured_option(labdb, capsys):
         main(["label", "--db", labdb, "--source", "x", "--structured", "yaml"])
     assert exc.value.code == 2
     assert "--structured" in capsys.readouterr().err
-
-
-@pytest.fixture
-def labdb(db_path):
-    from featurescribe.store import open_db
-    from tests.test_sampling import build_db
-
-    con = open_db(db_path)
-    build_db(con, n_features=8)
-    con.close()
-    return db_path
 
 
 @pytest.mark.parametrize("status", [200, 404])
