@@ -216,6 +216,21 @@ class Database:
             con.close()
 
 
+def attach_read_only(con, path: str, name: str, timeout: float | None = None) -> None:
+    """ATTACH the file at `path` read-only to `con` as `name`, waiting on a lock like `open_db`."""
+    quoted = path.replace("'", "''")
+
+    def attempt() -> None:
+        try:
+            con.execute(f"ATTACH '{quoted}' AS {name} (READ_ONLY)")
+        except duckdb.Error as err:
+            if "lock" in str(err).lower():
+                raise DatabaseLocked(_lock_message(path, err)) from err
+            raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
+
+    retry_locked(attempt, timeout)
+
+
 @contextmanager
 def session(target: Any) -> Iterator[Any]:
     """A connection for one piece of work: `target` is a `Database` (opened for the block), a
