@@ -173,9 +173,10 @@ class Database:
         with db.connect() as con:      # opened (waiting on a lock), closed when the block ends
             ...
 
-    The first `connect` checks and upgrades the schema (`open_db`); later ones only open.
-    Blocks in several threads of this process at once share one open database (DuckDB's
-    instance cache), which is closed, and the file unlocked, when the last of them ends.
+    The first opening checks and upgrades the schema (`open_db`); later ones only open. Blocks in
+    several threads at once share one opening (each gets its own cursor), which is closed, and the
+    file unlocked, when the last of them ends. (Opening and closing a file in several threads at
+    once is not safe in DuckDB's Python module: a connection can come without its Arrow scans.)
     `lock_timeout`: seconds to wait for another process's lock (None: `lock_timeout()`).
     """
 
@@ -185,35 +186,54 @@ class Database:
     memory_limit: str | None = None  # DuckDB's memory_limit for each opening (a harvest sets it)
     _checked: bool = field(default=False, repr=False, compare=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+    _base: Any = field(default=None, repr=False, compare=False)  # the opening the blocks share
+    _users: int = field(default=0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.path = str(self.path)
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("_lock")
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_base", "_users")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _lock=threading.Lock())
+        self.__dict__.update(state, _lock=threading.Lock(), _base=None, _users=0)
 
     def _open(self) -> duckdb.DuckDBPyConnection:
+        if not self._checked:
+            con = open_db(self.path, read_only=self.read_only, create=False, timeout=self.lock_timeout)
+            self._checked = True
+        else:
+            con = _connect(self.path, self.read_only, self.lock_timeout)
+        if self.memory_limit:
+            con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        return con
+
+    def _acquire(self) -> duckdb.DuckDBPyConnection:
         with self._lock:
-            if not self._checked:
-                con = open_db(self.path, read_only=self.read_only, create=False, timeout=self.lock_timeout)
-                self._checked = True
-                return con
-        return _connect(self.path, self.read_only, self.lock_timeout)
+            if self._base is None:
+                self._base = self._open()
+            self._users += 1
+            try:
+                return self._base.cursor()
+            except BaseException:
+                self._users -= 1
+                raise
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                base, self._base = self._base, None
+                base.close()
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self._open()
+        con = self._acquire()
         try:
-            if self.memory_limit:
-                con.execute(f"SET memory_limit = '{self.memory_limit}'")
             yield con
         finally:
             con.close()
+            self._release()
 
 
 def attach_read_only(con, path: str, name: str, timeout: float | None = None) -> None:
