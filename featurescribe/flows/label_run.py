@@ -95,11 +95,17 @@ class LabelRun:
             return prepare_chunk(con, self.options, chunk_ids)
 
     def write(self, result: ChunkResult, calls=None) -> ChunkCounts:
-        """Write one chunk's results, after its ledger rows (one short opening)."""
+        """Write one chunk's results, after its ledger rows (one short opening), then embed its
+        labels (the database closed while the embedder computes)."""
+        from featurescribe.semantic.embed import embed_new_labels
+
         if self.store is not None:
             self.store.flush()
         with self.db.connect() as con:
-            return write_chunk(con, result, run_id=self.run_id, calls=calls)
+            counts = write_chunk(con, result, run_id=self.run_id, calls=calls, embed=False)
+        if result.explanations:
+            embed_new_labels(self.db, result.source_id)
+        return counts
 
     def summary(self, ids: list[int], n_selected: int) -> LabelSummary:
         o = self.options
