@@ -10,6 +10,9 @@ the `openai:gpt-4o-mini` explainer and the `lexical` simulator:
   is features per minute between the run's `started_at` and `finished_at` (its `runs` row: the
   process and Prefect start are left out). `reader_success_rate` is the fraction of the reader's
   commands that answered (exit 0) within 5 s, the command's start included.
+- the harvest's writers (benchmarks/harvest_store.py's synthetic SAE-shaped items, 1M-entry
+  commits) with the database held open throughout (as before) and opened per commit (as now), in
+  the order held, per commit, per commit, held: `harvest_ingest_open_per_commit_ratio`.
 - a label run and a harvest of SmolLM2 (layer 2, offline) into the same file at once; then the same
   harvest alone into a copy. `concurrent_writers_ok` is 1 when both finished, every feature got its
   one chosen label, and the harvest wrote exactly the activations (and no more sequences) that it
@@ -135,6 +138,43 @@ def throughput(base: str, tmp: str, args: argparse.Namespace) -> tuple[float, fl
     return statistics.mean(rates["with"]), statistics.mean(rates["without"]), reader_answers
 
 
+def _ingest_seconds(items: list, path: str, per_commit: bool) -> float:
+    from featurescribe.harvest.writer import RowMaker, Writers
+    from featurescribe.store import open_db
+    from featurescribe.store.connection import Database
+
+    if os.path.exists(path):
+        os.remove(path)
+    con = open_db(path)
+    con.execute("SET memory_limit = '128MB'")
+    if per_commit:
+        con.close()
+    target = Database(path, memory_limit="128MB") if per_commit else con
+    t0 = time.perf_counter()
+    w = Writers(target, RowMaker(["6-res-sae16k"], "tok", "corpus", None))
+    for it in items:
+        w.put(it)
+    w.close()
+    if not per_commit:
+        con.close()  # its last checkpoint, which the commits opened one by one have made already
+    return time.perf_counter() - t0
+
+
+def harvest_ingest(tmp: str, n_items: int) -> float:
+    """Entries per second opened per commit / held open (see the module docstring)."""
+    from benchmarks.harvest_store import synthetic_items
+
+    items = synthetic_items(n_items)
+    n = sum(it.n_entries for it in items)
+    secs: dict[bool, list[float]] = {False: [], True: []}
+    for per_commit in (False, True, True, False):
+        secs[per_commit].append(_ingest_seconds(items, os.path.join(tmp, "ingest.duckdb"), per_commit))
+    held, opened = n / statistics.mean(secs[False]), n / statistics.mean(secs[True])
+    print(f"harvest writers, {n:,} entries: held open {held / 1e6:.2f}M/s, opened per commit "
+          f"{opened / 1e6:.2f}M/s", flush=True)
+    return opened / held
+
+
 def two_writers(base: str, tmp: str, args: argparse.Namespace) -> int:
     from tests.test_harvest import TEXT
     from tests.test_sampling import SOURCE
@@ -191,6 +231,7 @@ def main() -> int:
         build_db(con, n_features=args.n + 2, n_seqs=200)  # 0 dead, 1 rare, then the n to label
         con.close()
         with_r, without_r, answers = throughput(base, tmp, args)
+        ingest_ratio = harvest_ingest(tmp, 40 if args.quick else 160)
         writers_ok = None if args.no_writers else two_writers(base, tmp, args)
     times = sorted(a[0] for a in answers)
     good = sum(1 for took, rc, _ in answers if rc == 0 and took <= ANSWER_WITHIN_S)
@@ -198,6 +239,7 @@ def main() -> int:
     print(f"reader: {len(answers)} commands, median {statistics.median(times):.2f} s, "
           f"max {times[-1]:.2f} s" + (f"; failures: {failures}" if failures else ""))
     print(f"label: {without_r:.1f} features/min without the reader, {with_r:.1f} with it")
+    print(f"harvest_ingest_open_per_commit_ratio: {ingest_ratio:.3f}")
     print(f"label_throughput_with_readers: {with_r / without_r:.3f}")
     if writers_ok is not None:
         print(f"concurrent_writers_ok: {writers_ok}")
