@@ -48,7 +48,8 @@ def _label_process(db: str, source: str, env: dict) -> subprocess.Popen:
 
 
 def _env(prefect_server: str) -> dict:
-    return {**os.environ, "PREFECT_API_URL": prefect_server}
+    # no global concurrency limits: they would stay on the session's server for other tests
+    return {**os.environ, "PREFECT_API_URL": prefect_server, "FEATURESCRIBE_PREFECT_LIMITS": "off"}
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
