@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ["harvest", "sae_encode", "sampling", "llm_throughput", "flow_overhead", "simulation", "quality", "cost",
-           "steer", "search"]
+           "steer", "search", "concurrency"]
 START, END = "<!-- bench:auto -->", "<!-- /bench:auto -->"
 
 

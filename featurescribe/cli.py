@@ -59,15 +59,24 @@ def command_table() -> list[Command]:
     ]
 
 
+def _add_lock_timeout(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--lock-timeout", metavar="SECONDS", default=default,
+                   help="how long to wait for a database another process is using before giving up "
+                        "(default: $FEATURESCRIBE_LOCK_TIMEOUT, else 5); a run already under way waits "
+                        "at least 120 s for its own writes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featurescribe",
         description="Label the features of a neural network with LLM explanations, scored by simulation.",
     )
+    _add_lock_timeout(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in command_table():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
+        _add_lock_timeout(p, argparse.SUPPRESS)  # given after the command, it wins
         p.set_defaults(_run=cmd.run)
     return parser
 
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _export_lock_timeout(args.lock_timeout)
         return int(args._run(args) or 0)
     except FeaturescribeError as err:
         print(f"featurescribe: error: {err}", file=sys.stderr)
@@ -91,6 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _export_lock_timeout(text: str | None) -> None:
+    """`--lock-timeout` reaches every opening of the database (and processes started from here)
+    through the environment variable that `store.connection.lock_timeout` reads."""
+    import os
+
+    from featurescribe.store.connection import LOCK_TIMEOUT_ENV, parse_lock_timeout
+
+    if text is not None:
+        os.environ[LOCK_TIMEOUT_ENV] = repr(parse_lock_timeout(text))
 
 
 if __name__ == "__main__":

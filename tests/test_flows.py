@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,15 +65,28 @@ def test_failed_flow_is_recorded_failed(prefect_server, tmp_path):
 
 
 def test_running_rows_of_dead_processes_become_interrupted(tmp_path):
-    from featurescribe.store.runs import insert_run, mark_interrupted
+    import os
+    import socket
 
+    from featurescribe.flows.run_record import mark_dead_runs_interrupted
+    from featurescribe.store.runs import insert_run
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
     db = str(tmp_path / "r.duckdb")
     con = open_db(db)
-    insert_run(con, "label-x", "label", {"a": 1}, None)
-    assert mark_interrupted(con) == 1
-    status, finished = con.execute("SELECT status, finished_at FROM runs").fetchone()
+    here = socket.gethostname()
+    insert_run(con, "label-gone", "label", {"a": 1}, None, here, gone.pid)
+    insert_run(con, "label-old", "label", {"a": 1}, None)  # no PID: an older featurescribe's row
+    insert_run(con, "label-alive", "label", {"a": 1}, None, here, os.getpid())
+    insert_run(con, "label-elsewhere", "label", {"a": 1}, None, here + "-other", gone.pid)
+    assert mark_dead_runs_interrupted(con) == 2
+    rows = dict(con.execute("SELECT run_id, status FROM runs").fetchall())
+    finished = con.execute("SELECT count(*) FROM runs WHERE finished_at IS NOT NULL").fetchone()[0]
     con.close()
-    assert status == "interrupted" and finished is not None
+    assert rows == {"label-gone": "interrupted", "label-old": "interrupted", "label-alive": "running",
+                    "label-elsewhere": "running"}
+    assert finished == 2
 
 
 class _FakeClient:

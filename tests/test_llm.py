@@ -181,7 +181,7 @@ def test_sdk_does_not_retry_by_itself(fake_llm, store):
 
 
 @pytest.mark.parametrize("kind", ["500", "529", "429", "disconnect"])
-def test_retries_run_out_and_the_call_is_recorded_failed(fake_llm, store, kind):
+def test_retries_run_out_and_the_call_is_recorded_failed(fake_llm, con, store, kind):
     fake_llm.inject(kind, times=10, retry_after=0)
     client = client_for("anthropic:claude-haiku-4-5", store, server_attempts=3, transport_attempts=3,
                         rate_limit_attempts=3)
@@ -192,7 +192,7 @@ def test_retries_run_out_and_the_call_is_recorded_failed(fake_llm, store, kind):
     assert [r["status"] for r in rows] == ["error"] * 3
     assert_ledger_matches(rows, fake_llm.requests, "anthropic:claude-haiku-4-5")
     store.flush()
-    assert store._rcon.execute("SELECT count(*) FROM llm_cache").fetchone()[0] == 0  # failures are not cached
+    assert con.execute("SELECT count(*) FROM llm_cache").fetchone()[0] == 0  # failures are not cached
 
 
 def test_timeout_is_retried_as_transport_failure(fake_llm, store):

@@ -26,7 +26,8 @@ from typing import Any
 from featurescribe.errors import FeaturescribeError
 from featurescribe.flows import label_core
 from featurescribe.flows.label_options import LabelOptions
-from featurescribe.flows.label_run import LabelRun, LabelSummary, check_backends, open_label_run, run_label
+from featurescribe.flows.label_run import LabelRun, LabelSummary, check_backends, open_label_run, run_database, \
+    run_label, selected_features
 from featurescribe.llm.base import parse_backend_spec
 from featurescribe.llm.batch import BatchOptions, BatchPending, BatchReport, BatchRunner
 from featurescribe.llm.batch.collector import has_batch_api
@@ -98,29 +99,25 @@ def _batch_phases(db: str, options: LabelOptions, *, stream, providers, sleep) -
     """The collect passes and their batches, recorded as a 'label-batch' run:
     (report, run id, what the batches cost)."""
     from featurescribe.flows.run_record import recorded_run
-    from featurescribe.store.connection import open_db
     from featurescribe.store.runs import run_spend
 
-    con = open_db(db, create=False)
-    try:
-        ids = label_core.select_features(con, options.source_id, options.features,
-                                         explainer=options.explainer, skip_done=options.skip_done)
-        record = {**options.as_dict(), "batch": {"wait": not options.no_wait, "retry": options.batch_retry}}
-        with recorded_run(con, "label-batch", record) as rec:
-            try:
-                with open_label_run(con, options, rec.run_id) as run:
-                    runner = BatchRunner(con, run.store, run_id=run.run_id, options=batch_options(options),
-                                         budget=run.budget, providers=providers, sleep=sleep, stream=stream)
-                    report = asyncio.run(_collect(run, runner, ids))
-            except KeyboardInterrupt:
-                print("featurescribe: submitted batches keep running; run the same command again "
-                      "to collect them", file=stream)
-                raise
-            if not report.done:
-                rec.status, rec.note = RunStatus.WAITING, report.summary()
+    database = run_database(db)  # opened per piece of work: readers get in while batches wait
+    ids, _ = selected_features(database, options)
+    record = {**options.as_dict(), "batch": {"wait": not options.no_wait, "retry": options.batch_retry}}
+    with recorded_run(database, "label-batch", record) as rec:
+        try:
+            with open_label_run(database, options, rec.run_id) as run:
+                runner = BatchRunner(database, run.store, run_id=run.run_id, options=batch_options(options),
+                                     budget=run.budget, providers=providers, sleep=sleep, stream=stream)
+                report = asyncio.run(_collect(run, runner, ids))
+        except KeyboardInterrupt:
+            print("featurescribe: submitted batches keep running; run the same command again "
+                  "to collect them", file=stream)
+            raise
+        if not report.done:
+            rec.status, rec.note = RunStatus.WAITING, report.summary()
+    with database.connect() as con:
         return report, rec.run_id, run_spend(con, rec.run_id)
-    finally:
-        con.close()
 
 
 async def _collect(run: LabelRun, runner: BatchRunner, ids: list[int]) -> BatchReport:
@@ -133,7 +130,7 @@ async def _collect(run: LabelRun, runner: BatchRunner, ids: list[int]) -> BatchR
             if sim is not None and sim is clients.simulator and sim is not clients.explainer:
                 sim = _Deferred(sim)  # a local simulator: run it once, in the final run
             for chunk_ids in label_core.chunks(ids, run.options.chunk_size):
-                prepared = label_core.prepare_chunk(run.con, run.options, chunk_ids)
+                prepared = run.prepare(chunk_ids)
                 if prepared.examples:
                     await label_core.compute_chunk(prepared, run.options, clients=label_core.LLMClients(exp, sim),
                                                    budget=run.budget, run_id=run.run_id)

@@ -1,5 +1,6 @@
 """The label flow's chunk loop: prepare the next chunk while earlier ones compute on the task
-runner, write each result as it comes back (this process is the database's one writer)."""
+runner, write each result as it comes back (this process is the run's one writer; it opens the
+database for each chunk's sampling and each chunk's results, and closes it in between)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class ChunkPipeline:
     def _prepare_next(self) -> PreparedChunk | None:
         for chunk_ids in self.pending:
             if not self.run.budget.exhausted:
-                return label_core.prepare_chunk(self.run.con, self.run.options, chunk_ids)
+                return self.run.prepare(chunk_ids)
             self.summary.leave_for_later(chunk_ids)
         return None
 
@@ -85,9 +86,7 @@ class ChunkPipeline:
             "global_limits": self.global_limits})
 
     def _write(self, result: ChunkResult, calls) -> None:
-        if self.run.store is not None:
-            self.run.store.flush()  # this chunk's ledger rows before its results
-        counts = label_core.write_chunk(self.run.con, result, run_id=self.run.run_id, calls=calls)
+        counts = self.run.write(result, calls)  # after this chunk's ledger rows
         self.summary.add(result, counts)
         if calls is not None:
             self.run.budget.add(result.spent_usd)
@@ -112,4 +111,5 @@ def _resume_cache(run: LabelRun) -> dict:
     o = run.options
     if not (is_llm_spec(o.explainer) or is_llm_spec(o.simulator)):
         return {}
-    return resume_cache_entries(run.con, o.source_id, RESUME_CACHE_LIMIT)
+    with run.db.connect() as con:
+        return resume_cache_entries(con, o.source_id, RESUME_CACHE_LIMIT)

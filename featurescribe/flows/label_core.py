@@ -439,10 +439,11 @@ class ChunkCounts:
     ledger_rows: int = 0
 
 
-def write_chunk(con, result: ChunkResult, *, run_id: str | None = None, calls=None) -> ChunkCounts:
+def write_chunk(con, result: ChunkResult, *, run_id: str | None = None, calls=None, embed: bool = True) -> ChunkCounts:
     """Write a computed chunk in one transaction: explanations, scores and simulations, and the
     ledger rows and cache entries of `calls` when it is a store with `flush_to(con)` (an
-    in-memory CallStore; a DuckDB-backed one writes its rows itself).
+    in-memory CallStore; a DuckDB-backed one writes its rows itself). `embed`: embed the new
+    labels on `con` too (a run that opens the database per write embeds them itself, closed).
 
     A feature that gets a new chosen explanation has the older explanations by the same
     explainer and method marked not chosen.
@@ -456,7 +457,7 @@ def write_chunk(con, result: ChunkResult, *, run_id: str | None = None, calls=No
         counts.scores = save_scores(con, result.scores, run_id=run_id)
         if calls is not None and hasattr(calls, "flush_to"):
             counts.ledger_rows = int(calls.flush_to(con) or 0)
-    if result.explanations:  # labels land with their embeddings (semantic search, browse)
+    if embed and result.explanations:  # labels land with their embeddings (semantic search, browse)
         from featurescribe.semantic.embed import embed_new_labels
 
         embed_new_labels(con, result.source_id)

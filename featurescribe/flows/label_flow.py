@@ -4,7 +4,8 @@
                simulator="openai:gpt-4o-mini", task_runner="dask", workers=4)
 
 Its parameters are `db` and the fields of `LabelOptions` (flows/label_options.py), the options
-of `featurescribe label`. The flow's own process is the only one that touches the database. For
+of `featurescribe label`. The flow's own process is the only one of the run that touches the
+database, and it opens it only for each short piece of work (flows/label_run.py). For
 each chunk of features (`--chunk-size`, a few hundred) it samples and loads the examples
 (`prepare_chunk`), hands them to a task that makes the LLM calls (`compute_chunk`, async inside),
 and writes what comes back in one transaction (`write_chunk`), one chunk at a time, as results
@@ -44,7 +45,8 @@ from featurescribe.flows.label_checks import check_steering
 from featurescribe.flows.label_chunks import ChunkPipeline
 from featurescribe.flows.label_core import ChunkResult, PreparedChunk
 from featurescribe.flows.label_options import LabelOptions, flow_signature
-from featurescribe.flows.label_run import LabelSummary, check_backends, open_label_run, selected_features
+from featurescribe.flows.label_run import LabelSummary, check_backends, open_label_run, run_database, \
+    selected_features
 from featurescribe.flows.run_record import recorded_run
 from featurescribe.llm.base import BudgetExceeded
 from featurescribe.statuses import RunStatus
@@ -101,8 +103,9 @@ def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
     record = {**options.as_dict(), "task_runner": options.task_runner,
               "workers": options.workers if options.task_runner == "dask" else None,
               "dask_address": options.dask_address}
-    with recorded_run(db, "label", record) as run:
-        summary = _label(db, options, run.run_id)
+    database = run_database(db)
+    with recorded_run(database, "label", record) as run:
+        summary = _label(database, options, run.run_id)
         if summary.stopped_at_budget:
             run.status, run.note = RunStatus.STOPPED, summary.budget_message
     return summary
@@ -113,19 +116,13 @@ _label_flow.__signature__ = flow_signature(db=str)
 label_flow = flow(name="label")(_label_flow)
 
 
-def _label(db: str, options: LabelOptions, run_id: str) -> LabelSummary:
-    from featurescribe.store.connection import open_db
-
-    con = open_db(db, create=False)
-    try:
-        ids, n_selected = selected_features(con, options)
-        dask = options.task_runner == "dask"
-        with open_label_run(con, options, run_id, call_store=not dask) as run:
-            summary = run.summary(ids, n_selected)
-            ChunkPipeline(run, summary, compute_chunk_task).label(ids)
-            return run.finish(summary)
-    finally:
-        con.close()
+def _label(database, options: LabelOptions, run_id: str) -> LabelSummary:
+    ids, n_selected = selected_features(database, options)
+    dask = options.task_runner == "dask"
+    with open_label_run(database, options, run_id, call_store=not dask) as run:
+        summary = run.summary(ids, n_selected)
+        ChunkPipeline(run, summary, compute_chunk_task).label(ids)
+        return run.finish(summary)
 
 
 def preflight(db: str, options: LabelOptions) -> None:

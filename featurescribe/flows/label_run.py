@@ -4,6 +4,10 @@
 the batch phases (flows/label_batch.py) have in common: the run id and its `runs` row, the budget,
 the database-backed call store, the LLM clients (closed at the end), the budget message and the
 run's totals read back from the ledger.
+
+A run holds the database only while it writes: `run.db` is a `store.connection.Database`, opened
+for each chunk's sampling (`prepare`), each chunk's results (`write`), each batch of ledger rows
+and each cache read, and closed in between, so readers and other runs get in between.
 """
 
 from __future__ import annotations
@@ -75,15 +79,33 @@ def check_backends(options: LabelOptions) -> None:
 
 
 class LabelRun:
-    """One run over an open connection: see the module docstring."""
+    """One run over a database opened per piece of work: see the module docstring."""
 
-    def __init__(self, con, options: LabelOptions, run_id: str, *, call_store: bool = True):
+    def __init__(self, db, options: LabelOptions, run_id: str, *, call_store: bool = True):
         from featurescribe.llm.budget import Budget
         from featurescribe.store.llm_calls import CallStore
 
-        self.con, self.options, self.run_id = con, options, run_id
+        self.db, self.options, self.run_id = db, options, run_id
         self.budget = Budget(options.budget_usd)
-        self.store = CallStore(con) if call_store else None
+        self.store = CallStore(db) if call_store else None
+
+    def prepare(self, chunk_ids: list[int]):
+        """Sample and load one chunk's examples (one short opening of the database)."""
+        with self.db.connect() as con:
+            return prepare_chunk(con, self.options, chunk_ids)
+
+    def write(self, result: ChunkResult, calls=None) -> ChunkCounts:
+        """Write one chunk's results, after its ledger rows (one short opening), then embed its
+        labels (the database closed while the embedder computes)."""
+        from featurescribe.semantic.embed import embed_new_labels
+
+        if self.store is not None:
+            self.store.flush()
+        with self.db.connect() as con:
+            counts = write_chunk(con, result, run_id=self.run_id, calls=calls, embed=False)
+        if result.explanations:
+            embed_new_labels(self.db, result.source_id)
+        return counts
 
     def summary(self, ids: list[int], n_selected: int) -> LabelSummary:
         o = self.options
@@ -109,28 +131,42 @@ class LabelRun:
             summary.budget_message = (
                 f"stopped at the budget: ${self.options.budget_usd or 0:.4f} spent or reached; "
                 f"{len(summary.not_done)} feature(s) left for a later run")
-        totals = label_run_totals(self.con, self.run_id)
+        with self.db.connect() as con:
+            totals = label_run_totals(con, self.run_id)
         summary.spent_usd, summary.llm_calls = totals["spent_usd"], totals["llm_calls"]
         summary.cached_calls, summary.mean_score = totals["cached_calls"], totals["mean_score"]
         return summary
 
 
 @contextmanager
-def open_label_run(con, options: LabelOptions, run_id: str, *, call_store: bool = True) -> Iterator[LabelRun]:
-    """A LabelRun whose call store is closed however the block ends."""
-    run = LabelRun(con, options, run_id, call_store=call_store)
+def open_label_run(db, options: LabelOptions, run_id: str, *, call_store: bool = True) -> Iterator[LabelRun]:
+    """A LabelRun (on a `Database`) whose call store is closed however the block ends."""
+    run = LabelRun(db, options, run_id, call_store=call_store)
     try:
         yield run
     finally:
         run.close()
 
 
-def selected_features(con, options: LabelOptions) -> tuple[list[int], int]:
-    """(the features this run labels, how many the spec selects before leaving out done ones)."""
-    every = select_features(con, options.source_id, options.features, skip_done=False)
-    todo = select_features(con, options.source_id, options.features, explainer=options.explainer,
-                           skip_done=options.skip_done)
+def selected_features(db, options: LabelOptions, *, steering: bool = False) -> tuple[list[int], int]:
+    """(the features this run labels, how many the spec selects before leaving out done ones),
+    read in one short opening of `db` (a `Database`); `steering`: check the steering scorers too."""
+    with db.connect() as con:
+        every = select_features(con, options.source_id, options.features, skip_done=False)
+        todo = select_features(con, options.source_id, options.features, explainer=options.explainer,
+                               skip_done=options.skip_done)
+        if steering:
+            check_steering(con, options)
     return todo, len(every)
+
+
+def run_database(db: str):
+    """The `Database` a label run writes through: opened per piece of work, its writes waiting
+    `run_lock_timeout()` for other processes."""
+    from featurescribe.store.connection import Database, open_db, run_lock_timeout
+
+    open_db(db, create=False).close()  # a missing, locked or too new file: one line, now
+    return Database(db, lock_timeout=run_lock_timeout())
 
 
 def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> LabelSummary:
@@ -139,23 +175,18 @@ def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> Label
     Recorded in `runs` (flow 'label'; status 'completed', 'stopped' at the budget, or 'failed').
     """
     from featurescribe.flows.run_record import recorded_run
-    from featurescribe.store.connection import open_db
 
     check_backends(options)
-    con = open_db(db, create=False)
-    try:
-        ids, n_selected = selected_features(con, options)
-        check_steering(con, options)
-        with recorded_run(con, "label", options.as_dict()) as record, \
-                open_label_run(con, options, record.run_id) as run:
-            summary = run.summary(ids, n_selected)
-            asyncio.run(_loop(run, ids, summary, progress))
-            run.finish(summary)
-            if summary.stopped_at_budget:
-                record.status, record.note = RunStatus.STOPPED, summary.budget_message
-        return summary
-    finally:
-        con.close()
+    database = run_database(db)
+    ids, n_selected = selected_features(database, options, steering=True)
+    with recorded_run(database, "label", options.as_dict()) as record, \
+            open_label_run(database, options, record.run_id) as run:
+        summary = run.summary(ids, n_selected)
+        asyncio.run(_loop(run, ids, summary, progress))
+        run.finish(summary)
+        if summary.stopped_at_budget:
+            record.status, record.note = RunStatus.STOPPED, summary.budget_message
+    return summary
 
 
 async def _loop(run: LabelRun, ids: list[int], summary: LabelSummary, progress: bool) -> None:
@@ -167,13 +198,12 @@ async def _loop(run: LabelRun, ids: list[int], summary: LabelSummary, progress: 
                 if run.budget.exhausted:
                     summary.leave_for_later(chunk_ids)
                     continue
-                prepared = prepare_chunk(run.con, run.options, chunk_ids)
+                prepared = run.prepare(chunk_ids)
                 result = await compute_chunk(prepared, run.options, clients=clients, store=run.store,
                                              budget=run.budget, run_id=run.run_id)
-                run.store.flush()
-                summary.add(result, write_chunk(run.con, result, run_id=run.run_id))
+                summary.add(result, run.write(result))
                 bar.advance(len(chunk_ids))
 
 
-__all__ = ["LabelRun", "LabelSummary", "check_backends", "open_label_run", "run_label",
+__all__ = ["LabelRun", "LabelSummary", "check_backends", "open_label_run", "run_database", "run_label",
            "selected_features"]

@@ -6,15 +6,17 @@ parameters as JSON, Prefect's flow-run id), and sets `completed` or `failed` (wi
 writes, so the body (or a subflow, or a read-only export) opens it as it needs; given an open
 connection (a run that holds the database throughout), the rows are written on it.
 
-A run killed outright (SIGKILL, power loss) cannot record its end. Writers hold the database for
-their whole body and DuckDB admits one writing process, so when a top-level flow starts, a row
-still `running` belongs to a process that is gone: it is marked `interrupted`.
+A run killed outright (SIGKILL, power loss) cannot record its end. Each row keeps the host and
+PID of its process; when a top-level flow starts, a row still `running` whose process on this host
+is gone (or that has no PID: written by an older featurescribe) is marked `interrupted`. Rows of
+runs that are alive, here (runs write between each other's transactions) or on another host, stay.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 import sys
 import uuid
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from typing import Any, Iterator
 from featurescribe.errors import first_error_line
 from featurescribe.statuses import RunStatus
 from featurescribe.store import runs as sql
-from featurescribe.store.connection import open_db
+from featurescribe.store.connection import session
 
 
 @dataclass
@@ -60,34 +62,42 @@ def _prefect_ids() -> tuple[str | None, str | None]:
         return None, None
 
 
-@contextmanager
-def _writing(target: Any) -> Iterator[Any]:
-    """A connection to write on: `target` itself, or the database at path `target` for a moment."""
-    if not isinstance(target, (str, os.PathLike)):
-        yield target
-        return
-    con = open_db(target)
+def _process_alive(host: str | None, pid: int | None) -> bool:
+    if pid is None:
+        return False
+    if host != socket.gethostname():
+        return True  # cannot tell: leave it
     try:
-        yield con
-    finally:
-        con.close()
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_dead_runs_interrupted(con) -> int:
+    """`running` rows whose process is gone become `interrupted`; returns how many."""
+    gone = [run_id for run_id, host, pid in sql.running_processes(con) if not _process_alive(host, pid)]
+    return sql.mark_interrupted(con, gone)
 
 
 @contextmanager
 def recorded_run(target: Any, flow: str, params: dict[str, Any]) -> Iterator[RunInfo]:
-    """The body's run row. `target`: a database path, or an open connection to write on."""
+    """The body's run row. `target`: a database path or `Database` (opened for each of its short
+    writes), or an open connection to write on."""
     prefect_id, parent = _prefect_ids()
     info = RunInfo(new_run_id(flow), flow, prefect_id)
-    with _writing(target) as con:
+    with session(target) as con:
         if parent is None:
-            sql.mark_interrupted(con)
-        sql.insert_run(con, info.run_id, flow, params, prefect_id)
+            mark_dead_runs_interrupted(con)
+        sql.insert_run(con, info.run_id, flow, params, prefect_id, socket.gethostname(), os.getpid())
     try:
         yield info
     except BaseException as err:
         status = RunStatus.CANCELLED if isinstance(err, KeyboardInterrupt) else RunStatus.FAILED
-        with _writing(target) as con:
+        with session(target) as con:
             sql.finish_run(con, info.run_id, status, first_error_line(err))
         raise
-    with _writing(target) as con:
+    with session(target) as con:
         sql.finish_run(con, info.run_id, info.status, info.note)

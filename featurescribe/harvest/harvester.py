@@ -35,6 +35,7 @@ from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers,
                                            parse_layers, parse_sites, plan_sources, width_label)
 from featurescribe.harvest.thresholds import auto_threshold, parse_threshold  # noqa: F401
 from featurescribe.harvest.writer import WRITER_THREADS, Item, RowMaker, TokenStrings, Writers
+from featurescribe.store.connection import session
 
 DEFAULT_CTX = 64
 DEFAULT_MAX_TOKENS = 100_000
@@ -191,28 +192,32 @@ class Harvester:
         return Item(batch, parts)
 
     # the whole harvest -----------------------------------------------------------------------------
-    def run(self, con, cfg: HarvestConfig, corpus: corpus_mod.Corpus, first: corpus_mod.Sequence | None = None,
+    def run(self, db, cfg: HarvestConfig, corpus: corpus_mod.Corpus, first: corpus_mod.Sequence | None = None,
             seqs: Iterator[corpus_mod.Sequence] | None = None) -> list[HarvestResult]:
+        """`db`: a `Database` (opened for each read and each commit, closed in between, so
+        readers and other runs use the file meanwhile) or an open connection."""
         tokenizer_id = corpus_mod.tokenizer_fingerprint(self.tokenizer)
         corpus_key = corpus.key(cfg.ctx)
         batch_size = cfg.batch_size or (128 if self.device.type == "cuda" else 32)
-        states = prepare_states(con, self, cfg, corpus, tokenizer_id, batch_size)
-        plan = _plan(con, states, tokenizer_id, corpus_key, cfg.index_range)
+        with session(db) as con:
+            states = prepare_states(con, self, cfg, corpus, tokenizer_id, batch_size)
+            plan = _plan(con, states, tokenizer_id, corpus_key, cfg.index_range)
         if seqs is None:
             seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, cfg.max_tokens or None)
         if first is not None:
             seqs = _chain_first(first, seqs)
         rows = RowMaker([st.plan.source_id for st in states], tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
-        loop = self._stream(con, cfg, states, make_batches(seqs, plan, batch_size), rows, _total(cfg, plan))
-        return [self._finish(con, st, loop, k, cfg) for k, st in enumerate(states)]
+        loop = self._stream(db, cfg, states, make_batches(seqs, plan, batch_size), rows, _total(cfg, plan))
+        with session(db) as con:
+            return [self._finish(con, st, loop, k, cfg) for k, st in enumerate(states)]
 
-    def _stream(self, con, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch],
+    def _stream(self, db, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch],
                 rows: RowMaker, total: int | None) -> _Loop:
         import torch
 
         from featurescribe.progress import Progress
 
-        writers = Writers(con, rows, threads=cfg.writer_threads)
+        writers = Writers(db, rows, threads=cfg.writer_threads)
         reader = Prefetch(batches)
         loop = _Loop(sequences=[0] * len(states))
         t0 = time.monotonic()
@@ -220,7 +225,7 @@ class Harvester:
             with Progress("harvest", total=total, unit="tok", enabled=cfg.progress) as bar, torch.inference_mode():
                 for batch in reader:
                     item = self._item(batch, states)
-                    _insert_new_sources(con, states)  # once the first batch has set the thresholds
+                    _insert_new_sources(db, states)  # once the first batch has set the thresholds
                     writers.put(item)
                     loop.tokens += batch.n_tokens
                     for k in range(len(states)):
@@ -257,11 +262,14 @@ class Harvester:
             alive=alive)
 
 
-def _insert_new_sources(con, states: list[SourceState]) -> None:
+def _insert_new_sources(db, states: list[SourceState]) -> None:
     from featurescribe.store.harvest_rows import insert_sources
 
     new = [st for st in states if not st.exists and st.threshold is not None]
-    insert_sources(con, [source_row(st) for st in new])
+    if not new:
+        return
+    with session(db) as con:
+        insert_sources(con, [source_row(st) for st in new])
     for st in new:
         st.exists = True
 
@@ -333,14 +341,11 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
     first = next(seqs, None)
     if first is None and cfg.index_range is None:
         raise FeaturescribeError(f"corpus {cfg.corpus} is empty: it has no text to harvest")
-    from featurescribe.store.harvest_rows import limit_memory
+    from featurescribe.store.connection import Database, run_lock_timeout
 
-    con = open_db(cfg.db)
-    try:
-        limit_memory(con, DUCKDB_MEMORY_LIMIT)
-        return h.run(con, cfg, corpus, first=first, seqs=seqs)
-    finally:
-        con.close()
+    open_db(cfg.db).close()  # created and upgraded, or one clear line (locked past --lock-timeout, ...)
+    db = Database(cfg.db, lock_timeout=run_lock_timeout(), memory_limit=DUCKDB_MEMORY_LIMIT)
+    return h.run(db, cfg, corpus, first=first, seqs=seqs)
 
 
 def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:

@@ -1,11 +1,15 @@
 """The harvest's writers: threads that turn kept entries into Arrow tables and commit them to DuckDB.
 
-The forward loop only hands each batch's entries (numpy arrays) to a queue. Writer threads (each
-with its own cursor) take items from it, buffer them until about `flush_entries` entries (or
+The forward loop only hands each batch's entries (numpy arrays) to a queue. Writer threads take
+items from it, buffer them until about `flush_entries` entries (or
 `flush_s` seconds) are pending, and commit one transaction per buffer: new sequences, the entries of
 every source in ONE insert (`source_id` as an Arrow dictionary column) and the progress rows of those
 batches. DuckDB loads a million-row Arrow insert several times faster than the same rows in small
 inserts; a harvest's batches alone hold tens of thousands of entries.
+
+Each commit opens the database for its transaction and closes it after (`store.connection.session`
+of a `Database`), so between commits the file is free for readers and other runs; a buffer is big
+enough (seconds of forward passes) that opening and the checkpoint at closing cost little.
 """
 
 from __future__ import annotations
@@ -128,9 +132,9 @@ class RowMaker:
 class Writers:
     """Writer threads sharing one queue; `put` hands over an item, `close` drains and stops them."""
 
-    def __init__(self, con, rows: RowMaker, threads: int = WRITER_THREADS, flush_entries: int = FLUSH_ENTRIES,
+    def __init__(self, db, rows: RowMaker, threads: int = WRITER_THREADS, flush_entries: int = FLUSH_ENTRIES,
                  flush_s: float = FLUSH_SECONDS):
-        self.con, self.rows, self.flush_entries, self.flush_s = con, rows, flush_entries, flush_s
+        self.db, self.rows, self.flush_entries, self.flush_s = db, rows, flush_entries, flush_s
         self.q: queue.Queue = queue.Queue(maxsize=4 * threads)
         self.error: BaseException | None = None
         self.entries = self.commits = 0
@@ -162,15 +166,12 @@ class Writers:
             raise self.error
 
     def _run(self) -> None:
-        cur = self.con.cursor()
         try:
-            self._loop(cur)
+            self._loop()
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             self.error = err
-        finally:
-            cur.close()
 
-    def _loop(self, cur) -> None:
+    def _loop(self) -> None:
         buf: list[Item] = []
         pending, since = 0, time.monotonic()
         while True:
@@ -185,16 +186,19 @@ class Writers:
                 pending += item.n_entries
             due = pending >= self.flush_entries or (buf and time.monotonic() - since >= self.flush_s)
             if buf and (item is None or due):
-                self._commit(cur, buf)
+                self._commit(buf)
                 buf, pending = [], 0
             if item is None:
                 return
 
-    def _commit(self, cur, items: list[Item]) -> None:
+    def _commit(self, items: list[Item]) -> None:
+        from featurescribe.store.connection import session
         from featurescribe.store.harvest_rows import write_harvest_rows
 
         acts = self.rows.activations(items)
-        write_harvest_rows(cur, self.rows.sequences(items), acts, self.rows.progress(items))
+        seqs, progress = self.rows.sequences(items), self.rows.progress(items)
+        with session(self.db) as con:  # open only for the transaction
+            write_harvest_rows(con, seqs, acts, progress)
         with self._lock:
             self.entries += acts.num_rows if acts is not None else 0
             self.commits += 1

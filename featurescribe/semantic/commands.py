@@ -60,12 +60,10 @@ def run_search(args: argparse.Namespace) -> int:
     from featurescribe.semantic.search import search
     from featurescribe.store.commands import write_rows
 
-    con = open_db(args.db, read_only=True, create=False)
-    try:
-        hits = search(con, args.query, embedder=args.embedder, source_id=args.source, k=args.k,
-                      min_score=args.min_score, db_label=f"database {args.db}")
-    finally:
-        con.close()
+    from featurescribe.store.connection import Database
+
+    hits = search(Database(args.db, read_only=True), args.query, embedder=args.embedder, source_id=args.source,
+                  k=args.k, min_score=args.min_score, db_label=f"database {args.db}")
     rows = [(h.source_id, h.feature_id, round(h.similarity, 4), h.explanation, h.score, h.lift, h.density)
             for h in hits]
     write_rows(SEARCH_COLUMNS, rows, args.format, sys.stdout)

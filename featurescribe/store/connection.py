@@ -1,14 +1,31 @@
 """The one place that opens DuckDB connections.
 
-DuckDB lets one process write a file. A second process gets an immediate lock error, which we
-turn into one line naming the holder; we never wait on a lock.
+DuckDB lets one process write a file, and a process that writes holds the file exclusively (a
+file lock): while it is open for writing no other process can open it, not even to read. So
+nothing holds the file longer than one piece of work:
+
+- commands that only read (`sql`, `report`, `export`, `search`, `browse`) open it read-only and
+  close it when they have their answer;
+- long runs (label, harvest) keep it closed between their writes and open it for one short
+  transaction at a time, through a `Database` handle (`with db.connect() as con: ...`).
+
+Opening retries while another process holds the lock, for `lock_timeout()` seconds (5 s unless
+`FEATURESCRIBE_LOCK_TIMEOUT` or `--lock-timeout` says otherwise); only when that wait runs out
+does it fail, with one line naming the holder. A run already under way waits longer for its own
+writes (`run_lock_timeout()`), so a slow reader never ends a run that has hours of work in it.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import duckdb
 
@@ -16,12 +33,37 @@ from featurescribe.errors import DatabaseLocked, FeaturescribeError, SchemaTooNe
 from featurescribe.store.schema import SCHEMA_VERSION, current_version, migrate
 
 DEFAULT_DB = "featurescribe.duckdb"
+LOCK_TIMEOUT_ENV = "FEATURESCRIBE_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 5.0
+RUN_LOCK_TIMEOUT_S = 120.0  # at least this long for the writes of a run under way
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<prog>\S+)(?: \(PID (?P<pid>\d+)\))?")
 
 
 def database_exists(path: str | os.PathLike) -> bool:
     return Path(path).is_file()
+
+
+def parse_lock_timeout(text: str | float | None, what: str = "--lock-timeout") -> float:
+    """Seconds to wait for a locked database (>= 0); one clear error for anything else."""
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise FeaturescribeError(f"{what} must be a number of seconds, not {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise FeaturescribeError(f"{what} must be a number of seconds, 0 or more (got {text!r})")
+    return value
+
+
+def lock_timeout() -> float:
+    """How long opening waits for a locked database: `FEATURESCRIBE_LOCK_TIMEOUT` (which
+    `--lock-timeout` sets), else 5 s."""
+    text = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    return parse_lock_timeout(text, LOCK_TIMEOUT_ENV) if text else DEFAULT_LOCK_TIMEOUT_S
+
+
+def run_lock_timeout() -> float:
+    return max(lock_timeout(), RUN_LOCK_TIMEOUT_S)
 
 
 def _lock_message(path: str, err: Exception) -> str:
@@ -36,15 +78,43 @@ def _lock_message(path: str, err: Exception) -> str:
     return f"database {path} is locked by {holder}; wait for it to finish or stop it"
 
 
-def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
+def is_lock_error(err: Exception) -> bool:
+    return isinstance(err, duckdb.IOException) and "lock" in str(err).lower()
+
+
+def _connect_once(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     try:
         return duckdb.connect(path, read_only=read_only)
     except duckdb.IOException as err:
         if "lock" in str(err).lower():
-            raise DatabaseLocked(_lock_message(path, err)) from None
+            raise DatabaseLocked(_lock_message(path, err)) from err
         raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
     except duckdb.Error as err:
         raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
+
+
+def retry_locked(attempt, timeout: float | None = None):
+    """`attempt()` until it does not raise DatabaseLocked or `timeout` seconds (default
+    `lock_timeout()`) have passed; then the last DatabaseLocked goes on. Waits grow from 5 ms to
+    100 ms, with jitter, so that processes waiting on each other do not retry in step."""
+    timeout = lock_timeout() if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            return attempt()
+        except DatabaseLocked as err:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseLocked(str(err)) from None
+            time.sleep(min(left, pause * (0.5 + random.random())))
+            pause = min(pause * 2, 0.1)
+
+
+def _connect(path: str, read_only: bool, timeout: float | None = None) -> duckdb.DuckDBPyConnection:
+    if path == ":memory:":
+        return _connect_once(path, read_only)
+    return retry_locked(lambda: _connect_once(path, read_only), timeout)
 
 
 def open_db(
@@ -52,11 +122,13 @@ def open_db(
     *,
     read_only: bool = False,
     create: bool = True,
+    timeout: float | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """Open a database, creating it (when `create`) and upgrading its schema.
 
     `read_only` opens without taking the write lock; an older schema is upgraded first through a
-    short writable connection. A database written by a newer featurescribe is refused.
+    short writable connection. A database written by a newer featurescribe is refused. A locked
+    file is waited for (`timeout` seconds, default `lock_timeout()`).
     """
     path = str(path)
     if path != ":memory:" and not database_exists(path):
@@ -68,7 +140,7 @@ def open_db(
         if not parent.exists():
             raise FeaturescribeError(f"cannot create database {path}: folder {parent} does not exist")
 
-    con = _connect(path, read_only)
+    con = _connect(path, read_only, timeout)
     try:
         version = current_version(con)
         if version > SCHEMA_VERSION:
@@ -79,15 +151,120 @@ def open_db(
         if version < SCHEMA_VERSION:
             if read_only:
                 con.close()
-                rw = _connect(path, False)
+                rw = _connect(path, False, timeout)
                 try:
                     migrate(rw)
                 finally:
                     rw.close()
-                con = _connect(path, True)
+                con = _connect(path, True, timeout)
             else:
                 migrate(con)
     except BaseException:
         con.close()
         raise
     return con
+
+
+@dataclass
+class Database:
+    """A database file that is opened for one short piece of work at a time:
+
+        db = Database("f.duckdb")
+        with db.connect() as con:      # opened (waiting on a lock), closed when the block ends
+            ...
+
+    The first opening checks and upgrades the schema (`open_db`); later ones only open. Blocks in
+    several threads at once share one opening (each gets its own cursor), which is closed, and the
+    file unlocked, when the last of them ends. (Opening and closing a file in several threads at
+    once is not safe in DuckDB's Python module: a connection can come without its Arrow scans.)
+    `lock_timeout`: seconds to wait for another process's lock (None: `lock_timeout()`).
+    """
+
+    path: str
+    read_only: bool = False
+    lock_timeout: float | None = None
+    memory_limit: str | None = None  # DuckDB's memory_limit for each opening (a harvest sets it)
+    _checked: bool = field(default=False, repr=False, compare=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+    _base: Any = field(default=None, repr=False, compare=False)  # the opening the blocks share
+    _users: int = field(default=0, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.path = str(self.path)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_base", "_users")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _base=None, _users=0)
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        if not self._checked:
+            con = open_db(self.path, read_only=self.read_only, create=False, timeout=self.lock_timeout)
+            self._checked = True
+        else:
+            con = _connect(self.path, self.read_only, self.lock_timeout)
+        if self.memory_limit:
+            con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        return con
+
+    def _acquire(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._base is None:
+                self._base = self._open()
+            self._users += 1
+            try:
+                return self._base.cursor()
+            except BaseException:
+                self._users -= 1
+                raise
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                base, self._base = self._base, None
+                base.close()
+
+    @contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self._acquire()
+        try:
+            yield con
+        finally:
+            con.close()
+            self._release()
+
+
+def attach_read_only(con, path: str, name: str, timeout: float | None = None) -> None:
+    """ATTACH the file at `path` read-only to `con` as `name`, waiting on a lock like `open_db`."""
+    quoted = path.replace("'", "''")
+
+    def attempt() -> None:
+        try:
+            con.execute(f"ATTACH '{quoted}' AS {name} (READ_ONLY)")
+        except duckdb.Error as err:
+            if "lock" in str(err).lower():
+                raise DatabaseLocked(_lock_message(path, err)) from err
+            raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
+
+    retry_locked(attempt, timeout)
+
+
+@contextmanager
+def session(target: Any) -> Iterator[Any]:
+    """A connection for one piece of work: `target` is a `Database` (opened for the block), a
+    path (opened for the block, created and upgraded as `open_db` does), or an open connection
+    (a cursor of it for the block, so threads do not share one)."""
+    if isinstance(target, Database):
+        with target.connect() as con:
+            yield con
+        return
+    if isinstance(target, (str, os.PathLike)):
+        con = open_db(target)
+    else:
+        con = target.cursor()
+    try:
+        yield con
+    finally:
+        con.close()

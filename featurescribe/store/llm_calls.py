@@ -6,15 +6,17 @@ DuckDB, and a batch written on the event loop would stall every call in flight):
 `flush_rows` rows or `flush_s` seconds, on `flush()`, and on `close()`. Cache look-ups see
 entries not yet written. Reading the ledger (`rows`, `spend_usd`) flushes first.
 
-It works on its own cursors of the connection it is given (a DuckDB cursor is a separate
-connection to the same database), so clients on other threads and the caller's own writes do
-not get in each other's way.
+It is given an open connection (it then works on cursors of its own, one per write or read, so
+clients on other threads and the caller's own writes do not get in each other's way) or a
+`connection.Database`, which it opens for each write and each read and closes again, so that
+other processes (readers, another run) can use the file between them.
 
 A cache look-up that misses costs no query: on its first look-up a store reads which keys the
 database holds (one query; 8 bytes a key), and every write of cache entries in this process
-(`write_calls`, `memory_calls.MemoryCallStore.flush_to`) adds its keys to the stores open on that file. No
-other process can write the file while a store holds it open (DuckDB's lock), so a key the
-index does not know is not in the database; a key it knows is read with one query as before.
+(`write_calls`, `memory_calls.MemoryCallStore.flush_to`) adds its keys to the stores open on that
+file; a key the index does not know is taken as absent, a key it knows is read with one query.
+An entry another process writes after the first look-up is not seen: at worst a call is made
+again (two label runs on different sources rarely share a prompt), never a wrong answer.
 (A point query on the event loop costs about a millisecond, a third of a whole request.)
 In-memory databases are always queried.
 """
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from featurescribe.statuses import CallStatus
 from featurescribe.store.bulk import insert_arrow
 from featurescribe.store.capabilities import read_capabilities, write_capabilities
+from featurescribe.store.connection import Database, session
 from featurescribe.store.transaction import transaction
 
 STATUSES = tuple(CallStatus)
@@ -70,11 +73,9 @@ class CallStore:
     """Ledger rows and cached responses of LLM calls, in one database."""
 
     def __init__(self, con, *, flush_rows: int = 128, flush_s: float = 1.0, background: bool = True):
-        self._wcon = con.cursor()  # the writer's
-        self._rcon = con.cursor()  # cache look-ups and reads
+        self._target = con  # an open connection, or a Database opened per write and read
         self._lock = threading.Lock()  # the buffers
-        self._db_lock = threading.RLock()  # the writer cursor
-        self._read_lock = threading.Lock()  # the reader cursor
+        self._db_lock = threading.RLock()  # one write at a time
         self._rows: list[CallRow] = []
         self._cache_pending: dict[str, tuple[str, str, str]] = {}  # key -> (backend, model, json)
         self._cache_writing: dict[str, tuple[str, str, str]] = {}
@@ -114,16 +115,16 @@ class CallStore:
             return json.loads(pending[2])
         if self._index is not None and not self._index.may_hold(key, self._load_keys):
             return None
-        with self._read_lock:
-            row = self._rcon.execute("SELECT response FROM llm_cache WHERE cache_key = ?", [key]).fetchone()
+        with session(self._target) as con:
+            row = con.execute("SELECT response FROM llm_cache WHERE cache_key = ?", [key]).fetchone()
         if row is None:
             return None
         value = row[0]
         return json.loads(value) if isinstance(value, str) else value
 
     def _load_keys(self) -> list[str]:
-        with self._read_lock:
-            return [k for (k,) in self._rcon.execute("SELECT cache_key FROM llm_cache").fetchall()]
+        with session(self._target) as con:
+            return [k for (k,) in con.execute("SELECT cache_key FROM llm_cache").fetchall()]
 
     def put_cached(self, key: str, backend: str, model: str, response: dict) -> None:
         with self._lock:
@@ -169,11 +170,11 @@ class CallStore:
                 raise err
 
     def _write(self, rows: list[CallRow], cache: dict) -> None:
-        with transaction(self._wcon):
-            write_calls(self._wcon, rows, cache)
+        with session(self._target) as con, transaction(con):
+            write_calls(con, rows, cache)
 
     def close(self) -> None:
-        """Stop the writer, write what is buffered, release the cursors."""
+        """Stop the writer and write what is buffered."""
         if self._closed:
             return
         self._closed = True
@@ -181,11 +182,7 @@ class CallStore:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        try:
-            self.flush()
-        finally:
-            self._wcon.close()
-            self._rcon.close()
+        self.flush()
 
     def __enter__(self) -> "CallStore":
         return self
@@ -196,12 +193,12 @@ class CallStore:
     # ------------------------------------------------------------------ server capabilities
     def endpoint_capabilities(self, base_url: str, model: str) -> dict | None:
         """What an earlier run learnt `model` at `base_url` takes (llm/negotiation.py), or None."""
-        with self._read_lock:
-            return read_capabilities(self._rcon, base_url, model)
+        with session(self._target) as con:
+            return read_capabilities(con, base_url, model)
 
     def remember_capabilities(self, base_url: str, model: str, record: dict) -> None:
-        with self._db_lock, transaction(self._wcon):
-            write_capabilities(self._wcon, base_url, model, record)
+        with self._db_lock, session(self._target) as con, transaction(con):
+            write_capabilities(con, base_url, model, record)
 
     # ------------------------------------------------------------------ reading
     def spend_usd(self, run_id: str | None = None) -> float:
@@ -212,8 +209,8 @@ class CallStore:
         if run_id is not None:
             q += " WHERE run_id = ?"
             args.append(run_id)
-        with self._read_lock:
-            row = self._rcon.execute(q, args).fetchone()
+        with session(self._target) as con:
+            row = con.execute(q, args).fetchone()
         return float(row[0])
 
     def rows(self, run_id: str | None = None) -> list[dict]:
@@ -225,8 +222,8 @@ class CallStore:
             q += " WHERE run_id = ?"
             args.append(run_id)
         q += " ORDER BY created_at, call_id"
-        with self._read_lock:
-            cur = self._rcon.execute(q, args)
+        with session(self._target) as con:
+            cur = con.execute(q, args)
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r)) for r in cur.fetchall()]
 
@@ -290,7 +287,7 @@ class _KeyIndex:
 
     @classmethod
     def open_for(cls, con) -> "_KeyIndex | None":
-        path = _db_path(con)
+        path = os.path.realpath(con.path) if isinstance(con, Database) else _db_path(con)
         return cls(path) if path else None
 
     def may_hold(self, key: str, load) -> bool:

@@ -7,11 +7,11 @@ from typing import Any
 
 
 def insert_run(con, run_id: str, flow: str, params: dict[str, Any],
-               prefect_flow_run_id: str | None) -> None:
+               prefect_flow_run_id: str | None, host: str | None = None, pid: int | None = None) -> None:
     con.execute(
-        "INSERT INTO runs (run_id, flow, params, status, started_at, prefect_flow_run_id) "
-        "VALUES (?, ?, ?, 'running', now()::TIMESTAMP, ?)",
-        [run_id, flow, json.dumps(params, sort_keys=True, default=str), prefect_flow_run_id],
+        "INSERT INTO runs (run_id, flow, params, status, started_at, prefect_flow_run_id, host, pid) "
+        "VALUES (?, ?, ?, 'running', now()::TIMESTAMP, ?, ?, ?)",
+        [run_id, flow, json.dumps(params, sort_keys=True, default=str), prefect_flow_run_id, host, pid],
     )
 
 
@@ -22,15 +22,19 @@ def finish_run(con, run_id: str, status: str, error: str | None = None) -> None:
     )
 
 
-def mark_interrupted(con) -> int:
-    """Rows still `running` whose process is gone become `interrupted`; returns how many."""
-    n = con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
-    if n:
+def running_processes(con) -> list[tuple[str, str | None, int | None]]:
+    """(run_id, host, pid) of the rows still `running`."""
+    return con.execute("SELECT run_id, host, pid FROM runs WHERE status = 'running'").fetchall()
+
+
+def mark_interrupted(con, run_ids: list[str]) -> int:
+    """These `running` rows (whose process is gone) become `interrupted`; returns how many."""
+    if run_ids:
         con.execute(
             "UPDATE runs SET status = 'interrupted', finished_at = coalesce(finished_at, now()::TIMESTAMP), "
             "error = coalesce(error, 'the process ended before the run finished') "
-            "WHERE status = 'running'")
-    return int(n)
+            "WHERE status = 'running' AND run_id IN (SELECT unnest(?::VARCHAR[]))", [list(run_ids)])
+    return len(run_ids)
 
 
 def list_runs(con, flow: str | None = None) -> list[dict[str, Any]]:

@@ -9,8 +9,9 @@
     GET /api/feature/SOURCE/ID/neighbours   the nearest labels of other features
 
 Each request reads through its own cursor of one in-memory DuckDB to which the file is attached
-read-only; the list pages read an in-memory table of every feature with its best label, built
-when the server starts.
+read-only while requests read it (so a label run or harvest can write between requests); the list
+pages read an in-memory table of every feature with its best label, built when the server starts
+and rebuilt when the file has changed.
 """
 
 from __future__ import annotations
@@ -40,19 +41,22 @@ def _clean(v: Any) -> Any:
 
 
 class BrowseState:
-    """The read-only connection and the embedder a semantic query needs (loaded on first use)."""
+    """The file reader (the database attached only while a request reads it) and the embedder a
+    semantic query needs (loaded on first use)."""
 
     def __init__(self, db_path: str):
         self.db_path = db_path
-        self.con = bq.open_read_only(db_path)
-        self.n_features = bq.prepare_rows(self.con)
+        self.reader = bq.FileReader(db_path)
         self._embedders: dict[str, Any] = {}
         self._lock = threading.Lock()
 
+    @property
+    def n_features(self) -> int:
+        return self.reader.n_features
+
     def cursor(self):
-        cur = self.con.cursor()
-        bq.use_catalog(cur)
-        return cur
+        """A cursor for one request (a context manager): the file is open while it is."""
+        return self.reader.reading()
 
     def embedder(self, spec: str):
         from featurescribe.llm.embeddings import make_embedder
@@ -71,7 +75,7 @@ class BrowseState:
         return embed_sync(emb, [text], purpose="search")[0]
 
     def close(self) -> None:
-        self.con.close()
+        self.reader.close()
 
 
 def _semantic(state: BrowseState, cur, q: bq.ListQuery, text: str) -> tuple[list[dict], int]:
@@ -112,8 +116,7 @@ def _page() -> str:
 
 
 def _feature_page(state: BrowseState, source_id: str, feature_id: int) -> dict:
-    cur = state.cursor()
-    try:
+    with state.cursor() as cur:
         stats = bq.feature_stats(cur, source_id, feature_id)
         if stats is None:
             raise HTTPException(404, f"no feature {source_id}/{feature_id}")
@@ -126,8 +129,6 @@ def _feature_page(state: BrowseState, source_id: str, feature_id: int) -> dict:
             "stats": stats, "explanations": explanations, "windows": windows, "windows_from": origin,
             "histogram": bq.feature_histogram(cur, source_id, feature_id),
         })
-    finally:
-        cur.close()
 
 
 def create_app(state: BrowseState) -> FastAPI:
@@ -145,11 +146,8 @@ def create_app(state: BrowseState) -> FastAPI:
 
     @app.get("/api/meta")
     def api_meta():
-        cur = state.cursor()
-        try:
+        with state.cursor() as cur:
             return _clean({"db": state.db_path, **bq.meta(cur)})
-        finally:
-            cur.close()
 
     @app.get("/api/features")
     def api_features(source: str | None = None, min_score: float | None = None, max_score: float | None = None,
@@ -159,14 +157,11 @@ def create_app(state: BrowseState) -> FastAPI:
                      order: str = Query("desc", pattern="^(asc|desc)$"), offset: int = 0, limit: int = 50):
         lq = bq.ListQuery(source or None, min_score, max_score, min_lift, min_density, max_density, status or None,
                           explainer or None, q if mode == "text" else None, sort, order == "desc", offset, limit)
-        cur = state.cursor()
-        try:
+        with state.cursor() as cur:
             if mode == "semantic" and q and q.strip():
                 rows, total = _semantic(state, cur, lq, q)
             else:
                 rows, total = bq.list_features(cur, lq)
-        finally:
-            cur.close()
         return _clean({"rows": rows, "total": total, "offset": offset, "limit": limit, "mode": mode})
 
     @app.get("/api/feature/{source_id}/{feature_id}")
@@ -176,11 +171,8 @@ def create_app(state: BrowseState) -> FastAPI:
     @app.get("/api/feature/{source_id}/{feature_id}/neighbours")
     def api_neighbours(source_id: str, feature_id: int):
         """The nearest labels of other features (a scan of every vector: fetched after the page)."""
-        cur = state.cursor()
-        try:
+        with state.cursor() as cur:
             explanations = bq.feature_explanations(cur, source_id, feature_id)
             return _clean({"neighbours": _neighbours(cur, explanations, source_id, feature_id)})
-        finally:
-            cur.close()
 
     return app

@@ -18,6 +18,7 @@ from featurescribe.llm.batch.base import BatchItem, BatchPending, provider_class
 from featurescribe.llm.client import cache_key
 from featurescribe.llm.registry import BACKENDS, make_backend
 from featurescribe.store import batches as sql
+from featurescribe.store.connection import session
 
 
 
@@ -133,7 +134,8 @@ class BatchSink:
 
     def _check(self) -> None:
         todo, self._unchecked = self._unchecked, []
-        known = sql.classify_items(self.con, [key for _, key, _ in todo])
+        with session(self.con) as con:
+            known = sql.classify_items(con, [key for _, key, _ in todo])
         limit = 1 if self.retry == "direct" else self.max_attempts
         for collector, key, request in todo:
             is_open, attempts = known.get(key, (False, 0))

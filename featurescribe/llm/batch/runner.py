@@ -39,6 +39,7 @@ from featurescribe.llm.batch.collector import BatchCollector, BatchSink, has_bat
 from featurescribe.llm.prices import DEFAULT_PRICES, ENV_VAR, PriceTable
 from featurescribe.progress import Progress
 from featurescribe.store import batches as sql
+from featurescribe.store.connection import session
 from featurescribe.store.llm_calls import CallRow, CallStore
 
 RETRY_MODES = ("batch", "direct")
@@ -120,7 +121,7 @@ class BatchRunner:
                  options: BatchOptions | None = None, budget=None, prices: PriceTable | None = None,
                  providers: dict[str, BatchProvider] | None = None,
                  sleep: Callable[[float], Awaitable[None]] | None = None, stream=None):
-        self.con = con.cursor()
+        self.con = con  # an open connection, or a Database opened for each read and write
         self.store = store
         self.run_id = run_id
         self.options = options or BatchOptions()
@@ -175,10 +176,11 @@ class BatchRunner:
             raise FeaturescribeError(
                 f"{collector.spec}: could not submit a batch of {len(items):,} requests: "
                 f"{_one_line(err)}") from None
-        sql.insert_batch(self.con, batch_id=batch_id, provider=collector.backend, run_id=self.run_id,
-                         purpose=",".join(purposes), input_file_id=file_id,
-                         payload={"spec": collector.spec, "model": collector.model},
-                         items=[(i.custom_id, i.purpose, i.structured, i.wrapped) for i in items])
+        with session(self.con) as con:
+            sql.insert_batch(con, batch_id=batch_id, provider=collector.backend, run_id=self.run_id,
+                             purpose=",".join(purposes), input_file_id=file_id,
+                             payload={"spec": collector.spec, "model": collector.model},
+                             items=[(i.custom_id, i.purpose, i.structured, i.wrapped) for i in items])
         self.report.submitted.append(batch_id)
         self.report.n_submitted += len(items)
         self.log(f"batch: submitted {collector.backend} batch {batch_id} "
@@ -188,8 +190,9 @@ class BatchRunner:
     # ------------------------------------------------------------------ polling and collecting
     def _open(self) -> list[dict]:
         """The open batches of the providers this run uses (all of them before `run`)."""
-        return [r for r in sql.open_batches(self.con)
-                if self.backends is None or r["provider"] in self.backends]
+        with session(self.con) as con:
+            rows = sql.open_batches(con)
+        return [r for r in rows if self.backends is None or r["provider"] in self.backends]
 
     def poll_open(self) -> list[tuple[dict, BatchState | None]]:
         """Poll every open batch once; collect those that ended. The ones still running (with
@@ -221,9 +224,10 @@ class BatchRunner:
                         f"{_one_line(err)}; run again to collect it") from None
             else:
                 if row["status"] != "in_progress" or row["payload"].get("counts") != state.counts:
-                    sql.update_batch(self.con, row["batch_id"], status="in_progress",
-                                     payload_update={"provider_status": state.provider_status,
-                                                     "counts": state.counts})
+                    with session(self.con) as con:
+                        sql.update_batch(con, row["batch_id"], status="in_progress",
+                                         payload_update={"provider_status": state.provider_status,
+                                                         "counts": state.counts})
                 running.append((row, state))
         return running
 
@@ -231,7 +235,8 @@ class BatchRunner:
         """Write an ended batch's answers to the cache and every result to the ledger."""
         batch_id = row["batch_id"]
         backend, model = parse_backend_spec(row["payload"].get("spec") or f"{row['provider']}:")
-        info = sql.item_info(self.con, batch_id)
+        with session(self.con) as con:
+            info = sql.item_info(con, batch_id)
         outcomes: list[tuple[str, str, str | None]] = []
         seen: set[str] = set()
         for r in self.provider(backend).results(batch_id, state):
@@ -243,9 +248,10 @@ class BatchRunner:
             self._ledger(info, cid, backend, model, batch_id, "error",
                          error=f"missing from the results of batch {batch_id}")
         self.store.flush()  # answers in the cache before the batch counts as collected
-        sql.finish_batch(self.con, batch_id, outcomes, payload_update={
-            "provider_status": state.provider_status, "counts": state.counts,
-            **{k: v for k, v in state.extra.items() if v}})
+        with session(self.con) as con:
+            sql.finish_batch(con, batch_id, outcomes, payload_update={
+                "provider_status": state.provider_status, "counts": state.counts,
+                **{k: v for k, v in state.extra.items() if v}})
         answered = sum(o[1] == "succeeded" for o in outcomes)
         failed = len(outcomes) - answered + len(missing)
         self.report.n_collected_batches += 1
