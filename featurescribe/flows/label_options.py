@@ -15,7 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption
 from featurescribe.records import KINDS, SPLITS
 from featurescribe.statuses import STRUCTURED_CHOICES
 from featurescribe.store.sampling import DEFAULT_COUNTS, SamplingConfig
@@ -175,7 +175,7 @@ RUN_ONLY = ("no_progress", "batch", "no_wait", "batch_retry", "batch_poll", "tas
 
 
 def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:
-    """DEFAULT_COUNTS changed by 'split.kind=n,...' (FeaturescribeError for anything else)."""
+    """DEFAULT_COUNTS changed by 'split.kind=n,...' (BadOption for anything else)."""
     counts = {s: dict(DEFAULT_COUNTS.get(s, {})) for s in SPLITS}
     for item in (x.strip() for x in (spec or "").split(",")):
         if item:
@@ -183,7 +183,7 @@ def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:
             counts[split][kind] = n
     for split, what in (("explain", "the explainer needs windows"), ("test", "nothing to score on")):
         if not sum(counts[split].get(k, 0) for k in KINDS):
-            raise FeaturescribeError(f"--windows leaves the {split} split empty: {what}")
+            raise BadOption(f"--windows leaves the {split} split empty: {what}")
     return counts
 
 
@@ -191,7 +191,7 @@ def _window_item(item: str) -> tuple[str, str, int]:
     key, eq, value = item.partition("=")
     split, dot, kind = key.strip().partition(".")
     if not (eq and dot) or split not in SPLITS or kind not in KINDS:
-        raise FeaturescribeError(
+        raise BadOption(
             f"bad --windows item {item!r}: use SPLIT.KIND=N with SPLIT one of {', '.join(SPLITS)} "
             f"and KIND one of {', '.join(KINDS)}")
     try:
@@ -199,7 +199,7 @@ def _window_item(item: str) -> tuple[str, str, int]:
     except ValueError:
         n = -1
     if n < 0:
-        raise FeaturescribeError(f"bad --windows item {item!r}: N must be a whole number >= 0")
+        raise BadOption(f"bad --windows item {item!r}: N must be a whole number >= 0")
     return split, kind, n
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import FeaturescribeError, NoEmbeddings
 from featurescribe.llm.embeddings import embed_sync, make_embedder
 from featurescribe.store import embeddings as emb_sql
 
@@ -44,14 +44,14 @@ def pick_embedder(con, embedder: str | None, db_label: str = "the database") -> 
         kind, model = check_embedder_spec(embedder)
         embedder = f"{kind}:{model}"
     if not present:
-        raise FeaturescribeError(
+        raise NoEmbeddings(
             f"{db_label} has no label embeddings; make them with: featurescribe embed --db PATH"
             + (f" --embedder {embedder}" if embedder else ""))
     if embedder is None:
         return present[0][0]
     if embedder not in dict(present):
         have = ", ".join(e for e, _ in present)
-        raise FeaturescribeError(f"{db_label} has no embeddings by {embedder} (it has: {have}); "
+        raise NoEmbeddings(f"{db_label} has no embeddings by {embedder} (it has: {have}); "
                                  f"make them with: featurescribe embed --embedder {embedder}")
     return embedder
 
