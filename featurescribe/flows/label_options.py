@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from featurescribe.errors import BadOption
+from featurescribe.options import add_option_arguments, opt, options_from_args, options_signature
 from featurescribe.records import KINDS, SPLITS
 from featurescribe.statuses import STRUCTURED_CHOICES
 from featurescribe.store.sampling import DEFAULT_COUNTS, SamplingConfig
@@ -26,11 +26,6 @@ BATCH_RETRIES = ("batch", "direct")
 METHOD_CHOICES = ("auto", "pairs", "highlighted", "marked")
 POLL_DEFAULT_S = 30.0
 BATCH_GROUP = "batch APIs (half price, results within 24 h)"
-
-
-def opt(default: Any, help: str, **argparse_kw: Any) -> Any:
-    """A dataclass field that is also a command-line option (`--name-with-dashes`)."""
-    return field(default=default, metadata={"help": help, **argparse_kw})
 
 
 def format_counts(counts) -> str:
@@ -215,40 +210,13 @@ def _choices_help() -> dict[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per field of LabelOptions (booleans are flags)."""
-    hints = typing.get_type_hints(LabelOptions)
-    names = _choices_help()
-    groups: dict[str, Any] = {}
-    for f in dataclasses.fields(LabelOptions):
-        kw = dict(f.metadata)
-        kw["help"] = kw["help"].format(**names)
-        group = kw.pop("group", None)
-        target = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
-        flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] is bool:
-            target.add_argument(flag, action="store_true", **kw)
-            continue
-        if not kw.get("required"):
-            kw["default"] = f.default
-        target.add_argument(flag, type=_scalar(hints[f.name]), **kw)
-
-
-def _scalar(hint: Any) -> type:
-    """int for `int` and `int | None`."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    add_option_arguments(parser, LabelOptions, _choices_help())
 
 
 def from_args(args: argparse.Namespace) -> LabelOptions:
-    names = [f.name for f in dataclasses.fields(LabelOptions)]
-    return LabelOptions(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+    return options_from_args(LabelOptions, args)
 
 
 def flow_signature(**leading: type) -> inspect.Signature:
     """Keyword-only parameters: `leading` ones (db), then one per field of LabelOptions."""
-    hints = typing.get_type_hints(LabelOptions)
-    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=t) for n, t in leading.items()]
-    for f in dataclasses.fields(LabelOptions):
-        default = inspect.Parameter.empty if f.metadata.get("required") else f.default
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=hints[f.name]))
-    return inspect.Signature(params)
+    return options_signature(LabelOptions, **leading)

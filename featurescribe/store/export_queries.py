@@ -104,6 +104,10 @@ def count_features(con, source_id: str) -> int:
     return int(con.execute("SELECT count(*) FROM features WHERE source_id = ?", [source_id]).fetchone()[0])
 
 
+def count_sequences(con) -> int:
+    return int(con.execute("SELECT count(*) FROM sequences").fetchone()[0])
+
+
 def table_names(con) -> list[tuple[str, str]]:
     """(name, 'BASE TABLE' | 'VIEW') of the main schema, by name."""
     return [
