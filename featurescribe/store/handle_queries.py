@@ -24,12 +24,15 @@ _FEATURES_SQL = """
 def query_table(con, sql: str, params: dict | None = None) -> pa.Table:
     """The result of one statement as an Arrow table (empty for a statement without rows);
     SQLFailed with DuckDB's first line for SQL it refuses."""
+    cur = con.cursor()  # a fresh cursor: the connection may hold an unfinished result
     try:
-        rel = con.sql(sql, params=params)
+        rel = cur.sql(sql, params=params)
         return pa.table({}) if rel is None else arrow_table(rel)
     except duckdb.Error as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SQLFailed(f"SQL error: {first}") from None
+    finally:
+        cur.close()
 
 
 def sources_table(con) -> pa.Table:
