@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from featurescribe.errors import BadOption
 from featurescribe.frames import Table, as_format
+from featurescribe.store.export_queries import FeatureBundle
 
 
 class Labels(Table):
@@ -34,26 +35,17 @@ class SearchResults(Table):
         return search_card(self.to_dicts())
 
 
-@dataclass
-class Feature:
-    """One feature: `stats` (a `features` row), `explanations` (each with every score and its
-    baselines; the best label first), `windows` (tokens with per-token `acts`) and `histogram`."""
-
-    source_id: str
-    feature_id: int
-    stats: dict[str, Any]
-    explanations: list[dict[str, Any]] = field(default_factory=list)
-    windows: list[dict[str, Any]] = field(default_factory=list)
-    histogram: dict[str, Any] | None = None
+@dataclass(repr=False)
+class Feature(FeatureBundle):
+    """One feature: `stats` (its `features` row), `explanations` (each with every score and its
+    baselines; the best label first), `examples` (its windows: tokens with per-token `acts`;
+    `windows("top")` those of one kind) and `histogram` (of its activations)."""
 
     def _entry(self, n_windows: int = 8) -> dict[str, Any]:
         """The entry the HTML report embeds for this feature."""
         from featurescribe.export.report import report_entry
-        from featurescribe.store.export_queries import FeatureBundle
 
-        bundle = FeatureBundle(self.source_id, self.feature_id, self.stats, self.explanations, self.windows,
-                               self.histogram)
-        return report_entry(bundle, n_windows, max(2, n_windows // 2))
+        return report_entry(self, n_windows, max(2, n_windows // 2))
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -70,7 +62,7 @@ class Feature:
         label = f"{best['text']!r} (score {best['score']:.3f})" if best and best["score"] is not None else "unlabelled"
         return (f"<Feature {self.source_id}/{self.feature_id}: {label}; active on {self.stats.get('n_active', 0)} "
                 f"tokens, max {self.stats.get('max_act')}; {len(self.explanations)} explanation(s), "
-                f"{len(self.windows)} window(s)>")
+                f"{len(self.examples)} window(s)>")
 
 
 class Database:

@@ -26,6 +26,11 @@ def opt(default: Any, help: str, **argparse_kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kw})
 
 
+def required(help: str, **argparse_kw: Any) -> Any:
+    """A field without a default: a required option (and keyword argument)."""
+    return field(metadata={"help": help, "required": True, **argparse_kw})
+
+
 class _Registered(dict):
     """What a `{explainers}`-style placeholder of a help text reads as in a docstring."""
 
@@ -33,8 +38,13 @@ class _Registered(dict):
         return f"the registered {key} (see the command's --help)"
 
 
+def options_class(cls: type[T]) -> type[T]:
+    """Class decorator of an options declaration: a frozen dataclass, documented (below)."""
+    return documented(dataclasses.dataclass(frozen=True)(cls))
+
+
 def documented(cls: type[T]) -> type[T]:
-    """Class decorator: the docstring gains an `Attributes:` section made from the fields' help
+    """The docstring gains an `Attributes:` section made from the fields' help
     texts, so `help()` and the API reference list every option with its default."""
     lines = [(cls.__doc__ or "").rstrip(), "", "Attributes:"]
     for f in dataclasses.fields(cls):

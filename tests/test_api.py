@@ -48,8 +48,8 @@ def test_one_feature_has_stats_all_scores_with_baselines_and_windows(demo):
     assert f.explanations[0]["is_best"] and f.best["text"] == f.explanations[0]["text"]
     assert f.best["lift"] == pytest.approx(f.best["score"] - f.best["baseline_shuffled"])
     assert all("baseline_shuffled" in s and "baseline_tokens" in s for e in f.explanations for s in e["scores"])
-    assert f.windows and all(len(w["tokens"]) == len(w["acts"]) for w in f.windows)
-    assert any(a > 0 for w in f.windows for a in w["acts"])
+    assert f.examples and all(len(w["tokens"]) == len(w["acts"]) for w in f.examples)
+    assert any(a > 0 for w in f.examples for a in w["acts"])
     assert f.histogram and sum(f.histogram["counts"]) == f.stats["n_active"]
     assert repr(f).startswith(f"<Feature {src}/{fid}: {f.best['text']!r}")
 
@@ -61,8 +61,8 @@ def test_a_feature_no_run_sampled_reads_its_windows_from_activations(demo, tmp_p
     shutil.copy(demo, path)
     fs.open(path, read_only=False).sql("DELETE FROM examples WHERE source_id = '6-mlp' AND feature_id = 0")
     f = fs.open(path).feature("6-mlp", 0, windows=3)
-    assert f.windows and {w["kind"] for w in f.windows} <= {"top", "quantile", "random"}
-    assert sum(w["kind"] == "top" for w in f.windows) <= 3
+    assert f.examples and {w["kind"] for w in f.examples} <= {"top", "quantile", "random"}
+    assert len(f.windows("top")) <= 3
 
 
 def test_sql_and_the_result_formats(demo, monkeypatch):

@@ -22,7 +22,7 @@ PUBLIC = {
 METHODS = {
     "Database": {"sources", "labels", "features", "feature", "search", "sql"},
     "Table": {"to_arrow", "to_pandas", "to_polars", "to_dicts", "columns", "_repr_html_"},
-    "Feature": {"best", "stats", "explanations", "windows", "histogram", "_repr_html_"},
+    "Feature": {"best", "stats", "explanations", "examples", "windows", "histogram", "_repr_html_"},
 }
 OPERATIONS = {"harvest": "HarvestOptions", "label": "LabelOptions", "export": "ExportOptions"}
 

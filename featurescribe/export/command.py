@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,23 +12,21 @@ from featurescribe.errors import BadOption, FeaturescribeError
 from featurescribe.export.common import MANIFEST, dumps, output_dir, output_file, write_text
 from featurescribe.progress import Progress
 from featurescribe.store.connection import DEFAULT_DB, open_db
-from featurescribe.options import add_option_arguments, documented, opt, options_from_args
+from featurescribe.options import add_option_arguments, opt, options_class, options_from_args, required
 from featurescribe.store.export_queries import count_features, count_sequences, export_sources
 
 FORMATS = ("neuronpedia", "oai", "delphi", "parquet", "json")
 DEFAULT_MAX_MB = 100.0
 
 
-@documented
-@dataclass(frozen=True)
+@options_class
 class ExportOptions:
     """The options of `featurescribe export` and of `featurescribe.export(...)`."""
 
-    format: str = opt(dataclasses.MISSING, "neuronpedia: its bulk batch-N.jsonl.gz layout; oai: OpenAI "
-                      "neuron-explainer records; delphi: explanation and score files; parquet: every table; "
-                      "json: one feature_dictionary.json", required=True, choices=FORMATS)
-    out: str = opt(dataclasses.MISSING, "folder to write (replaced whole if it holds an earlier export)",
-                   required=True)
+    format: str = required("neuronpedia: its bulk batch-N.jsonl.gz layout; oai: OpenAI neuron-explainer "
+                           "records; delphi: explanation and score files; parquet: every table; json: one "
+                           "feature_dictionary.json", choices=FORMATS)
+    out: str = required("folder to write (replaced whole if it holds an earlier export)")
     source: str | None = opt(None, "export one source (default: all)", metavar="SOURCE_ID")
     creator_id: str = opt("featurescribe", "neuronpedia: the user id written as creatorId/authorId "
                                            "(default: featurescribe)")
@@ -106,7 +103,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default: {DEFAULT_DB})")
-    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--out", help="the HTML file to write")
     p.add_argument("--source", default=None, metavar="SOURCE_ID", help="one source (default: all)")
     p.add_argument("--examples", type=int, default=8, metavar="N",
                    help="top windows shown per feature (default: 8; random windows: half as many)")

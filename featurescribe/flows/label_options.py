@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from featurescribe.errors import BadOption
-from featurescribe.options import add_option_arguments, documented, opt, options_from_args, options_signature
+from featurescribe.options import (add_option_arguments, opt, options_class, options_from_args, options_signature,
+                                   required)
 from featurescribe.records import KINDS, SPLITS
 from featurescribe.statuses import STRUCTURED_CHOICES
 from featurescribe.store.sampling import DEFAULT_COUNTS, SamplingConfig
@@ -32,12 +33,11 @@ def format_counts(counts) -> str:
     return ", ".join(f"{s}.{k}={n}" for s, kinds in counts.items() for k, n in kinds.items() if n)
 
 
-@documented
-@dataclass(frozen=True)
+@options_class
 class LabelOptions:
     """The options of `featurescribe label`, of `featurescribe.label(...)` and of the label flow."""
 
-    source: str = opt(dataclasses.MISSING, "SOURCE_ID, e.g. 6-mlp (harvest prints it)", required=True)
+    source: str = required("SOURCE_ID, e.g. 6-mlp (harvest prints it)")
     features: str = opt("all", "which features: 0:64, 3,17,40, all or alive (default: all; dead and "
                                "rare features are marked and reported, not explained)")
     explainer: str = opt("baseline:tokens", "{explainers} (default: baseline:tokens)")

