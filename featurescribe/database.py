@@ -65,6 +65,12 @@ class Feature(FeatureBundle):
                 f"{len(self.examples)} window(s)>")
 
 
+def _source_id(source: Any, optional: bool = False) -> Any:
+    if (source is None and optional) or isinstance(source, str):
+        return source
+    raise BadOption(f"source must be a source id such as '6-mlp', not {source!r}")
+
+
 class Database:
     """A featurescribe database file: read its labels, features and tables."""
 
@@ -99,14 +105,14 @@ class Database:
         from featurescribe.store.handle_queries import labels_table
 
         with self._connect() as con:
-            return as_format(Labels(labels_table(con, source)), format)
+            return as_format(Labels(labels_table(con, _source_id(source, optional=True))), format)
 
     def features(self, source: str, *, format: str | None = None) -> Any:
         """Every feature of a source: statistics and best label (empty where unlabelled)."""
         from featurescribe.store.handle_queries import features_table
 
         with self._connect() as con:
-            return as_format(Table(features_table(con, source)), format)
+            return as_format(Table(features_table(con, _source_id(source))), format)
 
     def feature(self, source: str, feature_id: int, *, windows: int = 8) -> Feature:
         """One feature with everything known about it; `windows`: top windows to read when no
@@ -116,7 +122,7 @@ class Database:
         if isinstance(feature_id, bool) or not isinstance(feature_id, int):
             raise BadOption(f"feature_id must be an integer, not {feature_id!r}")
         with self._connect() as con:
-            return Feature(**feature_detail(con, source, feature_id, windows))
+            return Feature(**feature_detail(con, _source_id(source), feature_id, windows))
 
     def search(self, text: str, *, k: int = 10, source: str | None = None, min_score: float | None = None,
                embedder: str | None = None, format: str | None = None) -> Any:
@@ -125,7 +131,7 @@ class Database:
         from featurescribe.semantic.search import search
 
         with self._connect() as con:
-            hits = search(con, text, embedder=embedder, source_id=source, k=k, min_score=min_score,
+            hits = search(con, text, embedder=embedder, source_id=_source_id(source, optional=True), k=k, min_score=min_score,
                           db_label=f"database {self.path}")
         return as_format(SearchResults(_hits_table(hits)), format)
 

@@ -111,6 +111,8 @@ def test_bad_input_is_one_typed_error_each(demo, tmp_path):
         (lambda: db.features("7-mlp"), fs.UnknownSource, "no source '7-mlp'"),
         (lambda: db.feature("6-mlp", 999), fs.UnknownFeature, "has no feature 999"),
         (lambda: db.feature("6-mlp", "3"), fs.BadOption, "must be an integer"),
+        (lambda: db.labels(6), fs.BadOption, "source must be a source id"),
+        (lambda: db.search("digits", k=0), fs.BadOption, "at least 1"),
         (lambda: db.sql("SELEC 1"), fs.SQLFailed, "SQL error: Parser Error"),
         (lambda: db.sql("SELECT * FROM no_such_table"), fs.SQLFailed, "no_such_table"),
         (lambda: db.search("digits"), fs.NoEmbeddings, "no label embeddings"),

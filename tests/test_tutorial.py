@@ -3,6 +3,7 @@ real offline model with the offline judges (harvest -> label -> search -> export
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def test_the_tutorial_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert ns["harvested"].source_id == "6-mlp" and ns["summary"].labelled
     assert isinstance(ns["feature"], fs.Feature) and ns["feature"].explanations
     assert len(ns["hits"]) == 3 and all(h["explanation"] for h in ns["hits"])
+    card = ns["hits"]._repr_html_()  # how Jupyter shows it
+    assert all(html.escape(h["explanation"]) in card for h in ns["hits"])
     assert (tmp_path / "tutorial-export" / "feature_dictionary.json").is_file()
     assert ns["exported"].n_features == ns["harvested"].width
     assert "as expected: source '6-mlp' has no feature 1000000000" in out

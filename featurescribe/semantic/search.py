@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurescribe.errors import FeaturescribeError, NoEmbeddings
+from featurescribe.errors import BadOption, NoEmbeddings
 from featurescribe.llm.embeddings import embed_sync, make_embedder
 from featurescribe.store import embeddings as emb_sql
 
@@ -83,9 +83,9 @@ def search(con, query: str, *, embedder: str | None = None, source_id: str | Non
            min_score: float | None = None, db_label: str = "the database") -> list[SearchHit]:
     """Features whose best label is closest in meaning to `query`, nearest first."""
     if not query.strip():
-        raise FeaturescribeError("the search query is empty")
+        raise BadOption("the search query is empty")
     if k < 1:
-        raise FeaturescribeError("-k must be at least 1")
+        raise BadOption("-k must be at least 1")
     spec = pick_embedder(con, embedder, db_label)
     qvec = embed_sync(make_embedder(spec), [query], purpose="search")[0]
     return rank_hits(con, spec, qvec, k=k, source_id=source_id, min_score=min_score)
