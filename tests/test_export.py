@@ -582,7 +582,7 @@ def test_unwritable_output_is_one_line(demo, tmp_path, capsys):
 
 
 def test_failure_midway_leaves_nothing(demo, tmp_path, monkeypatch, capsys):
-    import featurescribe.export.neuronpedia as np_mod
+    from featurescribe.export import neuronpedia as np_mod
 
     calls = {"n": 0}
     real = np_mod._feature_row

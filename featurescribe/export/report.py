@@ -18,10 +18,15 @@ from featurescribe.export.tabular import best_explanation, lift_of
 from featurescribe.store.export_queries import FeatureBundle, iter_feature_bundles
 
 MARKER = "/*@@DATA@@*/"
+CSS_MARKER = "/*@@CARDS_CSS@@*/"
+
+
+def template_text(name: str) -> str:
+    return resources.files("featurescribe.export").joinpath(f"templates/{name}").read_text("utf-8")
 
 
 def _template() -> tuple[str, str]:
-    text = resources.files("featurescribe.export").joinpath("templates/report.html").read_text("utf-8")
+    text = template_text("report.html").replace(CSS_MARKER, template_text("cards.css"))
     head, tail = text.split(MARKER)
     return head, tail
 

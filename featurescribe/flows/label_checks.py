@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption
 
 if TYPE_CHECKING:
     from featurescribe.flows.label_options import LabelOptions
 
 
 def check_options(o: "LabelOptions") -> None:
-    """FeaturescribeError for options no run can work with (nothing is opened or loaded)."""
+    """BadOption for options no run can work with (nothing is opened or loaded)."""
     from featurescribe.flows.label_options import METHOD_CHOICES, RUNNERS, parse_window_counts
     from featurescribe.labelers import check_explainer_spec
     from featurescribe.scorers.registry import SCORERS, check_simulator_spec
@@ -21,10 +21,10 @@ def check_options(o: "LabelOptions") -> None:
         check_explainer_spec(o.explainer)
         check_simulator_spec(o.simulator)
     except ValueError as err:
-        raise FeaturescribeError(str(err)) from None
+        raise BadOption(str(err)) from None
     bad = [s for s in o.scorer_names if SCORERS.get(s) is None]
     if bad or not o.scorer_names:
-        raise FeaturescribeError(
+        raise BadOption(
             f"unknown scorer(s) {', '.join(bad) or '(none)'}: use {', '.join(SCORERS.names())}")
     for failed, message in ((o.candidates < 1, "--candidates must be at least 1"),
                             (o.concurrency < 1, "--concurrency must be at least 1"),
@@ -33,17 +33,17 @@ def check_options(o: "LabelOptions") -> None:
                             (o.chunk_size < 1, "--chunk-size must be at least 1"),
                             (o.budget_usd is not None and o.budget_usd < 0, "--budget-usd must be 0 or more")):
         if failed:
-            raise FeaturescribeError(message)
+            raise BadOption(message)
     if o.method not in METHOD_CHOICES:
-        raise FeaturescribeError(f"unknown --method {o.method!r}: use {', '.join(METHOD_CHOICES)}")
+        raise BadOption(f"unknown --method {o.method!r}: use {', '.join(METHOD_CHOICES)}")
     if o.task_runner not in RUNNERS:
-        raise FeaturescribeError(f"unknown task runner {o.task_runner!r}: use {' or '.join(RUNNERS)}")
+        raise BadOption(f"unknown task runner {o.task_runner!r}: use {' or '.join(RUNNERS)}")
     if o.task_runner == "dask" and int(o.workers or 0) < 1:
-        raise FeaturescribeError("--workers must be at least 1")
+        raise BadOption("--workers must be at least 1")
     if o.structured not in STRUCTURED_CHOICES:
-        raise FeaturescribeError(f"unknown --structured {o.structured!r}: use {', '.join(STRUCTURED_CHOICES)}")
+        raise BadOption(f"unknown --structured {o.structured!r}: use {', '.join(STRUCTURED_CHOICES)}")
     if o.no_wait and not o.batch:
-        raise FeaturescribeError("--no-wait goes with --batch")
+        raise BadOption("--no-wait goes with --batch")
     parse_window_counts(o.windows)
     _check_steering_options(o)
 
@@ -52,10 +52,10 @@ def _check_steering_options(o: "LabelOptions") -> None:
     from featurescribe.steer.calibrate import neutral_prompts
 
     if o.output_effects < 0:
-        raise FeaturescribeError("--output-effects must be 0 or more tokens")
+        raise BadOption("--output-effects must be 0 or more tokens")
     neutral_prompts(o.intervention_prompts)  # a clear error outside 1..the list's length
     if not o.target_kl > 0:
-        raise FeaturescribeError(f"--target-kl must be a positive number, not {o.target_kl}")
+        raise BadOption(f"--target-kl must be a positive number, not {o.target_kl}")
 
 
 def check_steering(con, o: "LabelOptions") -> None:

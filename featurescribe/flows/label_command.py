@@ -67,16 +67,20 @@ def print_summary(s: LabelSummary, out=None) -> None:
               file=out)
 
 
-def run(args: argparse.Namespace) -> int:
-    options = label_options.from_args(args)
+def run_label(db: str, options: label_options.LabelOptions) -> LabelSummary | None:
+    """The label run the options describe (what `featurescribe.label(...)` runs too); None when
+    `--batch --no-wait` only submitted batches."""
     if options.batch:  # provider batch APIs first, then the run from the cache
         from featurescribe.flows.label_batch import run_label_batch
 
-        summary = run_label_batch(args.db, options).summary
-    else:
-        from featurescribe.flows.label_flow import run_label_flow
+        return run_label_batch(db, options).summary
+    from featurescribe.flows.label_flow import run_label_flow
 
-        summary = run_label_flow(args.db, options)  # the Prefect label flow
+    return run_label_flow(db, options)  # the Prefect label flow
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = run_label(args.db, label_options.from_args(args))
     if summary is not None:
         print_summary(summary, out=sys.stdout)
     return 0

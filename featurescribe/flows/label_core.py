@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption, UnknownFeature
 from featurescribe.flows.label_options import LabelOptions
 from featurescribe.labelers import ExplainOutcome, is_llm_explainer, make_explainer
 from featurescribe.llm.base import BudgetExceeded
@@ -68,12 +68,12 @@ def parse_feature_spec(spec: str, width: int) -> list[int] | str:
             if not ids:
                 raise ValueError
     except ValueError:
-        raise FeaturescribeError(
+        raise BadOption(
             f"bad feature spec {spec!r}: use a range like 0:64, a list like 3,17,40, all, or alive"
         ) from None
     outside = [f for f in ids if f < 0 or f >= width]
     if outside:
-        raise FeaturescribeError(
+        raise UnknownFeature(
             f"features {outside[0]}{'...' if len(outside) > 1 else ''} are outside the source's "
             f"{width} features (0:{width})")
     return ids

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption
+from featurescribe.options import (add_option_arguments, opt, options_class, options_from_args, options_signature,
+                                   required)
 from featurescribe.records import KINDS, SPLITS
 from featurescribe.statuses import STRUCTURED_CHOICES
 from featurescribe.store.sampling import DEFAULT_COUNTS, SamplingConfig
@@ -28,18 +29,15 @@ POLL_DEFAULT_S = 30.0
 BATCH_GROUP = "batch APIs (half price, results within 24 h)"
 
 
-def opt(default: Any, help: str, **argparse_kw: Any) -> Any:
-    """A dataclass field that is also a command-line option (`--name-with-dashes`)."""
-    return field(default=default, metadata={"help": help, **argparse_kw})
-
-
 def format_counts(counts) -> str:
     return ", ".join(f"{s}.{k}={n}" for s, kinds in counts.items() for k, n in kinds.items() if n)
 
 
-@dataclass(frozen=True)
+@options_class
 class LabelOptions:
-    source: str = opt(dataclasses.MISSING, "SOURCE_ID, e.g. 6-mlp (harvest prints it)", required=True)
+    """The options of `featurescribe label`, of `featurescribe.label(...)` and of the label flow."""
+
+    source: str = required("SOURCE_ID, e.g. 6-mlp (harvest prints it)")
     features: str = opt("all", "which features: 0:64, 3,17,40, all or alive (default: all; dead and "
                                "rare features are marked and reported, not explained)")
     explainer: str = opt("baseline:tokens", "{explainers} (default: baseline:tokens)")
@@ -175,7 +173,7 @@ RUN_ONLY = ("no_progress", "batch", "no_wait", "batch_retry", "batch_poll", "tas
 
 
 def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:
-    """DEFAULT_COUNTS changed by 'split.kind=n,...' (FeaturescribeError for anything else)."""
+    """DEFAULT_COUNTS changed by 'split.kind=n,...' (BadOption for anything else)."""
     counts = {s: dict(DEFAULT_COUNTS.get(s, {})) for s in SPLITS}
     for item in (x.strip() for x in (spec or "").split(",")):
         if item:
@@ -183,7 +181,7 @@ def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:
             counts[split][kind] = n
     for split, what in (("explain", "the explainer needs windows"), ("test", "nothing to score on")):
         if not sum(counts[split].get(k, 0) for k in KINDS):
-            raise FeaturescribeError(f"--windows leaves the {split} split empty: {what}")
+            raise BadOption(f"--windows leaves the {split} split empty: {what}")
     return counts
 
 
@@ -191,7 +189,7 @@ def _window_item(item: str) -> tuple[str, str, int]:
     key, eq, value = item.partition("=")
     split, dot, kind = key.strip().partition(".")
     if not (eq and dot) or split not in SPLITS or kind not in KINDS:
-        raise FeaturescribeError(
+        raise BadOption(
             f"bad --windows item {item!r}: use SPLIT.KIND=N with SPLIT one of {', '.join(SPLITS)} "
             f"and KIND one of {', '.join(KINDS)}")
     try:
@@ -199,7 +197,7 @@ def _window_item(item: str) -> tuple[str, str, int]:
     except ValueError:
         n = -1
     if n < 0:
-        raise FeaturescribeError(f"bad --windows item {item!r}: N must be a whole number >= 0")
+        raise BadOption(f"bad --windows item {item!r}: N must be a whole number >= 0")
     return split, kind, n
 
 
@@ -215,40 +213,13 @@ def _choices_help() -> dict[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per field of LabelOptions (booleans are flags)."""
-    hints = typing.get_type_hints(LabelOptions)
-    names = _choices_help()
-    groups: dict[str, Any] = {}
-    for f in dataclasses.fields(LabelOptions):
-        kw = dict(f.metadata)
-        kw["help"] = kw["help"].format(**names)
-        group = kw.pop("group", None)
-        target = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
-        flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] is bool:
-            target.add_argument(flag, action="store_true", **kw)
-            continue
-        if not kw.get("required"):
-            kw["default"] = f.default
-        target.add_argument(flag, type=_scalar(hints[f.name]), **kw)
-
-
-def _scalar(hint: Any) -> type:
-    """int for `int` and `int | None`."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    add_option_arguments(parser, LabelOptions, _choices_help())
 
 
 def from_args(args: argparse.Namespace) -> LabelOptions:
-    names = [f.name for f in dataclasses.fields(LabelOptions)]
-    return LabelOptions(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+    return options_from_args(LabelOptions, args)
 
 
 def flow_signature(**leading: type) -> inspect.Signature:
     """Keyword-only parameters: `leading` ones (db), then one per field of LabelOptions."""
-    hints = typing.get_type_hints(LabelOptions)
-    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=t) for n, t in leading.items()]
-    for f in dataclasses.fields(LabelOptions):
-        default = inspect.Parameter.empty if f.metadata.get("required") else f.default
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=hints[f.name]))
-    return inspect.Signature(params)
+    return options_signature(LabelOptions, **leading)

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption, FeaturescribeError
 from featurescribe.harvest import corpus as corpus_mod
 from featurescribe.harvest.batches import Batch, Plan, Prefetch, make_batches
 from featurescribe.harvest.sae import SAE, load_saes
@@ -303,11 +303,11 @@ def check_config(cfg: HarvestConfig) -> None:
     parse_sites(cfg.site)
     parse_layers(cfg.layer, n_layers=1)
     if cfg.ctx < 2:
-        raise FeaturescribeError("--ctx must be at least 2")
+        raise BadOption("--ctx must be at least 2")
     if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise FeaturescribeError("--batch-size must be at least 1")
+        raise BadOption("--batch-size must be at least 1")
     if cfg.max_tokens is not None and cfg.max_tokens < 0:
-        raise FeaturescribeError("--max-tokens must be positive (0: the whole corpus)")
+        raise BadOption("--max-tokens must be positive (0: the whole corpus)")
     if cfg.threshold is not None:
         parse_threshold(cfg.threshold)
 

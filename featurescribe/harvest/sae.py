@@ -107,13 +107,16 @@ def load_sae(path: str | Path, device: str = "cpu", dtype=None) -> SAE:
 
 
 def load_saes(items: list) -> list[SAE]:
-    """Loaded SAEs as given, and every SAE folder a path stands for (a sparsify run folder holds several)."""
+    """Loaded SAEs (ours or SAELens objects), and every SAE folder a path stands for (a sparsify
+    run folder holds several)."""
+    from featurescribe.harvest.sae_objects import sae_from_object
+
     out = []
     for item in items:
         if isinstance(item, (str, Path)):
             out.extend(load_sae(d, device="cpu") for d in sae_dirs(item))
         else:
-            out.append(item)
+            out.append(sae_from_object(item))
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption, FeaturescribeError
 from featurescribe.harvest.sae import SAE, check_sae_fits, resolve_sae_site, site_of_hook
 from featurescribe.harvest.sites import SITE_ABBR, SITES, Site, check_layer, check_site
 
@@ -52,7 +52,7 @@ def parse_layers(spec, n_layers: int | None = None) -> list[int] | None:
                 raise ValueError
             layers.update(range(a, b + 1))
     except ValueError:
-        raise FeaturescribeError(f"bad --layer {spec!r}: use a layer (6), a list (3,6,9), a range (0-29) "
+        raise BadOption(f"bad --layer {spec!r}: use a layer (6), a list (3,6,9), a range (0-29) "
                                  "or all") from None
     return sorted(layers)
 
@@ -63,7 +63,7 @@ def parse_sites(spec) -> list[str] | None:
     parts = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
     sites = [check_site(p.strip()) for p in parts if p.strip()]
     if not sites:
-        raise FeaturescribeError(f"bad --site {spec!r}: use a comma list of {', '.join(SITES)}")
+        raise BadOption(f"bad --site {spec!r}: use a comma list of {', '.join(SITES)}")
     return list(dict.fromkeys(sites))
 
 
@@ -105,7 +105,7 @@ def plan_sources(layers: list[int] | None, sites: list[str] | None, saes: list[S
                  source_id: str | None = None) -> list[SourcePlan]:
     """The sources of one harvest, before the model is looked at; duplicate ids are an error."""
     if layers is None and not saes:
-        raise FeaturescribeError("--layer is needed (a layer, a list, a range or all)")
+        raise BadOption("--layer is needed (a layer, a list, a range or all)")
     plans = []
     if sites is not None or not saes:
         plans = [SourcePlan(default_source_id(layer, site), site, layer)
@@ -115,7 +115,7 @@ def plan_sources(layers: list[int] | None, sites: list[str] | None, saes: list[S
         plans.append(SourcePlan(default_source_id(layer, site, sae.width), site, layer, sae, sae.width))
     if source_id is not None:
         if len(plans) != 1:
-            raise FeaturescribeError(f"--source-id names one source, but this harvest has {len(plans)} "
+            raise BadOption(f"--source-id names one source, but this harvest has {len(plans)} "
                                      f"({', '.join(p.source_id for p in plans)})")
         plans[0].source_id = source_id
     _check_unique(plans)

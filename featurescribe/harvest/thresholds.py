@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption
 
 DEFAULT_AUTO_KEEP = 0.01  # `--threshold auto`: keep about 1% of a neuron site's entries
 
@@ -22,7 +22,7 @@ def parse_threshold(spec) -> tuple[str, float]:
             return "keep", frac
         return "abs", float(s)
     except ValueError:
-        raise FeaturescribeError(f"bad --threshold {spec!r}: use a number, 'auto' (keep about 1% of "
+        raise BadOption(f"bad --threshold {spec!r}: use a number, 'auto' (keep about 1% of "
                                  "entries) or a percentage like '2%'") from None
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption, NoEmbeddings
 from featurescribe.llm.embeddings import embed_sync, make_embedder
 from featurescribe.store import embeddings as emb_sql
 
@@ -44,14 +44,14 @@ def pick_embedder(con, embedder: str | None, db_label: str = "the database") -> 
         kind, model = check_embedder_spec(embedder)
         embedder = f"{kind}:{model}"
     if not present:
-        raise FeaturescribeError(
+        raise NoEmbeddings(
             f"{db_label} has no label embeddings; make them with: featurescribe embed --db PATH"
             + (f" --embedder {embedder}" if embedder else ""))
     if embedder is None:
         return present[0][0]
     if embedder not in dict(present):
         have = ", ".join(e for e, _ in present)
-        raise FeaturescribeError(f"{db_label} has no embeddings by {embedder} (it has: {have}); "
+        raise NoEmbeddings(f"{db_label} has no embeddings by {embedder} (it has: {have}); "
                                  f"make them with: featurescribe embed --embedder {embedder}")
     return embedder
 
@@ -87,9 +87,9 @@ def search(con, query: str, *, embedder: str | None = None, source_id: str | Non
     from featurescribe.store.connection import session
 
     if not query.strip():
-        raise FeaturescribeError("the search query is empty")
+        raise BadOption("the search query is empty")
     if k < 1:
-        raise FeaturescribeError("-k must be at least 1")
+        raise BadOption("-k must be at least 1")
     with session(con) as c:
         spec = pick_embedder(c, embedder, db_label)
     qvec = embed_sync(make_embedder(spec), [query], purpose="search")[0]

@@ -209,8 +209,9 @@ def feature_stats(con, source_id: str, feature_id: int) -> dict | None:
     return None if row is None else dict(zip([c[0] for c in cur.description], row))
 
 
-def feature_explanations(con, source_id: str, feature_id: int) -> list[dict]:
-    """Every explanation of a feature with all its scores and baselines; the best label first."""
+def feature_explanations(con, source_id: str, feature_id: int, best_from: str = ROWS) -> list[dict]:
+    """Every explanation of a feature with all its scores and baselines; the best label first
+    (read from `best_from`: the app's in-memory rows, or the `labels` view)."""
     cur = con.execute("""
         WITH best AS (SELECT explanation_id FROM @ROWS@ WHERE source_id = $s AND feature_id = $f)
         SELECT e.explanation_id, e.text, e.explainer, e.method, e.candidate, e.chosen,
@@ -222,7 +223,7 @@ def feature_explanations(con, source_id: str, feature_id: int) -> list[dict]:
                     ORDER BY s.scorer, s.split) FILTER (WHERE s.scorer IS NOT NULL) AS scores
         FROM explanations e LEFT JOIN scores s USING (explanation_id)
         WHERE e.source_id = $s AND e.feature_id = $f
-        GROUP BY ALL ORDER BY is_best DESC, e.chosen DESC NULLS LAST, e.candidate, e.explanation_id""".replace("@ROWS@", ROWS),
+        GROUP BY ALL ORDER BY is_best DESC, e.chosen DESC NULLS LAST, e.candidate, e.explanation_id""".replace("@ROWS@", best_from),
         {"s": source_id, "f": int(feature_id)})
     cols = [c[0] for c in cur.description]
     return [dict(zip(cols, r)) | {"scores": (r[cols.index("scores")] or [])} for r in cur.fetchall()]

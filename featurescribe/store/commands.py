@@ -11,7 +11,7 @@ from typing import Any
 
 import duckdb
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import SQLFailed
 from featurescribe.store.connection import DEFAULT_DB, database_exists, open_db
 from featurescribe.store.schema import SCHEMA_VERSION
 
@@ -44,7 +44,7 @@ def run_sql(args: argparse.Namespace) -> int:
             cur = con.execute(args.query)
         except duckdb.Error as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise FeaturescribeError(f"SQL error: {first}") from None
+            raise SQLFailed(f"SQL error: {first}") from None
         if cur.description is None:
             return 0
         columns = [d[0] for d in cur.description]

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-from featurescribe.errors import DatabaseLocked, FeaturescribeError, SchemaTooNew
+from featurescribe.errors import DatabaseLocked, FeaturescribeError, NoDatabase, SchemaTooNew
 from featurescribe.store.schema import SCHEMA_VERSION, current_version, migrate
 
 DEFAULT_DB = "featurescribe.duckdb"
@@ -133,7 +133,7 @@ def open_db(
     path = str(path)
     if path != ":memory:" and not database_exists(path):
         if not create:
-            raise FeaturescribeError(
+            raise NoDatabase(
                 f"no database at {path} (create one with: featurescribe init --db {path})"
             )
         parent = Path(path).parent

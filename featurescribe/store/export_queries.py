@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import FeaturescribeError, UnknownSource
 
 BATCH_ROWS = 2048
 HISTOGRAM_BINS = 24
@@ -96,12 +96,16 @@ def export_sources(con, source_id: str | None = None, db_label: str = "the datab
     chosen = [r for r in rows if r["source_id"] == source_id]
     if not chosen:
         have = ", ".join(r["source_id"] for r in rows)
-        raise FeaturescribeError(f"unknown source {source_id!r} in {db_label} (it has: {have})")
+        raise UnknownSource(f"unknown source {source_id!r} in {db_label} (it has: {have})")
     return chosen
 
 
 def count_features(con, source_id: str) -> int:
     return int(con.execute("SELECT count(*) FROM features WHERE source_id = ?", [source_id]).fetchone()[0])
+
+
+def count_sequences(con) -> int:
+    return int(con.execute("SELECT count(*) FROM sequences").fetchone()[0])
 
 
 def table_names(con) -> list[tuple[str, str]]:

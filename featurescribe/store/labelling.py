@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import FeaturescribeError, UnknownSource
 from featurescribe.records import Explanation
 from featurescribe.store.bulk import insert_arrow
 
@@ -20,7 +20,7 @@ def source_width(con, source_id: str) -> int:
         known = [r[0] for r in con.execute("SELECT source_id FROM sources ORDER BY 1").fetchall()]
         hint = f" (sources in this database: {', '.join(known)})" if known else \
             " (the database has no sources: run featurescribe harvest first)"
-        raise FeaturescribeError(f"no source {source_id!r}{hint}")
+        raise UnknownSource(f"no source {source_id!r}{hint}")
     return int(row[0])
 
 

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import FeaturescribeError, UnknownSource
 from featurescribe.store.bulk import insert_arrow
 
 
@@ -28,7 +28,7 @@ def source_row(con, source_id: str) -> dict:
         known = [r[0] for r in con.execute("SELECT source_id FROM sources ORDER BY 1").fetchall()]
         hint = f" (sources in this database: {', '.join(known)})" if known else \
             " (the database has no sources: run featurescribe harvest first)"
-        raise FeaturescribeError(f"no source {source_id!r}{hint}")
+        raise UnknownSource(f"no source {source_id!r}{hint}")
     return dict(zip([d[0] for d in cur.description], row))
 
 
