@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from featurescribe.errors import FeaturescribeError
+from featurescribe.interrupts import Interrupted, handling_signals
+from featurescribe.statuses import ExitStatus
 
 
 @dataclass(frozen=True)
@@ -80,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
-        return 2
+        return ExitStatus.USAGE
     try:
-        return int(args._run(args) or 0)
+        with handling_signals():
+            return int(args._run(args) or 0)
     except FeaturescribeError as err:
         print(f"featurescribe: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Interrupted as err:
+        print(f"featurescribe: interrupted ({err}); what finished is kept, run the same command "
+              "again to go on", file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt:
         print("featurescribe: interrupted", file=sys.stderr)
-        return 130
+        return ExitStatus.INTERRUPTED
     except BrokenPipeError:
         return 0
 

@@ -4,7 +4,7 @@
 class FeaturescribeError(Exception):
     """An error with a message meant for the user: one line, no traceback."""
 
-    exit_code = 2
+    exit_code = 2  # statuses.ExitStatus.USAGE
 
 
 def first_error_line(err: BaseException) -> str:

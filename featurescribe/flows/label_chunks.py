@@ -1,5 +1,9 @@
 """The label flow's chunk loop: prepare the next chunk while earlier ones compute on the task
-runner, write each result as it comes back (this process is the database's one writer)."""
+runner, write each result as it comes back (this process is the database's one writer).
+
+Progress is per feature (flows/label_progress.py). A signal (or any error) on the way out cancels
+the chunks still computing in this process (interrupts.stop_running), so the task runner's
+threads end at once instead of finishing their chunk's calls."""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from typing import Any
 
 from featurescribe.flows import label_core
 from featurescribe.flows.label_core import ChunkResult, PreparedChunk
+from featurescribe.flows.label_progress import LabelProgress
 from featurescribe.flows.label_run import LabelRun, LabelSummary
+from featurescribe.interrupts import stop_running
 
 # cached answers of unfinished earlier runs handed to each Dask chunk at most
 RESUME_CACHE_LIMIT = 20_000
@@ -31,6 +37,7 @@ class ChunkPipeline:
             if self.dask else o
         self.cached = _resume_cache(run) if self.dask else None
         self.pending = iter(())
+        self.progress: LabelProgress | None = None
 
     def label(self, ids: list[int]) -> None:
         from featurescribe.flows.runners import make_task_runner, workers_see_api
@@ -44,9 +51,17 @@ class ChunkPipeline:
             runner = stack.enter_context(make_task_runner(
                 o.task_runner, threads=1, workers=o.workers, address=o.dask_address))
             bar = stack.enter_context(Progress("label", total=len(ids), unit="features", enabled=o.progress))
-            self._drain(runner, bar)
+            self.progress = LabelProgress(bar, self.run.budget, total=len(ids),
+                                          artifact_key=self.run.run_id.lower() if ids else None)
+            try:
+                self._drain(runner)
+            except BaseException:
+                stop_running()  # before the task runner waits for its threads
+                raise
+            finally:
+                self.progress.refresh(force=True)
 
-    def _drain(self, runner, bar) -> None:
+    def _drain(self, runner) -> None:
         in_flight: deque = deque()
         ahead = self._prepare_next()
         while ahead is not None or in_flight:
@@ -54,13 +69,14 @@ class ChunkPipeline:
                 if ahead.examples:
                     in_flight.append((ahead, self._submit(runner, ahead)))
                 else:  # dead or rare features only: nothing to compute
-                    self._write(ChunkResult(ahead.source_id, skipped=list(ahead.skipped)), None)
-                    bar.advance(len(ahead.feature_ids))
+                    self._write(ahead, ChunkResult(ahead.source_id, skipped=list(ahead.skipped)), None)
                 ahead = self._prepare_next()
             if in_flight:
                 prepared, future = in_flight.popleft()
-                self._write(*future.result())
-                bar.advance(len(prepared.feature_ids))
+                while not future.wrapped_future.done():  # the artifact moves while it computes
+                    future.wait(timeout=1.0)
+                    self.progress.refresh()
+                self._write(prepared, *future.result())
 
     def _prepare_next(self) -> PreparedChunk | None:
         for chunk_ids in self.pending:
@@ -82,15 +98,17 @@ class ChunkPipeline:
         return runner.submit(self.task.with_options(task_run_name=name), parameters={
             "prepared": q(prepared), "options": self.chunk_options, "run_id": self.run.run_id,
             "budget": budget, "store": q(self.run.store), "cached": self.cached,
-            "global_limits": self.global_limits})
+            "global_limits": self.global_limits,
+            "progress": None if self.dask else q(self.progress)})
 
-    def _write(self, result: ChunkResult, calls) -> None:
+    def _write(self, prepared: PreparedChunk, result: ChunkResult, calls) -> None:
         if self.run.store is not None:
             self.run.store.flush()  # this chunk's ledger rows before its results
         counts = label_core.write_chunk(self.run.con, result, run_id=self.run.run_id, calls=calls)
         self.summary.add(result, counts)
         if calls is not None:
-            self.run.budget.add(result.spent_usd)
+            self.run.budget.add(result.spent_usd, calls=0)
+        self.progress.chunk_written(prepared.feature_ids, counts.ledger_rows)
 
 
 def _global_limits(options) -> dict | None:

@@ -7,7 +7,7 @@
 
 The options are the fields of `LabelOptions` (flows/label_options.py). It ends with a summary:
 features labelled, skipped (dead or rare, with the reason), failed, the spend, and whether the
-run stopped at the budget.
+run stopped at the budget; the exit status says whether features failed (statuses.ExitStatus).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 from featurescribe.flows import label_options
 from featurescribe.flows.label_run import LabelSummary
-from featurescribe.statuses import FeatureStatus
+from featurescribe.statuses import ExitStatus, FeatureStatus
 from featurescribe.store.connection import DEFAULT_DB
 
 
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         from featurescribe.flows.label_flow import run_label_flow
 
         summary = run_label_flow(args.db, options)  # the Prefect label flow
-    if summary is not None:
-        print_summary(summary, out=sys.stdout)
-    return 0
+    if summary is None:
+        return ExitStatus.OK
+    print_summary(summary, out=sys.stdout)
+    return summary.exit_status  # 3 when some features failed, 1 when none could be labelled

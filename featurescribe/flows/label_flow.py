@@ -31,7 +31,6 @@ Prefect's settings are made by the entry point (`featurescribe`, tests) with
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any
 
@@ -46,8 +45,8 @@ from featurescribe.flows.label_core import ChunkResult, PreparedChunk
 from featurescribe.flows.label_options import LabelOptions, flow_signature
 from featurescribe.flows.label_run import LabelSummary, check_backends, open_label_run, selected_features
 from featurescribe.flows.run_record import recorded_run
+from featurescribe.interrupts import run_cancellable
 from featurescribe.llm.base import BudgetExceeded
-from featurescribe.statuses import RunStatus
 
 
 def _transient(task, task_run, state) -> bool:
@@ -64,9 +63,10 @@ def _transient(task, task_run, state) -> bool:
 @task(name="label-chunk", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_transient)
 def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: str, budget: Any,
-                       store: Any, cached: dict | None, global_limits: dict | None):
+                       store: Any, cached: dict | None, global_limits: dict | None, progress: Any = None):
     """Explain and score one chunk (LLM calls only, no database). Returns (ChunkResult, the
-    MemoryCallStore of its calls when it had no database-backed store)."""
+    MemoryCallStore of its calls when it had no database-backed store). `progress`: the run's
+    LabelProgress, in this process only."""
     from featurescribe.flows.global_limits import chunk_slots
 
     memory = None
@@ -83,9 +83,9 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
         async with label_core.llm_clients(options, store=store, budget=budget, run_id=run_id) as clients:
             async with chunk_slots(clients.distinct(), global_limits):
                 return await label_core.compute_chunk(prepared, options, clients=clients, store=store,
-                                                      budget=budget, run_id=run_id)
+                                                      budget=budget, run_id=run_id, progress=progress)
 
-    result = asyncio.run(main())
+    result = run_cancellable(main())  # a signal cancels its calls (featurescribe/interrupts.py)
     return result, (memory.outgoing() if memory is not None else None)
 
 
@@ -103,8 +103,7 @@ def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
               "dask_address": options.dask_address}
     with recorded_run(db, "label", record) as run:
         summary = _label(db, options, run.run_id)
-        if summary.stopped_at_budget:
-            run.status, run.note = RunStatus.STOPPED, summary.budget_message
+        run.status, run.note = summary.run_status, summary.status_note()
     return summary
 
 

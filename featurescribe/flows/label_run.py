@@ -8,7 +8,6 @@ run's totals read back from the ledger.
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -26,7 +25,8 @@ from featurescribe.flows.label_core import (
 )
 from featurescribe.flows.label_checks import check_steering
 from featurescribe.flows.label_options import LabelOptions
-from featurescribe.statuses import RunStatus
+from featurescribe.interrupts import run_cancellable
+from featurescribe.statuses import ExitStatus, RunStatus
 
 
 @dataclass
@@ -63,6 +63,28 @@ class LabelSummary:
         """Features a run did not start because the budget was spent."""
         self.not_done += feature_ids
         self.stopped_at_budget = True
+
+    @property
+    def run_status(self) -> RunStatus:
+        """`runs.status`: 'failed' when features failed and none was labelled, 'partial' when some
+        failed, 'stopped' at the budget, else 'completed'."""
+        if self.failed:
+            return RunStatus.PARTIAL if self.labelled else RunStatus.FAILED
+        return RunStatus.STOPPED if self.stopped_at_budget else RunStatus.COMPLETED
+
+    @property
+    def exit_status(self) -> ExitStatus:
+        return {RunStatus.FAILED: ExitStatus.ERROR, RunStatus.PARTIAL: ExitStatus.PARTIAL}.get(
+            self.run_status, ExitStatus.OK)
+
+    def status_note(self) -> str | None:
+        """What `runs.error` says beside the status: the counts, and why features failed."""
+        if not self.failed:
+            return self.budget_message
+        first = self.failed[min(self.failed)]
+        note = (f"{len(self.labelled)} labelled, {len(self.failed)} failed, {len(self.skipped)} skipped, "
+                f"{len(self.not_done)} left for later; first failure (feature {min(self.failed)}): {first}")
+        return note + (f"; {self.budget_message}" if self.budget_message else "")
 
 
 def check_backends(options: LabelOptions) -> None:
@@ -136,7 +158,8 @@ def selected_features(con, options: LabelOptions) -> tuple[list[int], int]:
 def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> LabelSummary:
     """A whole label run in this process, without Prefect: prepare/compute/write chunk by chunk.
 
-    Recorded in `runs` (flow 'label'; status 'completed', 'stopped' at the budget, or 'failed').
+    Recorded in `runs` (flow 'label'; status as `LabelSummary.run_status`, 'interrupted' on a
+    signal, 'failed' on an error).
     """
     from featurescribe.flows.run_record import recorded_run
     from featurescribe.store.connection import open_db
@@ -149,30 +172,31 @@ def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> Label
         with recorded_run(con, "label", options.as_dict()) as record, \
                 open_label_run(con, options, record.run_id) as run:
             summary = run.summary(ids, n_selected)
-            asyncio.run(_loop(run, ids, summary, progress))
+            run_cancellable(_loop(run, ids, summary, progress))
             run.finish(summary)
-            if summary.stopped_at_budget:
-                record.status, record.note = RunStatus.STOPPED, summary.budget_message
+            record.status, record.note = summary.run_status, summary.status_note()
         return summary
     finally:
         con.close()
 
 
 async def _loop(run: LabelRun, ids: list[int], summary: LabelSummary, progress: bool) -> None:
+    from featurescribe.flows.label_progress import LabelProgress
     from featurescribe.progress import Progress
 
     async with run.clients() as clients:
         with Progress("label", total=len(ids), unit="features", enabled=progress) as bar:
+            per_feature = LabelProgress(bar, run.budget, total=len(ids))
             for chunk_ids in chunks(ids, run.options.chunk_size):
                 if run.budget.exhausted:
                     summary.leave_for_later(chunk_ids)
                     continue
                 prepared = prepare_chunk(run.con, run.options, chunk_ids)
                 result = await compute_chunk(prepared, run.options, clients=clients, store=run.store,
-                                             budget=run.budget, run_id=run.run_id)
+                                             budget=run.budget, run_id=run.run_id, progress=per_feature)
                 run.store.flush()
                 summary.add(result, write_chunk(run.con, result, run_id=run.run_id))
-                bar.advance(len(chunk_ids))
+                per_feature.chunk_written(prepared.feature_ids)
 
 
 __all__ = ["LabelRun", "LabelSummary", "check_backends", "open_label_run", "run_label",
