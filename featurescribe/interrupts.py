@@ -6,13 +6,16 @@ thread, and first cancels every event loop that `run_cancellable` runs, in any t
 run's LLM calls stop where they are (an attempt in flight is recorded as cancelled), the clients
 close and write their buffered ledger rows, and the thread pools they ran on are free to end.
 
-Prefect swaps in its own SIGTERM handler while a flow runs (it raises `TerminationSignal`); the
-label flow calls `stop_running()` on its way out, so that path cancels the loops too.
+Prefect swaps in its own SIGTERM handler while a flow runs (it raises `TerminationSignal`, which
+DuckDB may turn into an error of its own, and then exits 0 or 1); the label flow's body puts ours
+back (`ours_in_flow()`) and calls `stop_running()` on its way out, whatever the exception.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import os
 import signal
 import sys
 import threading
@@ -87,9 +90,22 @@ def run_cancellable(coro: Coroutine[Any, Any, T]) -> T:
         coro.close()  # never awaited when the stop came first
 
 
+def received() -> int | None:
+    """The signal that arrived, if one did (for code that swallows its exception: prefect.serve)."""
+    return _LOOPS.stopping
+
+
 def stop_running() -> int:
     """Cancel every loop `run_cancellable` runs; returns how many."""
     return _LOOPS.cancel_all(None)
+
+
+def as_interruption(err: BaseException) -> BaseException:
+    """`Interrupted` for an error a signal caused (DuckDB answers a signal during a query with
+    RuntimeError('Query interrupted')), else `err` itself."""
+    if received() is not None and not is_interruption(err):
+        return Interrupted(received())
+    return err
 
 
 def is_interruption(err: BaseException) -> bool:
@@ -100,9 +116,40 @@ def is_interruption(err: BaseException) -> bool:
     return prefect_exceptions is not None and isinstance(err, prefect_exceptions.TerminationSignal)
 
 
+def interruption_note(err: BaseException) -> str:
+    """'stopped by SIGTERM' (or SIGINT) for an `is_interruption` exception."""
+    signum = getattr(err, "signum", None) or getattr(err, "signal", None) or signal.SIGINT
+    return f"stopped by {signal.Signals(signum).name}"
+
+
+def exit_now(status: int) -> None:
+    """End the process after a signal: the atexit handlers run (Prefect stops what it started),
+    the interpreter's teardown does not: its final garbage collection of everything Prefect,
+    pydantic and the SDKs imported takes seconds on a loaded machine, and a scheduler sends
+    SIGKILL soon after SIGTERM. Everything of ours is written and closed before this is called."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(int(status))
+
+
 def _on_signal(signum: int, frame) -> None:
     _LOOPS.cancel_all(signum)
     raise Interrupted(signum)
+
+
+@contextmanager
+def ours_in_flow() -> Iterator[None]:
+    """Inside a flow started under `handling_signals()`: our SIGTERM handler, not Prefect's."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not _on_signal:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

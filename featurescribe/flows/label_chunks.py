@@ -16,7 +16,8 @@ from featurescribe.flows import label_core
 from featurescribe.flows.label_core import ChunkResult, PreparedChunk
 from featurescribe.flows.label_progress import LabelProgress
 from featurescribe.flows.label_run import LabelRun, LabelSummary
-from featurescribe.interrupts import stop_running
+from featurescribe.interrupts import as_interruption, stop_running
+from featurescribe.llm.breaker import BackendBroken
 
 # cached answers of unfinished earlier runs handed to each Dask chunk at most
 RESUME_CACHE_LIMIT = 20_000
@@ -55,11 +56,13 @@ class ChunkPipeline:
                                           artifact_key=self.run.run_id.lower() if ids else None)
             try:
                 self._drain(runner)
-            except BaseException:
+            except BaseException as err:
                 stop_running()  # before the task runner waits for its threads
+                stopped = as_interruption(err)  # DuckDB's 'Query interrupted' is the signal
+                if stopped is not err:
+                    raise stopped from None
                 raise
-            finally:
-                self.progress.refresh(force=True)
+            self.progress.refresh(force=True)
 
     def _drain(self, runner) -> None:
         in_flight: deque = deque()
@@ -106,6 +109,8 @@ class ChunkPipeline:
             self.run.store.flush()  # this chunk's ledger rows before its results
         counts = label_core.write_chunk(self.run.con, result, run_id=self.run.run_id, calls=calls)
         self.summary.add(result, counts)
+        if result.broken:
+            raise BackendBroken(result.broken, "")
         if calls is not None:
             self.run.budget.add(result.spent_usd, calls=0)
         self.progress.chunk_written(prepared.feature_ids, counts.ledger_rows)

@@ -80,4 +80,6 @@ def run(args: argparse.Namespace) -> int:
     if summary is None:
         return ExitStatus.OK
     print_summary(summary, out=sys.stdout)
+    if summary.broken:
+        print(f"featurescribe: error: {summary.broken}", file=sys.stderr)
     return summary.exit_status  # 3 when some features failed, 1 when none could be labelled

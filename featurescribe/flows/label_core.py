@@ -187,6 +187,7 @@ class ChunkResult:
     not_done: list[int] = field(default_factory=list)  # left for a later run (budget)
     stopped_at_budget: bool = False
     spent_usd: float = 0.0
+    broken: str | None = None  # the circuit breaker's line: a backend stopped answering
 
 
 @dataclass

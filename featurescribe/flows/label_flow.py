@@ -45,8 +45,9 @@ from featurescribe.flows.label_core import ChunkResult, PreparedChunk
 from featurescribe.flows.label_options import LabelOptions, flow_signature
 from featurescribe.flows.label_run import LabelSummary, check_backends, open_label_run, selected_features
 from featurescribe.flows.run_record import recorded_run
-from featurescribe.interrupts import run_cancellable
+from featurescribe.interrupts import ours_in_flow, run_cancellable
 from featurescribe.llm.base import BudgetExceeded
+from featurescribe.llm.breaker import BackendBroken
 
 
 def _transient(task, task_run, state) -> bool:
@@ -85,7 +86,10 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
                 return await label_core.compute_chunk(prepared, options, clients=clients, store=store,
                                                       budget=budget, run_id=run_id, progress=progress)
 
-    result = run_cancellable(main())  # a signal cancels its calls (featurescribe/interrupts.py)
+    try:
+        result = run_cancellable(main())  # a signal cancels its calls (featurescribe/interrupts.py)
+    except BackendBroken as err:  # a result, not a task failure: the flow stops with one line
+        result = ChunkResult(prepared.source_id, broken=str(err))
     return result, (memory.outgoing() if memory is not None else None)
 
 
@@ -101,7 +105,7 @@ def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
     record = {**options.as_dict(), "task_runner": options.task_runner,
               "workers": options.workers if options.task_runner == "dask" else None,
               "dask_address": options.dask_address}
-    with recorded_run(db, "label", record) as run:
+    with ours_in_flow(), recorded_run(db, "label", record) as run:
         summary = _label(db, options, run.run_id)
         run.status, run.note = summary.run_status, summary.status_note()
     return summary
@@ -121,7 +125,10 @@ def _label(db: str, options: LabelOptions, run_id: str) -> LabelSummary:
         dask = options.task_runner == "dask"
         with open_label_run(con, options, run_id, call_store=not dask) as run:
             summary = run.summary(ids, n_selected)
-            ChunkPipeline(run, summary, compute_chunk_task).label(ids)
+            try:
+                ChunkPipeline(run, summary, compute_chunk_task).label(ids)
+            except BackendBroken as err:
+                summary.broken = str(err)
             return run.finish(summary)
     finally:
         con.close()

@@ -9,6 +9,7 @@ count as done for this run too.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from featurescribe.progress import Progress
 
 ARTIFACT_EVERY_S = 5.0
+log = logging.getLogger(__name__)
 
 
 class LabelProgress:
@@ -63,8 +65,11 @@ class LabelProgress:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
         pct = 100.0 * self.bar.done / max(1, self.total)
-        if self._artifact_id is None:
-            self._artifact_id = create_progress_artifact(pct, key=self._artifact_key,
-                                                         description=self.description())
-        else:
-            update_progress_artifact(self._artifact_id, pct, description=self.description())
+        try:
+            if self._artifact_id is None:
+                self._artifact_id = create_progress_artifact(pct, key=self._artifact_key,
+                                                             description=self.description())
+            else:
+                update_progress_artifact(self._artifact_id, pct, description=self.description())
+        except Exception as err:  # the UI's view is a courtesy: a run never fails for it
+            log.debug("progress artifact not updated: %s", err)

@@ -49,6 +49,7 @@ class LabelSummary:
     stopped_at_budget: bool = False
     budget_message: str | None = None
     mean_score: float | None = None
+    broken: str | None = None  # the circuit breaker stopped the run (its one line)
 
     def add(self, result: ChunkResult, counts: ChunkCounts) -> None:
         self.labelled += result.labelled
@@ -68,8 +69,10 @@ class LabelSummary:
     def run_status(self) -> RunStatus:
         """`runs.status`: 'failed' when features failed and none was labelled, 'partial' when some
         failed, 'stopped' at the budget, else 'completed'."""
+        if self.broken or (self.failed and not self.labelled):
+            return RunStatus.FAILED
         if self.failed:
-            return RunStatus.PARTIAL if self.labelled else RunStatus.FAILED
+            return RunStatus.PARTIAL
         return RunStatus.STOPPED if self.stopped_at_budget else RunStatus.COMPLETED
 
     @property
@@ -79,6 +82,8 @@ class LabelSummary:
 
     def status_note(self) -> str | None:
         """What `runs.error` says beside the status: the counts, and why features failed."""
+        if self.broken:
+            return self.broken
         if not self.failed:
             return self.budget_message
         first = self.failed[min(self.failed)]

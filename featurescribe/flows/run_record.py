@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from featurescribe.errors import first_error_line
-from featurescribe.interrupts import is_interruption
+from featurescribe.interrupts import interruption_note, is_interruption
 from featurescribe.statuses import RunStatus
 from featurescribe.store import runs as sql
 from featurescribe.store.connection import open_db
@@ -86,9 +86,11 @@ def recorded_run(target: Any, flow: str, params: dict[str, Any]) -> Iterator[Run
     try:
         yield info
     except BaseException as err:
-        status = RunStatus.INTERRUPTED if is_interruption(err) else RunStatus.FAILED
+        stopped = is_interruption(err)
+        status, note = ((RunStatus.INTERRUPTED, interruption_note(err)) if stopped
+                        else (RunStatus.FAILED, first_error_line(err)))
         with _writing(target) as con:
-            sql.finish_run(con, info.run_id, status, first_error_line(err))
+            sql.finish_run(con, info.run_id, status, note)
         raise
     with _writing(target) as con:
         sql.finish_run(con, info.run_id, info.status, info.note)
