@@ -127,3 +127,25 @@ def test_sigterm_stops_serve(tmp_path, fake_llm, prefect_server):
     rc, took, _ = _stop(proc, signal.SIGTERM)
     assert rc == ExitStatus.TERMINATED, "".join(lines) + proc.stdout.read()
     assert took <= STOP_WITHIN_S, f"{took:.1f} s from the signal to the exit"
+
+
+def test_sigterm_stops_harvest_and_a_rerun_finishes(tmp_path):
+    from tests.test_harvest import TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 400)
+    db = str(tmp_path / "harvest.duckdb")
+    cmd = [sys.executable, "-m", "featurescribe", "harvest", "--db", db, "--model", "smollm2-135m",
+           "--layer", "2", "--corpus", str(corpus), "--ctx", "32", "--batch-size", "2", "--device", "cpu",
+           "--max-tokens", "30000"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    _wait_for(proc, lambda: lines.append(proc.stdout.readline()) or lines[-1].startswith("harvest:"), 300)
+    rc, took, _ = _stop(proc, signal.SIGTERM)
+    assert rc == ExitStatus.TERMINATED, "".join(lines) + proc.stdout.read()
+    assert took <= STOP_WITHIN_S, f"{took:.1f} s from the signal to the exit"
+    again = subprocess.run(cmd + ["--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == ExitStatus.OK, again.stdout + again.stderr
+    assert again.stdout.strip().splitlines()[-1] == "source_id: 2-mlp"

@@ -24,14 +24,17 @@ RESUME_CACHE_LIMIT = 20_000
 
 
 class ChunkPipeline:
-    """One flow run's chunks. With Dask, several are in flight (one per worker), each worker
-    with its share of `--concurrency` and of what is left of the budget."""
+    """One flow run's chunks. With threads, one computes and the next is queued behind it. With
+    Dask, several are in flight (one per worker), each worker with its share of `--concurrency`
+    and of what is left of the budget."""
 
     def __init__(self, run: LabelRun, summary: LabelSummary, task: Any):
         o = run.options
         self.run, self.summary, self.task = run, summary, task
         self.dask = o.task_runner == "dask"
-        self.in_flight_max = max(1, o.workers) if self.dask else 1
+        # threads: the next chunk waits in the runner's one thread, so it starts computing the
+        # moment the previous one ends, while this thread writes that one (and embeds its labels)
+        self.in_flight_max = max(1, o.workers) if self.dask else 2
         self.global_limits = _global_limits(o)
         # each worker's share (of this run's share of the global limit, with a server)
         self.chunk_options = dataclasses.replace(o, concurrency=max(1, o.concurrency // self.in_flight_max)) \
@@ -39,6 +42,7 @@ class ChunkPipeline:
         self.cached = _resume_cache(run) if self.dask else None
         self.pending = iter(())
         self.progress: LabelProgress | None = None
+        self.in_flight: deque = deque()  # (PreparedChunk, future), oldest first
 
     def label(self, ids: list[int]) -> None:
         from featurescribe.flows.runners import make_task_runner, workers_see_api
@@ -57,6 +61,8 @@ class ChunkPipeline:
             try:
                 self._drain(runner)
             except BaseException as err:
+                for _, queued in self.in_flight:  # not started: never start
+                    queued.wrapped_future.cancel()
                 stop_running()  # before the task runner waits for its threads
                 stopped = as_interruption(err)  # DuckDB's 'Query interrupted' is the signal
                 if stopped is not err:
@@ -65,7 +71,7 @@ class ChunkPipeline:
             self.progress.refresh(force=True)
 
     def _drain(self, runner) -> None:
-        in_flight: deque = deque()
+        in_flight = self.in_flight
         ahead = self._prepare_next()
         while ahead is not None or in_flight:
             while ahead is not None and len(in_flight) < self.in_flight_max:
