@@ -10,7 +10,9 @@ what is measured here: the pipeline around it is).
 
 - `label_scale_efficiency`: features per minute over the span of the run's LLM calls (from the
   first to the last ledger row: Prefect's start is left out), divided by the ideal
-  `concurrency / latency / calls per feature` (calls per feature read from the ledger).
+  `concurrency / latency / calls per feature` (calls per feature read from the ledger). With `--no-embed` the labels are
+  not embedded as each chunk is written (FEATURESCRIBE_EMBED=0): the local MiniLM's CPU time is
+  then not in the label process.
 - `label_memory_growth`: the label process's peak RSS at the large size / at the small size.
 - `label_resume_repeated_calls`: SIGTERM once about half the features are done, run the same
   command again: paid calls of the second run whose prompt the first run had already paid for.
@@ -40,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.llm_throughput import ServerProcess  # noqa: E402
+from benchmarks.sampling import build_sequences  # noqa: E402
 
 SOURCE = "0-scale"
 WINDOWS = "explain.top=4,explain.quantile=0,valid.top=0,valid.random=0,test.top=1,test.random=1"
@@ -52,13 +55,7 @@ def build(db: str, n_features: int, rows_per_feature: int, n_seqs: int) -> None:
 
     con = open_db(db)
     try:
-        con.execute("INSERT INTO sources (source_id, model_id, hook_name, layer, kind, width) "
-                    "VALUES (?, 'synthetic', 'blocks.0.hook', 0, 'sae', ?)", [SOURCE, n_features])
-        con.execute(f"""
-            INSERT INTO sequences (seq_id, token_ids, tokens)
-            SELECT s, [(hash(s, p) % 5000)::INTEGER FOR p IN range({CTX})],
-                   [' t' || (hash(s, p) % 5000)::VARCHAR FOR p IN range({CTX})]
-            FROM range({n_seqs}) t(s)""")
+        build_sequences(con, SOURCE, n_features, n_seqs, CTX, vocab=5000)
         con.execute(f"""
             INSERT INTO activations (source_id, feature_id, seq_id, pos, act)
             SELECT DISTINCT ON (f, s, p) '{SOURCE}', f::INTEGER, s, p, a FROM (
@@ -79,6 +76,7 @@ class LabelProcess:
 
     rc: int | None = None
     peak_rss_mb: float = 0.0
+    cpu_s: float = 0.0  # user + system CPU of the label process
     done: int = 0
     seconds: float = 0.0
 
@@ -102,6 +100,8 @@ def run_label(db: str, base_url: str, concurrency: int, stop_at: int | None = No
     while proc.poll() is None:
         try:
             out.peak_rss_mb = max(out.peak_rss_mb, ps.memory_info().rss / 2**20)
+            times = ps.cpu_times()
+            out.cpu_s = times.user + times.system
         except psutil.Error:
             pass
         time.sleep(0.2)
@@ -164,7 +164,10 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rows", type=int, default=40, help="activation rows per feature")
     ap.add_argument("--seqs", type=int, default=4000)
+    ap.add_argument("--no-embed", action="store_true", help="FEATURESCRIBE_EMBED=0 for the label runs")
     args = ap.parse_args()
+    if args.no_embed:
+        os.environ["FEATURESCRIBE_EMBED"] = "0"
     small, large = (int(x) for x in (args.sizes or ("2000,8000" if args.quick else "10000,100000")).split(","))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(args.latency) as base_url:
@@ -177,16 +180,20 @@ def main() -> int:
             peaks[n] = proc.peak_rss_mb
             print(f"{n:,} features: rc {proc.rc}, {fig['labelled']:,} labelled, {fig['calls']:,} paid calls "
                   f"({per_feature:.2f}/feature) over {fig['span_s']:.1f} s of calls, {proc.seconds:.1f} s "
-                  f"in all; ideal {ideal:,.0f}/min; efficiency {rates[n]:.3f}; peak RSS {proc.peak_rss_mb:,.0f} MB",
+                  f"in all, {proc.cpu_s:.1f} s CPU; ideal {ideal:,.0f}/min; efficiency {rates[n]:.3f}; "
+                  f"peak RSS {proc.peak_rss_mb:,.0f} MB",
                   flush=True)
         first, fig, runs = measure(small, args, base_url, tmp, kill=True)
         print(f"kill and resume at {small:,} features: first run rc {first.rc} with {fig['first_labelled']:,} "
               f"labelled, then rc {runs[1].rc}; runs {fig['statuses']}; {fig['labelled']:,} labelled in all",
               flush=True)
-    print(f"concurrency {args.concurrency}, latency {args.latency:g} s, windows {WINDOWS}")
-    print(f"label_resume_repeated_calls: {fig['repeated']}")
-    print(f"label_memory_growth: {peaks[large] / peaks[small]:.3f}")
-    print(f"label_scale_efficiency: {rates[large]:.3f}")
+    figures = {"label_resume_repeated_calls": str(fig["repeated"]),
+               "label_memory_growth": f"{peaks[large] / peaks[small]:.3f}",
+               "label_scale_efficiency": f"{rates[large]:.3f}"}  # the headline last
+    print(f"concurrency {args.concurrency}, latency {args.latency:g} s, windows {WINDOWS}, "
+          f"labels embedded: {'no' if args.no_embed else 'yes'}")
+    for name, value in figures.items():
+        print(f"{name}: {value}")
     return 0
 
 

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["harvest", "sae_encode", "sampling", "llm_throughput", "flow_overhead", "label_scale", "simulation", "quality",
-           "cost",
-           "steer", "search"]
+BENCHES = ["harvest", "sae_encode", "sampling", "llm_throughput", "flow_overhead", "label_scale", "simulation",
+           "quality", "cost", "steer", "search"]
 START, END = "<!-- bench:auto -->", "<!-- /bench:auto -->"
 
 

@@ -136,8 +136,8 @@ def test_sigterm_stops_harvest_and_a_rerun_finishes(tmp_path):
     corpus.write_text(TEXT * 400)
     db = str(tmp_path / "harvest.duckdb")
     cmd = [sys.executable, "-m", "featurescribe", "harvest", "--db", db, "--model", "smollm2-135m",
-           "--layer", "2", "--corpus", str(corpus), "--ctx", "32", "--batch-size", "2", "--device", "cpu",
-           "--max-tokens", "30000"]
+           "--layer", "2", "--corpus", str(corpus), "--ctx", "32", "--batch-size", "1", "--device", "cpu",
+           "--max-tokens", "16000"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
