@@ -128,8 +128,8 @@ def ledger_figures(db: str) -> dict:
     try:
         runs = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY started_at").fetchall()]
         paid = "status IN ('ok', 'parse_error')"
-        span = con.execute(f"""SELECT count(*), epoch(max(created_at) - min(created_at)) FROM llm_calls
-                               WHERE run_id = ? AND {paid}""", [runs[0]]).fetchone()
+        span = con.execute(f"""SELECT count(*), epoch(max(created_at) - min(created_at)), avg(latency_s)
+                               FROM llm_calls WHERE run_id = ? AND {paid}""", [runs[0]]).fetchone()
         labelled = con.execute("SELECT count(*) FROM labels WHERE source_id = ?", [SOURCE]).fetchone()[0]
         repeated = con.execute(f"""SELECT count(*) FROM llm_calls b WHERE b.run_id <> ? AND b.{paid}
                                    AND b.prompt_hash IN (SELECT prompt_hash FROM llm_calls
@@ -140,7 +140,8 @@ def ledger_figures(db: str) -> dict:
         statuses = [r[0] for r in con.execute("SELECT status FROM runs ORDER BY started_at").fetchall()]
     finally:
         con.close()
-    return {"calls": span[0], "span_s": float(span[1] or 0.0), "labelled": labelled, "repeated": repeated,
+    return {"calls": span[0], "span_s": float(span[1] or 0.0), "latency_s": float(span[2] or 0.0),
+            "labelled": labelled, "repeated": repeated,
             "first_labelled": first_labelled, "statuses": statuses}
 
 
@@ -180,7 +181,9 @@ def main() -> int:
             peaks[n] = proc.peak_rss_mb
             print(f"{n:,} features: rc {proc.rc}, {fig['labelled']:,} labelled, {fig['calls']:,} paid calls "
                   f"({per_feature:.2f}/feature) over {fig['span_s']:.1f} s of calls, {proc.seconds:.1f} s "
-                  f"in all, {proc.cpu_s:.1f} s CPU; ideal {ideal:,.0f}/min; efficiency {rates[n]:.3f}; "
+                  f"in all, {proc.cpu_s:.1f} s CPU; mean call {fig['latency_s']:.3f} s (so at most "
+                  f"{args.latency / max(fig['latency_s'], 1e-9):.2f} of the ideal); ideal {ideal:,.0f}/min; "
+                  f"efficiency {rates[n]:.3f}; "
                   f"peak RSS {proc.peak_rss_mb:,.0f} MB",
                   flush=True)
         first, fig, runs = measure(small, args, base_url, tmp, kill=True)
