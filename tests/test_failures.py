@@ -19,6 +19,8 @@ from tests.test_sampling import SOURCE
 
 LIMIT = 6
 
+pytestmark = pytest.mark.usefixtures("no_global_limits")
+
 
 def _cli(db, *extra):
     return main(["label", "--db", db, "--source", SOURCE, "--no-progress", *extra])

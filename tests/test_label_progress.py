@@ -6,12 +6,16 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from featurescribe.cli import main
 from featurescribe.flows.label_progress import LabelProgress
 from featurescribe.llm.budget import Budget
 from featurescribe.progress import Progress
 from tests.dbq import q
 from tests.test_sampling import SOURCE
+
+pytestmark = pytest.mark.usefixtures("no_global_limits")
 
 
 def test_features_count_as_they_finish_and_chunks_top_up():
