@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["harvest", "sae_encode", "sampling", "llm_throughput", "flow_overhead", "simulation", "quality", "cost",
-           "steer", "search", "concurrency"]
+BENCHES = ["harvest", "sae_encode", "sampling", "llm_throughput", "flow_overhead", "label_scale", "simulation",
+           "quality", "cost", "steer", "search", "concurrency"]
 START, END = "<!-- bench:auto -->", "<!-- /bench:auto -->"
 
 

@@ -27,15 +27,20 @@ from featurescribe.store import open_db  # noqa: E402
 from featurescribe.store.sampling import SamplingConfig, load_examples, sample_examples  # noqa: E402
 
 
-def build(con, n_features: int, n_rows: int, n_seqs: int, ctx: int) -> None:
+def build_sequences(con, source_id: str, n_features: int, n_seqs: int, ctx: int, vocab: int = 50000) -> None:
+    """The `sources` row and `n_seqs` sequences of `ctx` pseudo-random tokens."""
     con.execute(
         "INSERT INTO sources (source_id, model_id, hook_name, layer, kind, width) "
-        "VALUES ('0-bench', 'synthetic', 'blocks.0.hook', 0, 'sae', ?)", [n_features])
+        "VALUES (?, 'synthetic', 'blocks.0.hook', 0, 'sae', ?)", [source_id, n_features])
     con.execute(f"""
         INSERT INTO sequences (seq_id, token_ids, tokens)
-        SELECT s, [(hash(s, p) % 50000)::INTEGER FOR p IN range({ctx})],
-               [' t' || (hash(s, p) % 50000)::VARCHAR FOR p IN range({ctx})]
+        SELECT s, [(hash(s, p) % {vocab})::INTEGER FOR p IN range({ctx})],
+               [' t' || (hash(s, p) % {vocab})::VARCHAR FOR p IN range({ctx})]
         FROM range({n_seqs}) t(s)""")
+
+
+def build(con, n_features: int, n_rows: int, n_seqs: int, ctx: int) -> None:
+    build_sequences(con, "0-bench", n_features, n_seqs, ctx)
     # feature f gets a share of the rows proportional to 1 / (1 + f % 97): skewed densities;
     # every 64th feature is dead
     con.execute(f"""

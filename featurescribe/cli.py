@@ -7,11 +7,14 @@ lists them, and `main` turns user errors into one line on stderr and a non-zero 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from featurescribe.errors import FeaturescribeError
+from featurescribe.interrupts import as_interruption, exit_now, handling_signals
+from featurescribe.statuses import ExitStatus
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(signum: int, as_program: bool) -> int:
+    status = ExitStatus.TERMINATED if signum == signal.SIGTERM else ExitStatus.INTERRUPTED
+    print(f"featurescribe: interrupted ({signal.Signals(signum).name}); what finished is kept, run the "
+          "same command again to go on", file=sys.stderr)
+    if as_program:  # the process itself (not a caller's `main([...])`): end it now
+        exit_now(status)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     from featurescribe.flows.prefect_env import configure_prefect
 
@@ -89,18 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
-        return 2
+        return ExitStatus.USAGE
     try:
         _export_lock_timeout(args.lock_timeout)
-        return int(args._run(args) or 0)
-    except FeaturescribeError as err:
-        print(f"featurescribe: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("featurescribe: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+        with handling_signals():
+            return int(args._run(args) or 0)
+    except BaseException as err:
+        err = as_interruption(err)  # whatever a signal broke on its way in is the signal
+        if isinstance(err, KeyboardInterrupt):
+            return _interrupted(getattr(err, "signum", signal.SIGINT), as_program=argv is None)
+        if isinstance(err, FeaturescribeError):
+            print(f"featurescribe: error: {err}", file=sys.stderr)
+            return err.exit_code
+        if isinstance(err, BrokenPipeError):
+            return ExitStatus.OK
+        raise
 
 
 def _export_lock_timeout(text: str | None) -> None:

@@ -10,7 +10,7 @@ the kind it expects (`except featurescribe.UnknownSource`); the lookup errors ar
 class FeaturescribeError(Exception):
     """An error with a message meant for the user: one line, no traceback."""
 
-    exit_code = 2
+    exit_code = 2  # statuses.ExitStatus.USAGE
 
 
 def first_error_line(err: BaseException) -> str:

@@ -4,7 +4,18 @@ is the plain string in SQL, JSON and Arrow ('completed', 'ok', ...); the schema'
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
+
+
+class ExitStatus(IntEnum):
+    """The exit status of `featurescribe` (README, "Exit status")."""
+
+    OK = 0
+    ERROR = 1  # a backend that cannot answer (circuit breaker), a run that labelled nothing
+    USAGE = 2  # bad input: one line on stderr, nothing written
+    PARTIAL = 3  # the run finished, but some features failed (`runs.status` 'partial')
+    INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2
+    TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 class RunStatus(StrEnum):
@@ -12,11 +23,12 @@ class RunStatus(StrEnum):
 
     RUNNING = "running"
     COMPLETED = "completed"
+    PARTIAL = "partial"  # finished, some features failed (counts in `error`)
     STOPPED = "stopped"  # at the budget
     WAITING = "waiting"  # label --batch returned with batches still running
     FAILED = "failed"
-    CANCELLED = "cancelled"  # Ctrl-C
-    INTERRUPTED = "interrupted"  # the process was gone before it could record its end
+    CANCELLED = "cancelled"  # Ctrl-C, before SIGINT and SIGTERM were recorded as 'interrupted'
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM, or the process was gone before it could record its end
 
 
 class CallStatus(StrEnum):

@@ -66,6 +66,13 @@ def labdb(db_path):
 
 
 @pytest.fixture
+def no_global_limits(monkeypatch):
+    """In-process LLM limits only: a Prefect global limit a test's flow made would outlive the
+    test on the session's server (test_flows checks how they are made)."""
+    monkeypatch.setenv("FEATURESCRIBE_PREFECT_LIMITS", "off")
+
+
+@pytest.fixture
 def fake_llm(monkeypatch):
     """A real HTTP server on 127.0.0.1 speaking the OpenAI and Anthropic APIs (tests/fake_llm.py).
 

@@ -56,6 +56,9 @@ server refuses: `response_format` of type `json_schema`, with HTTP 500 and the m
 `server.html_status = 200` (or 404) answers every request with an HTML page instead: a base URL
 that is a web site, not an API.
 
+`server.api_key = "k"`: a chat request with another key gets 401 (a wrong key);
+`server.models = {"m"}`: a chat request for another model gets 404 `model_not_found`.
+
 `server.latency_s` is added to every answer (the throughput benchmark uses it);
 `server.max_in_flight` is the largest number of requests the server held at once.
 """
@@ -250,6 +253,8 @@ class FakeLLMServer:
         self.latency_s = float(latency_s)
         self.refuse: dict[str, tuple[int, str]] = dict(DIALECTS[dialect])
         self.html_status: int | None = None  # set: every request gets an HTML page with this status
+        self.api_key: str | None = None  # set: requests with another key get 401
+        self.models: set[str] | None = None  # set: requests for another model get 404
         self.responder: Responder = responder or default_responder
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
@@ -338,6 +343,15 @@ class FakeLLMServer:
         if rf and f"response_format.{rf.get('type')}" in self.refuse:
             return self.refuse[f"response_format.{rf.get('type')}"]
         return next((self.refuse[k] for k in rec.body if k in self.refuse), None)
+
+    def unknown_key_or_model(self, rec: RecordedRequest) -> tuple[int, str] | None:
+        """401 for a key that is not `api_key`, 404 for a model not in `models`."""
+        key = rec.headers.get("x-api-key") or rec.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.api_key is not None and key != self.api_key:
+            return 401, "Incorrect API key provided"
+        if self.models is not None and rec.model not in self.models:
+            return 404, f"The model `{rec.model}` does not exist or you do not have access to it."
+        return None
 
     def _take_fault(self, api: str) -> Fault | None:
         with self._lock:
@@ -626,7 +640,7 @@ def _make_handler(server: FakeLLMServer):
                     return
                 _parse_openai(rec)
 
-            refused = server.refusal(rec)
+            refused = server.refusal(rec) or server.unknown_key_or_model(rec)
             if refused is not None:
                 rec.status, message = refused
                 rec.response = _openai_error(rec.status, message, "invalid_request_error")

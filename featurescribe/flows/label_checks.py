@@ -31,6 +31,7 @@ def check_options(o: "LabelOptions") -> None:
                             (o.timeout is not None and o.timeout <= 0, "--timeout must be more than 0"),
                             (o.logit_lens < 0, "--logit-lens must be 0 or more tokens"),
                             (o.chunk_size < 1, "--chunk-size must be at least 1"),
+                            (o.max_failures < 1, "--max-failures must be at least 1"),
                             (o.budget_usd is not None and o.budget_usd < 0, "--budget-usd must be 0 or more")):
         if failed:
             raise BadOption(message)

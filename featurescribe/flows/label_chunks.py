@@ -1,6 +1,10 @@
 """The label flow's chunk loop: prepare the next chunk while earlier ones compute on the task
 runner, write each result as it comes back (this process is the run's one writer; it opens the
-database for each chunk's sampling and each chunk's results, and closes it in between)."""
+database for each chunk's sampling and each chunk's results, and closes it in between).
+
+Progress is per feature (flows/label_progress.py). A signal (or any error) on the way out cancels
+the chunks still computing in this process (interrupts.stop_running), so the task runner's
+threads end at once instead of finishing their chunk's calls."""
 
 from __future__ import annotations
 
@@ -11,27 +15,35 @@ from typing import Any
 
 from featurescribe.flows import label_core
 from featurescribe.flows.label_core import ChunkResult, PreparedChunk
+from featurescribe.flows.label_progress import LabelProgress
 from featurescribe.flows.label_run import LabelRun, LabelSummary
+from featurescribe.interrupts import as_interruption, stop_running
+from featurescribe.llm.breaker import BackendBroken
 
 # cached answers of unfinished earlier runs handed to each Dask chunk at most
 RESUME_CACHE_LIMIT = 20_000
 
 
 class ChunkPipeline:
-    """One flow run's chunks. With Dask, several are in flight (one per worker), each worker
-    with its share of `--concurrency` and of what is left of the budget."""
+    """One flow run's chunks. With threads, one computes and the next is queued behind it. With
+    Dask, several are in flight (one per worker), each worker with its share of `--concurrency`
+    and of what is left of the budget."""
 
     def __init__(self, run: LabelRun, summary: LabelSummary, task: Any):
         o = run.options
         self.run, self.summary, self.task = run, summary, task
         self.dask = o.task_runner == "dask"
-        self.in_flight_max = max(1, o.workers) if self.dask else 1
+        # threads: the next chunk waits in the runner's one thread, so it starts computing the
+        # moment the previous one ends, while this thread writes that one (and embeds its labels)
+        self.in_flight_max = max(1, o.workers) if self.dask else 2
         self.global_limits = _global_limits(o)
         # each worker's share (of this run's share of the global limit, with a server)
         self.chunk_options = dataclasses.replace(o, concurrency=max(1, o.concurrency // self.in_flight_max)) \
             if self.dask else o
         self.cached = _resume_cache(run) if self.dask else None
         self.pending = iter(())
+        self.progress: LabelProgress | None = None
+        self.in_flight: deque = deque()  # (PreparedChunk, future), oldest first
 
     def label(self, ids: list[int]) -> None:
         from featurescribe.flows.runners import make_task_runner, workers_see_api
@@ -45,23 +57,36 @@ class ChunkPipeline:
             runner = stack.enter_context(make_task_runner(
                 o.task_runner, threads=1, workers=o.workers, address=o.dask_address))
             bar = stack.enter_context(Progress("label", total=len(ids), unit="features", enabled=o.progress))
-            self._drain(runner, bar)
+            self.progress = LabelProgress(bar, self.run.budget, total=len(ids),
+                                          artifact_key=self.run.run_id.lower() if ids else None)
+            try:
+                self._drain(runner)
+            except BaseException as err:
+                for _, queued in self.in_flight:  # not started: never start
+                    queued.wrapped_future.cancel()
+                stop_running()  # before the task runner waits for its threads
+                stopped = as_interruption(err)  # DuckDB's 'Query interrupted' is the signal
+                if stopped is not err:
+                    raise stopped from None
+                raise
+            self.progress.refresh(force=True)
 
-    def _drain(self, runner, bar) -> None:
-        in_flight: deque = deque()
+    def _drain(self, runner) -> None:
+        in_flight = self.in_flight
         ahead = self._prepare_next()
         while ahead is not None or in_flight:
             while ahead is not None and len(in_flight) < self.in_flight_max:
                 if ahead.examples:
                     in_flight.append((ahead, self._submit(runner, ahead)))
                 else:  # dead or rare features only: nothing to compute
-                    self._write(ChunkResult(ahead.source_id, skipped=list(ahead.skipped)), None)
-                    bar.advance(len(ahead.feature_ids))
+                    self._write(ahead, ChunkResult(ahead.source_id, skipped=list(ahead.skipped)), None)
                 ahead = self._prepare_next()
             if in_flight:
                 prepared, future = in_flight.popleft()
-                self._write(*future.result())
-                bar.advance(len(prepared.feature_ids))
+                while not future.wrapped_future.done():  # the artifact moves while it computes
+                    future.wait(timeout=1.0)
+                    self.progress.refresh()
+                self._write(prepared, *future.result())
 
     def _prepare_next(self) -> PreparedChunk | None:
         for chunk_ids in self.pending:
@@ -83,13 +108,17 @@ class ChunkPipeline:
         return runner.submit(self.task.with_options(task_run_name=name), parameters={
             "prepared": q(prepared), "options": self.chunk_options, "run_id": self.run.run_id,
             "budget": budget, "store": q(self.run.store), "cached": self.cached,
-            "global_limits": self.global_limits})
+            "global_limits": self.global_limits,
+            "progress": None if self.dask else q(self.progress)})
 
-    def _write(self, result: ChunkResult, calls) -> None:
+    def _write(self, prepared: PreparedChunk, result: ChunkResult, calls) -> None:
         counts = self.run.write(result, calls)  # after this chunk's ledger rows
         self.summary.add(result, counts)
+        if result.broken:
+            raise BackendBroken(result.broken, "")
         if calls is not None:
-            self.run.budget.add(result.spent_usd)
+            self.run.budget.add(result.spent_usd, calls=0)
+        self.progress.chunk_written(prepared.feature_ids, counts.ledger_rows)
 
 
 def _global_limits(options) -> dict | None:

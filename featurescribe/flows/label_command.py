@@ -7,7 +7,7 @@
 
 The options are the fields of `LabelOptions` (flows/label_options.py). It ends with a summary:
 features labelled, skipped (dead or rare, with the reason), failed, the spend, and whether the
-run stopped at the budget.
+run stopped at the budget; the exit status says whether features failed (statuses.ExitStatus).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 from featurescribe.flows import label_options
 from featurescribe.flows.label_run import LabelSummary
-from featurescribe.statuses import FeatureStatus
+from featurescribe.statuses import ExitStatus, FeatureStatus
 from featurescribe.store.connection import DEFAULT_DB
 
 
@@ -81,6 +81,9 @@ def run_label(db: str, options: label_options.LabelOptions) -> LabelSummary | No
 
 def run(args: argparse.Namespace) -> int:
     summary = run_label(args.db, label_options.from_args(args))
-    if summary is not None:
-        print_summary(summary, out=sys.stdout)
-    return 0
+    if summary is None:
+        return ExitStatus.OK
+    print_summary(summary, out=sys.stdout)
+    if summary.broken:
+        print(f"featurescribe: error: {summary.broken}", file=sys.stderr)
+    return summary.exit_status  # 3 when some features failed, 1 when none could be labelled

@@ -187,6 +187,7 @@ class ChunkResult:
     not_done: list[int] = field(default_factory=list)  # left for a later run (budget)
     stopped_at_budget: bool = False
     spent_usd: float = 0.0
+    broken: str | None = None  # the circuit breaker's line: a backend stopped answering
 
 
 @dataclass
@@ -212,7 +213,8 @@ def make_clients(options: LabelOptions, *, store=None, budget=None, run_id: str 
     def make(spec: str):
         return make_client(spec, store=store, run_id=run_id, budget=budget,
                            use_cache=options.use_cache, concurrency=options.concurrency,
-                           structured=options.structured, timeout_s=options.timeout)
+                           structured=options.structured, timeout_s=options.timeout,
+                           max_failures=options.max_failures)
 
     clients = LLMClients(make(options.explainer) if is_llm_explainer(options.explainer) else None)
     if is_llm_spec(options.simulator):
@@ -252,6 +254,7 @@ class _Chunk:
     run_id: str | None
     result: ChunkResult
     steering: Any = None  # the intervention scorer's scorers.intervention.FeatureSteering
+    progress: Any = None  # flows.label_progress.LabelProgress: told as each feature is done
     by_key: dict[tuple[str, int], FeatureExamples] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -260,15 +263,20 @@ class _Chunk:
     def examples_of(self, e: Explanation) -> FeatureExamples:
         return self.by_key[(e.source_id, e.feature_id)]
 
+    def feature_done(self) -> None:
+        if self.progress is not None:
+            self.progress.feature_done(self.prepared.feature_ids[0])
+
 
 async def compute_chunk(prepared: PreparedChunk, options: LabelOptions, clients: LLMClients | None = None,
-                        *, store=None, budget=None, run_id: str | None = None) -> ChunkResult:
+                        *, store=None, budget=None, run_id: str | None = None, progress=None) -> ChunkResult:
     """Explain and score every feature of the chunk, all at once under the clients' concurrency.
 
     `clients` record to their CallStore (ledger rows, response cache) and are the caller's to
     close; without them, clients recording to `store` are made for this chunk and closed.
     `budget` is the run's `llm.budget.Budget` (or a number of USD; None: no limit). `store` also
-    gets the ledger rows of the intervention scorer's forward passes.
+    gets the ledger rows of the intervention scorer's forward passes. `progress` (a LabelProgress)
+    hears of each feature as it is done.
     """
     from featurescribe.scorers import make_simulator
 
@@ -276,13 +284,13 @@ async def compute_chunk(prepared: PreparedChunk, options: LabelOptions, clients:
     if clients is None:
         async with llm_clients(options, store=store, budget=budget, run_id=run_id) as own:
             return await compute_chunk(prepared, options, clients=own, store=store, budget=budget,
-                                       run_id=run_id)
+                                       run_id=run_id, progress=progress)
     spent_before = clients.spent_usd()
     explainer = make_explainer(options.explainer, client=clients.explainer, method=options.method_name,
                                max_windows=options.explain_windows)
     chunk = _Chunk(prepared, options, explainer, make_simulator(options.simulator, client=clients.simulator),
                    clients.simulator, run_id, ChunkResult(prepared.source_id, skipped=list(prepared.skipped)),
-                   steering=_steering(prepared, options, store, run_id))
+                   steering=_steering(prepared, options, store, run_id), progress=progress)
     per_feature = await explain_features(chunk)
     chosen = await choose_candidates(chunk, per_feature)
     await score_chosen(chunk, chosen)
@@ -342,6 +350,7 @@ async def choose_candidates(chunk: _Chunk, per_feature: dict[int, list[Explanati
         if not ok:
             errs = sorted({r.error for r in rows if r.error})
             chunk.result.failed[f] = "explanation failed: " + ("; ".join(errs) or "no answer")
+            chunk.feature_done()
         elif len(ok) == 1:
             chosen[f] = ok[0]
         else:
@@ -373,7 +382,7 @@ async def score_chosen(chunk: _Chunk, chosen: dict[int, ExplanationRow]) -> None
     by one feature."""
     rows = [chosen[f] for f in sorted(chosen)]
     scores, errors, stopped = await score_rows(chunk, rows, chunk.options.scorer_names, "test",
-                                               rotate_others(rows))
+                                               rotate_others(rows), on_scored=chunk.feature_done)
     result = chunk.result
     result.scores.extend(scores)
     result.stopped_at_budget |= stopped
@@ -388,9 +397,9 @@ async def score_chosen(chunk: _Chunk, chosen: dict[int, ExplanationRow]) -> None
 
 
 async def score_rows(chunk: _Chunk, rows: Sequence[ExplanationRow], scorers: Sequence[str], split: str,
-                     others: dict[str, str]) -> tuple[list[ScoreResult], list[str], bool]:
+                     others: dict[str, str], on_scored=None) -> tuple[list[ScoreResult], list[str], bool]:
     """Score each explanation on its own (so a budget stop keeps what finished): (scores, errors
-    of the failed ones, whether the budget stopped any)."""
+    of the failed ones, whether the budget stopped any). `on_scored()` after each one that ends."""
     from featurescribe.scorers import score_explanations
 
     scores: list[ScoreResult] = []
@@ -410,6 +419,8 @@ async def score_rows(chunk: _Chunk, rows: Sequence[ExplanationRow], scorers: Seq
             return
         scores.extend(outcome.results)
         errors.extend(f"{f.scorer}: {f.error}" for f in outcome.failures)
+        if on_scored is not None:
+            on_scored()
 
     await asyncio.gather(*(one(r) for r in rows))
     return scores, errors, stopped

@@ -32,7 +32,6 @@ Prefect's settings are made by the entry point (`featurescribe`, tests) with
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any
 
@@ -48,8 +47,9 @@ from featurescribe.flows.label_options import LabelOptions, flow_signature
 from featurescribe.flows.label_run import LabelSummary, check_backends, open_label_run, run_database, \
     selected_features
 from featurescribe.flows.run_record import recorded_run
+from featurescribe.interrupts import ours_in_flow, run_cancellable
 from featurescribe.llm.base import BudgetExceeded
-from featurescribe.statuses import RunStatus
+from featurescribe.llm.breaker import BackendBroken
 
 
 def _transient(task, task_run, state) -> bool:
@@ -66,9 +66,10 @@ def _transient(task, task_run, state) -> bool:
 @task(name="label-chunk", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_transient)
 def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: str, budget: Any,
-                       store: Any, cached: dict | None, global_limits: dict | None):
+                       store: Any, cached: dict | None, global_limits: dict | None, progress: Any = None):
     """Explain and score one chunk (LLM calls only, no database). Returns (ChunkResult, the
-    MemoryCallStore of its calls when it had no database-backed store)."""
+    MemoryCallStore of its calls when it had no database-backed store). `progress`: the run's
+    LabelProgress, in this process only."""
     from featurescribe.flows.global_limits import chunk_slots
 
     memory = None
@@ -85,9 +86,12 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
         async with label_core.llm_clients(options, store=store, budget=budget, run_id=run_id) as clients:
             async with chunk_slots(clients.distinct(), global_limits):
                 return await label_core.compute_chunk(prepared, options, clients=clients, store=store,
-                                                      budget=budget, run_id=run_id)
+                                                      budget=budget, run_id=run_id, progress=progress)
 
-    result = asyncio.run(main())
+    try:
+        result = run_cancellable(main())  # a signal cancels its calls (featurescribe/interrupts.py)
+    except BackendBroken as err:  # a result, not a task failure: the flow stops with one line
+        result = ChunkResult(prepared.source_id, broken=str(err))
     return result, (memory.outgoing() if memory is not None else None)
 
 
@@ -104,10 +108,9 @@ def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
               "workers": options.workers if options.task_runner == "dask" else None,
               "dask_address": options.dask_address}
     database = run_database(db)
-    with recorded_run(database, "label", record) as run:
+    with ours_in_flow(), recorded_run(database, "label", record) as run:
         summary = _label(database, options, run.run_id)
-        if summary.stopped_at_budget:
-            run.status, run.note = RunStatus.STOPPED, summary.budget_message
+        run.status, run.note = summary.run_status, summary.status_note()
     return summary
 
 
@@ -121,7 +124,10 @@ def _label(database, options: LabelOptions, run_id: str) -> LabelSummary:
     dask = options.task_runner == "dask"
     with open_label_run(database, options, run_id, call_store=not dask) as run:
         summary = run.summary(ids, n_selected)
-        ChunkPipeline(run, summary, compute_chunk_task).label(ids)
+        try:
+            ChunkPipeline(run, summary, compute_chunk_task).label(ids)
+        except BackendBroken as err:
+            summary.broken = str(err)
         return run.finish(summary)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from featurescribe.errors import BadOption
 from featurescribe.options import (add_option_arguments, opt, options_class, options_from_args, options_signature,
                                    required)
+from featurescribe.llm.breaker import DEFAULT_MAX_FAILURES
 from featurescribe.records import KINDS, SPLITS
 from featurescribe.statuses import STRUCTURED_CHOICES
 from featurescribe.store.sampling import DEFAULT_COUNTS, SamplingConfig
@@ -50,6 +51,10 @@ class LabelOptions:
                                       "(default: FEATURESCRIBE_LLM_TIMEOUT_<KIND>, else "
                                       "FEATURESCRIBE_LLM_TIMEOUT, else 120)", metavar="S")
     budget_usd: float | None = opt(None, "no new LLM call starts once the run has spent this much")
+    max_failures: int = opt(DEFAULT_MAX_FAILURES, "stop the run when a backend's calls fail this many "
+                                                  "times in a row with the same kind (connection, auth, "
+                                                  "unknown model, unparseable answers; retries count) "
+                                                  f"(default: {DEFAULT_MAX_FAILURES})", metavar="N")
     no_cache: bool = opt(False, "do not answer from the response cache")
     method: str = opt("auto", "how LLM explainers see the examples: pairs (token and activation per "
                               "line), highlighted (active tokens in << >>, listed with activations) or "
@@ -169,7 +174,7 @@ class LabelOptions:
 
 # options that say how a run is carried out, not what it computes
 RUN_ONLY = ("no_progress", "batch", "no_wait", "batch_retry", "batch_poll", "task_runner", "workers",
-            "dask_address")
+            "dask_address", "max_failures")
 
 
 def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:

@@ -12,7 +12,6 @@ and each cache read, and closed in between, so readers and other runs get in bet
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -30,7 +29,8 @@ from featurescribe.flows.label_core import (
 )
 from featurescribe.flows.label_checks import check_steering
 from featurescribe.flows.label_options import LabelOptions
-from featurescribe.statuses import RunStatus
+from featurescribe.interrupts import run_cancellable
+from featurescribe.statuses import ExitStatus, RunStatus
 
 
 @dataclass
@@ -53,6 +53,7 @@ class LabelSummary:
     stopped_at_budget: bool = False
     budget_message: str | None = None
     mean_score: float | None = None
+    broken: str | None = None  # the circuit breaker stopped the run (its one line)
 
     def add(self, result: ChunkResult, counts: ChunkCounts) -> None:
         self.labelled += result.labelled
@@ -67,6 +68,32 @@ class LabelSummary:
         """Features a run did not start because the budget was spent."""
         self.not_done += feature_ids
         self.stopped_at_budget = True
+
+    @property
+    def run_status(self) -> RunStatus:
+        """`runs.status`: 'failed' when features failed and none was labelled, 'partial' when some
+        failed, 'stopped' at the budget, else 'completed'."""
+        if self.broken or (self.failed and not self.labelled):
+            return RunStatus.FAILED
+        if self.failed:
+            return RunStatus.PARTIAL
+        return RunStatus.STOPPED if self.stopped_at_budget else RunStatus.COMPLETED
+
+    @property
+    def exit_status(self) -> ExitStatus:
+        return {RunStatus.FAILED: ExitStatus.ERROR, RunStatus.PARTIAL: ExitStatus.PARTIAL}.get(
+            self.run_status, ExitStatus.OK)
+
+    def status_note(self) -> str | None:
+        """What `runs.error` says beside the status: the counts, and why features failed."""
+        if self.broken:
+            return self.broken
+        if not self.failed:
+            return self.budget_message
+        first = self.failed[min(self.failed)]
+        note = (f"{len(self.labelled)} labelled, {len(self.failed)} failed, {len(self.skipped)} skipped, "
+                f"{len(self.not_done)} left for later; first failure (feature {min(self.failed)}): {first}")
+        return note + (f"; {self.budget_message}" if self.budget_message else "")
 
 
 def check_backends(options: LabelOptions) -> None:
@@ -172,7 +199,8 @@ def run_database(db: str):
 def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> LabelSummary:
     """A whole label run in this process, without Prefect: prepare/compute/write chunk by chunk.
 
-    Recorded in `runs` (flow 'label'; status 'completed', 'stopped' at the budget, or 'failed').
+    Recorded in `runs` (flow 'label'; status as `LabelSummary.run_status`, 'interrupted' on a
+    signal, 'failed' on an error).
     """
     from featurescribe.flows.run_record import recorded_run
 
@@ -182,27 +210,28 @@ def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> Label
     with recorded_run(database, "label", options.as_dict()) as record, \
             open_label_run(database, options, record.run_id) as run:
         summary = run.summary(ids, n_selected)
-        asyncio.run(_loop(run, ids, summary, progress))
+        run_cancellable(_loop(run, ids, summary, progress))
         run.finish(summary)
-        if summary.stopped_at_budget:
-            record.status, record.note = RunStatus.STOPPED, summary.budget_message
+        record.status, record.note = summary.run_status, summary.status_note()
     return summary
 
 
 async def _loop(run: LabelRun, ids: list[int], summary: LabelSummary, progress: bool) -> None:
+    from featurescribe.flows.label_progress import LabelProgress
     from featurescribe.progress import Progress
 
     async with run.clients() as clients:
         with Progress("label", total=len(ids), unit="features", enabled=progress) as bar:
+            per_feature = LabelProgress(bar, run.budget, total=len(ids))
             for chunk_ids in chunks(ids, run.options.chunk_size):
                 if run.budget.exhausted:
                     summary.leave_for_later(chunk_ids)
                     continue
                 prepared = run.prepare(chunk_ids)
                 result = await compute_chunk(prepared, run.options, clients=clients, store=run.store,
-                                             budget=run.budget, run_id=run.run_id)
+                                             budget=run.budget, run_id=run.run_id, progress=per_feature)
                 summary.add(result, run.write(result))
-                bar.advance(len(chunk_ids))
+                per_feature.chunk_written(prepared.feature_ids)
 
 
 __all__ = ["LabelRun", "LabelSummary", "check_backends", "open_label_run", "run_database", "run_label",

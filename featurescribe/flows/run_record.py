@@ -1,8 +1,8 @@
 """The `runs` table: one row per flow run, beside Prefect's own record of it.
 
 `recorded_run(db, flow, params)` wraps a flow's body: it inserts a row (`status='running'`, the
-parameters as JSON, Prefect's flow-run id), and sets `completed` or `failed` (with the error) and
-`finished_at` when the body ends. Given a path, the database is opened only for these short
+parameters as JSON, Prefect's flow-run id), and sets `completed` (or the body's own status),
+`failed` (with the error) or `interrupted` (SIGINT/SIGTERM) and `finished_at` when the body ends. Given a path, the database is opened only for these short
 writes, so the body (or a subflow, or a read-only export) opens it as it needs; given an open
 connection (a run that holds the database throughout), the rows are written on it.
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from featurescribe.errors import first_error_line
+from featurescribe.interrupts import interruption_note, is_interruption
 from featurescribe.statuses import RunStatus
 from featurescribe.store import runs as sql
 from featurescribe.store.connection import session
@@ -95,9 +96,11 @@ def recorded_run(target: Any, flow: str, params: dict[str, Any]) -> Iterator[Run
     try:
         yield info
     except BaseException as err:
-        status = RunStatus.CANCELLED if isinstance(err, KeyboardInterrupt) else RunStatus.FAILED
+        stopped = is_interruption(err)
+        status, note = ((RunStatus.INTERRUPTED, interruption_note(err)) if stopped
+                        else (RunStatus.FAILED, first_error_line(err)))
         with session(target) as con:
-            sql.finish_run(con, info.run_id, status, first_error_line(err))
+            sql.finish_run(con, info.run_id, status, note)
         raise
     with session(target) as con:
         sql.finish_run(con, info.run_id, info.status, info.note)

@@ -95,7 +95,25 @@ def run_serve(args: argparse.Namespace) -> int:
     where = api_url() or "Prefect's ephemeral server (set PREFECT_API_URL to register it on a server)"
     print(f"serving {info['deployment']} on {args.cron!r} ({args.timezone}) via {where}; Ctrl-C stops",
           file=sys.stderr, flush=True)
+    serve_until_signal(dep)
+    return 0
+
+
+def serve_until_signal(dep) -> None:
+    """`prefect.serve` (one run at a time: one DuckDB writer), ended by SIGINT or SIGTERM with
+    `Interrupted`: prefect.serve swallows Ctrl-C and exits 0 on SIGTERM, which a scheduler would
+    read as a clean end."""
+    import signal
+
     from prefect import serve
 
-    serve(dep, limit=1, print_starting_message=False)  # one run at a time: one DuckDB writer
-    return 0
+    from featurescribe.interrupts import Interrupted, received
+
+    try:
+        serve(dep, limit=1, print_starting_message=False)
+    except SystemExit as ended:  # the runner's SIGTERM handler: sys.exit(0) after stopping
+        if ended.code not in (0, None):
+            raise
+        raise Interrupted(signal.SIGTERM) from None
+    if received() is not None:
+        raise Interrupted(received())

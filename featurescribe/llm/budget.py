@@ -21,6 +21,7 @@ class Budget:
         self.limit_usd = limit_usd
         self._spent = float(spent_usd)
         self._refused = 0  # calls not started because of the budget
+        self._billed = 0  # answers paid for (progress shows them)
         self._lock = threading.Lock()
 
     @property
@@ -49,9 +50,16 @@ class Budget:
         with self._lock:
             return None if self.limit_usd is None else max(0.0, self.limit_usd - self._spent)
 
-    def add(self, cost_usd: float) -> None:
+    @property
+    def billed_calls(self) -> int:
+        """How many answers were paid for (`add` calls with calls=1)."""
+        with self._lock:
+            return self._billed
+
+    def add(self, cost_usd: float, calls: int = 1) -> None:
         with self._lock:
             self._spent += float(cost_usd)
+            self._billed += calls
 
     def check(self) -> None:
         """Raise BudgetExceeded (and count a refusal) when no new call may start."""

@@ -25,9 +25,12 @@ What one `chat` does:
      parameter; llm/negotiation.py): sent again at once in the weaker form the backend moved
      to, which is remembered in the database per base URL + model; with no weaker form left the
      call fails as `request rejected`, never retried as an outage.
-   Other errors (400, 404, ...) are not retried; 401/403 raise LLMAuthFailed, which stops the run.
+   Other errors (400, 404, ...) are not retried; 401/403 raise LLMAuthFailed.
    When a kind runs out of attempts the call ends in LLMCallFailed. A placeholder answer is
    never returned.
+   Circuit breaker (llm/breaker.py): every failed attempt is counted by kind; `max_failures` in a
+   row of one kind (transport, auth, not found, parse, rejected, ...) raise `BackendBroken`, which
+   no labeler or scorer catches: the run stops with one line naming the backend, URL and kind.
 5. Ledger: every attempt that reached the server gets one `llm_calls` row: `ok`, `error` (with
    the status and message) or `parse_error` (billed: tokens and cost recorded). Its
    `prompt_hash` is the cache key, `attempt` its number within the call.
@@ -63,6 +66,7 @@ from featurescribe.llm.base import (
     UnparseableResponse,
     parse_backend_spec,
 )
+from featurescribe.llm.breaker import DEFAULT_MAX_FAILURES, CircuitBreaker
 from featurescribe.llm.budget import Budget
 from featurescribe.llm.negotiation import RequestRejected
 from featurescribe.llm.limits import LoopSemaphore, estimate_tokens, shared_limiter
@@ -100,6 +104,7 @@ class ClientSettings:
     http: str = "httpx"
     structured: str = "auto"  # --structured: auto (negotiated) | json_schema | json_object | text
     rejected_attempts: int = 6  # sends after refusals of the request's form (one per weaker form)
+    max_failures: int = DEFAULT_MAX_FAILURES  # attempts in a row failing alike trip the breaker
 
     @classmethod
     def from_env(cls, kind: str | None = None, **overrides) -> "ClientSettings":
@@ -161,7 +166,7 @@ def cache_key(backend: str, model: str, request: ChatRequest) -> str:
 # ---------------------------------------------------------------------- failure classification
 @dataclass
 class Failure:
-    kind: str  # transport | rate_limit | server | parse | fatal | auth | rejected
+    kind: str  # transport | rate_limit | server | parse | fatal | auth | not_found | rejected
     message: str
     retry_after: float | None = None
     status: int | None = None
@@ -235,6 +240,8 @@ def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | No
         return Failure("server", msg, status=status)
     if status in (401, 403):
         return Failure("auth", msg, status=status)
+    if status == 404:
+        return Failure("not_found", msg, status=status)
     return Failure("fatal", msg, status=status)
 
 
@@ -300,6 +307,7 @@ class Client:
         self.prices = prices or PriceTable.load()
         self.limiter = shared_limiter(self.backend, self.model, self.settings.rpm, self.settings.tpm)
         self._sem = LoopSemaphore(self.settings.concurrency)
+        self.breaker = CircuitBreaker(self.spec, getattr(backend, "endpoint", None), self.settings.max_failures)
         self._lock = threading.Lock()
         self.ledger: list[CallRow] = []  # this client's rows, kept in memory when there is no store
         self.spent_usd = 0.0
@@ -440,9 +448,11 @@ class Client:
 
     async def _attempt(self, state: _CallState, parse) -> ChatResponse:
         """One attempt: wait for the limits and a slot, check the budget, send, judge the answer."""
+        self.breaker.check()
         est = estimate_tokens(state.request.messages, state.max_tokens)
         await self.limiter.acquire(est)
         async with self._sem.get():
+            self.breaker.check()  # tripped while this call waited for a slot
             # checked once a slot is free: a call still waiting for one has not started
             if self.budget is not None:
                 try:
@@ -486,9 +496,12 @@ class Client:
                          error=f"{type(exc).__name__}: {exc}"[:2000])
             return exc
         self._record(state, state.key, state.request.purpose, CallStatus.ERROR, latency_s=latency, error=f.message[:2000])
+        broken = self.breaker.failed(f.kind, state.request.purpose, f.message)
+        if broken is not None:
+            return broken
         if f.kind == "auth":
             return LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})")
-        if f.kind == "fatal":
+        if f.kind in ("fatal", "not_found"):
             return LLMCallFailed(f"{self.spec}: {f.message}")
         if f.kind == "rejected":
             if not exc.changed:
@@ -516,12 +529,16 @@ class Client:
                 state.max_tokens = min(max(state.max_tokens * 2, state.max_tokens + 1), self.settings.max_tokens_cap)
             state.parse_retries += 1
             state.counts["parse"] += 1
+            broken = self.breaker.failed("parse", purpose, msg)
+            if broken is not None:
+                raise broken from None
             raise _Retry(Failure("parse", msg)) from None
         except Exception as err:  # the caller's parse function broke: the answer was still paid for
             self._record(state, state.key, purpose, CallStatus.PARSE_ERROR,
                          error=f"parse function raised {type(err).__name__}: {err}"[:2000], **billed)
             raise
         self._record(state, state.key, purpose, CallStatus.OK, error=note, **billed)
+        self.breaker.succeeded(purpose)
         state.value = value
         return resp
 

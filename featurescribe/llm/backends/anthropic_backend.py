@@ -43,6 +43,7 @@ class AnthropicBackend(Backend):
                 "or use another backend (openai:MODEL, local:MODEL)"
             )
         self._timeout = timeout_s
+        self.endpoint = os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
         self._sdk = PerLoop(self._make_sdk)
 
     def _make_sdk(self) -> Shards:

@@ -24,6 +24,7 @@ class Backend:
     # ask a truncated answer again with twice the max_tokens (a small local model that rambles
     # would only ramble longer: it is asked again, sampling, at the same length)
     grow_on_truncation: bool = True
+    endpoint: str | None = None  # the URL requests go to (named when the circuit breaker trips)
 
     async def send(
         self, request: ChatRequest, *, max_tokens: int, timeout: float, retry_index: int = 0

@@ -129,7 +129,7 @@ class OpenAIBackend(Backend):
                     "FEATURESCRIBE_LLM_HTTP=aiohttp needs the aiohttp package (pip install aiohttp), "
                     "or leave it unset for the SDK's default httpx stack"
                 ) from None
-        self.base_url = openai_base_url()
+        self.base_url = self.endpoint = openai_base_url()
         key = os.environ.get("OPENAI_API_KEY")
         if not key:
             if is_openai_proper(self.base_url):

@@ -1,0 +1,138 @@
+"""Failure semantics of a label run: the circuit breaker per backend (one line naming the backend,
+its URL and the kind, before more is spent), 'partial' and 'failed' runs with their exit
+statuses. Through the real `label` command (the Prefect flow) and the real openai SDK against
+tests/fake_llm.py, or a port where nothing listens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+
+import pytest
+
+from featurescribe.cli import main
+from featurescribe.llm.breaker import CircuitBreaker
+from featurescribe.statuses import ExitStatus
+from tests.dbq import q
+from tests.test_sampling import SOURCE
+
+LIMIT = 6
+
+pytestmark = pytest.mark.usefixtures("no_global_limits")
+
+
+def _cli(db, *extra):
+    return main(["label", "--db", db, "--source", SOURCE, "--no-progress", *extra])
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("featurescribe: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _attempts(db) -> int:
+    return q(db, "SELECT count(*) FROM llm_calls WHERE status IN ('error', 'parse_error')")[0][0]
+
+
+def test_dead_port_stops_the_run_with_one_line(labdb, monkeypatch, capsys, prefect_server):
+    port = _dead_port()
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    rc = _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--max-failures", str(LIMIT), "--concurrency", "2")
+    assert rc == ExitStatus.ERROR
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"openai:gpt-4o-mini at http://127.0.0.1:{port}/v1" in line and "transport" in line, line
+    # stopped at the limit: the calls in flight when it tripped at most come on top
+    assert LIMIT <= _attempts(labdb) <= LIMIT + 2
+    assert q(labdb, "SELECT status FROM runs") == [("failed",)]
+    assert q(labdb, "SELECT count(*) FROM explanations") == [(0,)]
+
+
+@pytest.mark.parametrize("kind,setup,words", [
+    ("auth", lambda s: setattr(s, "api_key", "the-right-key"), "auth"),
+    ("not_found", lambda s: setattr(s, "models", {"another-model"}), "not found"),
+    ("server", lambda s: s.inject("500", times=1000), "server errors"),
+])
+def test_each_kind_trips_the_breaker(labdb, fake_llm, capsys, prefect_server, kind, setup, words):
+    setup(fake_llm)
+    rc = _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--max-failures", str(LIMIT), "--concurrency", "1")
+    assert rc == ExitStatus.ERROR
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"openai:gpt-4o-mini at {fake_llm.base_url_openai}" in line and words in line, line
+    assert len(fake_llm.requests_for("openai")) == LIMIT  # not one more
+    assert q(labdb, "SELECT status FROM runs") == [("failed",)]
+
+
+def test_a_simulator_that_never_parses_trips_while_the_explainer_works(labdb, fake_llm, capsys, prefect_server):
+    def responder(req):
+        if req.json_schema and "explanation" in json.dumps(req.json_schema):
+            return json.dumps({"explanation": "the tokens 'a' and 'b'"})
+        return "I cannot do that"
+
+    fake_llm.responder = responder
+    rc = _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--simulator", "openai:gpt-4o-mini",
+              "--max-failures", str(LIMIT), "--concurrency", "2")
+    assert rc == ExitStatus.ERROR
+    line = _one_error_line(capsys.readouterr().err)
+    assert "unparseable answers" in line and "simulate calls" in line, line
+    n_parse = q(labdb, "SELECT count(*) FROM llm_calls WHERE status = 'parse_error'")[0][0]
+    assert LIMIT <= n_parse <= LIMIT + 2  # billed, and no more than the limit (plus those in flight)
+
+
+def _bad_feature(req) -> bool:
+    return int(hashlib.sha256(req.user_text.encode()).hexdigest(), 16) % 3 == 0
+
+
+def test_some_features_failed_is_partial_exit_3(labdb, fake_llm, capsys, prefect_server):
+    def responder(req):
+        return "garbage" if _bad_feature(req) else json.dumps({"explanation": "the tokens 'a' and 'b'"})
+
+    fake_llm.responder = responder
+    rc = _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--features", "2:8")
+    out = capsys.readouterr().out
+    n_failed = len([r for r in fake_llm.requests_for("openai") if _bad_feature(r)]) // 3  # 3 attempts each
+    assert 0 < n_failed < 6, "the responder should fail some of the 6 features, not all"
+    assert rc == ExitStatus.PARTIAL, out
+    status, note = q(labdb, "SELECT status, error FROM runs")[0]
+    assert status == "partial"
+    assert note.startswith(f"{6 - n_failed} labelled, {n_failed} failed"), note
+    # a re-run with a working judge labels the failed ones and completes
+    fake_llm.responder = lambda req: json.dumps({"explanation": "the tokens 'a' and 'b'"})
+    assert _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--features", "2:8") == ExitStatus.OK
+    assert q(labdb, "SELECT count(*) FROM labels") == [(6,)]
+
+
+def test_nothing_labelled_is_a_failed_run_exit_1(labdb, fake_llm, capsys, prefect_server):
+    fake_llm.responder = lambda req: "garbage"
+    assert _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--features", "2:4") == ExitStatus.ERROR
+    status, note = q(labdb, "SELECT status, error FROM runs")[0]
+    assert status == "failed" and note.startswith("0 labelled, 2 failed"), note
+
+
+def test_a_success_ends_the_streak():
+    b = CircuitBreaker("openai:m", "http://x/v1", limit=3)
+    assert b.failed("transport", "explain", "refused") is None
+    assert b.failed("transport", "simulate", "refused") is None
+    b.succeeded("explain")
+    assert b.failed("transport", "explain", "refused") is None
+    assert b.failed("parse", "simulate", "bad") is None
+    assert b.failed("parse", "simulate", "bad") is None
+    b.succeeded("explain")  # another purpose's answers do not end a parse streak
+    assert b.failed("rate_limit", "simulate", "429") is None  # never counted
+    tripped = b.failed("parse", "simulate", "bad")
+    assert tripped is not None and tripped.kind == "parse"
+    with pytest.raises(type(tripped)):
+        b.check()
+
+
+def test_max_failures_must_be_positive(labdb, capsys):
+    assert _cli(labdb, "--max-failures", "0") == ExitStatus.USAGE
+    assert "--max-failures must be at least 1" in capsys.readouterr().err
