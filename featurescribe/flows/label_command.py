@@ -7,7 +7,7 @@
 
 The options are the fields of `LabelOptions` (flows/label_options.py). It ends with a summary:
 features labelled, skipped (dead or rare, with the reason), failed, the spend, and whether the
-run stopped at the budget.
+run stopped at the budget; then the run's LLM attempts by outcome (flows/call_outcomes.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from featurescribe.flows import label_options
+from featurescribe.flows.call_outcomes import print_call_outcomes, record_call_outcomes
 from featurescribe.flows.label_run import LabelSummary
 from featurescribe.statuses import FeatureStatus
 from featurescribe.store.connection import DEFAULT_DB
@@ -79,4 +80,5 @@ def run(args: argparse.Namespace) -> int:
         summary = run_label_flow(args.db, options)  # the Prefect label flow
     if summary is not None:
         print_summary(summary, out=sys.stdout)
+        print_call_outcomes(record_call_outcomes(args.db, summary.run_id), out=sys.stdout)
     return 0
