@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import end_process
+
 REQUIRE_VAR = "FEATURESCRIBE_REQUIRE_LLAMA_CPP"
 
 
@@ -89,13 +91,8 @@ class LlamaCppServer:
         return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, 20)
         self._log.close()
 
     def __enter__(self) -> "LlamaCppServer":

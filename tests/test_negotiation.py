@@ -63,8 +63,9 @@ def test_llama_cpp_json_schema_refusal_moves_to_json_object_at_once(llama, store
     assert time.monotonic() - t0 < 4.0  # no backoff: the refusal is not an outage
     assert out == ["ok", "ok"]
     assert forms(llama) == ["json_schema", "json_object", "json_object"]
-    # json_object: the schema is stated in the prompt
+    # json_object: the schema is stated in the prompt, and sent for a server that enforces it
     assert json.dumps(SCHEMA, separators=(",", ":")) in llama.requests[1].messages[0]["content"]
+    assert llama.requests[1].body["response_format"] == {"type": "json_object", "schema": SCHEMA}
     rows = store.rows()
     assert [r["status"] for r in rows] == ["error", "ok", "ok"]
     assert rows[0]["error"].startswith("request rejected (HTTP 500: 1 validation error: response_format")
