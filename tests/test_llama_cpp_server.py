@@ -5,8 +5,9 @@ LLM explainer and simulator and every scorer, on a real harvest of the same mode
 What it shows: no request is left rejected by the server (its refusal of `json_schema` is
 negotiated to `json_object` and each refused call is sent again), every answer is either used or
 recorded as the model's own failure, and the run's summary (`runs.call_outcomes` and the printed
-lines) tells the two apart. Kept small (two features, a few short windows, two steering prompts)
-so that it takes about a minute on two CPU cores.
+lines) tells the two apart. Kept small (one feature, four windows of 8 tokens to explain, two to
+test on, two steering prompts, no second asking after an unusable answer): llama-cpp-python
+answers one request at a time, and one with `top_logprobs` costs seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def harvested(tmp_path_factory):
 
 
 def _busiest(db: str, n: int) -> list[int]:
-    """The n features active in the most sequences (none of them dead or rare)."""
+    """The n alive features with the most activations."""
     rows = q(db, "SELECT feature_id FROM features WHERE source_id = ? AND coalesce(status, 'alive') = 'alive' "
                  "ORDER BY n_active DESC, feature_id LIMIT ?", [SOURCE, n])
     return [r[0] for r in rows]
@@ -58,14 +59,16 @@ def test_label_through_llama_cpp_with_every_scorer(harvested, llama_server, monk
                                                    prefect_server, fresh_limiters):
     monkeypatch.setenv("OPENAI_BASE_URL", llama_server.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "none")
-    features = ",".join(str(f) for f in _busiest(harvested, 2))
-    scorers = ",".join(SCORERS.names())
+    # an unusable answer is not asked again: the small model seldom does better the second time,
+    # and every answer is still used or recorded
+    monkeypatch.setenv("FEATURESCRIBE_LLM_PARSE_RETRIES", "0")
+    (feature,) = _busiest(harvested, 1)
     # the server answers one request at a time: two in flight keep it busy without queueing
     # requests into their timeouts
-    assert main(["label", "--db", harvested, "--source", SOURCE, "--features", features, "--no-progress",
-                 "--explainer", SPEC, "--simulator", SPEC, "--scorers", scorers, "--concurrency", "2",
-                 "--timeout", "300", "--window", "12", "--windows", WINDOWS, "--explain-windows", "4",
-                 "--intervention-prompts", "2"]) == 0
+    assert main(["label", "--db", harvested, "--source", SOURCE, "--features", str(feature), "--no-progress",
+                 "--explainer", SPEC, "--simulator", SPEC, "--scorers", ",".join(SCORERS.names()),
+                 "--concurrency", "2", "--timeout", "300", "--window", "8", "--windows", WINDOWS,
+                 "--explain-windows", "4", "--intervention-prompts", "2"]) == 0
     out = capsys.readouterr().out
     ((run_id, outcomes),) = q(harvested, "SELECT run_id, call_outcomes FROM runs WHERE flow = 'label'")
     outcomes = json.loads(outcomes)
@@ -74,7 +77,7 @@ def test_label_through_llama_cpp_with_every_scorer(harvested, llama_server, monk
     # the server refused nothing for good: only json_schema, each refused call sent again
     assert set(outcomes["server_refusal"]) <= {"request_rejected_resent"}, outcomes
     refused = q(harvested, "SELECT error FROM llm_calls WHERE run_id = ? AND status = 'error'", [run_id])
-    assert all("response_format" in e and "json_schema" in e for (e,) in refused), refused
+    assert refused and all("response_format" in e and "json_schema" in e for (e,) in refused), refused
     assert outcomes["transport"] == {} and outcomes["other"] == {} and outcomes["not_sent"] == {}
     assert q(harvested, "SELECT structured, logprobs FROM llm_capabilities") == [("json_object", True)]
 
@@ -87,10 +90,11 @@ def test_label_through_llama_cpp_with_every_scorer(harvested, llama_server, monk
                          ("server_refusal", "server refusals")):
         assert re.search(rf"^  {title} +{sum(outcomes[group].values())}\b", out, re.M), (group, out)
 
-    # a feature or a score that failed failed on the model's answers, never on the server
-    failures = q(harvested, "SELECT error FROM explanations WHERE run_id = ? AND status = 'failed'", [run_id])
-    for (error,) in failures:
-        assert "parse failure" in error and "rejected" not in error and "HTTP" not in error, error
-    scored = {s for (s,) in q(harvested, "SELECT DISTINCT scorer FROM scores WHERE run_id = ?", [run_id])}
-    if not failures:
-        assert scored == set(SCORERS.names()), scored
+    # what failed failed on the model's answers (or on the windows), never on the server
+    for line in re.findall(r"^failed feature \d+: (.*)$", out, re.M):
+        assert not re.search(r"rejected|HTTP|timeout|connection", line), line
+    # with an explanation, every LLM scorer asked the server
+    if q(harvested, "SELECT count(*) FROM explanations WHERE run_id = ? AND status = 'ok'", [run_id])[0][0]:
+        purposes = {p for (p,) in q(harvested, "SELECT DISTINCT purpose FROM llm_calls WHERE run_id = ? "
+                                               "AND backend = 'openai'", [run_id])}
+        assert purposes >= {"explain", "simulate", "detect", "fuzz", "intervention"}, purposes
