@@ -225,6 +225,20 @@ def test_timeout_and_concurrency_per_backend_kind(monkeypatch):
         ClientSettings.from_env("openai")
 
 
+def test_parse_retries_may_be_zero(monkeypatch):
+    from featurescribe.errors import FeaturescribeError
+    from featurescribe.llm.client import ClientSettings
+
+    monkeypatch.setenv("FEATURESCRIBE_LLM_PARSE_RETRIES_OPENAI", "0")
+    assert ClientSettings.from_env("openai").max_parse_retries == 0
+    monkeypatch.setenv("FEATURESCRIBE_LLM_PARSE_RETRIES_OPENAI", "-1")
+    with pytest.raises(FeaturescribeError, match="PARSE_RETRIES_OPENAI must be 0 or more"):
+        ClientSettings.from_env("openai")
+    monkeypatch.setenv("FEATURESCRIBE_LLM_TIMEOUT", "0")
+    with pytest.raises(FeaturescribeError, match="TIMEOUT must be more than 0"):
+        ClientSettings.from_env("anthropic")
+
+
 def test_label_timeout_is_reported_as_a_timeout(labdb, fake_llm, capsys, monkeypatch):
     from tests.test_label import _label, _q
 
