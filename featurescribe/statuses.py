@@ -61,7 +61,7 @@ class StructuredForm(StrEnum):
     (llm/negotiation.py); `label --structured` takes these or `auto`."""
 
     JSON_SCHEMA = "json_schema"  # response_format json_schema: the server enforces the schema
-    JSON_OBJECT = "json_object"  # response_format json_object, the schema stated in the prompt
+    JSON_OBJECT = "json_object"  # response_format json_object (+ its schema), the schema stated in the prompt
     TEXT = "text"  # no response_format: the schema in the prompt, the answer parsed strictly
 
 

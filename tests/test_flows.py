@@ -104,7 +104,14 @@ def test_global_limits_are_created_respected_and_held_per_chunk(prefect_server):
 
     from featurescribe.flows.global_limits import chunk_slots, ensure_global_limits
 
+    from prefect.exceptions import ObjectNotFound
+
     with get_client(sync_client=True) as client:
+        for name in ("featurescribe-llm-openai", "featurescribe-llm-openai-rpm"):
+            try:  # left by an earlier label run on the session's server: this test creates them
+                client.delete_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                pass
         client.upsert_global_concurrency_limit_by_name("featurescribe-llm-anthropic", 3)
     limits = ensure_global_limits(["openai:m", "anthropic:m", "local:smollm2-135m", "lexical"],
                                   concurrency=5, rpm=600)

@@ -63,8 +63,9 @@ def test_llama_cpp_json_schema_refusal_moves_to_json_object_at_once(llama, store
     assert time.monotonic() - t0 < 4.0  # no backoff: the refusal is not an outage
     assert out == ["ok", "ok"]
     assert forms(llama) == ["json_schema", "json_object", "json_object"]
-    # json_object: the schema is stated in the prompt
+    # json_object: the schema is stated in the prompt, and sent for a server that enforces it
     assert json.dumps(SCHEMA, separators=(",", ":")) in llama.requests[1].messages[0]["content"]
+    assert llama.requests[1].body["response_format"] == {"type": "json_object", "schema": SCHEMA}
     rows = store.rows()
     assert [r["status"] for r in rows] == ["error", "ok", "ok"]
     assert rows[0]["error"].startswith("request rejected (HTTP 500: 1 validation error: response_format")
@@ -222,6 +223,20 @@ def test_timeout_and_concurrency_per_backend_kind(monkeypatch):
     monkeypatch.setenv("FEATURESCRIBE_LLM_TIMEOUT_OPENAI", "soon")
     with pytest.raises(FeaturescribeError, match="FEATURESCRIBE_LLM_TIMEOUT_OPENAI='soon' is not a valid float"):
         ClientSettings.from_env("openai")
+
+
+def test_parse_retries_may_be_zero(monkeypatch):
+    from featurescribe.errors import FeaturescribeError
+    from featurescribe.llm.client import ClientSettings
+
+    monkeypatch.setenv("FEATURESCRIBE_LLM_PARSE_RETRIES_OPENAI", "0")
+    assert ClientSettings.from_env("openai").max_parse_retries == 0
+    monkeypatch.setenv("FEATURESCRIBE_LLM_PARSE_RETRIES_OPENAI", "-1")
+    with pytest.raises(FeaturescribeError, match="PARSE_RETRIES_OPENAI must be 0 or more"):
+        ClientSettings.from_env("openai")
+    monkeypatch.setenv("FEATURESCRIBE_LLM_TIMEOUT", "0")
+    with pytest.raises(FeaturescribeError, match="TIMEOUT must be more than 0"):
+        ClientSettings.from_env("anthropic")
 
 
 def test_label_timeout_is_reported_as_a_timeout(labdb, fake_llm, capsys, monkeypatch):

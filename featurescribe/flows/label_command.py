@@ -7,7 +7,8 @@
 
 The options are the fields of `LabelOptions` (flows/label_options.py). It ends with a summary:
 features labelled, skipped (dead or rare, with the reason), failed, the spend, and whether the
-run stopped at the budget; the exit status says whether features failed (statuses.ExitStatus).
+run stopped at the budget, then the run's LLM attempts by outcome (flows/call_outcomes.py); the exit
+status says whether features failed (statuses.ExitStatus).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import sys
 
 from featurescribe.flows import label_options
+from featurescribe.flows.call_outcomes import print_call_outcomes, record_call_outcomes
 from featurescribe.flows.label_run import LabelSummary
 from featurescribe.statuses import ExitStatus, FeatureStatus
 from featurescribe.store.connection import DEFAULT_DB
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if summary is None:
         return ExitStatus.OK
     print_summary(summary, out=sys.stdout)
+    print_call_outcomes(record_call_outcomes(args.db, summary.run_id), out=sys.stdout)
     if summary.broken:
         print(f"featurescribe: error: {summary.broken}", file=sys.stderr)
     return summary.exit_status  # 3 when some features failed, 1 when none could be labelled

@@ -138,13 +138,17 @@ _ENV_SETTINGS = {
 }
 
 
+_ZERO_ALLOWED = ("FEATURESCRIBE_LLM_PARSE_RETRIES",)  # 0: an unusable answer is not asked again
+
+
 def _env_value(var: str, typ: type):
     try:
         value = typ(os.environ[var])
     except ValueError:
         raise FeaturescribeError(f"{var}={os.environ[var]!r} is not a valid {typ.__name__}") from None
-    if typ in (int, float) and value <= 0:
-        raise FeaturescribeError(f"{var} must be more than 0 (got {os.environ[var]!r})")
+    if typ in (int, float) and (value < 0 if var.startswith(_ZERO_ALLOWED) else value <= 0):
+        least = "0 or more" if var.startswith(_ZERO_ALLOWED) else "more than 0"
+        raise FeaturescribeError(f"{var} must be {least} (got {os.environ[var]!r})")
     return value
 
 

@@ -8,8 +8,9 @@ of the run, and the client remembers it per base URL + model in the database (`l
 so the next run starts right.
 
 Structured answers, best first: `json_schema` (the server enforces the schema), `json_object`
-(the server enforces JSON; the schema is stated in the prompt), `text` (the schema is stated in
-the prompt and the answer is parsed strictly as JSON).
+(the server enforces JSON, and the schema where it reads `response_format.schema`, as llama.cpp
+does; the schema is stated in the prompt too), `text` (the schema is stated in the prompt and
+the answer is parsed strictly as JSON).
 """
 
 from __future__ import annotations

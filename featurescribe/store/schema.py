@@ -312,8 +312,11 @@ _V9 = [
     "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR",
     "ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER",
 ]
+# Version 10: what became of a run's LLM calls, counted by kind and group (llm/outcomes.py), so a
+# run's record tells the server's refusals from the model's own unusable answers.
+_V10 = ["ALTER TABLE runs ADD COLUMN IF NOT EXISTS call_outcomes JSON"]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """

@@ -266,7 +266,9 @@ class OpenAIBackend(Backend):
             }
             return
         if form == "json_object":
-            kw["response_format"] = {"type": "json_object"}
+            # llama.cpp (both servers) turns `schema` into a grammar; servers that only know JSON
+            # mode ignore it, and the schema is in the prompt either way
+            kw["response_format"] = {"type": "json_object", "schema": schema}
         kw["messages"] = with_schema_in_prompt(kw["messages"], schema)
 
     async def send(self, request: ChatRequest, *, max_tokens: int, timeout: float, retry_index: int = 0) -> ChatResponse:
