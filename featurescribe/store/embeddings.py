@@ -142,3 +142,32 @@ def vector_of(con, explanation_id: str, embedder: str) -> np.ndarray | None:
     row = con.execute("SELECT vec FROM label_embeddings WHERE explanation_id = ? AND embedder = ? LIMIT 1",
                       [explanation_id, embedder]).fetchone()
     return None if row is None else np.asarray(row[0], dtype=np.float32)
+
+
+def fingerprint(con, embedder: str) -> list:
+    """What changes whenever `embedder`'s vectors are added, removed or replaced (rows are only
+    ever inserted with a fresh `created_at`, or deleted): a file copy of them is fresh while this
+    is unchanged."""
+    row = con.execute(
+        """SELECT count(*), max(created_at)::VARCHAR, min(created_at)::VARCHAR,
+                  coalesce(bit_xor(hash(explanation_id)), 0)::VARCHAR
+           FROM label_embeddings WHERE embedder = ?""", [embedder]).fetchone()
+    return [int(row[0]), row[1], row[2], row[3]]
+
+
+def iter_vectors(con, embedder: str, batch: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Every vector of `embedder` with its keys, as Arrow batches (`explanation_id`, `source_id`,
+    `feature_id`, `vec`), in no particular order."""
+    cur = con.cursor()
+    try:
+        reader = cur.sql("SELECT explanation_id, source_id, feature_id, vec FROM label_embeddings "
+                         "WHERE embedder = $embedder", params={"embedder": embedder}).to_arrow_reader(batch)
+        yield from reader
+    finally:
+        cur.close()
+
+
+def database_path(con) -> str | None:
+    """The file behind the connection's current catalog (None for an in-memory database)."""
+    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return row[0] if row and row[0] else None
