@@ -13,6 +13,7 @@ from typing import Any
 from featurescribe.errors import FeaturescribeError, SchemaTooNew
 from featurescribe.store.export_queries import HISTOGRAM_BINS
 from featurescribe.store.schema import SCHEMA_VERSION, current_version
+from featurescribe.store.windows import SEQUENCE_ORDER_SQL, SequenceTables, WindowCounts
 
 SORTS = {  # name -> ORDER BY expression (ties: source, feature)
     "score": "score", "lift": "lift", "density": "frac_active", "max_act": "max_act",
@@ -66,6 +67,27 @@ def prepare_rows(con) -> int:
                            l.explanation, l.score, l.scorer, l.lift, l.explainer, l.explanation_id
                     FROM features f LEFT JOIN labels l USING (source_id, feature_id)""")
     return int(con.execute(f"SELECT count(*) FROM {ROWS}").fetchone()[0])
+
+
+SEQ_LEN = "memory.main.browse_seq_len"  # every sequence's length, built once at start
+SEQ_ORDER = "memory.main.browse_seq_order"  # each source's sequences in the windows' hashed order
+WINDOW_TABLES = SequenceTables(
+    lengths=f"SELECT seq_id, seq_len FROM {SEQ_LEN}",
+    order=f"SELECT seq_id, seq_len, r, n_total FROM {SEQ_ORDER} WHERE source_id = $source")
+
+
+def prepare_sequences(con) -> None:
+    """What a feature page's windows would otherwise compute from `sequences` on every page:
+    the lengths (here), and per source its sequences in hashed order (`prepare_sequence_order`)."""
+    con.execute(f"CREATE OR REPLACE TABLE {SEQ_LEN} AS SELECT seq_id, len(token_ids) AS seq_len FROM sequences")
+    con.execute(f"""CREATE OR REPLACE TABLE {SEQ_ORDER} (source_id VARCHAR, seq_id BIGINT, seq_len BIGINT,
+                                                          r BIGINT, n_total BIGINT)""")
+
+
+def prepare_sequence_order(con, source_id: str, counts: WindowCounts = WindowCounts()) -> None:
+    """The hashed order of `source_id`'s sequences for `WINDOW_TABLES` (windows of `counts.seed`)."""
+    con.execute(f"INSERT INTO {SEQ_ORDER} SELECT $source, * FROM ({SEQUENCE_ORDER_SQL})",
+                {"source": source_id, "seed": counts.seed})
 
 
 def has_table(con, name: str) -> bool:

@@ -46,6 +46,8 @@ class BrowseState:
         self.db_path = db_path
         self.con = bq.open_read_only(db_path)
         self.n_features = bq.prepare_rows(self.con)
+        bq.prepare_sequences(self.con)
+        self._ordered: set[str] = set()
         self._embedders: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -53,6 +55,14 @@ class BrowseState:
         cur = self.con.cursor()
         bq.use_catalog(cur)
         return cur
+
+    def window_tables(self, cur, source_id: str):
+        """The prepared sequence tables, with `source_id`'s order made on its first page."""
+        with self._lock:
+            if source_id not in self._ordered:
+                bq.prepare_sequence_order(cur, source_id)
+                self._ordered.add(source_id)
+        return bq.WINDOW_TABLES
 
     def embedder(self, spec: str):
         from featurescribe.llm.embeddings import make_embedder
@@ -121,7 +131,8 @@ def _feature_page(state: BrowseState, source_id: str, feature_id: int) -> dict:
         windows = bq.sampled_windows(cur, source_id, feature_id)
         origin = "examples"
         if not windows and stats["n_active"]:
-            windows, origin = feature_windows(cur, source_id, feature_id), "activations"
+            tables = state.window_tables(cur, source_id)
+            windows, origin = feature_windows(cur, source_id, feature_id, tables=tables), "activations"
         return _clean({
             "stats": stats, "explanations": explanations, "windows": windows, "windows_from": origin,
             "histogram": bq.feature_histogram(cur, source_id, feature_id),
