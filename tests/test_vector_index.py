@@ -29,6 +29,9 @@ def add_labels(con, rng, lo: int, hi: int, centres: np.ndarray) -> np.ndarray:
                                              candidate, chosen, status)
                    SELECT 'e' || f, CASE WHEN f % 3 = 0 THEN '6-mlp' ELSE '6-res-sae16' END, f, 'label ' || f,
                           'baseline:tokens', 'tokens', 0, true, 'ok' FROM range(?, ?) t(f)""", [lo, hi])
+    con.execute("""INSERT INTO features (source_id, feature_id, n_active, frac_active, max_act, mean_act)
+                   SELECT CASE WHEN f % 3 = 0 THEN '6-mlp' ELSE '6-res-sae16' END, f, 5, 0.01, 1.0, 0.5
+                   FROM range(?, ?) t(f)""", [lo, hi])
     con.execute("""INSERT INTO scores (explanation_id, scorer, value, simulator, n_examples, split, baseline_shuffled)
                    SELECT explanation_id, 'simulation', (hash(feature_id) % 1000) / 1000.0, 'lexical', 20, 'test', 0
                    FROM explanations WHERE feature_id >= ? AND feature_id < ?""", [lo, hi])
@@ -154,3 +157,35 @@ def test_embed_writes_the_index_and_small_databases_get_none(vec_db, capsys, mon
     assert main(["search", "x", "--db", path]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "FEATURESCRIBE_VECTOR_INDEX_MIN_ROWS must be a whole number" in err
+
+
+def test_browser_searches_with_the_index_and_leaves_the_database_alone(vec_db):
+    import hashlib
+    import urllib.parse
+    import urllib.request
+    from pathlib import Path
+
+    from featurescribe.llm.embeddings import embed_sync, make_embedder
+    from featurescribe.web.server import serve_in_thread
+
+    path, _, _ = vec_db
+    before = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    running = serve_in_thread(path)
+    try:
+        url = running.url + "/api/features?mode=semantic&limit=7&q=" + urllib.parse.quote("closing brackets")
+        with urllib.request.urlopen(url, timeout=120) as r:
+            rows = json.load(r)["rows"]
+        with urllib.request.urlopen(f"{running.url}/api/feature/6-mlp/0/neighbours", timeout=120) as r:
+            neighbours = json.load(r)["neighbours"]
+    finally:
+        running.stop()
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
+    assert (index_dir(path, EMBEDDER) / "meta.json").is_file()
+    qv = embed_sync(make_embedder(EMBEDDER), ["closing brackets"])[0]
+    con = open_db(path, read_only=True)
+    try:
+        assert [(r["source_id"], r["feature_id"]) for r in rows] == [
+            (h.source_id, h.feature_id) for h in rank_hits(con, EMBEDDER, qv, k=7, use_index=False)]
+    finally:
+        con.close()
+    assert len(neighbours) == 6 and all(n["feature_id"] % CLUSTERS == 0 for n in neighbours)

@@ -80,7 +80,7 @@ class VectorIndex:
             code = self.sources.index(source_id) if source_id in self.sources else -1
             approx[self.source != code] = -np.inf
         margin = self.err + q_err * (1.0 + self.err) + 2 * _F16_ROUNDING * (1.0 + self.err) + 1e-5
-        return Ranking(self, np.asarray(query, np.float64), approx, margin)
+        return Ranking(self, np.asarray(query, np.float64), approx, margin, source_id is None)
 
 
 @dataclass
@@ -89,15 +89,16 @@ class Ranking:
     query: np.ndarray
     approx: np.ndarray
     margin: float
+    all_rows: bool  # no row was masked out (by a source filter)
 
     def top(self, n: int) -> list[dict]:
         """The exact top `n` rows by cosine similarity (ties by explanation id), as
         `store.embeddings.nearest_explanations` returns them."""
-        alive = int(np.isfinite(self.approx).sum())
-        n = min(n, alive)
+        size = len(self.approx)
+        n = min(n, size if self.all_rows else int(np.isfinite(self.approx).sum()))
         if n <= 0:
             return []
-        cut = np.partition(self.approx, len(self.approx) - n)[len(self.approx) - n]
+        cut = np.partition(self.approx, size - n)[size - n]
         cand = np.flatnonzero(self.approx >= cut - 2 * self.margin)  # ascending: cheap memmap reads
         exact = self.index.f32[cand].astype(np.float64) @ self.query
         ids = self.index.ids[cand]

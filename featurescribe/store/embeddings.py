@@ -145,24 +145,24 @@ def vector_of(con, explanation_id: str, embedder: str) -> np.ndarray | None:
 
 
 def fingerprint(con, embedder: str) -> list:
-    """What changes whenever `embedder`'s vectors are added, removed or replaced (rows are only
-    ever inserted with a fresh `created_at`, or deleted): a file copy of them is fresh while this
-    is unchanged."""
+    """What changes whenever `embedder`'s vectors are added or removed: rows are only inserted,
+    each batch with a fresh `created_at`, or deleted. A file copy of them (the vector index) is
+    fresh while this is unchanged; a vector edited in place by hand is not noticed."""
     row = con.execute(
-        """SELECT count(*), max(created_at)::VARCHAR, min(created_at)::VARCHAR,
-                  coalesce(bit_xor(hash(explanation_id)), 0)::VARCHAR
+        """SELECT count(*), max(created_at)::VARCHAR, min(created_at)::VARCHAR
            FROM label_embeddings WHERE embedder = ?""", [embedder]).fetchone()
-    return [int(row[0]), row[1], row[2], row[3]]
+    return [int(row[0]), row[1], row[2]]
 
 
 def iter_vectors(con, embedder: str, batch: int = 65_536) -> Iterator[pa.RecordBatch]:
     """Every vector of `embedder` with its keys, as Arrow batches (`explanation_id`, `source_id`,
-    `feature_id`, `vec`), in no particular order."""
+    `feature_id`, `vec`), in no particular order, read through a cursor in `con`'s catalog."""
+    catalog = con.execute("SELECT current_database()").fetchall()[0][0]
     cur = con.cursor()
     try:
-        reader = cur.sql("SELECT explanation_id, source_id, feature_id, vec FROM label_embeddings "
-                         "WHERE embedder = $embedder", params={"embedder": embedder}).to_arrow_reader(batch)
-        yield from reader
+        cur.execute(f'USE "{catalog}"')
+        yield from cur.sql("SELECT explanation_id, source_id, feature_id, vec FROM label_embeddings "
+                           "WHERE embedder = $embedder", params={"embedder": embedder}).to_arrow_reader(batch)
     finally:
         cur.close()
 
