@@ -1,8 +1,10 @@
 """Semantic search over the best label of every feature (`featurescribe search`, browse, Python).
 
 The query is embedded by the embedder that made the database's vectors (the one with most
-vectors, unless one is named); the nearest explanation vectors are read with one SQL scan, and a
-hit counts when its explanation is its feature's best label (the `labels` view). When too few of
+vectors, unless one is named); the nearest explanation vectors are ranked with the vector index
+beside the database (semantic/vector_index.py: exact, one float16 pass and a float32 rescoring) or,
+without one, with one SQL scan; a hit counts when its explanation is its feature's best label (the
+`labels` view). When too few of
 the nearest vectors are best labels (other candidates, other explainers, `--min-score`), the scan
 is widened.
 """

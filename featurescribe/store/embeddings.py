@@ -10,6 +10,9 @@ stored vector and query has norm 1. From SQL, with a query vector from any embed
     FROM label_embeddings x JOIN labels l USING (explanation_id)
     WHERE x.embedder = 'local:all-minilm-l6-v2'
     ORDER BY similarity DESC LIMIT 10
+
+`semantic/search.py` ranks from a file copy of the vectors when the database has many
+(semantic/vector_index.py); `fingerprint` tells it when that copy is stale.
 """
 
 from __future__ import annotations
