@@ -96,7 +96,7 @@ def test_first_pass_error_stays_within_the_margin(vec_db):
         for c in range(5):
             qv = query_near(rng, centres, c)
             r = index.ranking(qv)
-            assert np.abs(r.approx - exact @ qv.astype(np.float64)).max() <= r.margin
+            assert np.abs(r.approx.double().numpy() - exact @ qv.astype(np.float64)).max() <= r.margin
             assert r.margin < 0.01  # tight enough that the rescoring reads few rows
     finally:
         con.close()

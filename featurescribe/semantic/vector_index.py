@@ -34,7 +34,9 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,31 +77,35 @@ class VectorIndex:
         with warnings.catch_warnings():  # torch warns of the read-only memory map; it only reads it
             warnings.simplefilter("ignore", UserWarning)
             matrix = torch.from_numpy(self.f16)
-        approx = torch.mv(matrix, torch.from_numpy(q16)).numpy().astype(np.float32)
+        approx = torch.mv(matrix, torch.from_numpy(q16))  # float16 scores, summed in float32
+        n_rows = len(self)
         if source_id is not None:
-            code = self.sources.index(source_id) if source_id in self.sources else -1
-            approx[self.source != code] = -np.inf
+            mask = self.source == (self.sources.index(source_id) if source_id in self.sources else -1)
+            approx.masked_fill_(torch.from_numpy(~mask), -torch.inf)
+            n_rows = int(np.count_nonzero(mask))
         margin = self.err + q_err * (1.0 + self.err) + 2 * _F16_ROUNDING * (1.0 + self.err) + 1e-5
-        return Ranking(self, np.asarray(query, np.float64), approx, margin, source_id is None)
+        return Ranking(self, np.asarray(query, np.float64), approx, margin, n_rows)
 
 
 @dataclass
 class Ranking:
     index: VectorIndex
     query: np.ndarray
-    approx: np.ndarray
+    approx: Any  # torch.Tensor of float16, one approximate score a row (-inf: filtered out)
     margin: float
-    all_rows: bool  # no row was masked out (by a source filter)
+    n_rows: int  # rows the query may return (those of its source)
 
     def top(self, n: int) -> list[dict]:
         """The exact top `n` rows by cosine similarity (ties by explanation id), as
         `store.embeddings.nearest_explanations` returns them."""
-        size = len(self.approx)
-        n = min(n, size if self.all_rows else int(np.isfinite(self.approx).sum()))
+        import torch
+
+        n = min(n, self.n_rows)
         if n <= 0:
             return []
-        cut = np.partition(self.approx, size - n)[size - n]
-        cand = np.flatnonzero(self.approx >= cut - 2 * self.margin)  # ascending: cheap memmap reads
+        cut = float(torch.topk(self.approx, n, sorted=False).values.min())
+        floor = torch.tensor(_at_most(cut - 2 * self.margin), dtype=torch.float16)
+        cand = np.flatnonzero((self.approx >= floor).numpy())  # ascending: cheap memory-map reads
         exact = self.index.f32[cand].astype(np.float64) @ self.query
         ids = self.index.ids[cand]
         order = sorted(range(len(cand)), key=lambda i: (-exact[i], ids[i]))[:n]
@@ -107,14 +113,32 @@ class Ranking:
                  "feature_id": int(self.index.feature[cand[i]]), "similarity": float(exact[i])} for i in order]
 
 
+def _at_most(x: float) -> np.float16:
+    """The largest float16 not above `x` (a threshold rounded up would drop rows at the edge)."""
+    h = np.float16(x)
+    return np.nextafter(h, np.float16(-np.inf)) if float(h) > x else h
+
+
 def _load(folder: Path) -> tuple[dict, VectorIndex] | None:
+    """The index in `folder`, mapped once per process for each version of it: a fresh memory map
+    of the float16 file costs more (page tables for every page) than the product itself."""
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        arrays = {name: np.load(folder / name, mmap_mode="r") for name in _FILES}
+        st = (folder / "meta.json").stat()
+    except OSError:
+        return None
+    return _load_version(str(folder), st.st_ino, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _load_version(folder: str, inode: int, mtime_ns: int) -> tuple[dict, VectorIndex] | None:
+    path = Path(folder)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        arrays = {name: np.load(path / name, mmap_mode="r") for name in _FILES}
     except (OSError, ValueError):
         return None
     return meta, VectorIndex(arrays["f16.npy"], arrays["f32.npy"], arrays["ids.npy"], arrays["feature.npy"],
-                             arrays["source.npy"], list(meta["sources"]), float(meta["err"]), folder)
+                             arrays["source.npy"], list(meta["sources"]), float(meta["err"]), path)
 
 
 def _write(con, folder: Path, embedder: str, stamp: list, n: int) -> None:
