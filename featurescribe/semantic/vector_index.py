@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -187,7 +188,7 @@ def build(con, db_path: str, embedder: str, stamp: list | None = None) -> Vector
         return None
     try:
         _write(con, tmp, embedder, stamp, stamp[0])
-        old = final.with_name(final.name + f".old-{os.getpid()}")
+        old = final.with_name(final.name + f".old-{uuid.uuid4().hex}")
         if final.exists():
             final.rename(old)
         tmp.rename(final)
