@@ -14,7 +14,7 @@ multiplies 1.5 GB of compressed floats: 0.5-0.7 s on 2 cores. This index keeps, 
 
 Exactness: the approximate score of a row differs from its exact cosine by at most `margin`
 (the vector's rounding error `err`, the query's, and the float16 rounding of the product, which
-torch accumulates in float32). If t is the n-th best approximate score, the n rows with the best
+torch sums in float32). If t is the n-th best approximate score, the n rows with the best
 exact scores all have an approximate score of at least t - 2 * margin; every such row is
 rescored from `f32.npy`, so the result is the exact top n (ties by explanation id), the same
 as the SQL ranking.
@@ -84,7 +84,10 @@ class VectorIndex:
             mask = self.source == (self.sources.index(source_id) if source_id in self.sources else -1)
             approx.masked_fill_(torch.from_numpy(~mask), -torch.inf)
             n_rows = int(np.count_nonzero(mask))
-        margin = self.err + q_err * (1.0 + self.err) + 2 * _F16_ROUNDING * (1.0 + self.err) + 1e-5
+        # |approx - exact| <= the vector's rounding + the query's + the product's (rounded to float16
+        # at the end, summed in float32 over d terms); 1e-6 for the query's norm not being exactly 1
+        scale = (1.0 + self.err) * (1.0 + q_err)
+        margin = self.err + q_err * (1.0 + self.err) + (_F16_ROUNDING + q16.size * 2.0 ** -24) * scale + 1e-6
         return Ranking(self, np.asarray(query, np.float64), approx, margin, n_rows)
 
 
@@ -193,10 +196,11 @@ def build(con, db_path: str, embedder: str, stamp: list | None = None) -> Vector
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, RuntimeError) as err:
         log.info("vector index for %s not written (%s): searching in SQL", embedder, err)
         return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it became the index
     loaded = _load(final)
     return loaded[1] if loaded else None
 
