@@ -15,6 +15,7 @@ import pytest
 from featurescribe.cli import main
 from featurescribe.semantic.embed import embed_labels
 from featurescribe.store import open_db
+from featurescribe.store.windows import feature_windows
 from tests.dbq import q
 from featurescribe.web.server import serve_in_thread
 from tests.export_fixtures import build_demo_db
@@ -97,6 +98,12 @@ def test_feature_page_has_everything(served, browse_db):
     tops = [w for w in g["windows"] if w["kind"] == "top"]
     assert tops and max(tops[0]["acts"]) == pytest.approx(g["stats"]["max_act"], rel=1e-5)
     assert {w["kind"] for w in g["windows"]} == {"top", "random"} or "quantile" in {w["kind"] for w in g["windows"]}
+    # the app's prepared sequence tables give the windows the exports give (computed per query there)
+    con = open_db(browse_db, read_only=True)
+    try:
+        assert g["windows"] == json.loads(json.dumps(feature_windows(con, *UNSAMPLED)))
+    finally:
+        con.close()
     with pytest.raises(urllib.error.HTTPError) as err:
         get(served.url + "/api/feature/6-mlp/999")
     assert err.value.code == 404

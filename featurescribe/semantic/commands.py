@@ -32,6 +32,7 @@ def run_embed(args: argparse.Namespace) -> int:
     con = open_db(args.db, create=False)
     try:
         s = embed_labels(con, f"{kind}:{model}", source_id=args.source, batch=args.batch_size)
+        index = refresh_index(con, s.embedder)
     except LLMError as err:  # a hosted embedder gave up after its retries (401/403 are user errors)
         if isinstance(err, FeaturescribeError):
             raise
@@ -42,7 +43,16 @@ def run_embed(args: argparse.Namespace) -> int:
         con.close()
     print(f"embedded {s.embedded} explanation(s) with {s.embedder}"
           + (f" ({s.dim} dimensions)" if s.dim else "") + f"; {s.already} already had one")
+    if index is not None:
+        print(f"vector index: {len(index)} vectors in {index.folder}")
     return 0
+
+
+def refresh_index(con, embedder: str):
+    """Bring the search index beside the database up to date now, so the first search is fast."""
+    from featurescribe.semantic.vector_index import open_index
+
+    return open_index(con, embedder)
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:

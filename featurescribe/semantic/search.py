@@ -1,8 +1,10 @@
 """Semantic search over the best label of every feature (`featurescribe search`, browse, Python).
 
 The query is embedded by the embedder that made the database's vectors (the one with most
-vectors, unless one is named); the nearest explanation vectors are read with one SQL scan, and a
-hit counts when its explanation is its feature's best label (the `labels` view). When too few of
+vectors, unless one is named); the nearest explanation vectors are ranked with the vector index
+beside the database (semantic/vector_index.py: exact, one float16 pass and a float32 rescoring) or,
+without one, with one SQL scan; a hit counts when its explanation is its feature's best label (the
+`labels` view). When too few of
 the nearest vectors are best labels (other candidates, other explainers, `--min-score`), the scan
 is widened.
 """
@@ -56,13 +58,34 @@ def pick_embedder(con, embedder: str | None, db_label: str = "the database") -> 
     return embedder
 
 
+class _Nearest:
+    """The `n` nearest explanation vectors for one query, for growing `n`: from the vector index
+    (one scan, kept) when the database has one, else from one SQL scan per call."""
+
+    def __init__(self, con, embedder: str, qvec: np.ndarray, source_id: str | None, use_index: bool):
+        from featurescribe.semantic.vector_index import open_index
+
+        self.con, self.embedder, self.qvec, self.source_id = con, embedder, qvec, source_id
+        index = open_index(con, embedder) if use_index else None
+        self.ranking = index.ranking(qvec, source_id) if index is not None else None
+        self.total = len(index) if index is not None else int(con.execute(
+            "SELECT count(*) FROM label_embeddings WHERE embedder = ?", [embedder]).fetchone()[0])
+
+    def top(self, n: int) -> list[dict]:
+        if self.ranking is not None:
+            return self.ranking.top(n)
+        return emb_sql.nearest_explanations(self.con, self.embedder, self.qvec, n, self.source_id)
+
+
 def rank_hits(con, embedder: str, qvec: np.ndarray, *, k: int, source_id: str | None = None,
-              min_score: float | None = None) -> list[SearchHit]:
-    """The `k` features whose best label is nearest to `qvec` (a unit vector)."""
+              min_score: float | None = None, use_index: bool = True) -> list[SearchHit]:
+    """The `k` features whose best label is nearest to `qvec` (a unit vector). `use_index`:
+    rank with the vector index beside the database (semantic/vector_index.py; the same exact
+    result as the SQL scan, which runs where there is no index)."""
     n = max(4 * k, 64)
-    total = int(con.execute("SELECT count(*) FROM label_embeddings WHERE embedder = ?", [embedder]).fetchone()[0])
+    nearest = _Nearest(con, embedder, qvec, source_id, use_index)
     while True:
-        near = emb_sql.nearest_explanations(con, embedder, qvec, n, source_id)
+        near = nearest.top(n)
         best = emb_sql.best_labels_of(con, [(h["source_id"], h["feature_id"]) for h in near])
         hits: dict[tuple[str, int], SearchHit] = {}
         for h in near:
@@ -74,7 +97,7 @@ def rank_hits(con, embedder: str, qvec: np.ndarray, *, k: int, source_id: str | 
                 continue
             hits[key] = SearchHit(key[0], key[1], h["similarity"], b["explanation"], b["score"], b["scorer"],
                                   b["lift"], b["frac_active"], b["explainer"], b["explanation_id"])
-        if len(hits) >= k or len(near) < n or n >= total:
+        if len(hits) >= k or len(near) < n or n >= nearest.total:
             return list(hits.values())[:k]
         n *= 8
 

@@ -15,6 +15,7 @@ from featurescribe.errors import FeaturescribeError, SchemaTooNew
 from featurescribe.store.connection import database_exists
 from featurescribe.store.export_queries import HISTOGRAM_BINS
 from featurescribe.store.schema import SCHEMA_VERSION, current_version
+from featurescribe.store.windows import SEQUENCE_ORDER_SQL, SequenceTables, WindowCounts
 
 SORTS = {  # name -> ORDER BY expression (ties: source, feature)
     "score": "score", "lift": "lift", "density": "frac_active", "max_act": "max_act",
@@ -47,6 +48,7 @@ class FileReader:
         self._users = 0
         self._built: tuple | None = None  # (the file's stamp, when) of the last build of ROWS
         self.n_features = 0
+        self.generation = 0
         with self.reading() as cur:
             version = current_version(cur)
         if version > SCHEMA_VERSION:
@@ -73,9 +75,11 @@ class FileReader:
                 use_catalog(cur)
                 if has_table(cur, "features"):
                     self.n_features = prepare_rows(cur)
+                    prepare_sequences(cur)
             finally:
                 cur.close()
             self._built = (stamp, now)
+            self.generation += 1  # the per-source sequence orders are to be made again
 
     @contextmanager
     def reading(self) -> Iterator[Any]:
@@ -112,6 +116,27 @@ def prepare_rows(con) -> int:
                            l.explanation, l.score, l.scorer, l.lift, l.explainer, l.explanation_id
                     FROM features f LEFT JOIN labels l USING (source_id, feature_id)""")
     return int(con.execute(f"SELECT count(*) FROM {ROWS}").fetchone()[0])
+
+
+SEQ_LEN = "memory.main.browse_seq_len"  # every sequence's length, built once at start
+SEQ_ORDER = "memory.main.browse_seq_order"  # each source's sequences in the windows' hashed order
+WINDOW_TABLES = SequenceTables(
+    lengths=f"SELECT seq_id, seq_len FROM {SEQ_LEN}",
+    order=f"SELECT seq_id, seq_len, r, n_total FROM {SEQ_ORDER} WHERE source_id = $source")
+
+
+def prepare_sequences(con) -> None:
+    """What a feature page's windows would otherwise compute from `sequences` on every page:
+    the lengths (here), and per source its sequences in hashed order (`prepare_sequence_order`)."""
+    con.execute(f"CREATE OR REPLACE TABLE {SEQ_LEN} AS SELECT seq_id, len(token_ids) AS seq_len FROM sequences")
+    con.execute(f"""CREATE OR REPLACE TABLE {SEQ_ORDER} (source_id VARCHAR, seq_id BIGINT, seq_len BIGINT,
+                                                          r BIGINT, n_total BIGINT)""")
+
+
+def prepare_sequence_order(con, source_id: str, counts: WindowCounts = WindowCounts()) -> None:
+    """The hashed order of `source_id`'s sequences for `WINDOW_TABLES` (windows of `counts.seed`)."""
+    con.execute(f"INSERT INTO {SEQ_ORDER} SELECT $source, * FROM ({SEQUENCE_ORDER_SQL})",
+                {"source": source_id, "seed": counts.seed})
 
 
 def has_table(con, name: str) -> bool:

@@ -10,6 +10,9 @@ stored vector and query has norm 1. From SQL, with a query vector from any embed
     FROM label_embeddings x JOIN labels l USING (explanation_id)
     WHERE x.embedder = 'local:all-minilm-l6-v2'
     ORDER BY similarity DESC LIMIT 10
+
+`semantic/search.py` ranks from a file copy of the vectors when the database has many
+(semantic/vector_index.py); `fingerprint` tells it when that copy is stale.
 """
 
 from __future__ import annotations
@@ -142,3 +145,32 @@ def vector_of(con, explanation_id: str, embedder: str) -> np.ndarray | None:
     row = con.execute("SELECT vec FROM label_embeddings WHERE explanation_id = ? AND embedder = ? LIMIT 1",
                       [explanation_id, embedder]).fetchone()
     return None if row is None else np.asarray(row[0], dtype=np.float32)
+
+
+def fingerprint(con, embedder: str) -> list:
+    """What changes whenever `embedder`'s vectors are added or removed: rows are only inserted,
+    each batch with a fresh `created_at`, or deleted. A file copy of them (the vector index) is
+    fresh while this is unchanged; a vector edited in place by hand is not noticed."""
+    row = con.execute(
+        """SELECT count(*), max(created_at)::VARCHAR, min(created_at)::VARCHAR
+           FROM label_embeddings WHERE embedder = ?""", [embedder]).fetchone()
+    return [int(row[0]), row[1], row[2]]
+
+
+def iter_vectors(con, embedder: str, batch: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Every vector of `embedder` with its keys, as Arrow batches (`explanation_id`, `source_id`,
+    `feature_id`, `vec`), in no particular order, read through a cursor in `con`'s catalog."""
+    catalog = con.execute("SELECT current_database()").fetchall()[0][0]
+    cur = con.cursor()
+    try:
+        cur.execute(f'USE "{catalog}"')
+        yield from cur.sql("SELECT explanation_id, source_id, feature_id, vec FROM label_embeddings "
+                           "WHERE embedder = $embedder", params={"embedder": embedder}).to_arrow_reader(batch)
+    finally:
+        cur.close()
+
+
+def database_path(con) -> str | None:
+    """The file behind the connection's current catalog (None for an in-memory database)."""
+    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return row[0] if row and row[0] else None

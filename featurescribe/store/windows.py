@@ -34,6 +34,15 @@ class WindowCounts:
                 "w": self.window, "left": (3 * self.window) // 4, "seed": self.seed}
 
 
+# The source's sequences (all of them in a database built without harvest bookkeeping) in one
+# hashed order: random windows are taken from it at a per-feature offset.
+SEQUENCE_ORDER_SQL = """
+    WITH harvested AS (SELECT seq_id FROM harvest_progress WHERE source_id = $source)
+    SELECT s.seq_id, len(s.token_ids) AS seq_len,
+           row_number() OVER (ORDER BY hash($seed, s.seq_id), s.seq_id) - 1 AS r, count(*) OVER () AS n_total
+    FROM sequences s
+    WHERE s.seq_id IN (SELECT seq_id FROM harvested) OR NOT EXISTS (SELECT 1 FROM harvested)"""
+
 _SQL = """
 WITH a AS {materialized} (
     SELECT feature_id, seq_id, pos, act FROM activations
@@ -42,10 +51,10 @@ per_seq AS (
     SELECT feature_id, seq_id, max(act) AS peak, arg_max(pos, (act, -pos)) AS peak_pos
     FROM a GROUP BY feature_id, seq_id),
 ranked AS (
-    SELECT p.*, len(s.token_ids) AS seq_len,
+    SELECT p.*, s.seq_len,
            row_number() OVER (PARTITION BY feature_id ORDER BY peak DESC, seq_id) AS rk,
            count(*) OVER (PARTITION BY feature_id) AS n_seqs
-    FROM per_seq p JOIN sequences s USING (seq_id)),
+    FROM per_seq p JOIN ({lengths}) s USING (seq_id)),
 top_w AS (
     SELECT feature_id, seq_id, seq_len, peak_pos, 'top' AS kind, rk AS rank, NULL::INTEGER AS quantile
     FROM ranked WHERE rk <= $n_top),
@@ -56,19 +65,16 @@ q_w AS (
     FROM (SELECT *, (1 + (n_seqs - rk) * $nq // greatest(1, n_seqs - $n_top))::INTEGER AS q
           FROM ranked WHERE rk > $n_top)
     QUALIFY rank <= $per_bin),
-harvested AS (SELECT seq_id FROM harvest_progress WHERE source_id = $source),
-seqs AS (  -- the source's sequences (all of them in a database built without harvest bookkeeping)
-    SELECT s.seq_id, len(s.token_ids) AS seq_len,
-           row_number() OVER (ORDER BY hash($seed, s.seq_id), s.seq_id) - 1 AS r, count(*) OVER () AS n_total
-    FROM sequences s
-    WHERE s.seq_id IN (SELECT seq_id FROM harvested) OR NOT EXISTS (SELECT 1 FROM harvested)),
+seqs AS ({order}),
 feats AS (SELECT DISTINCT feature_id FROM per_seq),
+r_pick AS (  -- an equi-join on r below (a hash join, not a range join over every sequence)
+    SELECT f.feature_id, i, (hash($seed, f.feature_id, 'random') + i) % n.n_total AS r
+    FROM feats f CROSS JOIN range($n_random) t(i) CROSS JOIN (SELECT count(*) AS n_total FROM seqs) n
+    WHERE i < n.n_total),
 r_w AS (
-    SELECT f.feature_id, s.seq_id, s.seq_len, NULL::INTEGER AS peak_pos, 'random' AS kind,
-           (i + 1)::BIGINT AS rank, NULL::INTEGER AS quantile
-    FROM feats f CROSS JOIN range($n_random) t(i)
-    JOIN seqs s ON s.r = (hash($seed, f.feature_id, 'random') + i) % s.n_total
-    WHERE i < s.n_total),
+    SELECT p.feature_id, s.seq_id, s.seq_len, NULL::INTEGER AS peak_pos, 'random' AS kind,
+           (p.i + 1)::BIGINT AS rank, NULL::INTEGER AS quantile
+    FROM r_pick p JOIN seqs s ON s.r = p.r),
 w AS (
     SELECT *, (CASE WHEN kind = 'random'
                     THEN hash($seed, feature_id, seq_id, 'start') % greatest(1, seq_len - $w + 1)
@@ -94,14 +100,27 @@ ORDER BY w.feature_id, CASE w.kind WHEN 'top' THEN 0 WHEN 'quantile' THEN 1 ELSE
 """
 
 
-def windows_sql(*, one_feature: bool, skip_sampled: bool = False) -> str:
+@dataclass(frozen=True)
+class SequenceTables:
+    """Where the windows query reads sequence lengths (`seq_id, seq_len`) and the source's
+    sequences in their hashed order (`seq_id, seq_len, r, n_total`, r from 0, for `$source`).
+    By default both are computed from `sequences` in the query; a reader of many single features
+    (the browser) computes them once (store/browse_queries.py) and names them here."""
+
+    lengths: str = "SELECT seq_id, len(token_ids) AS seq_len FROM sequences"
+    order: str = SEQUENCE_ORDER_SQL
+
+
+def windows_sql(*, one_feature: bool, skip_sampled: bool = False,
+                tables: SequenceTables = SequenceTables()) -> str:
     """The query for one feature (`$feature`) or a whole source, optionally only the features
     that have no rows in `examples` (the export streams fill those in)."""
     flt = "AND feature_id = $feature" if one_feature else ""
     if skip_sampled:
         flt += " AND feature_id NOT IN (SELECT DISTINCT feature_id FROM examples WHERE source_id = $source)"
     # one feature's rows are few: read them once; a whole source's are scanned where needed
-    return _SQL.format(feature_filter=flt, materialized="MATERIALIZED" if one_feature else "")
+    return _SQL.format(feature_filter=flt, materialized="MATERIALIZED" if one_feature else "",
+                       lengths=tables.lengths, order=tables.order)
 
 
 def fill_stream_sql(source_id: str, counts: WindowCounts = WindowCounts()) -> tuple[str, dict]:
@@ -122,9 +141,10 @@ def keep_windows(windows: list[dict], kinds: tuple[str, ...] | None, per_kind: i
     return out
 
 
-def feature_windows(con, source_id: str, feature_id: int, counts: WindowCounts = WindowCounts()) -> list[dict]:
+def feature_windows(con, source_id: str, feature_id: int, counts: WindowCounts = WindowCounts(),
+                    tables: SequenceTables = SequenceTables()) -> list[dict]:
     """One feature's windows from `activations`, with dense `acts` per token."""
-    cur = con.execute(windows_sql(one_feature=True),
+    cur = con.execute(windows_sql(one_feature=True, tables=tables),
                       {"source": source_id, "feature": int(feature_id), **counts.params()})
     cols = [c[0] for c in cur.description]
     return [densify(dict(zip(cols, r))) for r in cur.fetchall()]

@@ -47,6 +47,7 @@ class BrowseState:
     def __init__(self, db_path: str):
         self.db_path = db_path
         self.reader = bq.FileReader(db_path)
+        self._ordered: tuple[int, set[str]] = (-1, set())  # (reader generation, sources ordered)
         self._embedders: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -57,6 +58,17 @@ class BrowseState:
     def cursor(self):
         """A cursor for one request (a context manager): the file is open while it is."""
         return self.reader.reading()
+
+    def window_tables(self, cur, source_id: str):
+        """The prepared sequence tables, with `source_id`'s order made on its first page."""
+        with self._lock:
+            generation, done = self._ordered
+            if generation != self.reader.generation:
+                generation, done = self._ordered = (self.reader.generation, set())
+            if source_id not in done:
+                bq.prepare_sequence_order(cur, source_id)
+                done.add(source_id)
+        return bq.WINDOW_TABLES
 
     def embedder(self, spec: str):
         from featurescribe.llm.embeddings import make_embedder
@@ -124,7 +136,8 @@ def _feature_page(state: BrowseState, source_id: str, feature_id: int) -> dict:
         windows = bq.sampled_windows(cur, source_id, feature_id)
         origin = "examples"
         if not windows and stats["n_active"]:
-            windows, origin = feature_windows(cur, source_id, feature_id), "activations"
+            tables = state.window_tables(cur, source_id)
+            windows, origin = feature_windows(cur, source_id, feature_id, tables=tables), "activations"
         return _clean({
             "stats": stats, "explanations": explanations, "windows": windows, "windows_from": origin,
             "histogram": bq.feature_histogram(cur, source_id, feature_id),
