@@ -298,3 +298,30 @@ def test_load_examples_carries_raw_acts_tokens_and_max(db):
     assert [w.split for w in ex[3].windows] == sorted((w.split for w in ex[3].windows),
                                                       key=SPLITS.index)
     assert ex[3].split("explain", "top")[0].max_act == pytest.approx(max3)
+
+
+def test_top_windows_exact_when_the_top_entries_crowd_into_few_sequences(con):
+    """A feature active at every position of 60 sequences, highest in the first ones: its top
+    entries (a per-feature top-N read) span fewer sequences than the top pool, so the sampler
+    falls back to grouping all its entries; the top windows still equal the brute force."""
+    info = build_db(con, n_features=4)
+    extra = {(3, s, p): 100.0 - s + 0.001 * p for s in range(60) for p in range(info["seq_len"])}
+    con.execute("DELETE FROM activations WHERE feature_id = 3")
+    keys = sorted(extra)
+    insert_arrow(con, "activations", pa.table({
+        "source_id": pa.array([SOURCE] * len(keys), pa.string()),
+        "feature_id": pa.array([k[0] for k in keys], pa.int32()),
+        "seq_id": pa.array([k[1] for k in keys], pa.int64()),
+        "pos": pa.array([k[2] for k in keys], pa.int32()),
+        "act": pa.array([extra[k] for k in keys], pa.float32()),
+    }))
+    info["acts"] = {k: v for k, v in info["acts"].items() if k[0] != 3} | extra
+    cfg = SamplingConfig()
+    report = sample_examples(con, SOURCE, [3], cfg)
+    assert report.sampled == [3]
+    want = _brute_force_top(info, 3, cfg.total("top"))
+    rows = sorted((r for r in _examples(con, 3) if r["kind"] == "top"), key=lambda r: r["rank"])
+    assert [r["seq_id"] for r in rows] == [s for s, _, _ in want]
+    q = [r for r in _examples(con, 3) if r["kind"] == "quantile"]
+    assert len(q) == cfg.total("quantile")
+    assert not {r["seq_id"] for r in q} & {r["seq_id"] for r in rows}
