@@ -155,6 +155,19 @@ def test_structured_simulator_that_never_lines_up_is_a_failure(fake_llm):
     assert res.failures[0].scorer == "simulation"
 
 
+def numbered_token_lists(user_text: str) -> list[list[str]]:
+    """The tokens of a structured simulation prompt, one list per text (`### text i` lines start
+    a new one; a single-window prompt is one text)."""
+    lists: list[list[str]] = [[]]
+    for line in user_text.split("\n"):
+        if line.startswith("### text ") and lists[-1]:
+            lists.append([])
+        m = re.match(r"^\d+\. (.*)$", line)
+        if m:
+            lists[-1].append(m.group(1))
+    return lists
+
+
 def _keyword_dist(tok: str) -> dict[str, float]:
     return {"9": 0.8, "7": 0.2} if tok.strip() in ("def", "return") else {"0": 0.9, "2": 0.1}
 
@@ -163,13 +176,8 @@ def _keyword_simulator_reply(req):
     """A judge that reads each token: 'def'/'return' high, the rest low, in the form the request
     asks for (JSON lists per window, or token lines with logprobs; `### text` lines dropped)."""
     if req.json_schema is not None:
-        lists: list[list[int]] = [[]]
-        for line in req.user_text.split("\n"):
-            if line.startswith("### text ") and lists[-1]:
-                lists.append([])
-            m = re.match(r"^\d+\. (.*)$", line)
-            if m:
-                lists[-1].append(9 if m.group(1).strip() in ("def", "return") else 0)
+        lists = [[9 if t.strip() in ("def", "return") else 0 for t in tokens]
+                 for tokens in numbered_token_lists(req.user_text)]
         return json.dumps({"activations": lists if "### text" in req.user_text else lists[0]})
     lines = [ln for ln in _shown_tokens(req.user_text) if not ln.startswith("### text ")]
     return logprob_reply(lines, [_keyword_dist(t) for t in lines])

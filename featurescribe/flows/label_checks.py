@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 def check_options(o: "LabelOptions") -> None:
     """FeaturescribeError for options no run can work with (nothing is opened or loaded)."""
-    from featurescribe.flows.label_options import METHOD_CHOICES, RUNNERS, parse_window_counts
+    from featurescribe.flows.label_options import METHOD_CHOICES, RUNNERS, parse_baseline, parse_window_counts
     from featurescribe.labelers import check_explainer_spec
     from featurescribe.scorers.registry import SCORERS, check_simulator_spec
     from featurescribe.statuses import STRUCTURED_CHOICES
@@ -31,6 +31,7 @@ def check_options(o: "LabelOptions") -> None:
                             (o.timeout is not None and o.timeout <= 0, "--timeout must be more than 0"),
                             (o.logit_lens < 0, "--logit-lens must be 0 or more tokens"),
                             (o.chunk_size < 1, "--chunk-size must be at least 1"),
+                            (o.sim_windows_per_call < 1, "--sim-windows-per-call must be at least 1"),
                             (o.budget_usd is not None and o.budget_usd < 0, "--budget-usd must be 0 or more")):
         if failed:
             raise FeaturescribeError(message)
@@ -45,6 +46,7 @@ def check_options(o: "LabelOptions") -> None:
     if o.no_wait and not o.batch:
         raise FeaturescribeError("--no-wait goes with --batch")
     parse_window_counts(o.windows)
+    parse_baseline(o.baseline)
     _check_steering_options(o)
 
 

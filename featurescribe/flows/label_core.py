@@ -30,7 +30,9 @@ Every value passed between the steps is a picklable dataclass.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
+import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -280,7 +282,9 @@ async def compute_chunk(prepared: PreparedChunk, options: LabelOptions, clients:
     spent_before = clients.spent_usd()
     explainer = make_explainer(options.explainer, client=clients.explainer, method=options.method_name,
                                max_windows=options.explain_windows)
-    chunk = _Chunk(prepared, options, explainer, make_simulator(options.simulator, client=clients.simulator),
+    simulator = make_simulator(options.simulator, client=clients.simulator,
+                               windows_per_call=options.sim_windows_per_call)
+    chunk = _Chunk(prepared, options, explainer, simulator,
                    clients.simulator, run_id, ChunkResult(prepared.source_id, skipped=list(prepared.skipped)),
                    steering=_steering(prepared, options, store, run_id))
     per_feature = await explain_features(chunk)
@@ -372,8 +376,9 @@ async def score_chosen(chunk: _Chunk, chosen: dict[int, ExplanationRow]) -> None
     """Score the chosen explanations on `test` with every scorer; the shuffled baseline rotates
     by one feature."""
     rows = [chosen[f] for f in sorted(chosen)]
-    scores, errors, stopped = await score_rows(chunk, rows, chunk.options.scorer_names, "test",
-                                               rotate_others(rows))
+    others = sampled_baselines(rotate_others(rows), rows, chunk.options.baseline_every)
+    scores, errors, stopped = await score_rows(chunk, rows, chunk.options.scorer_names, "test", others)
+    fill_population_baselines(scores)
     result = chunk.result
     result.scores.extend(scores)
     result.stopped_at_budget |= stopped
@@ -413,6 +418,36 @@ async def score_rows(chunk: _Chunk, rows: Sequence[ExplanationRow], scorers: Seq
 
     await asyncio.gather(*(one(r) for r in rows))
     return scores, errors, stopped
+
+
+def baseline_sampled(source_id: str, feature_id: int, every: int) -> bool:
+    """Whether a feature gets its own shuffled baseline under --baseline sample:N (every = N):
+    one feature in N, by a hash of its id, the same in every run."""
+    return every == 1 or (every > 1 and zlib.crc32(f"{source_id}:{feature_id}".encode()) % every == 0)
+
+
+def sampled_baselines(others: dict[str, str], rows: Sequence[ExplanationRow], every: int) -> dict[str, str]:
+    """The shuffled-baseline texts of the features --baseline keeps (with sample:N, at least the
+    chunk's first feature, so its population baseline exists)."""
+    keep = [r for r in rows if baseline_sampled(r.explanation.source_id, r.explanation.feature_id, every)]
+    if every > 1 and not keep and rows:
+        keep = [rows[0]]
+    ids = {r.explanation.explanation_id for r in keep}
+    return {k: v for k, v in others.items() if k in ids}
+
+
+def fill_population_baselines(scores: Sequence[ScoreResult]) -> None:
+    """A score without its own shuffled baseline gets the mean of its chunk's scores (same
+    scorer) that have one, as `baseline_population`."""
+    by_scorer: dict[str, list[float]] = {}
+    for s in scores:
+        if s.baseline_shuffled is not None and math.isfinite(s.baseline_shuffled):
+            by_scorer.setdefault(s.scorer, []).append(s.baseline_shuffled)
+    for s in scores:
+        own = by_scorer.get(s.scorer)
+        if s.baseline_shuffled is None and own:
+            s.baseline_population = sum(own) / len(own)
+            s.details["baseline_population"] = {"mean": s.baseline_population, "n": len(own)}
 
 
 def rotate_others(rows: Sequence[ExplanationRow], by_candidate: bool = False) -> dict[str, str]:

@@ -45,6 +45,13 @@ class LabelOptions:
     explainer: str = opt("baseline:tokens", "{explainers} (default: baseline:tokens)")
     simulator: str = opt("lexical", "{simulators} (default: lexical)")
     scorers: str = opt("simulation", "comma-separated: {scorers} (default: simulation)")
+    sim_windows_per_call: int = opt(5, "windows an openai:/anthropic: simulator scores in one request "
+                                       "(default: 5; 1: one request per window, as before). The "
+                                       "score is the same: same windows, same correlation")
+    baseline: str = opt("every", "shuffled-explanation baseline: every (each score gets its own, "
+                                 "default), sample:N (one feature in N gets its own; the others carry "
+                                 "the run's population baseline, the mean over those that have one) "
+                                 "or none", metavar="every|sample:N|none")
     candidates: int = opt(1, "explanations per feature; with more than 1, the best on the valid split "
                              "is chosen (default: 1)")
     concurrency: int = opt(16, "LLM requests in flight (default: 16)")
@@ -132,6 +139,11 @@ class LabelOptions:
                                           seed=self.seed)
 
     @property
+    def baseline_every(self) -> int:
+        """1 in how many features gets its own shuffled baseline (0: none)."""
+        return parse_baseline(self.baseline)
+
+    @property
     def method_name(self) -> str:
         """What `explanations.method` records: the prompt style, or the no-LLM explainer's own."""
         from featurescribe.labelers import method_name
@@ -172,6 +184,17 @@ class LabelOptions:
 # options that say how a run is carried out, not what it computes
 RUN_ONLY = ("no_progress", "batch", "no_wait", "batch_retry", "batch_poll", "task_runner", "workers",
             "dask_address")
+
+
+def parse_baseline(spec: str) -> int:
+    """'every' -> 1, 'sample:N' -> N, 'none' -> 0; FeaturescribeError for anything else."""
+    text = (spec or "every").strip().lower()
+    if text in ("every", "none"):
+        return 1 if text == "every" else 0
+    kind, _, n = text.partition(":")
+    if kind == "sample" and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise FeaturescribeError(f"bad --baseline {spec!r}: use every, sample:N (N >= 1) or none")
 
 
 def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:

@@ -306,7 +306,33 @@ _V8 = [
     """,
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
+# Version 9 (issue 16): cheaper labels. `scores.baseline_population` is the shuffled baseline of a
+# score that has none of its own (label --baseline sample:N): the mean over its chunk's scores that
+# have one, and the labels view's lift falls back to it. `llm_calls` splits the input tokens the
+# provider read from its prompt cache (`cached_input_tokens`) and wrote to it
+# (`cache_write_tokens`, Anthropic), priced as such. `features.intruder` is the accuracy of the
+# intruder gate (label --gate intruder:T); a feature below T gets status 'gated'.
+_V9 = [
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS baseline_population DOUBLE",
+    "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS cached_input_tokens BIGINT",
+    "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS cache_write_tokens BIGINT",
+    "ALTER TABLE features ADD COLUMN IF NOT EXISTS intruder DOUBLE",
+    """
+    CREATE OR REPLACE VIEW labels AS
+    SELECT e.source_id, e.feature_id, e.text AS explanation, s.value AS score, s.scorer,
+           e.explainer, s.simulator, s.split,
+           s.baseline_shuffled, s.baseline_tokens,
+           s.value - coalesce(s.baseline_shuffled, s.baseline_population) AS lift,
+           e.explanation_id
+    FROM explanations e JOIN scores s USING (explanation_id)
+    WHERE coalesce(e.status, 'ok') = 'ok' AND coalesce(s.split, 'test') = 'test'
+    QUALIFY row_number() OVER (
+        PARTITION BY e.source_id, e.feature_id
+        ORDER BY s.scorer = 'simulation' DESC, s.value DESC, e.explanation_id) = 1
+    """,
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """
