@@ -43,7 +43,7 @@ PURPOSE_OF = {"simulation": "simulate", "detection": "detect", "fuzzing": "fuzz"
 
 def responder(req):
     """Answer like a capable judge would, in the form each prompt asks for."""
-    from tests.test_simulators import logprob_reply
+    from tests.test_simulators import _shown_tokens, activations_answer, logprob_reply
 
     user = req.user_text
     props = json.dumps((req.json_schema or {}).get("properties", {}))
@@ -57,10 +57,9 @@ def responder(req):
             return json.dumps({"answers": ["AB"[i % 2] for i in range(int(n))]})
         return json.dumps({"answers": [i % 2 for i in range(int(n))]})
     if '"activations"' in props:
-        n = int(re.search(r"exactly (\d+) whole numbers", user).group(1))
-        return json.dumps({"activations": [0] * n})
-    # logprob simulation: the prompt ends with the window's tokens, one a line
-    lines = user.split("\n\n")[-1].split("\n")
+        return activations_answer(user, lambda t: 0)
+    # logprob simulation: the prompt ends with the windows' tokens, one a line
+    lines = _shown_tokens(user)
     return logprob_reply(lines, [{"0": 0.7, "3": 0.2, "10": 0.1} for _ in lines])
 
 

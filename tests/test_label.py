@@ -25,7 +25,7 @@ from featurescribe.flows.label_run import run_label
 from featurescribe.store import open_db
 from tests.dbq import q
 from tests.test_sampling import SOURCE, build_db
-from tests.test_simulators import _shown_tokens, logprob_reply, numbered_token_lists
+from tests.test_simulators import _shown_tokens, activations_answer, logprob_reply
 
 GOOD = 'the tokens " def", " class" and " return"'
 
@@ -318,10 +318,9 @@ def _reader(req):
     quoted = {q.strip() for q in re.findall(r'"([^"]+)"', req.user_text.split("\n")[0])}
     fits = lambda tok: tok.strip() in quoted  # noqa: E731
     if "activations" in schema:  # structured simulation: numbered token lines (per text)
-        lists = [[10 if fits(t) else 0 for t in tokens] for tokens in numbered_token_lists(req.user_text)]
-        return json.dumps({"activations": lists if "### text" in req.user_text else lists[0]})
+        return activations_answer(req.user_text, lambda t: 10 if fits(t) else 0)
     if req.top_logprobs > 0:  # logprob simulation: copy the token lines, a number after each
-        lines = [ln for ln in _shown_tokens(req.user_text) if not ln.startswith("### text ")]
+        lines = _shown_tokens(req.user_text)
         return logprob_reply(lines, [{"10": 0.9, "0": 0.1} if fits(t) else {"0": 1.0} for t in lines])
     texts = re.findall(r"^Text \d+: (.*)$", req.user_text, flags=re.M)
     if "marked" in req.messages[0]["content"]:  # fuzzing: do the marks sit on quoted tokens?

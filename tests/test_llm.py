@@ -589,7 +589,8 @@ def test_anthropic_structured_output(fake_llm, store):
     sent = fake_llm.requests[0]
     assert sent.body["tool_choice"] == {"type": "tool", "name": "answer"}
     assert sent.body["tools"][0]["input_schema"] == SCHEMA
-    assert sent.body["system"] == "You explain features."
+    assert sent.body["system"] == [{"type": "text", "text": "You explain features.",
+                                    "cache_control": {"type": "ephemeral"}}]
     assert [m["role"] for m in sent.body["messages"]] == ["user"]
     # older SDKs send x-api-key, newer ones a bearer token
     assert "test-key" in (sent.headers.get("x-api-key"), sent.headers.get("authorization", "").removeprefix("Bearer "))

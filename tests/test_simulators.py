@@ -38,8 +38,9 @@ def client(spec, **kw):
 
 
 def _shown_tokens(user_text: str) -> list[str]:
-    """The token lines of a simulate_logprobs prompt (after the blank line that ends the text)."""
-    return user_text.split("\n\n")[-1].split("\n")
+    """The token lines of a simulate_logprobs prompt (after the blank line that ends the text),
+    without the `### text i` lines of a several-window prompt."""
+    return [ln for ln in user_text.split("\n\n")[-1].split("\n") if not ln.startswith("### text ")]
 
 
 def logprob_reply(lines: list[str], dists: list[dict[str, float]]) -> Reply:
@@ -168,6 +169,13 @@ def numbered_token_lists(user_text: str) -> list[list[str]]:
     return lists
 
 
+def activations_answer(user_text: str, value) -> str:
+    """A structured simulation answer, `value(token)` for each token, for a one- or
+    several-window prompt."""
+    lists = [[value(t) for t in tokens] for tokens in numbered_token_lists(user_text)]
+    return json.dumps({"activations": lists if "### text" in user_text else lists[0]})
+
+
 def _keyword_dist(tok: str) -> dict[str, float]:
     return {"9": 0.8, "7": 0.2} if tok.strip() in ("def", "return") else {"0": 0.9, "2": 0.1}
 
@@ -176,10 +184,8 @@ def _keyword_simulator_reply(req):
     """A judge that reads each token: 'def'/'return' high, the rest low, in the form the request
     asks for (JSON lists per window, or token lines with logprobs; `### text` lines dropped)."""
     if req.json_schema is not None:
-        lists = [[9 if t.strip() in ("def", "return") else 0 for t in tokens]
-                 for tokens in numbered_token_lists(req.user_text)]
-        return json.dumps({"activations": lists if "### text" in req.user_text else lists[0]})
-    lines = [ln for ln in _shown_tokens(req.user_text) if not ln.startswith("### text ")]
+        return activations_answer(req.user_text, lambda t: 9 if t.strip() in ("def", "return") else 0)
+    lines = _shown_tokens(req.user_text)
     return logprob_reply(lines, [_keyword_dist(t) for t in lines])
 
 
