@@ -132,9 +132,26 @@ def _judge_cases() -> dict[str, str]:
     return out
 
 
+def _intruder_cases() -> dict[str, str]:
+    from featurescribe.scorers.intruder import IntruderSet
+
+    fe = _feature()
+    sets = [IntruderSet(fe.windows[:3], 2), IntruderSet(fe.windows[2:5], 0)]
+    out = {}
+    with scripted(lambda r: json.dumps({"answers": [1, 2]})) as script:
+        asyncio.run(cls.LLMJudge(make_client("script:any", use_cache=False)).intruders(sets))
+        out["intruder_batch"] = _text(script.requests[0].messages)
+    with scripted(_answer, candidate_probs=True) as script:
+        asyncio.run(cls.LocalJudge(make_client("script:any")).intruders(sets))
+        messages, text = script.prob_calls[0]
+        out["intruder_local"] = _text(messages) + "[assistant, scored]\n" + text
+    return out
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, str]:
-    return {**_explain_cases(), **_simulate_cases(), **_judge_cases(), **_intervention_cases()}
+    return {**_explain_cases(), **_simulate_cases(), **_judge_cases(), **_intervention_cases(),
+            **_intruder_cases()}
 
 
 def test_every_template_has_a_snapshot(rendered):

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 def check_options(o: "LabelOptions") -> None:
     """FeaturescribeError for options no run can work with (nothing is opened or loaded)."""
-    from featurescribe.flows.label_options import METHOD_CHOICES, RUNNERS, parse_baseline, parse_window_counts
+    from featurescribe.flows.label_options import (METHOD_CHOICES, RUNNERS, parse_baseline, parse_gate,
+                                                    parse_window_counts)
     from featurescribe.labelers import check_explainer_spec
     from featurescribe.scorers.registry import SCORERS, check_simulator_spec
     from featurescribe.statuses import STRUCTURED_CHOICES
@@ -47,6 +48,7 @@ def check_options(o: "LabelOptions") -> None:
         raise FeaturescribeError("--no-wait goes with --batch")
     parse_window_counts(o.windows)
     parse_baseline(o.baseline)
+    parse_gate(o.gate)
     _check_steering_options(o)
 
 

@@ -30,6 +30,7 @@ Every value passed between the steps is a picklable dataclass.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import uuid
 import zlib
@@ -114,7 +115,7 @@ def chunks(ids: Sequence[int], size: int) -> Iterator[list[int]]:
 @dataclass
 class SkippedFeature:
     feature_id: int
-    status: str  # FeatureStatus.DEAD | FeatureStatus.RARE
+    status: str  # FeatureStatus.DEAD | RARE | GATED
     reason: str
 
 
@@ -187,6 +188,7 @@ class ChunkResult:
     labelled: list[int] = field(default_factory=list)  # features with a chosen, scored explanation
     failed: dict[int, str] = field(default_factory=dict)  # feature -> why it has no label
     not_done: list[int] = field(default_factory=list)  # left for a later run (budget)
+    intruder: dict[int, float] = field(default_factory=dict)  # the gate's accuracy per feature
     stopped_at_budget: bool = False
     spent_usd: float = 0.0
 
@@ -287,6 +289,8 @@ async def compute_chunk(prepared: PreparedChunk, options: LabelOptions, clients:
     chunk = _Chunk(prepared, options, explainer, simulator,
                    clients.simulator, run_id, ChunkResult(prepared.source_id, skipped=list(prepared.skipped)),
                    steering=_steering(prepared, options, store, run_id))
+    if options.gate_threshold is not None:
+        await gate_features(chunk, clients.simulator)
     per_feature = await explain_features(chunk)
     chosen = await choose_candidates(chunk, per_feature)
     await score_chosen(chunk, chosen)
@@ -309,6 +313,43 @@ def _steering(prepared: PreparedChunk, options: LabelOptions, store, run_id):
     max_acts = {fe.feature_id: fe.max_act for fe in prepared.examples}
     return steering_for_source(prepared.source, max_acts, options.intervention_config(),
                                store=store, run_id=run_id)
+
+
+async def gate_features(chunk: _Chunk, client: Any) -> None:
+    """--gate intruder:T: the intruder test on every feature of the chunk (judged as detection
+    would be: the simulator's backend, or lexical); features below T are dropped from the chunk
+    as 'gated'. A feature too sparse to build a set passes."""
+    from featurescribe.scorers.intruder import IntruderFailed, gate_feature
+    from featurescribe.scorers.registry import default_judge, make_judge
+
+    judge = make_judge(default_judge(chunk.options.simulator), client=client)
+    threshold = chunk.options.gate_threshold
+    examples = chunk.prepared.examples
+
+    async def one(fe: FeatureExamples):
+        try:
+            return await gate_feature(judge, fe)
+        except IntruderFailed as err:
+            chunk.result.failed[fe.feature_id] = f"intruder gate failed: {err}"
+            return err
+        except BudgetExceeded:
+            chunk.result.not_done.append(fe.feature_id)
+            chunk.result.stopped_at_budget = True
+            return None
+
+    outcomes = await asyncio.gather(*(one(fe) for fe in examples))
+    kept = []
+    for fe, out in zip(examples, outcomes):
+        if fe.feature_id in chunk.result.failed or fe.feature_id in chunk.result.not_done:
+            continue
+        if out is not None:
+            chunk.result.intruder[fe.feature_id] = out.accuracy
+            if out.accuracy < threshold:
+                reason = f"intruder accuracy {out.accuracy:.2f} below the gate {threshold:g} ({judge.spec})"
+                chunk.result.skipped.append(SkippedFeature(fe.feature_id, FeatureStatus.GATED, reason))
+                continue
+        kept.append(fe)
+    chunk.prepared = dataclasses.replace(chunk.prepared, examples=kept)
 
 
 async def explain_features(chunk: _Chunk) -> dict[int, list[ExplanationRow]]:
@@ -488,6 +529,8 @@ def write_chunk(con, result: ChunkResult, *, run_id: str | None = None, calls=No
     with transaction(con):
         sql.unchoose_older(con, result.source_id, [r.explanation for r in result.explanations if r.chosen])
         counts.explanations = sql.insert_explanations(con, result.explanations, run_id)
+        sql.save_intruder_gate(con, result.source_id, result.intruder,
+                               {k.feature_id: k.reason for k in result.skipped if k.status == FeatureStatus.GATED})
         counts.scores = save_scores(con, result.scores, run_id=run_id)
         if calls is not None and hasattr(calls, "flush_to"):
             counts.ledger_rows = int(calls.flush_to(con) or 0)

@@ -52,6 +52,10 @@ class LabelOptions:
                                  "default), sample:N (one feature in N gets its own; the others carry "
                                  "the run's population baseline, the mean over those that have one) "
                                  "or none", metavar="every|sample:N|none")
+    gate: str = opt("", "intruder:T: before explaining, the intruder test (which of 5 windows does "
+                        "not belong; judged by the simulator's backend) on each feature; one whose "
+                        "accuracy is below T (0-1; chance is 0.2) stays unlabelled with status "
+                        "'gated', paying for no explanation or scoring", metavar="intruder:T")
     candidates: int = opt(1, "explanations per feature; with more than 1, the best on the valid split "
                              "is chosen (default: 1)")
     concurrency: int = opt(16, "LLM requests in flight (default: 16)")
@@ -144,6 +148,11 @@ class LabelOptions:
         return parse_baseline(self.baseline)
 
     @property
+    def gate_threshold(self) -> float | None:
+        """The intruder gate's threshold (None: no gate)."""
+        return parse_gate(self.gate)
+
+    @property
     def method_name(self) -> str:
         """What `explanations.method` records: the prompt style, or the no-LLM explainer's own."""
         from featurescribe.labelers import method_name
@@ -195,6 +204,21 @@ def parse_baseline(spec: str) -> int:
     if kind == "sample" and n.isdigit() and int(n) >= 1:
         return int(n)
     raise FeaturescribeError(f"bad --baseline {spec!r}: use every, sample:N (N >= 1) or none")
+
+
+def parse_gate(spec: str) -> float | None:
+    """'' -> None, 'intruder:0.4' -> 0.4; FeaturescribeError for anything else."""
+    text = (spec or "").strip().lower()
+    if not text:
+        return None
+    kind, _, value = text.partition(":")
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = -1.0
+    if kind != "intruder" or not 0.0 <= threshold <= 1.0:
+        raise FeaturescribeError(f"bad --gate {spec!r}: use intruder:T with T from 0 to 1")
+    return threshold
 
 
 def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:

@@ -22,6 +22,7 @@ from featurescribe.scorers.classify import Judge, LexicalJudge, LLMJudge, LocalJ
 from featurescribe.scorers.context import ScoreFailure, ScoringContext
 from featurescribe.scorers.embedding import score_embedding_in_context
 from featurescribe.scorers.intervention import score_intervention_in_context
+from featurescribe.scorers.intruder import score_intruder
 from featurescribe.scorers.simulation import score_simulation
 from featurescribe.scorers.simulators import (
     LexicalSimulator,
@@ -50,6 +51,7 @@ BUILTIN_SCORERS: tuple[ScorerKind, ...] = (
     ScorerKind("fuzzing", score_fuzzing, uses_judge=True),
     ScorerKind("intervention", score_intervention_in_context, uses_steering=True),
     ScorerKind("embedding", score_embedding_in_context),
+    ScorerKind("intruder", score_intruder, uses_judge=True),
 )
 
 
