@@ -64,14 +64,7 @@ def build_db(con, *, n_seqs: int = 120, seq_len: int = 48, n_features: int = 12,
             if f == 3 and s == 0:
                 acts[(3, dup, p)] = a
         acts[(3, 0, 0)] = acts[(3, dup, 0)] = 50.0  # sequence 0 and its copies are the top
-    keys = sorted(acts)
-    insert_arrow(con, "activations", pa.table({
-        "source_id": pa.array([SOURCE] * len(keys), pa.string()),
-        "feature_id": pa.array([k[0] for k in keys], pa.int32()),
-        "seq_id": pa.array([k[1] for k in keys], pa.int64()),
-        "pos": pa.array([k[2] for k in keys], pa.int32()),
-        "act": pa.array([acts[k] for k in keys], pa.float32()),
-    }))
+    insert_acts(con, acts)
     con.execute(f"""
         INSERT INTO features (source_id, feature_id, n_active, frac_active, max_act, mean_act, status)
         SELECT '{SOURCE}', f::INTEGER, coalesce(n, 0), coalesce(n, 0) / {n_seqs * seq_len}, m, a,
@@ -80,6 +73,18 @@ def build_db(con, *, n_seqs: int = 120, seq_len: int = 48, n_features: int = 12,
             SELECT feature_id, count(*) n, max(act) m, avg(act) a FROM activations GROUP BY 1
         ) x ON x.feature_id = f""")
     return {"ids": ids, "acts": acts, "n_seqs": n_seqs, "seq_len": seq_len, "n_features": n_features}
+
+
+def insert_acts(con, acts: dict[tuple[int, int, int], float]) -> None:
+    """Rows of `activations` from {(feature, seq, pos): act}."""
+    keys = sorted(acts)
+    insert_arrow(con, "activations", pa.table({
+        "source_id": pa.array([SOURCE] * len(keys), pa.string()),
+        "feature_id": pa.array([k[0] for k in keys], pa.int32()),
+        "seq_id": pa.array([k[1] for k in keys], pa.int64()),
+        "pos": pa.array([k[2] for k in keys], pa.int32()),
+        "act": pa.array([acts[k] for k in keys], pa.float32()),
+    }))
 
 
 @pytest.fixture
@@ -307,14 +312,7 @@ def test_top_windows_exact_when_the_top_entries_crowd_into_few_sequences(con):
     info = build_db(con, n_features=4)
     extra = {(3, s, p): 100.0 - s + 0.001 * p for s in range(60) for p in range(info["seq_len"])}
     con.execute("DELETE FROM activations WHERE feature_id = 3")
-    keys = sorted(extra)
-    insert_arrow(con, "activations", pa.table({
-        "source_id": pa.array([SOURCE] * len(keys), pa.string()),
-        "feature_id": pa.array([k[0] for k in keys], pa.int32()),
-        "seq_id": pa.array([k[1] for k in keys], pa.int64()),
-        "pos": pa.array([k[2] for k in keys], pa.int32()),
-        "act": pa.array([extra[k] for k in keys], pa.float32()),
-    }))
+    insert_acts(con, extra)
     info["acts"] = {k: v for k, v in info["acts"].items() if k[0] != 3} | extra
     cfg = SamplingConfig()
     report = sample_examples(con, SOURCE, [3], cfg)

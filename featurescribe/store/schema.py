@@ -234,25 +234,28 @@ _V3 = [
     """,
 ]
 
-# Version 4: why a failed explanation has no text (the last error the LLM layer gave), so failures
-# can be read with SQL beside the ledger.
-# The labels view now reads test-split scores only: a candidate's `valid` score (the split it was
-# chosen on) never stands in for a test score that failed.
-_V4 = [
-    "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS error VARCHAR",
-    """
+# the labels view since version 4 (test-split scores only), with its lift
+_LABELS_VIEW = """
     CREATE OR REPLACE VIEW labels AS
     SELECT e.source_id, e.feature_id, e.text AS explanation, s.value AS score, s.scorer,
            e.explainer, s.simulator, s.split,
            s.baseline_shuffled, s.baseline_tokens,
-           s.value - s.baseline_shuffled AS lift,
+           {lift} AS lift,
            e.explanation_id
     FROM explanations e JOIN scores s USING (explanation_id)
     WHERE coalesce(e.status, 'ok') = 'ok' AND coalesce(s.split, 'test') = 'test'
     QUALIFY row_number() OVER (
         PARTITION BY e.source_id, e.feature_id
         ORDER BY s.scorer = 'simulation' DESC, s.value DESC, e.explanation_id) = 1
-    """,
+    """
+
+# Version 4: why a failed explanation has no text (the last error the LLM layer gave), so failures
+# can be read with SQL beside the ledger.
+# The labels view now reads test-split scores only: a candidate's `valid` score (the split it was
+# chosen on) never stands in for a test score that failed.
+_V4 = [
+    "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS error VARCHAR",
+    _LABELS_VIEW.format(lift="s.value - s.baseline_shuffled"),
 ]
 
 # Version 5: the tokens a feature's output direction promotes most (label --logit-lens).
@@ -317,19 +320,7 @@ _V9 = [
     "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS cached_input_tokens BIGINT",
     "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS cache_write_tokens BIGINT",
     "ALTER TABLE features ADD COLUMN IF NOT EXISTS intruder DOUBLE",
-    """
-    CREATE OR REPLACE VIEW labels AS
-    SELECT e.source_id, e.feature_id, e.text AS explanation, s.value AS score, s.scorer,
-           e.explainer, s.simulator, s.split,
-           s.baseline_shuffled, s.baseline_tokens,
-           s.value - coalesce(s.baseline_shuffled, s.baseline_population) AS lift,
-           e.explanation_id
-    FROM explanations e JOIN scores s USING (explanation_id)
-    WHERE coalesce(e.status, 'ok') = 'ok' AND coalesce(s.split, 'test') = 'test'
-    QUALIFY row_number() OVER (
-        PARTITION BY e.source_id, e.feature_id
-        ORDER BY s.scorer = 'simulation' DESC, s.value DESC, e.explanation_id) = 1
-    """,
+    _LABELS_VIEW.format(lift="s.value - coalesce(s.baseline_shuffled, s.baseline_population)"),
 ]
 
 MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
