@@ -41,8 +41,8 @@ from featurescribe.store.transaction import transaction
 
 # entries read per top candidate (a sequence rarely holds more than a few of a feature's top
 # entries), and the size of the uniform sample of active sequences the quantile bins are cut from
-TOP_ENTRIES_PER_POOL = 4
-QUANTILE_SAMPLE = 128
+TOP_ENTRIES_PER_POOL = 3
+QUANTILE_SAMPLE = 64
 
 # windows per split and kind; quantile counts are spread over the bins (the highest bins get
 # any remainder)
