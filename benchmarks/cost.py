@@ -8,10 +8,13 @@ runs with the default sampling through the real openai and anthropic SDKs agains
 server (tests/fake_llm.py), which answers every prompt in the asked-for form. The server bills
 tokens as characters / 4, the usual rule of thumb (real tokenizers differ by some 10-20 %), and
 its answers are as long as real ones (a simulation answer repeats each token with its number).
+(The server counts whitespace-separated words as tokens: tests/fake_llm.py.)
 The ledger (`llm_calls`) is summed per purpose (explain, simulate, detect, fuzz), and each
 combination is priced at the list prices of featurescribe/llm/prices.json. Baseline calls (the
 shuffled-explanation score) are counted with their scorer: they are part of what a score costs.
-The last line is the cheapest full label (explain + simulation scoring) on gpt-4o-mini.
+Then explain + simulation under each simulation option (`--sim-windows-per-call`, `--baseline`)
+on gpt-4o-mini and claude-haiku-4-5, the first row being the behaviour before issue 16.
+The last line is explain + simulation scoring on gpt-4o-mini with the default options.
 """
 
 from __future__ import annotations
@@ -127,12 +130,12 @@ def pairs_simulation_cost(db: str, provider: str, model: str, prices) -> tuple[f
     return calls / n, tin / n, tout / n, cost / n
 
 
-def print_simulation_options(work: str, base: str, features: str, prices) -> float:
+def print_simulation_options(work: str, base: str, features: str, prices) -> list[float]:
     """Pairs + simulation on gpt-4o-mini and claude-haiku-4-5 under each SIMULATION_OPTIONS row;
-    returns the gpt-4o-mini cost per feature of the first (the behaviour before)."""
+    returns the gpt-4o-mini cost per feature of each row."""
     print()
     print(f"{'pairs + simulation, by option':58s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   $ per 1k features")
-    before = None
+    openai_costs = []
     for provider, model in (("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5")):
         for i, (name, extra) in enumerate(SIMULATION_OPTIONS):
             db = os.path.join(work, f"opt-{provider}-{i}.duckdb")
@@ -142,12 +145,10 @@ def print_simulation_options(work: str, base: str, features: str, prices) -> flo
             run(["label", "--db", db, "--source", "6-mlp", "--features", features, "--explainer", spec,
                  "--simulator", spec, "--method", "pairs", "--no-progress", *extra])
             calls, tin, tout, usd = pairs_simulation_cost(db, provider, model, prices)
-            before = usd if before is None else before
+            if provider == "openai":
+                openai_costs.append(usd)
             print(f"{model + ': ' + name:58s} {calls:6.1f} {tin:8.0f} {tout:8.0f}   ${usd * 1000:.2f}")
-        if provider == "openai":
-            before_openai = before
-        before = None
-    return before_openai
+    return openai_costs
 
 
 def main() -> int:
@@ -170,7 +171,7 @@ def main() -> int:
     run(["harvest", "--db", base, "--model", "smollm2-135m", "--layer", "6", "--site", "mlp",
          "--corpus", "builtin:stdlib", "--max-tokens", str(tokens)])
     print(f"harvest: smollm2-135m layer 6 mlp, {tokens:,} tokens of builtin:stdlib; label --features {features}")
-    print("tokens are the local server's estimate (characters / 4); prices from featurescribe/llm/prices.json")
+    print("tokens are the local server's estimate (whitespace-separated words); prices from featurescribe/llm/prices.json")
     print()
     print(f"{'explainer / scorer':44s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   per labelled feature")
     headline = None
@@ -202,10 +203,13 @@ def main() -> int:
                 print(f"{label:44s} {calls / n:6.1f} {per_in:8.0f} {per_out:8.0f}   " + ", ".join(costs))
             if "intervention" in scorers:
                 print_forward_passes(db, provider, n)
-    before = print_simulation_options(work, base, features, prices)
+    by_option = print_simulation_options(work, base, features, prices)
     server.stop()
+    before, sampled = by_option[0], by_option[4]  # the behaviour before; 5 windows + sample:10
     print()
-    print(f"cost_ratio_vs_one_window_per_request: {headline / before:.3f}")
+    print(f"cost_per_feature_usd_gpt4o_mini_before: {before:.5f}")
+    print(f"cost_per_feature_usd_gpt4o_mini_baseline_sample10: {sampled:.5f} ({sampled / before:.3f}x before)")
+    print(f"cost_ratio_defaults_vs_before: {headline / before:.3f}")
     print(f"cost_per_feature_usd_gpt4o_mini: {headline:.5f}")
     return 0
 
