@@ -6,9 +6,8 @@
 Real smollm2-135m layer-6 MLP neurons are harvested from builtin:stdlib, then `featurescribe label`
 runs with the default sampling through the real openai and anthropic SDKs against the tests' local
 server (tests/fake_llm.py), which answers every prompt in the asked-for form. The server bills
-tokens as characters / 4, the usual rule of thumb (real tokenizers differ by some 10-20 %), and
-its answers are as long as real ones (a simulation answer repeats each token with its number).
-(The server counts whitespace-separated words as tokens: tests/fake_llm.py.)
+whitespace-separated words as tokens (real tokenizers count more, especially for code), and its
+answers are as long as real ones (a simulation answer repeats each token with its number).
 The ledger (`llm_calls`) is summed per purpose (explain, simulate, detect, fuzz), and each
 combination is priced at the list prices of featurescribe/llm/prices.json. Baseline calls (the
 shuffled-explanation score) are counted with their scorer: they are part of what a score costs.
