@@ -72,12 +72,13 @@ def trim(bed: PlantedBed, n_top: int, n_random: int) -> dict:
 
 
 def judge_aucs(label: str, bed: PlantedBed, exps, res, scorers) -> dict:
+    results = getattr(res, "results", res)  # a ScoreOutcome or its list of results
     lexical = [p.feature_id for p in bed.plants if p.lexical]
     context = [p.feature_id for p in bed.plants if not p.lexical]
     out = {}
     for sc in scorers:
         for part, feats in (("lexical_plants", lexical), ("contextual_plants", context)):
-            r = ranking_auc(exps, res.results, sc, feats)
+            r = ranking_auc(exps, results, sc, feats)
             if r.per_feature:
                 out[(sc, part)] = r.auc
                 fig(f"planted_auc_{label}_{sc}_{part}", r.auc)
@@ -110,7 +111,7 @@ async def planted(args) -> float:
 
     # the embedding scorer (offline MiniLM): retrieval AUC of activating windows per explanation
     t1 = time.perf_counter()
-    res = await score_explanations(exps, bed.examples, scorers="embedding", baselines=False)
+    res = (await score_explanations(exps, bed.examples, scorers="embedding", baselines=False)).results
     judge_aucs("minilm", bed, exps, res, ("embedding",))
     true_ids = {e.explanation_id for e in exps if e.method == "true"}
     print(f"# planted, embedding scorer: true explanations {describe([r.value for r in res if r.explanation_id in true_ids])}; "
