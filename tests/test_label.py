@@ -227,6 +227,9 @@ def test_missing_api_key_fails_before_any_work(labdb, monkeypatch, capsys):
     (["--windows", "test.middle=3"], "bad --windows item 'test.middle=3'"),
     (["--windows", "test.top=-1"], "N must be a whole number"),
     (["--windows", "test.top=0,test.random=0"], "leaves the test split empty"),
+    (["--sim-windows-per-call", "0"], "--sim-windows-per-call must be at least 1"),
+    (["--baseline", "sample:0"], "bad --baseline 'sample:0'"),
+    (["--gate", "vibes:0.5"], "bad --gate 'vibes:0.5'"),
 ])
 def test_user_errors_are_one_line(labdb, capsys, args, msg):
     assert _cli(labdb, *args) != 0
