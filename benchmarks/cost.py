@@ -6,12 +6,14 @@
 Real smollm2-135m layer-6 MLP neurons are harvested from builtin:stdlib, then `featurescribe label`
 runs with the default sampling through the real openai and anthropic SDKs against the tests' local
 server (tests/fake_llm.py), which answers every prompt in the asked-for form. The server bills
-tokens as characters / 4, the usual rule of thumb (real tokenizers differ by some 10-20 %), and
-its answers are as long as real ones (a simulation answer repeats each token with its number).
+whitespace-separated words as tokens (real tokenizers count more, especially for code), and its
+answers are as long as real ones (a simulation answer repeats each token with its number).
 The ledger (`llm_calls`) is summed per purpose (explain, simulate, detect, fuzz), and each
 combination is priced at the list prices of featurescribe/llm/prices.json. Baseline calls (the
 shuffled-explanation score) are counted with their scorer: they are part of what a score costs.
-The last line is the cheapest full label (explain + simulation scoring) on gpt-4o-mini.
+Then explain + simulation under each simulation option (`--sim-windows-per-call`, `--baseline`)
+on gpt-4o-mini and claude-haiku-4-5, the first row being the behaviour before issue 16.
+The last line is explain + simulation scoring on gpt-4o-mini with the default options.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ PURPOSE_OF = {"simulation": "simulate", "detection": "detect", "fuzzing": "fuzz"
 
 def responder(req):
     """Answer like a capable judge would, in the form each prompt asks for."""
-    from tests.test_simulators import logprob_reply
+    from tests.test_simulators import _shown_tokens, activations_answer, logprob_reply
 
     user = req.user_text
     props = json.dumps((req.json_schema or {}).get("properties", {}))
@@ -57,10 +59,9 @@ def responder(req):
             return json.dumps({"answers": ["AB"[i % 2] for i in range(int(n))]})
         return json.dumps({"answers": [i % 2 for i in range(int(n))]})
     if '"activations"' in props:
-        n = int(re.search(r"exactly (\d+) whole numbers", user).group(1))
-        return json.dumps({"activations": [0] * n})
-    # logprob simulation: the prompt ends with the window's tokens, one a line
-    lines = user.split("\n\n")[-1].split("\n")
+        return activations_answer(user, lambda t: 0)
+    # logprob simulation: the prompt ends with the windows' tokens, one a line
+    lines = _shown_tokens(user)
     return logprob_reply(lines, [{"0": 0.7, "3": 0.2, "10": 0.1} for _ in lines])
 
 
@@ -75,19 +76,22 @@ def run(cmd: list[str]) -> str:
     return out.getvalue()
 
 
-def ledger(db: str, backend: str) -> tuple[dict[str, tuple[int, int, int]], int]:
+def ledger(db: str, backend: str) -> tuple[dict[str, tuple[int, int, int, int]], int]:
+    """Per purpose: calls, input tokens, output tokens, input tokens read from the prompt cache;
+    and the number of features labelled."""
     from featurescribe.store import open_db
 
     con = open_db(db, read_only=True)
     try:
         rows = con.execute(
-            "SELECT purpose, count(*), sum(input_tokens), sum(output_tokens) FROM llm_calls "
+            "SELECT purpose, count(*), sum(input_tokens), sum(output_tokens), "
+            "sum(coalesce(cached_input_tokens, 0)) FROM llm_calls "
             "WHERE backend = ? AND status = 'ok' GROUP BY 1", [backend]).fetchall()
         n = con.execute("SELECT count(DISTINCT feature_id) FROM explanations e JOIN scores s "
                         "USING (explanation_id) WHERE e.explainer LIKE ?", [backend + ":%"]).fetchone()[0]
     finally:
         con.close()
-    return {p: (int(c), int(i or 0), int(o or 0)) for p, c, i, o in rows}, int(n)
+    return {p: (int(c), int(i or 0), int(o or 0), int(k or 0)) for p, c, i, o, k in rows}, int(n)
 
 
 def print_forward_passes(db: str, provider: str, n: int) -> None:
@@ -103,6 +107,47 @@ def print_forward_passes(db: str, provider: str, n: int) -> None:
         con.close()
     print(f"{'  ' + provider + ' intervention: local steering':44s} {passes / n:6.1f} {(tin or 0) / n:8.0f} "
           f"{(tout or 0) / n:8.0f}   forward passes of the source model, {(secs or 0) / n:.1f} s a feature, $0")
+
+
+# label options that change what pairs + simulation costs, the first the behaviour before issue 16
+SIMULATION_OPTIONS = [
+    ("one window a request, baseline every (before)", ["--sim-windows-per-call", "1", "--baseline", "every"]),
+    ("5 windows a request (default)", ["--sim-windows-per-call", "5"]),
+    ("20 windows a request (one per split)", ["--sim-windows-per-call", "20"]),
+    ("1 window a request, baseline sample:10", ["--sim-windows-per-call", "1", "--baseline", "sample:10"]),
+    ("5 windows a request, baseline sample:10", ["--sim-windows-per-call", "5", "--baseline", "sample:10"]),
+    ("20 windows a request, baseline sample:10", ["--sim-windows-per-call", "20", "--baseline", "sample:10"]),
+]
+
+
+def pairs_simulation_cost(db: str, provider: str, model: str, prices) -> tuple[float, float, float, float]:
+    """(calls, input tokens, output tokens, USD) per labelled feature for explain + simulation."""
+    usage, n = ledger(db, provider)
+    rows = [usage.get(p, (0, 0, 0, 0)) for p in ("explain", "simulate")]
+    calls, tin, tout, tcached = (sum(r[i] for r in rows) for i in range(4))
+    cost, _ = prices.cost(provider, model, tin, tout, tcached)
+    return calls / n, tin / n, tout / n, cost / n
+
+
+def print_simulation_options(work: str, base: str, features: str, prices) -> list[float]:
+    """Pairs + simulation on gpt-4o-mini and claude-haiku-4-5 under each SIMULATION_OPTIONS row;
+    returns the gpt-4o-mini cost per feature of each row."""
+    print()
+    print(f"{'pairs + simulation, by option':58s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   $ per 1k features")
+    openai_costs = []
+    for provider, model in (("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5")):
+        for i, (name, extra) in enumerate(SIMULATION_OPTIONS):
+            db = os.path.join(work, f"opt-{provider}-{i}.duckdb")
+            with open(base, "rb") as src, open(db, "wb") as dst:
+                dst.write(src.read())
+            spec = f"{provider}:{model}"
+            run(["label", "--db", db, "--source", "6-mlp", "--features", features, "--explainer", spec,
+                 "--simulator", spec, "--method", "pairs", "--no-progress", *extra])
+            calls, tin, tout, usd = pairs_simulation_cost(db, provider, model, prices)
+            if provider == "openai":
+                openai_costs.append(usd)
+            print(f"{model + ': ' + name:58s} {calls:6.1f} {tin:8.0f} {tout:8.0f}   ${usd * 1000:.2f}")
+    return openai_costs
 
 
 def main() -> int:
@@ -125,7 +170,7 @@ def main() -> int:
     run(["harvest", "--db", base, "--model", "smollm2-135m", "--layer", "6", "--site", "mlp",
          "--corpus", "builtin:stdlib", "--max-tokens", str(tokens)])
     print(f"harvest: smollm2-135m layer 6 mlp, {tokens:,} tokens of builtin:stdlib; label --features {features}")
-    print("tokens are the local server's estimate (characters / 4); prices from featurescribe/llm/prices.json")
+    print("tokens are the local server's estimate (whitespace-separated words); prices from featurescribe/llm/prices.json")
     print()
     print(f"{'explainer / scorer':44s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   per labelled feature")
     headline = None
@@ -141,14 +186,15 @@ def main() -> int:
             usage, n = ledger(db, provider)
             if not n:
                 raise SystemExit(f"{provider} {method}: no feature was labelled")
-            ex = usage.get("explain", (0, 0, 0))
+            ex = usage.get("explain", (0, 0, 0, 0))
             for scorer in scorers:
-                sc = usage.get(PURPOSE_OF[scorer], (0, 0, 0))
-                calls, tin, tout = ex[0] + sc[0], ex[1] + sc[1], ex[2] + sc[2]
+                sc = usage.get(PURPOSE_OF[scorer], (0, 0, 0, 0))
+                calls, tin, tout, tcached = ex[0] + sc[0], ex[1] + sc[1], ex[2] + sc[2], ex[3] + sc[3]
                 per_in, per_out = tin / n, tout / n
                 costs = []
                 for m in models:
-                    c, _ = prices.cost(provider, m, int(round(per_in * 1000)), int(round(per_out * 1000)))
+                    c, _ = prices.cost(provider, m, int(round(per_in * 1000)), int(round(per_out * 1000)),
+                                       int(round(tcached / n * 1000)))
                     costs.append(f"{m} ${c:.3f}/1k")
                     if provider == "openai" and m == "gpt-4o-mini" and scorer == "simulation" and method == "pairs":
                         headline = c / 1000
@@ -156,8 +202,13 @@ def main() -> int:
                 print(f"{label:44s} {calls / n:6.1f} {per_in:8.0f} {per_out:8.0f}   " + ", ".join(costs))
             if "intervention" in scorers:
                 print_forward_passes(db, provider, n)
+    by_option = print_simulation_options(work, base, features, prices)
     server.stop()
+    before, sampled = by_option[0], by_option[4]  # the behaviour before; 5 windows + sample:10
     print()
+    print(f"cost_per_feature_usd_gpt4o_mini_before: {before:.5f}")
+    print(f"cost_per_feature_usd_gpt4o_mini_baseline_sample10: {sampled:.5f} ({sampled / before:.3f}x before)")
+    print(f"cost_ratio_defaults_vs_before: {headline / before:.3f}")
     print(f"cost_per_feature_usd_gpt4o_mini: {headline:.5f}")
     return 0
 

@@ -72,12 +72,13 @@ def trim(bed: PlantedBed, n_top: int, n_random: int) -> dict:
 
 
 def judge_aucs(label: str, bed: PlantedBed, exps, res, scorers) -> dict:
+    results = getattr(res, "results", res)  # a ScoreOutcome or its list of results
     lexical = [p.feature_id for p in bed.plants if p.lexical]
     context = [p.feature_id for p in bed.plants if not p.lexical]
     out = {}
     for sc in scorers:
         for part, feats in (("lexical_plants", lexical), ("contextual_plants", context)):
-            r = ranking_auc(exps, res.results, sc, feats)
+            r = ranking_auc(exps, results, sc, feats)
             if r.per_feature:
                 out[(sc, part)] = r.auc
                 fig(f"planted_auc_{label}_{sc}_{part}", r.auc)
@@ -110,7 +111,7 @@ async def planted(args) -> float:
 
     # the embedding scorer (offline MiniLM): retrieval AUC of activating windows per explanation
     t1 = time.perf_counter()
-    res = await score_explanations(exps, bed.examples, scorers="embedding", baselines=False)
+    res = (await score_explanations(exps, bed.examples, scorers="embedding", baselines=False)).results
     judge_aucs("minilm", bed, exps, res, ("embedding",))
     true_ids = {e.explanation_id for e in exps if e.method == "true"}
     print(f"# planted, embedding scorer: true explanations {describe([r.value for r in res if r.explanation_id in true_ids])}; "
@@ -141,6 +142,7 @@ async def planted(args) -> float:
     fig("planted_tokens_explainer_mean_lift", float(np.mean(lift)) if lift else 0.0)
 
     await intervention_bed(args)
+    await intruder_bed(bed, args)
 
     # API judges the user configured
     for spec in [s.strip() for s in os.environ.get("FEATURESCRIBE_QUALITY_JUDGES", "").split(",") if s.strip()]:
@@ -197,6 +199,29 @@ async def planted(args) -> float:
     print(f"# local:{args.model} as judge (P('1') vs P('0'), one pass a batch): {len(res.results)} scored, "
           f"{len(res.failures)} failed, {time.perf_counter() - t0:.0f} s")
     return ranking.auc
+
+
+async def intruder_bed(bed: PlantedBed, args) -> None:
+    """The intruder scorer (as the label gate runs it: explain windows, one set of 5 per 4
+    activating windows) on every plant and on as many noise features (scattered activations):
+    the AUC with which its accuracy ranks the plants above the noise, per judge."""
+    from featurescribe.scorers.classify import LexicalJudge, LocalJudge
+    from featurescribe.scorers.intruder import gate_feature
+    from featurescribe.testbed.planted import noise_features, separation_auc
+
+    judges = [("lexical", LexicalJudge())]
+    if args.local_judge:
+        from featurescribe.llm import make_client
+
+        judges.append(("local", LocalJudge(make_client(f"local:{args.model}", use_cache=False))))
+    plants = [bed.examples[k] for k in sorted(bed.examples)]
+    noise = noise_features(bed)
+    for tag, judge in judges:
+        t0 = time.perf_counter()
+        acc = [[(await gate_feature(judge, fe)).accuracy for fe in group] for group in (plants, noise)]
+        print(f"# intruder, {tag} judge: plants {describe(acc[0])}; noise {describe(acc[1])} "
+              f"(chance 0.2), {time.perf_counter() - t0:.0f} s")
+        fig(f"planted_auc_{tag}_intruder", separation_auc(acc[0], acc[1]))
 
 
 async def intervention_bed(args) -> None:

@@ -94,6 +94,9 @@ class ScoreResult:
     details: dict[str, Any] = field(default_factory=dict)
     baseline_shuffled: float | None = None
     baseline_tokens: float | None = None
+    # with --baseline sample:N, a score without its own shuffled baseline carries the mean of
+    # those of its chunk that have one
+    baseline_population: float | None = None
     simulations: list[SimulationRecord] = field(default_factory=list)
     # the intervention scorer's audit rows (scorers/intervention.py InterventionRecord)
     interventions: list[Any] = field(default_factory=list)

@@ -54,6 +54,7 @@ class FeatureStatus(StrEnum):
     ALIVE = "alive"
     DEAD = "dead"  # no activations
     RARE = "rare"  # too few active sequences to sample
+    GATED = "gated"  # below the intruder gate (label --gate intruder:T): left unlabelled
 
 
 class StructuredForm(StrEnum):

@@ -45,6 +45,9 @@ Faults (`server.inject(kind, times=1, **options)`; consumed first in, first out,
 Usage counts are deterministic: `count_tokens(text)` is the number of whitespace-separated words
 (at least 1); a request's input tokens are the sum over its message contents (and system prompt)
 plus 3 per message; output tokens are `count_tokens(answer text)`. A `Reply` may override both.
+Prompt caching is reported as the real APIs do (`FakeLLMServer.prompt_cache`): OpenAI's
+`usage.prompt_tokens_details.cached_tokens` for a repeated prefix of 1,024+ tokens, Anthropic's
+`cache_read_input_tokens` / `cache_creation_input_tokens` for a `cache_control` system prompt.
 
 Dialects: `server.refuse` maps a part of an OpenAI request body to the error the server answers
 when that part is sent: `(status, message)`. Keys are a body field (`"logprobs"`, `"seed"`, ...)
@@ -94,6 +97,9 @@ DIALECTS = {
 }
 
 FAULT_KINDS = ("429", "500", "503", "529", "401", "400", "slow", "malformed", "truncated", "disconnect")
+
+
+OPENAI_CACHE_MIN, OPENAI_CACHE_STEP = 1024, 128
 
 
 def count_tokens(text: str) -> int:
@@ -162,6 +168,8 @@ class RecordedRequest:
     status: int | None = None  # the HTTP status sent (None: connection closed without answer)
     input_tokens: int = 0  # billed tokens of a 200 answer (0 for errors)
     output_tokens: int = 0
+    cache_read_tokens: int = 0  # of input_tokens, read from the prompt cache
+    cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic cache_control)
     response: dict | None = None  # the JSON body sent
     started_at: float = 0.0
     finished_at: float = 0.0
@@ -261,6 +269,7 @@ class FakeLLMServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
+        self._cached_prefixes: set = set()  # what the fake prompt cache holds (prompt_cache)
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
@@ -334,6 +343,32 @@ class FakeLLMServer:
     @property
     def billed_output_tokens(self) -> int:
         return sum(r.output_tokens for r in self.requests if r.billed)
+
+    def prompt_cache(self, rec: RecordedRequest) -> tuple[int, int]:
+        """(read, written) input tokens of the provider's prompt cache, as the real APIs count
+        them. OpenAI caches every prompt automatically from 1,024 tokens on, in steps of 128: the
+        longest such prefix of words sent before is read. Anthropic caches the system prompt
+        when a block of it carries `cache_control` and it has at least 1,024 tokens (2,048 for
+        Haiku): written the first time, read after."""
+        if rec.api == "openai":
+            words = [w for m in rec.messages for w in m["content"].split()]
+            lengths = range(OPENAI_CACHE_MIN, len(words) + 1, OPENAI_CACHE_STEP)
+            keys = [hash(tuple(words[:n])) for n in lengths]
+            with self._lock:
+                read = max((n for n, k in zip(lengths, keys) if k in self._cached_prefixes), default=0)
+                self._cached_prefixes.update(keys)
+            return min(read, rec.input_tokens), 0
+        system = rec.body.get("system")
+        if not isinstance(system, list) or not any("cache_control" in b for b in system if isinstance(b, dict)):
+            return 0, 0
+        text = _content_text(system)
+        n = count_tokens(text)
+        if n < (2048 if "haiku" in rec.model else 1024):
+            return 0, 0
+        with self._lock:
+            seen = text in self._cached_prefixes
+            self._cached_prefixes.add(text)
+        return (n, 0) if seen else (0, n)
 
     def refusal(self, rec: RecordedRequest) -> tuple[int, str] | None:
         """The error this server answers an OpenAI request with for a part it does not take."""
@@ -509,6 +544,7 @@ def _openai_body(rec: RecordedRequest, reply: Reply) -> dict:
             "prompt_tokens": rec.input_tokens,
             "completion_tokens": rec.output_tokens,
             "total_tokens": rec.input_tokens + rec.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": rec.cache_read_tokens},
         },
         "system_fingerprint": "fp_fake",
     }
@@ -545,10 +581,10 @@ def _anthropic_body(rec: RecordedRequest, reply: Reply, malformed: bool) -> dict
         "stop_reason": stop,
         "stop_sequence": None,
         "usage": {
-            "input_tokens": rec.input_tokens,
+            "input_tokens": rec.input_tokens - rec.cache_read_tokens - rec.cache_write_tokens,
             "output_tokens": rec.output_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": rec.cache_write_tokens,
+            "cache_read_input_tokens": rec.cache_read_tokens,
         },
     }
 
@@ -699,6 +735,7 @@ def _make_handler(server: FakeLLMServer):
             rec.output_tokens = (
                 reply.output_tokens if reply.output_tokens is not None else count_tokens(reply.text)
             )
+            rec.cache_read_tokens, rec.cache_write_tokens = server.prompt_cache(rec)
             if rec.api == "openai":
                 body = _openai_body(rec, reply)
             else:

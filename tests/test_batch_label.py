@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 
 import pytest
 
@@ -20,7 +19,7 @@ from featurescribe.store import open_db
 from tests.fake_batch import FakeBatchServer
 from tests.fake_llm import point_sdks_at
 from tests.test_sampling import SOURCE, build_db
-from tests.test_simulators import logprob_reply
+from tests.test_simulators import _shown_tokens, activations_answer, logprob_reply
 
 FEATURES = "2:6"  # feature 2 is planted on " def"/" class"/" return"; 3..5 fire at random
 
@@ -31,12 +30,10 @@ def responder(req):
     if "explanation" in json.dumps(schema.get("properties", {})):
         tag = hashlib.sha256(text.encode()).hexdigest()[:6]  # a different text per feature
         return json.dumps({"explanation": f'the keywords "def", "class" and "return" ({tag})'})
-    m = re.search(r"exactly (\d+) whole numbers", text)
-    if m:  # structured simulation (Anthropic)
-        n = int(m.group(1))
-        return json.dumps({"activations": [3] * n})
+    if "activations" in json.dumps(schema):  # structured simulation (Anthropic)
+        return activations_answer(text, lambda t: 3)
     # logprob simulation (OpenAI): copy the token lines, a number after each
-    lines = text.split("\n\n")[-1].split("\n")
+    lines = _shown_tokens(text)
     dists = [{"0": 0.6, "5": 0.3, "10": 0.1} for _ in lines]
     return logprob_reply(lines, dists)
 

@@ -25,7 +25,7 @@ from featurescribe.flows.label_run import run_label
 from featurescribe.store import open_db
 from tests.dbq import q
 from tests.test_sampling import SOURCE, build_db
-from tests.test_simulators import _shown_tokens, logprob_reply
+from tests.test_simulators import _shown_tokens, activations_answer, logprob_reply
 
 GOOD = 'the tokens " def", " class" and " return"'
 
@@ -227,6 +227,9 @@ def test_missing_api_key_fails_before_any_work(labdb, monkeypatch, capsys):
     (["--windows", "test.middle=3"], "bad --windows item 'test.middle=3'"),
     (["--windows", "test.top=-1"], "N must be a whole number"),
     (["--windows", "test.top=0,test.random=0"], "leaves the test split empty"),
+    (["--sim-windows-per-call", "0"], "--sim-windows-per-call must be at least 1"),
+    (["--baseline", "sample:0"], "bad --baseline 'sample:0'"),
+    (["--gate", "vibes:0.5"], "bad --gate 'vibes:0.5'"),
 ])
 def test_user_errors_are_one_line(labdb, capsys, args, msg):
     assert _cli(labdb, *args) != 0
@@ -317,10 +320,8 @@ def _reader(req):
         return json.dumps({"explanation": GOOD})
     quoted = {q.strip() for q in re.findall(r'"([^"]+)"', req.user_text.split("\n")[0])}
     fits = lambda tok: tok.strip() in quoted  # noqa: E731
-    if "activations" in schema:  # structured simulation: numbered token lines
-        block = req.user_text.split("\n\n")[2].split("\n")
-        tokens = [re.match(r"\d+\. (.*)$", line).group(1) for line in block]
-        return json.dumps({"activations": [10 if fits(t) else 0 for t in tokens]})
+    if "activations" in schema:  # structured simulation: numbered token lines (per text)
+        return activations_answer(req.user_text, lambda t: 10 if fits(t) else 0)
     if req.top_logprobs > 0:  # logprob simulation: copy the token lines, a number after each
         lines = _shown_tokens(req.user_text)
         return logprob_reply(lines, [{"10": 0.9, "0": 0.1} if fits(t) else {"0": 1.0} for t in lines])
@@ -369,3 +370,37 @@ def test_label_scores_with_every_scorer_through_an_api_judge(labdb, fake_llm, sp
     purposes = {r[0] for r in _q(labdb, "SELECT DISTINCT purpose FROM llm_calls WHERE status = 'ok'")}
     assert {"explain", "simulate", "detect", "fuzz"} <= purposes
     assert {r.api for r in fake_llm.requests} == {api}
+
+
+def test_baseline_sample_gives_the_others_the_population_baseline(labdb, fake_llm):
+    """--baseline sample:N: one feature in N (here at least the chunk's first) is scored against a
+    shuffled explanation; the others carry the mean of those as `baseline_population`, and the
+    labels view's lift falls back to it. The scores themselves are those of --baseline every."""
+    fake_llm.responder = _reader
+    spec = "openai:gpt-4o-mini"
+    assert _label(labdb, "--features", "2:6", "--simulator", spec, "--baseline", "sample:1000") == 0
+    n_sample = len(fake_llm.requests)
+    rows = _q(labdb, """SELECT e.feature_id, s.value, s.baseline_shuffled, s.baseline_population,
+                               l.lift
+                        FROM scores s JOIN explanations e USING (explanation_id)
+                        JOIN labels l USING (explanation_id) ORDER BY 1""")
+    own = [r for r in rows if r[2] is not None]
+    assert len(own) == 1 and own[0][0] == 2 and own[0][3] is None
+    for f, value, shuffled, population, lift in rows[1:]:
+        assert shuffled is None and population == pytest.approx(own[0][2])
+        assert lift == pytest.approx(value - population)
+    values = {r[0]: r[1] for r in rows}
+    fake_llm.reset()
+    fake_llm.responder = _reader
+    assert _label(labdb, "--features", "2:6", "--simulator", spec, "--redo", "--no-cache") == 0
+    every = _q(labdb, """SELECT e.feature_id, s.value, s.baseline_shuffled FROM scores s
+                         JOIN explanations e USING (explanation_id) WHERE e.chosen ORDER BY 1""")
+    assert all(r[2] is not None for r in every)
+    assert {r[0]: r[1] for r in every} == pytest.approx(values)
+    assert len(fake_llm.requests) > 1.5 * n_sample  # the baselines doubled the simulation calls
+
+
+def test_bad_baseline_option_is_one_line(labdb, capsys):
+    assert _cli(labdb, "--baseline", "some") != 0
+    err = capsys.readouterr().err.strip()
+    assert "bad --baseline 'some'" in err and len(err.splitlines()) == 1

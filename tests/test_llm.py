@@ -589,7 +589,8 @@ def test_anthropic_structured_output(fake_llm, store):
     sent = fake_llm.requests[0]
     assert sent.body["tool_choice"] == {"type": "tool", "name": "answer"}
     assert sent.body["tools"][0]["input_schema"] == SCHEMA
-    assert sent.body["system"] == "You explain features."
+    assert sent.body["system"] == [{"type": "text", "text": "You explain features.",
+                                    "cache_control": {"type": "ephemeral"}}]
     assert [m["role"] for m in sent.body["messages"]] == ["user"]
     # older SDKs send x-api-key, newer ones a bearer token
     assert "test-key" in (sent.headers.get("x-api-key"), sent.headers.get("authorization", "").removeprefix("Bearer "))
@@ -753,3 +754,36 @@ def test_retry_after_parsing():
 def test_classify_plain_errors():
     assert classify(asyncio.TimeoutError(), 3).kind == "transport"
     assert classify(ValueError("bug")) is None
+
+
+@pytest.mark.parametrize("spec", ["openai:gpt-4o-mini", "anthropic:claude-sonnet-4-5"])
+def test_provider_prompt_cache_tokens_are_ledgered_and_priced_as_such(fake_llm, store, spec):
+    """A long shared prefix (system prompt) sent twice: the provider reports the second as read
+    from its prompt cache (OpenAI automatically, Anthropic for the `cache_control` system block
+    and a first write), the ledger keeps those tokens and prices them at the cache's prices."""
+    from featurescribe.llm.prices import PriceTable
+
+    prefix = " ".join(f"w{i}" for i in range(1500))
+    price = PriceTable.load().lookup(*spec.split(":"))
+    rows = []
+    for i in range(2):
+        request = ChatRequest(messages=({"role": "system", "content": prefix},
+                                        {"role": "user", "content": f"question {i}"}), purpose="explain")
+        run(call(client_for(spec, store, use_cache=False), request))
+        rows.append(store.rows()[-1])
+    rec = fake_llm.requests
+    assert [r["input_tokens"] for r in rows] == [r.input_tokens for r in rec]
+    if spec.startswith("openai"):
+        assert rows[0]["cached_input_tokens"] == 0
+        assert rows[1]["cached_input_tokens"] == 1408  # 1,024 + 3 x 128 of the 1,500 shared words
+        assert rows[1]["cache_write_tokens"] == 0
+    else:
+        assert rec[0].body["system"][0]["cache_control"] == {"type": "ephemeral"}
+        assert (rows[0]["cached_input_tokens"], rows[0]["cache_write_tokens"]) == (0, 1500)
+        assert (rows[1]["cached_input_tokens"], rows[1]["cache_write_tokens"]) == (1500, 0)
+        assert rec[1].response["usage"]["input_tokens"] == rec[1].input_tokens - 1500
+    for r in rows:
+        want = price.cost(r["input_tokens"], r["output_tokens"], r["cached_input_tokens"], r["cache_write_tokens"])
+        assert r["cost_usd"] == pytest.approx(want)
+    assert rows[1]["cost_usd"] < rows[0]["cost_usd"]
+    assert price.cached_input is not None and price.cached_input < price.input

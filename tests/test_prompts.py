@@ -54,6 +54,13 @@ def _answer(request, n: int = 5) -> str:
     return "\n".join("tok\t0" for _ in range(n))
 
 
+def _multi_answer(request, lengths: list[int]) -> str:
+    """Valid answers to a several-window simulation request."""
+    if "activations" in json.dumps(request.json_schema or {}):
+        return json.dumps({"activations": [[0] * n for n in lengths]})
+    return "\n".join("tok\t0" for _ in range(sum(lengths)))
+
+
 def _explain_cases() -> dict[str, str]:
     fe = _feature()
     out = {}
@@ -94,6 +101,13 @@ def _simulate_cases() -> dict[str, str]:
         asyncio.run(LogprobSimulator(client).simulate_window(EXPLANATION, window, fe))
         out["simulate_json"] = _text(script.requests[0].messages)
         out["simulate_logprobs"] = _text(script.requests[1].messages)
+    windows = fe.split("test")
+    with scripted(lambda r: _multi_answer(r, [len(w.tokens) for w in windows])) as script:
+        client = make_client("script:any", use_cache=False)
+        asyncio.run(StructuredSimulator(client, windows_per_call=5).simulate(EXPLANATION, windows, fe))
+        asyncio.run(LogprobSimulator(client, windows_per_call=5).simulate(EXPLANATION, windows, fe))
+        out["simulate_json_multi"] = _text(script.requests[0].messages)
+        out["simulate_logprobs_multi"] = _text(script.requests[1].messages)
     with scripted(_answer, candidate_probs=True):
         sim = LocalSimulator(make_client("script:any"))
         for scale in (10, 9):
@@ -118,9 +132,26 @@ def _judge_cases() -> dict[str, str]:
     return out
 
 
+def _intruder_cases() -> dict[str, str]:
+    from featurescribe.scorers.intruder import IntruderSet
+
+    fe = _feature()
+    sets = [IntruderSet(fe.windows[:3], 2), IntruderSet(fe.windows[2:5], 0)]
+    out = {}
+    with scripted(lambda r: json.dumps({"answers": [1, 2]})) as script:
+        asyncio.run(cls.LLMJudge(make_client("script:any", use_cache=False)).intruders(sets))
+        out["intruder_batch"] = _text(script.requests[0].messages)
+    with scripted(_answer, candidate_probs=True) as script:
+        asyncio.run(cls.LocalJudge(make_client("script:any")).intruders(sets))
+        messages, text = script.prob_calls[0]
+        out["intruder_local"] = _text(messages) + "[assistant, scored]\n" + text
+    return out
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, str]:
-    return {**_explain_cases(), **_simulate_cases(), **_judge_cases(), **_intervention_cases()}
+    return {**_explain_cases(), **_simulate_cases(), **_judge_cases(), **_intervention_cases(),
+            **_intruder_cases()}
 
 
 def test_every_template_has_a_snapshot(rendered):

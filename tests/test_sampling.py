@@ -64,14 +64,7 @@ def build_db(con, *, n_seqs: int = 120, seq_len: int = 48, n_features: int = 12,
             if f == 3 and s == 0:
                 acts[(3, dup, p)] = a
         acts[(3, 0, 0)] = acts[(3, dup, 0)] = 50.0  # sequence 0 and its copies are the top
-    keys = sorted(acts)
-    insert_arrow(con, "activations", pa.table({
-        "source_id": pa.array([SOURCE] * len(keys), pa.string()),
-        "feature_id": pa.array([k[0] for k in keys], pa.int32()),
-        "seq_id": pa.array([k[1] for k in keys], pa.int64()),
-        "pos": pa.array([k[2] for k in keys], pa.int32()),
-        "act": pa.array([acts[k] for k in keys], pa.float32()),
-    }))
+    insert_acts(con, acts)
     con.execute(f"""
         INSERT INTO features (source_id, feature_id, n_active, frac_active, max_act, mean_act, status)
         SELECT '{SOURCE}', f::INTEGER, coalesce(n, 0), coalesce(n, 0) / {n_seqs * seq_len}, m, a,
@@ -80,6 +73,18 @@ def build_db(con, *, n_seqs: int = 120, seq_len: int = 48, n_features: int = 12,
             SELECT feature_id, count(*) n, max(act) m, avg(act) a FROM activations GROUP BY 1
         ) x ON x.feature_id = f""")
     return {"ids": ids, "acts": acts, "n_seqs": n_seqs, "seq_len": seq_len, "n_features": n_features}
+
+
+def insert_acts(con, acts: dict[tuple[int, int, int], float]) -> None:
+    """Rows of `activations` from {(feature, seq, pos): act}."""
+    keys = sorted(acts)
+    insert_arrow(con, "activations", pa.table({
+        "source_id": pa.array([SOURCE] * len(keys), pa.string()),
+        "feature_id": pa.array([k[0] for k in keys], pa.int32()),
+        "seq_id": pa.array([k[1] for k in keys], pa.int64()),
+        "pos": pa.array([k[2] for k in keys], pa.int32()),
+        "act": pa.array([acts[k] for k in keys], pa.float32()),
+    }))
 
 
 @pytest.fixture
@@ -298,3 +303,23 @@ def test_load_examples_carries_raw_acts_tokens_and_max(db):
     assert [w.split for w in ex[3].windows] == sorted((w.split for w in ex[3].windows),
                                                       key=SPLITS.index)
     assert ex[3].split("explain", "top")[0].max_act == pytest.approx(max3)
+
+
+def test_top_windows_exact_when_the_top_entries_crowd_into_few_sequences(con):
+    """A feature active at every position of 60 sequences, highest in the first ones: its top
+    entries (a per-feature top-N read) span fewer sequences than the top pool, so the sampler
+    falls back to grouping all its entries; the top windows still equal the brute force."""
+    info = build_db(con, n_features=4)
+    extra = {(3, s, p): 100.0 - s + 0.001 * p for s in range(60) for p in range(info["seq_len"])}
+    con.execute("DELETE FROM activations WHERE feature_id = 3")
+    insert_acts(con, extra)
+    info["acts"] = {k: v for k, v in info["acts"].items() if k[0] != 3} | extra
+    cfg = SamplingConfig()
+    report = sample_examples(con, SOURCE, [3], cfg)
+    assert report.sampled == [3]
+    want = _brute_force_top(info, 3, cfg.total("top"))
+    rows = sorted((r for r in _examples(con, 3) if r["kind"] == "top"), key=lambda r: r["rank"])
+    assert [r["seq_id"] for r in rows] == [s for s, _, _ in want]
+    q = [r for r in _examples(con, 3) if r["kind"] == "quantile"]
+    assert len(q) == cfg.total("quantile")
+    assert not {r["seq_id"] for r in q} & {r["seq_id"] for r in rows}

@@ -38,8 +38,9 @@ def client(spec, **kw):
 
 
 def _shown_tokens(user_text: str) -> list[str]:
-    """The token lines of a simulate_logprobs prompt (after the blank line that ends the text)."""
-    return user_text.split("\n\n")[-1].split("\n")
+    """The token lines of a simulate_logprobs prompt (after the blank line that ends the text),
+    without the `### text i` lines of a several-window prompt."""
+    return [ln for ln in user_text.split("\n\n")[-1].split("\n") if not ln.startswith("### text ")]
 
 
 def logprob_reply(lines: list[str], dists: list[dict[str, float]]) -> Reply:
@@ -153,6 +154,71 @@ def test_structured_simulator_that_never_lines_up_is_a_failure(fake_llm):
     res = run(score_explanations([e], [fe], simulator=sim, baselines=False))
     assert res.results == [] and len(res.failures) == 1
     assert res.failures[0].scorer == "simulation"
+
+
+def numbered_token_lists(user_text: str) -> list[list[str]]:
+    """The tokens of a structured simulation prompt, one list per text (`### text i` lines start
+    a new one; a single-window prompt is one text)."""
+    lists: list[list[str]] = [[]]
+    for line in user_text.split("\n"):
+        if line.startswith("### text ") and lists[-1]:
+            lists.append([])
+        m = re.match(r"^\d+\. (.*)$", line)
+        if m:
+            lists[-1].append(m.group(1))
+    return lists
+
+
+def activations_answer(user_text: str, value) -> str:
+    """A structured simulation answer, `value(token)` for each token, for a one- or
+    several-window prompt."""
+    lists = [[value(t) for t in tokens] for tokens in numbered_token_lists(user_text)]
+    return json.dumps({"activations": lists if "### text" in user_text else lists[0]})
+
+
+def _keyword_dist(tok: str) -> dict[str, float]:
+    return {"9": 0.8, "7": 0.2} if tok.strip() in ("def", "return") else {"0": 0.9, "2": 0.1}
+
+
+def _keyword_simulator_reply(req):
+    """A judge that reads each token: 'def'/'return' high, the rest low, in the form the request
+    asks for (JSON lists per window, or token lines with logprobs; `### text` lines dropped)."""
+    if req.json_schema is not None:
+        return activations_answer(req.user_text, lambda t: 9 if t.strip() in ("def", "return") else 0)
+    lines = _shown_tokens(req.user_text)
+    return logprob_reply(lines, [_keyword_dist(t) for t in lines])
+
+
+@pytest.mark.parametrize("spec", ["openai:gpt-4o-mini", "anthropic:claude-haiku-4-5"])
+def test_several_windows_per_request_predict_what_one_per_request_does(fake_llm, spec):
+    """--sim-windows-per-call: the same predictions (so the same score) in fewer requests."""
+    fake_llm.responder = _keyword_simulator_reply
+    windows = [Window(i, 0, TOKENS[i % 3:], ACTS[i % 3:], split="test") for i in range(7)]
+    got = {}
+    for k in (1, 3):
+        fake_llm.reset()
+        fake_llm.responder = _keyword_simulator_reply
+        sim = make_simulator(spec, client=client(spec), windows_per_call=k)
+        got[k] = run(sim.simulate('the keywords "def" and "return"', windows))
+        assert len(fake_llm.requests) == (7 if k == 1 else 3)  # groups of 3, 3 and 1
+    assert [v for p in got[3] for v in p] == pytest.approx([v for p in got[1] for v in p])
+    assert [len(p) for p in got[3]] == [len(w.tokens) for w in windows]
+    assert max(got[3][0]) > 5 and min(got[3][0]) < 1
+
+
+def test_several_window_answer_with_a_missing_list_is_asked_again(fake_llm):
+    calls = []
+
+    def responder(req):
+        calls.append(req)
+        good = json.loads(_keyword_simulator_reply(req))
+        return json.dumps({"activations": good["activations"][:-1]} if len(calls) == 1 else good)
+
+    fake_llm.responder = responder
+    sim = make_simulator("anthropic:claude-haiku-4-5", client=client("anthropic:claude-haiku-4-5"),
+                         windows_per_call=4)
+    out = run(sim.simulate("x", [Window(i, 0, TOKENS, ACTS) for i in range(4)]))
+    assert len(out) == 4 and len(calls) == 2
 
 
 def _answer_by_keyword(req) -> str:

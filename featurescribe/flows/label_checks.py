@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 def check_options(o: "LabelOptions") -> None:
     """BadOption for options no run can work with (nothing is opened or loaded)."""
-    from featurescribe.flows.label_options import METHOD_CHOICES, RUNNERS, parse_window_counts
+    from featurescribe.flows.label_options import (METHOD_CHOICES, RUNNERS, parse_baseline, parse_gate,
+                                                    parse_window_counts)
     from featurescribe.labelers import check_explainer_spec
     from featurescribe.scorers.registry import SCORERS, check_simulator_spec
     from featurescribe.statuses import STRUCTURED_CHOICES
@@ -32,6 +33,7 @@ def check_options(o: "LabelOptions") -> None:
                             (o.logit_lens < 0, "--logit-lens must be 0 or more tokens"),
                             (o.chunk_size < 1, "--chunk-size must be at least 1"),
                             (o.max_failures < 1, "--max-failures must be at least 1"),
+                            (o.sim_windows_per_call < 1, "--sim-windows-per-call must be at least 1"),
                             (o.budget_usd is not None and o.budget_usd < 0, "--budget-usd must be 0 or more")):
         if failed:
             raise BadOption(message)
@@ -46,6 +48,8 @@ def check_options(o: "LabelOptions") -> None:
     if o.no_wait and not o.batch:
         raise BadOption("--no-wait goes with --batch")
     parse_window_counts(o.windows)
+    parse_baseline(o.baseline)
+    parse_gate(o.gate)
     _check_steering_options(o)
 
 

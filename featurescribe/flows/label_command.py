@@ -38,6 +38,7 @@ def print_summary(s: LabelSummary, out=None) -> None:
     out = out or sys.stdout
     dead = [k for k in s.skipped if k.status == FeatureStatus.DEAD]
     rare = [k for k in s.skipped if k.status == FeatureStatus.RARE]
+    gated = [k.feature_id for k in s.skipped if k.status == FeatureStatus.GATED]
     rows = [
         ("run", s.run_id),
         ("source", s.source_id),
@@ -47,6 +48,7 @@ def print_summary(s: LabelSummary, out=None) -> None:
         ("labelled now", f"{len(s.labelled)}"),
         ("skipped: dead", f"{len(dead)}" + (f"  [{_ids(k.feature_id for k in dead)}]" if dead else "")),
         ("skipped: rare", f"{len(rare)}" + (f"  [{_ids(k.feature_id for k in rare)}]" if rare else "")),
+        *([("skipped: gated (intruder)", f"{len(gated)}  [{_ids(gated)}]")] if gated else []),
         ("failed", f"{len(s.failed)}" + (f"  [{_ids(s.failed)}]" if s.failed else "")),
         ("left for a later run", f"{len(s.not_done)}"),
         ("mean simulation score (test)", "-" if s.mean_score is None else f"{s.mean_score:.3f}"),

@@ -30,7 +30,10 @@ Every value passed between the steps is a picklable dataclass.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import uuid
+import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -112,7 +115,7 @@ def chunks(ids: Sequence[int], size: int) -> Iterator[list[int]]:
 @dataclass
 class SkippedFeature:
     feature_id: int
-    status: str  # FeatureStatus.DEAD | FeatureStatus.RARE
+    status: str  # FeatureStatus.DEAD | RARE | GATED
     reason: str
 
 
@@ -185,6 +188,7 @@ class ChunkResult:
     labelled: list[int] = field(default_factory=list)  # features with a chosen, scored explanation
     failed: dict[int, str] = field(default_factory=dict)  # feature -> why it has no label
     not_done: list[int] = field(default_factory=list)  # left for a later run (budget)
+    intruder: dict[int, float] = field(default_factory=dict)  # the gate's accuracy per feature
     stopped_at_budget: bool = False
     spent_usd: float = 0.0
     broken: str | None = None  # the circuit breaker's line: a backend stopped answering
@@ -288,9 +292,13 @@ async def compute_chunk(prepared: PreparedChunk, options: LabelOptions, clients:
     spent_before = clients.spent_usd()
     explainer = make_explainer(options.explainer, client=clients.explainer, method=options.method_name,
                                max_windows=options.explain_windows)
-    chunk = _Chunk(prepared, options, explainer, make_simulator(options.simulator, client=clients.simulator),
+    simulator = make_simulator(options.simulator, client=clients.simulator,
+                               windows_per_call=options.sim_windows_per_call)
+    chunk = _Chunk(prepared, options, explainer, simulator,
                    clients.simulator, run_id, ChunkResult(prepared.source_id, skipped=list(prepared.skipped)),
                    steering=_steering(prepared, options, store, run_id), progress=progress)
+    if options.gate_threshold is not None:
+        await gate_features(chunk, clients.simulator)
     per_feature = await explain_features(chunk)
     chosen = await choose_candidates(chunk, per_feature)
     await score_chosen(chunk, chosen)
@@ -313,6 +321,43 @@ def _steering(prepared: PreparedChunk, options: LabelOptions, store, run_id):
     max_acts = {fe.feature_id: fe.max_act for fe in prepared.examples}
     return steering_for_source(prepared.source, max_acts, options.intervention_config(),
                                store=store, run_id=run_id)
+
+
+async def gate_features(chunk: _Chunk, client: Any) -> None:
+    """--gate intruder:T: the intruder test on every feature of the chunk (judged as detection
+    would be: the simulator's backend, or lexical); features below T are dropped from the chunk
+    as 'gated'. A feature too sparse to build a set passes."""
+    from featurescribe.scorers.intruder import IntruderFailed, gate_feature
+    from featurescribe.scorers.registry import default_judge, make_judge
+
+    judge = make_judge(default_judge(chunk.options.simulator), client=client)
+    threshold = chunk.options.gate_threshold
+    examples = chunk.prepared.examples
+
+    async def one(fe: FeatureExamples):
+        try:
+            return await gate_feature(judge, fe)
+        except IntruderFailed as err:
+            chunk.result.failed[fe.feature_id] = f"intruder gate failed: {err}"
+            return err
+        except BudgetExceeded:
+            chunk.result.not_done.append(fe.feature_id)
+            chunk.result.stopped_at_budget = True
+            return None
+
+    outcomes = await asyncio.gather(*(one(fe) for fe in examples))
+    kept = []
+    for fe, out in zip(examples, outcomes):
+        if fe.feature_id in chunk.result.failed or fe.feature_id in chunk.result.not_done:
+            continue
+        if out is not None:
+            chunk.result.intruder[fe.feature_id] = out.accuracy
+            if out.accuracy < threshold:
+                reason = f"intruder accuracy {out.accuracy:.2f} below the gate {threshold:g} ({judge.spec})"
+                chunk.result.skipped.append(SkippedFeature(fe.feature_id, FeatureStatus.GATED, reason))
+                continue
+        kept.append(fe)
+    chunk.prepared = dataclasses.replace(chunk.prepared, examples=kept)
 
 
 async def explain_features(chunk: _Chunk) -> dict[int, list[ExplanationRow]]:
@@ -381,8 +426,10 @@ async def score_chosen(chunk: _Chunk, chosen: dict[int, ExplanationRow]) -> None
     """Score the chosen explanations on `test` with every scorer; the shuffled baseline rotates
     by one feature."""
     rows = [chosen[f] for f in sorted(chosen)]
-    scores, errors, stopped = await score_rows(chunk, rows, chunk.options.scorer_names, "test",
-                                               rotate_others(rows), on_scored=chunk.feature_done)
+    others = sampled_baselines(rotate_others(rows), rows, chunk.options.baseline_every)
+    scores, errors, stopped = await score_rows(chunk, rows, chunk.options.scorer_names, "test", others,
+                                               on_scored=chunk.feature_done)
+    fill_population_baselines(scores)
     result = chunk.result
     result.scores.extend(scores)
     result.stopped_at_budget |= stopped
@@ -426,6 +473,36 @@ async def score_rows(chunk: _Chunk, rows: Sequence[ExplanationRow], scorers: Seq
     return scores, errors, stopped
 
 
+def baseline_sampled(source_id: str, feature_id: int, every: int) -> bool:
+    """Whether a feature gets its own shuffled baseline under --baseline sample:N (every = N):
+    one feature in N, by a hash of its id, the same in every run."""
+    return every == 1 or (every > 1 and zlib.crc32(f"{source_id}:{feature_id}".encode()) % every == 0)
+
+
+def sampled_baselines(others: dict[str, str], rows: Sequence[ExplanationRow], every: int) -> dict[str, str]:
+    """The shuffled-baseline texts of the features --baseline keeps (with sample:N, at least the
+    chunk's first feature, so its population baseline exists)."""
+    keep = [r for r in rows if baseline_sampled(r.explanation.source_id, r.explanation.feature_id, every)]
+    if every > 1 and not keep and rows:
+        keep = [rows[0]]
+    ids = {r.explanation.explanation_id for r in keep}
+    return {k: v for k, v in others.items() if k in ids}
+
+
+def fill_population_baselines(scores: Sequence[ScoreResult]) -> None:
+    """A score without its own shuffled baseline gets the mean of its chunk's scores (same
+    scorer) that have one, as `baseline_population`."""
+    by_scorer: dict[str, list[float]] = {}
+    for s in scores:
+        if s.baseline_shuffled is not None and math.isfinite(s.baseline_shuffled):
+            by_scorer.setdefault(s.scorer, []).append(s.baseline_shuffled)
+    for s in scores:
+        own = by_scorer.get(s.scorer)
+        if s.baseline_shuffled is None and own:
+            s.baseline_population = sum(own) / len(own)
+            s.details["baseline_population"] = {"mean": s.baseline_population, "n": len(own)}
+
+
 def rotate_others(rows: Sequence[ExplanationRow], by_candidate: bool = False) -> dict[str, str]:
     """Each explanation's shuffled baseline: an explanation of the next feature (rotated by one),
     the same candidate number when `by_candidate`. Empty with fewer than two features."""
@@ -465,6 +542,8 @@ def write_chunk(con, result: ChunkResult, *, run_id: str | None = None, calls=No
     with transaction(con):
         sql.unchoose_older(con, result.source_id, [r.explanation for r in result.explanations if r.chosen])
         counts.explanations = sql.insert_explanations(con, result.explanations, run_id)
+        sql.save_intruder_gate(con, result.source_id, result.intruder,
+                               {k.feature_id: k.reason for k in result.skipped if k.status == FeatureStatus.GATED})
         counts.scores = save_scores(con, result.scores, run_id=run_id)
         if calls is not None and hasattr(calls, "flush_to"):
             counts.ledger_rows = int(calls.flush_to(con) or 0)

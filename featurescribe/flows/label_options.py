@@ -44,6 +44,17 @@ class LabelOptions:
     explainer: str = opt("baseline:tokens", "{explainers} (default: baseline:tokens)")
     simulator: str = opt("lexical", "{simulators} (default: lexical)")
     scorers: str = opt("simulation", "comma-separated: {scorers} (default: simulation)")
+    sim_windows_per_call: int = opt(5, "windows an openai:/anthropic: simulator scores in one request "
+                                       "(default: 5; 1: one request per window, as before). The "
+                                       "score is the same: same windows, same correlation")
+    baseline: str = opt("every", "shuffled-explanation baseline: every (each score gets its own, "
+                                 "default), sample:N (one feature in N gets its own; the others carry "
+                                 "the run's population baseline, the mean over those that have one) "
+                                 "or none", metavar="every|sample:N|none")
+    gate: str = opt("", "intruder:T: before explaining, the intruder test (which of 5 windows does "
+                        "not belong; judged by the simulator's backend) on each feature; one whose "
+                        "accuracy is below T (0-1; chance is 0.2) stays unlabelled with status "
+                        "'gated', paying for no explanation or scoring", metavar="intruder:T")
     candidates: int = opt(1, "explanations per feature; with more than 1, the best on the valid split "
                              "is chosen (default: 1)")
     concurrency: int = opt(16, "LLM requests in flight (default: 16)")
@@ -135,6 +146,16 @@ class LabelOptions:
                                           seed=self.seed)
 
     @property
+    def baseline_every(self) -> int:
+        """1 in how many features gets its own shuffled baseline (0: none)."""
+        return parse_baseline(self.baseline)
+
+    @property
+    def gate_threshold(self) -> float | None:
+        """The intruder gate's threshold (None: no gate)."""
+        return parse_gate(self.gate)
+
+    @property
     def method_name(self) -> str:
         """What `explanations.method` records: the prompt style, or the no-LLM explainer's own."""
         from featurescribe.labelers import method_name
@@ -175,6 +196,32 @@ class LabelOptions:
 # options that say how a run is carried out, not what it computes
 RUN_ONLY = ("no_progress", "batch", "no_wait", "batch_retry", "batch_poll", "task_runner", "workers",
             "dask_address", "max_failures")
+
+
+def parse_baseline(spec: str) -> int:
+    """'every' -> 1, 'sample:N' -> N, 'none' -> 0; FeaturescribeError for anything else."""
+    text = (spec or "every").strip().lower()
+    if text in ("every", "none"):
+        return 1 if text == "every" else 0
+    kind, _, n = text.partition(":")
+    if kind == "sample" and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise FeaturescribeError(f"bad --baseline {spec!r}: use every, sample:N (N >= 1) or none")
+
+
+def parse_gate(spec: str) -> float | None:
+    """'' -> None, 'intruder:0.4' -> 0.4; FeaturescribeError for anything else."""
+    text = (spec or "").strip().lower()
+    if not text:
+        return None
+    kind, _, value = text.partition(":")
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = -1.0
+    if kind != "intruder" or not 0.0 <= threshold <= 1.0:
+        raise FeaturescribeError(f"bad --gate {spec!r}: use intruder:T with T from 0 to 1")
+    return threshold
 
 
 def parse_window_counts(spec: str) -> dict[str, dict[str, int]]:

@@ -41,12 +41,17 @@ class TokenLogprob:
 @dataclass
 class ChatResponse:
     text: str
-    input_tokens: int = 0
+    input_tokens: int = 0  # all input tokens, those read from or written to a prompt cache included
     output_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     cached: bool = False
     raw: dict[str, Any] | None = None
+    # of input_tokens: read from the provider's prompt cache (OpenAI prompt_tokens_details.
+    # cached_tokens, Anthropic cache_read_input_tokens) and written to it (Anthropic
+    # cache_creation_input_tokens); each priced as such
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     # filled by the client: what the answer cost, how many attempts it took, how long the last took
     cost_usd: float = 0.0
     attempts: int = 1
@@ -70,6 +75,8 @@ class ChatResponse:
             "text": self.text,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
             "finish_reason": self.finish_reason,
             "logprobs": None
             if self.logprobs is None
@@ -83,6 +90,8 @@ class ChatResponse:
             text=d.get("text", ""),
             input_tokens=int(d.get("input_tokens") or 0),
             output_tokens=int(d.get("output_tokens") or 0),
+            cached_input_tokens=int(d.get("cached_input_tokens") or 0),
+            cache_write_tokens=int(d.get("cache_write_tokens") or 0),
             finish_reason=d.get("finish_reason"),
             logprobs=None if lps is None else [TokenLogprob(t, float(lp), dict(top or {})) for t, lp, top in lps],
             cached=cached,

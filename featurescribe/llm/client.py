@@ -365,8 +365,10 @@ class Client:
                 self.ledger.append(row)
         return row
 
-    def _cost(self, input_tokens: int, output_tokens: int) -> tuple[float, str | None]:
-        cost, note = self.prices.cost(self.backend, self.model, input_tokens, output_tokens)
+    def _cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0,
+              written_tokens: int = 0) -> tuple[float, str | None]:
+        cost, note = self.prices.cost(self.backend, self.model, input_tokens, output_tokens,
+                                      cached_tokens, written_tokens)
         if note and not self._price_warned:
             self._price_warned = True
             log.warning(note)
@@ -518,11 +520,13 @@ class Client:
 
     def _answer(self, state: _CallState, resp: ChatResponse, latency: float, parse) -> ChatResponse:
         """Bill an answer and judge it: recorded `ok`, or `parse_error` and asked again."""
-        cost, note = self._cost(resp.input_tokens, resp.output_tokens)
+        cost, note = self._cost(resp.input_tokens, resp.output_tokens, resp.cached_input_tokens,
+                                resp.cache_write_tokens)
         self._spend(cost)
         resp.cost_usd, resp.latency_s, resp.attempts = cost, latency, state.attempt
         billed = dict(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens, cost_usd=cost,
-                      latency_s=latency)
+                      latency_s=latency, cached_input_tokens=resp.cached_input_tokens,
+                      cache_write_tokens=resp.cache_write_tokens)
         purpose = state.request.purpose
         try:
             value = self._check(state.request, resp, parse)

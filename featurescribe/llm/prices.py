@@ -6,6 +6,9 @@ merged over the defaults; its `models` may also be given at the top level:
 
     {"models": {"openai:my-finetune": {"input": 0.3, "output": 1.2}}}
 
+An entry may add `cached_input` (input tokens read from the provider's prompt cache) and
+`cache_write` (written to it, Anthropic); without them those tokens cost the input price.
+
 A model name matches its exact key, else the longest key it starts with, so dated snapshots
 (`gpt-4o-2024-08-06`, `claude-sonnet-4-5-20250929`) take their family's price. A bare model name
 (no `backend:`) in a user file applies to every backend. Unknown models cost 0, with a note.
@@ -30,9 +33,17 @@ ENV_VAR = "FEATURESCRIBE_PRICES"
 class Price:
     input: float  # USD per 1M input tokens
     output: float  # USD per 1M output tokens
+    cached_input: float | None = None  # per 1M input tokens read from the prompt cache (None: input)
+    cache_write: float | None = None  # per 1M input tokens written to the prompt cache (None: input)
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input + output_tokens * self.output) / 1_000_000
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, written_tokens: int = 0) -> float:
+        """`input_tokens` counts all input; of it, `cached_tokens` and `written_tokens` are priced
+        at the cache's prices."""
+        read = self.input if self.cached_input is None else self.cached_input
+        write = self.input if self.cache_write is None else self.cache_write
+        plain = max(0, input_tokens - cached_tokens - written_tokens)
+        return (plain * self.input + cached_tokens * read + written_tokens * write
+                + output_tokens * self.output) / 1_000_000
 
 
 def _read(path: Path) -> dict[str, Price]:
@@ -50,7 +61,9 @@ def _read(path: Path) -> dict[str, Price]:
         if key.startswith("_") or key in ("checked", "sources"):
             continue
         try:
-            out[key.lower()] = Price(float(val["input"]), float(val["output"]))
+            out[key.lower()] = Price(float(val["input"]), float(val["output"]),
+                                     *(None if val.get(k) is None else float(val[k])
+                                       for k in ("cached_input", "cache_write")))
         except (TypeError, KeyError, ValueError):
             raise FeaturescribeError(
                 f"price file {path}: {key!r} needs numbers 'input' and 'output' (USD per 1M tokens)"
@@ -92,12 +105,13 @@ class PriceTable:
                     best, best_len = price, len(km)
         return best
 
-    def cost(self, backend: str, model: str, input_tokens: int, output_tokens: int) -> tuple[float, str | None]:
+    def cost(self, backend: str, model: str, input_tokens: int, output_tokens: int,
+             cached_tokens: int = 0, written_tokens: int = 0) -> tuple[float, str | None]:
         """(cost in USD, a note when the model has no price)."""
         price = self.lookup(backend, model)
         if price is None:
             return 0.0, f"no price for {backend}:{model}; cost recorded as 0 (set {ENV_VAR})"
-        return price.cost(input_tokens, output_tokens), None
+        return price.cost(input_tokens, output_tokens, cached_tokens, written_tokens), None
 
 
 def _looks_like_snapshot(rest: str) -> bool:

@@ -120,6 +120,11 @@ class Judge:
     async def judge(self, task: str, explanation: str, batch: list[Sample]) -> list[bool]:
         raise NotImplementedError
 
+    async def intruders(self, sets: Sequence[Any]) -> list[int]:
+        """The intruder scorer: for each set (scorers/intruder.py IntruderSet), the index of
+        the window that does not belong."""
+        raise NotImplementedError
+
 
 class LexicalJudge(Judge):
     """Detection: a window matches when it holds a token the explanation quotes or names.
@@ -138,6 +143,22 @@ class LexicalJudge(Judge):
                 hits = sum(mask[i] for i in s.marked)
                 out.append(bool(s.marked) and hits * 2 >= len(s.marked))
         return out
+
+    async def intruders(self, sets):
+        """The window lacking the most tokens that every other window of the set holds (ties:
+        the one sharing the fewest tokens with the others)."""
+        return [_odd_one_out([{t.strip().lower() for t in w.tokens if t.strip()} for w in s.windows])
+                for s in sets]
+
+
+def _odd_one_out(token_sets: list[set[str]]) -> int:
+    def lacks(i: int) -> tuple[int, float]:
+        others = [t for j, t in enumerate(token_sets) if j != i]
+        common = set.intersection(*others) if others else set()
+        shared = sum(len(token_sets[i] & t) / max(1, len(token_sets[i] | t)) for t in others)
+        return len(common - token_sets[i]), -shared
+
+    return max(range(len(token_sets)), key=lambda i: (lacks(i), -i))
 
 
 ANSWERS_SCHEMA = {
@@ -163,6 +184,28 @@ def parse_answers(resp: ChatResponse, n: int) -> list[bool]:
     return out
 
 
+def intruder_messages(style: str, sets: Sequence[Any]) -> tuple[dict, ...]:
+    """The intruder judge's prompt (`intruder_batch`, `intruder_local`) for numbered sets."""
+    blocks = []
+    for i, s in enumerate(sets):
+        texts = "\n".join(f"Text {j + 1}: {''.join(show_token(t) for t in w.tokens)}"
+                          for j, w in enumerate(s.windows))
+        blocks.append(f"Set {i + 1}:\n{texts}")
+    k = len(sets[0].windows) if sets else 0
+    return render_messages(f"intruder_{style}", sets="\n\n".join(blocks), n=len(sets), k=k)
+
+
+def parse_picks(resp: ChatResponse, n: int, k: int) -> list[int]:
+    """The intruder judge's answers: n numbers from 1 to k, as 0-based indices."""
+    data = resp.json()
+    answers = data.get("answers") if isinstance(data, dict) else data
+    if not isinstance(answers, list) or len(answers) != n:
+        raise UnparseableResponse(f"expected {n} answers, got {len(answers) if isinstance(answers, list) else 'no list'}")
+    if not all(isinstance(a, int) and not isinstance(a, bool) and 1 <= a <= k for a in answers):
+        raise UnparseableResponse(f"answers must be numbers from 1 to {k}")
+    return [a - 1 for a in answers]
+
+
 def judge_messages(task: str, style: str, explanation: str, batch: list[Sample]) -> tuple[dict, ...]:
     """The judge's prompt (`detect_batch`, `fuzz_local`, ...) for a batch of numbered texts."""
     name = ("detect_" if task == "detection" else "fuzz_") + style
@@ -184,6 +227,12 @@ class LLMJudge(Judge):
         )
         return await self.client.chat(req, parse=lambda r: parse_answers(r, len(batch)))
 
+    async def intruders(self, sets):
+        k = len(sets[0].windows)
+        req = ChatRequest(messages=intruder_messages("batch", sets), purpose="intruder",
+                          max_tokens=32 + 4 * len(sets), json_schema=ANSWERS_SCHEMA)
+        return await self.client.chat(req, parse=lambda r: parse_picks(r, len(sets), k))
+
 
 class LocalJudge(Judge):
     """A local model judges a whole batch in one forward pass, without generating: the answer is
@@ -199,14 +248,26 @@ class LocalJudge(Judge):
 
     async def judge(self, task, explanation, batch):
         messages = judge_messages(task, "local", explanation, batch)
-        text, positions = "", []
-        for i in range(len(batch)):
-            text += f"{i + 1}: "
-            positions.append(len(text))
-            text += self.SLOT + "\n"
+        text, positions = self._slots(len(batch))
         probs = await self.client.candidate_probs(text, positions, ["0", "1"], messages=messages,
                                                   purpose="detect" if task == "detection" else "fuzz")
         return [bool(row[1] > row[0]) for row in probs]
+
+    async def intruders(self, sets):
+        text, positions = self._slots(len(sets))
+        k = len(sets[0].windows)
+        probs = await self.client.candidate_probs(text, positions, [str(i + 1) for i in range(k)],
+                                                  messages=intruder_messages("local", sets), purpose="intruder")
+        return [max(range(k), key=lambda i: (row[i], -i)) for row in probs]
+
+    def _slots(self, n: int) -> tuple[str, list[int]]:
+        """The answer lines `i: <slot>` and where each slot starts."""
+        text, positions = "", []
+        for i in range(n):
+            text += f"{i + 1}: "
+            positions.append(len(text))
+            text += self.SLOT + "\n"
+        return text, positions
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -22,6 +22,7 @@ from featurescribe.scorers.classify import Judge, LexicalJudge, LLMJudge, LocalJ
 from featurescribe.scorers.context import ScoreFailure, ScoringContext
 from featurescribe.scorers.embedding import score_embedding_in_context
 from featurescribe.scorers.intervention import score_intervention_in_context
+from featurescribe.scorers.intruder import score_intruder
 from featurescribe.scorers.simulation import score_simulation
 from featurescribe.scorers.simulators import (
     LexicalSimulator,
@@ -50,6 +51,7 @@ BUILTIN_SCORERS: tuple[ScorerKind, ...] = (
     ScorerKind("fuzzing", score_fuzzing, uses_judge=True),
     ScorerKind("intervention", score_intervention_in_context, uses_steering=True),
     ScorerKind("embedding", score_embedding_in_context),
+    ScorerKind("intruder", score_intruder, uses_judge=True),
 )
 
 
@@ -125,17 +127,18 @@ def check_simulator_spec(spec: str) -> None:
         raise ValueError(f"simulator {spec!r} names no model (e.g. {kind}:MODEL)")
 
 
-def llm_simulator(client: Any) -> Simulator:
+def llm_simulator(client: Any, windows_per_call: int = 1) -> Simulator:
     """The simulator an LLM client's capabilities call for: candidate probabilities in one
-    forward pass (local), expected values from logprobs, else integers as structured output."""
+    forward pass (local), expected values from logprobs, else integers as structured output;
+    the API ones send `windows_per_call` windows a request."""
     if getattr(client, "supports_candidate_probs", False):
         return LocalSimulator(client)
     if getattr(client, "supports_logprobs", False):
-        return LogprobSimulator(client)
-    return StructuredSimulator(client)
+        return LogprobSimulator(client, windows_per_call)
+    return StructuredSimulator(client, windows_per_call)
 
 
-def make_simulator(spec: str | Simulator, client: Any = None) -> Simulator:
+def make_simulator(spec: str | Simulator, client: Any = None, windows_per_call: int = 1) -> Simulator:
     """A simulator for a backend spec. LLM specs need `client` (from llm.make_client) unless the
     llm layer can make one here."""
     if isinstance(spec, Simulator):
@@ -149,7 +152,7 @@ def make_simulator(spec: str | Simulator, client: Any = None) -> Simulator:
         from featurescribe.llm import make_client  # the llm layer builds and configures clients
 
         client = make_client(spec)
-    return llm_simulator(client)
+    return llm_simulator(client, windows_per_call)
 
 
 @dataclass(frozen=True)

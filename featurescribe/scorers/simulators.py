@@ -8,11 +8,12 @@ one per token), and return one float per token:
 | `local:MODEL`        | one forward pass over the prompt and the window's tokens, each followed |
 |                      | by a tab and a placeholder; the expected value over the scale's digit   |
 |                      | tokens is read at every placeholder (`client.candidate_probs`)          |
-| `openai:MODEL`       | one request per window: the model copies each token and writes its     |
-|                      | activation; the expected value comes from `top_logprobs` at each number |
-| `anthropic:MODEL`,   | integer predictions as structured output (a JSON list, one per token),  |
-| models without       | length checked strictly, asked again when it does not line up           |
-| logprobs             |                                                                         |
+| `openai:MODEL`       | one request per `windows_per_call` windows: the model copies each token |
+|                      | and writes its activation; the expected value comes from `top_logprobs` |
+|                      | at each number                                                          |
+| `anthropic:MODEL`,   | integer predictions as structured output (a JSON list per window, one   |
+| models without       | number per token), lengths checked strictly, asked again when they do   |
+| logprobs             | not line up; `windows_per_call` windows a request                       |
 | `lexical`            | no LLM: 1 on the tokens the explanation quotes or names, else 0         |
 | `baseline:tokens`    | no LLM, ignores the explanation: the feature's mean activation on each  |
 |                      | token string in the `explain` split                                     |
@@ -66,11 +67,15 @@ class Simulator:
     ) -> list[list[float]]:
         """One prediction list per window, each as long as the window. Raises SimulationFailed."""
         try:
-            out = await asyncio.gather(
-                *(self.simulate_window(explanation, w, feature) for w in windows)
-            )
+            out = await self._simulate_all(explanation, windows, feature)
         except LLMCallFailed as err:
             raise SimulationFailed(f"{self.spec}: {err}") from err
+        return self._checked(windows, out)
+
+    async def _simulate_all(self, explanation, windows, feature) -> list[list[float]]:
+        return list(await asyncio.gather(*(self.simulate_window(explanation, w, feature) for w in windows)))
+
+    def _checked(self, windows: Sequence[Window], out: Sequence[Sequence[float]]) -> list[list[float]]:
         for w, pred in zip(windows, out):
             if len(pred) != len(w.tokens):  # a bug, not a model error
                 raise AssertionError(f"{self.spec} returned {len(pred)} values for {len(w.tokens)} tokens")
@@ -220,26 +225,28 @@ class LocalSimulator(Simulator):
 
 # ----------------------------------------------------------------------------- API models
 _FENCE = re.compile(r"^\s*```")
+_TEXT_HEADER = re.compile(r"^\s*#+\s*text\s+\d+\s*:?\s*$", re.I)
 _LINE = re.compile(r"^(?P<tok>.*?)(?:\t| {2,}|\t )\s*(?P<num>\d{1,2})\s*$")
 _LINE_LOOSE = re.compile(r"^(?P<tok>.*?)\s+(?P<num>\d{1,2})\s*$")
 
 
-def _answer_lines(text: str) -> list[tuple[int, str]]:
-    """(char offset, line) of the non-empty lines of an answer, code fences dropped."""
+def _answer_lines(text: str, skip_headers: bool = False) -> list[tuple[int, str]]:
+    """(char offset, line) of the non-empty lines of an answer, code fences (and with
+    `skip_headers` the `### text i` lines of a several-window answer) dropped."""
     out, offset = [], 0
     for line in text.split("\n"):
-        if line.strip() and not _FENCE.match(line):
+        if line.strip() and not _FENCE.match(line) and not (skip_headers and _TEXT_HEADER.match(line)):
             out.append((offset, line))
         offset += len(line) + 1
     return out
 
 
-def parse_activation_lines(text: str, n: int) -> list[tuple[int, int]]:
+def parse_activation_lines(text: str, n: int, skip_headers: bool = False) -> list[tuple[int, int]]:
     """[(char offset of the number, the written integer)] for the n lines `token<TAB>n`.
 
     Raises UnparseableResponse unless there are exactly n lines each ending in an integer.
     """
-    lines = _answer_lines(text)
+    lines = _answer_lines(text, skip_headers)
     if len(lines) != n:
         raise UnparseableResponse(f"expected {n} lines of token and activation, got {len(lines)}")
     out = []
@@ -306,7 +313,11 @@ ACTIVATIONS_SCHEMA = {
 def parse_activation_list(resp: ChatResponse, n: int) -> list[float]:
     """The `{"activations": [...]}` answer as n numbers on the scale; UnparseableResponse if not."""
     data = resp.json()
-    acts = data.get("activations") if isinstance(data, dict) else data
+    return scale_values(data.get("activations") if isinstance(data, dict) else data, n)
+
+
+def scale_values(acts: Any, n: int) -> list[float]:
+    """A list of n numbers as values on the scale; UnparseableResponse if it is not one."""
     if not isinstance(acts, list):
         raise UnparseableResponse("answer has no list of activations")
     if len(acts) != n:
@@ -319,6 +330,37 @@ def parse_activation_list(resp: ChatResponse, n: int) -> list[float]:
     return out
 
 
+MULTI_ACTIVATIONS_SCHEMA = {
+    "type": "object",
+    "properties": {"activations": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}},
+    "required": ["activations"],
+    "additionalProperties": False,
+}
+
+
+def _texts_block(windows: Sequence[Window], numbered: bool) -> str:
+    """Several windows in one prompt, each after a `### text i` line."""
+    return "\n".join(f"### text {i + 1}\n" + _token_lines(w.tokens, numbered) for i, w in enumerate(windows))
+
+
+def split_by_lengths(values: Sequence[float], lengths: Sequence[int]) -> list[list[float]]:
+    out, i = [], 0
+    for n in lengths:
+        out.append(list(values[i:i + n]))
+        i += n
+    return out
+
+
+def parse_activation_lists(resp: ChatResponse, lengths: Sequence[int]) -> list[list[float]]:
+    """The `{"activations": [[...], ...]}` answer of a several-window request, one list per
+    window, each as long as its window; UnparseableResponse if not."""
+    data = resp.json()
+    lists = data.get("activations") if isinstance(data, dict) else data
+    if not isinstance(lists, list) or len(lists) != len(lengths):
+        raise UnparseableResponse(f"expected {len(lengths)} lists of activations")
+    return [scale_values(acts, n) for acts, n in zip(lists, lengths)]
+
+
 def _simulate_request(template: str, explanation: str, tokens: list[str], **kw) -> ChatRequest:
     """One window's simulation request; the structured template numbers the token lines."""
     messages = render_messages(template, explanation=explanation.strip(), n=len(tokens),
@@ -326,12 +368,34 @@ def _simulate_request(template: str, explanation: str, tokens: list[str], **kw) 
     return ChatRequest(messages=messages, purpose="simulate", **kw)
 
 
-class StructuredSimulator(Simulator):
-    """Integer predictions as structured output (models without logprobs), one request a window."""
+class GroupedSimulator(Simulator):
+    """An API simulator that sends `windows_per_call` windows in one request (1: one request per
+    window, the single-window prompt). A group of one window always uses the single-window prompt.
+    The score is the same: the same windows, the same predictions per token, fewer requests and
+    the instructions paid once per group instead of once per window."""
 
-    def __init__(self, client: Any):
+    def __init__(self, client: Any, windows_per_call: int = 1):
         self.client = client
         self.spec = client.spec
+        self.windows_per_call = max(1, int(windows_per_call))
+
+    async def _simulate_all(self, explanation, windows, feature) -> list[list[float]]:
+        k = self.windows_per_call
+        groups = [list(windows[i:i + k]) for i in range(0, len(windows), k)]
+        outs = await asyncio.gather(*(self._group(explanation, g, feature) for g in groups))
+        return [pred for out in outs for pred in out]
+
+    async def _group(self, explanation: str, group: list[Window], feature) -> list[list[float]]:
+        if len(group) == 1 or any(not w.tokens for w in group):
+            return [await self.simulate_window(explanation, w, feature) for w in group]
+        return await self.simulate_group(explanation, group)
+
+    async def simulate_group(self, explanation: str, group: list[Window]) -> list[list[float]]:
+        raise NotImplementedError
+
+
+class StructuredSimulator(GroupedSimulator):
+    """Integer predictions as structured output (models without logprobs)."""
 
     async def simulate_window(self, explanation, window, feature=None):
         n = len(window.tokens)
@@ -341,18 +405,29 @@ class StructuredSimulator(Simulator):
                                 json_schema=ACTIVATIONS_SCHEMA)
         return await self.client.chat(req, parse=lambda r: parse_activation_list(r, n))
 
+    async def simulate_group(self, explanation, group):
+        lengths = [len(w.tokens) for w in group]
+        messages = render_messages("simulate_json_multi", explanation=explanation.strip(), k=len(group),
+                                   counts=", ".join(map(str, lengths)), tokens=_texts_block(group, numbered=True))
+        req = ChatRequest(messages=messages, purpose="simulate", max_tokens=16 + 4 * sum(lengths) + 4 * len(group),
+                          json_schema=MULTI_ACTIVATIONS_SCHEMA)
+        return await self.client.chat(req, parse=lambda r: parse_activation_lists(r, lengths))
 
-class LogprobSimulator(Simulator):
+
+class LogprobSimulator(GroupedSimulator):
     """OpenAI-style models with logprobs: the model writes `token<TAB>n` per token; the expected
     value is read from the top_logprobs at each number. Answers without logprobs switch this
     simulator to structured output (the model does not give them)."""
 
     TOP_LOGPROBS = 15
 
-    def __init__(self, client: Any):
-        self.client = client
-        self.spec = client.spec
+    def __init__(self, client: Any, windows_per_call: int = 1):
+        super().__init__(client, windows_per_call)
         self._fallback: StructuredSimulator | None = None
+
+    def _structured(self) -> StructuredSimulator:
+        self._fallback = self._fallback or StructuredSimulator(self.client, self.windows_per_call)
+        return self._fallback
 
     async def simulate_window(self, explanation, window, feature=None):
         if self._fallback is not None:
@@ -363,15 +438,30 @@ class LogprobSimulator(Simulator):
         req = _simulate_request("simulate_logprobs", explanation, window.tokens,
                                 max_tokens=64 + 12 * n + sum(len(t) for t in window.tokens),
                                 top_logprobs=self.TOP_LOGPROBS)
-
-        def parse(resp: ChatResponse):
-            numbers = parse_activation_lines(resp.text, n)
-            if resp.logprobs is None:
-                return None  # no logprobs from this model: structured output instead
-            return logprob_expected_values(resp, numbers)
-
-        out = await self.client.chat(req, parse=parse)
+        out = await self.client.chat(req, parse=lambda r: _logprob_values(r, n))
         if out is None:
-            self._fallback = self._fallback or StructuredSimulator(self.client)
-            return await self._fallback.simulate_window(explanation, window, feature)
+            return await self._structured().simulate_window(explanation, window, feature)
         return out
+
+    async def simulate_group(self, explanation, group):
+        if self._fallback is not None:
+            return await self._fallback.simulate_group(explanation, group)
+        lengths = [len(w.tokens) for w in group]
+        n = sum(lengths)
+        messages = render_messages("simulate_logprobs_multi", explanation=explanation.strip(), k=len(group),
+                                   n=n, tokens=_texts_block(group, numbered=False))
+        req = ChatRequest(messages=messages, purpose="simulate", top_logprobs=self.TOP_LOGPROBS,
+                          max_tokens=64 + 12 * n + sum(len(t) for w in group for t in w.tokens))
+        out = await self.client.chat(req, parse=lambda r: _logprob_values(r, n, skip_headers=True))
+        if out is None:
+            return await self._structured().simulate_group(explanation, group)
+        return split_by_lengths(out, lengths)
+
+
+def _logprob_values(resp: ChatResponse, n: int, skip_headers: bool = False) -> list[float] | None:
+    """The expected value at each of the n numbers written; None when the answer has no logprobs
+    (the model gives none: structured output instead)."""
+    numbers = parse_activation_lines(resp.text, n, skip_headers)
+    if resp.logprobs is None:
+        return None
+    return logprob_expected_values(resp, numbers)

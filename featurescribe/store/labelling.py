@@ -75,6 +75,22 @@ def save_promoted_tokens(con, source_id: str, tokens: dict[int, list[str]]) -> N
                 "WHERE f.source_id = ? AND f.feature_id = t.feature_id", [source_id])
 
 
+def save_intruder_gate(con, source_id: str, accuracy: dict[int, float], gated: dict[int, str]) -> None:
+    """The intruder gate's accuracy per feature (`features.intruder`); the gated ones get status
+    'gated' and the reason, the others that passed go back to 'alive'."""
+    if not accuracy:
+        return
+    ids = sorted(accuracy)
+    con.execute(
+        "UPDATE features f SET intruder = g.acc, "
+        "status = CASE WHEN g.reason IS NULL THEN 'alive' ELSE 'gated' END, skip_reason = g.reason "
+        "FROM (SELECT unnest($f::INTEGER[]) AS feature_id, unnest($a::DOUBLE[]) AS acc, "
+        "             unnest($r::VARCHAR[]) AS reason) g "
+        "WHERE f.source_id = $s AND f.feature_id = g.feature_id",
+        {"s": source_id, "f": ids, "a": [float(accuracy[i]) for i in ids], "r": [gated.get(i) for i in ids]},
+    )
+
+
 def unchoose_older(con, source_id: str, chosen: Sequence[Explanation]) -> None:
     """Older explanations by the same explainer and method of these features: not chosen."""
     if not chosen:

@@ -52,6 +52,8 @@ class CallRow:
     run_id: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic)
     cost_usd: float = 0.0
     latency_s: float | None = None
     error: str | None = None
@@ -65,7 +67,7 @@ class CallRow:
 _LEDGER_COLUMNS = [
     "call_id", "run_id", "backend", "model", "purpose", "prompt_hash", "input_tokens",
     "output_tokens", "cost_usd", "latency_s", "status", "error", "created_at", "cached",
-    "attempt", "batch_id",
+    "attempt", "batch_id", "cached_input_tokens", "cache_write_tokens",
 ]
 
 
@@ -392,5 +394,6 @@ def _arrow(cols: dict):
         "output_tokens": pa.int32(), "cost_usd": pa.float64(), "latency_s": pa.float64(),
         "status": pa.string(), "error": pa.string(), "created_at": pa.timestamp("us"),
         "cached": pa.bool_(), "attempt": pa.int32(), "batch_id": pa.string(),
+        "cached_input_tokens": pa.int64(), "cache_write_tokens": pa.int64(),
     }
     return pa.table({c: pa.array(v, type=types[c]) for c, v in cols.items()})

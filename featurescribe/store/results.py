@@ -63,6 +63,7 @@ def save_scores(con, results: Iterable[ScoreResult], run_id: str | None = None) 
         "split": pa.array([r.split for r in results], pa.string()),
         "baseline_shuffled": pa.array([_finite(r.baseline_shuffled) for r in results], pa.float64()),
         "baseline_tokens": pa.array([_finite(r.baseline_tokens) for r in results], pa.float64()),
+        "baseline_population": pa.array([_finite(r.baseline_population) for r in results], pa.float64()),
         "run_id": pa.array([run_id] * len(results), pa.string()),
         "created_at": pa.array([now] * len(results), pa.timestamp("us")),
     }))

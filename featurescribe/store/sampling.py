@@ -39,6 +39,11 @@ import pyarrow as pa
 from featurescribe.records import KINDS, SPLITS, FeatureExamples, Window
 from featurescribe.store.transaction import transaction
 
+# entries read per top candidate (a sequence rarely holds more than a few of a feature's top
+# entries), and the size of the uniform sample of active sequences the quantile bins are cut from
+TOP_ENTRIES_PER_POOL = 3
+QUANTILE_SAMPLE = 64
+
 # windows per split and kind; quantile counts are spread over the bins (the highest bins get
 # any remainder)
 DEFAULT_COUNTS: dict[str, dict[str, int]] = {
@@ -135,40 +140,92 @@ def _patterns(cfg: SamplingConfig) -> tuple[list[str], list[list[str]], list[str
 
 
 # ---------------------------------------------------------------------------------------------
-# the sampling statement
+# the sampling statements
+
+# per feature of the batch: its entries, the value of its $r_top-th highest entry, and the hash
+# below which about $q_sample of its sequences fall (from an estimate of their number). A table
+# of its own, so that the sampling statement's planner knows it is small.
+_STATS_SQL = """
+CREATE OR REPLACE TEMP TABLE {tmp}_stats AS
+SELECT feature_id, count(*) AS n_rows, list_min(max(act, $r_top)) AS top_floor,
+       approx_count_distinct(seq_id) <= $q_sample AS sample_all,
+       (least(1.0, $q_sample / approx_count_distinct(seq_id)) * 1.8446744073709e19)::UBIGINT
+           AS h_limit
+FROM activations
+WHERE source_id = $source AND act > 0 AND feature_id BETWEEN $fmin AND $fmax
+  AND feature_id IN (SELECT unnest($features::INTEGER[]))
+GROUP BY feature_id
+"""
 
 _SAMPLE_SQL = """
 CREATE OR REPLACE TEMP TABLE {tmp} AS
 WITH feats AS (
     SELECT DISTINCT unnest($features::INTEGER[]) AS feature_id
 ),
-per_seq AS (  -- each active sequence of each feature: its peak (the first, on ties) and where
-    SELECT a.feature_id, a.seq_id, max(a.act) AS seq_max, arg_max(a.pos, (a.act, -a.pos)) AS peak_pos
+act AS NOT MATERIALIZED (  -- the batch's active entries, read where a step needs them
+    SELECT a.feature_id, a.seq_id, a.pos, a.act
     FROM activations a
     WHERE a.source_id = $source AND a.act > 0
       AND a.feature_id BETWEEN $fmin AND $fmax
       AND a.feature_id IN (SELECT feature_id FROM feats)
+),
+picked AS MATERIALIZED (  -- a second read keeps the entries at or above the top floor and every
+                          -- entry of a uniform sample of the feature's sequences (seeded hash
+                          -- below a threshold), so nothing groups all of a feature's entries
+    SELECT a.feature_id, a.seq_id, a.pos, a.act, a.h, a.act >= s.top_floor AS is_top,
+           s.sample_all OR a.h < s.h_limit AS in_sample
+    FROM (SELECT feature_id, seq_id, pos, act, hash($seed, feature_id, seq_id) AS h
+          FROM activations
+          WHERE source_id = $source AND act > 0 AND feature_id BETWEEN $fmin AND $fmax) a
+    JOIN {tmp}_stats s USING (feature_id)
+    WHERE a.act >= s.top_floor OR s.sample_all OR a.h < s.h_limit
+),
+top_seq AS (  -- a sequence's first entry by (act desc, pos) is its peak
+    SELECT feature_id, seq_id, act AS seq_max, pos AS peak_pos, h FROM picked WHERE is_top
+    QUALIFY row_number() OVER (PARTITION BY feature_id, seq_id ORDER BY act DESC, pos) = 1
+),
+seen AS (
+    SELECT feature_id, count(*) AS n_top_seqs FROM top_seq GROUP BY feature_id
+),
+exact AS (  -- the top entries decide the top candidates when they were all of the feature's
+            -- entries or span enough sequences; n_seqs is then exact or a lower bound that
+            -- still decides 'rare'. Features whose top entries crowd into a few sequences are
+            -- grouped in full below.
+    SELECT s.feature_id, n.n_top_seqs AS n_seqs,
+           s.n_rows <= $r_top OR n.n_top_seqs >= $enough AS ok
+    FROM {tmp}_stats s JOIN seen n USING (feature_id)
+),
+crowded_seq AS (
+    SELECT a.feature_id, a.seq_id, max(a.act) AS seq_max, arg_max(a.pos, (a.act, -a.pos)) AS peak_pos,
+           hash($seed, a.feature_id, a.seq_id) AS h
+    FROM act a SEMI JOIN exact e ON e.feature_id = a.feature_id AND NOT e.ok
     GROUP BY a.feature_id, a.seq_id
+),
+n_active AS (
+    SELECT feature_id, n_seqs FROM exact WHERE ok
+    UNION ALL SELECT feature_id, count(*) FROM crowded_seq GROUP BY feature_id
+),
+per_seq AS (
+    SELECT t.* FROM top_seq t SEMI JOIN exact e ON e.feature_id = t.feature_id AND e.ok
+    UNION ALL SELECT feature_id, seq_id, seq_max, peak_pos, h FROM crowded_seq
 ),
 seqlen AS (
     SELECT seq_id, len(token_ids) AS n FROM sequences
 ),
-cand AS (  -- ranked by peak, highest first; ties broken by the seeded hash
-    SELECT p.feature_id, p.seq_id, p.seq_max, l.n AS seq_len,
-           greatest(0, least(p.peak_pos - $left, l.n - $w))::INTEGER AS start_pos,
-           hash($seed, p.feature_id, p.seq_id) AS h,
-           row_number() OVER (PARTITION BY p.feature_id ORDER BY p.seq_max DESC, h, p.seq_id) AS rk,
-           count(*) OVER (PARTITION BY p.feature_id) AS n_seqs
-    FROM per_seq p JOIN seqlen l USING (seq_id)
+pool AS (  -- the top candidates, ranked by peak, highest first; ties broken by the seeded hash
+    SELECT feature_id, seq_id, seq_max, peak_pos, h, rk
+    FROM (SELECT *, row_number() OVER (PARTITION BY feature_id ORDER BY seq_max DESC, h, seq_id) AS rk
+          FROM per_seq)
+    WHERE rk <= $top_pool
 ),
 top_pool AS (  -- a few more than needed, so dropping duplicates still leaves enough
-    SELECT t.*,
-           CASE WHEN $dedupe
-                THEN hash(s.token_ids[t.start_pos + 1 : least(t.start_pos + $w, t.seq_len)])
-                ELSE t.seq_id::UBIGINT END AS win_hash
-    FROM cand t JOIN sequences s USING (seq_id)
-    WHERE t.rk <= $top_pool
-    QUALIFY row_number() OVER (PARTITION BY t.feature_id, win_hash ORDER BY t.rk) = 1
+    SELECT *, CASE WHEN $dedupe THEN hash(token_ids[start_pos + 1 : least(start_pos + $w, seq_len)])
+                   ELSE seq_id::UBIGINT END AS win_hash
+    FROM (SELECT t.feature_id, t.seq_id, t.seq_max, t.rk, len(s.token_ids) AS seq_len,
+                 greatest(0, least(t.peak_pos - $left, len(s.token_ids) - $w))::INTEGER AS start_pos,
+                 s.token_ids
+          FROM pool t JOIN sequences s USING (seq_id))
+    QUALIFY row_number() OVER (PARTITION BY feature_id, win_hash ORDER BY rk) = 1
 ),
 top_win AS (
     SELECT feature_id, seq_id, start_pos, seq_len, seq_max,
@@ -176,23 +233,34 @@ top_win AS (
     FROM top_pool
     QUALIFY rnk <= $n_top
 ),
-q_bins AS (  -- the other active sequences in n equal-count bins by peak (bin 1 the weakest),
-             -- the ones with the smallest hash drawn from each bin
+q_cand AS (  -- the sampled sequences other than the top candidates, exact peaks, highest first
+    SELECT *, row_number() OVER (PARTITION BY feature_id ORDER BY seq_max DESC, h, seq_id) AS rk,
+           count(*) OVER (PARTITION BY feature_id) AS n_s
+    FROM (SELECT p.feature_id, p.seq_id, max(p.act) AS seq_max,
+                 arg_max(p.pos, (p.act, -p.pos)) AS peak_pos, any_value(p.h) AS h
+          FROM picked p ANTI JOIN pool t ON t.feature_id = p.feature_id AND t.seq_id = p.seq_id
+          WHERE p.in_sample
+          GROUP BY p.feature_id, p.seq_id)
+),
+q_bins AS (  -- the sample in n equal-count bins by peak (bin 1 the weakest), the ones with the
+             -- smallest hash drawn from each bin
     SELECT feature_id, bin,
-           min_by({{'seq_id': seq_id, 'start_pos': start_pos, 'seq_len': seq_len, 'seq_max': seq_max}},
+           min_by({{'seq_id': seq_id, 'peak_pos': peak_pos, 'seq_max': seq_max}},
                   (h, seq_id), $q_max) AS picks
-    FROM (SELECT *, 1 + ((n_seqs - rk) * $nq // (n_seqs - $top_pool)) AS bin
-          FROM cand WHERE rk > $top_pool)
+    FROM (SELECT *, 1 + ((n_s - rk) * $nq // n_s) AS bin FROM q_cand)
     GROUP BY feature_id, bin
 ),
 q_win AS (
-    SELECT feature_id, bin, w.seq_id, w.start_pos, w.seq_len, w.seq_max, rnk
-    FROM (SELECT feature_id, bin, unnest(picks) AS w, unnest(range(1, len(picks) + 1)) AS rnk
-          FROM q_bins)
-    WHERE rnk <= $q_counts[bin]
+    SELECT q.feature_id, q.bin, q.seq_id, l.n AS seq_len, q.seq_max, q.rnk,
+           greatest(0, least(q.peak_pos - $left, l.n - $w))::INTEGER AS start_pos
+    FROM (SELECT feature_id, bin, w.seq_id, w.peak_pos, w.seq_max, rnk
+          FROM (SELECT feature_id, bin, unnest(picks) AS w, unnest(range(1, len(picks) + 1)) AS rnk
+                FROM q_bins)
+          WHERE rnk <= $q_counts[bin]) q
+    JOIN seqlen l USING (seq_id)
 ),
 used AS (
-    SELECT feature_id, seq_id FROM cand WHERE rk <= $top_pool
+    SELECT feature_id, seq_id FROM pool
     UNION ALL SELECT feature_id, seq_id FROM q_win
 ),
 seq_order AS (  -- one shuffled order of all sequences; each feature starts at its own offset
@@ -217,9 +285,6 @@ r_win AS (
     FROM r_cand c JOIN seq_order s ON s.r = c.r
     ANTI JOIN used u ON u.feature_id = c.feature_id AND u.seq_id = s.seq_id
     QUALIFY rnk <= $n_random
-),
-n_active AS (
-    SELECT feature_id, count(*) AS n_seqs FROM per_seq GROUP BY feature_id
 )
 SELECT f.feature_id, coalesce(na.n_seqs, 0) AS n_seqs, w.seq_id, w.start_pos,
        least(w.start_pos + $w, w.seq_len)::INTEGER AS end_pos, w.split, w.kind,
@@ -315,7 +380,9 @@ def sample_examples(
     tmp = "_fs_sample"
     params = _sample_params(source_id, feats, cfg)
     q_sql = _SAMPLE_SQL.format(tmp=tmp)
+    stats_sql = _STATS_SQL.format(tmp=tmp)
     with transaction(con):
+        con.execute(stats_sql, _used(stats_sql, params))
         con.execute(q_sql, _used(q_sql, params))
         if params["n_random"]:
             con.execute(_RANDOM_MAX_SQL.format(tmp=tmp), {"source": source_id})
@@ -338,6 +405,7 @@ def sample_examples(
         ).fetchone()[0])
         _mark_status(con, source_id, report, cfg)
         con.execute(f"DROP TABLE IF EXISTS {tmp}")
+        con.execute(f"DROP TABLE IF EXISTS {tmp}_stats")
     return report
 
 
@@ -352,6 +420,10 @@ def _sample_params(source_id: str, feats: list[int], cfg: SamplingConfig) -> dic
         "left": cfg.left, "w": cfg.window, "seed": cfg.seed, "dedupe": cfg.dedupe,
         "n_top": n_top, "top_pool": pool, "q_max": max(1, max(len(b) for b in q_p)),
         "nq": cfg.n_quantiles, "n_random": n_random,
+        # entries read per feature for the top windows, and how many distinct sequences among
+        # them make that read exact (else the feature's entries are grouped in full)
+        "r_top": TOP_ENTRIES_PER_POOL * pool, "enough": max(pool, cfg.min_active),
+        "q_sample": QUANTILE_SAMPLE,
         # enough candidates that excluding this feature's used sequences still leaves n_random
         "r_pool": n_random + pool + sum(len(b) for b in q_p),
         # per-bin counts, and the patterns padded so that DuckDB can type an empty one

@@ -234,25 +234,28 @@ _V3 = [
     """,
 ]
 
-# Version 4: why a failed explanation has no text (the last error the LLM layer gave), so failures
-# can be read with SQL beside the ledger.
-# The labels view now reads test-split scores only: a candidate's `valid` score (the split it was
-# chosen on) never stands in for a test score that failed.
-_V4 = [
-    "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS error VARCHAR",
-    """
+# the labels view since version 4 (test-split scores only), with its lift
+_LABELS_VIEW = """
     CREATE OR REPLACE VIEW labels AS
     SELECT e.source_id, e.feature_id, e.text AS explanation, s.value AS score, s.scorer,
            e.explainer, s.simulator, s.split,
            s.baseline_shuffled, s.baseline_tokens,
-           s.value - s.baseline_shuffled AS lift,
+           {lift} AS lift,
            e.explanation_id
     FROM explanations e JOIN scores s USING (explanation_id)
     WHERE coalesce(e.status, 'ok') = 'ok' AND coalesce(s.split, 'test') = 'test'
     QUALIFY row_number() OVER (
         PARTITION BY e.source_id, e.feature_id
         ORDER BY s.scorer = 'simulation' DESC, s.value DESC, e.explanation_id) = 1
-    """,
+    """
+
+# Version 4: why a failed explanation has no text (the last error the LLM layer gave), so failures
+# can be read with SQL beside the ledger.
+# The labels view now reads test-split scores only: a candidate's `valid` score (the split it was
+# chosen on) never stands in for a test score that failed.
+_V4 = [
+    "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS error VARCHAR",
+    _LABELS_VIEW.format(lift="s.value - s.baseline_shuffled"),
 ]
 
 # Version 5: the tokens a feature's output direction promotes most (label --logit-lens).
@@ -316,7 +319,21 @@ _V9 = [
 # run's record tells the server's refusals from the model's own unusable answers.
 _V10 = ["ALTER TABLE runs ADD COLUMN IF NOT EXISTS call_outcomes JSON"]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10]
+# Version 11 (issue 16): cheaper labels. `scores.baseline_population` is the shuffled baseline of a
+# score that has none of its own (label --baseline sample:N): the mean over its chunk's scores that
+# have one, and the labels view's lift falls back to it. `llm_calls` splits the input tokens the
+# provider read from its prompt cache (`cached_input_tokens`) and wrote to it
+# (`cache_write_tokens`, Anthropic), priced as such. `features.intruder` is the accuracy of the
+# intruder gate (label --gate intruder:T); a feature below T gets status 'gated'.
+_V11 = [
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS baseline_population DOUBLE",
+    "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS cached_input_tokens BIGINT",
+    "ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS cache_write_tokens BIGINT",
+    "ALTER TABLE features ADD COLUMN IF NOT EXISTS intruder DOUBLE",
+    _LABELS_VIEW.format(lift="s.value - coalesce(s.baseline_shuffled, s.baseline_population)"),
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """

@@ -325,3 +325,28 @@ def ranking_auc(bed_explanations: Sequence[Explanation], results: Sequence[Score
         best[fid] = all(t > f for f in false)
     auc = float(np.mean(list(per.values()))) if per else 0.5
     return Ranking(auc=auc, per_feature=per, true_best=best)
+
+
+def noise_features(bed: PlantedBed, seed: int = 0) -> list[FeatureExamples]:
+    """One uninterpretable feature per plant, for the intruder scorer: its activating windows are
+    the plants' explain windows dealt round-robin (so no two share a rule), each active at one
+    random token; its random windows are the plant's own (silent where the plant is)."""
+    rng = random.Random(seed)
+    plants = [bed.examples[k] for k in sorted(bed.examples)]
+    pool = [w for fe in plants for w in fe.split("explain") if w.kind != "random" and w.tokens]
+    out = []
+    for i, fe in enumerate(plants):
+        members = []
+        for w in pool[i::len(plants)]:
+            acts = [0.0] * len(w.tokens)
+            acts[rng.randrange(len(w.tokens))] = 1.0
+            members.append(Window(seq_id=w.seq_id, start_pos=w.start_pos, tokens=list(w.tokens), acts=acts,
+                                  kind="top", split="explain"))
+        out.append(FeatureExamples("noise", fe.feature_id, 1.0, members + [w for w in fe.windows if w.kind == "random"]))
+    return out
+
+
+def separation_auc(interpretable: Sequence[float], noise: Sequence[float]) -> float:
+    """P(an interpretable feature scores above a noise feature), ties counting half."""
+    pairs = [1.0 if a > b else 0.5 if a == b else 0.0 for a in interpretable for b in noise]
+    return float(np.mean(pairs)) if pairs else 0.5

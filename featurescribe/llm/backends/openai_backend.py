@@ -327,6 +327,7 @@ class OpenAIBackend(Backend):
             text=text,
             input_tokens=int(usage.get("prompt_tokens") or 0),
             output_tokens=int(usage.get("completion_tokens") or 0),
+            cached_input_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
             logprobs=logprobs,
             finish_reason=choice.get("finish_reason"),
             raw={"id": r.get("id"), "model": r.get("model")},
