@@ -43,7 +43,10 @@ def _through_writers(items: list, **writer_kw) -> tuple[float, int]:
         con = open_db(os.path.join(tmp, "ingest.duckdb"))
         con.execute("SET memory_limit = '256MB'")
         t0 = time.perf_counter()
-        w = Writers(con, RowMaker(["6-res-sae16k"], "tok", "corpus", None), **writer_kw)
+        from featurescribe.store.harvest_rows import harvest_source_keys
+
+        keys = harvest_source_keys(con, ["6-res-sae16k"])
+        w = Writers(con, RowMaker(["6-res-sae16k"], keys, "tok", "corpus", None), **writer_kw)
         for it in items:
             w.put(it)
         w.close()

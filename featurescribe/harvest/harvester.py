@@ -202,7 +202,10 @@ class Harvester:
             seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, cfg.max_tokens or None)
         if first is not None:
             seqs = _chain_first(first, seqs)
-        rows = RowMaker([st.plan.source_id for st in states], tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
+        from featurescribe.store.harvest_rows import harvest_source_keys
+
+        ids = [st.plan.source_id for st in states]
+        rows = RowMaker(ids, harvest_source_keys(con, ids), tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
         loop = self._stream(con, cfg, states, make_batches(seqs, plan, batch_size), rows, _total(cfg, plan))
         return [self._finish(con, st, loop, k, cfg) for k, st in enumerate(states)]
 

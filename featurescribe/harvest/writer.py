@@ -3,8 +3,8 @@
 The forward loop only hands each batch's entries (numpy arrays) to a queue. Writer threads (each
 with its own cursor) take items from it, buffer them until about `flush_entries` entries (or
 `flush_s` seconds) are pending, and commit one transaction per buffer: new sequences, the entries of
-every source in ONE insert (`source_id` as an Arrow dictionary column) and the progress rows of those
-batches. DuckDB loads a million-row Arrow insert several times faster than the same rows in small
+every source in ONE insert (each row's integer `source_key`, see store/activation_store.py) and the
+progress rows of those batches. DuckDB loads a million-row Arrow insert several times faster than the same rows in small
 inserts; a harvest's batches alone hold tens of thousands of entries.
 """
 
@@ -78,6 +78,7 @@ class RowMaker:
     """Builds the Arrow tables of a buffer of items."""
 
     source_ids: list[str]
+    source_keys: list[int]  # each source's storage key (store.harvest_rows.harvest_source_keys)
     tokenizer_id: str
     corpus_key: str
     token_strings: TokenStrings
@@ -106,8 +107,9 @@ class RowMaker:
         parts = [(k, it.batch, idx, vals) for it in items for k, idx, vals in it.parts if len(vals)]
         if not parts:
             return None
+        keys = np.asarray(self.source_keys, dtype=np.int32)
         return pa.table({
-            "source_id": self._dict(np.concatenate([np.full(len(v), k, np.int16) for k, _, _, v in parts])),
+            "source_key": np.concatenate([np.full(len(v), keys[k], np.int32) for k, _, _, v in parts]),
             "feature_id": pa.array(np.concatenate([idx[:, 2] for _, _, idx, _ in parts])),
             "seq_id": pa.array(np.concatenate([b.seq_ids[idx[:, 0]] for _, b, idx, _ in parts])),
             "pos": pa.array(np.concatenate([idx[:, 1] for _, _, idx, _ in parts])),
