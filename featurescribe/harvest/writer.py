@@ -1,11 +1,12 @@
 """The harvest's writers: threads that turn kept entries into Arrow tables and commit them to DuckDB.
 
 The forward loop only hands each batch's entries (numpy arrays) to a queue. Writer threads (each
-with its own cursor) take items from it, buffer them until about `flush_entries` entries (or
-`flush_s` seconds) are pending, and commit one transaction per buffer: new sequences, the entries of
-every source in ONE insert (each row's integer `source_key`, see store/activation_store.py) and the
-progress rows of those batches. DuckDB loads a million-row Arrow insert several times faster than the same rows in small
-inserts; a harvest's batches alone hold tens of thousands of entries.
+with its own cursor) take items from it, copy their entries into a fixed staging buffer of
+`flush_entries` rows (harvest/staging.py) until it is full (or `flush_s` seconds passed), and commit
+one transaction per buffer: new sequences, the entries of every source in ONE insert (each row's
+integer `source_key`, see store/activation_store.py) and the progress rows of those batches. DuckDB
+loads a million-row Arrow insert several times faster than the same rows in small inserts; a
+harvest's batches alone hold tens of thousands of entries.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from featurescribe.harvest.batches import Batch
+from featurescribe.harvest.staging import Staging
 
 FLUSH_ENTRIES = 1 << 20
 FLUSH_SECONDS = 10.0
@@ -166,37 +168,45 @@ class Writers:
     def _run(self) -> None:
         cur = self.con.cursor()
         try:
-            self._loop(cur)
+            self._loop(cur, Staging(self.flush_entries, self.rows.source_keys))
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             self.error = err
         finally:
             cur.close()
 
-    def _loop(self, cur) -> None:
+    def _loop(self, cur, stage: Staging) -> None:
+        """Stage items until the buffer is full (or `flush_s` passed), then commit them in one
+        transaction. An item larger than the whole buffer is committed alone, from its own arrays."""
         buf: list[Item] = []
-        pending, since = 0, time.monotonic()
+        since = time.monotonic()
         while True:
             try:
                 item = self.q.get(timeout=0.5)
             except queue.Empty:
                 item = False  # nothing new: maybe time to flush
             if item:
+                if item.n_entries > stage.room and buf:
+                    self._commit(cur, buf, stage)
+                    buf = []
                 if not buf:
                     since = time.monotonic()
+                if item.n_entries <= stage.room:
+                    stage.add(item)
+                    item = Item(item.batch, [])  # the entries are staged: only the batch is kept
                 buf.append(item)
-                pending += item.n_entries
-            due = pending >= self.flush_entries or (buf and time.monotonic() - since >= self.flush_s)
+            due = stage.room == 0 or buf and (buf[-1].parts or time.monotonic() - since >= self.flush_s)
             if buf and (item is None or due):
-                self._commit(cur, buf)
-                buf, pending = [], 0
+                self._commit(cur, buf, stage)
+                buf = []
             if item is None:
                 return
 
-    def _commit(self, cur, items: list[Item]) -> None:
+    def _commit(self, cur, items: list[Item], stage: Staging) -> None:
         from featurescribe.store.harvest_rows import write_harvest_rows
 
-        acts = self.rows.activations(items)
+        acts = self.rows.activations(items) if items[-1].parts else stage.table()
         write_harvest_rows(cur, self.rows.sequences(items), acts, self.rows.progress(items))
+        stage.clear()
         with self._lock:
             self.entries += acts.num_rows if acts is not None else 0
             self.commits += 1
