@@ -311,6 +311,8 @@ def report_ingest(args) -> None:
     g = ingest(args.ingest_items)
     print(f"store ingest: {g['entries']:,} entries; one commit per batch {g['per_batch'] / 1e6:.1f}M/s; "
           f"bare Arrow insert without source_id {g['bare'] / 1e6:.1f}M/s")
+    print(f"store ingest per CPU-second (all threads): writers {g['new_cpu'] / 1e6:.1f}M, one commit per batch "
+          f"{g['per_batch_cpu'] / 1e6:.1f}M, bare insert {g['bare_cpu'] / 1e6:.1f}M")
     print(f"store_ingest_entries_per_s: {g['new']:.0f}", flush=True)
 
 

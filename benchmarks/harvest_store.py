@@ -4,7 +4,8 @@ store ingest: synthetic items shaped like an SAE harvest's (batches of 32 sequen
 positions, 16,384 latents, 64 kept per token) go through the harvest's own writers, from numpy
 arrays to committed rows of `activations`; the same items with one commit per batch (today's
 layout before this change), and a single bare Arrow insert of the columns (DuckDB's floor) are
-timed in the same run.
+timed in the same run, in wall time and in process CPU time (all threads; the figure to compare
+when other processes share the machine).
 """
 
 from __future__ import annotations
@@ -38,22 +39,24 @@ def synthetic_items(n_items: int, seed: int = 0) -> list:
 def _through_writers(items: list, **writer_kw) -> tuple[float, int]:
     from featurescribe.harvest.writer import RowMaker, Writers
     from featurescribe.store import open_db
+    from featurescribe.store.harvest_rows import harvest_source_keys
 
     with tempfile.TemporaryDirectory() as tmp:
         con = open_db(os.path.join(tmp, "ingest.duckdb"))
         con.execute("SET memory_limit = '256MB'")
-        t0 = time.perf_counter()
-        w = Writers(con, RowMaker(["6-res-sae16k"], "tok", "corpus", None), **writer_kw)
+        keys = harvest_source_keys(con, ["6-res-sae16k"])
+        t0, c0 = time.perf_counter(), time.process_time()
+        w = Writers(con, RowMaker(["6-res-sae16k"], keys, "tok", "corpus", None), **writer_kw)
         for it in items:
             w.put(it)
         w.close()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         n = con.execute("SELECT count(*) FROM activations WHERE source_id = '6-res-sae16k'").fetchone()[0]
         con.close()
-    return seconds, n
+    return seconds, cpu, n
 
 
-def _bare_insert(items: list) -> float:
+def _bare_insert(items: list) -> tuple[float, float]:
     import duckdb
     import pyarrow as pa
 
@@ -65,23 +68,24 @@ def _bare_insert(items: list) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         con = duckdb.connect(os.path.join(tmp, "bare.duckdb"))
         con.execute("CREATE TABLE a (feature_id INTEGER, seq_id BIGINT, pos INTEGER, act REAL)")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, table.num_rows, 1 << 20):
             piece = table.slice(i, 1 << 20)  # noqa: F841
             con.execute("INSERT INTO a SELECT * FROM piece")
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         con.close()
-    return seconds
+    return seconds, cpu
 
 
 def ingest(n_items: int) -> dict:
     items = synthetic_items(n_items)
     n = sum(it.n_entries for it in items)
-    new_s, stored = _through_writers(items)
-    old_s, _ = _through_writers(items, threads=1, flush_entries=0)
-    bare_s = _bare_insert(items)
+    new_s, new_cpu, stored = _through_writers(items)
+    old_s, old_cpu, _ = _through_writers(items, threads=1, flush_entries=0)
+    bare_s, bare_cpu = _bare_insert(items)
     assert stored == n, (stored, n)
-    return {"entries": n, "new": n / new_s, "per_batch": n / old_s, "bare": n / bare_s}
+    return {"entries": n, "new": n / new_s, "per_batch": n / old_s, "bare": n / bare_s,
+            "new_cpu": n / new_cpu, "per_batch_cpu": n / old_cpu, "bare_cpu": n / bare_cpu}
 
 
 def shard_speed(tokens: int, model: str, corpus: str) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from featurescribe.store.activation_store import insert_activations_query  # noqa: E402
 from featurescribe.store import open_db  # noqa: E402
 from featurescribe.store.sampling import SamplingConfig, load_examples, sample_examples  # noqa: E402
 
@@ -44,13 +45,12 @@ def build(con, n_features: int, n_rows: int, n_seqs: int, ctx: int) -> None:
     build_sequences(con, "0-bench", n_features, n_seqs, ctx)
     # feature f gets a share of the rows proportional to 1 / (1 + f % 97): skewed densities;
     # every 64th feature is dead
-    con.execute(f"""
-        INSERT INTO activations (source_id, feature_id, seq_id, pos, act)
+    insert_activations_query(con, "0-bench", f"""
         WITH w AS (SELECT f, 1.0 / (1 + f % 97) AS w FROM range({n_features}) t(f) WHERE f % 64 <> 63),
              c AS (SELECT f, w, sum(w) OVER (ORDER BY f) AS cw, sum(w) OVER () AS tw FROM w),
              k AS (SELECT f, round((cw - w) / tw * {n_rows})::BIGINT AS lo,
                           round(cw / tw * {n_rows})::BIGINT AS hi FROM c)
-        SELECT '0-bench', f::INTEGER, (hash(i, 1) % {n_seqs})::BIGINT, (hash(i, 2) % {ctx})::INTEGER,
+        SELECT f::INTEGER, (hash(i, 1) % {n_seqs})::BIGINT, (hash(i, 2) % {ctx})::INTEGER,
                ((hash(i, 3) % 1000000) / 1e5)::REAL + 0.01
         FROM k, range(k.lo, k.hi) t(i)""")
     con.execute(f"""

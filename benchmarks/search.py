@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from featurescribe.llm.embeddings import embed_sync, make_embedder  # noqa: E402
+from featurescribe.store.activation_store import insert_activations_query  # noqa: E402
 from featurescribe.store import open_db  # noqa: E402
 
 SOURCE = "12-res-sae1m"
@@ -147,8 +148,8 @@ def build_activations(con, n_features: int, n_rows: int, ctx: int = 64) -> None:
                     FROM range({n_seqs}) t(s)""")
     con.execute(f"INSERT INTO harvest_progress SELECT '{SOURCE}', s FROM range({n_seqs}) t(s)")
     per_seq = n_rows // n_seqs
-    con.execute(f"""INSERT INTO activations (source_id, feature_id, seq_id, pos, act)
-                    SELECT '{SOURCE}', floor({n_features} * pow((hash(i, 1) % 1000003) / 1000003.0, 2))::INTEGER,
+    insert_activations_query(con, SOURCE, f"""
+                    SELECT floor({n_features} * pow((hash(i, 1) % 1000003) / 1000003.0, 2))::INTEGER,
                            i // {per_seq}, (1 + hash(i, 2) % {ctx - 1})::INTEGER,
                            ((hash(i, 3) % 100000) / 1e4)::REAL + 0.01
                     FROM range({per_seq * n_seqs}) t(i)""")

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Callable
 
 from featurescribe.store import open_db
+from featurescribe.store.activation_store import insert_activations_query
 from featurescribe.store.bulk import insert_arrow
 
 TEXTS = [
@@ -325,9 +326,8 @@ def build_large_db(path: str, n_features: int, source_id: str = "8-res-sae1m", w
             SELECT s, list_transform(range({ctx}), lambda i: CAST((s * 31 + i * 7) % 5000 AS INTEGER)),
                    list_transform(range({ctx}), lambda i: ' w' || ((s * 31 + i * 7) % 5000))
             FROM range({n_seq}) t(s)""")
-        con.execute(f"""
-            INSERT INTO activations (source_id, feature_id, seq_id, pos, act)
-            SELECT '{source_id}', f, (f * 7 + k * 13) % {n_seq}, (f * 3 + k * 11) % {ctx},
+        insert_activations_query(con, source_id, f"""
+            SELECT f, (f * 7 + k * 13) % {n_seq}, (f * 3 + k * 11) % {ctx},
                    CAST(1 + ((f * 17 + k * 5) % 97) / 10.0 AS REAL)
             FROM range({n_features}) a(f), range(5) b(k)""")
         con.execute(f"""

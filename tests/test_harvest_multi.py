@@ -90,6 +90,19 @@ def test_forward_stops_after_the_deepest_hooked_layer(smollm2, db_path, corpus_f
     assert calls["3"] == 0  # layer 3's block never returns: its MLP down projection is the last hook
 
 
+def test_site_widths_read_from_weights_equal_what_a_forward_pass_shows(smollm2):
+    import torch
+
+    from featurescribe.harvest.sites import SITES, MultiSiteReader
+
+    _, model, _ = smollm2
+    keys = [(site, layer) for site in SITES for layer in (0, 5)]
+    reader = MultiSiteReader(model, keys)  # no probe forward pass: the widths come from the modules
+    seen = reader.run(torch.tensor([[1, 2, 3]]))
+    assert {k: s.width for k, s in reader.sites.items()} == {k: int(seen[k].shape[-1]) for k in keys}
+    assert {s.width for s in reader.sites.values()} == {576, 1536}
+
+
 def test_cli_prints_a_source_id_line_per_source(smollm2, db_path, corpus_file, capsys):
     rc = main(["harvest", "--db", db_path, "--model", "smollm2-135m", "--layer", "0-2", "--site", "mlp_out",
                "--corpus", corpus_file, "--ctx", str(CTX), "--max-tokens", str(2 * CTX), "--no-progress"])

@@ -191,11 +191,22 @@ def stdlib_files() -> list[Path]:
 
 def _module_documents(path: Path) -> Iterator[str]:
     """One module's documents: its docstrings (English) alternating with its top-level code."""
+    prose, code = _module_parts(path)
+    for i in range(max(len(prose), len(code))):
+        if i < len(prose):
+            yield prose[i]
+        if i < len(code):
+            yield code[i]
+
+
+def _module_parts(path: Path) -> tuple[list[str], list[str]]:
+    """(docstring chunks, top-level code chunks) of a module. Only the strings outlive this call: the
+    syntax tree (tens of times the source's size) is not held while the reader's pool of modules is read."""
     try:
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-        return
+        return [], []
     defs = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     nodes = [tree]  # the module, its top-level definitions and their methods (no full tree walk)
     for node in tree.body:
@@ -208,20 +219,15 @@ def _module_documents(path: Path) -> Iterator[str]:
         d = ast.get_docstring(node)
         if d and len(d) > 40:
             docs.append(d)
-    prose = list(_chunks("\n\n".join(docs)))
     lines = source.splitlines(keepends=True)
     code = []
     for node in tree.body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        if isinstance(node, defs):
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
             seg = "".join(lines[first - 1: node.end_lineno])
             if len(seg) > 80:
                 code.extend(_chunks(seg))
-    for i in range(max(len(prose), len(code))):
-        if i < len(prose):
-            yield prose[i]
-        if i < len(code):
-            yield code[i]
+    return list(_chunks("\n\n".join(docs))), code
 
 
 def _stdlib_documents(pool: int = 16) -> Iterator[tuple[str, bool]]:

@@ -159,20 +159,29 @@ class Harvester:
 
     @staticmethod
     def sparse(acts, valid, threshold: float):
-        """Entries above `threshold` where `valid` [B, T]: (idx int32 [N,3], vals float32 [N]) on the CPU."""
+        """Entries above `threshold` (idx int32 [N, 3]: row/pos/feature, vals float32 [N]) on the CPU,
+        where `valid` [B, T] (None: every position from FIRST_POS). One flat mask, its nonzero
+        positions and a 1-D gather: cheaper than a 3-D nonzero and a 3-index gather."""
         import torch
 
-        mask = (acts > threshold) & valid[:, :, None]
-        nz = mask.nonzero()  # one host sync per source and batch (a boolean-mask gather would be a second)
-        vals = acts[nz[:, 0], nz[:, 1], nz[:, 2]].float()
-        return nz.to(torch.int32).cpu().numpy(), vals.cpu().numpy()
+        B, T, W = acts.shape
+        mask = acts > threshold
+        if valid is not None:
+            mask &= valid[:, :, None]
+        else:
+            mask[:, :FIRST_POS] = False
+        lin = mask.view(-1).nonzero().squeeze(1)  # one host sync per source and batch
+        vals = acts.reshape(-1)[lin].float()
+        bt = lin // W
+        idx = torch.stack([bt // T, bt % T, lin % W], 1).to(torch.int32)
+        return idx.cpu().numpy(), vals.cpu().numpy()
 
     @staticmethod
-    def valid_mask(acts, lengths):
+    def valid_mask(T: int, lengths):
         """[B, T] bool: the positions harvested (FIRST_POS <= pos < the sequence's length)."""
         import torch
 
-        pos = torch.arange(acts.shape[1], device=acts.device)
+        pos = torch.arange(T, device=lengths.device)
         return (pos[None, :] >= FIRST_POS) & (pos[None, :] < lengths[:, None])
 
     def _item(self, batch: Batch, states: list[SourceState]) -> Item:
@@ -180,14 +189,14 @@ class Harvester:
         import torch
 
         ids, lengths = self.to_device(batch)
+        T = ids.shape[1]
+        padded = any(len(t) < T for t in batch.token_ids)
+        valid = self.valid_mask(T, lengths) if padded or batch.todo is not None else None
         parts = []
-        valid = None
         for k, (st, acts) in enumerate(zip(states, self.features(ids))):
-            if valid is None:
-                valid = self.valid_mask(acts, lengths)
             rows = valid if batch.todo is None else valid & torch.from_numpy(batch.todo[k]).to(valid.device)[:, None]
             if st.threshold is None:
-                st.threshold = auto_threshold(acts, rows, st.keep)
+                st.threshold = auto_threshold(acts[:, FIRST_POS:] if rows is None else acts[rows], st.keep)
             parts.append((k, *self.sparse(acts, rows, st.threshold)))
         return Item(batch, parts)
 
@@ -206,7 +215,12 @@ class Harvester:
             seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, cfg.max_tokens or None)
         if first is not None:
             seqs = _chain_first(first, seqs)
-        rows = RowMaker([st.plan.source_id for st in states], tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
+        from featurescribe.store.harvest_rows import harvest_source_keys
+
+        ids = [st.plan.source_id for st in states]
+        with session(db) as con:
+            keys = harvest_source_keys(con, ids)
+        rows = RowMaker(ids, keys, tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
         loop = self._stream(db, cfg, states, make_batches(seqs, plan, batch_size), rows, _total(cfg, plan))
         with session(db) as con:
             return [self._finish(con, st, loop, k, cfg) for k, st in enumerate(states)]

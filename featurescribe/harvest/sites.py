@@ -128,6 +128,19 @@ def check_layer(layer: int, n: int) -> int:
     return layer
 
 
+def _static_width(model, module, io: str) -> int | None:
+    """The last dimension of a hooked tensor, from the module's weights (a Linear's in/out features)
+    or, for a block's or an MLP's input/output, the model's hidden size; None when neither tells."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return int(module.in_features if io == "input" else module.out_features)
+    if any(isinstance(m, torch.nn.Linear) for m in module.children()) or io == "output":
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        return int(hidden) if isinstance(hidden, int) else None
+    return None
+
+
 class MultiSiteReader:
     """Runs a model once and returns the activations at every site asked for: {(site, layer): [B, T, width]}."""
 
@@ -144,9 +157,11 @@ class MultiSiteReader:
             places[(site, layer)] = (name, kind.io)
         self.backbone = getattr(model, "base_model", model)
         self._box: dict = {}
-        probe = self.run(self._probe_ids())
-        self.sites = {key: Site(key[0], key[1], places[key][0], places[key][1], int(probe[key].shape[-1]), n)
-                      for key in places}
+        widths = {key: _static_width(model, module, io) for module, io, key in self.hook_points}
+        if None in widths.values():  # a module whose width its weights do not say: one tiny forward pass
+            probe = self.run(self._probe_ids())
+            widths = {key: int(probe[key].shape[-1]) for key in places}
+        self.sites = {key: Site(key[0], key[1], places[key][0], places[key][1], widths[key], n) for key in places}
 
     def _probe_ids(self):
         import torch

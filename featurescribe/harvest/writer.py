@@ -1,11 +1,11 @@
 """The harvest's writers: threads that turn kept entries into Arrow tables and commit them to DuckDB.
 
 The forward loop only hands each batch's entries (numpy arrays) to a queue. Writer threads take
-items from it, buffer them until about `flush_entries` entries (or
-`flush_s` seconds) are pending, and commit one transaction per buffer: new sequences, the entries of
-every source in ONE insert (`source_id` as an Arrow dictionary column) and the progress rows of those
-batches. DuckDB loads a million-row Arrow insert several times faster than the same rows in small
-inserts; a harvest's batches alone hold tens of thousands of entries.
+items from it, copy their entries into a fixed staging buffer of `flush_entries` rows (harvest/staging.py) until it is full (or `flush_s` seconds passed), and commit
+one transaction per buffer: new sequences, the entries of every source in ONE insert (each row's
+integer `source_key`, see store/activation_store.py) and the progress rows of those batches. DuckDB
+loads a million-row Arrow insert several times faster than the same rows in small inserts; a
+harvest's batches alone hold tens of thousands of entries.
 
 Each commit opens the database for its transaction and closes it after (`store.connection.session`
 of a `Database`), so between commits the file is free for readers and other runs; a buffer is big
@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from featurescribe.harvest.batches import Batch
+from featurescribe.harvest.staging import Staging
 
 FLUSH_ENTRIES = 1 << 20
 FLUSH_SECONDS = 10.0
@@ -82,6 +83,7 @@ class RowMaker:
     """Builds the Arrow tables of a buffer of items."""
 
     source_ids: list[str]
+    source_keys: list[int]  # each source's storage key (store.harvest_rows.harvest_source_keys)
     tokenizer_id: str
     corpus_key: str
     token_strings: TokenStrings
@@ -110,8 +112,9 @@ class RowMaker:
         parts = [(k, it.batch, idx, vals) for it in items for k, idx, vals in it.parts if len(vals)]
         if not parts:
             return None
+        keys = np.asarray(self.source_keys, dtype=np.int32)
         return pa.table({
-            "source_id": self._dict(np.concatenate([np.full(len(v), k, np.int16) for k, _, _, v in parts])),
+            "source_key": np.concatenate([np.full(len(v), keys[k], np.int32) for k, _, _, v in parts]),
             "feature_id": pa.array(np.concatenate([idx[:, 2] for _, _, idx, _ in parts])),
             "seq_id": pa.array(np.concatenate([b.seq_ids[idx[:, 0]] for _, b, idx, _ in parts])),
             "pos": pa.array(np.concatenate([idx[:, 1] for _, _, idx, _ in parts])),
@@ -167,38 +170,46 @@ class Writers:
 
     def _run(self) -> None:
         try:
-            self._loop()
+            self._loop(Staging(self.flush_entries, self.rows.source_keys))
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             self.error = err
 
-    def _loop(self) -> None:
+    def _loop(self, stage: Staging) -> None:
+        """Stage items until the buffer is full (or `flush_s` passed), then commit them in one
+        transaction. An item larger than the whole buffer is committed alone, from its own arrays."""
         buf: list[Item] = []
-        pending, since = 0, time.monotonic()
+        since = time.monotonic()
         while True:
             try:
                 item = self.q.get(timeout=0.5)
             except queue.Empty:
                 item = False  # nothing new: maybe time to flush
             if item:
+                if item.n_entries > stage.room and buf:
+                    self._commit(buf, stage)
+                    buf = []
                 if not buf:
                     since = time.monotonic()
+                if item.n_entries <= stage.room:
+                    stage.add(item)
+                    item = Item(item.batch, [])  # the entries are staged: only the batch is kept
                 buf.append(item)
-                pending += item.n_entries
-            due = pending >= self.flush_entries or (buf and time.monotonic() - since >= self.flush_s)
+            due = stage.room == 0 or buf and (buf[-1].parts or time.monotonic() - since >= self.flush_s)
             if buf and (item is None or due):
-                self._commit(buf)
-                buf, pending = [], 0
+                self._commit(buf, stage)
+                buf = []
             if item is None:
                 return
 
-    def _commit(self, items: list[Item]) -> None:
+    def _commit(self, items: list[Item], stage: Staging) -> None:
         from featurescribe.store.connection import session
         from featurescribe.store.harvest_rows import write_harvest_rows
 
-        acts = self.rows.activations(items)
+        acts = self.rows.activations(items) if items[-1].parts else stage.table()
         seqs, progress = self.rows.sequences(items), self.rows.progress(items)
         with session(self.db) as con:  # open only for the transaction
             write_harvest_rows(con, seqs, acts, progress)
+        stage.clear()
         with self._lock:
             self.entries += acts.num_rows if acts is not None else 0
             self.commits += 1

@@ -21,7 +21,13 @@ def insert_arrow(con, table: str, data: pa.Table | Mapping[str, Sequence], *,
     The insert runs on `con` itself, so it belongs to the caller's open transaction. The table is
     read by DuckDB's replacement scan of a local variable rather than `con.register`, which DuckDB 2.0
     refuses while the connection still has a partly fetched result.
+
+    `activations` is a view: its rows go to the int-keyed table under it (store/activation_store.py).
     """
+    if table == "activations":
+        from featurescribe.store.activation_store import insert_activations
+
+        return insert_activations(con, data, consts=consts)
     tbl = data if isinstance(data, pa.Table) else pa.table(dict(data))
     if tbl.num_rows == 0:
         return 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from featurescribe.errors import FeaturescribeError, UnknownSource
+from featurescribe.store.activation_store import STORAGE_TABLES
 
 BATCH_ROWS = 2048
 HISTOGRAM_BINS = 24
@@ -109,7 +110,8 @@ def count_sequences(con) -> int:
 
 
 def table_names(con) -> list[tuple[str, str]]:
-    """(name, 'BASE TABLE' | 'VIEW') of the main schema, by name."""
+    """(name, 'BASE TABLE' | 'VIEW') of the main schema, by name; not the tables the `activations`
+    view stores its rows in (exported once, through the view)."""
     return [
         (r[0], r[1])
         for r in con.execute(
@@ -117,6 +119,7 @@ def table_names(con) -> list[tuple[str, str]]:
                WHERE table_schema = 'main' AND table_catalog = current_database()
                ORDER BY table_name"""
         ).fetchall()
+        if r[0] not in STORAGE_TABLES
     ]
 
 

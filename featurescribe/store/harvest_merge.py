@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from featurescribe.store.activation_store import KEYS_TABLE, ROWS_TABLE, source_keys
+
 MANIFEST = """
 CREATE TABLE IF NOT EXISTS harvest_shard (
     shard_index INTEGER NOT NULL, shards INTEGER NOT NULL, lo BIGINT NOT NULL, hi BIGINT NOT NULL,
@@ -78,11 +80,16 @@ def _copy_shard(con, i: int, name: str) -> None:
         FROM {name}.harvest_progress p JOIN seq_map m ON m.shard = {i} AND m.shard_seq_id = p.seq_id
         WHERE NOT EXISTS (SELECT 1 FROM main.harvest_progress q WHERE q.source_id = p.source_id AND q.seq_id = m.seq_id)
     """
+    shard_ids = [r[0] for r in con.execute(f"SELECT source_id FROM {name}.{KEYS_TABLE} ORDER BY source_key").fetchall()]
+    source_keys(con, shard_ids)
     con.execute(f"""
-        INSERT INTO main.activations (source_id, feature_id, seq_id, pos, act)
-        SELECT a.source_id, a.feature_id, m.seq_id, a.pos, a.act
-        FROM {name}.activations a JOIN (SELECT p.source_id, p.seq_id AS shard_seq_id, m.seq_id {fresh}) m
-             ON m.source_id = a.source_id AND m.shard_seq_id = a.seq_id
+        INSERT INTO main.{ROWS_TABLE} (source_key, feature_id, seq_id, pos, act)
+        SELECT k.source_key, a.feature_id, m.seq_id, a.pos, a.act
+        FROM {name}.{ROWS_TABLE} a
+        JOIN (SELECT s.source_key AS shard_key, k.source_key, k.source_id
+              FROM {name}.{KEYS_TABLE} s JOIN main.{KEYS_TABLE} k USING (source_id)) k ON k.shard_key = a.source_key
+        JOIN (SELECT p.source_id, p.seq_id AS shard_seq_id, m.seq_id {fresh}) m
+             ON m.source_id = k.source_id AND m.shard_seq_id = a.seq_id
     """)
     con.execute(f"INSERT INTO main.harvest_progress (source_id, seq_id) SELECT p.source_id, m.seq_id {fresh}")
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from featurescribe.store.activation_store import delete_activations, insert_key_rows, source_keys
 from featurescribe.store.bulk import insert_arrow
 from featurescribe.store.transaction import transaction
 
@@ -66,7 +67,8 @@ def source_params(con, source_id: str) -> dict:
 
 def delete_source(con, source_id: str) -> None:
     def run(c):
-        for table in ("activations", "features", "harvest_progress", "sources"):
+        delete_activations(c, source_id)
+        for table in ("features", "harvest_progress", "sources"):
             c.execute(f"DELETE FROM {table} WHERE source_id = ?", [source_id])
     _transaction(con, run)
 
@@ -83,15 +85,22 @@ def set_source_threshold(con, source_id: str, threshold: float) -> None:
 def write_harvest_rows(con, sequences: pa.Table | None, activations: pa.Table | None, progress: pa.Table) -> None:
     """One transaction: new sequences, kept entries and the progress rows that mark them done.
 
-    `activations` and `progress` carry `source_id` as a dictionary column: one insert for every source.
+    `activations` carries each row's `source_key` (see `harvest_source_keys`), `progress` its
+    `source_id` as a dictionary column: one insert each for every source.
     """
     def run(c):
         if sequences is not None:
             insert_arrow(c, "sequences", sequences)
         if activations is not None:
-            insert_arrow(c, "activations", activations)
+            insert_key_rows(c, activations)
         insert_arrow(c, "harvest_progress", progress)
     _transaction(con, run)
+
+
+def harvest_source_keys(con, source_ids: list[str]) -> list[int]:
+    """The storage key of each source, in order (allocated for new sources)."""
+    keys = _transaction(con, source_keys, source_ids)
+    return [keys[s] for s in source_ids]
 
 
 def finalize_source(con, source_id: str, width: int, first_pos: int, params: dict) -> tuple[int, int, int, int]:

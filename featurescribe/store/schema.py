@@ -6,6 +6,7 @@ is at lives in `schema_version`. Never edit a released migration: append a new o
 
 from __future__ import annotations
 
+from featurescribe.store.activation_store import MIGRATION as ACTIVATIONS_MIGRATION
 from featurescribe.store.embeddings import MIGRATION as EMBEDDINGS_MIGRATION
 from featurescribe.store.transaction import transaction
 
@@ -333,7 +334,11 @@ _V11 = [
     _LABELS_VIEW.format(lift="s.value - coalesce(s.baseline_shuffled, s.baseline_population)"),
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11]
+# Version 12: activations stored with an integer source key under a view of the same name and
+# columns (store/activation_store.py); the rows of older databases move over.
+_V12 = list(ACTIVATIONS_MIGRATION)
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11, _V12]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = """
