@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from featurescribe.store import open_db
+from featurescribe.store.activation_store import insert_activations_query
 from tests.dbq import q
 from tests.test_label import _explain_responder
 from tests.test_sampling import SOURCE, build_db
@@ -35,9 +36,11 @@ def _build(db: str, *, second_source: bool) -> None:
     with closing(open_db(db)) as con:
         build_db(con, n_features=N_FEATURES)
         if second_source:
-            for table in ("sources", "features", "activations"):
+            for table in ("sources", "features"):
                 con.execute(f"INSERT INTO {table} SELECT * REPLACE (? AS source_id) FROM {table} "
                             "WHERE source_id = ?", [OTHER, SOURCE])
+            insert_activations_query(con, OTHER, "SELECT feature_id, seq_id, pos, act FROM activations "
+                                     "WHERE source_id = ?", [SOURCE])
 
 
 def _label_process(db: str, source: str, env: dict) -> subprocess.Popen:

@@ -311,7 +311,7 @@ def test_top_windows_exact_when_the_top_entries_crowd_into_few_sequences(con):
     falls back to grouping all its entries; the top windows still equal the brute force."""
     info = build_db(con, n_features=4)
     extra = {(3, s, p): 100.0 - s + 0.001 * p for s in range(60) for p in range(info["seq_len"])}
-    con.execute("DELETE FROM activations WHERE feature_id = 3")
+    con.execute("DELETE FROM activation_rows WHERE feature_id = 3")  # the storage table behind the view
     insert_acts(con, extra)
     info["acts"] = {k: v for k, v in info["acts"].items() if k[0] != 3} | extra
     cfg = SamplingConfig()

@@ -199,18 +199,18 @@ RUN_ONLY = ("no_progress", "batch", "no_wait", "batch_retry", "batch_poll", "tas
 
 
 def parse_baseline(spec: str) -> int:
-    """'every' -> 1, 'sample:N' -> N, 'none' -> 0; FeaturescribeError for anything else."""
+    """'every' -> 1, 'sample:N' -> N, 'none' -> 0; BadOption for anything else."""
     text = (spec or "every").strip().lower()
     if text in ("every", "none"):
         return 1 if text == "every" else 0
     kind, _, n = text.partition(":")
     if kind == "sample" and n.isdigit() and int(n) >= 1:
         return int(n)
-    raise FeaturescribeError(f"bad --baseline {spec!r}: use every, sample:N (N >= 1) or none")
+    raise BadOption(f"bad --baseline {spec!r}: use every, sample:N (N >= 1) or none")
 
 
 def parse_gate(spec: str) -> float | None:
-    """'' -> None, 'intruder:0.4' -> 0.4; FeaturescribeError for anything else."""
+    """'' -> None, 'intruder:0.4' -> 0.4; BadOption for anything else."""
     text = (spec or "").strip().lower()
     if not text:
         return None
@@ -220,7 +220,7 @@ def parse_gate(spec: str) -> float | None:
     except ValueError:
         threshold = -1.0
     if kind != "intruder" or not 0.0 <= threshold <= 1.0:
-        raise FeaturescribeError(f"bad --gate {spec!r}: use intruder:T with T from 0 to 1")
+        raise BadOption(f"bad --gate {spec!r}: use intruder:T with T from 0 to 1")
     return threshold
 
 
