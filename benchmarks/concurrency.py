@@ -141,17 +141,19 @@ def throughput(base: str, tmp: str, args: argparse.Namespace) -> tuple[float, fl
 def _ingest_seconds(items: list, path: str, per_commit: bool) -> float:
     from featurescribe.harvest.writer import RowMaker, Writers
     from featurescribe.store import open_db
+    from featurescribe.store.harvest_rows import harvest_source_keys
     from featurescribe.store.connection import Database
 
     if os.path.exists(path):
         os.remove(path)
     con = open_db(path)
     con.execute("SET memory_limit = '128MB'")
+    keys = harvest_source_keys(con, ["6-res-sae16k"])
     if per_commit:
         con.close()
     target = Database(path, memory_limit="128MB") if per_commit else con
     t0 = time.perf_counter()
-    w = Writers(target, RowMaker(["6-res-sae16k"], "tok", "corpus", None))
+    w = Writers(target, RowMaker(["6-res-sae16k"], keys, "tok", "corpus", None))
     for it in items:
         w.put(it)
     w.close()
