@@ -52,13 +52,13 @@ CTX = 64
 def build(db: str, n_features: int, rows_per_feature: int, n_seqs: int) -> None:
     """The synthetic source: every feature active at `rows_per_feature` random places."""
     from featurescribe.store import open_db
+    from featurescribe.store.activation_store import insert_activations_query
 
     con = open_db(db)
     try:
         build_sequences(con, SOURCE, n_features, n_seqs, CTX, vocab=5000)
-        con.execute(f"""
-            INSERT INTO activations (source_id, feature_id, seq_id, pos, act)
-            SELECT DISTINCT ON (f, s, p) '{SOURCE}', f::INTEGER, s, p, a FROM (
+        insert_activations_query(con, SOURCE, f"""
+            SELECT DISTINCT ON (f, s, p) f::INTEGER, s, p, a FROM (
                 SELECT f, (hash(f, i, 1) % {n_seqs})::BIGINT AS s, (hash(f, i, 2) % {CTX})::INTEGER AS p,
                        ((hash(f, i, 3) % 100000) / 1e4)::REAL + 0.01 AS a
                 FROM range({n_features}) t(f), range({rows_per_feature}) u(i))""")
