@@ -223,7 +223,7 @@ class Harvester:
         rows = RowMaker(ids, keys, tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
         loop = self._stream(db, cfg, states, make_batches(seqs, plan, batch_size), rows, _total(cfg, plan))
         with session(db) as con:
-            return [self._finish(con, st, loop, k, cfg) for k, st in enumerate(states)]
+            return self._finish(con, states, loop, cfg)
 
     def _stream(self, db, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch],
                 rows: RowMaker, total: int | None) -> _Loop:
@@ -257,17 +257,25 @@ class Harvester:
         loop.seconds = time.monotonic() - t0
         return loop
 
-    def _finish(self, con, st: SourceState, loop: _Loop, k: int, cfg: HarvestConfig) -> HarvestResult:
-        from featurescribe.store.harvest_rows import finalize_source
+    def _finish(self, con, states: list[SourceState], loop: _Loop, cfg: HarvestConfig) -> list[HarvestResult]:
+        """Every source's exact statistics (one pass over the stored entries) and its result."""
+        from featurescribe.store.harvest_rows import finalize_sources
 
-        if st.threshold is None:  # nothing was left to run
-            st.threshold = st.value if st.rule == "abs" else 0.0
-        _insert_new_sources(con, [st])
-        params = dict(st.params, status="complete", seconds=round(loop.seconds, 3),
-                      tokens_per_s=round(loop.tokens / loop.seconds, 1) if loop.seconds > 0 else None)
-        n_seq, n_tok, n_act, alive = finalize_source(con, st.plan.source_id, st.plan.width, FIRST_POS, params)
-        if n_seq == 0 and cfg.index_range is None:
+        for st in states:
+            if st.threshold is None:  # nothing was left to run
+                st.threshold = st.value if st.rule == "abs" else 0.0
+        _insert_new_sources(con, states)
+        rate = round(loop.tokens / loop.seconds, 1) if loop.seconds > 0 else None
+        params = [dict(st.params, status="complete", seconds=round(loop.seconds, 3), tokens_per_s=rate)
+                  for st in states]
+        counts = finalize_sources(con, [(st.plan.source_id, st.plan.width, p) for st, p in zip(states, params)],
+                                  FIRST_POS)
+        if cfg.index_range is None and any(n_seq == 0 for n_seq, *_ in counts):
             raise FeaturescribeError(f"corpus {cfg.corpus} gave no sequences to harvest")
+        return [self._result(st, loop, k, c) for k, (st, c) in enumerate(zip(states, counts))]
+
+    def _result(self, st: SourceState, loop: _Loop, k: int, counts: tuple[int, int, int, int]) -> HarvestResult:
+        n_seq, n_tok, n_act, alive = counts
         p = st.plan
         return HarvestResult(
             source_id=p.source_id, model_id=self.model_id, hook_name=p.hook_name, layer=p.layer, site=p.site,

@@ -190,7 +190,7 @@ def merge(plan: dict) -> list[HarvestResult]:
     from featurescribe.harvest.source_state import FIRST_POS
     from featurescribe.store import open_db
     from featurescribe.store.harvest_merge import merge_shard_files
-    from featurescribe.store.harvest_rows import finalize_source, source_params
+    from featurescribe.store.harvest_rows import finalize_sources, source_params
 
     p = ShardPlan(**plan)
     db = p.params["db"]
@@ -206,14 +206,15 @@ def merge(plan: dict) -> list[HarvestResult]:
     try:
         if found:
             merge_shard_files(con, paths)
-        out = []
-        for s in p.sources:
-            params = {**source_params(con, s["source_id"]), "shards": p.shards, "status": "complete"}
-            n_seq, n_tok, n_act, alive = finalize_source(con, s["source_id"], s["width"], FIRST_POS, params)
-            out.append(HarvestResult(model_id=p.settings["model"], n_sequences=n_seq, n_tokens=n_tok,
-                                     n_activations=n_act, new_sequences=0, new_tokens=0, seconds=0.0, alive=alive,
-                                     **{k: s[k] for k in ("source_id", "hook_name", "layer", "site", "kind",
-                                                          "width", "threshold")}))
+        params = [{**source_params(con, s["source_id"]), "shards": p.shards, "status": "complete"}
+                  for s in p.sources]
+        counts = finalize_sources(con, [(s["source_id"], s["width"], q) for s, q in zip(p.sources, params)],
+                                  FIRST_POS)
+        out = [HarvestResult(model_id=p.settings["model"], n_sequences=n_seq, n_tokens=n_tok,
+                             n_activations=n_act, new_sequences=0, new_tokens=0, seconds=0.0, alive=alive,
+                             **{k: s[k] for k in ("source_id", "hook_name", "layer", "site", "kind",
+                                                  "width", "threshold")})
+               for s, (n_seq, n_tok, n_act, alive) in zip(p.sources, counts)]
     finally:
         con.close()
     for f in paths:

@@ -103,29 +103,40 @@ def harvest_source_keys(con, source_ids: list[str]) -> list[int]:
     return [keys[s] for s in source_ids]
 
 
-def finalize_source(con, source_id: str, width: int, first_pos: int, params: dict) -> tuple[int, int, int, int]:
-    """Exact per-feature stats from the stored entries; sources.n_tokens. -> (n_seq, n_tok, n_act, alive)."""
-    n_seq, n_tok = con.execute(
-        "SELECT count(*), coalesce(sum(greatest(len(s.token_ids) - ?, 0)), 0) "
-        "FROM harvest_progress p JOIN sequences s USING (seq_id) WHERE p.source_id = ?",
-        [first_pos, source_id]).fetchone()
-    _transaction(con, _write_features, source_id, int(n_tok), int(width), params)
-    n_act, alive = con.execute(
-        "SELECT coalesce(sum(n_active), 0), count(*) FILTER (WHERE n_active > 0) FROM features WHERE source_id = ?",
-        [source_id]).fetchone()
-    return int(n_seq), int(n_tok), int(n_act), int(alive)
+def finalize_sources(con, sources: list[tuple[str, int, dict]], first_pos: int) -> list[tuple[int, int, int, int]]:
+    """Exact per-feature stats of several sources (source_id, width, params) from their stored
+    entries, in one transaction and one pass over their rows; sources.n_tokens and params.
+    -> per source (n_seq, n_tok, n_act, alive)."""
+    ids = [sid for sid, _, _ in sources]
+    counted = dict((r[0], r[1:]) for r in con.execute(
+        "SELECT p.source_id, count(*), coalesce(sum(greatest(len(s.token_ids) - $first, 0)), 0) "
+        "FROM harvest_progress p JOIN sequences s USING (seq_id) WHERE list_contains($ids, p.source_id) "
+        "GROUP BY 1", {"first": first_pos, "ids": ids}).fetchall())
+    tokens = [int(counted.get(sid, (0, 0))[1]) for sid in ids]
+    _transaction(con, _write_features, ids, tokens, [int(w) for _, w, _ in sources],
+                 [json.dumps(params) for _, _, params in sources])
+    active = dict((r[0], r[1:]) for r in con.execute(
+        "SELECT source_id, coalesce(sum(n_active), 0), count(*) FILTER (WHERE n_active > 0) FROM features "
+        "WHERE list_contains($ids, source_id) GROUP BY 1", {"ids": ids}).fetchall())
+    return [(int(counted.get(sid, (0, 0))[0]), n_tok, *map(int, active.get(sid, (0, 0))))
+            for sid, n_tok in zip(ids, tokens)]
 
 
-def _write_features(con, source_id: str, n_tok: int, width: int, params: dict) -> None:
-    con.execute("DELETE FROM features WHERE source_id = ?", [source_id])
+def _write_features(con, ids: list[str], tokens: list[int], widths: list[int], params: list[str]) -> None:
+    args = {"ids": ids, "tokens": tokens, "widths": widths, "params": params}
+    given = "SELECT unnest($ids) AS source_id, unnest($tokens) AS n_tok, unnest($widths) AS width, " \
+            "unnest($params) AS params"
+    con.execute("DELETE FROM features WHERE list_contains($ids, source_id)", {"ids": ids})
     con.execute(
-        """
+        f"""
         INSERT INTO features (source_id, feature_id, n_active, frac_active, max_act, mean_act, status)
-        SELECT ?, f.i::INTEGER, coalesce(a.n, 0), coalesce(a.n, 0) / greatest(?, 1)::DOUBLE, a.mx, a.mean,
-               CASE WHEN a.n IS NULL THEN 'dead' ELSE 'alive' END
-        FROM range(?) f(i)
-        LEFT JOIN (SELECT feature_id, count(*) AS n, max(act) AS mx, avg(act) AS mean
-                   FROM activations WHERE source_id = ? GROUP BY feature_id) a ON a.feature_id = f.i
-        """, [source_id, n_tok, width, source_id])
-    con.execute("UPDATE sources SET n_tokens = ?, params = ? WHERE source_id = ?",
-                [n_tok, json.dumps(params), source_id])
+        SELECT g.source_id, f.i::INTEGER, coalesce(a.n, 0), coalesce(a.n, 0) / greatest(g.n_tok, 1)::DOUBLE,
+               a.mx, a.mean, CASE WHEN a.n IS NULL THEN 'dead' ELSE 'alive' END
+        FROM ({given}) g CROSS JOIN LATERAL range(g.width) f(i)
+        LEFT JOIN (SELECT source_id, feature_id, count(*) AS n, max(act) AS mx, avg(act) AS mean
+                   FROM activations WHERE list_contains($ids, source_id) GROUP BY ALL) a
+               ON a.source_id = g.source_id AND a.feature_id = f.i
+        ORDER BY g.source_id, f.i
+        """, args)
+    con.execute(f"UPDATE sources SET n_tokens = g.n_tok, params = g.params FROM ({given}) g "
+                "WHERE sources.source_id = g.source_id", args)
