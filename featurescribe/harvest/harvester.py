@@ -185,20 +185,32 @@ class Harvester:
         return (pos[None, :] >= FIRST_POS) & (pos[None, :] < lengths[:, None])
 
     def _item(self, batch: Batch, states: list[SourceState]) -> Item:
-        """One forward pass: each source's kept entries (thresholds estimated on the first batch)."""
+        """One forward pass: each source's kept entries (thresholds estimated on the first batch).
+        Each site's activations are sparsified as the pass makes them, so that only one site's
+        dense activations (and SAE latents) exist at a time."""
         import torch
 
         ids, lengths = self.to_device(batch)
         T = ids.shape[1]
         padded = any(len(t) < T for t in batch.token_ids)
         valid = self.valid_mask(T, lengths) if padded or batch.todo is not None else None
-        parts = []
-        for k, (st, acts) in enumerate(zip(states, self.features(ids))):
-            rows = valid if batch.todo is None else valid & torch.from_numpy(batch.todo[k]).to(valid.device)[:, None]
-            if st.threshold is None:
-                st.threshold = auto_threshold(acts[:, FIRST_POS:] if rows is None else acts[rows], st.keep)
-            parts.append((k, *self.sparse(acts, rows, st.threshold)))
-        return Item(batch, parts)
+        by_key: dict = {}
+        for k, p in enumerate(self.plans):
+            by_key.setdefault(p.key, []).append(k)
+
+        def keep(key, x):
+            out = []
+            for k in by_key[key]:
+                st, sae = states[k], self.plans[k].sae
+                acts = sae.encode(x) if sae is not None else x
+                rows = valid if batch.todo is None else valid & torch.from_numpy(batch.todo[k]).to(valid.device)[:, None]
+                if st.threshold is None:
+                    st.threshold = auto_threshold(acts[:, FIRST_POS:] if rows is None else acts[rows], st.keep)
+                out.append((k, *self.sparse(acts, rows, st.threshold)))
+            return out
+
+        kept = self.reader.run(ids, on_capture=keep)
+        return Item(batch, sorted((part for parts in kept.values() for part in parts), key=lambda part: part[0]))
 
     # the whole harvest -----------------------------------------------------------------------------
     def run(self, db, cfg: HarvestConfig, corpus: corpus_mod.Corpus, first: corpus_mod.Sequence | None = None,

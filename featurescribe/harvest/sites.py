@@ -157,6 +157,7 @@ class MultiSiteReader:
             places[(site, layer)] = (name, kind.io)
         self.backbone = getattr(model, "base_model", model)
         self._box: dict = {}
+        self._on_capture = None
         widths = {key: _static_width(model, module, io) for module, io, key in self.hook_points}
         if None in widths.values():  # a module whose width its weights do not say: one tiny forward pass
             probe = self.run(self._probe_ids())
@@ -169,7 +170,8 @@ class MultiSiteReader:
         return torch.tensor([[0, 1]], device=next(self.model.parameters()).device)
 
     def _capture(self, key, tensor):
-        self._box[key] = tensor[0] if isinstance(tensor, tuple) else tensor
+        tensor = tensor[0] if isinstance(tensor, tuple) else tensor
+        self._box[key] = tensor if self._on_capture is None else self._on_capture(key, tensor)
         if len(self._box) == len(self.hook_points):
             raise _Stop
 
@@ -184,11 +186,15 @@ class MultiSiteReader:
                 handles.append(module.register_forward_hook(fn))
         return handles
 
-    def run(self, input_ids) -> dict:
-        """Activations at every site for `input_ids` [batch, seq] (right padding needs no mask)."""
+    def run(self, input_ids, on_capture=None) -> dict:
+        """Activations at every site for `input_ids` [batch, seq] (right padding needs no mask).
+
+        `on_capture(key, tensor)`: called inside the forward pass as each site's activations are
+        made; the dict then holds what it returns, and the activations can be freed at once
+        instead of all living until the pass ends."""
         import torch
 
-        self._box = {}
+        self._box, self._on_capture = {}, on_capture
         handles = self._register()  # the hooks live only during this call: the model is left as found
         try:
             with torch.inference_mode():
