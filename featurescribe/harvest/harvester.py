@@ -164,6 +164,8 @@ class Harvester:
         positions and a 1-D gather: cheaper than a 3-D nonzero and a 3-index gather."""
         import torch
 
+        if acts.device.type == "cpu" and acts.dtype == torch.float32:
+            return _sparse_numpy(acts.numpy(), None if valid is None else valid.numpy(), threshold)
         B, T, W = acts.shape
         mask = acts > threshold
         if valid is not None:
@@ -220,18 +222,17 @@ class Harvester:
         tokenizer_id = corpus_mod.tokenizer_fingerprint(self.tokenizer)
         corpus_key = corpus.key(cfg.ctx)
         batch_size = cfg.batch_size or (128 if self.device.type == "cuda" else 32)
+        from featurescribe.store.harvest_rows import harvest_source_keys
+
         with session(db) as con:
             states = prepare_states(con, self, cfg, corpus, tokenizer_id, batch_size)
             plan = _plan(con, states, tokenizer_id, corpus_key, cfg.index_range)
+            ids = [st.plan.source_id for st in states]
+            keys = harvest_source_keys(con, ids)
         if seqs is None:
             seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, cfg.max_tokens or None)
         if first is not None:
             seqs = _chain_first(first, seqs)
-        from featurescribe.store.harvest_rows import harvest_source_keys
-
-        ids = [st.plan.source_id for st in states]
-        with session(db) as con:
-            keys = harvest_source_keys(con, ids)
         rows = RowMaker(ids, keys, tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
         loop = self._stream(db, cfg, states, make_batches(seqs, plan, batch_size), rows, _total(cfg, plan))
         with session(db) as con:
@@ -296,6 +297,21 @@ class Harvester:
             alive=alive)
 
 
+def _sparse_numpy(acts: np.ndarray, valid: np.ndarray | None, threshold: float):
+    """`Harvester.sparse` of a float32 array on the CPU, where numpy's mask and flatnonzero take a
+    third of torch's time (same entries, same order)."""
+    B, T, W = acts.shape
+    mask = acts > threshold
+    if valid is not None:
+        mask &= valid[:, :, None]
+    else:
+        mask[:, :FIRST_POS] = False
+    lin = np.flatnonzero(mask)
+    bt, feature = np.divmod(lin, W)
+    row, pos = np.divmod(bt, T)
+    return np.stack([row, pos, feature], 1).astype(np.int32), acts.reshape(-1)[lin]
+
+
 def _insert_new_sources(db, states: list[SourceState]) -> None:
     from featurescribe.store.harvest_rows import insert_sources
 
@@ -312,7 +328,7 @@ def _plan(con, states: list[SourceState], tokenizer_id: str, corpus_key: str, in
     from featurescribe.store.harvest_rows import done_corpus_indices, known_sequences
 
     known_index, known_seq, nxt = known_sequences(con, tokenizer_id, corpus_key)
-    done = [done_corpus_indices(con, st.plan.source_id, tokenizer_id, corpus_key) for st in states]
+    done = done_corpus_indices(con, [st.plan.source_id for st in states], tokenizer_id, corpus_key)
     return Plan(known_index, known_seq, done, nxt, tuple(index_range) if index_range else (0, None))
 
 

@@ -38,13 +38,16 @@ def known_sequences(con, tokenizer_id: str, corpus_key: str) -> tuple[np.ndarray
             int(nxt))
 
 
-def done_corpus_indices(con, source_id: str, tokenizer_id: str, corpus_key: str) -> np.ndarray:
-    """Sorted corpus_index of the sequences already harvested for a source."""
+def done_corpus_indices(con, source_ids: list[str], tokenizer_id: str, corpus_key: str) -> list[np.ndarray]:
+    """Per source, the sorted corpus_index of the sequences already harvested (one query for all)."""
     done = con.execute(
-        "SELECT s.corpus_index FROM harvest_progress p JOIN sequences s USING (seq_id) "
-        "WHERE p.source_id = ? AND s.tokenizer_id = ? AND s.corpus = ? ORDER BY 1",
-        [source_id, tokenizer_id, corpus_key]).fetchnumpy()
-    return np.asarray(done["corpus_index"], dtype=np.int64)
+        "SELECT list_position($ids, p.source_id) - 1 AS k, s.corpus_index FROM harvest_progress p "
+        "JOIN sequences s USING (seq_id) WHERE list_contains($ids, p.source_id) AND s.tokenizer_id = $tok "
+        "AND s.corpus = $corpus ORDER BY 1, 2",
+        {"ids": list(source_ids), "tok": tokenizer_id, "corpus": corpus_key}).fetchnumpy()
+    k, index = np.asarray(done["k"], dtype=np.int64), np.asarray(done["corpus_index"], dtype=np.int64)
+    bounds = np.searchsorted(k, np.arange(len(source_ids) + 1))
+    return [index[bounds[i]:bounds[i + 1]] for i in range(len(source_ids))]
 
 
 def source_settings(con, source_id: str) -> dict[str, Any] | None:
