@@ -302,8 +302,6 @@ def sizes(args, gpu: bool) -> None:
         args.mem_tokens = (250_000 if q else 1_000_000) if gpu else (10_000 if q else 40_000)
     args.ingest_items = 40 if q else 160
     args.shard_tokens = 8_192 if q else 32_768
-    if args.batch_size is None and not gpu:
-        args.batch_size = 16  # more, smaller batches: the pipeline's fill and drain weigh less
 
 
 def report_ingest(args) -> None:

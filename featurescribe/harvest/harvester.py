@@ -40,6 +40,7 @@ from featurescribe.store.connection import session
 DEFAULT_CTX = 64
 DEFAULT_MAX_TOKENS = 100_000
 DUCKDB_MEMORY_LIMIT = "128MB"  # the harvest's connection: bounded, whatever the corpus size
+SEQUENCES_AHEAD = 256  # tokenized sequences the corpus reader keeps ready
 
 
 @dataclass
@@ -387,15 +388,20 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
                   source_id=cfg.source_id)
     if one and len(h.plans) != 1:
         raise FeaturescribeError(f"this harvest has {len(h.plans)} sources: use harvest_all")
-    seqs = corpus_mod.sequences(corpus, tokenizer, cfg.ctx, cfg.max_tokens or None)
-    first = next(seqs, None)
-    if first is None and cfg.index_range is None:
-        raise FeaturescribeError(f"corpus {cfg.corpus} is empty: it has no text to harvest")
-    from featurescribe.store.connection import Database, run_lock_timeout
+    # the corpus is read and tokenized in a thread from here on, while the database is set up
+    reader = Prefetch(corpus_mod.sequences(corpus, tokenizer, cfg.ctx, cfg.max_tokens or None), depth=SEQUENCES_AHEAD)
+    try:
+        seqs = iter(reader)
+        first = next(seqs, None)
+        if first is None and cfg.index_range is None:
+            raise FeaturescribeError(f"corpus {cfg.corpus} is empty: it has no text to harvest")
+        from featurescribe.store.connection import Database, run_lock_timeout
 
-    open_db(cfg.db).close()  # created and upgraded, or one clear line (locked past --lock-timeout, ...)
-    db = Database(cfg.db, lock_timeout=run_lock_timeout(), memory_limit=DUCKDB_MEMORY_LIMIT)
-    return h.run(db, cfg, corpus, first=first, seqs=seqs)
+        open_db(cfg.db).close()  # created and upgraded, or one clear line (locked past --lock-timeout, ...)
+        db = Database(cfg.db, lock_timeout=run_lock_timeout(), memory_limit=DUCKDB_MEMORY_LIMIT)
+        return h.run(db, cfg, corpus, first=first, seqs=seqs)
+    finally:
+        reader.close()
 
 
 def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:
