@@ -192,6 +192,7 @@ class ChunkResult:
     stopped_at_budget: bool = False
     spent_usd: float = 0.0
     broken: str | None = None  # the circuit breaker's line: a backend stopped answering
+    interrupted: bool = False  # stopped on a Dask worker by a signal to the flow: only its calls count
 
 
 @dataclass

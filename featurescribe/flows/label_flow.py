@@ -32,6 +32,7 @@ Prefect's settings are made by the entry point (`featurescribe`, tests) with
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -47,7 +48,7 @@ from featurescribe.flows.label_options import LabelOptions, flow_signature
 from featurescribe.flows.label_run import LabelSummary, check_backends, open_label_run, run_database, \
     selected_features
 from featurescribe.flows.run_record import recorded_run
-from featurescribe.interrupts import ours_in_flow, run_cancellable
+from featurescribe.interrupts import Interrupted, ours_in_flow, run_cancellable
 from featurescribe.llm.base import BudgetExceeded
 from featurescribe.llm.breaker import BackendBroken
 
@@ -92,6 +93,11 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
         result = run_cancellable(main())  # a signal cancels its calls (featurescribe/interrupts.py)
     except BackendBroken as err:  # a result, not a task failure: the flow stops with one line
         result = ChunkResult(prepared.source_id, broken=str(err))
+    except (asyncio.CancelledError, Interrupted):
+        if memory is None:  # in the flow's own process: its calls are in the database already
+            raise
+        # a Dask worker the stopping flow cancelled: hand back the answers paid for so far
+        result = ChunkResult(prepared.source_id, interrupted=True)
     return result, (memory.outgoing() if memory is not None else None)
 
 
