@@ -13,7 +13,8 @@ without `--no-wait`) collects what ended and goes on, so a nightly schedule move
 night and writes the labels on the night the last batch came back.
 
 The batch phases are recorded in `runs` as flow 'label-batch' (status 'completed', or 'waiting'
-when they returned with batches still running); their ledger rows carry that run's id.
+when they returned with batches still running; 'partial' or 'failed', with the counts, when the
+final run that wrote the labels ended so); their ledger rows carry that run's id.
 """
 
 from __future__ import annotations
@@ -92,7 +93,19 @@ def run_label_batch(db: str, options: LabelOptions, *, stream=None, providers: d
     if options.budget_usd is not None:  # the batches spent part of the budget already
         options = options.replace(budget_usd=max(0.0, options.budget_usd - spent))
     summary = run_label(db, options, progress=options.progress)
+    _record_outcome(db, run_id, summary)
     return BatchLabelResult(report, summary, run_id, spent)
+
+
+def _record_outcome(db: str, batch_run_id: str, summary: LabelSummary) -> None:
+    """The batch phases' `runs` row ends as the labels did: 'partial' when some features failed,
+    'failed' when none could be labelled, with the final run's counts (the exit status is the
+    final run's too)."""
+    from featurescribe.store.runs import finish_run
+
+    if summary.run_status in (RunStatus.PARTIAL, RunStatus.FAILED):
+        with run_database(db).connect() as con:
+            finish_run(con, batch_run_id, summary.run_status, summary.status_note())
 
 
 def _batch_phases(db: str, options: LabelOptions, *, stream, providers, sleep) -> tuple[BatchReport, str, float]:
