@@ -128,6 +128,12 @@ def test_label_batch_no_wait_submits_one_phase_per_run(server, db, capsys):
         statuses = [r[0] for r in con.execute(
             "SELECT status FROM runs WHERE flow = 'label-batch' ORDER BY started_at").fetchall()]
         assert statuses == ["waiting"] * 4 + ["completed"]
+        # every --no-wait run keeps its attempts by outcome: the batch answers as used
+        outcomes = [json.loads(r[0]) for r in con.execute(
+            "SELECT call_outcomes FROM runs WHERE flow = 'label-batch' ORDER BY started_at").fetchall()]
+        assert all(o is not None for o in outcomes)
+        used = [sum(o["used"].values()) for o in outcomes]
+        assert sum(used) == sum(len(b.requests) for b in server.created_batches()) and used[0] == 0
     finally:
         con.close()
 

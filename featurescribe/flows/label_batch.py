@@ -26,6 +26,7 @@ from typing import Any
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.flows import label_core
+from featurescribe.flows.call_outcomes import record_call_outcomes
 from featurescribe.flows.label_options import LabelOptions
 from featurescribe.flows.label_run import LabelRun, LabelSummary, check_backends, open_label_run, run_database, \
     run_label, selected_features
@@ -85,6 +86,7 @@ def run_label_batch(db: str, options: LabelOptions, *, stream=None, providers: d
     _check(options)
     stream = stream or sys.stderr
     report, run_id, spent = _batch_phases(db, options, stream=stream, providers=providers, sleep=sleep)
+    record_call_outcomes(db, run_id)  # the batch phases' attempts, --no-wait or not
     print(report.summary() + f"; batch spend ${spent:.4f}", file=stream)
     if not report.done:
         print("featurescribe: batches are running; run the same command again (later) to collect "
@@ -93,6 +95,7 @@ def run_label_batch(db: str, options: LabelOptions, *, stream=None, providers: d
     if options.budget_usd is not None:  # the batches spent part of the budget already
         options = options.replace(budget_usd=max(0.0, options.budget_usd - spent))
     summary = run_label(db, options, progress=options.progress)
+    record_call_outcomes(db, summary.run_id)
     _record_outcome(db, run_id, summary)
     return BatchLabelResult(report, summary, run_id, spent)
 

@@ -41,6 +41,7 @@ from prefect.cache_policies import NONE
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.flows import label_core
+from featurescribe.flows.call_outcomes import record_call_outcomes
 from featurescribe.flows.label_checks import check_steering
 from featurescribe.flows.label_chunks import ChunkPipeline
 from featurescribe.flows.label_core import ChunkResult, PreparedChunk
@@ -117,6 +118,7 @@ def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
     with ours_in_flow(), recorded_run(database, "label", record) as run:
         summary = _label(database, options, run.run_id)
         run.status, run.note = summary.run_status, summary.status_note()
+    record_call_outcomes(database, run.run_id)  # a scheduled run (serve) keeps them too
     return summary
 
 
