@@ -106,17 +106,14 @@ class ChunkPipeline:
         except Exception:  # noqa: BLE001 - the cluster is gone: nothing to keep
             return
         deadline = time.monotonic() + DRAIN_S
-        while self.in_flight:
-            prepared, future = self.in_flight[0]
+        for entry in list(self.in_flight):
             try:
-                result, calls = future.result(timeout=max(0.05, deadline - time.monotonic()))
+                result, calls = entry[1].result(timeout=max(0.05, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - not back in time, or failed: nothing to keep
-                return
-            self.in_flight.popleft()
-            if result.interrupted:
-                self.run.write(result, calls)  # only its calls: the features are done again
-            else:
-                self._write(prepared, result, calls)
+                continue
+            self.in_flight.remove(entry)
+            # an interrupted chunk writes only its calls (its features are done by the next run)
+            self.summary.add(result, self.run.write(result, calls))
 
     def _prepare_next(self) -> PreparedChunk | None:
         for chunk_ids in self.pending:
