@@ -98,7 +98,8 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
         if memory is None:  # in the flow's own process: its calls are in the database already
             raise
         # a Dask worker the stopping flow cancelled: hand back the answers paid for so far
-        result = ChunkResult(prepared.source_id, interrupted=True)
+        result = ChunkResult(prepared.source_id, not_done=[fe.feature_id for fe in prepared.examples],
+                             interrupted=True)
     return result, (memory.outgoing() if memory is not None else None)
 
 
