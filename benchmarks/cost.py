@@ -112,10 +112,10 @@ def print_forward_passes(db: str, provider: str, n: int) -> None:
 # label options that change what pairs + simulation costs, the first the behaviour before issue 16
 SIMULATION_OPTIONS = [
     ("one window a request, baseline every (before)", ["--sim-windows-per-call", "1", "--baseline", "every"]),
-    ("5 windows a request (default)", ["--sim-windows-per-call", "5"]),
-    ("20 windows a request (one per split)", ["--sim-windows-per-call", "20"]),
+    ("5 windows a request, baseline every", ["--sim-windows-per-call", "5", "--baseline", "every"]),
+    ("20 windows a request (one per split), baseline every", ["--sim-windows-per-call", "20", "--baseline", "every"]),
     ("1 window a request, baseline sample:10", ["--sim-windows-per-call", "1", "--baseline", "sample:10"]),
-    ("5 windows a request, baseline sample:10", ["--sim-windows-per-call", "5", "--baseline", "sample:10"]),
+    ("5 windows a request, baseline sample:10 (default)", ["--sim-windows-per-call", "5", "--baseline", "sample:10"]),
     ("20 windows a request, baseline sample:10", ["--sim-windows-per-call", "20", "--baseline", "sample:10"]),
 ]
 
@@ -133,7 +133,7 @@ def print_simulation_options(work: str, base: str, features: str, prices) -> lis
     """Pairs + simulation on gpt-4o-mini and claude-haiku-4-5 under each SIMULATION_OPTIONS row;
     returns the gpt-4o-mini cost per feature of each row."""
     print()
-    print(f"{'pairs + simulation, by option':58s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   $ per 1k features")
+    print(f"{'pairs + simulation, by option':72s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   $ per 1k features")
     openai_costs = []
     for provider, model in (("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5")):
         for i, (name, extra) in enumerate(SIMULATION_OPTIONS):
@@ -146,7 +146,7 @@ def print_simulation_options(work: str, base: str, features: str, prices) -> lis
             calls, tin, tout, usd = pairs_simulation_cost(db, provider, model, prices)
             if provider == "openai":
                 openai_costs.append(usd)
-            print(f"{model + ': ' + name:58s} {calls:6.1f} {tin:8.0f} {tout:8.0f}   ${usd * 1000:.2f}")
+            print(f"{model + ': ' + name:72s} {calls:6.1f} {tin:8.0f} {tout:8.0f}   ${usd * 1000:.2f}")
     return openai_costs
 
 
@@ -204,10 +204,10 @@ def main() -> int:
                 print_forward_passes(db, provider, n)
     by_option = print_simulation_options(work, base, features, prices)
     server.stop()
-    before, sampled = by_option[0], by_option[4]  # the behaviour before; 5 windows + sample:10
+    before, every = by_option[0], by_option[1]  # the behaviour before; 5 windows + baseline every
     print()
     print(f"cost_per_feature_usd_gpt4o_mini_before: {before:.5f}")
-    print(f"cost_per_feature_usd_gpt4o_mini_baseline_sample10: {sampled:.5f} ({sampled / before:.3f}x before)")
+    print(f"cost_per_feature_usd_gpt4o_mini_baseline_every: {every:.5f} ({every / before:.3f}x before)")
     print(f"cost_ratio_defaults_vs_before: {headline / before:.3f}")
     print(f"cost_per_feature_usd_gpt4o_mini: {headline:.5f}")
     return 0

@@ -100,6 +100,13 @@ def stop_running() -> int:
     return _LOOPS.cancel_all(None)
 
 
+def stop_worker_calls(for_good: bool) -> int:
+    """Run on each Dask worker (`Client.run`) when the flow stops: cancel the chunks computing in
+    that process; `for_good` (a cluster the flow started and is about to close): a chunk that
+    starts later stops at once too."""
+    return _LOOPS.cancel_all(signal.SIGTERM if for_good else None)
+
+
 def as_interruption(err: BaseException) -> BaseException:
     """`Interrupted` for an error a signal caused (DuckDB answers a signal during a query with
     RuntimeError('Query interrupted')), else `err` itself."""

@@ -128,6 +128,12 @@ def test_label_batch_no_wait_submits_one_phase_per_run(server, db, capsys):
         statuses = [r[0] for r in con.execute(
             "SELECT status FROM runs WHERE flow = 'label-batch' ORDER BY started_at").fetchall()]
         assert statuses == ["waiting"] * 4 + ["completed"]
+        # every --no-wait run keeps its attempts by outcome: the batch answers as used
+        outcomes = [json.loads(r[0]) for r in con.execute(
+            "SELECT call_outcomes FROM runs WHERE flow = 'label-batch' ORDER BY started_at").fetchall()]
+        assert all(o is not None for o in outcomes)
+        used = [sum(o["used"].values()) for o in outcomes]
+        assert sum(used) == sum(len(b.requests) for b in server.created_batches()) and used[0] == 0
     finally:
         con.close()
 
@@ -176,3 +182,42 @@ def test_label_flow_on_a_schedule_submits_one_night_and_collects_the_next(server
     assert nights == [1, 2, 3, 3]  # explain; simulate; baselines; collected and labelled
     assert summary.labelled == [2, 3, 4, 5] and summary.spent_usd == 0  # all from the cache
     assert server.requests_for("openai") == []
+
+
+def _one_bad_explanation_prompt():
+    """The responder, except that the first explanation prompt it sees (always the same prompt,
+    asked again) gets an answer that is not JSON: that feature cannot be labelled."""
+    bad: set[str] = set()
+
+    def answer(req):
+        if "explanation" in json.dumps((req.json_schema or {}).get("properties", {})):
+            if not bad:
+                bad.add(req.user_text)
+            if req.user_text in bad:
+                return "no JSON here"
+        return responder(req)
+
+    return answer
+
+
+@pytest.mark.parametrize("all_bad", [False, True])
+def test_label_batch_with_failed_features_ends_partial_or_failed(server, db, capsys, all_bad):
+    """A batch run whose features partly failed ends `partial` with exit status 3 (the batch
+    phases' run too, with the counts); one in which nothing could be labelled ends `failed`, 1."""
+    from featurescribe.statuses import ExitStatus
+
+    server.responder = (lambda req: "no JSON here") if all_bad else _one_bad_explanation_prompt()
+    code = label(db, "openai:gpt-4o-mini")
+    out = capsys.readouterr().out
+    con = open_db(db)
+    try:
+        runs = dict(con.execute("SELECT flow, status FROM runs").fetchall())
+        notes = dict(con.execute("SELECT flow, error FROM runs").fetchall())
+        n_labels = con.execute("SELECT count(*) FROM labels").fetchone()[0]
+    finally:
+        con.close()
+    want = ("failed", ExitStatus.ERROR, 0) if all_bad else ("partial", ExitStatus.PARTIAL, 3)
+    assert (runs["label"], code, n_labels) == want, out
+    assert runs["label-batch"] == want[0]
+    assert f"{4 - want[2]} failed" in notes["label-batch"] and f"{want[2]} labelled" in notes["label-batch"]
+    assert "failed feature" in out

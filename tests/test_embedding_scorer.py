@@ -57,7 +57,7 @@ def test_label_run_stores_embedding_scores_with_baselines(db_path):
     build_db(con, n_features=6)
     con.close()
     args = build_parser().parse_args(["label", "--db", db_path, "--source", SOURCE, "--no-progress",
-                                      "--scorers", "simulation,embedding"])
+                                      "--scorers", "simulation,embedding", "--baseline", "every"])
     run_label(args.db, from_args(args), progress=False)
     con = open_db(db_path, read_only=True)
     try:

@@ -87,5 +87,8 @@ def test_served_deployment_has_the_schedule_and_its_runs_label(sdb, prefect_serv
         assert con.execute("SELECT count(*) FROM labels").fetchone()[0] == 6
         assert con.execute("SELECT flow, status, prefect_flow_run_id FROM runs").fetchall() == \
             [("label", "completed", str(fr.id))]
+        # the scheduled run keeps its attempts by outcome (none: the default judges call no LLM)
+        (outcomes,) = con.execute("SELECT call_outcomes FROM runs").fetchone()
+        assert outcomes is not None and not any(json.loads(outcomes).values())
     finally:
         con.close()

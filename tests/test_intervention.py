@@ -136,7 +136,7 @@ _q = q
 def test_label_with_the_intervention_scorer_stores_scores_audit_rows_and_passes(hdb, capsys):
     assert main(["label", "--db", hdb, "--source", "3-mlp", "--features", "20:23", "--no-progress",
                  "--scorers", "simulation,intervention", "--intervention-prompts", "4",
-                 "--windows", "test.top=4,test.random=4"]) == 0
+                 "--windows", "test.top=4,test.random=4", "--baseline", "every"]) == 0
     out = capsys.readouterr().out
     rows = _q(hdb, """SELECT s.explanation_id, s.value, s.baseline_shuffled, s.simulator, s.n_examples,
                              s.details FROM scores s WHERE s.scorer = 'intervention'""")

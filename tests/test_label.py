@@ -59,12 +59,16 @@ def test_label_command_end_to_end(labdb, capsys, prefect_server):
     assert labels[2] == GOOD
     assert _q(labdb, "SELECT count(*) FROM examples WHERE feature_id IN (0, 1)") == [(0,)]
     assert _q(labdb, "SELECT count(DISTINCT feature_id) FROM examples") == [(6,)]
-    # every chosen explanation has a test simulation score, with baselines beside it
-    rows = _q(labdb, """SELECT s.split, s.scorer, s.simulator, s.baseline_shuffled IS NOT NULL,
-                               s.baseline_tokens IS NOT NULL, e.chosen, e.status, e.method
+    # every chosen explanation has a test simulation score, with baselines beside it: the token
+    # baseline always, a shuffled one (default --baseline sample:10: at least the chunk's first
+    # feature) or the population baseline, the mean of those shuffled ones
+    rows = _q(labdb, """SELECT s.split, s.scorer, s.simulator, s.baseline_tokens IS NOT NULL, e.chosen,
+                               e.status, e.method, s.baseline_shuffled, s.baseline_population
                         FROM scores s JOIN explanations e USING (explanation_id)""")
     assert len(rows) == 6
-    assert set(rows) == {("test", "simulation", "lexical", True, True, True, "ok", "tokens")}
+    assert {r[:7] for r in rows} == {("test", "simulation", "lexical", True, True, "ok", "tokens")}
+    own = [r[7] for r in rows if r[7] is not None]
+    assert own and all(r[8] == pytest.approx(sum(own) / len(own)) for r in rows if r[7] is None)
     assert _q(labdb, "SELECT flow, status, params->>'explainer' FROM runs") == \
         [("label", "completed", "baseline:tokens")]
     # the simulations table recomputes each score
@@ -167,6 +171,29 @@ def test_candidates_best_on_valid_is_chosen_and_scored_on_test(labdb, fake_llm):
     assert label == [(GOOD, "test")]
 
 
+def test_candidates_honour_the_baseline_option(labdb, fake_llm):
+    """--candidates N with --baseline sample:N: only the sampled features' candidates are scored
+    on `valid` against a shuffled explanation, the others carry the population baseline; with
+    --baseline every every candidate has its own, with none no candidate has one."""
+    fake_llm.responder = _explain_responder({1: 'the token " cat"', 2: GOOD, 3: 'the token " def"'})
+
+    def valid_baselines(*option):
+        assert _label(labdb, "--features", "2:6", "--explainer", "openai:gpt-4o-mini", "--candidates", "3",
+                      "--redo", *option) == 0
+        return _q(labdb, """SELECT e.feature_id, s.baseline_shuffled IS NOT NULL, s.baseline_population
+                            FROM explanations e JOIN scores s USING (explanation_id)
+                            WHERE s.split = 'valid' AND e.run_id = (SELECT run_id FROM runs
+                                                                    ORDER BY started_at DESC LIMIT 1)
+                            ORDER BY 1, e.candidate""")
+
+    sampled = valid_baselines("--baseline", "sample:1000")
+    assert len(sampled) == 4 * 3
+    assert [(f, own) for f, own, _ in sampled if own] == [(2, True)] * 3  # the chunk's first feature
+    assert all(pop is not None for f, own, pop in sampled if not own)
+    assert all(own for _, own, _ in valid_baselines("--baseline", "every"))
+    assert not any(own or pop is not None for _, own, pop in valid_baselines("--baseline", "none"))
+
+
 def test_unparseable_explanations_are_recorded_failed_never_scored(labdb, fake_llm, capsys):
     fake_llm.responder = lambda req: "not json at all"
     assert _label(labdb, "--features", "2:4", "--explainer", "openai:gpt-4o-mini") == 0
@@ -186,7 +213,7 @@ def test_unparseable_explanations_are_recorded_failed_never_scored(labdb, fake_l
 
 
 def test_shuffled_baseline_is_the_next_features_explanation(labdb):
-    assert _label(labdb, "--features", "2:6") == 0
+    assert _label(labdb, "--features", "2:6", "--baseline", "every") == 0
     rows = _q(labdb, """SELECT e.feature_id, e.text, s.details->'baseline_shuffled'->>'text'
                         FROM explanations e JOIN scores s USING (explanation_id) ORDER BY 1""")
     texts = [r[1] for r in rows]
@@ -341,7 +368,7 @@ def test_label_scores_with_every_scorer_through_an_api_judge(labdb, fake_llm, sp
     `simulations` through the real SDK (logprobs for OpenAI, structured output for Anthropic)."""
     fake_llm.responder = _reader
     assert _label(labdb, "--features", "2:4", "--explainer", spec, "--simulator", spec,
-                  "--scorers", "simulation,detection,fuzzing") == 0
+                  "--scorers", "simulation,detection,fuzzing", "--baseline", "every") == 0
     rows = _q(labdb, """SELECT e.feature_id, s.scorer, s.simulator, s.split, s.value,
                                s.baseline_shuffled IS NOT NULL, s.baseline_tokens IS NOT NULL
                         FROM scores s JOIN explanations e USING (explanation_id) ORDER BY 1, 2""")
@@ -392,7 +419,8 @@ def test_baseline_sample_gives_the_others_the_population_baseline(labdb, fake_ll
     values = {r[0]: r[1] for r in rows}
     fake_llm.reset()
     fake_llm.responder = _reader
-    assert _label(labdb, "--features", "2:6", "--simulator", spec, "--redo", "--no-cache") == 0
+    assert _label(labdb, "--features", "2:6", "--simulator", spec, "--redo", "--no-cache",
+                  "--baseline", "every") == 0
     every = _q(labdb, """SELECT e.feature_id, s.value, s.baseline_shuffled FROM scores s
                          JOIN explanations e USING (explanation_id) WHERE e.chosen ORDER BY 1""")
     assert all(r[2] is not None for r in every)

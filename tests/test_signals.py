@@ -47,7 +47,9 @@ def _env(fake_llm, prefect_server) -> dict:
 def _label_cmd(db: str, runner: str) -> list[str]:
     return [sys.executable, "-m", "featurescribe", "label", "--db", db, "--source", SOURCE,
             "--features", "all", "--explainer", "openai:test-model", "--simulator", "lexical",
-            "--chunk-size", "4", "--concurrency", "4", "--task-runner", runner, "--workers", "1"]
+            # Dask: chunks of 8 at 2 requests a worker, so a worker holds paid answers for a while
+            "--chunk-size", "8" if runner == "dask" else "4", "--concurrency", "4", "--task-runner", runner,
+            "--workers", "2" if runner == "dask" else "1"]
 
 
 def _wait_for(proc, what, deadline_s: float = 150):
@@ -72,7 +74,8 @@ def _stop(proc, sig) -> tuple[int, float, float]:
     return rc, time.monotonic() - sent, sent
 
 
-@pytest.mark.parametrize("sig,runner", [(signal.SIGTERM, "thread"), (signal.SIGINT, "thread")])
+@pytest.mark.parametrize("sig,runner", [(signal.SIGTERM, "thread"), (signal.SIGINT, "thread"),
+                                        (signal.SIGTERM, "dask")])
 def test_a_signal_stops_label_and_a_rerun_pays_nothing_twice(tmp_path, fake_llm, prefect_server, sig, runner):
     db = str(tmp_path / "sig.duckdb")
     with open_db(db) as con:
@@ -82,7 +85,10 @@ def test_a_signal_stops_label_and_a_rerun_pays_nothing_twice(tmp_path, fake_llm,
     proc = subprocess.Popen(_label_cmd(db, runner), cwd=ROOT, env=_env(fake_llm, prefect_server),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    _wait_for(proc, lambda: len(fake_llm.requests_for("openai")) >= 14)  # a few chunks through
+    if runner == "dask":  # two chunks written (14 answers), the workers' next two half done
+        _wait_for(proc, lambda: sum(r.finished_at is not None for r in fake_llm.requests_for("openai")) >= 20)
+    else:  # a few chunks through
+        _wait_for(proc, lambda: len(fake_llm.requests_for("openai")) >= 14)
     rc, took, sent = _stop(proc, sig)
     out = proc.stdout.read()
     assert rc == EXPECTED[sig], out
@@ -107,8 +113,13 @@ def test_a_signal_stops_label_and_a_rerun_pays_nothing_twice(tmp_path, fake_llm,
     again = subprocess.run(_label_cmd(db, runner) + ["--no-progress"], cwd=ROOT,
                            env=_env(fake_llm, prefect_server), capture_output=True, text=True, timeout=300)
     assert again.returncode == ExitStatus.OK, again.stdout + again.stderr
-    assert not {_tag(r) for r in fake_llm.requests_for("openai")} & paid  # no answer paid twice
+    asked_again = [_tag(r) for r in fake_llm.requests_for("openai")]
+    assert not set(asked_again) & paid  # no answer paid twice
+    assert len(asked_again) == len(set(asked_again))  # nor asked twice by the re-run
     assert q(db, "SELECT count(*) FROM labels") == [(N_FEATURES - 2,)]
+    # every feature labelled once: one chosen explanation each, over both runs
+    assert q(db, "SELECT count(*), count(DISTINCT feature_id) FROM explanations WHERE chosen") == \
+        [(N_FEATURES - 2, N_FEATURES - 2)]
     assert [s for (s,) in q(db, "SELECT status FROM runs ORDER BY started_at")] == ["interrupted", "completed"]
 
 

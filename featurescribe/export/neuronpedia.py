@@ -146,6 +146,7 @@ def _score_row(e: dict, i: int, s: dict, creator_id: str) -> dict[str, Any]:
         "n_examples": s["n_examples"],
         "baseline_shuffled": s["baseline_shuffled"],
         "baseline_tokens": s["baseline_tokens"],
+        "baseline_population": s.get("baseline_population"),
         "lift": lift_of(s),
         "details": s["details"],
     }

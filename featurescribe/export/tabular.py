@@ -30,16 +30,20 @@ def write_parquet(con, sources: list[dict], out: Path, *, source_id: str | None 
 
 
 def lift_of(s: dict) -> float | None:
-    if s["value"] is None or s["baseline_shuffled"] is None:
+    """Score minus its own shuffled baseline, else minus the population baseline (--baseline
+    sample:N), as the `labels` view computes it."""
+    base = s["baseline_shuffled"] if s["baseline_shuffled"] is not None else s.get("baseline_population")
+    if s["value"] is None or base is None:
         return None
-    return s["value"] - s["baseline_shuffled"]
+    return s["value"] - base
 
 
 def _score(s: dict) -> dict[str, Any]:
     return {
         "scorer": s["scorer"], "value": s["value"], "simulator": s["simulator"], "split": s["split"],
         "n_examples": s["n_examples"], "baseline_shuffled": s["baseline_shuffled"],
-        "baseline_tokens": s["baseline_tokens"], "lift": lift_of(s), "details": s["details"],
+        "baseline_tokens": s["baseline_tokens"], "baseline_population": s.get("baseline_population"),
+        "lift": lift_of(s), "details": s["details"],
     }
 
 
@@ -64,7 +68,8 @@ def best_explanation(b: FeatureBundle) -> dict | None:
         "score": s["value"] if s else None, "scorer": s["scorer"] if s else None,
         "simulator": s["simulator"] if s else None, "split": s["split"] if s else None,
         "baseline_shuffled": s["baseline_shuffled"] if s else None,
-        "baseline_tokens": s["baseline_tokens"] if s else None, "lift": lift_of(s) if s else None,
+        "baseline_tokens": s["baseline_tokens"] if s else None,
+        "baseline_population": s.get("baseline_population") if s else None, "lift": lift_of(s) if s else None,
     }
 
 

@@ -36,18 +36,16 @@ def _group_of(kind: str) -> str:
     return KINDS[kind].group if kind in KINDS else KINDS[OTHER].group
 
 
-def record_call_outcomes(db: str, run_id: str) -> CallOutcomes:
-    """Count the run's ledger rows by kind and keep the counts in its `runs` row."""
+def record_call_outcomes(db, run_id: str) -> CallOutcomes:
+    """Count the run's ledger rows by kind and keep the counts in its `runs` row (`db`: a path
+    or a `store.connection.Database`). The label flow, the batch phases and `label` call it."""
     from featurescribe.store.call_outcomes import count_call_outcomes, save_call_outcomes
-    from featurescribe.store.connection import open_db
+    from featurescribe.store.connection import open_db, session
 
-    con = open_db(db, create=False)
-    try:
+    with (session(db) if not isinstance(db, str) else open_db(db, create=False)) as con:
         outcomes = CallOutcomes(count_call_outcomes(con, run_id))
         save_call_outcomes(con, run_id, outcomes.as_record())
         return outcomes
-    finally:
-        con.close()
 
 
 def print_call_outcomes(outcomes: CallOutcomes, out=None) -> None:

@@ -94,7 +94,7 @@ def demo_flow_fn():
             spec = ",".join(map(str, feats))
             summaries = {"baseline": label_flow(db=db, source=source, features=spec,
                                                 explainer=BASELINE[0], simulator=BASELINE[1],
-                                                no_progress=no_progress)}
+                                                baseline="every", no_progress=no_progress)}
             llm_feats: list[int] = []
             if judge:
                 llm_feats = feats

@@ -13,7 +13,8 @@ without `--no-wait`) collects what ended and goes on, so a nightly schedule move
 night and writes the labels on the night the last batch came back.
 
 The batch phases are recorded in `runs` as flow 'label-batch' (status 'completed', or 'waiting'
-when they returned with batches still running); their ledger rows carry that run's id.
+when they returned with batches still running; 'partial' or 'failed', with the counts, when the
+final run that wrote the labels ended so); their ledger rows carry that run's id.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.flows import label_core
+from featurescribe.flows.call_outcomes import record_call_outcomes
 from featurescribe.flows.label_options import LabelOptions
 from featurescribe.flows.label_run import LabelRun, LabelSummary, check_backends, open_label_run, run_database, \
     run_label, selected_features
@@ -84,6 +86,7 @@ def run_label_batch(db: str, options: LabelOptions, *, stream=None, providers: d
     _check(options)
     stream = stream or sys.stderr
     report, run_id, spent = _batch_phases(db, options, stream=stream, providers=providers, sleep=sleep)
+    record_call_outcomes(db, run_id)  # the batch phases' attempts, --no-wait or not
     print(report.summary() + f"; batch spend ${spent:.4f}", file=stream)
     if not report.done:
         print("featurescribe: batches are running; run the same command again (later) to collect "
@@ -92,7 +95,20 @@ def run_label_batch(db: str, options: LabelOptions, *, stream=None, providers: d
     if options.budget_usd is not None:  # the batches spent part of the budget already
         options = options.replace(budget_usd=max(0.0, options.budget_usd - spent))
     summary = run_label(db, options, progress=options.progress)
+    record_call_outcomes(db, summary.run_id)
+    _record_outcome(db, run_id, summary)
     return BatchLabelResult(report, summary, run_id, spent)
+
+
+def _record_outcome(db: str, batch_run_id: str, summary: LabelSummary) -> None:
+    """The batch phases' `runs` row ends as the labels did: 'partial' when some features failed,
+    'failed' when none could be labelled, with the final run's counts (the exit status is the
+    final run's too)."""
+    from featurescribe.store.runs import finish_run
+
+    if summary.run_status in (RunStatus.PARTIAL, RunStatus.FAILED):
+        with run_database(db).connect() as con:
+            finish_run(con, batch_run_id, summary.run_status, summary.status_note())
 
 
 def _batch_phases(db: str, options: LabelOptions, *, stream, providers, sleep) -> tuple[BatchReport, str, float]:

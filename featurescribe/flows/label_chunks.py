@@ -9,6 +9,7 @@ threads end at once instead of finishing their chunk's calls."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from contextlib import ExitStack
 from typing import Any
@@ -22,6 +23,8 @@ from featurescribe.llm.breaker import BackendBroken
 
 # cached answers of unfinished earlier runs handed to each Dask chunk at most
 RESUME_CACHE_LIMIT = 20_000
+# how long a stopping run waits for its Dask chunks' answers (SIGTERM to exit is at most 5 s)
+DRAIN_S = 2.0
 
 
 class ChunkPipeline:
@@ -62,6 +65,8 @@ class ChunkPipeline:
             try:
                 self._drain(runner)
             except BaseException as err:
+                if self.dask:
+                    self._keep_paid_answers(runner)
                 for _, queued in self.in_flight:  # not started: never start
                     queued.wrapped_future.cancel()
                 stop_running()  # before the task runner waits for its threads
@@ -81,12 +86,34 @@ class ChunkPipeline:
                 else:  # dead or rare features only: nothing to compute
                     self._write(ahead, ChunkResult(ahead.source_id, skipped=list(ahead.skipped)), None)
                 ahead = self._prepare_next()
-            if in_flight:
-                prepared, future = in_flight.popleft()
+            if in_flight:  # it stays in flight until written: a stop on the way keeps its answers
+                prepared, future = in_flight[0]
                 while not future.wrapped_future.done():  # the artifact moves while it computes
                     future.wait(timeout=1.0)
                     self.progress.refresh()
-                self._write(prepared, *future.result())
+                result = future.result()
+                in_flight.popleft()
+                self._write(prepared, *result)
+
+    def _keep_paid_answers(self, runner) -> None:
+        """Dask, on the way out (a signal, an error): the workers' chunks hold answers already paid
+        for. Cancel their calls, then write what each chunk had (its ledger rows and cache entries,
+        or the whole chunk when it had finished), waiting for them at most DRAIN_S."""
+        from featurescribe.interrupts import stop_worker_calls
+
+        try:  # a cluster this run started closes next: its later chunks stop at once too
+            runner.client.run(stop_worker_calls, self.run.options.dask_address is None)
+        except Exception:  # noqa: BLE001 - the cluster is gone: nothing to keep
+            return
+        deadline = time.monotonic() + DRAIN_S
+        for entry in list(self.in_flight):
+            try:
+                result, calls = entry[1].result(timeout=max(0.05, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - not back in time, or failed: nothing to keep
+                continue
+            self.in_flight.remove(entry)
+            # an interrupted chunk writes only its calls (its features are done by the next run)
+            self.summary.add(result, self.run.write(result, calls))
 
     def _prepare_next(self) -> PreparedChunk | None:
         for chunk_ids in self.pending:

@@ -192,6 +192,7 @@ class ChunkResult:
     stopped_at_budget: bool = False
     spent_usd: float = 0.0
     broken: str | None = None  # the circuit breaker's line: a backend stopped answering
+    interrupted: bool = False  # stopped on a Dask worker by a signal to the flow: only its calls count
 
 
 @dataclass
@@ -409,8 +410,9 @@ async def choose_candidates(chunk: _Chunk, per_feature: dict[int, list[Explanati
 
 async def _best_on_valid(chunk: _Chunk, contested: dict[int, list[ExplanationRow]]) -> dict[int, ExplanationRow]:
     rows = [r for ok in contested.values() for r in ok]
-    scores, _, stopped = await score_rows(chunk, rows, ("simulation",), "valid",
-                                          rotate_others(rows, by_candidate=True))
+    others = sampled_baselines(rotate_others(rows, by_candidate=True), rows, chunk.options.baseline_every)
+    scores, _, stopped = await score_rows(chunk, rows, ("simulation",), "valid", others)
+    fill_population_baselines(scores)
     chunk.result.scores.extend(scores)
     chunk.result.stopped_at_budget |= stopped
     value = {s.explanation_id: s.value for s in scores if s.scorer == "simulation"}
@@ -481,10 +483,10 @@ def baseline_sampled(source_id: str, feature_id: int, every: int) -> bool:
 
 def sampled_baselines(others: dict[str, str], rows: Sequence[ExplanationRow], every: int) -> dict[str, str]:
     """The shuffled-baseline texts of the features --baseline keeps (with sample:N, at least the
-    chunk's first feature, so its population baseline exists)."""
+    chunk's first feature, all its candidates, so its population baseline exists)."""
     keep = [r for r in rows if baseline_sampled(r.explanation.source_id, r.explanation.feature_id, every)]
     if every > 1 and not keep and rows:
-        keep = [rows[0]]
+        keep = [r for r in rows if r.explanation.feature_id == rows[0].explanation.feature_id]
     ids = {r.explanation.explanation_id for r in keep}
     return {k: v for k, v in others.items() if k in ids}
 

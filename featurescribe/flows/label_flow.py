@@ -32,6 +32,7 @@ Prefect's settings are made by the entry point (`featurescribe`, tests) with
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -40,6 +41,7 @@ from prefect.cache_policies import NONE
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.flows import label_core
+from featurescribe.flows.call_outcomes import record_call_outcomes
 from featurescribe.flows.label_checks import check_steering
 from featurescribe.flows.label_chunks import ChunkPipeline
 from featurescribe.flows.label_core import ChunkResult, PreparedChunk
@@ -47,7 +49,7 @@ from featurescribe.flows.label_options import LabelOptions, flow_signature
 from featurescribe.flows.label_run import LabelSummary, check_backends, open_label_run, run_database, \
     selected_features
 from featurescribe.flows.run_record import recorded_run
-from featurescribe.interrupts import ours_in_flow, run_cancellable
+from featurescribe.interrupts import Interrupted, ours_in_flow, run_cancellable
 from featurescribe.llm.base import BudgetExceeded
 from featurescribe.llm.breaker import BackendBroken
 
@@ -92,6 +94,12 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
         result = run_cancellable(main())  # a signal cancels its calls (featurescribe/interrupts.py)
     except BackendBroken as err:  # a result, not a task failure: the flow stops with one line
         result = ChunkResult(prepared.source_id, broken=str(err))
+    except (asyncio.CancelledError, Interrupted):
+        if memory is None:  # in the flow's own process: its calls are in the database already
+            raise
+        # a Dask worker the stopping flow cancelled: hand back the answers paid for so far
+        result = ChunkResult(prepared.source_id, not_done=[fe.feature_id for fe in prepared.examples],
+                             interrupted=True)
     return result, (memory.outgoing() if memory is not None else None)
 
 
@@ -111,6 +119,7 @@ def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
     with ours_in_flow(), recorded_run(database, "label", record) as run:
         summary = _label(database, options, run.run_id)
         run.status, run.note = summary.run_status, summary.status_note()
+    record_call_outcomes(database, run.run_id)  # a scheduled run (serve) keeps them too
     return summary
 
 

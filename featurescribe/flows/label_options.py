@@ -27,6 +27,7 @@ RUNNERS = ("thread", "dask")
 BATCH_RETRIES = ("batch", "direct")
 METHOD_CHOICES = ("auto", "pairs", "highlighted", "marked")
 POLL_DEFAULT_S = 30.0
+DEFAULT_BASELINE = "sample:10"
 BATCH_GROUP = "batch APIs (half price, results within 24 h)"
 
 
@@ -47,10 +48,12 @@ class LabelOptions:
     sim_windows_per_call: int = opt(5, "windows an openai:/anthropic: simulator scores in one request "
                                        "(default: 5; 1: one request per window, as before). The "
                                        "score is the same: same windows, same correlation")
-    baseline: str = opt("every", "shuffled-explanation baseline: every (each score gets its own, "
-                                 "default), sample:N (one feature in N gets its own; the others carry "
-                                 "the run's population baseline, the mean over those that have one) "
-                                 "or none", metavar="every|sample:N|none")
+    baseline: str = opt(DEFAULT_BASELINE, "shuffled-explanation baseline: sample:N (one feature in N gets "
+                                          "its own; the others carry the run's population baseline, the "
+                                          f"mean over those that have one; default: {DEFAULT_BASELINE}), "
+                                          "every (each score gets its own: twice the simulation calls) or "
+                                          "none. baseline_tokens is beside every simulation score anyway",
+                        metavar="every|sample:N|none")
     gate: str = opt("", "intruder:T: before explaining, the intruder test (which of 5 windows does "
                         "not belong; judged by the simulator's backend) on each feature; one whose "
                         "accuracy is below T (0-1; chance is 0.2) stays unlabelled with status "
@@ -200,7 +203,7 @@ RUN_ONLY = ("no_progress", "batch", "no_wait", "batch_retry", "batch_poll", "tas
 
 def parse_baseline(spec: str) -> int:
     """'every' -> 1, 'sample:N' -> N, 'none' -> 0; BadOption for anything else."""
-    text = (spec or "every").strip().lower()
+    text = (spec or DEFAULT_BASELINE).strip().lower()
     if text in ("every", "none"):
         return 1 if text == "every" else 0
     kind, _, n = text.partition(":")

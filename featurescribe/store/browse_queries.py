@@ -244,7 +244,9 @@ def feature_explanations(con, source_id: str, feature_id: int, best_from: str = 
                e.explanation_id IN (SELECT explanation_id FROM best) AS is_best,
                list({'scorer': s.scorer, 'split': s.split, 'value': s.value, 'simulator': s.simulator,
                      'baseline_shuffled': s.baseline_shuffled, 'baseline_tokens': s.baseline_tokens,
-                     'lift': s.value - s.baseline_shuffled, 'n_examples': s.n_examples}
+                     'baseline_population': s.baseline_population,
+                     'lift': s.value - coalesce(s.baseline_shuffled, s.baseline_population),
+                     'n_examples': s.n_examples}
                     ORDER BY s.scorer, s.split) FILTER (WHERE s.scorer IS NOT NULL) AS scores
         FROM explanations e LEFT JOIN scores s USING (explanation_id)
         WHERE e.source_id = $s AND e.feature_id = $f

@@ -21,7 +21,8 @@ def demo_labels(con, source_id: str, feature_ids: list[int]) -> list[dict[str, A
     baseline and lift, and who explained and simulated; by feature, best score first."""
     cur = con.execute(
         """SELECT e.feature_id, e.text AS explanation, e.explainer, s.simulator, s.value AS score,
-                  s.baseline_shuffled, s.value - s.baseline_shuffled AS lift
+                  s.baseline_shuffled,
+                  s.value - coalesce(s.baseline_shuffled, s.baseline_population) AS lift
            FROM explanations e JOIN scores s USING (explanation_id)
            WHERE e.source_id = $source AND e.feature_id IN (SELECT unnest($f::INTEGER[]))
              AND e.chosen AND coalesce(e.status, 'ok') = 'ok'

@@ -177,6 +177,7 @@ def _explanations_sql() -> str:
                           'split': s.split, 'n_examples': s.n_examples,
                           'baseline_shuffled': s.baseline_shuffled,
                           'baseline_tokens': s.baseline_tokens,
+                          'baseline_population': s.baseline_population,
                           'details': CAST(s.details AS VARCHAR),
                           'created_at': {_ts('s.created_at')}}}
                         ORDER BY s.scorer, s.split NULLS LAST, s.simulator NULLS LAST, s.value,
