@@ -166,9 +166,6 @@ class Writers:
         self.error: BaseException | None = None
         self.entries = self.commits = 0
         self._lock = threading.Lock()
-        # one transaction at a time (DuckDB spreads each insert over its own threads): the peak
-        # memory is one commit's, while the other writers go on staging
-        self._committing = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"harvest-writer-{i}", daemon=True)
                          for i in range(max(1, threads))]
         for t in self._threads:
@@ -234,10 +231,9 @@ class Writers:
 
         acts = self.rows.activations(items) if items[-1].parts else stage.table()
         seqs, progress = self.rows.sequences(items), self.rows.progress(items)
-        with self._committing:
-            with session(self.db) as con:  # open only for the transaction
-                write_harvest_rows(con, seqs, acts, progress)
-            return_freed_memory()
+        with session(self.db) as con:  # open only for the transaction
+            write_harvest_rows(con, seqs, acts, progress)
+        return_freed_memory()
         stage.clear()
         with self._lock:
             self.entries += acts.num_rows if acts is not None else 0
