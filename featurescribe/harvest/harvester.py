@@ -168,12 +168,7 @@ class Harvester:
         if acts.device.type == "cpu" and acts.dtype == torch.float32:
             return _sparse_numpy(acts.numpy(), None if valid is None else valid.numpy(), threshold)
         B, T, W = acts.shape
-        mask = acts > threshold
-        if valid is not None:
-            mask &= valid[:, :, None]
-        else:
-            mask[:, :FIRST_POS] = False
-        lin = mask.view(-1).nonzero().squeeze(1)  # one host sync per source and batch
+        lin = _kept_mask(acts, valid, threshold).view(-1).nonzero().squeeze(1)  # one host sync per source and batch
         vals = acts.reshape(-1)[lin].float()
         bt = lin // W
         idx = torch.stack([bt // T, bt % T, lin % W], 1).to(torch.int32)
@@ -298,16 +293,22 @@ class Harvester:
             alive=alive)
 
 
-def _sparse_numpy(acts: np.ndarray, valid: np.ndarray | None, threshold: float):
-    """`Harvester.sparse` of a float32 array on the CPU, where numpy's mask and flatnonzero take a
-    third of torch's time (same entries, same order)."""
-    B, T, W = acts.shape
+def _kept_mask(acts, valid, threshold: float):
+    """[B, T, W] bool (a torch tensor or a numpy array, as `acts`): above the threshold at a
+    harvested position (`valid` [B, T], or every position from FIRST_POS)."""
     mask = acts > threshold
     if valid is not None:
         mask &= valid[:, :, None]
     else:
         mask[:, :FIRST_POS] = False
-    lin = np.flatnonzero(mask)
+    return mask
+
+
+def _sparse_numpy(acts: np.ndarray, valid: np.ndarray | None, threshold: float):
+    """`Harvester.sparse` of a float32 array on the CPU, where numpy's mask and flatnonzero take a
+    third of torch's time (same entries, same order)."""
+    B, T, W = acts.shape
+    lin = np.flatnonzero(_kept_mask(acts, valid, threshold))
     bt, feature = np.divmod(lin, W)
     row, pos = np.divmod(bt, T)
     return np.stack([row, pos, feature], 1).astype(np.int32), acts.reshape(-1)[lin]
