@@ -151,7 +151,7 @@ def _ingest_seconds(items: list, path: str, per_commit: bool) -> float:
     keys = harvest_source_keys(con, ["6-res-sae16k"])
     if per_commit:
         con.close()
-    target = Database(path, memory_limit="128MB") if per_commit else con
+    target = Database(path, memory_headroom_mb=128) if per_commit else con
     t0 = time.perf_counter()
     w = Writers(target, RowMaker(["6-res-sae16k"], keys, "tok", "corpus", None))
     for it in items:

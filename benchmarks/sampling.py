@@ -83,6 +83,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--batch", type=int, default=4096, help="features per sampling statement")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memory-limit", default=None, help="DuckDB memory_limit while sampling (a label run's: 128MB)")
     args = ap.parse_args()
     n_rows = args.rows or (5_000_000 if args.quick else 50_000_000)
     n_seqs = 8192 if args.quick else 32768
@@ -99,6 +100,8 @@ def main() -> int:
         print(f"built {n_act:,} activation rows, {n_seqs:,} sequences of {ctx} tokens, "
               f"{args.features:,} features in {time.perf_counter() - t0:.1f} s", flush=True)
 
+        if args.memory_limit:
+            con.execute(f"SET memory_limit = '{args.memory_limit}'")
         cfg = SamplingConfig()
         feats = list(range(args.features))
         cpu0 = cpu_seconds()

@@ -124,6 +124,7 @@ class LabelRun:
     def write(self, result: ChunkResult, calls=None) -> ChunkCounts:
         """Write one chunk's results, after its ledger rows (one short opening), then embed its
         labels (the database closed while the embedder computes)."""
+        from featurescribe.native_memory import return_freed_memory
         from featurescribe.semantic.embed import embed_new_labels
 
         if self.store is not None:
@@ -132,6 +133,7 @@ class LabelRun:
             counts = write_chunk(con, result, run_id=self.run_id, calls=calls, embed=False)
         if result.explanations:
             embed_new_labels(self.db, result.source_id)
+        return_freed_memory()
         return counts
 
     def summary(self, ids: list[int], n_selected: int) -> LabelSummary:
@@ -189,11 +191,13 @@ def selected_features(db, options: LabelOptions, *, steering: bool = False) -> t
 
 def run_database(db: str):
     """The `Database` a label run writes through: opened per piece of work, its writes waiting
-    `run_lock_timeout()` for other processes."""
+    `run_lock_timeout()` for other processes, its DuckDB memory bounded (store/memory.py: unbounded, the checkpoint at a
+    closing rewrote a filled row group of label vectors in memory, ~300 MB every few 10k features)."""
     from featurescribe.store.connection import Database, open_db, run_lock_timeout
+    from featurescribe.store.memory import RUN_HEADROOM_MB
 
     open_db(db, create=False).close()  # a missing, locked or too new file: one line, now
-    return Database(db, lock_timeout=run_lock_timeout())
+    return Database(db, lock_timeout=run_lock_timeout(), memory_headroom_mb=RUN_HEADROOM_MB)
 
 
 def run_label(db: str, options: LabelOptions, *, progress: bool = True) -> LabelSummary:

@@ -39,7 +39,6 @@ from featurescribe.store.connection import session
 
 DEFAULT_CTX = 64
 DEFAULT_MAX_TOKENS = 100_000
-DUCKDB_MEMORY_LIMIT = "128MB"  # the harvest's connection: bounded, whatever the corpus size
 SEQUENCES_AHEAD = 256  # tokenized sequences the corpus reader keeps ready
 
 
@@ -397,9 +396,10 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
         if first is None and cfg.index_range is None:
             raise FeaturescribeError(f"corpus {cfg.corpus} is empty: it has no text to harvest")
         from featurescribe.store.connection import Database, run_lock_timeout
+        from featurescribe.store.memory import RUN_HEADROOM_MB
 
         open_db(cfg.db).close()  # created and upgraded, or one clear line (locked past --lock-timeout, ...)
-        db = Database(cfg.db, lock_timeout=run_lock_timeout(), memory_limit=DUCKDB_MEMORY_LIMIT)
+        db = Database(cfg.db, lock_timeout=run_lock_timeout(), memory_headroom_mb=RUN_HEADROOM_MB)
         return h.run(db, cfg, corpus, first=first, seqs=seqs)
     finally:
         reader.close()

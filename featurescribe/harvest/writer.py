@@ -14,7 +14,6 @@ enough (seconds of forward passes) that opening and the checkpoint at closing co
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 import time
@@ -25,6 +24,7 @@ import pyarrow as pa
 
 from featurescribe.harvest.batches import Batch
 from featurescribe.harvest.staging import Staging
+from featurescribe.native_memory import return_freed_memory
 
 FLUSH_ENTRIES = 1 << 20
 FLUSH_SECONDS = 10.0
@@ -36,29 +36,6 @@ def const_strings(value: str, n: int) -> pa.Array:
     b = value.encode()
     offsets = np.arange(n + 1, dtype=np.int32) * len(b)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(b * n))
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS.
-
-    Each commit opens and closes a DuckDB instance; glibc keeps the freed buffers of the closed
-    one, and over a long harvest the process's RSS grew with the number of commits. A trim after
-    each commit (every ~1M entries) costs a few milliseconds."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class TokenStrings:

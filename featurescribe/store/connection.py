@@ -183,7 +183,7 @@ class Database:
     path: str
     read_only: bool = False
     lock_timeout: float | None = None
-    memory_limit: str | None = None  # DuckDB's memory_limit for each opening (a harvest sets it)
+    memory_headroom_mb: int | None = None  # each opening's DuckDB memory bound (store/memory.py)
     _checked: bool = field(default=False, repr=False, compare=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
     _base: Any = field(default=None, repr=False, compare=False)  # the opening the blocks share
@@ -204,8 +204,10 @@ class Database:
             self._checked = True
         else:
             con = _connect(self.path, self.read_only, self.lock_timeout)
-        if self.memory_limit:
-            con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        if self.memory_headroom_mb:
+            from featurescribe.store.memory import limit_memory
+
+            limit_memory(con, self.memory_headroom_mb)
         return con
 
     def _acquire(self) -> duckdb.DuckDBPyConnection:

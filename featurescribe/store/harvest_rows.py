@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from featurescribe.store.activation_store import delete_activations, insert_key_rows, source_keys
 from featurescribe.store.bulk import insert_arrow
+from featurescribe.store.memory import limit_memory
 from featurescribe.store.transaction import transaction
 
 SOURCE_SETTINGS = ("model_id", "hook_name", "layer", "kind", "width", "sae_path", "corpus", "ctx")
@@ -21,11 +22,6 @@ SOURCE_SETTINGS = ("model_id", "hook_name", "layer", "kind", "width", "sae_path"
 def _transaction(con, fn, *args):
     with transaction(con):
         return fn(con, *args)
-
-
-def limit_memory(con, limit: str) -> None:
-    """DuckDB otherwise keeps every block it wrote cached, and memory would grow with the corpus."""
-    con.execute(f"SET memory_limit = '{limit}'")
 
 
 def known_sequences(con, tokenizer_id: str, corpus_key: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -116,6 +112,7 @@ def finalize_sources(con, sources: list[tuple[str, int, dict]], first_pos: int) 
         "FROM harvest_progress p JOIN sequences s USING (seq_id) WHERE list_contains($ids, p.source_id) "
         "GROUP BY 1", {"first": first_pos, "ids": ids}).fetchall())
     tokens = [int(counted.get(sid, (0, 0))[1]) for sid in ids]
+    limit_memory(con, new_keys=sum(int(w) for _, w, _ in sources))  # the features' key index
     _transaction(con, _write_features, ids, tokens, [int(w) for _, w, _ in sources],
                  [json.dumps(params) for _, _, params in sources])
     active = dict((r[0], r[1:]) for r in con.execute(
