@@ -14,6 +14,7 @@ from featurescribe.flows.label_run import run_label
 from featurescribe.flows.label_options import from_args
 from featurescribe.llm.embeddings import embed_sync, make_embedder
 from featurescribe.store import open_db
+from featurescribe.store.connection import Database
 from tests.dbq import q
 from tests.export_fixtures import build_demo_db
 from tests.fake_llm import fake_embedding
@@ -175,6 +176,23 @@ def test_labels_are_embedded_as_they_land(db_path):
     assert ok
     got = q(db_path, "SELECT explanation_id FROM label_embeddings WHERE embedder = ?", [MINILM])
     assert sorted(got) == sorted(ok)
+
+
+def test_a_chunk_embeds_only_its_features_labels(db):
+    from featurescribe.semantic.embed import embed_new_labels
+
+    features = [f for (f,) in q(db, "SELECT DISTINCT feature_id FROM explanations WHERE status = 'ok' "
+                                    "AND trim(text) <> '' ORDER BY 1")]
+    source = q(db, "SELECT source_id FROM explanations LIMIT 1")[0][0]
+    assert len(features) >= 4
+    lo, hi = features[1], features[2]
+    embed_new_labels(Database(db), source, (lo, hi))
+    got = {f for (f,) in q(db, "SELECT feature_id FROM label_embeddings WHERE embedder = ?", [MINILM])}
+    assert got == {lo, hi}
+    embed_new_labels(Database(db), source)  # no range: every label of the source still missing
+    assert q(db, "SELECT count(*) FROM label_embeddings WHERE embedder = ? AND source_id = ?", [MINILM, source])[0][0] \
+        == q(db, "SELECT count(*) FROM explanations WHERE status = 'ok' AND trim(text) <> '' AND source_id = ?",
+             [source])[0][0]
 
 
 def test_hosted_embedder_failure_is_one_line_and_keeps_earlier_batches(db, fake_llm, capsys):

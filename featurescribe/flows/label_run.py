@@ -132,7 +132,8 @@ class LabelRun:
         with self.db.connect() as con:
             counts = write_chunk(con, result, run_id=self.run_id, calls=calls, embed=False)
         if result.explanations:
-            embed_new_labels(self.db, result.source_id)
+            ids = [e.explanation.feature_id for e in result.explanations]
+            embed_new_labels(self.db, result.source_id, (min(ids), max(ids)))
         return_freed_memory()
         return counts
 
@@ -191,8 +192,8 @@ def selected_features(db, options: LabelOptions, *, steering: bool = False) -> t
 
 def run_database(db: str):
     """The `Database` a label run writes through: opened per piece of work, its writes waiting
-    `run_lock_timeout()` for other processes, its DuckDB memory bounded (store/memory.py: unbounded, the checkpoint at a
-    closing rewrote a filled row group of label vectors in memory, ~300 MB every few 10k features)."""
+    `run_lock_timeout()` for other processes, its DuckDB memory bounded (store/memory.py; unbounded,
+    the checkpoint at a closing rewrote row groups in memory, ~300 MB every few 10k features)."""
     from featurescribe.store.connection import Database, open_db, run_lock_timeout
     from featurescribe.store.memory import RUN_HEADROOM_MB
 

@@ -94,12 +94,13 @@ def _run(make_coro) -> None:
         pool.submit(asyncio.run, make_coro()).result()
 
 
-def embed_new_labels(con, source_id: str) -> int:
+def embed_new_labels(con, source_id: str, feature_range: tuple[int, int] | None = None) -> int:
     """Embed the labels a label run just wrote (called after each chunk is written), with the
     offline default embedder. Skipped, returning 0, when FEATURESCRIBE_EMBED=0 or when the
     model's package is not installed (`featurescribe embed` says how to install it).
     `con`: an open connection, or a `Database` that is open only to read the labels and to write
-    their vectors, not while the model loads or computes."""
+    their vectors, not while the model loads or computes. `feature_range` (first, last): only the
+    labels of those features (a `Database`'s chunk)."""
     import importlib.util
     import logging
     import os
@@ -114,16 +115,16 @@ def embed_new_labels(con, source_id: str) -> int:
     from featurescribe.store.connection import Database
 
     if isinstance(con, Database):
-        return _embed_between_openings(con, source_id)
+        return _embed_between_openings(con, source_id, feature_range)
     return embed_labels(con, DEFAULT_EMBEDDER, source_id=source_id, progress=False).embedded
 
 
-def _embed_between_openings(db, source_id: str) -> int:
+def _embed_between_openings(db, source_id: str, feature_range: tuple[int, int] | None) -> int:
     embedder = make_embedder(DEFAULT_EMBEDDER)
     spec, n = embedder.spec, 0
     while True:
         with db.connect() as con:
-            batches = emb_sql.iter_missing(con, spec, source_id, BATCH)
+            batches = emb_sql.iter_missing(con, spec, source_id, BATCH, feature_range)
             try:
                 items = next(batches, None)
             finally:

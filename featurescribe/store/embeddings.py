@@ -45,8 +45,10 @@ _MISSING = """
     FROM explanations e
     WHERE coalesce(e.status, 'ok') = 'ok' AND length(trim(e.text)) > 0
       AND ($source IS NULL OR e.source_id = $source)
+      AND ($lo IS NULL OR e.feature_id BETWEEN $lo AND $hi)
       AND NOT EXISTS (SELECT 1 FROM label_embeddings x
-                      WHERE x.explanation_id = e.explanation_id AND x.embedder = $embedder)
+                      WHERE x.explanation_id = e.explanation_id AND x.embedder = $embedder
+                        AND ($lo IS NULL OR x.feature_id BETWEEN $lo AND $hi))
     ORDER BY e.source_id, e.feature_id, e.explanation_id"""
 
 
@@ -58,17 +60,25 @@ class PendingText:
     text: str
 
 
+def _missing_params(embedder: str, source_id: str | None, feature_range: tuple[int, int] | None) -> dict:
+    lo, hi = feature_range or (None, None)
+    return {"embedder": embedder, "source": source_id, "lo": lo, "hi": hi}
+
+
 def count_missing(con, embedder: str, source_id: str | None = None) -> int:
     sql = f"SELECT count(*) FROM ({_MISSING})"
-    return int(con.execute(sql, {"embedder": embedder, "source": source_id}).fetchone()[0])
+    return int(con.execute(sql, _missing_params(embedder, source_id, None)).fetchone()[0])
 
 
-def iter_missing(con, embedder: str, source_id: str | None, batch: int) -> Iterator[list[PendingText]]:
+def iter_missing(con, embedder: str, source_id: str | None, batch: int,
+                 feature_range: tuple[int, int] | None = None) -> Iterator[list[PendingText]]:
     """Explanations without an embedding by `embedder`, `batch` at a time (read up front per
-    batch, so the caller may write between batches on the same connection)."""
+    batch, so the caller may write between batches on the same connection). `feature_range`
+    (first, last): only those features' (a label chunk's: the search does not grow with the file)."""
     cur = con.cursor()
     try:
-        reader = cur.sql(_MISSING, params={"embedder": embedder, "source": source_id}).to_arrow_reader(batch)
+        params = _missing_params(embedder, source_id, feature_range)
+        reader = cur.sql(_MISSING, params=params).to_arrow_reader(batch)
         rows: list[PendingText] = []
         for rb in reader:
             for r in rb.to_pylist():
