@@ -50,7 +50,8 @@ CTX = 64
 
 
 def build(db: str, n_features: int, rows_per_feature: int, n_seqs: int) -> None:
-    """The synthetic source: every feature active at `rows_per_feature` random places."""
+    """The synthetic source: every feature active at `rows_per_feature` random places, and its
+    `features` rows as a harvest writes them (statistics, status 'alive')."""
     from featurescribe.store import open_db
     from featurescribe.store.activation_store import insert_activations_query
 
@@ -63,8 +64,8 @@ def build(db: str, n_features: int, rows_per_feature: int, n_seqs: int) -> None:
                        ((hash(f, i, 3) % 100000) / 1e4)::REAL + 0.01 AS a
                 FROM range({n_features}) t(f), range({rows_per_feature}) u(i))""")
         con.execute(f"""
-            INSERT INTO features (source_id, feature_id, n_active, frac_active, max_act, mean_act)
-            SELECT '{SOURCE}', feature_id, count(*), count(*) / {n_seqs * CTX}, max(act), avg(act)
+            INSERT INTO features (source_id, feature_id, n_active, frac_active, max_act, mean_act, status)
+            SELECT '{SOURCE}', feature_id, count(*), count(*) / {n_seqs * CTX}, max(act), avg(act), 'alive'
             FROM activations GROUP BY feature_id""")
     finally:
         con.close()

@@ -264,9 +264,14 @@ def test_dead_and_rare_features_are_marked_and_skipped(db):
     assert status[1] == "rare: active in 3 sequences, fewer than the 10 needed"
     assert status[2] == "alive: " and status[3] == "alive: "
     assert not _examples(con, 0) and not _examples(con, 1)
+    changed = report.status_changed
+    assert changed >= 2  # dead and rare, whatever the harvest had written
+    # again: nothing changes, so no row of `features` is updated (nor rewritten at the checkpoint)
+    redo = sample_examples(con, SOURCE, [0, 1, 2, 3], resample=True)
+    assert redo.dead == [0] and redo.rare == [1] and redo.status_changed == 0
     # with a lower bar the rare feature is sampled
     report = sample_examples(con, SOURCE, [1], SamplingConfig(min_active=3))
-    assert report.sampled == [1]
+    assert report.sampled == [1] and report.status_changed == 1
 
 
 def test_near_duplicate_top_windows_are_dropped(con):

@@ -329,6 +329,7 @@ class SampleReport:
     dead: list[int] = field(default_factory=list)
     rare: list[int] = field(default_factory=list)
     n_windows: int = 0
+    status_changed: int = 0  # features whose `status` or `skip_reason` this call changed
 
     @property
     def skipped(self) -> list[int]:
@@ -340,6 +341,7 @@ class SampleReport:
         self.dead += other.dead
         self.rare += other.rare
         self.n_windows += other.n_windows
+        self.status_changed += other.status_changed
 
 
 def _features_with_examples(con, source_id: str, feature_ids: list[int]) -> set[int]:
@@ -403,7 +405,7 @@ def sample_examples(
                 ORDER BY feature_id, kind, split, rank""",
             {"source": source_id, "min_active": cfg.min_active},
         ).fetchone()[0])
-        _mark_status(con, source_id, report, cfg)
+        report.status_changed = _mark_status(con, source_id, report, cfg)
         con.execute(f"DROP TABLE IF EXISTS {tmp}")
         con.execute(f"DROP TABLE IF EXISTS {tmp}_stats")
     return report
@@ -452,7 +454,9 @@ def _used(sql: str, params: dict) -> dict:
     return {k: v for k, v in params.items() if f"${k}" in sql}
 
 
-def _mark_status(con, source_id: str, report: SampleReport, cfg: SamplingConfig) -> None:
+def _mark_status(con, source_id: str, report: SampleReport, cfg: SamplingConfig) -> int:
+    """Write the features' status; only rows that change are updated: an updated row group of
+    `features` is rewritten whole at the next checkpoint (every chunk of a label run, otherwise)."""
     rows = {"feature_id": [], "status": [], "skip_reason": []}
     for f in report.sampled:
         rows["feature_id"].append(f), rows["status"].append("alive"), rows["skip_reason"].append(None)
@@ -477,11 +481,12 @@ def _mark_status(con, source_id: str, report: SampleReport, cfg: SamplingConfig)
     })
     con.register("_fs_status", tbl)
     try:
-        con.execute(
+        return int(con.execute(
             "UPDATE features f SET status = s.status, skip_reason = s.skip_reason "
-            "FROM _fs_status s WHERE f.source_id = $source AND f.feature_id = s.feature_id",
+            "FROM _fs_status s WHERE f.source_id = $source AND f.feature_id = s.feature_id "
+            "AND (f.status IS DISTINCT FROM s.status OR f.skip_reason IS DISTINCT FROM s.skip_reason)",
             {"source": source_id},
-        )
+        ).fetchone()[0])
     finally:
         con.unregister("_fs_status")
 
