@@ -83,7 +83,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--batch", type=int, default=4096, help="features per sampling statement")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--memory-limit", default=None, help="DuckDB memory_limit while sampling (a label run's: 128MB)")
+    ap.add_argument("--memory-limit", default=None, help="DuckDB memory_limit while sampling (a label run's: 128MB above its indexes)")
     args = ap.parse_args()
     n_rows = args.rows or (5_000_000 if args.quick else 50_000_000)
     n_seqs = 8192 if args.quick else 32768

@@ -181,9 +181,9 @@ def test_labels_are_embedded_as_they_land(db_path):
 def test_a_chunk_embeds_only_its_features_labels(db):
     from featurescribe.semantic.embed import embed_new_labels
 
+    source = q(db, "SELECT source_id FROM explanations GROUP BY 1 ORDER BY count(*) DESC LIMIT 1")[0][0]
     features = [f for (f,) in q(db, "SELECT DISTINCT feature_id FROM explanations WHERE status = 'ok' "
-                                    "AND trim(text) <> '' ORDER BY 1")]
-    source = q(db, "SELECT source_id FROM explanations LIMIT 1")[0][0]
+                                    "AND trim(text) <> '' AND source_id = ? ORDER BY 1", [source])]
     assert len(features) >= 4
     lo, hi = features[1], features[2]
     embed_new_labels(Database(db), source, (lo, hi))
