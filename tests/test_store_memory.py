@@ -8,7 +8,7 @@ import pytest
 from featurescribe.store import open_db
 from featurescribe.store.connection import Database
 from featurescribe.store.harvest_rows import finalize_sources
-from featurescribe.store.memory import limit_memory
+from featurescribe.store.memory import lean_checkpoint, limit_memory
 
 HEADROOM_MB = 16
 NEW_CACHE_ROWS = ("INSERT INTO llm_cache (cache_key, backend, model, response) "
@@ -74,3 +74,54 @@ def test_finalize_writes_a_million_feature_rows_under_a_small_headroom(tmp_path)
         assert counts == [(0, 0, 0, 0), (0, 0, 0, 0)]
         assert con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'dead') FROM features").fetchone() \
             == (1_200_000, 1_200_000)
+
+
+def _wal_bytes(path) -> int:
+    wal = f"{path}.wal"
+    import os
+
+    return os.path.getsize(wal) if os.path.exists(wal) else 0
+
+
+def _setting_mib(con) -> float:
+    return float(con.execute("SELECT current_setting('memory_limit')").fetchone()[0].split()[0])
+
+
+@pytest.fixture
+def vectors(tmp_path):
+    """A file whose last row group is large (label vectors): appending to it makes the checkpoint
+    rewrite that row group."""
+    path = str(tmp_path / "v.duckdb")
+    con = open_db(path)
+    con.execute("CREATE TABLE v (id INTEGER, vec FLOAT[])")
+    con.execute("INSERT INTO v SELECT i, list_transform(range(384), lambda x: random()::FLOAT) FROM range(60000) r(i)")
+    con.close()
+    return path
+
+
+def test_a_run_opening_checkpoints_under_the_tight_bound_before_closing(vectors):
+    con = duckdb.connect(vectors)
+    try:
+        limit_memory(con, 128)
+        con.execute("INSERT INTO v SELECT id, vec FROM v LIMIT 256")
+        assert _wal_bytes(vectors) > 0
+        lean_checkpoint(con, 128)
+        assert _wal_bytes(vectors) == 0  # the closing has nothing left to write
+        assert _setting_mib(con) < 128  # the checkpoint ran under the tight bound, which held
+    finally:
+        con.close()
+    with Database(vectors, memory_headroom_mb=128).connect() as con:
+        con.execute("INSERT INTO v SELECT id, vec FROM v LIMIT 256")
+    assert _wal_bytes(vectors) == 0
+    assert duckdb.connect(vectors).execute("SELECT count(*) FROM v").fetchone()[0] == 60512
+
+
+def test_a_lean_checkpoint_that_runs_out_loses_nothing(vectors, monkeypatch):
+    monkeypatch.setattr("featurescribe.store.memory.CHECKPOINT_HEADROOM_MB", 1)  # this file needs ~2 MB
+    with Database(vectors, memory_headroom_mb=128).connect() as con:
+        con.execute("INSERT INTO v SELECT id, vec FROM v LIMIT 256")
+    assert _wal_bytes(vectors) > 0  # the checkpoint failed (fatally: DuckDB invalidated that instance)
+    monkeypatch.undo()
+    with Database(vectors, memory_headroom_mb=128).connect() as con:  # replays the log
+        assert con.execute("SELECT count(*) FROM v").fetchone()[0] == 60256
+    assert _wal_bytes(vectors) == 0

@@ -226,7 +226,13 @@ class Database:
             self._users -= 1
             if self._users == 0:
                 base, self._base = self._base, None
-                base.close()
+                try:
+                    if self.memory_headroom_mb and not self.read_only:
+                        from featurescribe.store.memory import lean_checkpoint
+
+                        lean_checkpoint(base, self.memory_headroom_mb)
+                finally:
+                    base.close()
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
