@@ -172,16 +172,17 @@ def speed(args, loaded) -> dict:
     h = Harvester(model, tok, model_id=MODEL, layer=LAYER, site=SITE)
     batches = make_batches(tok, args.tokens, bs)
     bare_forward(h, batches[:2], device)  # warm up
-    fwd, hv, entries = [0, 0.0, 0.0], [0, 0.0, 0.0], 0
+    fwd, hv, entries, per_round = [0, 0.0, 0.0], [0, 0.0, 0.0], 0, []
     with tempfile.TemporaryDirectory() as tmp:
         for r_i in range(args.rounds):
             n, w, cpu = bare_forward(h, batches, device)
             fwd = [fwd[0] + n, fwd[1] + w, fwd[2] + cpu]
             cfg = cfg_for(str(Path(tmp) / f"b{r_i}.duckdb"), args.tokens, bs, args.dtype, device)
-            w, cpu, r = timed(device, lambda: harvest(cfg, loaded=(MODEL, model, tok)))  # db open to final stats
-            hv = [hv[0] + r.new_tokens, hv[1] + w, hv[2] + cpu]
+            w2, cpu2, r = timed(device, lambda: harvest(cfg, loaded=(MODEL, model, tok)))  # db open to final stats
+            hv = [hv[0] + r.new_tokens, hv[1] + w2, hv[2] + cpu2]
             entries = r.n_activations
-    return {"device": device, "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs,
+            per_round.append((w, w2, (r.new_tokens / w2) / (n / w)))
+    return {"per_round": per_round, "device": device, "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs,
             "tokens": hv[0] // args.rounds, "rounds": args.rounds, "entries": entries,
             "forward_tokens_per_s": fwd[0] / fwd[1], "harvest_tokens_per_s": hv[0] / hv[1],
             "ratio": (hv[0] / hv[1]) / (fwd[0] / fwd[1]), "cpu_ratio": (hv[0] / hv[2]) / (fwd[0] / fwd[2])}
@@ -355,6 +356,8 @@ def report_speed(s: dict) -> None:
           f"{s['tokens']:,} tokens, {s['entries']:,} entries kept per harvest")
     print(f"forward_tokens_per_s: {s['forward_tokens_per_s']:.0f}")
     print(f"harvest_tokens_per_s: {s['harvest_tokens_per_s']:.0f}  (the whole harvest: database open to final stats)")
+    for i, (fwd_s, hv_s, ratio) in enumerate(s["per_round"]):
+        print(f"round {i + 1}: forward {fwd_s:.2f} s, harvest {hv_s:.2f} s, ratio {ratio:.3f}")
     print(f"harvest_vs_forward_cpu_time: {s['cpu_ratio']:.3f}  (tokens per CPU-second, all threads)")
     print(f"harvest_vs_forward: {s['ratio']:.3f}", flush=True)
 

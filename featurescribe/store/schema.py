@@ -365,10 +365,12 @@ def migrate(con, target: int = SCHEMA_VERSION) -> int:
     version = current_version(con)
     if version >= target:
         return version
+    script = [VERSION_TABLE]
+    for v in range(version + 1, target + 1):
+        script.extend(MIGRATIONS[v - 1])
+        script.append(f"INSERT INTO schema_version (version) VALUES ({int(v)})")
     with transaction(con):
-        con.execute(VERSION_TABLE)
-        for v in range(version + 1, target + 1):
-            for stmt in MIGRATIONS[v - 1]:
-                con.execute(stmt)
-            con.execute("INSERT INTO schema_version (version) VALUES (?)", [v])
+        # one call, not ~80: each call from Python waits for the GIL, which a harvest's corpus
+        # reader (starting beside it) holds for whole module parses
+        con.execute(";\n".join(script))
     return target
