@@ -182,8 +182,8 @@ def speed(args, loaded) -> dict:
             hv = [hv[0] + r.new_tokens, hv[1] + w2, hv[2] + cpu2]
             entries = r.n_activations
             per_round.append((w, w2, (r.new_tokens / w2) / (n / w)))
-    return {"per_round": per_round, "device": device, "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs,
-            "tokens": hv[0] // args.rounds, "rounds": args.rounds, "entries": entries,
+    return {"per_round": per_round, "device": device, "dtype": str(model.dtype).replace("torch.", ""),
+            "batch_size": bs, "tokens": hv[0] // args.rounds, "rounds": args.rounds, "entries": entries,
             "forward_tokens_per_s": fwd[0] / fwd[1], "harvest_tokens_per_s": hv[0] / hv[1],
             "ratio": (hv[0] / hv[1]) / (fwd[0] / fwd[1]), "cpu_ratio": (hv[0] / hv[2]) / (fwd[0] / fwd[2])}
 
