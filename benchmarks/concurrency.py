@@ -139,6 +139,7 @@ def throughput(base: str, tmp: str, args: argparse.Namespace) -> tuple[float, fl
 
 
 def _ingest_seconds(items: list, path: str, per_commit: bool) -> float:
+    from featurescribe.harvest.batches import SeqIds
     from featurescribe.harvest.writer import RowMaker, Writers
     from featurescribe.store import open_db
     from featurescribe.store.harvest_rows import harvest_source_keys
@@ -153,7 +154,7 @@ def _ingest_seconds(items: list, path: str, per_commit: bool) -> float:
         con.close()
     target = Database(path, memory_headroom_mb=128) if per_commit else con
     t0 = time.perf_counter()
-    w = Writers(target, RowMaker(["6-res-sae16k"], keys, "tok", "corpus", None))
+    w = Writers(target, RowMaker(["6-res-sae16k"], keys, "tok", "corpus", None, SeqIds(0)))
     for it in items:
         w.put(it)
     w.close()

@@ -38,6 +38,7 @@ def synthetic_items(n_items: int, seed: int = 0) -> list:
 
 
 def _through_writers(items: list, **writer_kw) -> tuple[float, int]:
+    from featurescribe.harvest.batches import SeqIds
     from featurescribe.harvest.writer import RowMaker, Writers
     from featurescribe.store import open_db
     from featurescribe.store.harvest_rows import harvest_source_keys
@@ -47,7 +48,7 @@ def _through_writers(items: list, **writer_kw) -> tuple[float, int]:
         con.execute("SET memory_limit = '256MB'")
         keys = harvest_source_keys(con, ["6-res-sae16k"])
         t0, c0 = time.perf_counter(), time.process_time()
-        w = Writers(con, RowMaker(["6-res-sae16k"], keys, "tok", "corpus", None), **writer_kw)
+        w = Writers(con, RowMaker(["6-res-sae16k"], keys, "tok", "corpus", None, SeqIds(0)), **writer_kw)
         for it in items:
             w.put(it)
         w.close()

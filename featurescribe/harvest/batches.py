@@ -50,9 +50,24 @@ def _in_range(seqs: Iterator[corpus_mod.Sequence], lo: int, hi: int | None) -> I
             yield s
 
 
-def make_batches(seqs: Iterator[corpus_mod.Sequence], plan: Plan, batch_size: int) -> Iterator[Batch]:
+class SeqIds:
+    """The ids a harvest gives its new sequences: one counter for the planning and for the writers,
+    which take fresh ids at a commit where another run took planned ones (store/harvest_reconcile.py)."""
+
+    def __init__(self, first: int):
+        self._next, self._lock = int(first), threading.Lock()
+
+    def take(self, n: int = 1, lowest: int = 0) -> np.ndarray:
+        with self._lock:
+            start = max(self._next, int(lowest))
+            self._next = start + n
+        return np.arange(start, start + n, dtype=np.int64)
+
+
+def make_batches(seqs: Iterator[corpus_mod.Sequence], plan: Plan, batch_size: int,
+                 ids: SeqIds | None = None) -> Iterator[Batch]:
     """Batches of the sequences some source still needs; new sequences get the next free ids."""
-    next_id = plan.next_seq_id
+    ids = ids or SeqIds(plan.next_seq_id)
     buf: list[tuple[int, int, np.ndarray, bool, list[bool]]] = []
     for s in _in_range(seqs, *plan.index_range):
         todo = [_member(done, s.corpus_index) < 0 for done in plan.done_index]
@@ -62,8 +77,7 @@ def make_batches(seqs: Iterator[corpus_mod.Sequence], plan: Plan, batch_size: in
         if k >= 0:
             sid, new = int(plan.known_seq[k]), False
         else:
-            sid, new = next_id, True
-            next_id += 1
+            sid, new = int(ids.take()[0]), True
         buf.append((sid, s.corpus_index, s.token_ids, new, todo))
         if len(buf) == batch_size:
             yield _mk_batch(buf)

@@ -27,10 +27,10 @@ import numpy as np
 
 from featurescribe.errors import BadOption, FeaturescribeError
 from featurescribe.harvest import corpus as corpus_mod
-from featurescribe.harvest.batches import Batch, Plan, Prefetch, make_batches
+from featurescribe.harvest.batches import Batch, Plan, Prefetch, SeqIds, make_batches
 from featurescribe.harvest.sae import SAE, load_saes
 from featurescribe.harvest.sites import MultiSiteReader, n_layers
-from featurescribe.harvest.source_state import FIRST_POS, SourceState, prepare_states, source_row
+from featurescribe.harvest.source_state import FIRST_POS, SourceState, prepare_states, settings_diffs, source_row
 from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers, default_source_id,  # noqa: F401
                                            parse_layers, parse_sites, plan_sources, width_label)
 from featurescribe.harvest.thresholds import auto_threshold, parse_threshold  # noqa: F401
@@ -228,8 +228,10 @@ class Harvester:
             seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, cfg.max_tokens or None)
         if first is not None:
             seqs = _chain_first(first, seqs)
-        rows = RowMaker(ids, keys, tokenizer_id, corpus_key, TokenStrings(self.tokenizer))
-        loop = self._stream(db, cfg, states, make_batches(seqs, plan, batch_size), rows, _total(cfg, plan))
+        seq_ids = SeqIds(plan.next_seq_id)
+        rows = RowMaker(ids, keys, tokenizer_id, corpus_key, TokenStrings(self.tokenizer), seq_ids)
+        batches = make_batches(seqs, plan, batch_size, seq_ids)
+        loop = self._stream(db, cfg, states, batches, rows, _total(cfg, plan))
         with session(db) as con:
             return self._finish(con, states, loop, cfg)
 
@@ -314,13 +316,25 @@ def _sparse_numpy(acts: np.ndarray, valid: np.ndarray | None, threshold: float):
 
 
 def _insert_new_sources(db, states: list[SourceState]) -> None:
-    from featurescribe.store.harvest_rows import insert_sources
+    """The `sources` rows of new sources, once the first batch has set their thresholds. Another
+    harvest may have created one meanwhile: with the same settings this one goes on beside it, with
+    others it stops here, before writing anything (one opening: no run writes in between)."""
+    from featurescribe.store.harvest_rows import insert_sources, source_settings
 
     new = [st for st in states if not st.exists and st.threshold is not None]
     if not new:
         return
     with session(db) as con:
-        insert_sources(con, [source_row(st) for st in new])
+        stored = {st.plan.source_id: source_settings(con, st.plan.source_id) for st in new}
+        for st in new:
+            have = stored[st.plan.source_id]
+            diffs = [] if have is None else settings_diffs(have, st.want, st.threshold)
+            if diffs:
+                raise FeaturescribeError(
+                    f"source {st.plan.source_id} was created meanwhile by another harvest, with "
+                    f"{'; '.join(diffs)}; run the command again to continue that harvest, or pass "
+                    "--source-id NEW_ID")
+        insert_sources(con, [source_row(st) for st in new if stored[st.plan.source_id] is None])
     for st in new:
         st.exists = True
 

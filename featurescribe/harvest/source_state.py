@@ -40,15 +40,23 @@ def _check_existing(con, source_id: str, want: dict, explicit_threshold: bool) -
     have = source_settings(con, source_id)
     if have is None:
         return False, None
-    stored = have.pop("threshold")
-    diffs = [f"{k} {have[k]!r} (now {want[k]!r})" for k in have if have[k] != want[k]]
-    if explicit_threshold and stored is not None and abs(stored - want["threshold"]) > 1e-9 * max(1.0, abs(stored)):
-        diffs.append(f"threshold {stored!r} (now {want['threshold']!r})")
+    stored = have["threshold"]
+    diffs = settings_diffs(have, want, want["threshold"] if explicit_threshold else None)
     if diffs:
         raise FeaturescribeError(
             f"source {source_id} already exists with {'; '.join(diffs)}; pass --source-id NEW_ID to keep "
             "both, or --overwrite to replace it")
     return True, stored
+
+
+def settings_diffs(have: dict, want: dict, threshold: float | None) -> list[str]:
+    """How a stored source's settings (`source_settings`) differ from a harvest's; `threshold`: the
+    harvest's threshold where it must match too."""
+    diffs = [f"{k} {have[k]!r} (now {want[k]!r})" for k in have if k != "threshold" and have[k] != want[k]]
+    stored = have.get("threshold")
+    if threshold is not None and stored is not None and abs(stored - threshold) > 1e-9 * max(1.0, abs(stored)):
+        diffs.append(f"threshold {stored!r} (now {threshold!r})")
+    return diffs
 
 
 def _params(h, cfg, corpus, tokenizer_id: str, batch_size: int, st: SourceState) -> dict:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from featurescribe.harvest.batches import Batch
+from featurescribe.harvest.batches import Batch, SeqIds
 from featurescribe.harvest.staging import Staging
 from featurescribe.native_memory import return_freed_memory
 
@@ -88,6 +88,7 @@ class RowMaker:
     tokenizer_id: str
     corpus_key: str
     token_strings: TokenStrings
+    seq_ids: SeqIds | None = None  # the harvest's id allocator: commits reconcile with other runs
 
     def _dict(self, keys: np.ndarray) -> pa.Array:
         return pa.DictionaryArray.from_arrays(pa.array(keys.astype(np.int16)), pa.array(self.source_ids))
@@ -208,10 +209,11 @@ class Writers:
 
         acts = self.rows.activations(items) if items[-1].parts else stage.table()
         seqs, progress = self.rows.sequences(items), self.rows.progress(items)
+        fresh = self.rows.seq_ids.take if self.rows.seq_ids is not None else None
         with session(self.db) as con:  # open only for the transaction
-            write_harvest_rows(con, seqs, acts, progress)
+            n = write_harvest_rows(con, seqs, acts, progress, fresh)
         return_freed_memory()
         stage.clear()
         with self._lock:
-            self.entries += acts.num_rows if acts is not None else 0
+            self.entries += n
             self.commits += 1

@@ -81,19 +81,28 @@ def set_source_threshold(con, source_id: str, threshold: float) -> None:
     con.execute("UPDATE sources SET threshold = ? WHERE source_id = ?", [threshold, source_id])
 
 
-def write_harvest_rows(con, sequences: pa.Table | None, activations: pa.Table | None, progress: pa.Table) -> None:
-    """One transaction: new sequences, kept entries and the progress rows that mark them done.
+def write_harvest_rows(con, sequences: pa.Table | None, activations: pa.Table | None, progress: pa.Table,
+                       fresh_ids=None) -> int:
+    """One transaction: new sequences, kept entries and the progress rows that mark them done;
+    -> the kept entries inserted.
 
     `activations` carries each row's `source_key` (see `harvest_source_keys`), `progress` its
-    `source_id` as a dictionary column: one insert each for every source.
+    `source_id` as a dictionary column: one insert each for every source. With `fresh_ids` (a
+    harvest's id allocator, see store/harvest_reconcile.py) the rows are first reconciled with what
+    other runs committed to the file since the harvest planned them.
     """
+    from featurescribe.store.harvest_reconcile import Rows, reconcile
+
     def run(c):
-        if sequences is not None:
-            insert_arrow(c, "sequences", sequences)
-        if activations is not None:
-            insert_key_rows(c, activations)
-        insert_arrow(c, "harvest_progress", progress)
-    _transaction(con, run)
+        rows = Rows(sequences, activations, progress)
+        if fresh_ids is not None:
+            rows = reconcile(c, rows, fresh_ids)
+        if rows.sequences is not None:
+            insert_arrow(c, "sequences", rows.sequences)
+        n = insert_key_rows(c, rows.activations) if rows.activations is not None else 0
+        insert_arrow(c, "harvest_progress", rows.progress)
+        return n
+    return _transaction(con, run)
 
 
 def harvest_source_keys(con, source_ids: list[str]) -> list[int]:
