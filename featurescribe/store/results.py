@@ -44,13 +44,16 @@ def save_scores(con, results: Iterable[ScoreResult], run_id: str | None = None) 
     keys = sorted({sep.join((r.explanation_id, r.scorer, r.simulator or "", r.split or "")) for r in results})
     sim_keys = sorted({sep.join((r.explanation_id, r.simulator or "", r.split or ""))
                        for r in results if r.scorer == "simulation"})
+    # the explanation ids first: the key is then built for their rows only, not the whole table's
+    ids = sorted({r.explanation_id for r in results})
     con.execute(
-        "DELETE FROM scores WHERE concat_ws(?, explanation_id, scorer, coalesce(simulator, ''), "
-        "coalesce(split, '')) IN (SELECT unnest(?::VARCHAR[]))", [sep, keys])
+        "DELETE FROM scores WHERE explanation_id IN (SELECT unnest(?::VARCHAR[])) AND concat_ws(?, explanation_id, "
+        "scorer, coalesce(simulator, ''), coalesce(split, '')) IN (SELECT unnest(?::VARCHAR[]))", [ids, sep, keys])
     if sim_keys:
         con.execute(
-            "DELETE FROM simulations WHERE concat_ws(?, explanation_id, simulator, split) "
-            "IN (SELECT unnest(?::VARCHAR[]))", [sep, sim_keys])
+            "DELETE FROM simulations WHERE explanation_id IN (SELECT unnest(?::VARCHAR[])) "
+            "AND concat_ws(?, explanation_id, simulator, split) IN (SELECT unnest(?::VARCHAR[]))",
+            [ids, sep, sim_keys])
 
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     insert_arrow(con, "scores", pa.table({
