@@ -39,7 +39,7 @@ def command_table() -> list[Command]:
     return [
         Command("init", "create an empty database with the schema", store.add_init_arguments, store.run_init),
         Command("sql", "run SQL against a database and print the result", store.add_sql_arguments, store.run_sql),
-        Command("harvest", "run a model over a corpus and store one layer's activations (neurons or SAE latents)",
+        Command("harvest", "run a model over a corpus once and store the activations of its layers, sites and SAEs",
                 harvest.add_arguments, harvest.run),
         Command("label", "sample, explain and score the features of a source",
                 label_command.add_arguments, label_command.run),

@@ -211,3 +211,17 @@ def test_a_chunk_that_fails_transiently_is_retried(prefect_server, tmp_path, mon
         label_flow(db=db, source=SOURCE, features="all", redo=True, no_progress=True)
     assert calls["n"] == 1
     assert [r["status"] for r in _runs(db)] == ["completed", "failed"]
+
+
+def test_the_harvest_flow_takes_harvest_config_fields_only():
+    """The deployment's parameters go to `HarvestConfig(**params)` as they are: a name the config
+    lacks would fail only when a scheduled run starts."""
+    import dataclasses
+    import inspect
+
+    from featurescribe.flows.harvest_flow import harvest_flow
+    from featurescribe.harvest.harvester import HarvestConfig
+
+    names = set(inspect.signature(harvest_flow.fn).parameters)
+    assert names <= {f.name for f in dataclasses.fields(HarvestConfig)}
+    assert {"db", "model", "layer", "site", "sae", "corpus", "max_tokens"} <= names

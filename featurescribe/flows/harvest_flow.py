@@ -1,4 +1,4 @@
-"""The harvest flow: a model's activations at one site of one layer, into the database.
+"""The harvest flow: a model's activations at its sites and SAEs, into the database.
 
 One task: the streaming harvest of `featurescribe harvest` (reader, model and writer threads in
 one process, on the GPU when there is one). It resumes by itself: sequences already committed
@@ -44,10 +44,8 @@ def harvest_flow(db: str, model: str, layer: int | str | None = None, site: str 
                  threshold: str | None = None, source_id: str | None = None, overwrite: bool = False,
                  progress: bool = True) -> dict:
     """Harvest `model` at `layer` x `site` (and SAEs) over `corpus` in one pass; returns the first
-    source's counts, and every source's under `sources`."""
-    params = dict(db=db, model=model, layer=layer, site=site, sae=sae, corpus=corpus,
-                  max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, device=device, dtype=dtype,
-                  threshold=threshold, source_id=source_id, overwrite=overwrite, progress=progress)
+    source's counts, and every source's under `sources`. The parameters are `HarvestConfig`'s."""
+    params = dict(locals())
     with recorded_run(db, "harvest", {k: v for k, v in params.items() if k != "progress"}) as run:
         result = harvest_task(params)
     return {"run_id": run.run_id, **result}

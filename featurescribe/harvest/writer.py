@@ -42,15 +42,21 @@ class TokenStrings:
     """Token id -> its text as the tokenizer decodes that one token (' def' keeps its space).
 
     Each id is decoded once, when first seen; a batch's `tokens` column is then a vectorized take.
+    The table is sized on the first call, in a writer thread: reading the vocabulary takes 0.02 s
+    that the harvest's setup would otherwise wait for.
     """
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        n = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-        self.text = np.empty(n, dtype=object)
-        self.known = np.zeros(n, dtype=bool)
+        self.text: np.ndarray | None = None
+        self.known: np.ndarray | None = None
         self.decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self._lock = threading.Lock()
+
+    def _size(self) -> None:
+        n = max(len(self.tok), max(self.tok.get_vocab().values()) + 1)
+        self.text = np.empty(n, dtype=object)
+        self.known = np.zeros(n, dtype=bool)
 
     def _decode(self, i: int) -> str:
         piece = self.tok.convert_ids_to_tokens(i)
@@ -63,6 +69,8 @@ class TokenStrings:
     def __call__(self, ids: np.ndarray) -> pa.Array:
         uniq = np.unique(ids)
         with self._lock:
+            if self.text is None:
+                self._size()
             for i in uniq[~self.known[uniq]].tolist():
                 self.text[i] = self._decode(i)
                 self.known[i] = True
