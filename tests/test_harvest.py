@@ -310,3 +310,19 @@ def test_bad_site_and_options(smollm2, db_path, corpus_file):
             cfg.update(kw)
             harvest(HarvestConfig(db=db_path, model="smollm2-135m", layer=1, progress=False, **cfg), loaded=smollm2)
     assert not os.path.exists(db_path)
+
+
+def test_token_strings_are_each_tokens_own_text_whatever_the_order_ids_arrive_in(smollm2):
+    """The `tokens` column: one id at a time through the tokenizer's decoder (' def' keeps its
+    space), ids decoded in one batch call, and ids past `len(tokenizer)` grow the table."""
+    from featurescribe.harvest.writer import TokenStrings
+
+    _, _, tok = smollm2
+    decoder = tok.backend_tokenizer.decoder
+    ids = np.array(tok("def add(a, b):\n    return a  +  b  # ü").input_ids, dtype=np.int32)
+    ts = TokenStrings(tok)
+    first = ts(ids[::-1].copy()).to_pylist()[::-1]
+    assert first == [decoder.decode([tok.convert_ids_to_tokens(int(i))]) for i in ids]
+    assert ts(ids).to_pylist() == first and " add" in first
+    past = np.array([len(tok) + 2, ids[0]], dtype=np.int32)
+    assert ts(past).to_pylist() == ["", first[0]]
