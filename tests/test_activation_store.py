@@ -67,26 +67,3 @@ def test_rows_of_several_sources_keep_their_ids_and_keys(tmp_path):
     assert source_keys(con, ["6-mlp"]) == {"6-mlp": keys["6-mlp"]}  # the key is kept: never reused
     con.close()
 
-
-def test_pandas_is_imported_on_a_thread_of_its_own_before_an_insert_needs_it():
-    """DuckDB imports pandas on its first scan of any Python object (an Arrow insert too); a
-    harvest imports it on a thread while the model loads, not in its forward loop."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, threading, duckdb, pyarrow as pa\n"
-        "from featurescribe.store.bulk import insert_arrow, preload_scan_modules\n"
-        "assert 'pandas' not in sys.modules\n"
-        "con = duckdb.connect(); con.execute('CREATE TABLE t (a INT)')\n"
-        "insert_arrow(con, 't', pa.table({'a': [1]}))\n"
-        "print('insert', 'pandas' in sys.modules)\n"
-        "for m in [m for m in sys.modules if m == 'pandas' or m.startswith('pandas.')]:\n"
-        "    del sys.modules[m]\n"
-        "t = preload_scan_modules()\n"
-        "print('thread', t is not None and t.ident != threading.get_ident())\n"
-        "t.join()\n"
-        "print('preloaded', 'pandas' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:3] == ["insert True", "thread True", "preloaded True"]

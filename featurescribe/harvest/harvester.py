@@ -393,10 +393,8 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
     database is opened. `loaded`: an optional `(model_id, model, tokenizer)` already in memory;
     `one`: refuse a harvest of several sources."""
     from featurescribe.store import open_db
-    from featurescribe.store.bulk import preload_scan_modules
 
     check_config(cfg)
-    preload_scan_modules()
     corpus = corpus_mod.open_corpus(cfg.corpus)
     saes = load_saes(cfg.sae_paths)
     model_id, model, tokenizer = loaded if loaded is not None else load_model(cfg)

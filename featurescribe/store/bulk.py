@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import threading
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
@@ -12,20 +9,6 @@ import pyarrow as pa
 # The name under which DuckDB's replacement scan finds the table (the local variable of that name in
 # insert_arrow); odd enough that no real table shadows it.
 _SCAN_NAME = "__featurescribe_bulk_arrow__"
-
-
-def preload_scan_modules() -> threading.Thread | None:
-    """Import pandas, when installed, on a thread of its own; -> the thread.
-
-    DuckDB's Python module imports pandas the first time it reads any Python object (every Arrow
-    insert does), whether or not the object is a DataFrame: 0.2-0.45 s with the GIL held, which
-    a harvest's first insert paid in the middle of its forward loop. Called while the model loads,
-    the import happens beside that; a later import of pandas waits for this one to finish."""
-    if importlib.util.find_spec("pandas") is None:
-        return None
-    t = threading.Thread(target=importlib.import_module, args=("pandas",), name="preload-pandas", daemon=True)
-    t.start()
-    return t
 
 
 def insert_arrow(con, table: str, data: pa.Table | Mapping[str, Sequence], *,
