@@ -66,4 +66,3 @@ def test_rows_of_several_sources_keep_their_ids_and_keys(tmp_path):
     assert counts == {"6-res-sae4k": 1000, "0-mlp": 1000, "9-new": 5}
     assert source_keys(con, ["6-mlp"]) == {"6-mlp": keys["6-mlp"]}  # the key is kept: never reused
     con.close()
-
