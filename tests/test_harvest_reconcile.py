@@ -1,15 +1,14 @@
 """Two harvests on one file at the same time: a commit reconciles with what the other run wrote since
 this one planned (featurescribe/store/harvest_reconcile.py).
 
-The interleaving is forced: harvest A plans its sequence ids, then, before its first commit, a second
-`featurescribe harvest` process runs to the end on the same file; then A commits.
+The interleaving is forced: harvest A plans its sequence ids and runs its first batch, then, before its
+first commit, a second `featurescribe harvest` process runs to the end on the same file; then A commits.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from contextlib import closing
 
 import numpy as np
@@ -106,16 +105,15 @@ def test_a_harvest_that_another_finished_meanwhile_gets_exactly_its_own_rows(
     db, alone = str(tmp_path / "both.duckdb"), str(tmp_path / "alone.duckdb")
     for layer in {2, other_layer}:
         _harvest_cli(alone, str(corpus), layer)
-    commit, lock, ran = writer.Writers._commit, threading.Lock(), []
+    put, ran = writer.Writers.put, []
 
-    def other_run_first(self, items, stage):
-        with lock:  # every writer of A waits until the other run has finished
-            if not ran:
-                _harvest_cli(db, str(corpus), other_layer)  # after A planned, before A's first commit
-                ran.append(True)
-        return commit(self, items, stage)
+    def other_run_first(self, item):
+        if not ran:  # A's first batch: A planned and holds no opening; its first commit comes later
+            _harvest_cli(db, str(corpus), other_layer)
+            ran.append(True)
+        return put(self, item)
 
-    monkeypatch.setattr(writer.Writers, "_commit", other_run_first)
+    monkeypatch.setattr(writer.Writers, "put", other_run_first)
     harvest(HarvestConfig(db=db, model="smollm2-135m", layer=2, corpus=str(corpus), ctx=CTX, max_tokens=TOKENS,
                           batch_size=4, progress=False), loaded=smollm2)
     assert ran
@@ -135,20 +133,21 @@ def test_a_harvest_that_another_finished_meanwhile_gets_exactly_its_own_rows(
 def test_a_source_created_meanwhile_with_other_settings_stops_the_harvest_with_one_line(
         tmp_path, monkeypatch, smollm2):
     from featurescribe.errors import FeaturescribeError
-    from featurescribe.harvest import harvester
+    from featurescribe.harvest import harvester, writer
     from tests.test_harvest import TEXT
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 8)
     db = str(tmp_path / "both.duckdb")
-    insert = harvester._insert_new_sources
+    put, ran = writer.Writers.put, []
 
-    def other_run_first(db_, states):
-        if any(not st.exists for st in states):  # another run creates 2-mlp with its own threshold first
+    def other_run_first(self, item):  # another run creates 2-mlp with its own threshold first
+        if not ran:
             _harvest_cli(db, str(corpus), 2, "--threshold", "0.3")
-        return insert(db_, states)
+            ran.append(True)
+        return put(self, item)
 
-    monkeypatch.setattr(harvester, "_insert_new_sources", other_run_first)
+    monkeypatch.setattr(writer.Writers, "put", other_run_first)
     with pytest.raises(FeaturescribeError, match="source 2-mlp was created meanwhile by another harvest, with "
                                                  r"threshold 0\.3 \(now 0\.5\)"):
         harvester.harvest(harvester.HarvestConfig(

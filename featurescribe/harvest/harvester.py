@@ -36,6 +36,7 @@ from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers,
 from featurescribe.harvest.thresholds import auto_threshold, parse_threshold  # noqa: F401
 from featurescribe.harvest.writer import WRITER_THREADS, Item, RowMaker, TokenStrings, Writers
 from featurescribe.store.connection import session
+from featurescribe.store.transaction import transaction
 
 DEFAULT_CTX = 64
 DEFAULT_MAX_TOKENS = 100_000
@@ -96,6 +97,7 @@ class HarvestResult:
 class _Loop:
     """What the streaming loop counted."""
 
+    started: float = 0.0  # time.monotonic() when the loop started
     seconds: float = 0.0
     tokens: int = 0
     sequences: list[int] = field(default_factory=list)  # per source
@@ -231,25 +233,33 @@ class Harvester:
         seq_ids = SeqIds(plan.next_seq_id)
         rows = RowMaker(ids, keys, tokenizer_id, corpus_key, TokenStrings(self.tokenizer), seq_ids)
         batches = make_batches(seqs, plan, batch_size, seq_ids)
-        loop = self._stream(db, cfg, states, batches, rows, _total(cfg, plan))
-        with session(db) as con:
-            return self._finish(con, states, loop, cfg)
+        # the new sources' rows go in with the first commit's (the first batch sets their thresholds)
+        writers = Writers(db, rows, threads=cfg.writer_threads,
+                          first_commit=lambda con: _write_new_sources(con, states))
+        loop = self._stream(cfg, states, batches, writers, _total(cfg, plan))
+        try:
+            with session(db) as con:  # one opening for the writers' last commits and the statistics
+                writers.close()
+                loop.seconds = time.monotonic() - loop.started
+                return self._finish(con, states, loop, cfg)
+        except BaseException:
+            _close_quietly(writers)
+            raise
 
-    def _stream(self, db, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch],
-                rows: RowMaker, total: int | None) -> _Loop:
+    def _stream(self, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch], writers: Writers,
+                total: int | None) -> _Loop:
+        """Every batch through the model and into the writers' queue; the caller closes the writers
+        (they are closed here only after an error)."""
         import torch
 
         from featurescribe.progress import Progress
 
-        writers = Writers(db, rows, threads=cfg.writer_threads)
         reader = Prefetch(batches)
-        loop = _Loop(sequences=[0] * len(states))
-        t0 = time.monotonic()
+        loop = _Loop(sequences=[0] * len(states), started=time.monotonic())
         try:
             with Progress("harvest", total=total, unit="tok", enabled=cfg.progress) as bar, torch.inference_mode():
                 for batch in reader:
                     item = self._item(batch, states)
-                    _insert_new_sources(db, states)  # once the first batch has set the thresholds
                     writers.put(item)
                     loop.tokens += batch.n_tokens
                     for k in range(len(states)):
@@ -257,14 +267,9 @@ class Harvester:
                     bar.advance(batch.n_tokens)
         except BaseException:
             reader.close()
-            try:
-                writers.close()  # keep what was computed: it is committed and a re-run continues after it
-            except BaseException:  # noqa: BLE001 - the first error is the one to report
-                pass
+            _close_quietly(writers)  # keep what was computed: it is committed and a re-run continues after it
             raise
         reader.close()
-        writers.close()
-        loop.seconds = time.monotonic() - t0
         return loop
 
     def _finish(self, con, states: list[SourceState], loop: _Loop, cfg: HarvestConfig) -> list[HarvestResult]:
@@ -274,7 +279,8 @@ class Harvester:
         for st in states:
             if st.threshold is None:  # nothing was left to run
                 st.threshold = st.value if st.rule == "abs" else 0.0
-        _insert_new_sources(con, states)
+        with transaction(con):
+            _write_new_sources(con, states)
         rate = round(loop.tokens / loop.seconds, 1) if loop.seconds > 0 else None
         params = [dict(st.params, status="complete", seconds=round(loop.seconds, 3), tokens_per_s=rate)
                   for st in states]
@@ -292,6 +298,14 @@ class Harvester:
             kind=p.kind, width=p.width, threshold=float(st.threshold), n_sequences=n_seq, n_tokens=n_tok,
             n_activations=n_act, new_sequences=loop.sequences[k], new_tokens=loop.tokens, seconds=loop.seconds,
             alive=alive)
+
+
+def _close_quietly(writers: Writers) -> None:
+    """Commit what the writers hold and stop them, after another error (the one to report)."""
+    try:
+        writers.close()
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def _kept_mask(acts, valid, threshold: float):
@@ -315,26 +329,26 @@ def _sparse_numpy(acts: np.ndarray, valid: np.ndarray | None, threshold: float):
     return np.stack([row, pos, feature], 1).astype(np.int32), acts.reshape(-1)[lin]
 
 
-def _insert_new_sources(db, states: list[SourceState]) -> None:
-    """The `sources` rows of new sources, once the first batch has set their thresholds. Another
-    harvest may have created one meanwhile: with the same settings this one goes on beside it, with
-    others it stops here, before writing anything (one opening: no run writes in between)."""
+def _write_new_sources(con, states: list[SourceState]) -> None:
+    """The `sources` rows of new sources whose threshold is set, inside the caller's transaction (the
+    harvest's first commit, or the final statistics'). Another harvest may have created one
+    meanwhile: with the same settings this one goes on beside it, with others it stops here, and
+    the transaction writes nothing."""
     from featurescribe.store.harvest_rows import insert_sources, source_settings
 
     new = [st for st in states if not st.exists and st.threshold is not None]
     if not new:
         return
-    with session(db) as con:
-        stored = {st.plan.source_id: source_settings(con, st.plan.source_id) for st in new}
-        for st in new:
-            have = stored[st.plan.source_id]
-            diffs = [] if have is None else settings_diffs(have, st.want, st.threshold)
-            if diffs:
-                raise FeaturescribeError(
-                    f"source {st.plan.source_id} was created meanwhile by another harvest, with "
-                    f"{'; '.join(diffs)}; run the command again to continue that harvest, or pass "
-                    "--source-id NEW_ID")
-        insert_sources(con, [source_row(st) for st in new if stored[st.plan.source_id] is None])
+    stored = {st.plan.source_id: source_settings(con, st.plan.source_id) for st in new}
+    for st in new:
+        have = stored[st.plan.source_id]
+        diffs = [] if have is None else settings_diffs(have, st.want, st.threshold)
+        if diffs:
+            raise FeaturescribeError(
+                f"source {st.plan.source_id} was created meanwhile by another harvest, with "
+                f"{'; '.join(diffs)}; run the command again to continue that harvest, or pass "
+                "--source-id NEW_ID")
+    insert_sources(con, [source_row(st) for st in new if stored[st.plan.source_id] is None])
     for st in new:
         st.exists = True
 
@@ -392,8 +406,6 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
     """Run a harvest from a config: one result per source. Every user error is raised before the
     database is opened. `loaded`: an optional `(model_id, model, tokenizer)` already in memory;
     `one`: refuse a harvest of several sources."""
-    from featurescribe.store import open_db
-
     check_config(cfg)
     corpus = corpus_mod.open_corpus(cfg.corpus)
     saes = load_saes(cfg.sae_paths)
@@ -409,11 +421,13 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
         first = next(seqs, None)
         if first is None and cfg.index_range is None:
             raise FeaturescribeError(f"corpus {cfg.corpus} is empty: it has no text to harvest")
-        from featurescribe.store.connection import Database, run_lock_timeout
+        from featurescribe.store.connection import Database, lock_timeout, run_lock_timeout
         from featurescribe.store.memory import RUN_HEADROOM_MB
 
-        open_db(cfg.db).close()  # created and upgraded, or one clear line (locked past --lock-timeout, ...)
-        db = Database(cfg.db, lock_timeout=run_lock_timeout(), memory_headroom_mb=RUN_HEADROOM_MB)
+        # the first opening (the run's setup) creates and upgrades the file, or gives one clear line
+        # (locked past --lock-timeout, too new, ...); later ones wait longer for the run's own writes
+        db = Database(cfg.db, lock_timeout=run_lock_timeout(), memory_headroom_mb=RUN_HEADROOM_MB, create=True,
+                      first_lock_timeout=lock_timeout())
         return h.run(db, cfg, corpus, first=first, seqs=seqs)
     finally:
         reader.close()

@@ -148,8 +148,11 @@ class Writers:
     """Writer threads sharing one queue; `put` hands over an item, `close` drains and stops them."""
 
     def __init__(self, db, rows: RowMaker, threads: int = WRITER_THREADS, flush_entries: int = FLUSH_ENTRIES,
-                 flush_s: float = FLUSH_SECONDS):
+                 flush_s: float = FLUSH_SECONDS, first_commit=None):
+        """`first_commit(con)`: runs once, in the first commit's transaction, before its rows; the other
+        writers' commits wait until that one is done (or failed: then the next one runs it)."""
         self.db, self.rows, self.flush_entries, self.flush_s = db, rows, flush_entries, flush_s
+        self._first_commit, self._first_done, self._first_lock = first_commit, first_commit is None, threading.Lock()
         self.q: queue.Queue = queue.Queue(maxsize=4 * threads)
         self.error: BaseException | None = None
         self.entries = self.commits = 0
@@ -220,8 +223,17 @@ class Writers:
         acts = self.rows.activations(items) if items[-1].parts else stage.table()
         seqs, progress = self.rows.sequences(items), self.rows.progress(items)
         fresh = self.rows.seq_ids.take if self.rows.seq_ids is not None else None
-        with session(self.db) as con:  # open only for the transaction
-            n = write_harvest_rows(con, seqs, acts, progress, fresh)
+
+        def write(before=None) -> int:
+            with session(self.db) as con:  # open only for the transaction
+                return write_harvest_rows(con, seqs, acts, progress, fresh, before)
+
+        if self._first_done:
+            n = write()
+        else:
+            with self._first_lock:
+                n = write(None if self._first_done else self._first_commit)
+                self._first_done = True
         return_freed_memory()
         stage.clear()
         with self._lock:

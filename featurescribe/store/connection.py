@@ -184,6 +184,8 @@ class Database:
     read_only: bool = False
     lock_timeout: float | None = None
     memory_headroom_mb: int | None = None  # each opening's DuckDB memory bound (store/memory.py)
+    create: bool = False  # the first opening creates a missing file (as `open_db` does)
+    first_lock_timeout: float | None = None  # the first opening's wait for a lock (None: lock_timeout's)
     _checked: bool = field(default=False, repr=False, compare=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
     _base: Any = field(default=None, repr=False, compare=False)  # the opening the blocks share
@@ -200,7 +202,8 @@ class Database:
 
     def _open(self) -> duckdb.DuckDBPyConnection:
         if not self._checked:
-            con = open_db(self.path, read_only=self.read_only, create=False, timeout=self.lock_timeout)
+            first = self.lock_timeout if self.first_lock_timeout is None else self.first_lock_timeout
+            con = open_db(self.path, read_only=self.read_only, create=self.create, timeout=first)
             self._checked = True
         else:
             con = _connect(self.path, self.read_only, self.lock_timeout)

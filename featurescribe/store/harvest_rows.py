@@ -73,8 +73,9 @@ def delete_source(con, source_id: str) -> None:
 
 
 def insert_sources(con, rows: list[dict]) -> None:
+    """`sources` rows, inside the caller's transaction."""
     if rows:
-        _transaction(con, lambda c: insert_arrow(c, "sources", pa.Table.from_pylist(rows)))
+        insert_arrow(con, "sources", pa.Table.from_pylist(rows))
 
 
 def set_source_threshold(con, source_id: str, threshold: float) -> None:
@@ -82,9 +83,10 @@ def set_source_threshold(con, source_id: str, threshold: float) -> None:
 
 
 def write_harvest_rows(con, sequences: pa.Table | None, activations: pa.Table | None, progress: pa.Table,
-                       fresh_ids=None) -> int:
+                       fresh_ids=None, before=None) -> int:
     """One transaction: new sequences, kept entries and the progress rows that mark them done;
-    -> the kept entries inserted.
+    -> the kept entries inserted. `before(con)`, when given, runs first in the same transaction
+    (a harvest's first commit writes its new sources' rows there).
 
     `activations` carries each row's `source_key` (see `harvest_source_keys`), `progress` its
     `source_id` as a dictionary column: one insert each for every source. With `fresh_ids` (a
@@ -94,6 +96,8 @@ def write_harvest_rows(con, sequences: pa.Table | None, activations: pa.Table | 
     from featurescribe.store.harvest_reconcile import Rows, reconcile
 
     def run(c):
+        if before is not None:
+            before(c)
         rows = Rows(sequences, activations, progress)
         if fresh_ids is not None:
             rows = reconcile(c, rows, fresh_ids)
