@@ -76,8 +76,11 @@ class PeakRSS:
 
 def load(device: str, dtype: str | None):
     from featurescribe.harvest.models import load_causal_lm, pick_device
+    from featurescribe.native_memory import keep_freed_memory_for_tensors
 
     device = pick_device(device)
+    if device == "cpu":
+        keep_freed_memory_for_tensors()  # as a harvest does: the bare forward pass runs with the same heap
     folder = Path(MODEL)
     if folder.is_dir() and (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
         return device, *random_model(folder, device, dtype)
@@ -262,15 +265,20 @@ def memory_child(args) -> dict:
 
 
 def run_child(tokens: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", "--tokens", str(tokens), "--device", args.device]
+    cmd = ["--memory-child", "--tokens", str(tokens), "--device", args.device]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return json_of_child(cmd, f"memory child for {tokens} tokens")
+
+
+def json_of_child(argv: list[str], what: str) -> dict:
+    """This script in a fresh process: the JSON of its last output line."""
+    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-3000:])
-        raise SystemExit(f"memory child for {tokens} tokens failed")
+        raise SystemExit(f"{what} failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -292,6 +300,7 @@ def parse_args():
                     help="write smollm2-135m's config and tokenizer (no weights) to DIR and exit; "
                          "--model DIR then runs a random-weight model of the same architecture")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--shards-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gpu:
         args.device, args.dtype = "cuda", args.dtype or "bfloat16"
@@ -337,10 +346,17 @@ def report_multisite(args, loaded) -> None:
     print(f"multisite_vs_deepest_forward: {m['ratio']:.3f}", flush=True)
 
 
-def report_shards(args) -> None:
+def shards_child(args) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from harvest_store import shard_speed
 
-    s = shard_speed(args.shard_tokens, MODEL, CORPUS)
+    return shard_speed(args.shard_tokens, MODEL, CORPUS)
+
+
+def report_shards(args) -> None:
+    # in a child process: the Prefect server and Dask cluster it starts end with it, and do not
+    # share the cores with the parts measured after it
+    s = json_of_child(["--shards-child"] + (["--quick"] if args.quick else []), "shards")
     print(f"shards: {args.shard_tokens:,} tokens on {s['cores']} cores: 1 worker {s['wall_1']:.1f} s, "
           f"3 workers {s['wall_3']:.1f} s (streaming only: x{s['stream_speedup']:.2f})")
     print(f"shard_speedup: {s['speedup']:.3f}", flush=True)
@@ -377,6 +393,10 @@ def main() -> int:
         MODEL = os.environ["FEATURESCRIBE_BENCH_MODEL"] = args.model
     if args.memory_child:
         print(json.dumps(memory_child(args)))
+        return 0
+    if args.shards_child:
+        sizes(args, gpu=False)
+        print(json.dumps(shards_child(args)))
         return 0
     if args.write_model_config:
         write_model_config(args.write_model_config)

@@ -35,6 +35,7 @@ from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers,
                                            parse_layers, parse_sites, plan_sources, width_label)
 from featurescribe.harvest.thresholds import auto_threshold, parse_threshold  # noqa: F401
 from featurescribe.harvest.writer import WRITER_THREADS, Item, RowMaker, TokenStrings, Writers
+from featurescribe.native_memory import keep_freed_memory_for_tensors, return_freed_memory
 from featurescribe.store.connection import session
 from featurescribe.store.transaction import transaction
 
@@ -216,6 +217,8 @@ class Harvester:
             seqs: Iterator[corpus_mod.Sequence] | None = None) -> list[HarvestResult]:
         """`db`: a `Database` (opened for each read and each commit, closed in between, so
         readers and other runs use the file meanwhile) or an open connection."""
+        if self.device.type == "cpu":
+            keep_freed_memory_for_tensors()  # a model loaded by the caller did not pass load_causal_lm
         tokenizer_id = corpus_mod.tokenizer_fingerprint(self.tokenizer)
         corpus_key = corpus.key(cfg.ctx)
         batch_size = cfg.batch_size or (128 if self.device.type == "cuda" else 32)
@@ -245,6 +248,8 @@ class Harvester:
         except BaseException:
             _close_quietly(writers)
             raise
+        finally:
+            return_freed_memory()  # what the heap kept for the next batch
 
     def _stream(self, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch], writers: Writers,
                 total: int | None) -> _Loop:

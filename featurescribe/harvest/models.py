@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from featurescribe.errors import FeaturescribeError
+from featurescribe.native_memory import keep_freed_memory_for_tensors
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,8 @@ def load_causal_lm(name: str | ModelRef, device: str = "cpu", dtype=None):
     device = pick_device(device)
     dt = torch_dtype(dtype)
     _quiet_transformers()
+    if device == "cpu":
+        keep_freed_memory_for_tensors()
     kwargs = {"dtype": dt} if dt is not None else {}
     try:
         with _LOAD_LOCK, warnings.catch_warnings():
