@@ -7,8 +7,8 @@ so without a trim the RSS of a run grew with the number of openings, not with it
 A forward pass on the CPU has the opposite problem: with glibc's default settings every large
 tensor it frees goes back to the OS (unmapped, or trimmed off the heap's top), and the next batch
 page-faults the same memory in again, zeroed by the kernel: about 68,000 faults per batch of
-smollm2-135m, a sixth of its forward time on 2 cores (BENCHMARKS.md). `keep_freed_memory_for_tensors`
-makes the heap keep that memory for the next batch.
+smollm2-135m, up to a sixth of its forward time on 2 cores (BENCHMARKS.md, tenth session).
+`keep_freed_memory_for_tensors` makes the heap keep that memory for the next batch.
 """
 
 from __future__ import annotations
