@@ -248,8 +248,6 @@ class Harvester:
         except BaseException:
             _close_quietly(writers)
             raise
-        finally:
-            return_freed_memory()  # what the heap kept for the next batch
 
     def _stream(self, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch], writers: Writers,
                 total: int | None) -> _Loop:
@@ -436,6 +434,7 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
         return h.run(db, cfg, corpus, first=first, seqs=seqs)
     finally:
         reader.close()
+        return_freed_memory()  # what the heap kept for the next batch (keep_freed_memory_for_tensors)
 
 
 def harvest(cfg: HarvestConfig, loaded=None) -> HarvestResult:
