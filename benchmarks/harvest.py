@@ -12,7 +12,9 @@ source, and all 30 MLP layers in one pass), sharded speedup, and peak memory aga
 2. `harvest_vs_forward`: the same sequences of builtin:stdlib go through (a) a bare forward pass of
    smollm2-135m up to layer 6's MLP neurons and (b) the whole harvest (reader thread, forward,
    device-side sparsification, writer threads, final SQL stats), in interleaved rounds, so both see
-   the same machine load; also in CPU time (robust when other processes share the machine).
+   the same machine load; also in CPU time (robust when other processes share the machine). Both
+   are warmed up first, the forward pass with two batches and the harvest with two one-batch
+   harvests; the first harvest's one-time cost in a process is `first_harvest_extra_s`.
 3. `multisite_vs_deepest_forward`: all 30 MLP layers harvested in one pass against a bare forward
    pass to layer 29, and the same 30 sources harvested one by one, as before this change.
 4. `shard_speedup`: the layer-6 harvest as 3 shards on 3 local Dask worker processes against 1
@@ -167,9 +169,18 @@ def timed(device: str, fn):
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
+def one_batch_harvest(db: str, bs: int, args, loaded) -> float:
+    """Seconds of a harvest of one batch: a process's first harvest pays one-time costs (pyarrow
+    imports pandas on first use, DuckDB's first opening), reported apart from the rounds."""
+    from featurescribe.harvest.harvester import harvest
+
+    device, model, tok = loaded
+    return timed(device, lambda: harvest(cfg_for(db, bs * 64, bs, args.dtype, device), loaded=(MODEL, model, tok)))[0]
+
+
 def speed(args, loaded) -> dict:
     """Rounds of (bare forward, whole harvest) on the same sequences, interleaved so that both see
-    the same machine; ratios of the summed times."""
+    the same machine (in turns: forward first, then harvest first); ratios of the summed times."""
     from featurescribe.harvest.harvester import Harvester, harvest
 
     device, model, tok = loaded
@@ -179,16 +190,20 @@ def speed(args, loaded) -> dict:
     bare_forward(h, batches[:2], device)  # warm up
     fwd, hv, entries, per_round = [0, 0.0, 0.0], [0, 0.0, 0.0], 0, []
     with tempfile.TemporaryDirectory() as tmp:
+        first, again = (one_batch_harvest(str(Path(tmp) / f"warm{i}.duckdb"), bs, args, loaded) for i in range(2))
         for r_i in range(args.rounds):
+            cfg = cfg_for(str(Path(tmp) / f"b{r_i}.duckdb"), args.tokens, bs, args.dtype, device)
+            if r_i % 2:  # forward, harvest, harvest, forward, ...: a machine that drifts favours neither
+                w2, cpu2, r = timed(device, lambda: harvest(cfg, loaded=(MODEL, model, tok)))
             n, w, cpu = bare_forward(h, batches, device)
             fwd = [fwd[0] + n, fwd[1] + w, fwd[2] + cpu]
-            cfg = cfg_for(str(Path(tmp) / f"b{r_i}.duckdb"), args.tokens, bs, args.dtype, device)
-            w2, cpu2, r = timed(device, lambda: harvest(cfg, loaded=(MODEL, model, tok)))  # db open to final stats
+            if not r_i % 2:
+                w2, cpu2, r = timed(device, lambda: harvest(cfg, loaded=(MODEL, model, tok)))  # db open to final stats
             hv = [hv[0] + r.new_tokens, hv[1] + w2, hv[2] + cpu2]
             entries = r.n_activations
             per_round.append((w, w2, (r.new_tokens / w2) / (n / w)))
-    return {"per_round": per_round, "device": device, "dtype": str(model.dtype).replace("torch.", ""),
-            "batch_size": bs, "tokens": hv[0] // args.rounds, "rounds": args.rounds, "entries": entries,
+    return {"per_round": per_round, "first_harvest_s": first, "second_harvest_s": again, "device": device,
+            "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs, "tokens": hv[0] // args.rounds, "rounds": args.rounds, "entries": entries,
             "forward_tokens_per_s": fwd[0] / fwd[1], "harvest_tokens_per_s": hv[0] / hv[1],
             "ratio": (hv[0] / hv[1]) / (fwd[0] / fwd[1]), "cpu_ratio": (hv[0] / hv[2]) / (fwd[0] / fwd[2])}
 
@@ -380,6 +395,9 @@ def report_speed(s: dict) -> None:
           f"{s['tokens']:,} tokens, {s['entries']:,} entries kept per harvest")
     print(f"forward_tokens_per_s: {s['forward_tokens_per_s']:.0f}")
     print(f"harvest_tokens_per_s: {s['harvest_tokens_per_s']:.0f}  (the whole harvest: database open to final stats)")
+    print(f"warm-up: a process's first harvest (one batch) {s['first_harvest_s']:.2f} s, the same again "
+          f"{s['second_harvest_s']:.2f} s")
+    print(f"first_harvest_extra_s: {s['first_harvest_s'] - s['second_harvest_s']:.3f}  (once per process, not in the rounds)")
     for i, (fwd_s, hv_s, ratio) in enumerate(s["per_round"]):
         print(f"round {i + 1}: forward {fwd_s:.2f} s, harvest {hv_s:.2f} s, ratio {ratio:.3f}")
     print(f"harvest_vs_forward_cpu_time: {s['cpu_ratio']:.3f}  (tokens per CPU-second, all threads)")

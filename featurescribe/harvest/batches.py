@@ -42,7 +42,11 @@ def _member(sorted_arr: np.ndarray, x: int) -> int:
     return i if i < len(sorted_arr) and sorted_arr[i] == x else -1
 
 
-def _in_range(seqs: Iterator[corpus_mod.Sequence], lo: int, hi: int | None) -> Iterator[corpus_mod.Sequence]:
+def is_member(sorted_arr: np.ndarray, x: int) -> bool:
+    return _member(sorted_arr, x) >= 0
+
+
+def in_range(seqs: Iterator[corpus_mod.Sequence], lo: int, hi: int | None) -> Iterator[corpus_mod.Sequence]:
     for s in seqs:
         if hi is not None and s.corpus_index >= hi:
             return
@@ -69,7 +73,7 @@ def make_batches(seqs: Iterator[corpus_mod.Sequence], plan: Plan, batch_size: in
     """Batches of the sequences some source still needs; new sequences get the next free ids."""
     ids = ids or SeqIds(plan.next_seq_id)
     buf: list[tuple[int, int, np.ndarray, bool, list[bool]]] = []
-    for s in _in_range(seqs, *plan.index_range):
+    for s in in_range(seqs, *plan.index_range):
         todo = [_member(done, s.corpus_index) < 0 for done in plan.done_index]
         if not any(todo):
             continue

@@ -28,6 +28,7 @@ import numpy as np
 from featurescribe.errors import BadOption, FeaturescribeError
 from featurescribe.harvest import corpus as corpus_mod
 from featurescribe.harvest.batches import Batch, Plan, Prefetch, SeqIds, make_batches
+from featurescribe.harvest.early import Background, EarlyBatch, early_forward, first_sequences, plan_skips
 from featurescribe.harvest.sae import SAE, load_saes
 from featurescribe.harvest.sites import MultiSiteReader, n_layers
 from featurescribe.harvest.source_state import FIRST_POS, SourceState, prepare_states, settings_diffs, source_row
@@ -95,6 +96,17 @@ class HarvestResult:
 
 
 @dataclass
+class _Setup:
+    """What a harvest reads from the database before its first batch."""
+
+    tokenizer_id: str
+    corpus_key: str
+    states: list[SourceState]
+    plan: Plan
+    keys: list[int]  # each source's storage key
+
+
+@dataclass
 class _Loop:
     """What the streaming loop counted."""
 
@@ -146,12 +158,16 @@ class Harvester:
         return [p.sae.encode(captures[p.key]) if p.sae is not None else captures[p.key] for p in self.plans]
 
     def to_device(self, batch: Batch):
+        return self.pad_to_device(batch.token_ids)
+
+    def pad_to_device(self, token_ids: list[np.ndarray]):
+        """(ids [B, T] int64, lengths [B]) on the model's device, right-padded with zeros."""
         import torch
 
-        B, T = len(batch.token_ids), max(len(t) for t in batch.token_ids)
+        B, T = len(token_ids), max(len(t) for t in token_ids)
         ids = np.zeros((B, T), dtype=np.int64)  # right padding: a causal model's real positions ignore it
         lengths = np.empty(B, dtype=np.int64)
-        for i, t in enumerate(batch.token_ids):
+        for i, t in enumerate(token_ids):
             ids[i, : len(t)] = t
             lengths[i] = len(t)
         pin = self.device.type == "cuda"
@@ -184,10 +200,11 @@ class Harvester:
         pos = torch.arange(T, device=lengths.device)
         return (pos[None, :] >= FIRST_POS) & (pos[None, :] < lengths[:, None])
 
-    def _item(self, batch: Batch, states: list[SourceState]) -> Item:
+    def _item(self, batch: Batch, states: list[SourceState], captured: dict | None = None) -> Item:
         """One forward pass: each source's kept entries (thresholds estimated on the first batch).
         Each site's activations are sparsified as the pass makes them, so that only one site's
-        dense activations (and SAE latents) exist at a time."""
+        dense activations (and SAE latents) exist at a time. `captured`: the batch's activations at
+        every site, from a pass already run (harvest/early.py)."""
         import torch
 
         ids, lengths = self.to_device(batch)
@@ -209,7 +226,10 @@ class Harvester:
                 out.append((k, *self.sparse(acts, rows, st.threshold)))
             return out
 
-        kept = self.reader.run(ids, on_capture=keep)
+        if captured is None:
+            kept = self.reader.run(ids, on_capture=keep)
+        else:
+            kept = {key: keep(key, x) for key, x in captured.items()}
         return Item(batch, sorted((part for parts in kept.values() for part in parts), key=lambda part: part[0]))
 
     # the whole harvest -----------------------------------------------------------------------------
@@ -219,40 +239,52 @@ class Harvester:
         readers and other runs use the file meanwhile) or an open connection."""
         if self.device.type == "cpu":
             keep_freed_memory_for_tensors()  # a model loaded by the caller did not pass load_causal_lm
-        tokenizer_id = corpus_mod.tokenizer_fingerprint(self.tokenizer)
-        corpus_key = corpus.key(cfg.ctx)
         batch_size = cfg.batch_size or (128 if self.device.type == "cuda" else 32)
-        from featurescribe.store.harvest_rows import harvest_source_keys
-
-        with session(db) as con:
-            states = prepare_states(con, self, cfg, corpus, tokenizer_id, batch_size)
-            plan = _plan(con, states, tokenizer_id, corpus_key, cfg.index_range)
-            ids = [st.plan.source_id for st in states]
-            keys = harvest_source_keys(con, ids)
         if seqs is None:
             seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, cfg.max_tokens or None)
         if first is not None:
             seqs = _chain_first(first, seqs)
-        seq_ids = SeqIds(plan.next_seq_id)
-        rows = RowMaker(ids, keys, tokenizer_id, corpus_key, TokenStrings(self.tokenizer), seq_ids)
-        batches = make_batches(seqs, plan, batch_size, seq_ids)
+        setup = Background(lambda: self._setup(db, cfg, corpus, batch_size))
+        try:  # the first batch runs through the model while the database is set up
+            head, seqs = first_sequences(seqs, batch_size, cfg.index_range)
+            early = early_forward(self, head, lambda: setup.done() and (
+                setup.error is not None or plan_skips(setup.value.plan, head)))
+            s = setup.result()
+        finally:
+            setup.join()  # on an error here too: the setup's opening is closed before going on
+        ids = [st.plan.source_id for st in s.states]
+        seq_ids = SeqIds(s.plan.next_seq_id)
+        rows = RowMaker(ids, s.keys, s.tokenizer_id, s.corpus_key, TokenStrings(self.tokenizer), seq_ids)
+        batches = make_batches(seqs, s.plan, batch_size, seq_ids)
         # the new sources' rows go in with the first commit's (the first batch sets their thresholds)
         writers = Writers(db, rows, threads=cfg.writer_threads,
-                          first_commit=lambda con: _write_new_sources(con, states))
-        loop = self._stream(cfg, states, batches, writers, _total(cfg, plan))
+                          first_commit=lambda con: _write_new_sources(con, s.states))
+        loop = self._stream(cfg, s.states, batches, writers, _total(cfg, s.plan), early)
         try:
             with session(db) as con:  # one opening for the writers' last commits and the statistics
                 writers.close()
                 loop.seconds = time.monotonic() - loop.started
-                return self._finish(con, states, loop, cfg)
+                return self._finish(con, s.states, loop, cfg)
         except BaseException:
             _close_quietly(writers)
             raise
 
+    def _setup(self, db, cfg: HarvestConfig, corpus: corpus_mod.Corpus, batch_size: int) -> _Setup:
+        """Each source's state and storage key, and what the database already holds (one opening)."""
+        from featurescribe.store.harvest_rows import harvest_source_keys
+
+        tokenizer_id, corpus_key = corpus_mod.tokenizer_fingerprint(self.tokenizer), corpus.key(cfg.ctx)
+        with session(db) as con:
+            states = prepare_states(con, self, cfg, corpus, tokenizer_id, batch_size)
+            plan = _plan(con, states, tokenizer_id, corpus_key, cfg.index_range)
+            keys = harvest_source_keys(con, [st.plan.source_id for st in states])
+        return _Setup(tokenizer_id, corpus_key, states, plan, keys)
+
     def _stream(self, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch], writers: Writers,
-                total: int | None) -> _Loop:
+                total: int | None, early: EarlyBatch | None = None) -> _Loop:
         """Every batch through the model and into the writers' queue; the caller closes the writers
-        (they are closed here only after an error)."""
+        (they are closed here only after an error). `early`: the first batch's pass, when it ran
+        during the setup."""
         import torch
 
         from featurescribe.progress import Progress
@@ -262,7 +294,7 @@ class Harvester:
         try:
             with Progress("harvest", total=total, unit="tok", enabled=cfg.progress) as bar, torch.inference_mode():
                 for batch in reader:
-                    item = self._item(batch, states)
+                    item = self._item(batch, states, early.take(batch) if early is not None else None)
                     writers.put(item)
                     loop.tokens += batch.n_tokens
                     for k in range(len(states)):

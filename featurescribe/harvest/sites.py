@@ -36,6 +36,10 @@ class _Stop(Exception):
     """Raised by the capture hook that completes the set, to end the forward pass."""
 
 
+class _GiveUp(Exception):
+    """Raised at a layer's start when the caller no longer wants the pass (`run`'s `stop_if`)."""
+
+
 def _child(module, names, what, where):
     for n in names:
         sub = getattr(module, n, None)
@@ -148,6 +152,7 @@ class MultiSiteReader:
         self.model = model
         path, layers = decoder_layers(model)
         n = len(layers)
+        self.layers = layers
         self.hook_points: list[tuple[object, str, tuple[str, int]]] = []  # (module, io, key)
         places: dict[tuple[str, int], tuple[str, str]] = {}
         for site, layer in dict.fromkeys(wanted):
@@ -186,21 +191,36 @@ class MultiSiteReader:
                 handles.append(module.register_forward_hook(fn))
         return handles
 
-    def run(self, input_ids, on_capture=None) -> dict:
+    def _give_up_hooks(self, stop_if: Callable[[], bool]) -> list:
+        deepest = max(layer for _, layer in self.sites)
+
+        def check(module, args):
+            if stop_if():
+                raise _GiveUp
+
+        return [self.layers[i].register_forward_pre_hook(check) for i in range(deepest + 1)]
+
+    def run(self, input_ids, on_capture=None, stop_if: Callable[[], bool] | None = None) -> dict | None:
         """Activations at every site for `input_ids` [batch, seq] (right padding needs no mask).
 
         `on_capture(key, tensor)`: called inside the forward pass as each site's activations are
         made; the dict then holds what it returns, and the activations can be freed at once
-        instead of all living until the pass ends."""
+        instead of all living until the pass ends. `stop_if()`: asked at each layer's start; when
+        it says True the pass ends there and `run` returns None."""
         import torch
 
         self._box, self._on_capture = {}, on_capture
         handles = self._register()  # the hooks live only during this call: the model is left as found
+        if stop_if is not None:
+            handles += self._give_up_hooks(stop_if)
         try:
             with torch.inference_mode():
                 self.backbone(input_ids=input_ids, use_cache=False)
         except _Stop:
             pass
+        except _GiveUp:
+            self._box = {}
+            return None
         finally:
             for h in handles:
                 h.remove()
