@@ -763,6 +763,8 @@ def _make_handler(server: FakeLLMServer):
                 self._send(status, _openai_error(status, msg, otype, otype),
                            {"Retry-After": "0"} if fault.kind == "429" else None)
                 return
+            if fault is not None and fault.kind == "slow":
+                time.sleep(fault.delay_s)
             rec.input_tokens = sum(count_tokens(t) for t in texts)
             body = {"object": "list", "model": rec.model,
                     "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(str(t))}

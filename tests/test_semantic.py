@@ -211,3 +211,47 @@ def test_hosted_embedder_failure_is_one_line_and_keeps_earlier_batches(db, fake_
     assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == n - 3
     assert main(["embed", "--db", db, "--embedder", spec]) == 0  # and a later run finishes
     assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == n
+
+
+def test_embed_leaves_the_file_free_while_the_embedder_works(db, fake_llm):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    spec = "openai:text-embedding-3-small"
+    fake_llm.inject("slow", delay_s=8)  # the first batch's answer
+    embed = subprocess.Popen([sys.executable, "-m", "featurescribe", "embed", "--db", db, "--embedder", spec,
+                              "--batch-size", "16"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 60
+        while fake_llm.in_flight == 0 and time.monotonic() < deadline and embed.poll() is None:
+            time.sleep(0.02)
+        assert fake_llm.in_flight >= 1, embed.communicate()[1] if embed.poll() is not None else "no request yet"
+        con = open_db(db)  # another process writes meanwhile (it would wait 5 s, then fail, on a held file)
+        con.execute("CREATE TABLE beside (x INTEGER)")
+        con.close()
+        assert embed.poll() is None  # still waiting for its first answer
+        out, err = embed.communicate(timeout=120)
+    finally:
+        embed.kill()
+    assert embed.returncode == 0, err
+    assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == n_embeddable(db)
+
+
+def test_a_vector_written_meanwhile_is_not_written_again(db):
+    from featurescribe.store import embeddings as emb_sql
+
+    con = open_db(db)
+    try:
+        todo = emb_sql.pending_texts(emb_sql.missing_texts(con, "local:test"))[:3]
+        vecs = np.eye(3, 4, dtype=np.float32)
+        assert emb_sql.write_embeddings(con, "local:test", todo[:2], vecs[:2]) == 2  # say, by a label run's chunk
+        assert emb_sql.write_embeddings(con, "local:test", todo, vecs) == 1  # the embed run's batch: only the third
+        rows = con.execute("SELECT explanation_id, vec FROM label_embeddings WHERE embedder = 'local:test' "
+                           "ORDER BY explanation_id").fetchall()
+    finally:
+        con.close()
+    assert sorted(r[0] for r in rows) == sorted(t.explanation_id for t in todo)
+    assert {r[0]: r[1] for r in rows}[todo[2].explanation_id] == [0.0, 0.0, 1.0, 0.0]

@@ -244,6 +244,7 @@ class Harvester:
             seqs = corpus_mod.sequences(corpus, self.tokenizer, cfg.ctx, cfg.max_tokens or None)
         if first is not None:
             seqs = _chain_first(first, seqs)
+        started = time.monotonic()  # the streaming loop's clock: the early pass is part of it
         setup = Background(lambda: self._setup(db, cfg, corpus, batch_size))
         try:  # the first batch runs through the model while the database is set up
             head, seqs = first_sequences(seqs, batch_size, cfg.index_range)
@@ -259,7 +260,7 @@ class Harvester:
         # the new sources' rows go in with the first commit's (the first batch sets their thresholds)
         writers = Writers(db, rows, threads=cfg.writer_threads,
                           first_commit=lambda con: _write_new_sources(con, s.states))
-        loop = self._stream(cfg, s.states, batches, writers, _total(cfg, s.plan), early)
+        loop = self._stream(cfg, s.states, batches, writers, _total(cfg, s.plan), early, started)
         try:
             with session(db) as con:  # one opening for the writers' last commits and the statistics
                 writers.close()
@@ -281,16 +282,16 @@ class Harvester:
         return _Setup(tokenizer_id, corpus_key, states, plan, keys)
 
     def _stream(self, cfg: HarvestConfig, states: list[SourceState], batches: Iterator[Batch], writers: Writers,
-                total: int | None, early: EarlyBatch | None = None) -> _Loop:
+                total: int | None, early: EarlyBatch | None = None, started: float | None = None) -> _Loop:
         """Every batch through the model and into the writers' queue; the caller closes the writers
         (they are closed here only after an error). `early`: the first batch's pass, when it ran
-        during the setup."""
+        during the setup; `started`: when the loop's clock started (default: now)."""
         import torch
 
         from featurescribe.progress import Progress
 
         reader = Prefetch(batches)
-        loop = _Loop(sequences=[0] * len(states), started=time.monotonic())
+        loop = _Loop(sequences=[0] * len(states), started=time.monotonic() if started is None else started)
         try:
             with Progress("harvest", total=total, unit="tok", enabled=cfg.progress) as bar, torch.inference_mode():
                 for batch in reader:

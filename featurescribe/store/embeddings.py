@@ -65,35 +65,37 @@ def _missing_params(embedder: str, source_id: str | None, feature_range: tuple[i
     return {"embedder": embedder, "source": source_id, "lo": lo, "hi": hi}
 
 
-def count_missing(con, embedder: str, source_id: str | None = None) -> int:
-    sql = f"SELECT count(*) FROM ({_MISSING})"
-    return int(con.execute(sql, _missing_params(embedder, source_id, None)).fetchone()[0])
-
-
-def iter_missing(con, embedder: str, source_id: str | None, batch: int,
-                 feature_range: tuple[int, int] | None = None) -> Iterator[list[PendingText]]:
-    """Explanations without an embedding by `embedder`, `batch` at a time (read up front per
-    batch, so the caller may write between batches on the same connection). `feature_range`
+def missing_texts(con, embedder: str, source_id: str | None = None,
+                  feature_range: tuple[int, int] | None = None) -> pa.Table:
+    """Every explanation without an embedding by `embedder` (explanation_id, source_id, feature_id,
+    text), in order, read at once: the caller embeds them with the database closed. `feature_range`
     (first, last): only those features' (a label chunk's: the search does not grow with the file)."""
-    cur = con.cursor()
+    cur = con.cursor()  # a relation's result stays open on its connection: this one is closed here
     try:
-        params = _missing_params(embedder, source_id, feature_range)
-        reader = cur.sql(_MISSING, params=params).to_arrow_reader(batch)
-        rows: list[PendingText] = []
-        for rb in reader:
-            for r in rb.to_pylist():
-                rows.append(PendingText(r["explanation_id"], r["source_id"], r["feature_id"], r["text"]))
-                if len(rows) >= batch:
-                    yield rows
-                    rows = []
-        if rows:
-            yield rows
+        return cur.sql(_MISSING, params=_missing_params(embedder, source_id, feature_range)).to_arrow_table()
     finally:
         cur.close()
 
 
+def pending_texts(table: pa.Table) -> list[PendingText]:
+    """Rows of `missing_texts` as PendingText."""
+    return [PendingText(r["explanation_id"], r["source_id"], r["feature_id"], r["text"]) for r in table.to_pylist()]
+
+
+def count_embedded(con, embedder: str, source_id: str | None = None) -> int:
+    return int(con.execute(
+        "SELECT count(*) FROM label_embeddings WHERE embedder = ? AND (? IS NULL OR source_id = ?)",
+        [embedder, source_id, source_id]).fetchone()[0])
+
+
 def write_embeddings(con, embedder: str, items: Sequence[PendingText], vectors: np.ndarray) -> int:
-    """Insert one batch of vectors (rows of `vectors` match `items`)."""
+    """Insert one batch of vectors (rows of `vectors` match `items`), but not for explanations that
+    got one from this embedder since they were read (another embed run, a label run's chunk)."""
+    have = {r[0] for r in con.execute(
+        "SELECT explanation_id FROM label_embeddings WHERE embedder = ? AND list_contains(?, explanation_id)",
+        [embedder, [i.explanation_id for i in items]]).fetchall()} if len(items) else set()
+    keep = [k for k, i in enumerate(items) if i.explanation_id not in have]
+    items, vectors = [items[k] for k in keep], np.asarray(vectors)[keep]
     if not len(items):
         return 0
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
