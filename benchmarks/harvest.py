@@ -203,7 +203,8 @@ def speed(args, loaded) -> dict:
             entries = r.n_activations
             per_round.append((w, w2, (r.new_tokens / w2) / (n / w)))
     return {"per_round": per_round, "first_harvest_s": first, "second_harvest_s": again, "device": device,
-            "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs, "tokens": hv[0] // args.rounds, "rounds": args.rounds, "entries": entries,
+            "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs, "tokens": hv[0] // args.rounds,
+            "rounds": args.rounds, "entries": entries,
             "forward_tokens_per_s": fwd[0] / fwd[1], "harvest_tokens_per_s": hv[0] / hv[1],
             "ratio": (hv[0] / hv[1]) / (fwd[0] / fwd[1]), "cpu_ratio": (hv[0] / hv[2]) / (fwd[0] / fwd[2])}
 

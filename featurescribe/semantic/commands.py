@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from featurescribe.errors import FeaturescribeError
-from featurescribe.store.connection import DEFAULT_DB, open_db
+from featurescribe.store.connection import DEFAULT_DB
 
 SEARCH_COLUMNS = ["source_id", "feature_id", "similarity", "explanation", "score", "lift", "density"]
 

@@ -91,9 +91,11 @@ def count_embedded(con, embedder: str, source_id: str | None = None) -> int:
 def write_embeddings(con, embedder: str, items: Sequence[PendingText], vectors: np.ndarray) -> int:
     """Insert one batch of vectors (rows of `vectors` match `items`), but not for explanations that
     got one from this embedder since they were read (another embed run, a label run's chunk)."""
-    have = {r[0] for r in con.execute(
-        "SELECT explanation_id FROM label_embeddings WHERE embedder = ? AND list_contains(?, explanation_id)",
-        [embedder, [i.explanation_id for i in items]]).fetchall()} if len(items) else set()
+    have = {r[0] for r in con.execute(  # the batch's features only: DuckDB skips the row groups of others
+        "SELECT explanation_id FROM label_embeddings WHERE embedder = ? AND feature_id BETWEEN ? AND ? "
+        "AND list_contains(?, explanation_id)",
+        [embedder, min(i.feature_id for i in items), max(i.feature_id for i in items),
+         [i.explanation_id for i in items]]).fetchall()} if len(items) else set()
     keep = [k for k, i in enumerate(items) if i.explanation_id not in have]
     items, vectors = [items[k] for k in keep], np.asarray(vectors)[keep]
     if not len(items):
