@@ -5,8 +5,9 @@ file (the string field `text` of each line), a `.parquet` file (the column `text
 `builtin:NAME`:
 
 - `builtin:stdlib`: the Python standard library installed on this machine, read in a fixed order
-  (files shuffled with a fixed seed): for each module, its docstrings as one English document, then
-  the source of up to two of its top-level functions or classes as code documents.
+  (files shuffled with a fixed seed): each module's docstrings as English documents alternating with
+  its top-level functions and classes as code documents (harvest/stdlib_corpus.py, which keeps each
+  parsed module in the cache).
 
 Documents are tokenized without special tokens and joined into one stream with the tokenizer's EOS
 token between documents. The stream is cut into sequences of `ctx` tokens; when the tokenizer adds a
@@ -16,13 +17,10 @@ Reading and tokenizing stream: memory does not grow with the corpus.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
-import random
 import sys
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,9 +30,6 @@ import numpy as np
 from featurescribe.errors import FeaturescribeError
 
 _TEXT_PIECE = 1 << 20  # large .txt files are read in pieces of about 1 MiB (cut at line ends)
-_DOC_CAP = 2000  # builtin:stdlib: characters per document at most (cut at a line end)
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "encodings",
-                "lib2to3", "turtledemo", "tkinter", "ensurepip", "venv", "__phello__", "pydoc_data"}
 
 BUILTIN_CORPORA = ("stdlib",)
 
@@ -55,7 +50,9 @@ class Corpus:
     def documents(self) -> Iterator[tuple[str, bool]]:
         """(text, ends_document) pieces in a deterministic order."""
         if self.kind == "builtin":
-            return _stdlib_documents()
+            from featurescribe.harvest.stdlib_corpus import stdlib_documents
+
+            return stdlib_documents()
         if self.kind == "txt":
             return _txt_pieces(Path(self.name))
         if self.kind == "dir":
@@ -165,90 +162,6 @@ def _parquet_documents(path: Path) -> Iterator[tuple[str, bool]]:
         for text in batch.column(0).to_pylist():
             if isinstance(text, str) and text:
                 yield text, True
-
-
-def _chunks(text: str, limit: int = _DOC_CAP) -> Iterator[str]:
-    """Split a long text into pieces of at most `limit` characters, cut at line ends."""
-    while len(text) > limit:
-        cut = text.rfind("\n", 0, limit)
-        cut = cut if cut > limit // 2 else limit
-        yield text[:cut]
-        text = text[cut:].lstrip("\n")
-    if text.strip():
-        yield text
-
-
-def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for dirpath, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP and not d.startswith("."))
-        files.extend(Path(dirpath) / n for n in sorted(names) if n.endswith(".py"))
-    files.sort(key=lambda p: str(p.relative_to(root)))
-    random.Random(0).shuffle(files)
-    return files
-
-
-def _module_documents(path: Path) -> Iterator[str]:
-    """One module's documents: its docstrings (English) alternating with its top-level code."""
-    prose, code = _module_parts(path)
-    for i in range(max(len(prose), len(code))):
-        if i < len(prose):
-            yield prose[i]
-        if i < len(code):
-            yield code[i]
-
-
-def _module_parts(path: Path) -> tuple[list[str], list[str]]:
-    """(docstring chunks, top-level code chunks) of a module. Only the strings outlive this call: the
-    syntax tree (tens of times the source's size) is not held while the reader's pool of modules is read."""
-    try:
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-        return [], []
-    defs = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    nodes = [tree]  # the module, its top-level definitions and their methods (no full tree walk)
-    for node in tree.body:
-        if isinstance(node, defs):
-            nodes.append(node)
-            if isinstance(node, ast.ClassDef):
-                nodes.extend(sub for sub in node.body if isinstance(sub, defs))
-    docs = []
-    for node in nodes:
-        d = ast.get_docstring(node)
-        if d and len(d) > 40:
-            docs.append(d)
-    lines = source.splitlines(keepends=True)
-    code = []
-    for node in tree.body:
-        if isinstance(node, defs):
-            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            seg = "".join(lines[first - 1: node.end_lineno])
-            if len(seg) > 80:
-                code.extend(_chunks(seg))
-    return list(_chunks("\n\n".join(docs))), code
-
-
-def _stdlib_documents(pool: int = 16) -> Iterator[tuple[str, bool]]:
-    """Round-robin over a pool of `pool` modules at a time, so any prefix mixes many modules."""
-    files = iter(stdlib_files())
-    active: list[Iterator[str]] = []
-    while True:
-        while len(active) < pool:
-            nxt = next(files, None)
-            if nxt is None:
-                break
-            active.append(_module_documents(nxt))
-        if not active:
-            return
-        keep = []
-        for it in active:
-            doc = next(it, None)
-            if doc is not None:
-                yield doc, True
-                keep.append(it)
-        active = keep
 
 
 # --- tokenizing into sequences -------------------------------------------------------------------
