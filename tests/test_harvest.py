@@ -214,6 +214,68 @@ def test_interrupted_harvest_completes_to_the_same_result(smollm2, tmp_path, cor
     np.testing.assert_array_equal(got[0]["act"], want[0]["act"])
 
 
+def spread_over_writers(monkeypatch, fail_at=None) -> list:
+    """Staging.add slowed down so that each writer thread takes some of the batches; the batch of
+    corpus index `fail_at` fails in its writer (as a full disk would). -> the (thread, index) staged."""
+    import threading
+    import time
+
+    from featurescribe.harvest.staging import Staging
+
+    staged, real = [], Staging.add
+
+    def add(self, item):
+        index = int(item.batch.corpus_index[0])
+        if index == fail_at:
+            raise OSError("No space left on device")
+        time.sleep(0.2)
+        real(self, item)
+        staged.append((threading.current_thread().name, index))
+
+    monkeypatch.setattr(Staging, "add", add)
+    return staged
+
+
+def test_the_writers_last_buffers_go_in_one_commit(smollm2, db_path, corpus_file, monkeypatch):
+    from featurescribe.store import harvest_rows
+
+    commits, real = [], harvest_rows.write_harvest_rows
+
+    def counted(con, sequences, activations, progress, *a, **kw):
+        commits.append(progress.num_rows)
+        return real(con, sequences, activations, progress, *a, **kw)
+
+    monkeypatch.setattr(harvest_rows, "write_harvest_rows", counted)
+    staged = spread_over_writers(monkeypatch)
+    r = run(db_path, smollm2, corpus_file, site="mlp", threshold=0.2, batch_size=1)
+    assert len({thread for thread, _ in staged}) == 2  # both writers held batches at the end
+    assert commits == [r.new_sequences] == [4]  # one transaction, every batch's progress row in it
+
+
+def test_a_writer_error_keeps_what_the_other_writer_held(smollm2, tmp_path, corpus_file, monkeypatch):
+    fresh = str(tmp_path / "fresh.duckdb")
+    run(fresh, smollm2, corpus_file, site="mlp", threshold=0.2, batch_size=1)
+    want = read(fresh, f"{LAYER}-mlp")
+
+    broken = str(tmp_path / "broken.duckdb")
+    with monkeypatch.context() as m:
+        staged = spread_over_writers(m, fail_at=1)
+        with pytest.raises(OSError, match="No space left"):
+            run(broken, smollm2, corpus_file, site="mlp", threshold=0.2, batch_size=1)
+    kept = sorted(index for _, index in staged)
+    assert kept and 1 not in kept
+    con = open_db(broken, read_only=True)
+    done = [r[0] for r in con.execute("SELECT s.corpus_index FROM harvest_progress p JOIN sequences s "
+                                      "USING (seq_id) ORDER BY 1").fetchall()]
+    con.close()
+    assert done == kept  # what the writer that did not fail held was committed
+    r = run(broken, smollm2, corpus_file, site="mlp", threshold=0.2, batch_size=1)
+    assert r.new_sequences == 4 - len(kept)
+    got = read(broken, f"{LAYER}-mlp")
+    assert got[1] == want[1] and got[2] == want[2]
+    np.testing.assert_array_equal(got[0]["act"], want[0]["act"])
+
+
 def test_more_tokens_extends_the_source(smollm2, db_path, corpus_file):
     run(db_path, smollm2, corpus_file, site="mlp", threshold=0.2, max_tokens=2 * CTX)
     r = run(db_path, smollm2, corpus_file, site="mlp", threshold=0.2, max_tokens=4 * CTX)

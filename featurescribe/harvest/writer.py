@@ -159,35 +159,60 @@ class Writers:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"harvest-writer-{i}", daemon=True)
                          for i in range(max(1, threads))]
+        self._running, self._last_pieces = len(self._threads), []
         for t in self._threads:
             t.start()
 
-    def put(self, item: Item | None) -> None:
+    def put(self, item: Item) -> None:
+        """Hand an item over (waiting while the queue is full); a writer's error is raised here."""
+        self._send(item, stop_on_error=True)
+
+    def close(self) -> None:
+        """Write what is queued, then stop; re-raise a writer error. After one writer's error the
+        others still commit what they hold."""
+        for t in self._threads:
+            if t.is_alive():
+                self._send(None, stop_on_error=False)
+        for t in self._threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
+
+    def _send(self, item: Item | None, stop_on_error: bool) -> None:
         while True:
-            if self.error is not None:
+            if stop_on_error and self.error is not None:
                 raise self.error
             try:
                 self.q.put(item, timeout=0.2)
                 return
             except queue.Full:
                 if not any(t.is_alive() for t in self._threads):
-                    raise RuntimeError("the harvest writers stopped") from self.error
-
-    def close(self) -> None:
-        """Write what is queued, then stop; re-raise a writer error."""
-        for t in self._threads:
-            if t.is_alive():
-                self.put(None)
-        for t in self._threads:
-            t.join()
-        if self.error is not None:
-            raise self.error
+                    if stop_on_error:
+                        raise RuntimeError("the harvest writers stopped") from self.error
+                    return
 
     def _run(self) -> None:
         try:
             self._loop(Staging(self.flush_entries, self.rows.source_keys))
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             self.error = err
+        finally:
+            self._stopped()
+
+    def _stopped(self) -> None:
+        """The last writer to stop commits what every writer still held, in one transaction (one
+        transaction's fixed costs instead of one per writer, at the end where nothing overlaps them);
+        also after another writer's error, so that what was computed is kept."""
+        with self._lock:
+            self._running -= 1
+            pieces, last = self._last_pieces, self._running == 0
+            if last:
+                self._last_pieces = []
+        if last and pieces:
+            try:
+                self._commit(pieces)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                self.error = self.error or err
 
     def _loop(self, stage: Staging) -> None:
         """Stage items until the buffer is full (or `flush_s` passed), then commit them in one
@@ -201,7 +226,7 @@ class Writers:
                 item = False  # nothing new: maybe time to flush
             if item:
                 if item.n_entries > stage.room and buf:
-                    self._commit(buf, stage)
+                    self._commit([(buf, stage)])
                     buf = []
                 if not buf:
                     since = time.monotonic()
@@ -209,18 +234,22 @@ class Writers:
                     stage.add(item)
                     item = Item(item.batch, [])  # the entries are staged: only the batch is kept
                 buf.append(item)
-            due = stage.room == 0 or buf and (buf[-1].parts or time.monotonic() - since >= self.flush_s)
-            if buf and (item is None or due):
-                self._commit(buf, stage)
-                buf = []
             if item is None:
+                if buf:
+                    with self._lock:
+                        self._last_pieces.append((buf, stage))  # committed by the last writer to stop
                 return
+            if buf and (stage.room == 0 or buf[-1].parts or time.monotonic() - since >= self.flush_s):
+                self._commit([(buf, stage)])
+                buf = []
 
-    def _commit(self, items: list[Item], stage: Staging) -> None:
+    def _commit(self, pieces: list[tuple[list[Item], Staging]]) -> None:
+        """One transaction for the items of one or more buffers (each with its staging buffer)."""
         from featurescribe.store.connection import session
         from featurescribe.store.harvest_rows import write_harvest_rows
 
-        acts = self.rows.activations(items) if items[-1].parts else stage.table()
+        items = [it for its, _ in pieces for it in its]
+        acts = self._activations(pieces)
         seqs, progress = self.rows.sequences(items), self.rows.progress(items)
         fresh = self.rows.seq_ids.take if self.rows.seq_ids is not None else None
 
@@ -235,7 +264,14 @@ class Writers:
                 n = write(None if self._first_done else self._first_commit)
                 self._first_done = True
         return_freed_memory()
-        stage.clear()
+        for _, stage in pieces:
+            stage.clear()
         with self._lock:
             self.entries += n
             self.commits += 1
+
+    def _activations(self, pieces: list[tuple[list[Item], Staging]]) -> pa.Table | None:
+        """The kept entries: a staged buffer's rows, or an item too large for it from its own arrays."""
+        tables = [self.rows.activations(its) if its[-1].parts else stage.table() for its, stage in pieces]
+        tables = [t for t in tables if t is not None]
+        return pa.concat_tables(tables) if len(tables) > 1 else (tables[0] if tables else None)
