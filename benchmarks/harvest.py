@@ -3,8 +3,8 @@ source, and all 30 MLP layers in one pass), sharded speedup, and peak memory aga
 
     python benchmarks/harvest.py --quick     # CPU, about 5 minutes on 2 free cores
     python benchmarks/harvest.py --gpu       # one GPU: bfloat16, sizes where the forward runs >= 10 s
-    python benchmarks/harvest.py --write-model-config gpu-model   # here: config + tokenizer, 3.5 MB
-    python benchmarks/harvest.py --gpu --quick --model gpu-model  # there: random weights, same shapes
+    bash benchmarks/gpu_prepare.sh           # here: gpu-model/ (config + tokenizer) and .whl/ to carry
+    bash benchmarks/gpu_run.sh               # there: --gpu --quick --model gpu-model (random weights)
 
 1. `store_ingest_entries_per_s`: synthetic SAE-shaped batches (16,384 latents, 64 kept per token)
    through the harvest's writers into `activations` (benchmarks/harvest_store.py); the same items
@@ -12,8 +12,10 @@ source, and all 30 MLP layers in one pass), sharded speedup, and peak memory aga
 2. `harvest_vs_forward`: the same sequences of builtin:stdlib go through (a) a bare forward pass of
    smollm2-135m up to layer 6's MLP neurons and (b) the whole harvest (reader thread, forward,
    device-side sparsification, writer threads, final SQL stats), in interleaved rounds, so both see
-   the same machine load; also in CPU time (robust when other processes share the machine). Both
-   are warmed up first, the forward pass with two batches and the harvest with two one-batch
+   the same machine load; also in CPU time (robust when other processes share the machine). On a
+   GPU a round is sized by a timed probe so that its forward pass lasts about 12 s (30 s without
+   --quick), over builtin:stdlib's documents repeated when its ~2M tokens are too few. Both are
+   warmed up first, the forward pass with two batches and the harvest with two one-batch
    harvests; the first harvest's one-time cost in a process is `first_harvest_extra_s`.
 3. `multisite_vs_deepest_forward`: all 30 MLP layers harvested in one pass against a bare forward
    pass to layer 29, and the same 30 sources harvested one by one, as before this change.
@@ -48,6 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = os.environ.get("FEATURESCRIBE_BENCH_MODEL", "smollm2-135m")
 LAYER, SITE, CORPUS = 6, "mlp", "builtin:stdlib"
 MEM_LAYER = 0
+# a GPU round at most: the command's 10-minute limit holds 2 rounds of reading, forward, writing
+GPU_MAX_ROUND_TOKENS = 40_000_000
 
 
 def rss_bytes() -> int:
@@ -118,10 +122,10 @@ def write_model_config(out: str) -> None:
 
 
 def cfg_for(db: str, tokens: int, batch_size: int, dtype: str | None, device: str, layer: int = LAYER,
-            threshold: str | None = None):
+            threshold: str | None = None, corpus: str = CORPUS):
     from featurescribe.harvest.harvester import HarvestConfig
 
-    return HarvestConfig(db=db, model=MODEL, layer=layer, site=SITE, corpus=CORPUS, max_tokens=tokens,
+    return HarvestConfig(db=db, model=MODEL, layer=layer, site=SITE, corpus=corpus, max_tokens=tokens,
                          ctx=64, batch_size=batch_size, device=device, dtype=dtype, threshold=threshold,
                          progress=False)
 
@@ -149,16 +153,46 @@ def bare_forward(h, batches, device: str) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def make_batches(tok, tokens: int, bs: int):
+def make_batches(tok, tokens: int, bs: int, corpus: str = CORPUS):
     import numpy as np
 
     from featurescribe.harvest import corpus as corpus_mod
     from featurescribe.harvest.batches import Batch
 
-    c = corpus_mod.open_corpus(CORPUS)
+    c = corpus_mod.open_corpus(corpus)
     seqs = list(corpus_mod.sequences(c, tok, 64, tokens))
     return [Batch(np.arange(i, i + len(chunk)), np.arange(i, i + len(chunk)), [s.token_ids for s in chunk],
                   np.ones(len(chunk), bool)) for i in range(0, len(seqs), bs) for chunk in [seqs[i:i + bs]]]
+
+
+def corpus_of(tok, tokens: int, folder: str) -> str:
+    """CORPUS when it holds `tokens` tokens at ctx 64 (builtin:stdlib: about 2M), else a .jsonl in
+    `folder` of its documents repeated as often as needed: a GPU round must be ~10^7 tokens."""
+    from featurescribe.harvest import corpus as corpus_mod
+
+    c = corpus_mod.open_corpus(CORPUS)
+    have = sum(len(s.token_ids) for s in corpus_mod.sequences(c, tok, 64, tokens))
+    if have >= tokens:
+        return CORPUS
+    docs = [json.dumps({"text": text}) + "\n" for text, _ in c.documents()]
+    path = Path(folder) / "repeated.jsonl"
+    with open(path, "w") as f:
+        for _ in range(-(-tokens // max(have, 1)) + 1):  # one copy more: cuts fall elsewhere
+            f.writelines(docs)
+    print(f"corpus: {CORPUS} has {have:,} tokens at ctx 64; {path.name} repeats its documents "
+          f"{-(-tokens // max(have, 1)) + 1} times for {tokens:,} tokens a round", flush=True)
+    return str(path)
+
+
+def gpu_round_tokens(h, tok, bs: int, device: str, seconds: float) -> int:
+    """Tokens a round needs for its bare forward pass to last `seconds`, from a timed probe."""
+    probe = make_batches(tok, bs * 64 * 48, bs)
+    bare_forward(h, probe[:8], device)  # warm up: kernels, allocator
+    n, w, _ = bare_forward(h, probe, device)
+    tokens = min(int(n / w * seconds), GPU_MAX_ROUND_TOKENS) // (bs * 64) * (bs * 64) + bs * 64
+    print(f"speed size: the probe's forward pass ran {n / w:,.0f} tokens/s ({n:,} tokens in {w:.2f} s): "
+          f"{tokens:,} tokens a round for about {seconds:.0f} s", flush=True)
+    return tokens
 
 
 def timed(device: str, fn):
@@ -187,13 +221,15 @@ def speed(args, loaded) -> dict:
     device, model, tok = loaded
     bs = args.batch_size or (128 if device.startswith("cuda") else 32)
     h = Harvester(model, tok, model_id=MODEL, layer=LAYER, site=SITE)
-    batches = make_batches(tok, args.tokens, bs)
-    bare_forward(h, batches[:2], device)  # warm up
     fwd, hv, entries, per_round = [0, 0.0, 0.0], [0, 0.0, 0.0], 0, []
     with tempfile.TemporaryDirectory() as tmp:
+        tokens = args.tokens or gpu_round_tokens(h, tok, bs, device, args.gpu_seconds)
+        corpus = corpus_of(tok, tokens, tmp)
+        batches = make_batches(tok, tokens, bs, corpus)
+        bare_forward(h, batches[:2], device)  # warm up
         first, again = (one_batch_harvest(str(Path(tmp) / f"warm{i}.duckdb"), bs, args, loaded) for i in range(2))
         for r_i in range(args.rounds):
-            cfg = cfg_for(str(Path(tmp) / f"b{r_i}.duckdb"), args.tokens, bs, args.dtype, device)
+            cfg = cfg_for(str(Path(tmp) / f"b{r_i}.duckdb"), tokens, bs, args.dtype, device, corpus=corpus)
             if r_i % 2:  # forward, harvest, harvest, forward, ...: a machine that drifts favours neither
                 w2, cpu2, r = timed(device, lambda: harvest(cfg, loaded=(MODEL, model, tok)))
             n, w, cpu = bare_forward(h, batches, device)
@@ -203,6 +239,7 @@ def speed(args, loaded) -> dict:
             hv = [hv[0] + r.new_tokens, hv[1] + w2, hv[2] + cpu2]
             entries = r.n_activations
             per_round.append((w, w2, (r.new_tokens / w2) / (n / w)))
+            Path(cfg.db).unlink()  # a GPU round's file holds several GB
     return {"per_round": per_round, "first_harvest_s": first, "second_harvest_s": again, "device": device,
             "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs, "tokens": hv[0] // args.rounds,
             "rounds": args.rounds, "entries": entries,
@@ -306,7 +343,8 @@ def parse_args():
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--tokens", type=int, default=None, help="tokens per round of the speed test")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="tokens per round of the speed test (default on a GPU: what a 12-s forward pass reads, 30 s without --quick)")
     ap.add_argument("--multi-tokens", type=int, default=None, help="tokens of the 30-layer test")
     ap.add_argument("--skip-one-by-one", action="store_true", help="no one-harvest-per-layer comparison")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of forward and harvest")
@@ -330,8 +368,9 @@ def sizes(args, gpu: bool) -> None:
     # cores smollm2-135m runs ~2,800 tokens/s to layer 6 and ~700 to layer 29), or the fixed costs
     # (database open, the first batch's threshold, final statistics) are most of what is measured
     q = args.quick
-    if args.tokens is None:
-        args.tokens = (4_000_000 if q else 16_000_000) if gpu else (32_768 if q else 65_536)
+    if args.tokens is None and not gpu:  # on a GPU: sized by a timed probe (gpu_round_tokens)
+        args.tokens = 32_768 if q else 65_536
+    args.gpu_seconds = 12.0 if q else 30.0
     if args.multi_tokens is None:
         args.multi_tokens = (1_000_000 if q else 4_000_000) if gpu else (8_192 if q else 16_384)
     if args.mem_tokens is None:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run THERE, on the lent GPU machine, from the checkout's root, with .whl/ and gpu-model/ carried
+# (benchmarks/gpu_prepare.sh writes them): installs the wheels beside the image's own packages,
+# records the machine, then runs the GPU harvest benchmark. Every line also goes to $OUT, so what
+# ran before a time-out still comes back. BENCH_ARGS replaces the benchmark's arguments.
+set -uo pipefail
+PY=${PY:-python3}
+OUT=${OUT:-out}
+BENCH_ARGS=${BENCH_ARGS:---gpu --quick --model gpu-model --skip-one-by-one}
+mkdir -p "$OUT"
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fs-site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/fs-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+    echo "$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
+    "$PY" -c 'import sys, torch, transformers, duckdb, pyarrow, numpy
+print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__,
+      "duckdb", duckdb.__version__, "pyarrow", pyarrow.__version__, "numpy", numpy.__version__)'
+} 2>&1 | tee "$OUT/machine.txt"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+"$PY" benchmarks/harvest.py $BENCH_ARGS 2>&1 | tee "$OUT/harvest-gpu.log"
+exit "${PIPESTATUS[0]}"
