@@ -8,7 +8,8 @@ source, and all 30 MLP layers in one pass), sharded speedup, and peak memory aga
 
 1. `store_ingest_entries_per_s`: synthetic SAE-shaped batches (16,384 latents, 64 kept per token)
    through the harvest's writers into `activations` (benchmarks/harvest_store.py); the same items
-   with one commit per batch, and DuckDB's bare Arrow insert of the columns, in the same run.
+   with one commit per batch, DuckDB's bare Arrow insert of the columns, and the writers with 1,
+   2, 4 ... threads (up to the cores, at most 8), in the same run.
 2. `harvest_vs_forward`: the same sequences of builtin:stdlib go through (a) a bare forward pass of
    smollm2-135m up to layer 6's MLP neurons and (b) the whole harvest (reader thread, forward,
    device-side sparsification, writer threads, final SQL stats), in interleaved rounds, so both see
@@ -388,6 +389,8 @@ def report_ingest(args) -> None:
     print(f"store ingest: {g['entries']:,} entries; one commit per batch {g['per_batch'] / 1e6:.1f}M/s; "
           f"bare Arrow insert without source_id {g['bare'] / 1e6:.1f}M/s")
     print(f"store ingest, a fresh process's first 4 batches (untimed warm-up): {g['cold_first'] / 1e6:.1f}M/s")
+    print("store ingest by writer threads (the harvest's default is 2): "
+          + ", ".join(f"{k} {v / 1e6:.1f}M/s" for k, v in g["by_threads"].items()))
     print(f"store ingest per CPU-second (all threads): writers {g['new_cpu'] / 1e6:.1f}M, one commit per batch "
           f"{g['per_batch_cpu'] / 1e6:.1f}M, bare insert {g['bare_cpu'] / 1e6:.1f}M")
     print(f"store_ingest_entries_per_s: {g['new']:.0f}", flush=True)

@@ -90,7 +90,16 @@ def ingest(n_items: int) -> dict:
     bare_s, bare_cpu = _bare_insert(items)
     assert stored == n, (stored, n)
     return {"entries": n, "cold_first": sum(it.n_entries for it in items[:4]) / cold_s, "new": n / new_s, "per_batch": n / old_s, "bare": n / bare_s,
-            "new_cpu": n / new_cpu, "per_batch_cpu": n / old_cpu, "bare_cpu": n / bare_cpu}
+            "new_cpu": n / new_cpu, "per_batch_cpu": n / old_cpu, "bare_cpu": n / bare_cpu,
+            "by_threads": by_writer_threads(items)}
+
+
+def by_writer_threads(items: list) -> dict[int, float]:
+    """Entries per second through 1, 2, 4 ... writer threads (up to the core count, at most 8): on a
+    many-core GPU machine, whether more writers than the default 2 would keep up with the GPU."""
+    n = sum(it.n_entries for it in items)
+    counts = sorted({1, 2, 4, min(8, os.cpu_count() or 1)} - {c for c in (4, 8) if c > (os.cpu_count() or 1)})
+    return {k: n / _through_writers(items, threads=k)[0] for k in counts}
 
 
 def shard_speed(tokens: int, model: str, corpus: str) -> dict:
