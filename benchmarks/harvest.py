@@ -33,6 +33,7 @@ The last line is the headline, `harvest_vs_forward`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -218,6 +219,7 @@ def speed(args, loaded) -> dict:
     """Rounds of (bare forward, whole harvest) on the same sequences, interleaved so that both see
     the same machine (in turns: forward first, then harvest first); ratios of the summed times."""
     from featurescribe.harvest.harvester import Harvester, harvest
+    from featurescribe.harvest.writer import WRITER_THREADS
 
     device, model, tok = loaded
     bs = args.batch_size or (128 if device.startswith("cuda") else 32)
@@ -231,6 +233,8 @@ def speed(args, loaded) -> dict:
         first, again = (one_batch_harvest(str(Path(tmp) / f"warm{i}.duckdb"), bs, args, loaded) for i in range(2))
         for r_i in range(args.rounds):
             cfg = cfg_for(str(Path(tmp) / f"b{r_i}.duckdb"), tokens, bs, args.dtype, device, corpus=corpus)
+            if args.writer_threads:
+                cfg = dataclasses.replace(cfg, writer_threads=args.writer_threads)
             if r_i % 2:  # forward, harvest, harvest, forward, ...: a machine that drifts favours neither
                 w2, cpu2, r = timed(device, lambda: harvest(cfg, loaded=(MODEL, model, tok)))
             n, w, cpu = bare_forward(h, batches, device)
@@ -243,7 +247,7 @@ def speed(args, loaded) -> dict:
             Path(cfg.db).unlink()  # a GPU round's file holds several GB
     return {"per_round": per_round, "first_harvest_s": first, "second_harvest_s": again, "device": device,
             "dtype": str(model.dtype).replace("torch.", ""), "batch_size": bs, "tokens": hv[0] // args.rounds,
-            "rounds": args.rounds, "entries": entries,
+            "rounds": args.rounds, "entries": entries, "writer_threads": args.writer_threads or WRITER_THREADS,
             "forward_tokens_per_s": fwd[0] / fwd[1], "harvest_tokens_per_s": hv[0] / hv[1],
             "ratio": (hv[0] / hv[1]) / (fwd[0] / fwd[1]), "cpu_ratio": (hv[0] / hv[2]) / (fwd[0] / fwd[2])}
 
@@ -349,6 +353,7 @@ def parse_args():
     ap.add_argument("--multi-tokens", type=int, default=None, help="tokens of the 30-layer test")
     ap.add_argument("--skip-one-by-one", action="store_true", help="no one-harvest-per-layer comparison")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of forward and harvest")
+    ap.add_argument("--writer-threads", type=int, default=None, help="the speed test's writer threads (default: the harvest's)")
     ap.add_argument("--mem-tokens", type=int, default=None, help="N for the memory test (N and 4N tokens)")
     ap.add_argument("--mem-repeats", type=int, default=None, help="processes per size in the memory test, median (default 3; 1 with --gpu)")
     ap.add_argument("--only", default=None, help="comma list of ingest,speed,multisite,shards,memory")
@@ -452,7 +457,7 @@ def report_memory(args) -> None:
 
 def report_speed(s: dict) -> None:
     print(f"device: {s['device']} {s['dtype']}, batch {s['batch_size']} x 64 tokens, {s['rounds']} rounds of "
-          f"{s['tokens']:,} tokens, {s['entries']:,} entries kept per harvest")
+          f"{s['tokens']:,} tokens, {s['entries']:,} entries kept per harvest, {s['writer_threads']} writer threads")
     print(f"forward_tokens_per_s: {s['forward_tokens_per_s']:.0f}")
     print(f"harvest_tokens_per_s: {s['harvest_tokens_per_s']:.0f}  (the whole harvest: database open to final stats)")
     print(f"warm-up: a process's first harvest (one batch) {s['first_harvest_s']:.2f} s, the same again "
