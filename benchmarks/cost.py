@@ -76,6 +76,11 @@ def run(cmd: list[str]) -> str:
     return out.getvalue()
 
 
+def copy_db(base: str, db: str) -> None:
+    with open(base, "rb") as src, open(db, "wb") as dst:
+        dst.write(src.read())
+
+
 def ledger(db: str, backend: str) -> tuple[dict[str, tuple[int, int, int, int]], int]:
     """Per purpose: calls, input tokens, output tokens, input tokens read from the prompt cache;
     and the number of features labelled."""
@@ -138,8 +143,7 @@ def print_simulation_options(work: str, base: str, features: str, prices) -> lis
     for provider, model in (("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5")):
         for i, (name, extra) in enumerate(SIMULATION_OPTIONS):
             db = os.path.join(work, f"opt-{provider}-{i}.duckdb")
-            with open(base, "rb") as src, open(db, "wb") as dst:
-                dst.write(src.read())
+            copy_db(base, db)
             spec = f"{provider}:{model}"
             run(["label", "--db", db, "--source", "6-mlp", "--features", features, "--explainer", spec,
                  "--simulator", spec, "--method", "pairs", "--no-progress", *extra])
@@ -150,6 +154,89 @@ def print_simulation_options(work: str, base: str, features: str, prices) -> lis
     return openai_costs
 
 
+def start_server():
+    """The tests' local LLM server, answering through `responder`, with both SDKs pointed at it."""
+    from tests.fake_llm import FakeLLMServer
+
+    server = FakeLLMServer()
+    server.responder = responder
+    server.start()
+    os.environ.update(OPENAI_BASE_URL=server.base_url_openai, OPENAI_API_KEY="bench",
+                      ANTHROPIC_BASE_URL=server.base_url_anthropic, ANTHROPIC_API_KEY="bench")
+    return server
+
+
+def harvest(work: str, tokens: int, features: str) -> str:
+    """Harvests smollm2-135m layer 6 MLP into a database under `work`; returns its path."""
+    base = os.path.join(work, "harvest.duckdb")
+    run(["harvest", "--db", base, "--model", "smollm2-135m", "--layer", "6", "--site", "mlp",
+         "--corpus", "builtin:stdlib", "--max-tokens", str(tokens)])
+    print(f"harvest: smollm2-135m layer 6 mlp, {tokens:,} tokens of builtin:stdlib; label --features {features}")
+    print("tokens are the local server's estimate (whitespace-separated words); prices from featurescribe/llm/prices.json")
+    return base
+
+
+def print_scorer_row(label: str, ex, sc, n: int, provider: str, models: list[str], prices) -> dict[str, float]:
+    """One explainer/scorer row from the explain (`ex`) and scorer (`sc`) ledger sums; returns each
+    model's cost of 1k features."""
+    calls, tin, tout, tcached = (a + b for a, b in zip(ex, sc))
+    per_in, per_out = tin / n, tout / n
+    costs = {}
+    for m in models:
+        costs[m], _ = prices.cost(provider, m, int(round(per_in * 1000)), int(round(per_out * 1000)),
+                                  int(round(tcached / n * 1000)))
+    print(f"{label:44s} {calls / n:6.1f} {per_in:8.0f} {per_out:8.0f}   "
+          + ", ".join(f"{m} ${c:.3f}/1k" for m, c in costs.items()))
+    return costs
+
+
+def label_and_price(work: str, base: str, features: str, provider: str, models: list[str], method: str,
+                    prices) -> float | None:
+    """Labels a copy of the harvest with one provider and method, all its scorers, and prints a row a
+    scorer; returns the headline (gpt-4o-mini, pairs + simulation, USD a feature) when it is this run."""
+    db = os.path.join(work, f"{provider}-{method}.duckdb")
+    copy_db(base, db)
+    spec = f"{provider}:{models[0]}"
+    scorers = SCORERS + (STEERING_SCORERS if method == "pairs" else [])
+    run(["label", "--db", db, "--source", "6-mlp", "--features", features, "--explainer", spec,
+         "--simulator", spec, "--scorers", ",".join(scorers), "--method", method, "--no-progress"])
+    usage, n = ledger(db, provider)
+    if not n:
+        raise SystemExit(f"{provider} {method}: no feature was labelled")
+    ex = usage.get("explain", (0, 0, 0, 0))
+    headline = None
+    for scorer in scorers:
+        sc = usage.get(PURPOSE_OF[scorer], (0, 0, 0, 0))
+        costs = print_scorer_row(f"{provider} {method} explain + {scorer}", ex, sc, n, provider, models, prices)
+        if provider == "openai" and scorer == "simulation" and method == "pairs":
+            headline = costs["gpt-4o-mini"] / 1000
+    if "intervention" in scorers:
+        print_forward_passes(db, provider, n)
+    return headline
+
+
+def print_scorer_costs(work: str, base: str, features: str, prices) -> float:
+    """The table of each explainer/scorer combination; returns the headline cost."""
+    print()
+    print(f"{'explainer / scorer':44s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   per labelled feature")
+    headline = None
+    for provider, models in (("openai", OPENAI_MODELS), ("anthropic", ANTHROPIC_MODELS)):
+        for method in ("pairs", "highlighted"):
+            cost = label_and_price(work, base, features, provider, models, method, prices)
+            if cost is not None:
+                headline = cost
+    return headline
+
+
+def print_summary(headline: float, by_option: list[float]) -> None:
+    before, every = by_option[0], by_option[1]  # the behaviour before; 5 windows + baseline every
+    print()
+    print(f"cost_per_feature_usd_gpt4o_mini_before: {before:.5f}")
+    print(f"cost_per_feature_usd_gpt4o_mini_baseline_every: {every:.5f} ({every / before:.3f}x before)")
+    print(f"cost_ratio_defaults_vs_before: {headline / before:.3f}")
+    print(f"cost_per_feature_usd_gpt4o_mini: {headline:.5f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -157,61 +244,16 @@ def main() -> int:
     tokens, features = (4_000, "0:12") if args.quick else (12_000, "0:48")
 
     from featurescribe.llm.prices import PriceTable
-    from tests.fake_llm import FakeLLMServer
 
     prices = PriceTable.load()
-    server = FakeLLMServer()
-    server.responder = responder
-    server.start()
-    os.environ.update(OPENAI_BASE_URL=server.base_url_openai, OPENAI_API_KEY="bench",
-                      ANTHROPIC_BASE_URL=server.base_url_anthropic, ANTHROPIC_API_KEY="bench")
+    server = start_server()
     work = tempfile.mkdtemp(prefix="fs-cost-")
-    base = os.path.join(work, "harvest.duckdb")
-    run(["harvest", "--db", base, "--model", "smollm2-135m", "--layer", "6", "--site", "mlp",
-         "--corpus", "builtin:stdlib", "--max-tokens", str(tokens)])
-    print(f"harvest: smollm2-135m layer 6 mlp, {tokens:,} tokens of builtin:stdlib; label --features {features}")
-    print("tokens are the local server's estimate (whitespace-separated words); prices from featurescribe/llm/prices.json")
-    print()
-    print(f"{'explainer / scorer':44s} {'calls':>6s} {'in tok':>8s} {'out tok':>8s}   per labelled feature")
-    headline = None
-    for provider, models in (("openai", OPENAI_MODELS), ("anthropic", ANTHROPIC_MODELS)):
-        for method in ("pairs", "highlighted"):
-            db = os.path.join(work, f"{provider}-{method}.duckdb")
-            with open(base, "rb") as src, open(db, "wb") as dst:
-                dst.write(src.read())
-            spec = f"{provider}:{models[0]}"
-            scorers = SCORERS + (STEERING_SCORERS if method == "pairs" else [])
-            run(["label", "--db", db, "--source", "6-mlp", "--features", features, "--explainer", spec,
-                 "--simulator", spec, "--scorers", ",".join(scorers), "--method", method, "--no-progress"])
-            usage, n = ledger(db, provider)
-            if not n:
-                raise SystemExit(f"{provider} {method}: no feature was labelled")
-            ex = usage.get("explain", (0, 0, 0, 0))
-            for scorer in scorers:
-                sc = usage.get(PURPOSE_OF[scorer], (0, 0, 0, 0))
-                calls, tin, tout, tcached = ex[0] + sc[0], ex[1] + sc[1], ex[2] + sc[2], ex[3] + sc[3]
-                per_in, per_out = tin / n, tout / n
-                costs = []
-                for m in models:
-                    c, _ = prices.cost(provider, m, int(round(per_in * 1000)), int(round(per_out * 1000)),
-                                       int(round(tcached / n * 1000)))
-                    costs.append(f"{m} ${c:.3f}/1k")
-                    if provider == "openai" and m == "gpt-4o-mini" and scorer == "simulation" and method == "pairs":
-                        headline = c / 1000
-                label = f"{provider} {method} explain + {scorer}"
-                print(f"{label:44s} {calls / n:6.1f} {per_in:8.0f} {per_out:8.0f}   " + ", ".join(costs))
-            if "intervention" in scorers:
-                print_forward_passes(db, provider, n)
+    base = harvest(work, tokens, features)
+    headline = print_scorer_costs(work, base, features, prices)
     by_option = print_simulation_options(work, base, features, prices)
     server.stop()
-    before, every = by_option[0], by_option[1]  # the behaviour before; 5 windows + baseline every
-    print()
-    print(f"cost_per_feature_usd_gpt4o_mini_before: {before:.5f}")
-    print(f"cost_per_feature_usd_gpt4o_mini_baseline_every: {every:.5f} ({every / before:.3f}x before)")
-    print(f"cost_ratio_defaults_vs_before: {headline / before:.3f}")
-    print(f"cost_per_feature_usd_gpt4o_mini: {headline:.5f}")
+    print_summary(headline, by_option)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

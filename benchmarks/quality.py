@@ -93,23 +93,27 @@ def describe(values) -> str:
     return f"n={v.size} mean={v.mean():.3f} p10={q[0]:.3f} median={q[1]:.3f} p90={q[2]:.3f}"
 
 
-async def planted(args) -> float:
+def planted_bed(args) -> PlantedBed:
     t0 = time.perf_counter()
     bed = build_bed(tokenizer="auto", max_tokens=args.bed_tokens)
     print(f"# planted bed: {len(bed.examples)} features over {bed.n_tokens} tokens "
           f"({bed.tokenizer} tokenizer), {time.perf_counter() - t0:.0f} s")
     for p in bed.plants:
         print(f"#   {p.feature_id} {p.name:12s} {'lexical   ' if p.lexical else 'contextual'} {p.explanation}")
-    exps = bed.explanations()
+    return bed
 
-    # offline judges on every plant
+
+async def offline_judges(bed: PlantedBed, exps) -> None:
+    """The lexical judge and the explanation-blind baseline:tokens simulator, on every plant."""
     res = await score_explanations(exps, bed.examples, simulator="lexical",
                                    scorers="simulation,detection,fuzzing", baselines=False)
     judge_aucs("lexical", bed, exps, res.results, ("simulation", "detection", "fuzzing"))
     res = await score_explanations(exps, bed.examples, simulator="baseline:tokens", baselines=False)
     fig("planted_auc_baseline_tokens_simulation", ranking_auc(exps, res.results, "simulation").auc)
 
-    # the embedding scorer (offline MiniLM): retrieval AUC of activating windows per explanation
+
+async def embedding_judge(bed: PlantedBed, exps) -> None:
+    """The embedding scorer (offline MiniLM): retrieval AUC of activating windows per explanation."""
     t1 = time.perf_counter()
     res = (await score_explanations(exps, bed.examples, scorers="embedding", baselines=False)).results
     judge_aucs("minilm", bed, exps, res, ("embedding",))
@@ -119,7 +123,9 @@ async def planted(args) -> float:
           f"{time.perf_counter() - t1:.0f} s")
     fig("planted_auc_embedding", ranking_auc(exps, res, "embedding").auc)
 
-    # the offline explainer's explanations of the plants, scored by lexical
+
+async def tokens_explainer(bed: PlantedBed) -> None:
+    """The offline explainer's explanations of the plants, scored by lexical."""
     from featurescribe.labelers import TokenListExplainer
     from featurescribe.records import Explanation
 
@@ -141,10 +147,9 @@ async def planted(args) -> float:
     lift = [r.value - r.baseline_shuffled for r in res.results if r.scorer == "simulation" and r.baseline_shuffled is not None]
     fig("planted_tokens_explainer_mean_lift", float(np.mean(lift)) if lift else 0.0)
 
-    await intervention_bed(args)
-    await intruder_bed(bed, args)
 
-    # API judges the user configured
+async def api_judges(bed: PlantedBed, exps) -> None:
+    """The API judges the user named in FEATURESCRIBE_QUALITY_JUDGES."""
     for spec in [s.strip() for s in os.environ.get("FEATURESCRIBE_QUALITY_JUDGES", "").split(",") if s.strip()]:
         from featurescribe.llm import make_client
 
@@ -161,7 +166,25 @@ async def planted(args) -> float:
         judge_aucs(tag, bed, exps, res.results, ("simulation", "detection", "fuzzing"))
         print(f"# {spec}: {len(res.failures)} failures, ${client.spent_usd:.4f}, {time.perf_counter() - t0:.0f} s")
 
-    # the local model as a simulator, on three plants
+
+def print_local_simulation(bed: PlantedBed, args, ids: list[int], local_exps, res, took: float) -> None:
+    """Each plant's simulation score under its true and mismatched explanations, and the largest spread."""
+    by_id = {r.explanation_id: r.value for r in res.results}
+    for fid in ids:
+        row = {e.explanation_id.split("-", 2)[2]: by_id.get(e.explanation_id) for e in local_exps if e.feature_id == fid}
+        print(f"# local:{args.model} on {bed.plant(fid).name}: " + ", ".join(
+            f"{k}{'*' if k == bed.plant(fid).name else ''}={v:.3f}" for k, v in row.items() if v is not None))
+    spread = [max(v for k, v in by_id.items() if k.startswith(f"planted-{fid}-"))
+              - min(v for k, v in by_id.items() if k.startswith(f"planted-{fid}-")) for fid in ids]
+    n_pairs = sum(1 for e in local_exps if e.method != "true")
+    print(f"# local:{args.model}: {len(local_exps)} explanations x {args.local_top}+{args.local_random} test "
+          f"windows in {took:.0f} s, {len(res.failures)} failures; AUC over {n_pairs} true-vs-mismatched "
+          f"pairs; largest spread between one feature's explanations: {max(spread):.3f} (* = the true one)")
+
+
+async def local_simulation(bed: PlantedBed, args):
+    """The local model as a simulator, on three plants; returns its AUC and what the local judge
+    reuses: the explanations, the trimmed examples, the simulator and its client."""
     from featurescribe.llm import make_client
     from featurescribe.scorers.simulators import LocalSimulator
 
@@ -175,20 +198,12 @@ async def planted(args) -> float:
     res = await score_explanations(local_exps, examples, simulator=sim, baselines=False)
     took = time.perf_counter() - t0
     ranking = ranking_auc(local_exps, res.results, "simulation")
-    by_id = {r.explanation_id: r.value for r in res.results}
-    for fid in ids:
-        row = {e.explanation_id.split("-", 2)[2]: by_id.get(e.explanation_id) for e in local_exps if e.feature_id == fid}
-        print(f"# local:{args.model} on {bed.plant(fid).name}: " + ", ".join(
-            f"{k}{'*' if k == bed.plant(fid).name else ''}={v:.3f}" for k, v in row.items() if v is not None))
-    spread = [max(v for k, v in by_id.items() if k.startswith(f"planted-{fid}-"))
-              - min(v for k, v in by_id.items() if k.startswith(f"planted-{fid}-")) for fid in ids]
-    n_pairs = sum(1 for e in local_exps if e.method != "true")
-    print(f"# local:{args.model}: {len(local_exps)} explanations x {args.local_top}+{args.local_random} test "
-          f"windows in {took:.0f} s, {len(res.failures)} failures; AUC over {n_pairs} true-vs-mismatched "
-          f"pairs; largest spread between one feature's explanations: {max(spread):.3f} (* = the true one)")
-    if not args.local_judge:
-        print(f"# local:{args.model} as detection/fuzzing judge: full size only")
-        return ranking.auc
+    print_local_simulation(bed, args, ids, local_exps, res, took)
+    return ranking.auc, (local_exps, examples, sim, client)
+
+
+async def local_judge(args, local_exps, examples, sim, client) -> None:
+    """The local model as the detection and fuzzing judge."""
     t0 = time.perf_counter()
     res = await score_explanations(local_exps, examples, simulator=sim, client=client,
                                    scorers="detection,fuzzing", baselines=False)
@@ -198,7 +213,24 @@ async def planted(args) -> float:
         print(f"# local:{args.model} as {sc} judge: balanced accuracies seen {vals}")
     print(f"# local:{args.model} as judge (P('1') vs P('0'), one pass a batch): {len(res.results)} scored, "
           f"{len(res.failures)} failed, {time.perf_counter() - t0:.0f} s")
-    return ranking.auc
+
+
+async def planted(args) -> float:
+    """Every judge on the planted beds; returns the local simulator's AUC."""
+    bed = planted_bed(args)
+    exps = bed.explanations()
+    await offline_judges(bed, exps)
+    await embedding_judge(bed, exps)
+    await tokens_explainer(bed)
+    await intervention_bed(args)
+    await intruder_bed(bed, args)
+    await api_judges(bed, exps)
+    auc, local = await local_simulation(bed, args)
+    if not args.local_judge:
+        print(f"# local:{args.model} as detection/fuzzing judge: full size only")
+        return auc
+    await local_judge(args, *local)
+    return auc
 
 
 async def intruder_bed(bed: PlantedBed, args) -> None:
