@@ -255,5 +255,6 @@ def main() -> int:
     print_summary(headline, by_option)
     return 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
