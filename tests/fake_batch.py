@@ -49,12 +49,11 @@ from tests.fake_llm import (
     RecordedRequest,
     Reply,
     _anthropic_body,
+    _Handler,
     _input_tokens,
-    _make_handler,
     _openai_body,
     _parse_anthropic,
     _parse_openai,
-    _Server,
     count_tokens,
 )
 
@@ -106,18 +105,8 @@ class FakeBatchServer(FakeLLMServer):
         self._batch_lock = threading.RLock()
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "FakeBatchServer":
-        if self._httpd is not None:
-            return self
-        handler = _make_batch_handler(self, _make_handler(self))
-        self._httpd = _Server(("127.0.0.1", 0), handler)
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-            name=f"FakeBatchServer:{self.port}",
-        )
-        self._thread.start()
-        return self
+    def _handler_class(self) -> type[_Handler]:
+        return _BatchHandler
 
     # ------------------------------------------------------------------ controls and views
     def plan(self, *, expire_after: int | None = None, errors=(), cancel: bool = False,
@@ -318,124 +307,134 @@ def _parse_multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | Non
     return fields
 
 
-def _make_batch_handler(server: FakeBatchServer, base):
-    class BatchHandler(base):
-        def _send_bytes(self, status: int, data: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            try:
-                self.wfile.write(data)
-                self.wfile.flush()
-            except OSError:
-                self.close_connection = True
+class _BatchHandler(_Handler):
+    """The chat endpoints of `_Handler`, and the batch endpoints of `self.server.fake`."""
 
-        def _route(self, method: str) -> bool:
-            path = self.path.split("?")[0].rstrip("/")
-            parts = path.strip("/").split("/")
-            if len(parts) < 2 or parts[0] != "v1" or not (
-                parts[1] in ("files", "batches") or parts[1:3] == ["messages", "batches"]
-            ):
-                return False
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            rec = RecordedRequest(api="batch", path=path,
-                                  headers={k.lower(): v for k, v in self.headers.items()}, body={},
-                                  started_at=time.monotonic())
-            server._enter(rec)
-            try:
-                if not rec.headers.get("authorization") and not rec.headers.get("x-api-key"):
-                    rec.status = 401
-                    self._send(401, {"error": {"message": "missing API key", "type": "invalid_request_error"}})
-                else:
-                    rec.status = self._dispatch(method, parts[1:], raw, rec)
-            finally:
-                rec.finished_at = time.monotonic()
-                server._leave()
-            return True
+    def _send_bytes(self, status: int, data: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
 
-        def _not_found(self, what: str) -> int:
-            self._send(404, {"error": {"message": f"no such {what}", "type": "not_found_error"}})
-            return 404
-
-        def _dispatch(self, method: str, parts: list[str], raw: bytes, rec: RecordedRequest) -> int:
-            s = server
-            if parts[0] == "files":
-                if method == "POST" and len(parts) == 1:
-                    fields = _parse_multipart(self.headers.get("Content-Type", ""), raw)
-                    filename, content = fields.get("file", (None, b""))
-                    purpose = (fields.get("purpose", (None, b""))[1] or b"").decode()
-                    rec.body = {"purpose": purpose, "filename": filename, "bytes": len(content)}
-                    with s._batch_lock:
-                        obj = s._add_file(content, filename or "upload.jsonl", purpose)
-                    self._send(200, obj)
-                    return 200
-                f = s.files.get(parts[1]) if len(parts) > 1 else None
-                if f is None:
-                    return self._not_found("file")
-                if len(parts) == 3 and parts[2] == "content":
-                    self._send_bytes(200, f["content"], "application/octet-stream")
-                else:
-                    self._send(200, f["meta"])
-                return 200
-
-            if parts[0] == "batches":  # OpenAI
-                if method == "POST" and len(parts) == 1:
-                    body = json.loads(raw or b"{}")
-                    rec.body = body
-                    f = s.files.get(body.get("input_file_id", ""))
-                    if f is None:
-                        return self._not_found("file")
-                    reqs = [json.loads(line) for line in f["content"].decode().splitlines() if line.strip()]
-                    b = s._create("openai", reqs, input_file_id=body["input_file_id"],
-                                  endpoint=body.get("endpoint"), metadata=body.get("metadata"))
-                    self._send(200, s.openai_object(b))
-                    return 200
-                b = s.batches.get(parts[1]) if len(parts) > 1 else None
-                if b is None or b.api != "openai":
-                    return self._not_found("batch")
-                if method == "POST" and len(parts) == 3 and parts[2] == "cancel":
-                    with s._batch_lock:
-                        s._cancel(b)
-                else:
-                    s._advance(b)
-                self._send(200, s.openai_object(b))
-                return 200
-
-            # Anthropic: messages/batches[/{id}[/cancel|/results]]
-            parts = parts[2:]
-            if method == "POST" and not parts:
-                body = json.loads(raw or b"{}")
-                rec.body = {"n_requests": len(body.get("requests", []))}
-                b = s._create("anthropic", list(body.get("requests", [])))
-                self._send(200, s.anthropic_object(b))
-                return 200
-            b = s.batches.get(parts[0]) if parts else None
-            if b is None or b.api != "anthropic":
-                return self._not_found("message batch")
-            if method == "POST" and parts[1:] == ["cancel"]:
-                with s._batch_lock:
-                    s._cancel(b)
-                self._send(200, s.anthropic_object(b))
-            elif parts[1:] == ["results"]:
-                if b.state != "ended":
-                    self._send(400, {"type": "error", "error": {
-                        "type": "invalid_request_error", "message": "batch has not ended"}})
-                    return 400
-                self._send_bytes(200, s.anthropic_results(b), "application/binary")
+    def _route(self, method: str) -> bool:
+        fake = self.server.fake
+        path = self.path.split("?")[0].rstrip("/")
+        parts = path.strip("/").split("/")
+        if len(parts) < 2 or parts[0] != "v1" or not (
+            parts[1] in ("files", "batches") or parts[1:3] == ["messages", "batches"]
+        ):
+            return False
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        rec = RecordedRequest(api="batch", path=path,
+                              headers={k.lower(): v for k, v in self.headers.items()}, body={},
+                              started_at=time.monotonic())
+        fake._enter(rec)
+        try:
+            if not rec.headers.get("authorization") and not rec.headers.get("x-api-key"):
+                rec.status = 401
+                self._send(401, {"error": {"message": "missing API key", "type": "invalid_request_error"}})
             else:
-                s._advance(b)
-                self._send(200, s.anthropic_object(b))
+                rec.status = self._dispatch(method, parts[1:], raw, rec)
+        finally:
+            rec.finished_at = time.monotonic()
+            fake._leave()
+        return True
+
+    def _not_found(self, what: str) -> int:
+        self._send(404, {"error": {"message": f"no such {what}", "type": "not_found_error"}})
+        return 404
+
+    def _dispatch(self, method: str, parts: list[str], raw: bytes, rec: RecordedRequest) -> int:
+        """Answer a batch endpoint; the HTTP status sent."""
+        if parts[0] == "files":
+            return self._files(method, parts, raw, rec)
+        if parts[0] == "batches":
+            return self._openai_batches(method, parts, raw, rec)
+        # Anthropic: messages/batches[/{id}[/cancel|/results]]
+        return self._anthropic_batches(method, parts[2:], raw, rec)
+
+    def _files(self, method: str, parts: list[str], raw: bytes, rec: RecordedRequest) -> int:
+        s = self.server.fake
+        if method == "POST" and len(parts) == 1:
+            fields = _parse_multipart(self.headers.get("Content-Type", ""), raw)
+            filename, content = fields.get("file", (None, b""))
+            purpose = (fields.get("purpose", (None, b""))[1] or b"").decode()
+            rec.body = {"purpose": purpose, "filename": filename, "bytes": len(content)}
+            with s._batch_lock:
+                obj = s._add_file(content, filename or "upload.jsonl", purpose)
+            self._send(200, obj)
             return 200
+        f = s.files.get(parts[1]) if len(parts) > 1 else None
+        if f is None:
+            return self._not_found("file")
+        if len(parts) == 3 and parts[2] == "content":
+            self._send_bytes(200, f["content"], "application/octet-stream")
+        else:
+            self._send(200, f["meta"])
+        return 200
 
-        def do_GET(self):
-            if not self._route("GET"):
-                super().do_GET()
+    def _openai_batches(self, method: str, parts: list[str], raw: bytes, rec: RecordedRequest) -> int:
+        s = self.server.fake
+        if method == "POST" and len(parts) == 1:
+            body = json.loads(raw or b"{}")
+            rec.body = body
+            f = s.files.get(body.get("input_file_id", ""))
+            if f is None:
+                return self._not_found("file")
+            reqs = [json.loads(line) for line in f["content"].decode().splitlines() if line.strip()]
+            b = s._create("openai", reqs, input_file_id=body["input_file_id"],
+                          endpoint=body.get("endpoint"), metadata=body.get("metadata"))
+            self._send(200, s.openai_object(b))
+            return 200
+        b = s.batches.get(parts[1]) if len(parts) > 1 else None
+        if b is None or b.api != "openai":
+            return self._not_found("batch")
+        if method == "POST" and len(parts) == 3 and parts[2] == "cancel":
+            with s._batch_lock:
+                s._cancel(b)
+        else:
+            s._advance(b)
+        self._send(200, s.openai_object(b))
+        return 200
 
-        def do_POST(self):
-            if not self._route("POST"):
-                super().do_POST()
+    def _anthropic_batches(self, method: str, parts: list[str], raw: bytes, rec: RecordedRequest) -> int:
+        """`parts`: what follows messages/batches in the path."""
+        s = self.server.fake
+        if method == "POST" and not parts:
+            body = json.loads(raw or b"{}")
+            rec.body = {"n_requests": len(body.get("requests", []))}
+            b = s._create("anthropic", list(body.get("requests", [])))
+            self._send(200, s.anthropic_object(b))
+            return 200
+        b = s.batches.get(parts[0]) if parts else None
+        if b is None or b.api != "anthropic":
+            return self._not_found("message batch")
+        if method == "POST" and parts[1:] == ["cancel"]:
+            with s._batch_lock:
+                s._cancel(b)
+            self._send(200, s.anthropic_object(b))
+        elif parts[1:] == ["results"]:
+            if b.state != "ended":
+                self._send(400, {"type": "error", "error": {
+                    "type": "invalid_request_error", "message": "batch has not ended"}})
+                return 400
+            self._send_bytes(200, s.anthropic_results(b), "application/binary")
+        else:
+            s._advance(b)
+            self._send(200, s.anthropic_object(b))
+        return 200
 
-    return BatchHandler
+    def do_GET(self):
+        if not self._route("GET"):
+            super().do_GET()
+
+    def do_POST(self):
+        if not self._route("POST"):
+            super().do_POST()
 

@@ -246,9 +246,16 @@ def simple_logprobs(text: str, top: int = 0, logprob: float = -0.01) -> list[tup
 
 
 class _Server(ThreadingHTTPServer):
+    """The HTTP server of a FakeLLMServer on a free port; its handlers reach the fake as
+    `self.server.fake`."""
+
     daemon_threads = True
     request_queue_size = 1024  # listen backlog: many clients connect at once
     allow_reuse_address = True
+
+    def __init__(self, fake: "FakeLLMServer", handler: type[BaseHTTPRequestHandler]):
+        self.fake = fake
+        super().__init__(("127.0.0.1", 0), handler)
 
     def handle_error(self, request, client_address):  # quiet: clients that time out reset sockets
         pass
@@ -278,15 +285,17 @@ class FakeLLMServer:
     def start(self) -> "FakeLLMServer":
         if self._httpd is not None:
             return self
-        handler = _make_handler(self)
-        self._httpd = _Server(("127.0.0.1", 0), handler)
+        self._httpd = _Server(self, self._handler_class())
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-            name=f"FakeLLMServer:{self.port}",
+            name=f"{type(self).__name__}:{self.port}",
         )
         self._thread.start()
         return self
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        return _Handler
 
     def stop(self) -> None:
         if self._httpd is None:
@@ -589,192 +598,225 @@ def _anthropic_body(rec: RecordedRequest, reply: Reply, malformed: bool) -> dict
     }
 
 
-def _make_handler(server: FakeLLMServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "FakeLLM/1.0"
-        disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stalls on small answers
+def _retry_headers(fault: Fault) -> dict[str, str]:
+    """The Retry-After / retry-after-ms headers of a 429 fault."""
+    headers = {}
+    if fault.retry_after is not None:
+        headers["Retry-After"] = f"{fault.retry_after:g}"
+    if fault.retry_after_ms is not None:
+        headers["retry-after-ms"] = f"{fault.retry_after_ms:g}"
+    return headers
 
-        def log_message(self, format, *args):  # quiet
-            pass
 
-        def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
-            data = json.dumps(body).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            # headers and body in one write
-            self._headers_buffer.append(b"\r\n")
-            self._headers_buffer.append(data)
-            try:
-                self.flush_headers()
-            except OSError:
-                self.close_connection = True
+def _faulty_reply(reply: Reply, fault: Fault | None) -> Reply:
+    """The responder's reply as a 'malformed' or 'truncated' fault changes it."""
+    if fault is not None and fault.kind == "malformed":
+        reply = Reply(text='{"this is": not json', finish_reason="stop")
+    if fault is not None and fault.kind == "truncated":
+        cut = max(1, len(reply.text) // 2)
+        reply = Reply(text=reply.text[:cut], logprobs=(reply.logprobs or [])[:1] or None,
+                      finish_reason="length")
+    return reply
 
-        def _send_page(self, status: int, page: str) -> None:
-            data = page.encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
-        def do_GET(self):
-            self._send(404, {"error": {"message": "not found", "type": "not_found"}})
+def _api_of(path: str) -> str:
+    if path.endswith("/chat/completions"):
+        return "openai"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    if path.endswith("/messages"):
+        return "anthropic"
+    return "other"
 
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            try:
-                body = json.loads(raw or b"{}")
-            except ValueError:
-                body = {}
-            path = self.path.split("?")[0].rstrip("/")
-            if path.endswith("/chat/completions"):
-                api = "openai"
-            elif path.endswith("/embeddings"):
-                api = "embeddings"
-            elif path.endswith("/messages"):
-                api = "anthropic"
-            else:
-                api = "other"
-            rec = RecordedRequest(
-                api=api, path=path, headers={k.lower(): v for k, v in self.headers.items()},
-                body=body, started_at=time.monotonic(),
-            )
-            server._enter(rec)
-            try:
-                self._answer(rec)
-            finally:
-                rec.finished_at = time.monotonic()
-                server._leave()
 
-        def _answer(self, rec: RecordedRequest) -> None:
-            if server.html_status is not None:  # a web page, not an API
-                rec.status = server.html_status
-                self._send_page(server.html_status, "<!doctype html><html><body><h1>Welcome</h1></body></html>")
-                return
-            if rec.api == "embeddings":
-                self._answer_embeddings(rec)
-                return
-            if rec.api == "other":
-                rec.status = 404
-                self._send(404, {"error": {"message": f"no route {rec.path}", "type": "not_found"}})
-                return
-            if rec.api == "anthropic":
-                if not rec.headers.get("x-api-key") and not rec.headers.get("authorization"):
-                    rec.status = 401
-                    self._send(401, _anthropic_error("authentication_error", "missing x-api-key"))
-                    return
-                _parse_anthropic(rec)
-            else:
-                if not rec.headers.get("authorization"):
-                    rec.status = 401
-                    self._send(401, _openai_error(401, "missing API key", "invalid_request_error"))
-                    return
-                _parse_openai(rec)
+class _Handler(BaseHTTPRequestHandler):
+    """Answers for the FakeLLMServer at `self.server.fake`."""
 
-            refused = server.refusal(rec) or server.unknown_key_or_model(rec)
-            if refused is not None:
-                rec.status, message = refused
-                rec.response = _openai_error(rec.status, message, "invalid_request_error")
-                self._send(rec.status, rec.response)
-                return
-            fault = server._take_fault(rec.api)
-            rec.fault = fault.kind if fault else None
-            if server.latency_s > 0:
-                time.sleep(server.latency_s)
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeLLM/1.0"
+    disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stalls on small answers
 
-            if fault is not None and fault.kind == "disconnect":
-                rec.status = None
-                self.close_connection = True
-                try:
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                return
-            if fault is not None and fault.kind in _ERRORS:
-                status, otype, atype, msg = _ERRORS[fault.kind]
-                headers = {}
-                if fault.kind == "429":
-                    if fault.retry_after is not None:
-                        headers["Retry-After"] = f"{fault.retry_after:g}"
-                    if fault.retry_after_ms is not None:
-                        headers["retry-after-ms"] = f"{fault.retry_after_ms:g}"
-                body = (
-                    _anthropic_error(atype, msg)
-                    if rec.api == "anthropic"
-                    else _openai_error(status, msg, otype, otype)
-                )
-                rec.status = status
-                rec.response = body
-                self._send(status, body, headers)
-                return
-            if fault is not None and fault.kind == "slow":
-                time.sleep(fault.delay_s)
+    def log_message(self, format, *args):  # quiet
+        pass
 
-            try:
-                out = server.responder(rec)
-            except Exception as err:  # a broken responder is a 500, visible in the log
-                rec.status = 500
-                body = {"error": {"message": f"responder failed: {err!r}", "type": "server_error"}}
-                rec.response = body
-                self._send(500, body)
-                return
-            reply = out if isinstance(out, Reply) else Reply(text=str(out))
-            malformed = fault is not None and fault.kind == "malformed"
-            if malformed:
-                reply = Reply(text='{"this is": not json', finish_reason="stop")
-            if fault is not None and fault.kind == "truncated":
-                cut = max(1, len(reply.text) // 2)
-                reply = Reply(text=reply.text[:cut], logprobs=(reply.logprobs or [])[:1] or None,
-                              finish_reason="length")
-            rec.input_tokens = reply.input_tokens if reply.input_tokens is not None else _input_tokens(rec)
-            rec.output_tokens = (
-                reply.output_tokens if reply.output_tokens is not None else count_tokens(reply.text)
-            )
-            rec.cache_read_tokens, rec.cache_write_tokens = server.prompt_cache(rec)
-            if rec.api == "openai":
-                body = _openai_body(rec, reply)
-            else:
-                body = _anthropic_body(rec, reply, malformed)
-            rec.status = 200
-            rec.response = body
-            self._send(200, body, {"x-request-id": "req_" + uuid.uuid4().hex[:16]})
+    def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
+        data = json.dumps(body).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        # headers and body in one write
+        self._headers_buffer.append(b"\r\n")
+        self._headers_buffer.append(data)
+        try:
+            self.flush_headers()
+        except OSError:
+            self.close_connection = True
 
-        def _answer_embeddings(self, rec: RecordedRequest) -> None:
-            """OpenAI `POST /v1/embeddings`: deterministic bag-of-words vectors (see fake_embedding);
-            faults queued for api 'openai' (or any) apply as to chat requests."""
+    def _send_page(self, status: int, page: str) -> None:
+        data = page.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(404, {"error": {"message": "not found", "type": "not_found"}})
+
+    def do_POST(self):
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = {}
+        path = self.path.split("?")[0].rstrip("/")
+        rec = RecordedRequest(
+            api=_api_of(path), path=path, headers={k.lower(): v for k, v in self.headers.items()},
+            body=body, started_at=time.monotonic(),
+        )
+        fake._enter(rec)
+        try:
+            self._answer(rec)
+        finally:
+            rec.finished_at = time.monotonic()
+            fake._leave()
+
+    def _answer(self, rec: RecordedRequest) -> None:
+        fake = self.server.fake
+        if fake.html_status is not None:  # a web page, not an API
+            rec.status = fake.html_status
+            self._send_page(fake.html_status, "<!doctype html><html><body><h1>Welcome</h1></body></html>")
+            return
+        if rec.api == "embeddings":
+            self._answer_embeddings(rec)
+            return
+        if rec.api == "other":
+            rec.status = 404
+            self._send(404, {"error": {"message": f"no route {rec.path}", "type": "not_found"}})
+            return
+        if not self._authorized_and_parsed(rec) or self._refused(rec):
+            return
+        fault = fake._take_fault(rec.api)
+        rec.fault = fault.kind if fault else None
+        if fake.latency_s > 0:
+            time.sleep(fake.latency_s)
+        if self._answered_by_fault(rec, fault):
+            return
+        self._reply(rec, fault)
+
+    def _authorized_and_parsed(self, rec: RecordedRequest) -> bool:
+        """Parse a chat request that carries a key; answer 401 (and return False) to one without."""
+        if rec.api == "anthropic":
+            if not rec.headers.get("x-api-key") and not rec.headers.get("authorization"):
+                rec.status = 401
+                self._send(401, _anthropic_error("authentication_error", "missing x-api-key"))
+                return False
+            _parse_anthropic(rec)
+        else:
             if not rec.headers.get("authorization"):
                 rec.status = 401
                 self._send(401, _openai_error(401, "missing API key", "invalid_request_error"))
-                return
-            texts = rec.body.get("input")
-            texts = [texts] if isinstance(texts, str) else list(texts or [])
-            rec.model = str(rec.body.get("model", ""))
-            rec.messages = [{"role": "user", "content": str(t)} for t in texts]
-            fault = server._take_fault("openai")
-            rec.fault = fault.kind if fault else None
-            if fault is not None and fault.kind in _ERRORS:
-                status, otype, _, msg = _ERRORS[fault.kind]
-                rec.status = status
-                self._send(status, _openai_error(status, msg, otype, otype),
-                           {"Retry-After": "0"} if fault.kind == "429" else None)
-                return
-            if fault is not None and fault.kind == "slow":
-                time.sleep(fault.delay_s)
-            rec.input_tokens = sum(count_tokens(t) for t in texts)
-            body = {"object": "list", "model": rec.model,
-                    "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(str(t))}
-                             for i, t in enumerate(texts)],
-                    "usage": {"prompt_tokens": rec.input_tokens, "total_tokens": rec.input_tokens}}
-            rec.status = 200
-            rec.response = {"n": len(texts)}
-            self._send(200, body)
+                return False
+            _parse_openai(rec)
+        return True
 
-    return Handler
+    def _refused(self, rec: RecordedRequest) -> bool:
+        """Answer the error for a refused part, a wrong key or an unknown model, if any."""
+        fake = self.server.fake
+        refused = fake.refusal(rec) or fake.unknown_key_or_model(rec)
+        if refused is None:
+            return False
+        rec.status, message = refused
+        rec.response = _openai_error(rec.status, message, "invalid_request_error")
+        self._send(rec.status, rec.response)
+        return True
+
+    def _answered_by_fault(self, rec: RecordedRequest, fault: Fault | None) -> bool:
+        """Disconnect or send the error of a fault; a 'slow' fault sleeps and lets the answer go on."""
+        if fault is None:
+            return False
+        if fault.kind == "disconnect":
+            rec.status = None
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return True
+        if fault.kind in _ERRORS:
+            status, otype, atype, msg = _ERRORS[fault.kind]
+            headers = _retry_headers(fault) if fault.kind == "429" else {}
+            body = (
+                _anthropic_error(atype, msg)
+                if rec.api == "anthropic"
+                else _openai_error(status, msg, otype, otype)
+            )
+            rec.status = status
+            rec.response = body
+            self._send(status, body, headers)
+            return True
+        if fault.kind == "slow":
+            time.sleep(fault.delay_s)
+        return False
+
+    def _reply(self, rec: RecordedRequest, fault: Fault | None) -> None:
+        """The 200 answer: the responder's reply (as a fault changes it), billed and cached."""
+        fake = self.server.fake
+        try:
+            out = fake.responder(rec)
+        except Exception as err:  # a broken responder is a 500, visible in the log
+            rec.status = 500
+            body = {"error": {"message": f"responder failed: {err!r}", "type": "server_error"}}
+            rec.response = body
+            self._send(500, body)
+            return
+        reply = _faulty_reply(out if isinstance(out, Reply) else Reply(text=str(out)), fault)
+        rec.input_tokens = reply.input_tokens if reply.input_tokens is not None else _input_tokens(rec)
+        rec.output_tokens = (
+            reply.output_tokens if reply.output_tokens is not None else count_tokens(reply.text)
+        )
+        rec.cache_read_tokens, rec.cache_write_tokens = fake.prompt_cache(rec)
+        if rec.api == "openai":
+            body = _openai_body(rec, reply)
+        else:
+            body = _anthropic_body(rec, reply, malformed=fault is not None and fault.kind == "malformed")
+        rec.status = 200
+        rec.response = body
+        self._send(200, body, {"x-request-id": "req_" + uuid.uuid4().hex[:16]})
+
+    def _answer_embeddings(self, rec: RecordedRequest) -> None:
+        """OpenAI `POST /v1/embeddings`: deterministic bag-of-words vectors (see fake_embedding);
+        faults queued for api 'openai' (or any) apply as to chat requests."""
+        if not rec.headers.get("authorization"):
+            rec.status = 401
+            self._send(401, _openai_error(401, "missing API key", "invalid_request_error"))
+            return
+        texts = rec.body.get("input")
+        texts = [texts] if isinstance(texts, str) else list(texts or [])
+        rec.model = str(rec.body.get("model", ""))
+        rec.messages = [{"role": "user", "content": str(t)} for t in texts]
+        fault = self.server.fake._take_fault("openai")
+        rec.fault = fault.kind if fault else None
+        if fault is not None and fault.kind in _ERRORS:
+            status, otype, _, msg = _ERRORS[fault.kind]
+            rec.status = status
+            self._send(status, _openai_error(status, msg, otype, otype),
+                       {"Retry-After": "0"} if fault.kind == "429" else None)
+            return
+        if fault is not None and fault.kind == "slow":
+            time.sleep(fault.delay_s)
+        rec.input_tokens = sum(count_tokens(t) for t in texts)
+        body = {"object": "list", "model": rec.model,
+                "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(str(t))}
+                         for i, t in enumerate(texts)],
+                "usage": {"prompt_tokens": rec.input_tokens, "total_tokens": rec.input_tokens}}
+        rec.status = 200
+        rec.response = {"n": len(texts)}
+        self._send(200, body)
 
 
 EMBED_DIM = 64

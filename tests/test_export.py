@@ -99,6 +99,76 @@ NP_SCORE_KEYS = [
 ]
 
 
+def _check_np_features(demo: str, d: Path, source: str, model_id: str, width: int) -> None:
+    """Neuron rows, index order, keys and types as Neuronpedia has them."""
+    feats = [r for p in batches(d / "features") for r in read_jsonl_gz(p)]
+    db_feats = q(demo, "SELECT feature_id, frac_active, max_act FROM features WHERE source_id = ? ORDER BY 1", [source])
+    assert [int(r["index"]) for r in feats] == [f[0] for f in db_feats] == list(range(width))
+    for r, (fid, frac, mx) in zip(feats, db_feats):
+        assert list(r) == NP_FEATURE_KEYS
+        assert r["modelId"] == model_id and r["layer"] == source and r["index"] == str(fid)
+        assert isinstance(r["index"], str) and isinstance(r["maxActApprox"], float)
+        assert isinstance(r["frac_nonzero"], float) and math.isclose(r["frac_nonzero"], frac)
+        assert math.isclose(r["maxActApprox"], mx or 0.0, rel_tol=1e-6)
+        assert r["hasVector"] is False and r["vector"] == []
+        assert len(r["freq_hist_data_bar_heights"]) == len(r["freq_hist_data_bar_values"])
+        n_active = q(demo, "SELECT n_active FROM features WHERE source_id = ? AND feature_id = ?", [source, fid])[0][0]
+        assert sum(r["freq_hist_data_bar_heights"]) == n_active
+
+
+def _check_np_activations(demo: str, d: Path, source: str) -> None:
+    """One row per top/quantile window, values equal to the activations table."""
+    acts = [r for p in batches(d / "activations") for r in read_jsonl_gz(p)]
+    n_windows = q(demo, "SELECT count(*) FROM examples WHERE source_id = ? AND kind IN ('top', 'quantile')", [source])[0][0]
+    assert len(acts) == n_windows
+    assert [int(r["index"]) for r in acts] == sorted(int(r["index"]) for r in acts)
+    for r in acts:
+        assert list(r) == NP_ACTIVATION_KEYS
+        assert all(isinstance(t, str) for t in r["tokens"]) and all(isinstance(v, float) for v in r["values"])
+        assert len(r["tokens"]) == len(r["values"]) > 0
+        assert r["maxValue"] == max(r["values"]) and r["minValue"] == min(r["values"])
+        assert isinstance(r["maxValueTokenIndex"], int) and r["values"][r["maxValueTokenIndex"]] == r["maxValue"]
+        assert len(r["id"]) == 25 and r["id"].startswith("c")
+    for r in acts[:: max(1, len(acts) // 15)]:
+        seq = int(r["dataIndex"])
+        start, end = q(demo, """SELECT start_pos, end_pos FROM examples WHERE source_id = ? AND feature_id = ?
+                                AND seq_id = ? AND kind IN ('top', 'quantile') ORDER BY start_pos""",
+                       [source, int(r["index"]), seq])[0]
+        assert close(r["values"], window_acts(demo, source, int(r["index"]), seq, start, end))
+        tokens = q(demo, "SELECT tokens[? + 1 : ?] FROM sequences WHERE seq_id = ?", [start, end, seq])[0][0]
+        assert r["tokens"] == tokens
+    assert len({r["id"] for r in acts}) == len(acts)
+
+
+def _check_np_explanations(demo: str, d: Path, source: str, model_id: str) -> None:
+    """The explanations that did not fail, in index order."""
+    expl = [r for p in batches(d / "explanations") for r in read_jsonl_gz(p)]
+    db_expl = q(demo, """SELECT explanation_id, feature_id, text FROM explanations
+                         WHERE source_id = ? AND coalesce(status, 'ok') = 'ok'
+                         ORDER BY feature_id, candidate, explanation_id""", [source])
+    assert [(r["id"], int(r["index"]), r["description"]) for r in expl] == [tuple(x) for x in db_expl]
+    for r in expl:
+        assert list(r) == NP_EXPLANATION_KEYS
+        assert r["layer"] == source and r["modelId"] == model_id and isinstance(r["index"], str)
+        assert r["typeName"].startswith("featurescribe_") and r["explanationModelName"]
+
+
+def _check_np_scores(demo: str, d: Path, source: str) -> None:
+    """ExplanationScore rows with the baselines in jsonDetails."""
+    scores = [r for p in batches(d / "explanation_scores") for r in read_jsonl_gz(p)]
+    db_scores = q(demo, """SELECT s.explanation_id, s.scorer, s.value, s.baseline_shuffled
+                           FROM scores s JOIN explanations e USING (explanation_id)
+                           WHERE e.source_id = ? ORDER BY 1, 2, s.split""", [source])
+    assert len(scores) == len(db_scores)
+    got = sorted((r["explanationId"], r["explanationScoreTypeName"].removeprefix("featurescribe_"), r["value"],
+                  json.loads(r["jsonDetails"])["baseline_shuffled"]) for r in scores)
+    assert got == sorted(tuple(x) for x in db_scores)
+    for r in scores:
+        assert list(r) == NP_SCORE_KEYS and isinstance(r["value"], float)
+        details = json.loads(r["jsonDetails"])
+        assert {"split", "baseline_shuffled", "baseline_tokens", "lift", "details"} <= set(details)
+
+
 def test_neuronpedia_layout_keys_types_and_content(demo, exported):
     root = exported["neuronpedia"]
     assert sorted(p.name for p in (root / "config").iterdir()) == [
@@ -109,69 +179,15 @@ def test_neuronpedia_layout_keys_types_and_content(demo, exported):
         for meta in ("model.jsonl", "source.jsonl", "sourceset.jsonl"):
             assert len((d / meta).read_text().splitlines()) == 1
         assert json.loads((d / "source.jsonl").read_text())["id"] == source
+        _check_np_features(demo, d, source, model_id, width)
+        _check_np_activations(demo, d, source)
+        _check_np_explanations(demo, d, source, model_id)
+        _check_np_scores(demo, d, source)
 
-        # features: Neuron rows, index order, keys and types as Neuronpedia has them
-        feats = [r for p in batches(d / "features") for r in read_jsonl_gz(p)]
-        db_feats = q(demo, "SELECT feature_id, frac_active, max_act FROM features WHERE source_id = ? ORDER BY 1", [source])
-        assert [int(r["index"]) for r in feats] == [f[0] for f in db_feats] == list(range(width))
-        for r, (fid, frac, mx) in zip(feats, db_feats):
-            assert list(r) == NP_FEATURE_KEYS
-            assert r["modelId"] == model_id and r["layer"] == source and r["index"] == str(fid)
-            assert isinstance(r["index"], str) and isinstance(r["maxActApprox"], float)
-            assert isinstance(r["frac_nonzero"], float) and math.isclose(r["frac_nonzero"], frac)
-            assert math.isclose(r["maxActApprox"], mx or 0.0, rel_tol=1e-6)
-            assert r["hasVector"] is False and r["vector"] == []
-            assert len(r["freq_hist_data_bar_heights"]) == len(r["freq_hist_data_bar_values"])
-            n_active = q(demo, "SELECT n_active FROM features WHERE source_id = ? AND feature_id = ?", [source, fid])[0][0]
-            assert sum(r["freq_hist_data_bar_heights"]) == n_active
 
-        # activations: one row per top/quantile window, values equal to the activations table
-        acts = [r for p in batches(d / "activations") for r in read_jsonl_gz(p)]
-        n_windows = q(demo, "SELECT count(*) FROM examples WHERE source_id = ? AND kind IN ('top', 'quantile')", [source])[0][0]
-        assert len(acts) == n_windows
-        assert [int(r["index"]) for r in acts] == sorted(int(r["index"]) for r in acts)
-        for r in acts:
-            assert list(r) == NP_ACTIVATION_KEYS
-            assert all(isinstance(t, str) for t in r["tokens"]) and all(isinstance(v, float) for v in r["values"])
-            assert len(r["tokens"]) == len(r["values"]) > 0
-            assert r["maxValue"] == max(r["values"]) and r["minValue"] == min(r["values"])
-            assert isinstance(r["maxValueTokenIndex"], int) and r["values"][r["maxValueTokenIndex"]] == r["maxValue"]
-            assert len(r["id"]) == 25 and r["id"].startswith("c")
-        for r in acts[:: max(1, len(acts) // 15)]:
-            seq = int(r["dataIndex"])
-            start, end = q(demo, """SELECT start_pos, end_pos FROM examples WHERE source_id = ? AND feature_id = ?
-                                    AND seq_id = ? AND kind IN ('top', 'quantile') ORDER BY start_pos""",
-                           [source, int(r["index"]), seq])[0]
-            assert close(r["values"], window_acts(demo, source, int(r["index"]), seq, start, end))
-            tokens = q(demo, "SELECT tokens[? + 1 : ?] FROM sequences WHERE seq_id = ?", [start, end, seq])[0][0]
-            assert r["tokens"] == tokens
-        assert len({r["id"] for r in acts}) == len(acts)
-
-        # explanations: the ones that did not fail, in index order
-        expl = [r for p in batches(d / "explanations") for r in read_jsonl_gz(p)]
-        db_expl = q(demo, """SELECT explanation_id, feature_id, text FROM explanations
-                             WHERE source_id = ? AND coalesce(status, 'ok') = 'ok'
-                             ORDER BY feature_id, candidate, explanation_id""", [source])
-        assert [(r["id"], int(r["index"]), r["description"]) for r in expl] == [tuple(x) for x in db_expl]
-        for r in expl:
-            assert list(r) == NP_EXPLANATION_KEYS
-            assert r["layer"] == source and r["modelId"] == model_id and isinstance(r["index"], str)
-            assert r["typeName"].startswith("featurescribe_") and r["explanationModelName"]
-
-        # scores: ExplanationScore rows with the baselines in jsonDetails
-        scores = [r for p in batches(d / "explanation_scores") for r in read_jsonl_gz(p)]
-        db_scores = q(demo, """SELECT s.explanation_id, s.scorer, s.value, s.baseline_shuffled
-                               FROM scores s JOIN explanations e USING (explanation_id)
-                               WHERE e.source_id = ? ORDER BY 1, 2, s.split""", [source])
-        assert len(scores) == len(db_scores)
-        got = sorted((r["explanationId"], r["explanationScoreTypeName"].removeprefix("featurescribe_"), r["value"],
-                      json.loads(r["jsonDetails"])["baseline_shuffled"]) for r in scores)
-        assert got == sorted(tuple(x) for x in db_scores)
-        for r in scores:
-            assert list(r) == NP_SCORE_KEYS and isinstance(r["value"], float)
-            details = json.loads(r["jsonDetails"])
-            assert {"split", "baseline_shuffled", "baseline_tokens", "lift", "details"} <= set(details)
-    # every name an explanation or score refers to is defined in config
+def test_neuronpedia_config_defines_every_name_used(exported):
+    """Every name an explanation or score refers to is defined in config."""
+    root = exported["neuronpedia"]
     cfg = {p.stem: {json.loads(line)["name"] for line in p.read_text().splitlines()} for p in (root / "config").iterdir()}
     source_dirs = [s for m in root.iterdir() if m.is_dir() and m.name != "config" for s in m.iterdir()]
     assert len(source_dirs) == 2
