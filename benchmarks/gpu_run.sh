@@ -19,13 +19,13 @@ export PYTHONPATH=/tmp/fs-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_
 print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__,
       "duckdb", duckdb.__version__, "pyarrow", pyarrow.__version__, "numpy", numpy.__version__)'
 } 2>&1 | tee "$OUT/machine.txt"
+LIMIT_S=${LIMIT_S:-570}  # inside the device command's 600 s, so that the script ends on its own
 # shellcheck disable=SC2086  # BENCH_ARGS and AGAIN_ARGS are lists of words
-"$PY" benchmarks/harvest.py $BENCH_ARGS 2>&1 | tee "$OUT/harvest-gpu.log"
+timeout $((LIMIT_S - SECONDS)) "$PY" benchmarks/harvest.py $BENCH_ARGS 2>&1 | tee "$OUT/harvest-gpu.log"
 status=${PIPESTATUS[0]}
-# with time left in the device command's 600 s: the speed test again with more writer threads, so
-# that one lease also tells whether the writers hold the harvest back on this machine
+# with time left: the speed test again with more writer threads, so that one lease also tells
+# whether the writers hold the harvest back on this machine
 AGAIN_ARGS=${AGAIN_ARGS-$BENCH_ARGS --only speed --writer-threads 4}
-LIMIT_S=${LIMIT_S:-570}
 if [ "$status" -eq 0 ] && [ -n "$AGAIN_ARGS" ] && [ $((LIMIT_S - SECONDS)) -gt 150 ]; then
     echo "--- again, $((LIMIT_S - SECONDS)) s left: $AGAIN_ARGS"
     timeout $((LIMIT_S - SECONDS)) "$PY" benchmarks/harvest.py $AGAIN_ARGS 2>&1 | tee "$OUT/harvest-gpu-again.log"
