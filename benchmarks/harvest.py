@@ -9,7 +9,7 @@ source, and all 30 MLP layers in one pass), sharded speedup, and peak memory aga
 1. `store_ingest_entries_per_s`: synthetic SAE-shaped batches (16,384 latents, 64 kept per token)
    through the harvest's writers into `activations` (benchmarks/harvest_store.py); the same items
    with one commit per batch, DuckDB's bare Arrow insert of the columns, and the writers with 1,
-   2, 4 ... threads (up to the cores, at most 8), in the same run.
+   2, 4 and 8 threads (as many as there are cores), in the same run.
 2. `harvest_vs_forward`: the same sequences of builtin:stdlib go through (a) a bare forward pass of
    smollm2-135m up to layer 6's MLP neurons and (b) the whole harvest (reader thread, forward,
    device-side sparsification, writer threads, final SQL stats), in interleaved rounds, so both see
