@@ -9,6 +9,10 @@ PY=${PY:-python3}
 OUT=${OUT:-out}
 BENCH_ARGS=${BENCH_ARGS:---gpu --quick --model gpu-model --skip-one-by-one}
 mkdir -p "$OUT"
+if ! ls .whl/*.whl > /dev/null 2>&1 || [ ! -f gpu-model/config.json ]; then
+    echo "gpu_run.sh: .whl/ or gpu-model/ is missing: run benchmarks/gpu_prepare.sh where PyPI is reachable, and carry both" >&2
+    exit 2
+fi
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fs-site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/fs-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 {
