@@ -17,12 +17,16 @@ from featurescribe.interrupts import as_interruption, exit_now, handling_signals
 from featurescribe.statuses import ExitStatus
 
 
+RESUMES = "what finished is kept, run the same command again to go on"
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
     help: str  # one line, shown by `featurescribe --help` and as the command's description
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    on_signal: str = RESUMES  # what the line for Ctrl-C or SIGTERM says after "interrupted (SIGNAL); "
 
 
 def command_table() -> list[Command]:
@@ -54,11 +58,12 @@ def command_table() -> list[Command]:
         Command("search", "find the features whose best label is closest in meaning to a query",
                 semantic.add_search_arguments, semantic.run_search),
         Command("browse", "a local web app to browse, filter and search features (read-only)",
-                web.add_browse_arguments, web.run_browse),
+                web.add_browse_arguments, web.run_browse, on_signal="the server stopped"),
         Command("demo", "the whole pipeline on a small model, offline: harvest, label, score, export",
                 demo.add_demo_arguments, demo.run_demo),
         Command("serve", "serve the label flow as a Prefect deployment on a cron schedule",
-                serve.add_serve_arguments, serve.run_serve),
+                serve.add_serve_arguments, serve.run_serve,
+                on_signal="no longer serving; runs already finished are kept, run the same command again to serve"),
     ]
 
 
@@ -80,14 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
         _add_lock_timeout(p, argparse.SUPPRESS)  # given after the command, it wins
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(_run=cmd.run, _on_signal=cmd.on_signal)
     return parser
 
 
-def _interrupted(signum: int, as_program: bool) -> int:
+def _interrupted(signum: int, as_program: bool, what_now: str = RESUMES) -> int:
     status = ExitStatus.TERMINATED if signum == signal.SIGTERM else ExitStatus.INTERRUPTED
-    print(f"featurescribe: interrupted ({signal.Signals(signum).name}); what finished is kept, run the "
-          "same command again to go on", file=sys.stderr)
+    print(f"featurescribe: interrupted ({signal.Signals(signum).name}); {what_now}", file=sys.stderr)
     if as_program:  # the process itself (not a caller's `main([...])`): end it now
         exit_now(status)
     return status
@@ -103,19 +107,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return ExitStatus.USAGE
     try:
+        _check_db_path(getattr(args, "db", None))
         _export_lock_timeout(args.lock_timeout)
         with handling_signals():
             return int(args._run(args) or 0)
     except BaseException as err:
         err = as_interruption(err)  # whatever a signal broke on its way in is the signal
         if isinstance(err, KeyboardInterrupt):
-            return _interrupted(getattr(err, "signum", signal.SIGINT), as_program=argv is None)
+            return _interrupted(getattr(err, "signum", signal.SIGINT), as_program=argv is None,
+                                what_now=getattr(args, "_on_signal", RESUMES))
         if isinstance(err, FeaturescribeError):
             print(f"featurescribe: error: {err}", file=sys.stderr)
             return err.exit_code
         if isinstance(err, BrokenPipeError):
             return ExitStatus.OK
         raise
+
+
+def _check_db_path(db: str | None) -> None:
+    """Every command's `--db` names a file: an empty path or DuckDB's `:memory:` would run the whole
+    command on a database that vanishes when it ends."""
+    from featurescribe.errors import BadOption
+
+    if db is not None and (not str(db).strip() or str(db) == ":memory:"):
+        raise BadOption(f"--db {db!r}: give the path of a database file, e.g. --db features.duckdb")
 
 
 def _export_lock_timeout(text: str | None) -> None:

@@ -132,7 +132,7 @@ class Database:
 
         with self._connect() as con:
             hits = search(con, text, embedder=embedder, source_id=_source_id(source, optional=True), k=k, min_score=min_score,
-                          db_label=f"database {self.path}")
+                          db_label=f"database {self.path}", db_path=str(self.path))
         return as_format(SearchResults(_hits_table(hits)), format)
 
     def sql(self, query: str, *, format: str | None = None) -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "featurescribe"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "featurescribe"
 MAX_FUNCTION_LINES = 60
 NOT_YET: tuple[str, ...] = ()
 
@@ -18,8 +19,10 @@ def _functions(path: Path):
 
 
 def test_no_function_is_longer_than_60_lines():
-    long = [f"{p.relative_to(PACKAGE.parent)}:{line} {name} ({n} lines)"
-            for p in sorted(PACKAGE.rglob("*.py")) if not set(p.relative_to(PACKAGE).parts) & set(NOT_YET)
+    """In the package, its tests and its benchmarks (a nested function counts in its outer one)."""
+    files = [p for folder in (PACKAGE, ROOT / "tests", ROOT / "benchmarks") for p in sorted(folder.rglob("*.py"))]
+    long = [f"{p.relative_to(ROOT)}:{line} {name} ({n} lines)"
+            for p in files if not set(p.relative_to(ROOT).parts) & set(NOT_YET)
             for name, line, n in _functions(p) if n > MAX_FUNCTION_LINES]
     assert not long, "functions over 60 lines:\n" + "\n".join(long)
 

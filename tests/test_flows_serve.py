@@ -40,6 +40,7 @@ def test_dry_run_prints_the_deployment(sdb, capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["--cron", "0 3 * *"], "bad --cron"),
+    (["--cron", "0 0 3 * * *"], "bad --cron '0 0 3 * * *': five fields"),  # croniter's seconds field
     (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "unknown --timezone"),
     (["--cron", "0 3 * * *", "--features", "0:99"], "outside the source"),
 ])

@@ -257,6 +257,9 @@ def test_missing_api_key_fails_before_any_work(labdb, monkeypatch, capsys):
     (["--sim-windows-per-call", "0"], "--sim-windows-per-call must be at least 1"),
     (["--baseline", "sample:0"], "bad --baseline 'sample:0'"),
     (["--gate", "vibes:0.5"], "bad --gate 'vibes:0.5'"),
+    (["--budget-usd", "nan"], "--budget-usd must be a number of dollars, 0 or more"),
+    (["--budget-usd", "-1"], "--budget-usd must be a number of dollars, 0 or more"),
+    (["--timeout", "nan"], "--timeout must be a number of seconds above 0"),
 ])
 def test_user_errors_are_one_line(labdb, capsys, args, msg):
     assert _cli(labdb, *args) != 0

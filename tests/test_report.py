@@ -140,6 +140,8 @@ def test_report_over_the_size_limit_is_refused_pointing_at_browse(demo, tmp_path
     assert "over --max-mb 0.01" in err and f"featurescribe browse --db {demo}" in err
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
     assert main(["report", "--db", demo, "--out", str(out), "--max-mb", "0"]) == 0 and out.exists()
+    estimate_mb = float(err.split("would be about ")[1].split(" MB")[0])
+    assert 0.5 < estimate_mb * 1e6 / out.stat().st_size < 2  # of the whole report, not of the part written
 
 
 def test_report_size_estimate_refuses_early(tmp_path):

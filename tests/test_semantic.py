@@ -107,7 +107,7 @@ def test_search_sql_documented_in_the_store_module_works(db):
 def test_search_without_embeddings_says_how_to_make_them(db, capsys):
     assert main(["search", "numbers", "--db", db]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "has no label embeddings" in err and "featurescribe embed --db" in err
+    assert err.count("\n") == 0 and "has no label embeddings" in err and f"featurescribe embed --db {db}" in err
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -115,6 +115,7 @@ def test_search_without_embeddings_says_how_to_make_them(db, capsys):
     (["search", "x", "--db", "{db}", "-k", "0"], "-k must be at least 1"),
     (["embed", "--db", "{db}", "--embedder", "cohere:embed"], "unknown embedder"),
     (["search", "x", "--db", "{db}", "--embedder", "openai:text-embedding-3-small"], "no embeddings by openai"),
+    (["search", "x", "--db", "{db}", "--source", "9-nope"], "no source '9-nope' (sources in this database:"),
 ])
 def test_bad_input_is_one_line_exit_2(db, capsys, args, msg):
     assert main(["embed", "--db", db]) == 0

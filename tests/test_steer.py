@@ -177,8 +177,13 @@ def test_steer_json_with_prompts_from_a_file(hdb, capsys, tmp_path):
     (["--feature", "3", "--max-new-tokens", "0"], "--max-new-tokens must be a finite number of at least 1"),
     (["--feature", "3", "--prompt", " "], "give at least one non-empty --prompt"),
     (["--feature", "3", "--prompt-file", "/nonexistent/prompts.txt"], "--prompt-file /nonexistent/prompts.txt: no such file"),
+    (["--feature", "3", "--prompt-file", "/"], "--prompt-file /: a folder, not a file"),
+    (["--feature", "3", "--prompt-file", "{binary}"], "not UTF-8 text (one prompt per line)"),
 ])
-def test_steer_bad_input_is_one_line_and_writes_nothing(hdb, capsys, extra, message):
+def test_steer_bad_input_is_one_line_and_writes_nothing(hdb, capsys, tmp_path, extra, message):
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00")
+    extra = [a.replace("{binary}", str(binary)) for a in extra]
     before = _digest(hdb)
     args = ["steer", "--db", hdb, "--source", "3-mlp", "--prompt", "Hello", *extra]
     assert main(args) == 2

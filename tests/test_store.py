@@ -89,7 +89,7 @@ def test_sql_formats(db_path):
 def test_sql_is_read_only_unless_asked(db_path):
     assert cli("init", "--db", db_path).returncode == 0
     r = cli("sql", "--db", db_path, "CREATE TABLE t (x INTEGER)")
-    assert r.returncode != 0 and "read-only" in r.stderr.lower()
+    assert r.returncode != 0 and "read-only" in r.stderr.lower() and "add --write to change it" in r.stderr
     r = cli("sql", "--db", db_path, "--write", "CREATE TABLE t (x INTEGER)")
     assert r.returncode == 0, r.stderr
 
@@ -100,6 +100,43 @@ def test_sql_syntax_error_is_one_line(db_path):
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1
     assert "syntax error" in r.stderr.lower()
+
+
+@pytest.mark.parametrize("query", ["", "   ;  ", "-- only a comment"])
+def test_sql_without_a_statement_is_one_line_exit_2(db_path, query):
+    assert cli("init", "--db", db_path).returncode == 0
+    r = cli("sql", "--db", db_path, query)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        'featurescribe: error: no SQL statement in the query: give one, e.g. "SELECT * FROM labels LIMIT 10"')
+
+
+def test_init_twice_says_the_file_is_ready(db_path):
+    assert cli("init", "--db", db_path).stdout.strip() == f"{db_path}: created (schema version {SCHEMA_VERSION})"
+    before = open(db_path, "rb").read()
+    assert cli("init", "--db", db_path).stdout.strip() == f"{db_path}: ready at schema version {SCHEMA_VERSION}"
+    assert open(db_path, "rb").read() == before
+
+
+@pytest.mark.parametrize("command", [["init"], ["sql", "SELECT 1"], ["harvest", "--model", "smollm2-135m", "--layer", "6"],
+                                     ["label", "--source", "6-mlp"], ["report", "--out", "r.html"]])
+@pytest.mark.parametrize("db", ["", ":memory:"])
+def test_a_db_that_is_not_a_file_path_is_refused(tmp_path, command, db):
+    r = cli(*command, "--db", db, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"featurescribe: error: --db {db!r}: give the path of a database file, e.g. --db features.duckdb")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_db_that_is_a_folder_says_so(tmp_path):
+    r = cli("sql", "--db", str(tmp_path), "SELECT 1")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"featurescribe: error: --db {tmp_path} is a folder: give a database file, e.g. {tmp_path / 'featurescribe.duckdb'}")
+
+
+def test_report_needs_out(db_path):
+    assert cli("init", "--db", db_path).returncode == 0
+    r = cli("report", "--db", db_path)
+    assert r.returncode == 2 and "the following arguments are required: --out" in r.stderr
 
 
 def test_sql_on_missing_database_leaves_no_file(tmp_path):

@@ -103,7 +103,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default: {DEFAULT_DB})")
-    p.add_argument("--out", help="the HTML file to write")
+    p.add_argument("--out", required=True, metavar="FILE.html", help="the HTML file to write")
     p.add_argument("--source", default=None, metavar="SOURCE_ID", help="one source (default: all)")
     p.add_argument("--examples", type=int, default=8, metavar="N",
                    help="top windows shown per feature (default: 8; random windows: half as many)")

@@ -79,7 +79,7 @@ class SizeGuard:
         self.written += n_bytes
         if self.max_bytes is None:
             return
-        estimate = self.written if n_features < self.SAMPLE else self.written / n_features * self.total
+        estimate = self.written / max(n_features, 1) * self.total  # what the features so far say of all
         if self.written > self.max_bytes or (n_features == self.SAMPLE and estimate > self.max_bytes):
             raise FeaturescribeError(
                 f"the report of {self.total:,} features would be about {_mb(estimate)} MB, over "

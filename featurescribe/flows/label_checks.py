@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from featurescribe.errors import BadOption
@@ -29,12 +30,13 @@ def check_options(o: "LabelOptions") -> None:
             f"unknown scorer(s) {', '.join(bad) or '(none)'}: use {', '.join(SCORERS.names())}")
     for failed, message in ((o.candidates < 1, "--candidates must be at least 1"),
                             (o.concurrency < 1, "--concurrency must be at least 1"),
-                            (o.timeout is not None and o.timeout <= 0, "--timeout must be more than 0"),
+                            (o.timeout is not None and not 0 < o.timeout < math.inf, "--timeout must be a number of seconds above 0"),
                             (o.logit_lens < 0, "--logit-lens must be 0 or more tokens"),
                             (o.chunk_size < 1, "--chunk-size must be at least 1"),
                             (o.max_failures < 1, "--max-failures must be at least 1"),
                             (o.sim_windows_per_call < 1, "--sim-windows-per-call must be at least 1"),
-                            (o.budget_usd is not None and o.budget_usd < 0, "--budget-usd must be 0 or more")):
+                            (o.budget_usd is not None and not 0 <= o.budget_usd < math.inf,
+                             "--budget-usd must be a number of dollars, 0 or more")):
         if failed:
             raise BadOption(message)
     if o.method not in METHOD_CHOICES:

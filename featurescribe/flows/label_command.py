@@ -89,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
         return ExitStatus.OK
     print_summary(summary, out=sys.stdout)
     print_call_outcomes(record_call_outcomes(args.db, summary.run_id), out=sys.stdout)
-    if summary.broken:
-        print(f"featurescribe: error: {summary.broken}", file=sys.stderr)
+    if summary.exit_status != ExitStatus.OK:  # the reason on stderr too, where scripts look for it
+        print(f"featurescribe: error: {summary.status_note() or 'the run ' + summary.run_status}", file=sys.stderr)
     return summary.exit_status  # 3 when some features failed, 1 when none could be labelled

@@ -45,13 +45,16 @@ def _check_cron(cron: str, tz: str) -> None:
     configure_prefect()
     from prefect.client.schemas.schedules import CronSchedule
 
+    bad = f"bad --cron {cron!r}: five fields, e.g. \"0 3 * * *\" (03:00 daily)"
+    if not cron.strip().startswith("@") and len(cron.split()) != 5:  # croniter also takes 6 and 7 fields
+        raise FeaturescribeError(bad)
     try:
         CronSchedule(cron=cron, timezone=tz)
     except ValidationError as err:
         field = err.errors()[0]["loc"][0] if err.errors() else "cron"
         if field == "timezone":
             raise FeaturescribeError(f"unknown --timezone {tz!r} (an IANA name: UTC, Europe/Paris, ...)") from None
-        raise FeaturescribeError(f"bad --cron {cron!r}: five fields, e.g. \"0 3 * * *\" (03:00 daily)") from None
+        raise FeaturescribeError(bad) from None
 
 
 def build_deployment(args: argparse.Namespace):
@@ -104,11 +107,15 @@ def serve_until_signal(dep) -> None:
     `Interrupted`: prefect.serve swallows Ctrl-C and exits 0 on SIGTERM, which a scheduler would
     read as a clean end."""
     import signal
+    import warnings
 
     from prefect import serve
 
     from featurescribe.interrupts import Interrupted, received
 
+    # Prefect's own SIGTERM handler calls the async Runner.stop without awaiting it (the runner
+    # stops anyway): its warning would be three lines of noise before ours
+    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
     try:
         serve(dep, limit=1, print_starting_message=False)
     except SystemExit as ended:  # the runner's SIGTERM handler: sys.exit(0) after stopping

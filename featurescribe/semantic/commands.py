@@ -74,7 +74,7 @@ def run_search(args: argparse.Namespace) -> int:
     from featurescribe.store.connection import Database
 
     hits = search(Database(args.db, read_only=True), args.query, embedder=args.embedder, source_id=args.source,
-                  k=args.k, min_score=args.min_score, db_label=f"database {args.db}")
+                  k=args.k, min_score=args.min_score, db_label=f"database {args.db}", db_path=args.db)
     rows = [(h.source_id, h.feature_id, round(h.similarity, 4), h.explanation, h.score, h.lift, h.density)
             for h in hits]
     write_rows(SEARCH_COLUMNS, rows, args.format, sys.stdout)

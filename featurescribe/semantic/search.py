@@ -37,7 +37,7 @@ class SearchHit:
         return dict(self.__dict__)
 
 
-def pick_embedder(con, embedder: str | None, db_label: str = "the database") -> str:
+def pick_embedder(con, embedder: str | None, db_label: str = "the database", db_path: str = "PATH") -> str:
     """The embedder whose vectors a search uses, or a user error saying how to make them."""
     present = emb_sql.embedders_present(con)
     if embedder is not None:
@@ -47,14 +47,14 @@ def pick_embedder(con, embedder: str | None, db_label: str = "the database") -> 
         embedder = f"{kind}:{model}"
     if not present:
         raise NoEmbeddings(
-            f"{db_label} has no label embeddings; make them with: featurescribe embed --db PATH"
+            f"{db_label} has no label embeddings; make them with: featurescribe embed --db {db_path}"
             + (f" --embedder {embedder}" if embedder else ""))
     if embedder is None:
         return present[0][0]
     if embedder not in dict(present):
         have = ", ".join(e for e, _ in present)
         raise NoEmbeddings(f"{db_label} has no embeddings by {embedder} (it has: {have}); "
-                                 f"make them with: featurescribe embed --embedder {embedder}")
+                           f"make them with: featurescribe embed --db {db_path} --embedder {embedder}")
     return embedder
 
 
@@ -103,7 +103,7 @@ def rank_hits(con, embedder: str, qvec: np.ndarray, *, k: int, source_id: str | 
 
 
 def search(con, query: str, *, embedder: str | None = None, source_id: str | None = None, k: int = 10,
-           min_score: float | None = None, db_label: str = "the database") -> list[SearchHit]:
+           min_score: float | None = None, db_label: str = "the database", db_path: str = "PATH") -> list[SearchHit]:
     """Features whose best label is closest in meaning to `query`, nearest first. `con`: an open
     connection, or a `Database` opened to pick the embedder and to rank, and closed in between,
     while the embedder loads and embeds the query."""
@@ -114,7 +114,11 @@ def search(con, query: str, *, embedder: str | None = None, source_id: str | Non
     if k < 1:
         raise BadOption("-k must be at least 1")
     with session(con) as c:
-        spec = pick_embedder(c, embedder, db_label)
+        if source_id is not None:
+            from featurescribe.store.labelling import source_width
+
+            source_width(c, source_id)  # an unknown source is an error, not an empty answer
+        spec = pick_embedder(c, embedder, db_label, db_path)
     qvec = embed_sync(make_embedder(spec), [query], purpose="search")[0]
     with session(con) as c:
         return rank_hits(c, spec, qvec, k=k, source_id=source_id, min_score=min_score)

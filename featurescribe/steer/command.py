@@ -57,8 +57,13 @@ def _prompts(args) -> list[str]:
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise FeaturescribeError(f"--prompt-file {args.prompt_file}: no such file")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            what = "a folder, not a file" if path.is_dir() else "no such file"
+            raise FeaturescribeError(f"--prompt-file {args.prompt_file}: {what}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise FeaturescribeError(f"--prompt-file {args.prompt_file}: not UTF-8 text (one prompt per line)") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts or any(not p.strip() for p in prompts):
         raise FeaturescribeError("give at least one non-empty --prompt (or a --prompt-file)")
     return prompts

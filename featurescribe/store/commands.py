@@ -11,7 +11,7 @@ from typing import Any
 
 import duckdb
 
-from featurescribe.errors import SQLFailed
+from featurescribe.errors import BadOption, SQLFailed
 from featurescribe.store.connection import DEFAULT_DB, database_exists, open_db
 from featurescribe.store.schema import SCHEMA_VERSION
 
@@ -24,8 +24,9 @@ def run_init(args: argparse.Namespace) -> int:
     existed = database_exists(args.db)
     con = open_db(args.db, create=True)
     con.close()
-    verb = "upgraded" if existed else "created"
-    print(f"{verb} {args.db} (schema version {SCHEMA_VERSION})")
+    # an existing file is brought up to the current schema, or left as it is when it already is
+    state = f"ready at schema version {SCHEMA_VERSION}" if existed else f"created (schema version {SCHEMA_VERSION})"
+    print(f"{args.db}: {state}")
     return 0
 
 
@@ -43,8 +44,9 @@ def run_sql(args: argparse.Namespace) -> int:
         try:
             cur = con.execute(args.query)
         except duckdb.Error as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SQLFailed(f"SQL error: {first}") from None
+            raise SQLFailed(_sql_error(err, args.write)) from None
+        if cur is None:  # DuckDB's answer to a query of blanks, semicolons or comments
+            raise BadOption("no SQL statement in the query: give one, e.g. \"SELECT * FROM labels LIMIT 10\"")
         if cur.description is None:
             return 0
         columns = [d[0] for d in cur.description]
@@ -53,6 +55,13 @@ def run_sql(args: argparse.Namespace) -> int:
         con.close()
     write_rows(columns, rows, args.format, sys.stdout)
     return 0
+
+
+def _sql_error(err: duckdb.Error, writable: bool) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not writable and "read-only" in first:
+        first += " (sql opens the database read-only: add --write to change it)"
+    return f"SQL error: {first}"
 
 
 def _plain(v: Any) -> Any:

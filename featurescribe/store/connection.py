@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-from featurescribe.errors import DatabaseLocked, FeaturescribeError, NoDatabase, SchemaTooNew
+from featurescribe.errors import BadOption, DatabaseLocked, FeaturescribeError, NoDatabase, SchemaTooNew
 from featurescribe.store.schema import SCHEMA_VERSION, current_version, migrate
 
 DEFAULT_DB = "featurescribe.duckdb"
@@ -131,6 +131,8 @@ def open_db(
     file is waited for (`timeout` seconds, default `lock_timeout()`).
     """
     path = str(path)
+    if Path(path).is_dir():
+        raise BadOption(f"--db {path} is a folder: give a database file, e.g. {Path(path) / DEFAULT_DB}")
     if path != ":memory:" and not database_exists(path):
         if not create:
             raise NoDatabase(

@@ -136,7 +136,7 @@ class OpenAIBackend(Backend):
                 raise MissingAPIKey(
                     "OPENAI_API_KEY is not set; export OPENAI_API_KEY=sk-..., or point "
                     "OPENAI_BASE_URL at an OpenAI-compatible server (vLLM, Ollama, llama.cpp), "
-                    "or use --explainer local:MODEL"
+                    "or use a model on this machine (local:MODEL)"
                 )
             key = "not-needed"  # local OpenAI-compatible servers ignore the key; the SDK wants one
         self._key = key
