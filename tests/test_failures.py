@@ -97,13 +97,14 @@ def test_some_features_failed_is_partial_exit_3(labdb, fake_llm, capsys, prefect
 
     fake_llm.responder = responder
     rc = _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--features", "2:8")
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     n_failed = len([r for r in fake_llm.requests_for("openai") if _bad_feature(r)]) // 3  # 3 attempts each
     assert 0 < n_failed < 6, "the responder should fail some of the 6 features, not all"
     assert rc == ExitStatus.PARTIAL, out
     status, note = q(labdb, "SELECT status, error FROM runs")[0]
     assert status == "partial"
     assert note.startswith(f"{6 - n_failed} labelled, {n_failed} failed"), note
+    assert _one_error_line(err) == f"featurescribe: error: {note}"  # the reason on stderr too
     # a re-run with a working judge labels the failed ones and completes
     fake_llm.responder = lambda req: json.dumps({"explanation": "the tokens 'a' and 'b'"})
     assert _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--features", "2:8") == ExitStatus.OK
