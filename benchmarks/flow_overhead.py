@@ -134,5 +134,6 @@ def main() -> int:
     print(f"flow_overhead_ratio: {r.flowed / r.bare:.3f}")
     return 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
