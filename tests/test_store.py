@@ -256,3 +256,24 @@ def test_labels_view_shows_test_scores_only(con):
                 " ('b', 'simulation', 0.4, 'lexical', 'test'), ('c', 'simulation', 0.9, 'lexical', 'valid')")
     assert con.execute("SELECT feature_id, explanation, score, split FROM labels").fetchall() == [
         (1, "B", 0.4, "test")]
+
+
+def test_sql_writes_to_a_view_say_which_tables_to_change(db_path):
+    from featurescribe.store.bulk import insert_arrow
+
+    con = open_db(db_path, create=True)
+    insert_arrow(con, "activations", {"source_id": ["6-mlp", "6-mlp", "3-mlp"], "feature_id": [1, 2, 1],
+                                      "seq_id": [0, 0, 0], "pos": [1, 2, 1], "act": [0.5, 0.25, 1.0]})
+    con.close()
+    r = cli("sql", "--db", db_path, "--write", "DELETE FROM activations WHERE source_id = '6-mlp'")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "Can only delete from base table (activations is a view over activation_rows" in r.stderr
+    # the statement the hint gives works as written
+    r = cli("sql", "--db", db_path, "--write", "DELETE FROM activation_rows WHERE source_key = "
+            "(SELECT source_key FROM source_keys WHERE source_id = '6-mlp')")
+    assert r.returncode == 0, r.stderr
+    r = cli("sql", "--db", db_path, "SELECT source_id, count(*) FROM activations GROUP BY ALL", "--format", "csv")
+    assert r.stdout.splitlines()[1:] == ["3-mlp,1"]
+    r = cli("sql", "--db", db_path, "--write", "UPDATE labels SET score = 1")
+    assert r.returncode == 2 and "(labels is a view of the best-scored explanation per feature: " \
+                                 "change explanations or scores)" in r.stderr

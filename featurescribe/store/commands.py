@@ -14,6 +14,7 @@ import duckdb
 from featurescribe.errors import BadOption, SQLFailed
 from featurescribe.store.connection import DEFAULT_DB, database_exists, open_db
 from featurescribe.store.schema import SCHEMA_VERSION
+from featurescribe.store.sql_errors import sql_error_line
 
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def run_sql(args: argparse.Namespace) -> int:
         try:
             cur = con.execute(args.query)
         except duckdb.Error as err:
-            raise SQLFailed(_sql_error(err, args.write)) from None
+            raise SQLFailed(sql_error_line(err, args.query, args.write)) from None
         if cur is None:  # DuckDB's answer to a query of blanks, semicolons or comments
             raise BadOption("no SQL statement in the query: give one, e.g. \"SELECT * FROM labels LIMIT 10\"")
         if cur.description is None:
@@ -55,13 +56,6 @@ def run_sql(args: argparse.Namespace) -> int:
         con.close()
     write_rows(columns, rows, args.format, sys.stdout)
     return 0
-
-
-def _sql_error(err: duckdb.Error, writable: bool) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if not writable and "read-only" in first:
-        first += " (sql opens the database read-only: add --write to change it)"
-    return f"SQL error: {first}"
 
 
 def _plain(v: Any) -> Any:

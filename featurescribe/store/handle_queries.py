@@ -12,6 +12,7 @@ from featurescribe.errors import SQLFailed, UnknownFeature
 from featurescribe.store import browse_queries as bq
 from featurescribe.store.labelling import source_width
 from featurescribe.store.sampling import arrow_table
+from featurescribe.store.sql_errors import sql_error_line
 from featurescribe.store.windows import WindowCounts, feature_windows
 
 _FEATURES_SQL = """
@@ -29,8 +30,7 @@ def query_table(con, sql: str, params: dict | None = None) -> pa.Table:
         rel = cur.sql(sql, params=params)
         return pa.table({}) if rel is None else arrow_table(rel)
     except duckdb.Error as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SQLFailed(f"SQL error: {first}") from None
+        raise SQLFailed(sql_error_line(err, sql, writable=True)) from None
     finally:
         cur.close()
 
