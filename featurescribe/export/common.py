@@ -191,6 +191,11 @@ def output_dir(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FeaturescribeError(f"cannot export to {out}: it is a file, not a folder")
+    if out.is_dir() and os.path.ismount(out):
+        raise FeaturescribeError(
+            f"cannot export to {out}: it is a mount point, which an export cannot replace; "
+            f"export to a folder inside it, e.g. --out {out / 'export'}"
+        )
     if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
         raise FeaturescribeError(
             f"cannot export to {out}: the folder is not empty and is not an earlier export; "
