@@ -103,6 +103,16 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path / "xdg" / "featurescribe"
 
 
+def test_a_first_conversion_off_a_terminal_prints_one_line_and_no_bars(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("FEATURESCRIBE_CACHE", str(tmp_path))
+    ref = models.resolve_model("smollm2-135m")  # pytest's stderr is not a terminal
+    target = tmp_path / "models" / "smollm2-135m"
+    assert capfd.readouterr().err.splitlines() == [
+        f"converting smollm2-135m to a transformers checkpoint (once; cached in {target})"]
+    assert ref.path == str(target) and (target / "config.json").is_file()
+    assert [p.name for p in tmp_path.joinpath("models").iterdir()] == ["smollm2-135m"]
+
+
 def test_missing_package_names_the_pip_install(monkeypatch):
     real = models.importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec",

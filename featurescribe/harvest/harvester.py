@@ -433,7 +433,7 @@ def load_model(cfg: HarvestConfig):
 
     device = pick_device(cfg.device)
     torch_dtype(cfg.dtype)
-    ref = resolve_model(cfg.model)
+    ref = resolve_model(cfg.model, progress=cfg.progress)
     model, tokenizer = load_causal_lm(ref, device=device, dtype=cfg.dtype)
     return ref.model_id, model, tokenizer
 

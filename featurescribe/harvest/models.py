@@ -12,12 +12,15 @@ cache behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -114,7 +117,17 @@ def _quiet_transformers():
     transformers.logging.disable_progress_bar()
 
 
-def _convert_builtin(bm: BuiltinModel, target: Path) -> None:
+@contextlib.contextmanager
+def _stderr_shown(show: bool):
+    """transformers' GGUF reader draws tqdm bars on sys.stderr with no switch of its own."""
+    if show:
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def _convert_builtin(bm: BuiltinModel, target: Path, show_bars: bool) -> None:
     """GGUF -> a plain float32 transformers checkpoint at `target`, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,7 +137,7 @@ def _convert_builtin(bm: BuiltinModel, target: Path) -> None:
     try:
         gguf = bm.gguf(tmp)
         log.info("converting %s from %s (once; cached in %s)", bm.name, gguf, target)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _stderr_shown(show_bars):
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -147,8 +160,9 @@ def _convert_builtin(bm: BuiltinModel, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_model(name: str) -> ModelRef:
-    """Find a model by name: builtin (converted and cached once), local directory, or hub name."""
+def resolve_model(name: str, progress: bool = True) -> ModelRef:
+    """Find a model by name: builtin (converted and cached once), local directory, or hub name.
+    A conversion draws its progress bars only with `progress` and on a terminal."""
     key = _ALIASES.get(name.lower(), name.lower())
     if key in BUILTIN_MODELS:
         bm = BUILTIN_MODELS[key]
@@ -162,8 +176,8 @@ def resolve_model(name: str) -> ModelRef:
             if target.exists():  # a folder without the marker is not ours to trust
                 shutil.rmtree(target, ignore_errors=True)
             print(f"converting {bm.name} to a transformers checkpoint (once; cached in {target})",
-                  file=__import__("sys").stderr, flush=True)
-            _convert_builtin(bm, target)
+                  file=sys.stderr, flush=True)
+            _convert_builtin(bm, target, show_bars=progress and sys.stderr.isatty())
         return ModelRef(name=name, model_id=bm.name, path=str(target), kind="builtin")
     p = Path(name).expanduser()
     if p.is_dir():
