@@ -32,8 +32,9 @@ from featurescribe.harvest.early import Background, EarlyBatch, early_forward, f
 from featurescribe.harvest.sae import SAE, load_saes
 from featurescribe.harvest.sites import MultiSiteReader, n_layers
 from featurescribe.harvest.source_state import FIRST_POS, SourceState, prepare_states, settings_diffs, source_row
-from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers, default_source_id,  # noqa: F401
-                                           parse_layers, parse_sites, plan_sources, width_label)
+from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers, check_source_id,  # noqa: F401
+                                           default_source_id, parse_layers, parse_sites, plan_sources,
+                                           width_label)
 from featurescribe.harvest.thresholds import auto_threshold, parse_threshold  # noqa: F401
 from featurescribe.harvest.writer import WRITER_THREADS, Item, RowMaker, TokenStrings, Writers
 from featurescribe.native_memory import keep_freed_memory_for_tensors, return_freed_memory
@@ -417,6 +418,8 @@ def check_config(cfg: HarvestConfig) -> None:
     """The option checks that need no model."""
     parse_sites(cfg.site)
     parse_layers(cfg.layer, n_layers=1)
+    if cfg.source_id is not None:
+        check_source_id(cfg.source_id)
     if cfg.ctx < 2:
         raise BadOption("--ctx must be at least 2")
     if cfg.batch_size is not None and cfg.batch_size < 1:

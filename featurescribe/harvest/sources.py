@@ -8,6 +8,7 @@ runs before the database is opened: a bad combination is one error line and noth
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from featurescribe.errors import BadOption, FeaturescribeError
@@ -15,6 +16,9 @@ from featurescribe.harvest.sae import SAE, check_sae_fits, resolve_sae_site, sit
 from featurescribe.harvest.sites import SITE_ABBR, SITES, Site, check_layer, check_site
 
 DEFAULT_SITE = "mlp"
+_LAYER_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")  # ASCII digits only: int() also reads '٣'
+# a source id names export folders (delphi, oai, neuronpedia): '..' or 'a/b' would write outside them
+_SOURCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def width_label(n: int) -> str:
@@ -46,8 +50,10 @@ def parse_layers(spec, n_layers: int | None = None) -> list[int] | None:
     layers: set[int] = set()
     try:
         for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            a, b = int(lo), int(hi) if hi else int(lo)
+            m = _LAYER_PART.fullmatch(part.strip())
+            if m is None:
+                raise ValueError
+            a, b = int(m[1]), int(m[2] or m[1])
             if b < a:
                 raise ValueError
             layers.update(range(a, b + 1))
@@ -101,6 +107,12 @@ def _sae_place(sae: SAE, layers: list[int] | None, sites: list[str] | None) -> t
     return site, layer
 
 
+def check_source_id(source_id: str) -> None:
+    if not _SOURCE_ID.fullmatch(source_id):
+        raise BadOption(f"bad --source-id {source_id!r}: use letters, digits, '.', '-' and '_', starting with "
+                        "a letter or digit (e.g. 6-mlp-v2)")
+
+
 def plan_sources(layers: list[int] | None, sites: list[str] | None, saes: list[SAE],
                  source_id: str | None = None) -> list[SourcePlan]:
     """The sources of one harvest, before the model is looked at; duplicate ids are an error."""
@@ -114,6 +126,7 @@ def plan_sources(layers: list[int] | None, sites: list[str] | None, saes: list[S
         site, layer = _sae_place(sae, layers, sites)
         plans.append(SourcePlan(default_source_id(layer, site, sae.width), site, layer, sae, sae.width))
     if source_id is not None:
+        check_source_id(source_id)
         if len(plans) != 1:
             raise BadOption(f"--source-id names one source, but this harvest has {len(plans)} "
                                      f"({', '.join(p.source_id for p in plans)})")

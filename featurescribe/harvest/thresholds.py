@@ -12,8 +12,6 @@ SAMPLE = 1 << 18  # entries the estimate reads: at 1% kept, its relative error i
 
 def parse_threshold(spec) -> tuple[str, float]:
     """('abs', value) | ('keep', fraction). Accepts a number, 'auto' (keep 1%) or 'N%' (keep N%)."""
-    if isinstance(spec, (int, float)):
-        return "abs", float(spec)
     s = str(spec).strip().lower()
     if s == "auto":
         return "keep", DEFAULT_AUTO_KEEP
@@ -23,10 +21,13 @@ def parse_threshold(spec) -> tuple[str, float]:
             if not 0 < frac < 1:
                 raise ValueError
             return "keep", frac
-        return "abs", float(s)
+        value = float(spec) if isinstance(spec, (int, float)) else float(s)
+        if not math.isfinite(value):  # nan or inf keeps nothing at all
+            raise ValueError
+        return "abs", value
     except ValueError:
-        raise BadOption(f"bad --threshold {spec!r}: use a number, 'auto' (keep about 1% of "
-                                 "entries) or a percentage like '2%'") from None
+        raise BadOption(f"bad --threshold {spec!r}: use a finite number, 'auto' (keep about 1% "
+                                 "of entries) or a percentage like '2%'") from None
 
 
 def auto_threshold(acts, keep: float) -> float:

@@ -1,0 +1,58 @@
+"""Option values of `harvest` that are refused before any work: one `featurescribe: error:` line,
+exit status 2, no database file (each case fails before the model is loaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from featurescribe.cli import main
+from featurescribe.harvest.sources import parse_layers
+from featurescribe.harvest.thresholds import parse_threshold
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("The quick brown fox jumps over the lazy dog.\n" * 20)
+    return str(p)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--layer", "6-"], "bad --layer '6-'"),
+    (["--layer", "-6"], "bad --layer '-6'"),
+    (["--layer", "3-6-9"], "bad --layer '3-6-9'"),
+    (["--layer", "\u0663"], "bad --layer"),  # ARABIC-INDIC DIGIT THREE: int() reads it, a layer spec does not
+    (["--layer", "6", "--threshold", "nan"], "bad --threshold 'nan'"),
+    (["--layer", "6", "--threshold", "inf"], "bad --threshold 'inf'"),
+    (["--layer", "6", "--threshold", "1e400"], "bad --threshold '1e400'"),
+    (["--layer", "6", "--source-id", ""], "bad --source-id ''"),
+    (["--layer", "6", "--source-id", ".."], "bad --source-id '..'"),
+    (["--layer", "6", "--source-id", "a/b"], "bad --source-id 'a/b'"),
+    (["--layer", "6", "--source-id", "my source"], "bad --source-id 'my source'"),
+])
+def test_refused_before_any_work(tmp_path, corpus_file, capsys, extra, msg):
+    db = str(tmp_path / "h.duckdb")
+    rc = main(["harvest", "--db", db, "--model", "smollm2-135m", "--corpus", corpus_file, "--no-progress"] + extra)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("featurescribe: error: ") and len(err.strip().splitlines()) == 1, err
+    assert msg in err
+    assert not os.path.exists(db)
+
+
+def test_layer_specs_still_read():
+    assert parse_layers("6") == [6]
+    assert parse_layers(" 3, 6 ,9") == [3, 6, 9]
+    assert parse_layers("0-2,2") == [0, 1, 2]
+    assert parse_layers("ALL", n_layers=3) == [0, 1, 2]
+
+
+def test_thresholds_still_read():
+    assert parse_threshold(0.5) == ("abs", 0.5)
+    assert parse_threshold("-1") == ("abs", -1.0)
+    assert parse_threshold("2%") == ("keep", 0.02)
+    assert parse_threshold("auto") == ("keep", 0.01)
+    with pytest.raises(ValueError):
+        parse_threshold(float("nan"))
