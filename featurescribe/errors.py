@@ -6,6 +6,8 @@ the kind it expects (`except featurescribe.UnknownSource`); the lookup errors ar
 `LookupError`s and the bad values `ValueError`s, as Python code expects.
 """
 
+import errno
+
 
 class FeaturescribeError(Exception):
     """An error with a message meant for the user: one line, no traceback."""
@@ -53,3 +55,24 @@ class SQLFailed(FeaturescribeError):
 
 class MissingDependency(FeaturescribeError, ImportError):
     """An optional package (pandas, polars, sae-lens, ...) that a call needs is not installed."""
+
+
+class DiskFull(FeaturescribeError, OSError):
+    """The disk filled up while a command wrote; what it had committed before is kept."""
+
+    exit_code = 1  # statuses.ExitStatus.ERROR: the run failed midway, it is not bad input
+
+
+def disk_full(err: BaseException) -> DiskFull | None:
+    """A `DiskFull` for an error that a full disk caused, else None: an OSError ENOSPC, or DuckDB's
+    IO and transaction errors (their own classes, with the OS's words in the message), also when a
+    later error (a Prefect flow's, a cleanup's) was raised while handling it."""
+    seen: BaseException | None = err
+    for _ in range(16):  # a chain is short; a cycle in it must not hang the error path
+        if seen is None:
+            break
+        if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or "No space left on device" in str(seen):
+            return DiskFull(f"the disk is full ({first_error_line(seen)}); what was committed is kept: free some "
+                            "space and run the same command again")
+        seen = seen.__cause__ or seen.__context__
+    return None

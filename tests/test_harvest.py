@@ -410,3 +410,46 @@ def test_token_strings_are_each_tokens_own_text_whatever_the_order_ids_arrive_in
     assert ts(ids).to_pylist() == first and " add" in first
     past = np.array([len(tok) + 2, ids[0]], dtype=np.int32)
     assert ts(past).to_pylist() == ["", first[0]]
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_finishes(smollm2, tmp_path, corpus_file, monkeypatch, capsys):
+    import duckdb
+
+    from featurescribe.store import harvest_rows
+
+    fresh = str(tmp_path / "fresh.duckdb")
+    run(fresh, smollm2, corpus_file, site="mlp", threshold=0.2)
+    db = str(tmp_path / "full.duckdb")
+    argv = ["harvest", "--db", db, "--model", "smollm2-135m", "--layer", str(LAYER), "--corpus", corpus_file,
+            "--ctx", str(CTX), "--max-tokens", str(4 * CTX), "--batch-size", "3", "--threshold", "0.2",
+            "--no-progress"]
+
+    def full(*a, **kw):  # what DuckDB raises when the file cannot grow
+        raise duckdb.IOException(f'IO Error: Could not write file "{db}": No space left on device')
+
+    with monkeypatch.context() as m:
+        m.setattr(harvest_rows, "write_harvest_rows", full)
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("featurescribe: error: the disk is full (") and len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err and "run the same command again" in err
+    assert main(argv) == 0
+    assert read_by_corpus_index(db, f"{LAYER}-mlp") == read_by_corpus_index(fresh, f"{LAYER}-mlp")
+    assert read(db, f"{LAYER}-mlp")[2] == read(fresh, f"{LAYER}-mlp")[2]
+
+
+def test_disk_full_reads_the_error_chain():
+    import errno
+
+    from featurescribe.errors import DiskFull, disk_full
+
+    assert isinstance(disk_full(OSError(errno.ENOSPC, "No space left on device")), DiskFull)
+    try:
+        try:
+            raise RuntimeError('Could not write file "x.wal": No space left on device')
+        except RuntimeError:
+            raise ValueError("the flow failed")  # noqa: B904 - a later error raised while handling it
+    except ValueError as later:
+        assert "x.wal" in str(disk_full(later))
+    assert disk_full(OSError(errno.EACCES, "Permission denied")) is None
+    assert disk_full(ValueError("no")) is None
