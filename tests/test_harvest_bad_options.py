@@ -56,3 +56,44 @@ def test_thresholds_still_read():
     assert parse_threshold("auto") == ("keep", 0.01)
     with pytest.raises(ValueError):
         parse_threshold(float("nan"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_error(argv, capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("featurescribe: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_dask_options_refused_before_any_work(tmp_path, corpus_file, capsys):
+    db = str(tmp_path / "h.duckdb")
+    base = ["harvest", "--db", db, "--model", "smollm2-135m", "--layer", "6", "--corpus", corpus_file,
+            "--no-progress", "--shards", "2", "--task-runner", "dask"]
+    nobody = f"tcp://127.0.0.1:{_free_port()}"
+    assert "--workers must be at least 1" in _one_error(base + ["--workers", "0"], capsys)
+    assert f"cannot reach the Dask scheduler at {nobody}" in _one_error(base + ["--dask-address", nobody], capsys)
+    assert "bad --dask-address 'nowhere'" in _one_error(base + ["--dask-address", "nowhere"], capsys)
+    assert not os.path.exists(db) and not os.path.exists(db + ".shards")
+    label = ["label", "--db", db, "--source", "6-mlp", "--task-runner", "dask", "--dask-address", nobody]
+    assert "cannot reach the Dask scheduler" in _one_error(label, capsys)
+    assert not os.path.exists(db)
+
+
+def test_a_listening_scheduler_address_passes():
+    import socket
+
+    from featurescribe.flows.runners import check_scheduler
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_scheduler(f"tcp://127.0.0.1:{s.getsockname()[1]}")

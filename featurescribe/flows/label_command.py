@@ -74,6 +74,10 @@ def print_summary(s: LabelSummary, out=None) -> None:
 def run_label(db: str, options: label_options.LabelOptions) -> LabelSummary | None:
     """The label run the options describe (what `featurescribe.label(...)` runs too); None when
     `--batch --no-wait` only submitted batches."""
+    if options.task_runner == "dask" and options.dask_address:
+        from featurescribe.flows.runners import check_scheduler
+
+        check_scheduler(options.dask_address)
     if options.batch:  # provider batch APIs first, then the run from the cache
         from featurescribe.flows.label_batch import run_label_batch
 

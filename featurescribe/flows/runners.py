@@ -43,6 +43,24 @@ def make_task_runner(kind: str, *, threads: int = 2, workers: int = 2, address: 
     raise FeaturescribeError(f"unknown task runner {kind!r}: use {' or '.join(RUNNERS)}")
 
 
+def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a `--dask-address` where no scheduler listens, before any work: Dask itself first
+    connects at the first task, and gives up 30 s later with a traceback."""
+    import socket
+
+    from distributed.comm import get_address_host_port
+
+    try:
+        host, port = get_address_host_port(address)
+    except ValueError as err:
+        raise FeaturescribeError(f"bad --dask-address {address!r}: {err}; use tcp://HOST:PORT") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise FeaturescribeError(f"cannot reach the Dask scheduler at {address} "
+                                 f"({err.strerror or err}); start it, or leave out --dask-address") from None
+
+
 @contextmanager
 def workers_see_api() -> Iterator[str]:
     """Make processes started from here (Dask workers) use this process's Prefect API.

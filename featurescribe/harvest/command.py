@@ -26,6 +26,11 @@ def run_harvest(db: str | os.PathLike, options: HarvestOptions) -> list[HarvestR
     if options.shards != 1:
         from featurescribe.harvest.shards import harvest_sharded
 
+        if options.task_runner == "dask" and options.dask_address:
+            from featurescribe.flows.runners import check_scheduler
+
+            check_scheduler(options.dask_address)
+
         return harvest_sharded(cfg, options.shards, task_runner=options.task_runner, workers=options.workers,
                                dask_address=options.dask_address)
     from featurescribe.harvest.harvester import harvest_all

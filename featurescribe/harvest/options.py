@@ -73,6 +73,8 @@ class HarvestOptions:
             raise BadOption("harvest() of a loaded model needs its tokenizer: tokenizer=...")
         if self.in_memory and self.shards != 1:
             raise BadOption("shards need a model name or folder (each shard loads its own copy), not a loaded model")
+        if self.task_runner == "dask" and self.workers < 1:
+            raise BadOption("--workers must be at least 1")
         if not self.in_memory and not isinstance(self.model, str):
             raise BadOption(f"model must be a name, a folder or a loaded transformers model, not {type(self.model).__name__}")
 
