@@ -151,13 +151,10 @@ def test_failed_conversion_leaves_no_cache(monkeypatch, tmp_path):
     assert os.listdir(tmp_path / "models") == []
 
 
-def test_local_model_directory(tmp_path, tok):
-    """A tiny random Llama saved to a folder harvests through the same path as any model."""
+def tiny_llama(tmp_path, tok):
+    """A tiny random Llama (2 layers, 128 positions) saved to a folder, and a corpus for it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from featurescribe.harvest.harvester import HarvestConfig, harvest
-    from featurescribe.store import open_db
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -166,6 +163,15 @@ def test_local_model_directory(tmp_path, tok):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     (tmp_path / "c.txt").write_text("hello world, this is a tiny corpus for a tiny model. " * 10)
+    return folder
+
+
+def test_local_model_directory(tmp_path, tok):
+    """A tiny random Llama saved to a folder harvests through the same path as any model."""
+    from featurescribe.harvest.harvester import HarvestConfig, harvest
+    from featurescribe.store import open_db
+
+    folder = tiny_llama(tmp_path, tok)
     db = str(tmp_path / "t.duckdb")
     r = harvest(HarvestConfig(db=db, model=str(folder), layer=1, site="mlp", corpus=str(tmp_path / "c.txt"),
                               ctx=16, max_tokens=64, threshold="5%", progress=False))
@@ -176,3 +182,20 @@ def test_local_model_directory(tmp_path, tok):
     con = open_db(db, read_only=True)
     assert con.execute("SELECT model_id FROM sources").fetchone()[0] == str(folder.resolve())
     con.close()
+
+
+def test_ctx_past_the_models_context_is_refused(tmp_path, tok):
+    """Positions past max_position_embeddings: refused before the database is opened, sharded or not."""
+    from featurescribe.harvest.harvester import HarvestConfig, harvest
+    from featurescribe.harvest.shards import harvest_sharded
+
+    folder = tiny_llama(tmp_path, tok)
+    db = tmp_path / "t.duckdb"
+    cfg = HarvestConfig(db=str(db), model=str(folder), layer=1, corpus=str(tmp_path / "c.txt"), ctx=129,
+                        max_tokens=0, progress=False)
+    with pytest.raises(FeaturescribeError, match="--ctx 129 is longer than the model's context of 128 tokens"):
+        harvest(cfg)
+    with pytest.raises(FeaturescribeError, match="--ctx 129 is longer"):
+        harvest_sharded(cfg, 2)
+    assert not db.exists()
+    assert harvest(HarvestConfig(**{**cfg.__dict__, "ctx": 128})).n_tokens > 0  # the whole context is fine

@@ -430,6 +430,14 @@ def check_config(cfg: HarvestConfig) -> None:
         parse_threshold(cfg.threshold)
 
 
+def check_ctx(ctx: int, model) -> None:
+    """Positions past the model's context are out of its training distribution, and attention's
+    memory grows with ctx squared: such a --ctx is bad input, not a long run that fails later."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and ctx > limit:
+        raise BadOption(f"--ctx {ctx:,} is longer than the model's context of {limit:,} tokens")
+
+
 def load_model(cfg: HarvestConfig):
     """(model_id, model, tokenizer) for a config."""
     from featurescribe.harvest.models import load_causal_lm, pick_device, resolve_model, torch_dtype
@@ -449,6 +457,7 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
     corpus = corpus_mod.open_corpus(cfg.corpus)
     saes = load_saes(cfg.sae_paths)
     model_id, model, tokenizer = loaded if loaded is not None else load_model(cfg)
+    check_ctx(cfg.ctx, model)
     h = Harvester(model, tokenizer, model_id=model_id, layer=cfg.layer, site=cfg.site, sae=saes,
                   source_id=cfg.source_id)
     if one and len(h.plans) != 1:

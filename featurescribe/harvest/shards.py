@@ -19,8 +19,8 @@ from pathlib import Path
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.harvest import corpus as corpus_mod
-from featurescribe.harvest.harvester import (HarvestConfig, HarvestResult, Harvester, check_config, harvest_all,
-                                             load_model)
+from featurescribe.harvest.harvester import (HarvestConfig, HarvestResult, Harvester, check_config, check_ctx,
+                                             harvest_all, load_model)
 from featurescribe.harvest.sae import load_saes
 
 
@@ -130,6 +130,7 @@ def plan_shards(cfg: HarvestConfig, shards: int, loaded=None) -> ShardPlan:
     corpus_mod.open_corpus(cfg.corpus)
     saes = load_saes(cfg.sae_paths)
     model_id, model, tokenizer = loaded if loaded is not None else load_model(cfg)
+    check_ctx(cfg.ctx, model)
     h = Harvester(model, tokenizer, model_id=model_id, layer=cfg.layer, site=cfg.site, sae=saes,
                   source_id=cfg.source_id)
     n_seq = _count_sequences(cfg, tokenizer)
