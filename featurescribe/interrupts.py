@@ -95,6 +95,13 @@ def received() -> int | None:
     return _LOOPS.stopping
 
 
+def stop_if_received() -> None:
+    """Raise `Interrupted` once a signal arrived: for loops on threads other than the main one
+    (the shards of `harvest --shards N --task-runner thread`), where the handler raises nothing."""
+    if _LOOPS.stopping is not None:
+        raise Interrupted(_LOOPS.stopping)
+
+
 def stop_running() -> int:
     """Cancel every loop `run_cancellable` runs; returns how many."""
     return _LOOPS.cancel_all(None)

@@ -160,3 +160,38 @@ def test_sigterm_stops_harvest_and_a_rerun_finishes(tmp_path):
     again = subprocess.run(cmd + ["--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == ExitStatus.OK, again.stdout + again.stderr
     assert again.stdout.strip().splitlines()[-1] == "source_id: 2-mlp"
+
+
+def test_sigterm_stops_a_sharded_harvest_on_threads(tmp_path):
+    """The shards run on threads of the process, where the signal raises nothing: each stops at its
+    next batch (it used to harvest its whole range first), keeps what it committed, and the same
+    command finishes them and merges."""
+    from tests.test_harvest import TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 400)
+    db = str(tmp_path / "harvest.duckdb")
+    cmd = [sys.executable, "-m", "featurescribe", "harvest", "--db", db, "--model", "smollm2-135m",
+           "--layer", "2", "--corpus", str(corpus), "--ctx", "32", "--batch-size", "1", "--device", "cpu",
+           "--max-tokens", "16000", "--shards", "2", "--task-runner", "thread", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    shards = Path(db + ".shards")
+    _wait_for(proc, lambda: len(list(shards.glob("shard-*.duckdb"))) == 2, 300)
+    time.sleep(2)  # both shards are in their batches
+    rc, took, _ = _stop(proc, signal.SIGTERM)
+    out = proc.stdout.read()
+    assert rc == ExitStatus.TERMINATED, out
+    assert took <= STOP_WITHIN_S, f"{took:.1f} s from the signal to the exit"
+    assert "featurescribe: interrupted (SIGTERM)" in out
+    assert shards.is_dir()  # not merged: the shards did not finish
+    assert q(db, "SELECT status, error FROM runs") == [("interrupted", "stopped by SIGTERM")]
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == ExitStatus.OK, again.stdout + again.stderr
+    assert again.stdout.strip().splitlines()[-1] == "source_id: 2-mlp"
+    assert not shards.exists()
+    n_seq = q(db, "SELECT count(*) FROM sequences")[0][0]
+    assert q(db, "SELECT n_tokens FROM sources") == [(n_seq * 31,)]  # position 0 of each is context only
+    assert q(db, "SELECT count(*) FROM (SELECT DISTINCT feature_id, seq_id, pos FROM activations)") == \
+        q(db, "SELECT count(*) FROM activations")

@@ -11,6 +11,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from featurescribe.flows.run_record import recorded_run
+from featurescribe.interrupts import ours_in_flow
 
 
 def _transient(task, task_run, state) -> bool:
@@ -70,7 +71,8 @@ def harvest_shards_flow(plan: dict, task_runner: str = "thread", workers: int = 
 
     db = plan["params"]["db"]
     t0 = time.monotonic()
-    with recorded_run(db, "harvest", {"shards": plan["shards"], "task_runner": task_runner,
+    # our SIGTERM handler, not Prefect's: it tells the shards' threads to stop (stop_if_received)
+    with ours_in_flow(), recorded_run(db, "harvest", {"shards": plan["shards"], "task_runner": task_runner,
                                       **{k: v for k, v in plan["params"].items() if k != "progress"}}):
         with ExitStack() as stack:
             if task_runner == "dask":

@@ -37,6 +37,7 @@ from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers,
                                            width_label)
 from featurescribe.harvest.thresholds import auto_threshold, parse_threshold  # noqa: F401
 from featurescribe.harvest.writer import WRITER_THREADS, Item, RowMaker, TokenStrings, Writers
+from featurescribe.interrupts import stop_if_received
 from featurescribe.native_memory import keep_freed_memory_for_tensors, return_freed_memory
 from featurescribe.store.connection import session
 from featurescribe.store.transaction import transaction
@@ -296,6 +297,7 @@ class Harvester:
         try:
             with Progress("harvest", total=total, unit="tok", enabled=cfg.progress) as bar, torch.inference_mode():
                 for batch in reader:
+                    stop_if_received()
                     item = self._item(batch, states, early.take(batch) if early is not None else None)
                     writers.put(item)
                     loop.tokens += batch.n_tokens
@@ -457,6 +459,7 @@ def harvest_all(cfg: HarvestConfig, loaded=None, *, one: bool = False) -> list[H
     corpus = corpus_mod.open_corpus(cfg.corpus)
     saes = load_saes(cfg.sae_paths)
     model_id, model, tokenizer = loaded if loaded is not None else load_model(cfg)
+    stop_if_received()  # a shard's thread: loading took a while
     check_ctx(cfg.ctx, model)
     h = Harvester(model, tokenizer, model_id=model_id, layer=cfg.layer, site=cfg.site, sae=saes,
                   source_id=cfg.source_id)
