@@ -143,8 +143,17 @@ def exit_now(status: int) -> None:
     SIGKILL soon after SIGTERM. Everything of ours is written and closed before this is called."""
     sys.stdout.flush()
     sys.stderr.flush()
+    _send_prefect_logs()
     atexit._run_exitfuncs()
     os._exit(int(status))
+
+
+def _send_prefect_logs() -> None:
+    """Hand Prefect's queued log lines (a flow's 'Crash detected!') to its API now: atexit stops the
+    ephemeral server first, and the log worker then prints '--- Error logging to API ---'."""
+    handlers = sys.modules.get("prefect.logging.handlers")
+    if handlers is not None:
+        handlers.APILogWorker.drain_all(timeout=2)
 
 
 def _on_signal(signum: int, frame) -> None:
