@@ -453,3 +453,19 @@ def test_disk_full_reads_the_error_chain():
         assert "x.wal" in str(disk_full(later))
     assert disk_full(OSError(errno.EACCES, "Permission denied")) is None
     assert disk_full(ValueError("no")) is None
+
+
+def test_a_corpus_changed_since_is_refused_not_mixed_in(smollm2, db_path, corpus_file):
+    """The same path with other contents gives other sequences: they used to be harvested into the
+    source beside the old ones (a 64-token harvest grew to 128 tokens of two corpora)."""
+    first = run(db_path, smollm2, corpus_file, site="mlp", threshold=0.2, max_tokens=2 * CTX)
+    before = read(db_path, f"{LAYER}-mlp")
+    with open(corpus_file, "a") as f:
+        f.write("A line added after the first harvest.\n")
+    with pytest.raises(FeaturescribeError, match="already exists with other corpus contents"):
+        run(db_path, smollm2, corpus_file, site="mlp", threshold=0.2, max_tokens=4 * CTX)
+    after = read(db_path, f"{LAYER}-mlp")
+    assert after[3]["n_tokens"] == first.n_tokens and after[2] == before[2]
+    assert (after[0]["act"] == before[0]["act"]).all()
+    r = run(db_path, smollm2, corpus_file, site="mlp", threshold=0.2, max_tokens=4 * CTX, overwrite=True)
+    assert r.n_sequences == 4

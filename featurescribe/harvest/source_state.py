@@ -49,10 +49,16 @@ def _check_existing(con, source_id: str, want: dict, explicit_threshold: bool) -
     return True, stored
 
 
+def _diff(key: str, have, want) -> str:
+    if key == "corpus_key":  # same path and ctx, other files: the stored sequences are not these
+        return f"other corpus contents (the files of {want.split('|')[0]} changed since: size or modification time)"
+    return f"{key} {have!r} (now {want!r})"
+
+
 def settings_diffs(have: dict, want: dict, threshold: float | None) -> list[str]:
     """How a stored source's settings (`source_settings`) differ from a harvest's; `threshold`: the
     harvest's threshold where it must match too."""
-    diffs = [f"{k} {have[k]!r} (now {want[k]!r})" for k in have if k != "threshold" and have[k] != want[k]]
+    diffs = [_diff(k, have[k], want[k]) for k in have if k != "threshold" and have[k] != want[k]]
     stored = have.get("threshold")
     if threshold is not None and stored is not None and abs(stored - threshold) > 1e-9 * max(1.0, abs(stored)):
         diffs.append(f"threshold {stored!r} (now {threshold!r})")
@@ -82,7 +88,8 @@ def _state(con, h, cfg, corpus, tokenizer_id: str, batch_size: int, p: SourcePla
                                   else ("auto" if p.kind == "neuron" else 0.0))
     want = {"model_id": h.model_id, "hook_name": p.hook_name, "layer": p.layer, "kind": p.kind,
             "width": p.width, "sae_path": p.sae.path if p.sae is not None else None, "corpus": corpus.name,
-            "ctx": cfg.ctx, "tokenizer_id": tokenizer_id, "threshold": value if rule == "abs" else None}
+            "ctx": cfg.ctx, "tokenizer_id": tokenizer_id, "corpus_key": corpus.key(cfg.ctx),
+            "threshold": value if rule == "abs" else None}
     if cfg.overwrite:
         delete_source(con, p.source_id)
     exists, stored = _check_existing(con, p.source_id, want, cfg.threshold is not None and rule == "abs")

@@ -55,6 +55,8 @@ def source_settings(con, source_id: str) -> dict[str, Any] | None:
     have = dict(zip(SOURCE_SETTINGS, row[: len(SOURCE_SETTINGS)]))
     params = json.loads(row[-1]) if row[-1] else {}
     have["tokenizer_id"] = params.get("tokenizer_id")
+    if params.get("corpus_key"):  # the corpus's identity (its files' sizes and times), where recorded
+        have["corpus_key"] = params["corpus_key"]
     have["threshold"] = float(row[-2]) if row[-2] is not None else None
     return have
 
