@@ -640,3 +640,40 @@ def test_failure_midway_leaves_nothing(demo, tmp_path, monkeypatch, capsys):
     assert main(["export", "--db", demo, "--format", "neuronpedia", "--out", str(out)]) != 0
     assert "No space left on device" in _one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_whose_harvest_was_interrupted_is_not_exported(smollm2, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C'd harvest keeps its entries, but a source's statistics (`features`) are written at the
+    end: export and report of it used to write 0 features and exit 0."""
+    import signal
+
+    from featurescribe.harvest import harvester
+    from featurescribe.harvest.harvester import HarvestConfig, harvest
+    from featurescribe.interrupts import Interrupted
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog; def f(x): return x + 1\n" * 40)
+    db = str(tmp_path / "h.duckdb")
+    cfg = HarvestConfig(db=db, model="smollm2-135m", layer=2, corpus=str(corpus), ctx=16, max_tokens=160,
+                        batch_size=2, threshold=0.2, progress=False)
+    batches = iter(range(100))
+
+    def ctrl_c_at_the_third_batch():  # the harvest loop's own check, as a signal makes it raise
+        if next(batches) == 2:
+            raise Interrupted(signal.SIGINT)
+
+    with monkeypatch.context() as m:
+        m.setattr(harvester, "stop_if_received", ctrl_c_at_the_third_batch)
+        with pytest.raises(Interrupted):
+            harvest(cfg, loaded=smollm2)
+    con = open_db(db, read_only=True)
+    assert con.execute("SELECT count(*) FROM activations").fetchone()[0] > 0  # what ran is kept
+    con.close()
+    out = tmp_path / "out"
+    assert main(["export", "--db", db, "--format", "json", "--out", str(out)]) == 2
+    assert "source 2-mlp" in _one_error_line(capsys) and not out.exists()
+    assert main(["report", "--db", db, "--out", str(tmp_path / "r.html")]) == 2
+    assert "not fully harvested" in _one_error_line(capsys) and not (tmp_path / "r.html").exists()
+    harvest(cfg, loaded=smollm2)  # the same harvest again finishes it
+    assert main(["export", "--db", db, "--format", "json", "--out", str(out)]) == 0
+    assert "exported 1536 features" in capsys.readouterr().out

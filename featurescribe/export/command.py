@@ -83,7 +83,7 @@ def export_database(db: str | os.PathLike, o: ExportOptions) -> ExportResult:
     con = open_db(db, read_only=True, create=False)
     try:
         sources = export_sources(con, o.source, db_label=f"database {db}")
-        all_sources = export_sources(con, None, db_label=f"database {db}")
+        all_sources = export_sources(con, None, db_label=f"database {db}", finished=False)
         total = sum(count_features(con, s["source_id"]) for s in sources)
         with output_dir(o.out) as tmp:
             summary = _write_format(con, o, sources, all_sources, tmp, total)

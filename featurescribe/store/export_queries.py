@@ -80,8 +80,28 @@ def _rows(con, sql: str, params: list | None = None) -> list[dict[str, Any]]:
     return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
-def export_sources(con, source_id: str | None = None, db_label: str = "the database") -> list[dict[str, Any]]:
-    """The sources to export (one, or all by id), or a user error naming what is there."""
+def export_sources(con, source_id: str | None = None, db_label: str = "the database", *,
+                   finished: bool = True) -> list[dict[str, Any]]:
+    """The sources to export (one, or all by id), or a user error naming what is there; `finished`:
+    refuse a source whose harvest has not ended (its statistics are written last)."""
+    chosen = _chosen_sources(con, source_id, db_label)
+    unfinished = _unfinished(con, [r["source_id"] for r in chosen]) if finished else []
+    if unfinished:
+        raise FeaturescribeError(
+            f"source {', '.join(unfinished)} in {db_label} is not fully harvested (its harvest was interrupted "
+            "or is still running): run the same harvest command again to finish it first")
+    return chosen
+
+
+def _unfinished(con, source_ids: list[str]) -> list[str]:
+    """Sources that a harvest created and has not finished (`params.status` 'running')."""
+    rows = con.execute("SELECT source_id FROM sources WHERE source_id IN (SELECT unnest(?)) "
+                       "AND json_extract_string(params, '$.status') = 'running' ORDER BY source_id",
+                       [source_ids]).fetchall()
+    return [r[0] for r in rows]
+
+
+def _chosen_sources(con, source_id: str | None, db_label: str) -> list[dict[str, Any]]:
     rows = _rows(
         con,
         f"""SELECT source_id, model_id, hook_name, layer, kind, width, site, threshold, sae_path,
