@@ -60,6 +60,16 @@ def test_bad_specs(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(FeaturescribeError, match="line 1 is not JSON"):
         list(open_corpus(str(tmp_path / "bad.jsonl")).documents())
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")  # it used to say "is empty"
+    with pytest.raises(FeaturescribeError, match="the column 'text' holds int64, not strings"):
+        open_corpus(str(tmp_path / "ints.parquet"))
+    pq.write_table(pa.table({"text": pa.array(["a"], pa.large_string())}), tmp_path / "large.parquet")
+    assert open_corpus(str(tmp_path / "large.parquet")).kind == "parquet"
+    pq.write_table(pa.table({"text": pa.array(["a", "a"]).dictionary_encode()}), tmp_path / "dict.parquet")
+    assert [t for t, _ in open_corpus(str(tmp_path / "dict.parquet")).documents()] == ["a", "a"]
 
 
 def test_builtin_stdlib_is_deterministic_prose_and_code():

@@ -109,7 +109,19 @@ def open_corpus(spec: str) -> Corpus:
             raise FeaturescribeError(f"corpus {spec} is not a readable Parquet file: {err}") from None
         if "text" not in schema.names:
             raise FeaturescribeError(f"corpus {spec} has no column 'text' (columns: {', '.join(schema.names)})")
+        if not _holds_strings(schema.field("text").type):
+            raise FeaturescribeError(f"corpus {spec}: the column 'text' holds {schema.field('text').type}, "
+                                     "not strings")
     return Corpus(spec, str(p), kind, _stat_fingerprint([p], p))
+
+
+def _holds_strings(t) -> bool:
+    """An Arrow type whose values read as str (plain, large, view, or dictionary-encoded strings)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or str(t) == "string_view"
 
 
 # --- readers -------------------------------------------------------------------------------------
