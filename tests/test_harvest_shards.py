@@ -134,3 +134,28 @@ def test_two_shards_on_threads_equal_one_process(smollm2, tmp_path, corpus_file,
     results = harvest_sharded(cfg(db, corpus_file, layer="2", site="mlp"), 2, task_runner="thread")
     assert not any(d["skipped"] for d in results[0].extra["shards"])
     assert_same(dump(one), dump(db))
+
+
+def test_a_merge_stopped_while_removing_the_shard_files_is_finished_by_a_rerun(smollm2, tmp_path, corpus_file,
+                                                                               prefect_server):
+    """Killed after the merge committed, between the removal of shard 0's file and shard 1's: every
+    re-run used to fail with 'shard(s) 0 of 2 are not complete; run the same command again'."""
+    from dataclasses import asdict
+
+    from featurescribe.harvest.shards import merge, shard_path
+
+    one = str(tmp_path / "one.duckdb")
+    harvest_all(cfg(one, corpus_file, layer="2", site="mlp"), loaded=smollm2)
+    db = str(tmp_path / "db.duckdb")
+    plan = asdict(plan_shards(cfg(db, corpus_file, layer="2", site="mlp"), 2, loaded=smollm2))
+    run_shard(plan, 0)
+    run_shard(plan, 1)
+    left = shard_path(db, 1, 2)
+    kept = left.read_bytes()
+    merge(plan)
+    left.parent.mkdir()
+    left.write_bytes(kept)  # what the kill left: shard 1's file, shard 0's gone
+    results = harvest_sharded(cfg(db, corpus_file, layer="2", site="mlp"), 2, task_runner="thread")
+    assert results[0].extra["shards"] == [] and results[0].new_tokens == 0
+    assert not shard_dir(db).exists()
+    assert_same(dump(one), dump(db))

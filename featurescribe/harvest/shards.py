@@ -196,16 +196,16 @@ def merge(plan: dict) -> list[HarvestResult]:
     p = ShardPlan(**plan)
     db = p.params["db"]
     found = {m["shard_index"]: m for m in check_existing_shards(db, p.shards, p.settings)}
-    missing = [i for i in range(p.shards) if found.get(i, {}).get("status") != "complete"]
-    if p.complete and not found:
-        missing = []
+    # DB holds every sequence already: shard files left there (a merge stopped while it removed
+    # them, or a later one-process harvest) add nothing, and are removed
+    missing = [] if p.complete else [i for i in range(p.shards) if found.get(i, {}).get("status") != "complete"]
     if missing:
         raise FeaturescribeError(f"shard(s) {', '.join(map(str, missing))} of {p.shards} are not complete; "
                                  "run the same command again to finish them")
     paths = [shard_path(db, i, p.shards) for i in range(p.shards)]
     con = open_db(db)
     try:
-        if found:
+        if found and not p.complete:
             merge_shard_files(con, paths)
         params = [{**source_params(con, s["source_id"]), "shards": p.shards, "status": "complete"}
                   for s in p.sources]
