@@ -305,3 +305,32 @@ def test_local_simulator_on_smollm2_reads_every_slot_in_one_pass(smollm2):
     assert not res.failures and res.results[0].simulator == f"local:{name}"
     assert 0.0 <= res.results[0].value <= 1.0 and res.results[0].n_examples == 3
     assert len([r for r in c.ledger if r.purpose == "detect"]) == 1
+
+
+@pytest.mark.parametrize("windows_per_call", [1, 2])
+def test_a_budget_stop_waits_for_the_windows_in_flight(fake_llm, store, windows_per_call):
+    """The budget runs out while one window's request is still in flight: the simulation raises
+    only once that request has answered, so its paid answer is in the ledger (and the cache) when
+    the run closes its client, not cut off as a connection error and paid again by the re-run."""
+    from featurescribe.llm import BudgetExceeded, make_client
+    from featurescribe.llm.budget import Budget
+
+    fake_llm.responder = lambda req: Reply(activations_answer(req.user_text, lambda t: 0), input_tokens=1_000_000)
+    fake_llm.inject("slow", delay_s=1.0)  # the first request answers last
+    c = make_client("anthropic:claude-haiku-4-5", store=store, budget=Budget(limit_usd=0.5), concurrency=2,
+                    backoff_initial_s=0.0, backoff_jitter_s=0.0)
+    sim = make_simulator("anthropic:claude-haiku-4-5", client=c, windows_per_call=windows_per_call)
+    windows = [Window(i, 0, TOKENS, ACTS) for i in range(3 * windows_per_call)]
+
+    async def go():
+        try:
+            with pytest.raises(BudgetExceeded):
+                await sim.simulate("the keywords def and return", windows)
+        finally:
+            await c.aclose()
+
+    run(go())
+    answered = [r for r in fake_llm.requests if r.status == 200]
+    assert len(answered) == 2
+    statuses = sorted(r["status"] for r in store.rows())
+    assert statuses == ["budget", "ok", "ok"], store.rows()

@@ -6,9 +6,10 @@ Labelers and scorers see only `ChatRequest`, `ChatResponse` and `LLMClient.chat`
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 import json
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 from featurescribe.errors import FeaturescribeError
 
@@ -121,6 +122,17 @@ class LLMCallFailed(LLMError):
 
 class BudgetExceeded(LLMError):
     """The run's spend reached --budget-usd: no new call starts."""
+
+
+async def gather_settled(*aws: Awaitable[T]) -> list[T]:
+    """`asyncio.gather`, but the first error is raised only once every call has ended: a request
+    still in flight when a sibling stops (the budget, a failed call) gets its paid answer into the
+    ledger and the cache before the caller goes on and closes the client under it."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)
 
 
 class LLMAuthFailed(LLMCallFailed, FeaturescribeError):

@@ -19,14 +19,13 @@ reads them), `LLMJudge` (any chat model, structured output, strict length check)
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from featurescribe.llm.base import ChatRequest, ChatResponse, LLMCallFailed, UnparseableResponse
+from featurescribe.llm.base import ChatRequest, ChatResponse, LLMCallFailed, UnparseableResponse, gather_settled
 from featurescribe.records import Explanation, ScoreResult, Window, discretize
 from featurescribe.scorers.context import ScoreFailure, ScoringContext
 from featurescribe.scorers.lexical import LexicalRule
@@ -287,7 +286,7 @@ async def classify(
 ) -> ClassifyOutcome:
     """Run the judge over prepared batches; balanced accuracy of its answers."""
     try:
-        answers = await asyncio.gather(*(judge.judge(task, explanation, b) for b in batch_list))
+        answers = await gather_settled(*(judge.judge(task, explanation, b) for b in batch_list))
     except LLMCallFailed as err:
         raise ClassifyFailed(f"{judge.spec}: {err}") from err
     truth, pred = [], []

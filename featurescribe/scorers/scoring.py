@@ -14,9 +14,9 @@ judge) given another feature's explanation, and for simulation `baseline_tokens`
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Iterable, Mapping, Sequence
 
+from featurescribe.llm.base import gather_settled
 from featurescribe.records import Explanation, FeatureExamples
 from featurescribe.scorers import classify as cls
 from featurescribe.scorers.context import ScoreFailure, ScoreOutcome, ScoringContext
@@ -111,7 +111,7 @@ async def score_explanations(
                    judge_client=judge_client, split=split, other_explanations=other_explanations,
                    baselines=baselines, batch_size=batch_size, steering=steering)
     outcome = ScoreOutcome()
-    done = await asyncio.gather(*(SCORERS.get(n).score(e, ctx) for e in explanations for n in names))
+    done = await gather_settled(*(SCORERS.get(n).score(e, ctx) for e in explanations for n in names))
     for item in done:
         outcome.add(item)
     order = {e.explanation_id: i for i, e in enumerate(explanations)}

@@ -25,7 +25,6 @@ window can be read from one pass, with a neutral placeholder written in each ear
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -40,6 +39,7 @@ from featurescribe.llm.base import (
     ChatResponse,
     LLMCallFailed,
     UnparseableResponse,
+    gather_settled,
 )
 from featurescribe.records import SCALE_MAX, FeatureExamples, Window
 from featurescribe.scorers.lexical import LexicalRule
@@ -73,7 +73,7 @@ class Simulator:
         return self._checked(windows, out)
 
     async def _simulate_all(self, explanation, windows, feature) -> list[list[float]]:
-        return list(await asyncio.gather(*(self.simulate_window(explanation, w, feature) for w in windows)))
+        return await gather_settled(*(self.simulate_window(explanation, w, feature) for w in windows))
 
     def _checked(self, windows: Sequence[Window], out: Sequence[Sequence[float]]) -> list[list[float]]:
         for w, pred in zip(windows, out):
@@ -382,7 +382,7 @@ class GroupedSimulator(Simulator):
     async def _simulate_all(self, explanation, windows, feature) -> list[list[float]]:
         k = self.windows_per_call
         groups = [list(windows[i:i + k]) for i in range(0, len(windows), k)]
-        outs = await asyncio.gather(*(self._group(explanation, g, feature) for g in groups))
+        outs = await gather_settled(*(self._group(explanation, g, feature) for g in groups))
         return [pred for out in outs for pred in out]
 
     async def _group(self, explanation: str, group: list[Window], feature) -> list[list[float]]:
