@@ -143,17 +143,18 @@ def exit_now(status: int) -> None:
     SIGKILL soon after SIGTERM. Everything of ours is written and closed before this is called."""
     sys.stdout.flush()
     sys.stderr.flush()
-    _send_prefect_logs()
+    _drain_prefect_services()
     atexit._run_exitfuncs()
     os._exit(int(status))
 
 
-def _send_prefect_logs() -> None:
-    """Hand Prefect's queued log lines (a flow's 'Crash detected!') to its API now: atexit stops the
-    ephemeral server first, and the log worker then prints '--- Error logging to API ---'."""
-    handlers = sys.modules.get("prefect.logging.handlers")
-    if handlers is not None:
-        handlers.APILogWorker.drain_all(timeout=2)
+def _drain_prefect_services(timeout_s: float = 2.0) -> None:
+    """Send Prefect's queued logs and events while its server is still up. The interpreter's
+    teardown would do it before the atexit handlers; without it the ephemeral server's atexit
+    handler stops the server first and Prefect prints 'Error logging to API'."""
+    services = sys.modules.get("prefect._internal.concurrency.services")
+    if services is not None:
+        services.QueueService.drain_all(timeout=timeout_s)
 
 
 def _on_signal(signum: int, frame) -> None:

@@ -196,3 +196,24 @@ def test_sigterm_stops_a_sharded_harvest_on_threads(tmp_path):
     assert q(db, "SELECT n_tokens FROM sources") == [(n_seq * 31,)]  # position 0 of each is context only
     assert q(db, "SELECT count(*) FROM (SELECT DISTINCT feature_id, seq_id, pos FROM activations)") == \
         q(db, "SELECT count(*) FROM activations")
+
+
+def test_a_signal_in_prefect_ephemeral_mode_leaves_no_api_logging_error(tmp_path, fake_llm):
+    """Without PREFECT_API_URL the command runs its own temporary Prefect server; the logs queued
+    for it are sent before it stops, so stderr has no 'Error logging to API' after our line."""
+    db = str(tmp_path / "eph.duckdb")
+    with open_db(db) as con:
+        build_db(con, n_features=12)
+    fake_llm.responder = _responder
+    fake_llm.latency_s = 0.5
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(OPENAI_BASE_URL=fake_llm.base_url_openai, OPENAI_API_KEY="test-key", PYTHONPATH=str(ROOT),
+               PREFECT_HOME=str(tmp_path / "prefect-home"), FEATURESCRIBE_PREFECT_LIMITS="off")
+    proc = subprocess.Popen(_label_cmd(db, "thread"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(proc, lambda: len(fake_llm.requests_for("openai")) >= 3, 300)
+    rc, _, _ = _stop(proc, signal.SIGINT)
+    err = proc.stderr.read()
+    assert rc == ExitStatus.INTERRUPTED, err
+    assert "featurescribe: interrupted (SIGINT)" in err
+    assert "Error logging to API" not in err, err
