@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from featurescribe.errors import BadOption
 from featurescribe.frames import Table, as_format
+from featurescribe.options import checked_value
 from featurescribe.store.export_queries import FeatureBundle
 
 
@@ -121,6 +122,7 @@ class Database:
 
         if isinstance(feature_id, bool) or not isinstance(feature_id, int):
             raise BadOption(f"feature_id must be an integer, not {feature_id!r}")
+        windows = checked_value("feature() windows=", windows, int)
         with self._connect() as con:
             return Feature(**feature_detail(con, _source_id(source), feature_id, windows))
 
@@ -130,6 +132,9 @@ class Database:
         a label run makes them, or `featurescribe embed`)."""
         from featurescribe.semantic.search import search
 
+        text = checked_value("search() text", text, str)
+        k = checked_value("search() k=", k, int)
+        min_score = checked_value("search() min_score=", min_score, float | None)
         with self._connect() as con:
             hits = search(con, text, embedder=embedder, source_id=_source_id(source, optional=True), k=k, min_score=min_score,
                           db_label=f"database {self.path}", db_path=str(self.path))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import numbers
+import os
 import typing
 from dataclasses import field
 from typing import Any, TypeVar
@@ -103,7 +105,32 @@ def options_from_kwargs(cls: type[T], what: str, kwargs: dict[str, Any]) -> T:
     missing = [n for n, f in fields.items() if f.metadata.get("required") and n not in kwargs]
     if missing:
         raise BadOption(f"{what}() needs {missing[0]}=...")
-    return cls(**kwargs)
+    hints = typing.get_type_hints(cls)
+    return cls(**{n: checked_value(f"{what}() option {n}=", v, hints[n]) for n, v in kwargs.items()})
+
+
+_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "True or False"}
+
+
+def checked_value(what: str, value: Any, hint: Any) -> Any:
+    """`value` as the str, int, float or bool its type hint names (a path or a whole number as its
+    string, a numpy integer as an int); BadOption for a value of another type. Other hints pass
+    it through."""
+    kind = _scalar(hint)
+    if kind not in _KINDS or (value is None and kind is not hint):
+        return value
+    if kind is str and isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if kind is str and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))  # layer=6, features=17
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind in (int, float) and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral):
+            return kind(value)
+        if kind is float and isinstance(value, numbers.Real):
+            return float(value)
+    raise BadOption(f"{what} must be {_KINDS[kind]}, not {value!r}")
 
 
 def options_signature(cls: type, *, after: dict[str, type] | None = None, **leading: type) -> inspect.Signature:

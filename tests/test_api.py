@@ -123,6 +123,14 @@ def test_bad_input_is_one_typed_error_each(demo, tmp_path):
         (lambda: fs.export(demo, format="json", out=str(tmp_path / "x"), source="9-x"), fs.UnknownSource, "9-x"),
         (lambda: fs.label(demo, source="6-mlp", scorers="simulation,vibes"), fs.BadOption, "unknown scorer"),
         (lambda: fs.label(demo, features="0:4"), fs.BadOption, r"needs source=\.\.\."),
+        (lambda: fs.label(demo, source="6-mlp", features=[1, 2]), fs.BadOption, r"features= must be a string, not \[1, 2\]"),
+        (lambda: fs.label(demo, source="6-mlp", candidates="2"), fs.BadOption, "candidates= must be an integer, not '2'"),
+        (lambda: fs.label(demo, source="6-mlp", redo="yes"), fs.BadOption, "redo= must be True or False"),
+        (lambda: fs.label(demo, source=7), fs.UnknownSource, "no source '7'"),
+        (lambda: fs.export(demo, format="json", out=None), fs.BadOption, "out= must be a string, not None"),
+        (lambda: db.feature("6-mlp", 3, windows="8"), fs.BadOption, "windows= must be an integer"),
+        (lambda: db.search(None), fs.BadOption, "text must be a string, not None"),
+        (lambda: db.search("digits", k="5"), fs.BadOption, "k= must be an integer, not '5'"),
     ]
     for call, kind, message in cases:
         with pytest.raises(kind, match=message) as info:
