@@ -260,9 +260,14 @@ def test_missing_api_key_fails_before_any_work(labdb, monkeypatch, capsys):
     (["--budget-usd", "nan"], "--budget-usd must be a number of dollars, 0 or more"),
     (["--budget-usd", "-1"], "--budget-usd must be a number of dollars, 0 or more"),
     (["--timeout", "nan"], "--timeout must be a number of seconds above 0"),
+    (["--features", "5:5"], "bad feature spec '5:5'"),
+    (["--window", "0"], "--window must be at least 1 token"),
+    (["--explain-windows", "0"], "--explain-windows must be at least 1"),
+    (["--explain-windows", "-1"], "--explain-windows must be at least 1"),
+    (["--batch-poll", "0"], "--batch-poll must be a number of seconds above 0"),
 ])
 def test_user_errors_are_one_line(labdb, capsys, args, msg):
-    assert _cli(labdb, *args) != 0
+    assert _cli(labdb, *args) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
 

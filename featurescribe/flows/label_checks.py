@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
 def check_options(o: "LabelOptions") -> None:
     """BadOption for options no run can work with (nothing is opened or loaded)."""
-    from featurescribe.flows.label_options import (METHOD_CHOICES, RUNNERS, parse_baseline, parse_gate,
-                                                    parse_window_counts)
+    from featurescribe.flows.label_options import (BATCH_RETRIES, METHOD_CHOICES, RUNNERS, parse_baseline,
+                                                    parse_gate, parse_window_counts)
     from featurescribe.labelers import check_explainer_spec
     from featurescribe.scorers.registry import SCORERS, check_simulator_spec
     from featurescribe.statuses import STRUCTURED_CHOICES
@@ -35,12 +35,18 @@ def check_options(o: "LabelOptions") -> None:
                             (o.chunk_size < 1, "--chunk-size must be at least 1"),
                             (o.max_failures < 1, "--max-failures must be at least 1"),
                             (o.sim_windows_per_call < 1, "--sim-windows-per-call must be at least 1"),
+                            (o.window < 1, "--window must be at least 1 token"),
+                            (o.explain_windows is not None and o.explain_windows < 1,
+                             "--explain-windows must be at least 1"),
+                            (not 0 < o.batch_poll < math.inf, "--batch-poll must be a number of seconds above 0"),
                             (o.budget_usd is not None and not 0 <= o.budget_usd < math.inf,
                              "--budget-usd must be a number of dollars, 0 or more")):
         if failed:
             raise BadOption(message)
     if o.method not in METHOD_CHOICES:
         raise BadOption(f"unknown --method {o.method!r}: use {', '.join(METHOD_CHOICES)}")
+    if o.batch_retry not in BATCH_RETRIES:
+        raise BadOption(f"unknown --batch-retry {o.batch_retry!r}: use {' or '.join(BATCH_RETRIES)}")
     if o.task_runner not in RUNNERS:
         raise BadOption(f"unknown task runner {o.task_runner!r}: use {' or '.join(RUNNERS)}")
     if o.task_runner == "dask" and int(o.workers or 0) < 1:

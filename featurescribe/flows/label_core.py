@@ -64,7 +64,7 @@ def parse_feature_spec(spec: str, width: int) -> list[int] | str:
             lo = int(lo_s) if lo_s.strip() else 0
             hi = int(hi_s) if hi_s.strip() else width
             ids = list(range(lo, hi))
-            if lo < 0 or hi < lo:
+            if lo < 0 or hi <= lo:  # '5:5' selects nothing
                 raise ValueError
         else:
             ids = sorted({int(x) for x in text.split(",") if x.strip()})
