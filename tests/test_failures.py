@@ -137,3 +137,18 @@ def test_a_success_ends_the_streak():
 def test_max_failures_must_be_positive(labdb, capsys):
     assert _cli(labdb, "--max-failures", "0") == ExitStatus.USAGE
     assert "--max-failures must be at least 1" in capsys.readouterr().err
+
+
+def test_answers_in_flight_when_the_breaker_trips_are_ledgered_with_their_tokens(labdb, fake_llm, prefect_server):
+    """The first request answers last; the others' unparseable answers trip the breaker meanwhile.
+    The run waits for the one in flight, so every answer the server sent (and billed) is a ledger
+    row with its tokens, none cut off as a connection error when the client closes."""
+    fake_llm.responder = lambda req: "garbage"
+    fake_llm.inject("slow", delay_s=1.5)
+    rc = _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--max-failures", "3", "--concurrency", "4")
+    assert rc == ExitStatus.ERROR
+    billed = [r for r in fake_llm.requests_for("openai") if r.billed]
+    assert any(r.fault == "slow" for r in billed)
+    rows = q(labdb, "SELECT status, error, input_tokens FROM llm_calls ORDER BY created_at")
+    assert not [r for r in rows if r[0] == "error"], rows
+    assert len(rows) == len(billed) and all(tokens > 0 for _, _, tokens in rows), rows

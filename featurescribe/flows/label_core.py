@@ -29,7 +29,6 @@ Every value passed between the steps is a picklable dataclass.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import uuid
@@ -41,7 +40,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 from featurescribe.errors import BadOption, UnknownFeature
 from featurescribe.flows.label_options import LabelOptions
 from featurescribe.labelers import ExplainOutcome, is_llm_explainer, make_explainer
-from featurescribe.llm.base import BudgetExceeded
+from featurescribe.llm.base import BudgetExceeded, gather_settled
 from featurescribe.records import Explanation, FeatureExamples, ScoreResult
 from featurescribe.statuses import ExplanationStatus, FeatureStatus
 from featurescribe.store import labelling as sql
@@ -346,7 +345,7 @@ async def gate_features(chunk: _Chunk, client: Any) -> None:
             chunk.result.stopped_at_budget = True
             return None
 
-    outcomes = await asyncio.gather(*(one(fe) for fe in examples))
+    outcomes = await gather_settled(*(one(fe) for fe in examples))
     kept = []
     for fe, out in zip(examples, outcomes):
         if fe.feature_id in chunk.result.failed or fe.feature_id in chunk.result.not_done:
@@ -365,7 +364,7 @@ async def explain_features(chunk: _Chunk) -> dict[int, list[ExplanationRow]]:
     """Every feature's candidates (all features at once); a feature the budget stopped is left
     for a later run."""
     n = chunk.options.n_candidates
-    outcomes = await asyncio.gather(*(chunk.explainer.explain(fe, n) for fe in chunk.prepared.examples))
+    outcomes = await gather_settled(*(chunk.explainer.explain(fe, n) for fe in chunk.prepared.examples))
     per_feature: dict[int, list[ExplanationRow]] = {}
     for fe, ocs in zip(chunk.prepared.examples, outcomes):
         if any(oc.stopped for oc in ocs):
@@ -471,7 +470,7 @@ async def score_rows(chunk: _Chunk, rows: Sequence[ExplanationRow], scorers: Seq
         if on_scored is not None:
             on_scored()
 
-    await asyncio.gather(*(one(r) for r in rows))
+    await gather_settled(*(one(r) for r in rows))
     return scores, errors, stopped
 
 

@@ -28,7 +28,6 @@ With `label --logit-lens` a feature carries the tokens its output direction prom
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any, Sequence
 
@@ -40,7 +39,7 @@ from featurescribe.labelers.base import (
     parse_explanation,
     parse_text_explanation,
 )
-from featurescribe.llm.base import BudgetExceeded, ChatRequest, LLMError
+from featurescribe.llm.base import BudgetExceeded, ChatRequest, LLMError, gather_settled
 from featurescribe.records import FeatureExamples, Window, discretize
 from featurescribe.errors import first_error_line
 from featurescribe.prompts import render_messages, render_text, show_token
@@ -167,4 +166,4 @@ class LLMExplainer(Explainer):
     async def explain(self, feature: FeatureExamples, n: int = 1) -> list[ExplainOutcome]:
         if not explain_windows(feature):
             return [ExplainOutcome(c, None, "no explain windows") for c in range(n)]
-        return list(await asyncio.gather(*(self._one(feature, c, n) for c in range(n))))
+        return await gather_settled(*(self._one(feature, c, n) for c in range(n)))
