@@ -76,7 +76,7 @@ class Database:
     """A featurescribe database file: read its labels, features and tables."""
 
     def __init__(self, path: str | os.PathLike, *, read_only: bool = True):
-        self.path = str(path)
+        self.path = checked_value("open() path", path, str)
         self.read_only = read_only
         with self._connect():  # a missing or unreadable file is an error now, not at the first read
             pass

@@ -131,6 +131,7 @@ def test_bad_input_is_one_typed_error_each(demo, tmp_path):
         (lambda: db.feature("6-mlp", 3, windows="8"), fs.BadOption, "windows= must be an integer"),
         (lambda: db.search(None), fs.BadOption, "text must be a string, not None"),
         (lambda: db.search("digits", k="5"), fs.BadOption, "k= must be an integer, not '5'"),
+        (lambda: fs.open(None), fs.BadOption, "path must be a string, not None"),
     ]
     for call, kind, message in cases:
         with pytest.raises(kind, match=message) as info:
