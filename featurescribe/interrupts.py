@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import signal
 import sys
@@ -159,7 +160,26 @@ def _drain_prefect_services(timeout_s: float = 2.0) -> None:
 
 def _on_signal(signum: int, frame) -> None:
     _LOOPS.cancel_all(signum)
+    _quiet_prefect_crash_lines()
     raise Interrupted(signum)
+
+
+class _PrefectCrashLines(logging.Filter):
+    """Prefect's console lines on the runs a signal cut short ('Crash detected! Execution was
+    interrupted by an unexpected exception: CancelledError'): our own line says what happened,
+    and the runs keep their Crashed state on the Prefect server."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        message = record.getMessage()
+        return "Crash detected!" not in message and "in state Crashed" not in message
+
+
+def _quiet_prefect_crash_lines() -> None:
+    for handler in logging.getLogger().handlers:  # the console handler Prefect puts on the root
+        if not any(isinstance(f, _PrefectCrashLines) for f in handler.filters):
+            handler.addFilter(_PrefectCrashLines())
 
 
 @contextmanager
