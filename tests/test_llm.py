@@ -329,6 +329,27 @@ def test_cache_hit_makes_no_request(fake_llm, store):
     assert len(fake_llm.requests) == 4
 
 
+def test_the_same_request_twice_at_once_is_paid_once(fake_llm, store):
+    """Two identical requests in flight together (two candidates that wrote the same
+    explanation, simulated on the same windows): one goes to the provider, the other takes its
+    answer from the cache. Different requests do not wait for each other."""
+    fake_llm.latency_s = 0.3
+    client = client_for("openai:gpt-4o-mini", store, concurrency=4)
+
+    async def go():
+        try:
+            return await asyncio.gather(client.chat(req("same")), client.chat(req("same")), client.chat(req("other")))
+        finally:
+            await client.aclose()
+
+    a, b, other = run(go())
+    assert a.text == b.text and [a.cached, b.cached] == [False, True]
+    same, other = sorted(fake_llm.requests, key=lambda r: r.user_text != "same")
+    assert (same.user_text, other.user_text) == ("same", "other")
+    assert other.started_at < same.finished_at  # 'other' did not wait
+    assert sorted(r["status"] for r in store.rows()) == ["cached", "ok", "ok"]
+
+
 def test_no_cache_bypasses_reading_but_still_writes(fake_llm, store):
     spec = "anthropic:claude-haiku-4-5"
     run(call(client_for(spec, store, use_cache=False), req()))

@@ -69,7 +69,7 @@ from featurescribe.llm.base import (
 from featurescribe.llm.breaker import DEFAULT_MAX_FAILURES, CircuitBreaker
 from featurescribe.llm.budget import Budget
 from featurescribe.llm.negotiation import RequestRejected
-from featurescribe.llm.limits import LoopSemaphore, estimate_tokens, shared_limiter
+from featurescribe.llm.limits import LoopKeyLocks, LoopSemaphore, estimate_tokens, shared_limiter
 from featurescribe.llm.prices import PriceTable
 from featurescribe.llm.registry import BackendOptions, make_backend
 from featurescribe.statuses import CallStatus
@@ -311,6 +311,7 @@ class Client:
         self.prices = prices or PriceTable.load()
         self.limiter = shared_limiter(self.backend, self.model, self.settings.rpm, self.settings.tpm)
         self._sem = LoopSemaphore(self.settings.concurrency)
+        self._same_request = LoopKeyLocks()
         self.breaker = CircuitBreaker(self.spec, getattr(backend, "endpoint", None), self.settings.max_failures)
         self._lock = threading.Lock()
         self.ledger: list[CallRow] = []  # this client's rows, kept in memory when there is no store
@@ -389,6 +390,14 @@ class Client:
         Raises LLMCallFailed when no usable answer came, BudgetExceeded when the budget is spent.
         """
         key = cache_key(self.backend, self.model, request)
+        if self.store is None or not self.settings.use_cache:
+            return await self._chat(key, request, parse)
+        # the same request already on its way (two candidates that wrote the same explanation):
+        # wait for it and take its answer from the cache instead of paying for it again
+        async with self._same_request.hold(key):
+            return await self._chat(key, request, parse)
+
+    async def _chat(self, key: str, request: ChatRequest, parse) -> Any:
         if self.store is not None and self.settings.use_cache:
             hit = self.store.get_cached(key)
             if hit is not None:

@@ -16,6 +16,8 @@ import asyncio
 import threading
 import time
 import weakref
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 
 class TokenBucket:
@@ -141,6 +143,33 @@ class LoopSemaphore:
             if sem is None:
                 sem = self._by_loop[loop] = asyncio.Semaphore(self.n)
         return sem
+
+
+class LoopKeyLocks:
+    """An asyncio.Lock per key and event loop, dropped once no caller holds or waits for it:
+    callers with the same key take turns, others do not wait."""
+
+    def __init__(self):
+        self._by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            locks = self._by_loop.setdefault(loop, {})
+            lock, users = locks.get(key) or (asyncio.Lock(), 0)
+            locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            with self._lock:
+                users = locks[key][1] - 1
+                if users:
+                    locks[key] = (lock, users)
+                else:
+                    del locks[key]
 
 
 def estimate_tokens(messages, max_tokens: int) -> int:
