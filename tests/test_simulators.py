@@ -320,7 +320,7 @@ def test_a_budget_stop_waits_for_the_windows_in_flight(fake_llm, store, windows_
     c = make_client("anthropic:claude-haiku-4-5", store=store, budget=Budget(limit_usd=0.5), concurrency=2,
                     backoff_initial_s=0.0, backoff_jitter_s=0.0)
     sim = make_simulator("anthropic:claude-haiku-4-5", client=c, windows_per_call=windows_per_call)
-    windows = [Window(i, 0, TOKENS, ACTS) for i in range(3 * windows_per_call)]
+    windows = [Window(i, 0, [f"w{i}", *TOKENS[1:]], ACTS) for i in range(3 * windows_per_call)]  # distinct prompts
 
     async def go():
         try:
