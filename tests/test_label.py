@@ -264,7 +264,7 @@ def test_missing_api_key_fails_before_any_work(labdb, monkeypatch, capsys):
     (["--window", "0"], "--window must be at least 1 token"),
     (["--explain-windows", "0"], "--explain-windows must be at least 1"),
     (["--explain-windows", "-1"], "--explain-windows must be at least 1"),
-    (["--batch-poll", "0"], "--batch-poll must be a number of seconds above 0"),
+    (["--batch-poll", "-1"], "--batch-poll must be a number of seconds, 0 or more"),
 ])
 def test_user_errors_are_one_line(labdb, capsys, args, msg):
     assert _cli(labdb, *args) == 2

@@ -38,7 +38,7 @@ def check_options(o: "LabelOptions") -> None:
                             (o.window < 1, "--window must be at least 1 token"),
                             (o.explain_windows is not None and o.explain_windows < 1,
                              "--explain-windows must be at least 1"),
-                            (not 0 < o.batch_poll < math.inf, "--batch-poll must be a number of seconds above 0"),
+                            (not 0 <= o.batch_poll < math.inf, "--batch-poll must be a number of seconds, 0 or more"),
                             (o.budget_usd is not None and not 0 <= o.budget_usd < math.inf,
                              "--budget-usd must be a number of dollars, 0 or more")):
         if failed:
