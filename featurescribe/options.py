@@ -113,7 +113,7 @@ _KINDS = {str: "a string", int: "an integer", float: "a number", bool: "True or 
 
 
 def checked_value(what: str, value: Any, hint: Any) -> Any:
-    """`value` as the str, int, float or bool its type hint names (a path or a whole number as its
+    """`value` as the str, int, float or bool its type hint names (a path or a number as its
     string, a numpy integer as an int); BadOption for a value of another type. Other hints pass
     it through."""
     kind = _scalar(hint)
@@ -121,8 +121,8 @@ def checked_value(what: str, value: Any, hint: Any) -> Any:
         return value
     if kind is str and isinstance(value, (str, os.PathLike)):
         return os.fspath(value)
-    if kind is str and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return str(int(value))  # layer=6, features=17
+    if kind is str and isinstance(value, numbers.Real) and not isinstance(value, bool):  # layer=6, threshold=0.2
+        return str(int(value)) if isinstance(value, numbers.Integral) else str(float(value))
     if kind is bool and isinstance(value, bool):
         return value
     if kind in (int, float) and not isinstance(value, bool):

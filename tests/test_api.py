@@ -8,6 +8,7 @@ import html
 import re
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -139,6 +140,16 @@ def test_bad_input_is_one_typed_error_each(demo, tmp_path):
         assert "\n" not in str(info.value)
     assert issubclass(fs.UnknownSource, LookupError) and issubclass(fs.BadOption, ValueError)
     assert not (tmp_path / "x").exists()
+
+
+def test_paths_and_numbers_are_taken_where_an_option_is_a_string(tmp_path):
+    from featurescribe.harvest.options import HarvestOptions
+    from featurescribe.options import options_from_kwargs
+
+    o = options_from_kwargs(HarvestOptions, "harvest", {"model": "smollm2-135m", "layer": 6, "threshold": 0.2,
+                                                         "corpus": tmp_path / "c.txt", "max_tokens": np.int64(64)})
+    assert (o.layer, o.threshold, o.corpus, o.max_tokens) == ("6", "0.2", str(tmp_path / "c.txt"), 64)
+    assert type(o.max_tokens) is int
 
 
 def test_export_returns_a_record_and_writes_what_the_cli_writes(demo, tmp_path):
