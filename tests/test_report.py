@@ -76,6 +76,21 @@ def test_report_twice_gives_identical_bytes(demo, report, tmp_path):
     assert again.read_bytes() == report.read_bytes()
 
 
+def test_report_replaces_an_earlier_report_but_no_other_file(demo, report, tmp_path, capsys):
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html><title>my notes</title></html>")
+    assert main(["report", "--db", demo, "--out", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"featurescribe: error: cannot write {mine}: the file exists and is not an earlier featurescribe "
+        "report; choose another name, or remove it first")
+    assert mine.read_text() == "<html><title>my notes</title></html>"
+    earlier = tmp_path / "earlier.html"
+    earlier.write_bytes(report.read_bytes().replace(b"fs-data", b"fs-old"))
+    assert main(["report", "--db", demo, "--out", str(earlier)]) == 0
+    assert earlier.read_bytes() == report.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.html", "notes.html"]
+
+
 CHROMIUM = chromium_path()
 
 

@@ -113,13 +113,14 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from featurescribe.export.report import SizeGuard, write_report
+    from featurescribe.export.report import SizeGuard, check_report_target, write_report
 
     if args.examples < 0:
         raise FeaturescribeError("--examples must be 0 or more")
     max_mb = getattr(args, "max_mb", DEFAULT_MAX_MB)  # flows build their own Namespace
     if max_mb < 0:
         raise FeaturescribeError("--max-mb must be 0 (no limit) or more")
+    check_report_target(args.out)
     con = open_db(args.db, read_only=True, create=False)
     try:
         sources = export_sources(con, args.source, db_label=f"database {args.db}")

@@ -21,6 +21,25 @@ MARKER = "/*@@DATA@@*/"
 CSS_MARKER = "/*@@CARDS_CSS@@*/"
 
 
+REPORT_TITLE = "<title>featurescribe report</title>"
+
+
+def check_report_target(out: str | Path) -> None:
+    """`out` may be new or an earlier report, which is replaced; any other file is refused, so a
+    mistyped --out does not overwrite the user's own file."""
+    path = Path(out)
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2048)
+    except OSError as err:
+        raise FeaturescribeError(f"cannot write {out}: {err.strerror or err}") from None
+    if REPORT_TITLE.encode() not in head:
+        raise FeaturescribeError(f"cannot write {out}: the file exists and is not an earlier featurescribe "
+                                 "report; choose another name, or remove it first")
+
+
 def template_text(name: str) -> str:
     return resources.files("featurescribe.export").joinpath(f"templates/{name}").read_text("utf-8")
 
