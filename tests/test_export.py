@@ -637,8 +637,9 @@ def test_failure_midway_leaves_nothing(demo, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(np_mod, "_feature_row", boom)
     out = tmp_path / "np"
-    assert main(["export", "--db", demo, "--format", "neuronpedia", "--out", str(out)]) != 0
-    assert "No space left on device" in _one_error_line(capsys)
+    assert main(["export", "--db", demo, "--format", "neuronpedia", "--out", str(out)]) == 1  # not bad input
+    assert _one_error_line(capsys) == (f"featurescribe: error: cannot write to {out}: the disk is full; nothing "
+                                       "was written: free some space and run the same command again")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import DiskFull, FeaturescribeError
 
 MANIFEST = "featurescribe-export.json"
 
@@ -181,6 +182,13 @@ def _is_previous_export(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
+def _cannot_write(out: Path, err: OSError) -> FeaturescribeError:
+    if err.errno == errno.ENOSPC:  # not bad input: exit 1, as a full disk is in every command
+        return DiskFull(f"cannot write to {out}: the disk is full; nothing was written: free some space "
+                        "and run the same command again")
+    return FeaturescribeError(f"cannot write to {out}: {err.strerror or err}")
+
+
 @contextmanager
 def output_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; on success it becomes `out`.
@@ -206,7 +214,7 @@ def output_dir(out: str | os.PathLike) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
     except OSError as err:
-        raise FeaturescribeError(f"cannot write to {out}: {err.strerror or err}") from None
+        raise _cannot_write(out, err) from None
     try:
         yield tmp
         os.chmod(tmp, 0o755)
@@ -220,7 +228,7 @@ def output_dir(out: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise FeaturescribeError(f"cannot write to {out}: {err.strerror or err}") from None
+        raise _cannot_write(out, err) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -238,7 +246,7 @@ def output_file(out: str | os.PathLike) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=parent)
         os.close(fd)
     except OSError as err:
-        raise FeaturescribeError(f"cannot write to {out}: {err.strerror or err}") from None
+        raise _cannot_write(out, err) from None
     tmp = Path(name)
     try:
         yield tmp
@@ -246,7 +254,7 @@ def output_file(out: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, out)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise FeaturescribeError(f"cannot write to {out}: {err.strerror or err}") from None
+        raise _cannot_write(out, err) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
