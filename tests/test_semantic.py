@@ -208,7 +208,7 @@ def test_hosted_embedder_failure_is_one_line_and_keeps_earlier_batches(db, fake_
     fake_llm.inject("400")  # a request error is not retried; these three texts were never asked alone
     assert main(["embed", "--db", db, "--embedder", spec]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line
-    assert err.startswith("featurescribe: embedding failed:") and "HTTP 400" in err
+    assert err.startswith("featurescribe: error: embedding failed:") and "HTTP 400" in err
     assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == n - 3
     assert main(["embed", "--db", db, "--embedder", spec]) == 0  # and a later run finishes
     assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == n

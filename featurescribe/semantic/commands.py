@@ -39,7 +39,7 @@ def run_embed(args: argparse.Namespace) -> int:
     except LLMError as err:  # a hosted embedder gave up after its retries (401/403 are user errors)
         if isinstance(err, FeaturescribeError):
             raise
-        print(f"featurescribe: embedding failed: {str(err).splitlines()[0]} (the batches before it are kept; "
+        print(f"featurescribe: error: embedding failed: {str(err).splitlines()[0]} (the batches before it are kept; "
               "run embed again to go on)", file=sys.stderr)
         return 1
     print(f"embedded {s.embedded} explanation(s) with {s.embedder}"
