@@ -643,7 +643,7 @@ def test_failure_midway_leaves_nothing(demo, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_source_whose_harvest_was_interrupted_is_not_exported(smollm2, tmp_path, monkeypatch, capsys):
+def test_a_source_whose_harvest_was_interrupted_is_not_exported_or_labelled(smollm2, tmp_path, monkeypatch, capsys):
     """A Ctrl-C'd harvest keeps its entries, but a source's statistics (`features`) are written at the
     end: export and report of it used to write 0 features and exit 0."""
     import signal
@@ -675,6 +675,11 @@ def test_a_source_whose_harvest_was_interrupted_is_not_exported(smollm2, tmp_pat
     assert "source 2-mlp" in _one_error_line(capsys) and not out.exists()
     assert main(["report", "--db", db, "--out", str(tmp_path / "r.html")]) == 2
     assert "not fully harvested" in _one_error_line(capsys) and not (tmp_path / "r.html").exists()
+    assert main(["label", "--db", db, "--source", "2-mlp", "--features", "0:4", "--explainer", "baseline:tokens",
+                 "--simulator", "lexical", "--no-progress"]) == 2
+    assert _one_error_line(capsys) == (
+        "featurescribe: error: source 2-mlp is not fully harvested (its harvest was interrupted or is still "
+        "running): run the same harvest command again to finish it first")
     harvest(cfg, loaded=smollm2)  # the same harvest again finishes it
     assert main(["export", "--db", db, "--format", "json", "--out", str(out)]) == 0
     assert "exported 1536 features" in capsys.readouterr().out

@@ -44,6 +44,7 @@ from featurescribe.llm.base import BudgetExceeded, gather_settled
 from featurescribe.records import Explanation, FeatureExamples, ScoreResult
 from featurescribe.statuses import ExplanationStatus, FeatureStatus
 from featurescribe.store import labelling as sql
+from featurescribe.store.harvest_rows import refuse_unfinished
 from featurescribe.store.sampling import load_examples, sample_examples
 from featurescribe.store.transaction import transaction
 
@@ -89,6 +90,7 @@ def select_features(con, source_id: str, spec: str = "all", *, explainer: str | 
     score are left out, so a resumed run does only what is missing.
     """
     width = sql.source_width(con, source_id)
+    refuse_unfinished(con, [source_id])
     parsed = parse_feature_spec(spec, width)
     if parsed == "all":
         ids = sql.all_feature_ids(con, source_id) or list(range(width))

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from featurescribe.errors import FeaturescribeError, UnknownSource
 from featurescribe.store.activation_store import STORAGE_TABLES
+from featurescribe.store.harvest_rows import refuse_unfinished
 
 BATCH_ROWS = 2048
 HISTOGRAM_BINS = 24
@@ -85,20 +86,9 @@ def export_sources(con, source_id: str | None = None, db_label: str = "the datab
     """The sources to export (one, or all by id), or a user error naming what is there; `finished`:
     refuse a source whose harvest has not ended (its statistics are written last)."""
     chosen = _chosen_sources(con, source_id, db_label)
-    unfinished = _unfinished(con, [r["source_id"] for r in chosen]) if finished else []
-    if unfinished:
-        raise FeaturescribeError(
-            f"source {', '.join(unfinished)} in {db_label} is not fully harvested (its harvest was interrupted "
-            "or is still running): run the same harvest command again to finish it first")
+    if finished:
+        refuse_unfinished(con, [r["source_id"] for r in chosen], f" in {db_label}")
     return chosen
-
-
-def _unfinished(con, source_ids: list[str]) -> list[str]:
-    """Sources that a harvest created and has not finished (`params.status` 'running')."""
-    rows = con.execute("SELECT source_id FROM sources WHERE source_id IN (SELECT unnest(?)) "
-                       "AND json_extract_string(params, '$.status') = 'running' ORDER BY source_id",
-                       [source_ids]).fetchall()
-    return [r[0] for r in rows]
 
 
 def _chosen_sources(con, source_id: str | None, db_label: str) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from featurescribe.errors import FeaturescribeError
 from featurescribe.store.activation_store import delete_activations, insert_key_rows, source_keys
 from featurescribe.store.bulk import insert_arrow
 from featurescribe.store.memory import limit_memory
@@ -59,6 +60,18 @@ def source_settings(con, source_id: str) -> dict[str, Any] | None:
         have["corpus_key"] = params["corpus_key"]
     have["threshold"] = float(row[-2]) if row[-2] is not None else None
     return have
+
+
+def refuse_unfinished(con, source_ids: list[str], where: str = "") -> None:
+    """FeaturescribeError naming the sources a harvest created and has not finished (`params.status`
+    'running'): their statistics are written last, so they read as having no features yet."""
+    rows = con.execute("SELECT source_id FROM sources WHERE source_id IN (SELECT unnest(?)) "
+                       "AND json_extract_string(params, '$.status') = 'running' ORDER BY source_id",
+                       [source_ids]).fetchall()
+    if rows:
+        raise FeaturescribeError(
+            f"source {', '.join(r[0] for r in rows)}{where} is not fully harvested (its harvest was "
+            "interrupted or is still running): run the same harvest command again to finish it first")
 
 
 def source_params(con, source_id: str) -> dict:
