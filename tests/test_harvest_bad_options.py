@@ -88,6 +88,19 @@ def test_dask_options_refused_before_any_work(tmp_path, corpus_file, capsys):
     assert not os.path.exists(db)
 
 
+def test_a_dask_address_without_the_dask_runner_is_refused(tmp_path, corpus_file, capsys):
+    db = str(tmp_path / "h.duckdb")
+    base = ["harvest", "--db", db, "--model", "smollm2-135m", "--layer", "6", "--corpus", corpus_file,
+            "--no-progress", "--dask-address", "tcp://127.0.0.1:8786"]
+    for extra in ([], ["--shards", "2"], ["--task-runner", "dask"]):  # it was silently ignored
+        assert _one_error(base + extra, capsys).strip() == ("featurescribe: error: --dask-address is for a sharded "
+                                                            "harvest on Dask: add --shards N --task-runner dask")
+    label = ["label", "--db", db, "--source", "6-mlp", "--dask-address", "tcp://127.0.0.1:8786"]
+    assert _one_error(label, capsys).strip() == (
+        "featurescribe: error: --dask-address is for the Dask task runner: add --task-runner dask")
+    assert not os.path.exists(db) and not os.path.exists(db + ".shards")
+
+
 def test_a_listening_scheduler_address_passes():
     import socket
 

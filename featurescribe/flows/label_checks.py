@@ -49,6 +49,8 @@ def check_options(o: "LabelOptions") -> None:
         raise BadOption(f"unknown --batch-retry {o.batch_retry!r}: use {' or '.join(BATCH_RETRIES)}")
     if o.task_runner not in RUNNERS:
         raise BadOption(f"unknown task runner {o.task_runner!r}: use {' or '.join(RUNNERS)}")
+    if o.dask_address is not None and o.task_runner != "dask":
+        raise BadOption("--dask-address is for the Dask task runner: add --task-runner dask")
     if o.task_runner == "dask" and int(o.workers or 0) < 1:
         raise BadOption("--workers must be at least 1")
     if o.structured not in STRUCTURED_CHOICES:

@@ -75,6 +75,8 @@ class HarvestOptions:
             raise BadOption("shards need a model name or folder (each shard loads its own copy), not a loaded model")
         if self.task_runner == "dask" and self.workers < 1:
             raise BadOption("--workers must be at least 1")
+        if self.dask_address is not None and (self.task_runner != "dask" or self.shards == 1):
+            raise BadOption("--dask-address is for a sharded harvest on Dask: add --shards N --task-runner dask")
         if not self.in_memory and not isinstance(self.model, str):
             raise BadOption(f"model must be a name, a folder or a loaded transformers model, not {type(self.model).__name__}")
 
