@@ -59,8 +59,8 @@ server refuses: `response_format` of type `json_schema`, with HTTP 500 and the m
 `server.html_status = 200` (or 404) answers every request with an HTML page instead: a base URL
 that is a web site, not an API.
 
-`server.api_key = "k"`: a chat request with another key gets 401 (a wrong key);
-`server.models = {"m"}`: a chat request for another model gets 404 `model_not_found`.
+`server.api_key = "k"`: a chat or embeddings request with another key gets 401 (a wrong key);
+`server.models = {"m"}`: a chat or embeddings request for another model gets 404 `model_not_found`.
 
 `server.latency_s` is added to every answer (the throughput benchmark uses it);
 `server.max_in_flight` is the largest number of requests the server held at once.
@@ -799,6 +799,8 @@ class _Handler(BaseHTTPRequestHandler):
         texts = [texts] if isinstance(texts, str) else list(texts or [])
         rec.model = str(rec.body.get("model", ""))
         rec.messages = [{"role": "user", "content": str(t)} for t in texts]
+        if self._refused(rec):
+            return
         fault = self.server.fake._take_fault("openai")
         rec.fault = fault.kind if fault else None
         if fault is not None and fault.kind in _ERRORS:

@@ -214,6 +214,21 @@ def test_hosted_embedder_failure_is_one_line_and_keeps_earlier_batches(db, fake_
     assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == n
 
 
+@pytest.mark.parametrize("refuse, rc, words", [  # both are the user's to fix: exit 2, no "run again"
+    (lambda s: setattr(s, "api_key", "the-right-key"), 2, "refused the API key (HTTP 401"),
+    (lambda s: setattr(s, "models", {"text-embedding-3-large"}), 2, "HTTP 404: The model `text-embedding-3-small` "
+     "does not exist or you do not have access to it; check the model name in --embedder"),
+])
+def test_a_wrong_key_or_unknown_embedding_model_is_one_line_and_writes_nothing(db, fake_llm, capsys,
+                                                                               refuse, rc, words):
+    refuse(fake_llm)
+    assert main(["embed", "--db", db, "--embedder", "openai:text-embedding-3-small"]) == rc
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("featurescribe: error: ") and words in err, err
+    assert len([r for r in fake_llm.requests if r.api == "embeddings"]) == 1  # not retried
+    assert q(db, "SELECT count(*) FROM label_embeddings")[0][0] == 0
+
+
 def test_embed_leaves_the_file_free_while_the_embedder_works(db, fake_llm):
     import os
     import subprocess

@@ -120,6 +120,10 @@ class LLMCallFailed(LLMError):
     """A call ended without a usable answer after its retries; it is recorded in the ledger."""
 
 
+class ModelNotFound(LLMCallFailed):
+    """The provider has no such model or route (404): every further call would fail too."""
+
+
 class BudgetExceeded(LLMError):
     """The run's spend reached --budget-usd: no new call starts."""
 

@@ -63,6 +63,7 @@ from featurescribe.llm.base import (
     ChatResponse,
     LLMAuthFailed,
     LLMCallFailed,
+    ModelNotFound,
     UnparseableResponse,
     parse_backend_spec,
 )
@@ -516,7 +517,9 @@ class Client:
             return broken
         if f.kind == "auth":
             return LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})")
-        if f.kind in ("fatal", "not_found"):
+        if f.kind == "not_found":
+            return ModelNotFound(f"{self.spec}: {f.message}")
+        if f.kind == "fatal":
             return LLMCallFailed(f"{self.spec}: {f.message}")
         if f.kind == "rejected":
             if not exc.changed:

@@ -27,7 +27,7 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise FeaturescribeError("--batch-size must be at least 1")
     kind, model = check_embedder_spec(args.embedder or DEFAULT_EMBEDDER)
-    from featurescribe.llm.base import LLMError
+    from featurescribe.llm.base import LLMError, ModelNotFound
     from featurescribe.store.connection import Database, lock_timeout, run_lock_timeout
 
     # open only to read what is missing and to write each batch: label runs and harvests go on beside it
@@ -39,6 +39,8 @@ def run_embed(args: argparse.Namespace) -> int:
     except LLMError as err:  # a hosted embedder gave up after its retries (401/403 are user errors)
         if isinstance(err, FeaturescribeError):
             raise
+        if isinstance(err, ModelNotFound):
+            raise FeaturescribeError(f"{str(err).rstrip('.')}; check the model name in --embedder") from None
         print(f"featurescribe: error: embedding failed: {str(err).splitlines()[0]} (the batches before it are kept; "
               "run embed again to go on)", file=sys.stderr)
         return 1
