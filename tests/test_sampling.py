@@ -211,6 +211,23 @@ def test_random_windows_may_be_silent_and_avoid_used_sequences(db):
             assert r["max_act"] == pytest.approx(want)
 
 
+def test_random_windows_come_only_from_the_sources_own_sequences(db):
+    """Another corpus harvested into the same database (another source's sequences) never gives
+    this source a random window: its activations there were never computed."""
+    con, info = db
+    n = len(info["ids"])
+    insert_arrow(con, "harvest_progress", {"source_id": [SOURCE] * n, "seq_id": list(range(n))})
+    insert_arrow(con, "harvest_progress", {"source_id": ["other"] * 400, "seq_id": list(range(n, n + 400))})
+    insert_arrow(con, "sequences", pa.table({
+        "seq_id": pa.array(range(n, n + 400), pa.int64()),
+        "token_ids": pa.array([[1] * 48] * 400, pa.list_(pa.int32())),
+        "tokens": pa.array([[VOCAB[1]] * 48] * 400, pa.list_(pa.string())),
+    }))
+    sample_examples(con, SOURCE, list(range(3, 12)), SamplingConfig())
+    rnd = con.execute("SELECT seq_id FROM examples WHERE kind = 'random'").fetchall()
+    assert len(rnd) == 9 * 15 and max(s for (s,) in rnd) < n
+
+
 def test_deterministic_for_a_seed(tmp_path):
     def run(name, seed):
         c = open_db(str(tmp_path / name))

@@ -13,8 +13,9 @@ Kinds of windows (column `kind` of `examples`):
   bins by their peak activation (bin 1 the weakest), and drawn at random inside each bin, with
   the same window around the peak. These are the "random active" windows, stratified so that
   weak activations are represented.
-- `random`: sequences drawn uniformly from the whole corpus, the feature may be silent there;
-  the window starts at a random position.
+- `random`: sequences drawn uniformly from the source's corpus (the sequences its harvest read,
+  not another corpus's in the same database), the feature may be silent there; the window starts
+  at a random position.
 
 Splits: every window goes to exactly one of `explain`, `valid` and `test`, and a sequence is used
 at most once per feature, so no window a scorer tests on overlaps a window the explainer saw. Top
@@ -263,10 +264,13 @@ used AS (
     SELECT feature_id, seq_id FROM pool
     UNION ALL SELECT feature_id, seq_id FROM q_win
 ),
-seq_order AS (  -- one shuffled order of all sequences; each feature starts at its own offset
+harvested AS (SELECT seq_id FROM harvest_progress WHERE source_id = $source),
+seq_order AS (  -- one shuffled order of the source's sequences (all of them in a database built
+                -- without harvest bookkeeping); each feature starts at its own offset
     SELECT seq_id, n, (row_number() OVER (ORDER BY hash($seed, seq_id), seq_id) - 1) AS r,
            count(*) OVER () AS n_total
     FROM seqlen
+    WHERE seq_id IN (SELECT seq_id FROM harvested) OR NOT EXISTS (SELECT 1 FROM harvested)
 ),
 offsets AS (
     SELECT f.feature_id, hash($seed, f.feature_id, 'random') % o.n_total AS off, o.n_total
