@@ -316,6 +316,48 @@ def test_conflicting_source_is_refused_and_overwrite_replaces(smollm2, db_path, 
     assert r2.source_id == "low" and r2.n_activations > r.n_activations
 
 
+def _corpus_of_each_sequence(db) -> dict[int, str]:
+    con = open_db(db, read_only=True)
+    try:
+        return dict(con.execute("SELECT seq_id, corpus FROM sequences").fetchall())
+    finally:
+        con.close()
+
+
+def test_overwrite_with_another_corpus_removes_only_the_sequences_nothing_else_uses(
+        smollm2, db_path, corpus_file, tmp_path):
+    """--overwrite left the old corpus's sequences in `sequences`, where the sampler draws random
+    windows from (windows the new source never saw, read as silent)."""
+    run(db_path, smollm2, corpus_file, site="mlp", threshold=0.2)  # 4 sequences of the first corpus
+    other = run(db_path, smollm2, corpus_file, site="mlp", threshold=0.2, layer=2, max_tokens=2 * CTX)
+    old = _corpus_of_each_sequence(db_path)
+    other_before = read(db_path, other.source_id)
+    con = open_db(db_path)
+    kept_for_a_label = con.execute(  # a window an earlier label run stored, of a sequence only 3-mlp used
+        "SELECT max(seq_id) FROM harvest_progress WHERE source_id = ?", [f"{LAYER}-mlp"]).fetchone()[0]
+    con.execute("INSERT INTO examples (source_id, feature_id, seq_id, start_pos, end_pos, split, kind) "
+                "VALUES (?, 0, ?, 0, 4, 'explain', 'top')",
+                [f"{LAYER}-mlp", kept_for_a_label])
+    con.close()
+    second = tmp_path / "second.txt"
+    second.write_text("An entirely different corpus, about rivers, mountains and the weather. " * 20)
+    r = run(db_path, smollm2, str(second), site="mlp", threshold=0.2, overwrite=True)
+    now = _corpus_of_each_sequence(db_path)
+    new_ids = {s for s, c in now.items() if s not in old}
+    assert len(new_ids) == r.n_sequences == 4
+    con = open_db(db_path, read_only=True)
+    other_ids = {r[0] for r in con.execute("SELECT seq_id FROM harvest_progress WHERE source_id = ?",
+                                           [other.source_id]).fetchall()}
+    con.close()
+    assert len(other_ids) == 2
+    assert set(now) - new_ids == other_ids | {kept_for_a_label}  # the other source's and the label's
+    assert all(now[s] == old[s] for s in set(now) - new_ids)
+    other_after = read(db_path, other.source_id)
+    assert other_after[2] == other_before[2] and (other_after[0]["act"] == other_before[0]["act"]).all()
+    acts, *_ = read(db_path, r.source_id)
+    assert set(int(s) for s in acts["seq_id"]) <= new_ids
+
+
 def test_cli_prints_source_id_last(smollm2, db_path, corpus_file, capsys):
     rc = main(["harvest", "--db", db_path, "--model", "smollm2-135m", "--layer", "2", "--corpus", corpus_file,
                "--ctx", str(CTX), "--max-tokens", str(2 * CTX), "--no-progress"])

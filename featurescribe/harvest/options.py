@@ -55,7 +55,8 @@ class HarvestOptions:
                                 "default to 0 (keep every non-zero)")
     source_id: str | None = opt(None, "the source id to write when the harvest has one source (default: "
                                 "'{{layer}}-{{set}}', e.g. 6-mlp, 6-res-sae4k)")
-    overwrite: bool = opt(False, "delete these sources' activations and features first, and harvest again")
+    overwrite: bool = opt(False, "delete these sources' activations and features, and the sequences nothing else "
+                          "uses, first, and harvest again")
     no_progress: bool = opt(False, "no progress bar or progress lines")
     shards: int = opt(1, "cut the corpus into N parts harvested in parallel on --task-runner (each writes its own "
                       "file under DB.shards/, merged into --db at the end; default 1: one process)",

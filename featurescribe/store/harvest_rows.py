@@ -79,8 +79,22 @@ def source_params(con, source_id: str) -> dict:
     return json.loads(row[0]) if row and row[0] else {}
 
 
+# A sequence stays while anything else reads it: another source's harvest, or the windows and
+# simulations of labels already stored (`delete_source` keeps those).
+_ORPHANED_SEQUENCES = """
+    DELETE FROM sequences
+    WHERE seq_id IN (SELECT seq_id FROM harvest_progress WHERE source_id = $source)
+      AND seq_id NOT IN (SELECT seq_id FROM harvest_progress WHERE source_id <> $source)
+      AND seq_id NOT IN (SELECT seq_id FROM examples)
+      AND seq_id NOT IN (SELECT seq_id FROM simulations)
+"""
+
+
 def delete_source(con, source_id: str) -> None:
+    """A source's activations, features, progress and `sources` row, and the sequences only it
+    used (harvest --overwrite with another corpus must not leave the old corpus behind)."""
     def run(c):
+        c.execute(_ORPHANED_SEQUENCES, {"source": source_id})
         delete_activations(c, source_id)
         for table in ("features", "harvest_progress", "sources"):
             c.execute(f"DELETE FROM {table} WHERE source_id = ?", [source_id])
