@@ -42,6 +42,27 @@ def test_refused_before_any_work(tmp_path, corpus_file, capsys, extra, msg):
     assert not os.path.exists(db)
 
 
+GOOD_LINE = '{"text": "The quick brown fox jumps over the lazy dog, again and again."}\n'
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ('{"text": 42}', "line 301's field 'text' is a JSON number, not a string"),
+    ('{"text": ["a", "b"]}', "line 301's field 'text' is a JSON array, not a string"),
+    ('{"body": "x", "id": 3}', "line 301 has no field 'text' (fields: body, id)"),
+    ('"just a string"', "line 301 is a JSON string, not an object"),
+])
+def test_a_jsonl_line_without_string_text_is_refused_before_any_work(tmp_path, capsys, bad, msg):
+    """Such a line was skipped silently (a Parquet corpus's non-string column is refused); the line
+    comes after many batches' worth of good ones, and still nothing is written."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(GOOD_LINE * 300 + bad + "\n" + GOOD_LINE)
+    db = str(tmp_path / "h.duckdb")
+    err = _one_error(["harvest", "--db", db, "--model", "smollm2-135m", "--layer", "1", "--corpus", str(path),
+                      "--ctx", "8", "--batch-size", "2", "--no-progress"], capsys)
+    assert f"corpus {path}: {msg}" in err
+    assert not os.path.exists(db)
+
+
 def test_layer_specs_still_read():
     assert parse_layers("6") == [6]
     assert parse_layers(" 3, 6 ,9") == [3, 6, 9]

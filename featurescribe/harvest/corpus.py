@@ -112,6 +112,9 @@ def open_corpus(spec: str) -> Corpus:
         if not _holds_strings(schema.field("text").type):
             raise FeaturescribeError(f"corpus {spec}: the column 'text' holds {schema.field('text').type}, "
                                      "not strings")
+    if kind == "jsonl":  # every line is read now: a bad one found midway would leave a half harvest
+        for _ in _jsonl_documents(p):
+            pass
     return Corpus(spec, str(p), kind, _stat_fingerprint([p], p))
 
 
@@ -161,9 +164,28 @@ def _jsonl_documents(path: Path) -> Iterator[tuple[str, bool]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise FeaturescribeError(f"corpus {path}: line {n} is not JSON ({err.msg})") from None
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if isinstance(text, str) and text:
+            text = _jsonl_text(obj, path, n)
+            if text:
                 yield text, True
+
+
+def _jsonl_text(obj, path: Path, n: int) -> str | None:
+    """Line `n`'s `text` (None where it is null, as a null in a Parquet corpus's column)."""
+    if not isinstance(obj, dict):
+        raise FeaturescribeError(f"corpus {path}: line {n} is a JSON {_json_type(obj)}, not an object "
+                                 "with a field 'text'")
+    if "text" not in obj:
+        raise FeaturescribeError(f"corpus {path}: line {n} has no field 'text' (fields: {', '.join(obj) or 'none'})")
+    text = obj["text"]
+    if text is not None and not isinstance(text, str):
+        raise FeaturescribeError(f"corpus {path}: line {n}'s field 'text' is a JSON {_json_type(text)}, "
+                                 "not a string")
+    return text
+
+
+def _json_type(value) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(
+        type(value), "object")
 
 
 def _parquet_documents(path: Path) -> Iterator[tuple[str, bool]]:
