@@ -63,6 +63,16 @@ def test_a_jsonl_line_without_string_text_is_refused_before_any_work(tmp_path, c
     assert not os.path.exists(db)
 
 
+def test_a_binary_txt_corpus_is_refused_before_any_work(tmp_path, capsys):
+    path = tmp_path / "weights.txt"
+    path.write_bytes(bytes(range(256)) * 64)
+    db = str(tmp_path / "h.duckdb")
+    err = _one_error(["harvest", "--db", db, "--model", "smollm2-135m", "--layer", "1", "--corpus", str(path),
+                      "--no-progress"], capsys)
+    assert f"corpus {path} is not text: it has a NUL byte (at byte 0)" in err
+    assert not os.path.exists(db)
+
+
 def test_layer_specs_still_read():
     assert parse_layers("6") == [6]
     assert parse_layers(" 3, 6 ,9") == [3, 6, 9]

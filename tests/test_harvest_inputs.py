@@ -72,6 +72,28 @@ def test_bad_specs(tmp_path):
     assert [t for t, _ in open_corpus(str(tmp_path / "dict.parquet")).documents()] == ["a", "a"]
 
 
+def test_a_txt_file_that_is_not_utf8_text_is_refused_and_stray_bytes_are_read(tmp_path):
+    """A binary file named .txt was harvested as U+FFFD characters."""
+    (tmp_path / "gz.txt").write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(4000))  # a gzip header: NUL
+    with pytest.raises(FeaturescribeError, match=r"gz.txt is not text: it has a NUL byte \(at byte 3\)"):
+        open_corpus(str(tmp_path / "gz.txt"))
+    (tmp_path / "noise.txt").write_bytes(bytes(range(128, 256)) * 40)  # binary without a NUL byte
+    with pytest.raises(FeaturescribeError, match="noise.txt is not UTF-8 text: 5,120 of its first 5,120 bytes"):
+        open_corpus(str(tmp_path / "noise.txt"))
+    (tmp_path / "latin1.txt").write_bytes(("Le café, la forêt et l'été. " * 100).encode("latin-1"))
+    with pytest.raises(FeaturescribeError, match=r"latin1.txt is not UTF-8 text: 400 of its first 2,800 bytes .* \(the first at byte 6\)"):
+        open_corpus(str(tmp_path / "latin1.txt"))
+    stray = ("Plain English text, line after line. " * 200).encode() + b"\xe9" + b" and more text.\n"
+    (tmp_path / "stray.txt").write_bytes(stray)
+    assert "\ufffd and more text" in "".join(texts(str(tmp_path / "stray.txt")))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(stray)
+    (folder / "b.txt").write_bytes(b"\x00\x01binary")
+    with pytest.raises(FeaturescribeError, match=r"corpus .*folder: b.txt is not text"):
+        open_corpus(str(folder))
+
+
 def test_builtin_stdlib_is_deterministic_prose_and_code():
     a = [t for t, _ in itertools.islice(open_corpus("builtin:stdlib").documents(), 60)]
     b = [t for t, _ in itertools.islice(open_corpus("builtin:stdlib").documents(), 60)]

@@ -17,6 +17,7 @@ Reading and tokenizing stream: memory does not grow with the corpus.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -30,6 +31,11 @@ import numpy as np
 from featurescribe.errors import FeaturescribeError
 
 _TEXT_PIECE = 1 << 20  # large .txt files are read in pieces of about 1 MiB (cut at line ends)
+# Each .txt file's head is checked before a harvest: a NUL byte, or more than one byte in
+# _MAX_BAD_BYTES that is not UTF-8, is a binary or otherwise-encoded file and is refused; fewer
+# (stray bytes in text) are read as U+FFFD, as everywhere past the head.
+_SNIFF_BYTES = 1 << 16
+_MAX_BAD_BYTES = 1000
 
 BUILTIN_CORPORA = ("stdlib",)
 
@@ -94,6 +100,8 @@ def open_corpus(spec: str) -> Corpus:
         files = _txt_files(p)
         if not files:
             raise FeaturescribeError(f"corpus {spec} is empty: the folder has no .txt files")
+        for f in files:
+            _check_text_file(f, f"corpus {spec}: {f.relative_to(p)}")
         return Corpus(spec, str(p), "dir", _stat_fingerprint(files, p))
     suffix = p.suffix.lower()
     kind = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix)
@@ -112,10 +120,34 @@ def open_corpus(spec: str) -> Corpus:
         if not _holds_strings(schema.field("text").type):
             raise FeaturescribeError(f"corpus {spec}: the column 'text' holds {schema.field('text').type}, "
                                      "not strings")
+    if kind == "txt":
+        _check_text_file(p, f"corpus {spec}")
     if kind == "jsonl":  # every line is read now: a bad one found midway would leave a half harvest
         for _ in _jsonl_documents(p):
             pass
     return Corpus(spec, str(p), kind, _stat_fingerprint([p], p))
+
+
+def _check_text_file(path: Path, name: str) -> None:
+    """FeaturescribeError where the file's head is not UTF-8 text (see _SNIFF_BYTES)."""
+    with path.open("rb") as f:
+        head = f.read(_SNIFF_BYTES)
+        whole = not f.read(1)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise FeaturescribeError(f"{name} is not text: it has a NUL byte (at byte {nul:,}), as a binary file "
+                                 "or UTF-16 text has; a corpus is UTF-8 text")
+    try:
+        head.decode("utf-8")
+        return
+    except UnicodeDecodeError as err:
+        first = err.start
+    decoded = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(head, final=whole)
+    bad = sum(1 for ch in decoded if "\udc80" <= ch <= "\udcff")
+    if bad * _MAX_BAD_BYTES > len(head):
+        raise FeaturescribeError(f"{name} is not UTF-8 text: {bad:,} of its first {len(head):,} bytes are not "
+                                 f"UTF-8 (the first at byte {first:,}); convert it to UTF-8 (e.g. iconv -f "
+                                 "latin1 -t utf-8) or pass another file")
 
 
 def _holds_strings(t) -> bool:
