@@ -110,6 +110,15 @@ def options_from_kwargs(cls: type[T], what: str, kwargs: dict[str, Any]) -> T:
 
 
 _KINDS = {str: "a string", int: "an integer", float: "a number", bool: "True or False"}
+SEED_MAX = 2**63 - 1  # torch's generators and DuckDB's hash take a signed 64-bit seed
+
+
+def check_seed(value: int, name: str = "--seed") -> int:
+    """BadOption for a seed that is not a whole number from 0 to SEED_MAX (the same range for
+    every command and function that takes one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= SEED_MAX:
+        raise BadOption(f"{name} must be a whole number from 0 to {SEED_MAX}, not {value!r}")
+    return int(value)
 
 
 def checked_value(what: str, value: Any, hint: Any) -> Any:

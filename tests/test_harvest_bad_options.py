@@ -119,6 +119,33 @@ def test_dask_options_refused_before_any_work(tmp_path, corpus_file, capsys):
     assert not os.path.exists(db)
 
 
+def test_workers_below_one_and_a_seed_out_of_range_are_refused_by_the_cli_and_the_api(tmp_path, corpus_file, capsys):
+    """With the thread runner, workers=0 and seed=-1 were accepted (from Python and on the command
+    line alike); the Dask runner refused workers=0, steer refused seed=-1."""
+    import featurescribe as fs
+
+    db = str(tmp_path / "h.duckdb")
+    harvest = ["harvest", "--db", db, "--model", "smollm2-135m", "--layer", "6", "--corpus", corpus_file,
+               "--no-progress"]
+    label = ["label", "--db", db, "--source", "6-mlp"]
+    seed_line = "--seed must be a whole number from 0 to 9223372036854775807"
+    for argv, line in ((harvest + ["--workers", "0"], "--workers must be at least 1"),
+                       (harvest + ["--shards", "2", "--workers", "0"], "--workers must be at least 1"),
+                       (label + ["--workers", "0"], "--workers must be at least 1"),
+                       (label + ["--seed", "-1"], f"{seed_line}, not -1"),
+                       (label + ["--seed", str(2**63)], f"{seed_line}, not {2**63}")):
+        assert _one_error(argv, capsys).strip() == f"featurescribe: error: {line}"
+    for call, line in ((lambda: fs.harvest(db, model="smollm2-135m", layer="6", corpus=corpus_file, workers=0),
+                        "--workers must be at least 1"),
+                       (lambda: fs.label(db, source="6-mlp", workers=0, task_runner="thread"),
+                        "--workers must be at least 1"),
+                       (lambda: fs.label(db, source="6-mlp", seed=-1), f"{seed_line}, not -1")):
+        with pytest.raises(fs.BadOption) as info:
+            call()
+        assert str(info.value) == line
+    assert not os.path.exists(db)
+
+
 def test_a_dask_address_without_the_dask_runner_is_refused(tmp_path, corpus_file, capsys):
     db = str(tmp_path / "h.duckdb")
     base = ["harvest", "--db", db, "--model", "smollm2-135m", "--layer", "6", "--corpus", corpus_file,

@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from featurescribe.errors import BadOption
+from featurescribe.options import check_seed
 
 if TYPE_CHECKING:
     from featurescribe.flows.label_options import LabelOptions
@@ -51,8 +52,9 @@ def check_options(o: "LabelOptions") -> None:
         raise BadOption(f"unknown task runner {o.task_runner!r}: use {' or '.join(RUNNERS)}")
     if o.dask_address is not None and o.task_runner != "dask":
         raise BadOption("--dask-address is for the Dask task runner: add --task-runner dask")
-    if o.task_runner == "dask" and int(o.workers or 0) < 1:
+    if (o.workers is not None and o.workers < 1) or (o.workers is None and o.task_runner == "dask"):
         raise BadOption("--workers must be at least 1")
+    check_seed(o.seed)
     if o.structured not in STRUCTURED_CHOICES:
         raise BadOption(f"unknown --structured {o.structured!r}: use {', '.join(STRUCTURED_CHOICES)}")
     if o.no_wait and not o.batch:

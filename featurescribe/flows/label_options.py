@@ -97,7 +97,7 @@ class LabelOptions:
                            f"({format_counts(DEFAULT_COUNTS)}); e.g. test.top=5,test.random=5 for a "
                            "cheaper local judge. Features sampled before keep their windows",
                        metavar="SPLIT.KIND=N,...")
-    seed: int = opt(0, "sampling seed (default: 0)")
+    seed: int = opt(0, "sampling seed, a whole number from 0 to 2^63 - 1 (default: 0)")
     redo: bool = opt(False, "label features that already have a scored label by this explainer too")
     no_progress: bool = opt(False, "no progress bar or progress lines")
     batch: bool = opt(False, "send the openai:/anthropic: requests as provider batches (OpenAI Batch, "

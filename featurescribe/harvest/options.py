@@ -74,7 +74,7 @@ class HarvestOptions:
             raise BadOption("harvest() of a loaded model needs its tokenizer: tokenizer=...")
         if self.in_memory and self.shards != 1:
             raise BadOption("shards need a model name or folder (each shard loads its own copy), not a loaded model")
-        if self.task_runner == "dask" and self.workers < 1:
+        if self.workers < 1:
             raise BadOption("--workers must be at least 1")
         if self.dask_address is not None and (self.task_runner != "dask" or self.shards == 1):
             raise BadOption("--dask-address is for a sharded harvest on Dask: add --shards N --task-runner dask")
