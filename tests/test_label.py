@@ -296,6 +296,25 @@ def test_select_alive_and_all(labdb):
         con.close()
 
 
+def test_alive_on_a_source_without_alive_features_is_refused_saying_why(smollm2, db_path, tmp_path, capsys):
+    """It exited 0 printing 'features selected 0' and nothing else, where a range that selects
+    nothing (5:5) is refused."""
+    from featurescribe.harvest.harvester import HarvestConfig, harvest
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    harvest(HarvestConfig(db=db_path, model="smollm2-135m", layer="1", site="mlp", corpus=str(corpus), ctx=16,
+                          max_tokens=32, threshold="1000000", progress=False), loaded=smollm2)
+    rc = main(["label", "--db", db_path, "--source", "1-mlp", "--features", "alive", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith("featurescribe: error: --features alive selects no feature of source 1-mlp: 1,536 are "
+                          "dead (never above its harvest threshold 1e+06) and 0 rare")
+    assert _q(db_path, "SELECT count(*) FROM runs") == [(0,)]
+    assert _q(db_path, "SELECT count(*) FROM examples") == [(0,)]
+    assert main(["label", "--db", db_path, "--source", "1-mlp", "--features", "0:2", "--no-progress"]) == 0
+
+
 def test_steps_are_plain_picklable_and_compute_needs_no_database(labdb):
     """prepare (writer) -> compute (no DuckDB: the connection is closed) -> write (writer)."""
     params = LabelOptions(source=SOURCE, features="0:8")

@@ -95,13 +95,23 @@ def select_features(con, source_id: str, spec: str = "all", *, explainer: str | 
     if parsed == "all":
         ids = sql.all_feature_ids(con, source_id) or list(range(width))
     elif parsed == "alive":
-        ids = sql.alive_feature_ids(con, source_id)
+        ids = sql.alive_feature_ids(con, source_id) or _refuse_no_alive(con, source_id)
     else:
         ids = list(parsed)
     if skip_done and explainer and ids:
         done = sql.labelled_feature_ids(con, source_id, explainer)
         ids = [f for f in ids if f not in done]
     return [int(f) for f in ids]
+
+
+def _refuse_no_alive(con, source_id: str) -> list[int]:
+    """BadOption: `alive` selects nothing, as a range like 5:5 (refused too), and says why."""
+    dead, rare, threshold = sql.not_alive_counts(con, source_id)
+    raise BadOption(
+        f"--features alive selects no feature of source {source_id}: {dead:,} are dead (never above its "
+        f"harvest threshold {threshold:g}) and {rare:,} rare (active in too few sequences, found by an "
+        "earlier label run); harvest it again with a lower --threshold or more --max-tokens (--overwrite), "
+        "or name features by id")
 
 
 def chunks(ids: Sequence[int], size: int) -> Iterator[list[int]]:

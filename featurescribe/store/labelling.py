@@ -41,6 +41,16 @@ def alive_feature_ids(con, source_id: str) -> list[int]:
     ).fetchall()]
 
 
+def not_alive_counts(con, source_id: str) -> tuple[int, int, float]:
+    """(dead features, rare features, the source's harvest threshold): why `alive` leaves them out."""
+    dead, rare = con.execute(
+        "SELECT count(*) FILTER (WHERE n_active = 0 OR status = 'dead'), "
+        "count(*) FILTER (WHERE n_active > 0 AND status = 'rare') FROM features WHERE source_id = ?",
+        [source_id]).fetchone()
+    threshold = con.execute("SELECT threshold FROM sources WHERE source_id = ?", [source_id]).fetchone()[0]
+    return int(dead), int(rare), float(threshold)
+
+
 def labelled_feature_ids(con, source_id: str, explainer: str) -> set[int]:
     """Features with a chosen, ok explanation by `explainer` that has a score."""
     return {r[0] for r in con.execute(
