@@ -192,6 +192,35 @@ def test_steer_bad_input_is_one_line_and_writes_nothing(hdb, capsys, tmp_path, e
     assert _digest(hdb) == before
 
 
+def test_steer_a_source_whose_harvest_was_interrupted_is_refused(hdb, smollm2, tmp_path, monkeypatch, capsys):
+    """Its `features` rows (the max activations a strength is a multiple of) are written when the
+    harvest ends: steer used to go on with a unit of 1 and exit 0."""
+    import signal
+
+    from featurescribe.harvest import harvester
+    from featurescribe.harvest.harvester import HarvestConfig, harvest
+    from featurescribe.interrupts import Interrupted
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog; def f(x): return x + 1\n" * 40)
+    batches = iter(range(100))
+
+    def ctrl_c_at_the_third_batch():  # the harvest loop's own check, as a signal makes it raise
+        if next(batches) == 2:
+            raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(harvester, "stop_if_received", ctrl_c_at_the_third_batch)
+    with pytest.raises(Interrupted):
+        harvest(HarvestConfig(db=hdb, model="smollm2-135m", layer=2, corpus=str(corpus), ctx=16, max_tokens=160,
+                              batch_size=2, threshold=0.2, progress=False), loaded=smollm2)
+    before = _digest(hdb)
+    assert main(["steer", "--db", hdb, "--source", "2-mlp", "--feature", "3", "--prompt", "Hi"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "featurescribe: error: source 2-mlp is not fully harvested (its harvest was interrupted or is still "
+        "running): run the same harvest command again to finish it first")
+    assert _digest(hdb) == before
+
+
 @pytest.mark.parametrize("sql,message", [
     ("UPDATE sources SET model_id = 'no-such-model'", "cannot load the model of this source: unknown model"),
     ("UPDATE sources SET layer = 99", "layer 99 is out of range: the model has 30 layers"),

@@ -89,11 +89,13 @@ def steer_feature(db: str, source_id: str, feature: int, prompts: list[str], str
     from featurescribe.steer.calibrate import mean_kl
     from featurescribe.steer.source import load_source_steering
     from featurescribe.store.connection import open_db
+    from featurescribe.store.harvest_rows import refuse_unfinished
     from featurescribe.store.steering import feature_max_act, source_row
 
     con = open_db(db, read_only=True, create=False)
     try:
         source = source_row(con, source_id)
+        refuse_unfinished(con, [source_id])  # its max activations, the strengths' unit, are written last
         max_act = feature_max_act(con, source, feature)
     finally:
         con.close()
