@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 from featurescribe.errors import FeaturescribeError
+from featurescribe.options import check_seed
 from featurescribe.store.connection import DEFAULT_DB
 
 DEFAULT_STRENGTH = 4.0
@@ -75,7 +76,7 @@ def parse_options(args) -> dict:
         "feature": int(_number("--feature", args.feature, int, 0)),
         "strengths": [_number("--strength", s) for s in (args.strength or [str(DEFAULT_STRENGTH)])],
         "max_new_tokens": int(_number("--max-new-tokens", args.max_new_tokens, int, 1)),
-        "seed": int(_number("--seed", args.seed, int, 0)),
+        "seed": check_seed(int(_number("--seed", args.seed, int, 0))),
         "temperature": _number("--temperature", args.temperature, float, 0),
         "prompts": _prompts(args),
     }
