@@ -175,6 +175,8 @@ def test_steer_json_with_prompts_from_a_file(hdb, capsys, tmp_path):
     (["--feature", "3", "--strength", "strong"], "--strength must be a number, not 'strong'"),
     (["--feature", "3", "--strength", "inf"], "--strength must be a finite number, not 'inf'"),
     (["--feature", "3", "--max-new-tokens", "0"], "--max-new-tokens must be a finite number of at least 1"),
+    (["--feature", "3", "--strength", "1e308"],  # finite, but not in float32: a traceback from sampling
+     "steering at strength 1e+308 made the model's next-token logits infinite or NaN"),
     (["--feature", "3", "--seed", str(2**64)],  # a traceback from torch's generator
      f"--seed must be a whole number from 0 to 9223372036854775807, not {2**64}"),
     (["--feature", "3", "--prompt", " "], "give at least one non-empty --prompt"),

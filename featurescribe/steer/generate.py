@@ -13,6 +13,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from featurescribe.errors import FeaturescribeError
 from featurescribe.steer.hooks import HookPoint, Intervention, steering
 
 
@@ -96,6 +97,7 @@ class Steerer:
         past, step_ids = None, ids
         for _ in range(max_new_tokens):
             logits, past = self._forward(step_ids, mask, past, intervention, strengths, int((~done).sum()))
+            _check_finite(logits, strengths)
             nxt = _pick(logits, temperature, gen)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
@@ -112,6 +114,20 @@ class Steerer:
         if eos is not None and eos in row:
             row = row[:row.index(eos)]
         return self.tokenizer.decode(row, skip_special_tokens=True)
+
+
+def _check_finite(logits, strengths: Sequence[float | None]) -> None:
+    """FeaturescribeError where a strength overflowed the model's activations: its logits are inf or
+    NaN (sampling from them failed with a traceback, greedy picks were token 0)."""
+    import torch
+
+    bad = (~torch.isfinite(logits).all(dim=-1)).nonzero()[:, 0].tolist()
+    if bad:
+        worst = max((strengths[i] for i in bad if strengths[i] is not None), key=abs, default=None)
+        if worst is None:
+            raise FeaturescribeError("the model's next-token logits are infinite or NaN without steering")
+        raise FeaturescribeError(f"steering at strength {worst:g} made the model's next-token logits infinite or "
+                                 "NaN (its activations overflow): use a smaller strength")
 
 
 def _pick(logits, temperature: float, gen):
