@@ -48,7 +48,7 @@ def command_table() -> list[Command]:
         Command("label", "sample, explain and score the features of a source",
                 label_command.add_arguments, label_command.run),
         Command("steer", "continue prompts with one feature steered (clamped or added), beside the unsteered text",
-                steer.add_arguments, steer.run),
+                steer.add_arguments, steer.run, on_signal="nothing was written"),
         Command("export", "write feature dictionaries: neuronpedia, oai, delphi, parquet or json",
                 export.add_export_arguments, export.run_export),
         Command("report", "write a self-contained HTML feature browser",

@@ -175,6 +175,8 @@ def test_steer_json_with_prompts_from_a_file(hdb, capsys, tmp_path):
     (["--feature", "3", "--strength", "strong"], "--strength must be a number, not 'strong'"),
     (["--feature", "3", "--strength", "inf"], "--strength must be a finite number, not 'inf'"),
     (["--feature", "3", "--max-new-tokens", "0"], "--max-new-tokens must be a finite number of at least 1"),
+    (["--feature", "3", "--max-new-tokens", "100000000"],  # ran for minutes past the model's context
+     "--max-new-tokens 100,000,000 with a prompt of 1 token(s) is longer than the model's context of 8,192 tokens"),
     (["--feature", "3", "--strength", "1e308"],  # finite, but not in float32: a traceback from sampling
      "steering at strength 1e+308 made the model's next-token logits infinite or NaN"),
     (["--feature", "3", "--seed", str(2**64)],  # a traceback from torch's generator
@@ -222,6 +224,23 @@ def test_steer_a_source_whose_harvest_was_interrupted_is_refused(hdb, smollm2, t
     assert capsys.readouterr().err.strip() == (
         "featurescribe: error: source 2-mlp is not fully harvested (its harvest was interrupted or is still "
         "running): run the same harvest command again to finish it first")
+    assert _digest(hdb) == before
+
+
+def test_an_interrupted_steer_says_nothing_was_written(hdb, monkeypatch, capsys):
+    """Not the resumable commands' 'run the same command again to go on': steer writes nothing."""
+    import signal
+
+    from featurescribe.interrupts import Interrupted
+    from featurescribe.steer.generate import Steerer
+
+    def ctrl_c(*args, **kwargs):  # as the signal handler makes generation raise
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(Steerer, "generate", ctrl_c)
+    before = _digest(hdb)
+    assert main(["steer", "--db", hdb, "--source", "3-mlp", "--feature", "3", "--prompt", "Hi"]) == 130
+    assert capsys.readouterr().err.strip() == "featurescribe: interrupted (SIGINT); nothing was written"
     assert _digest(hdb) == before
 
 

@@ -13,7 +13,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import BadOption, FeaturescribeError
 from featurescribe.steer.hooks import HookPoint, Intervention, steering
 
 
@@ -89,6 +89,7 @@ class Steerer:
         import torch
 
         ids, mask = self.encode(prompts)
+        _check_length(self.model, ids.shape[1], max_new_tokens)
         strengths = list(strengths) if strengths is not None else [None] * len(prompts)
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         eos = self.tokenizer.eos_token_id
@@ -114,6 +115,15 @@ class Steerer:
         if eos is not None and eos in row:
             row = row[:row.index(eos)]
         return self.tokenizer.decode(row, skip_special_tokens=True)
+
+
+def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """BadOption for a continuation that would run past the model's context: positions there are
+    out of its training distribution, and the run would take minutes before failing or not."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        raise BadOption(f"--max-new-tokens {max_new_tokens:,} with a prompt of {prompt_tokens:,} token(s) is longer "
+                        f"than the model's context of {limit:,} tokens")
 
 
 def _check_finite(logits, strengths: Sequence[float | None]) -> None:
