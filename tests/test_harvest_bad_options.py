@@ -63,6 +63,24 @@ def test_a_jsonl_line_without_string_text_is_refused_before_any_work(tmp_path, c
     assert not os.path.exists(db)
 
 
+def test_a_bad_jsonl_line_past_the_checked_head_stops_the_harvest_there(tmp_path, capsys, monkeypatch):
+    """Only the file's head is checked before the harvest (a corpus of gigabytes is not read twice);
+    a bad line further on ends the harvest in the same one line when it is reached, and the source
+    is left unfinished, which export refuses."""
+    from featurescribe.harvest import corpus
+
+    monkeypatch.setattr(corpus, "_JSONL_CHECK_BYTES", 200)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(GOOD_LINE * 300 + '{"text": 42}\n' + GOOD_LINE)
+    db = str(tmp_path / "h.duckdb")
+    err = _one_error(["harvest", "--db", db, "--model", "smollm2-135m", "--layer", "1", "--corpus", str(path),
+                      "--ctx", "8", "--batch-size", "2", "--max-tokens", "0", "--no-progress"], capsys)
+    assert f"corpus {path}: line 301's field 'text' is a JSON number, not a string" in err
+    assert os.path.exists(db)
+    err = _one_error(["export", "--db", db, "--format", "json", "--out", str(tmp_path / "out")], capsys)
+    assert "is not fully harvested" in err
+
+
 def test_a_binary_txt_corpus_is_refused_before_any_work(tmp_path, capsys):
     path = tmp_path / "weights.txt"
     path.write_bytes(bytes(range(256)) * 64)

@@ -36,6 +36,7 @@ _TEXT_PIECE = 1 << 20  # large .txt files are read in pieces of about 1 MiB (cut
 # (stray bytes in text) are read as U+FFFD, as everywhere past the head.
 _SNIFF_BYTES = 1 << 16
 _MAX_BAD_BYTES = 1000
+_JSONL_CHECK_BYTES = 64 << 20
 
 BUILTIN_CORPORA = ("stdlib",)
 
@@ -122,10 +123,23 @@ def open_corpus(spec: str) -> Corpus:
                                      "not strings")
     if kind == "txt":
         _check_text_file(p, f"corpus {spec}")
-    if kind == "jsonl":  # every line is read now: a bad one found midway would leave a half harvest
-        for _ in _jsonl_documents(p):
-            pass
+    if kind == "jsonl":
+        _check_jsonl_head(p)
     return Corpus(spec, str(p), kind, _stat_fingerprint([p], p))
+
+
+def _check_jsonl_head(path: Path) -> None:
+    """FeaturescribeError at the first bad line of the file's first _JSONL_CHECK_BYTES, before any
+    work: that covers every harvest of up to millions of tokens, without reading a corpus of many
+    gigabytes twice. A bad line past it stops the harvest when it is reached, in the same words."""
+    read = 0
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if read > _JSONL_CHECK_BYTES:
+                return
+            read += len(line)
+            if line.strip():
+                _jsonl_text(_jsonl_object(line.strip(), path, n), path, n)
 
 
 def _check_text_file(path: Path, name: str) -> None:
@@ -192,13 +206,16 @@ def _jsonl_documents(path: Path) -> Iterator[tuple[str, bool]]:
             line = line.strip()
             if not line:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FeaturescribeError(f"corpus {path}: line {n} is not JSON ({err.msg})") from None
-            text = _jsonl_text(obj, path, n)
+            text = _jsonl_text(_jsonl_object(line, path, n), path, n)
             if text:
                 yield text, True
+
+
+def _jsonl_object(line: str, path: Path, n: int):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise FeaturescribeError(f"corpus {path}: line {n} is not JSON ({err.msg})") from None
 
 
 def _jsonl_text(obj, path: Path, n: int) -> str | None:
