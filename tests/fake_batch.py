@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -201,6 +201,8 @@ class FakeBatchServer(FakeLLMServer):
         rec.output_tokens = (
             reply.output_tokens if reply.output_tokens is not None else count_tokens(reply.text)
         )
+        # batch requests read and write the provider's prompt cache as direct ones do
+        rec.cache_read_tokens, rec.cache_write_tokens = self.prompt_cache(replace(rec, api=b.api))
         answer = _openai_body(rec, reply) if b.api == "openai" else _anthropic_body(rec, reply, False)
         rec.status = 200
         rec.response = answer

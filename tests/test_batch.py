@@ -352,3 +352,44 @@ def test_a_batch_that_cannot_be_polled_stops_the_run_and_stays_recorded(server, 
     con.close()
     report, out = run_batched(db_path, "openai:gpt-4o-mini", 2)  # the network is back
     assert report.done and all(out) and len(server.created_batches()) == 2
+
+
+async def _long_system_pipeline(clients, n: int, system: str) -> list[str | None]:
+    async def one(i):
+        try:
+            return (await clients["explainer"].chat(ChatRequest(
+                messages=({"role": "system", "content": system},
+                          {"role": "user", "content": f"explain feature {i}"}),
+                purpose="explain", max_tokens=32))).text
+        except BatchPending:
+            return None
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+@pytest.mark.parametrize("spec,api", [("openai:gpt-4o-mini", "openai"),
+                                      ("anthropic:claude-sonnet-4-5", "anthropic")])
+def test_prompt_cache_tokens_of_batch_answers_are_counted_and_priced(server, db_path, spec, api):
+    """A batch answer's prompt-cache reads and writes are in the ledger and priced as such, as
+    for a direct call (Anthropic's `input_tokens` leaves them out: the batch rows lost them)."""
+    system = " ".join(f"rule{i}" for i in range(1500))  # past both providers' cache minimum
+    con = open_db(db_path)
+    store = CallStore(con)
+    client = make_client(spec, store=store, run_id="r1")
+    runner = BatchRunner(con, store, run_id="r1", sleep=_nosleep,
+                         options=BatchOptions(poll_initial_s=0.0, progress=False))
+    report = asyncio.run(runner.run({"explainer": client},
+                                    lambda cl: _long_system_pipeline(cl, 3, system)))
+    store.flush()
+    assert report.done
+    rows = con.execute("SELECT input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, "
+                       "cost_usd FROM llm_calls WHERE batch_id IS NOT NULL").fetchall()
+    store.close()
+    con.close()
+    sent = sorted((r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens)
+                  for r in server.batch_items)
+    assert sum(s[2] for s in sent) > 0  # the provider read its prompt cache
+    assert sorted(r[:4] for r in rows) == sent
+    price = PriceTable.load().lookup(*spec.split(":"))
+    for tin, tout, read, written, cost in rows:
+        assert cost == pytest.approx(price.cost(tin, tout, read, written) * 0.5)

@@ -88,10 +88,14 @@ def chat_response(body: dict, item: BatchItem):
     if text is None:
         text = "".join(b.get("text", "") for b in content if b.get("type") == "text")
     usage = body.get("usage") or {}
+    read = int(usage.get("cache_read_input_tokens") or 0)
+    written = int(usage.get("cache_creation_input_tokens") or 0)
     return ChatResponse(
-        text=text,
-        input_tokens=int(usage.get("input_tokens") or 0),
+        text=text,  # Anthropic's input_tokens leaves out the cached ones: the total is their sum
+        input_tokens=int(usage.get("input_tokens") or 0) + read + written,
         output_tokens=int(usage.get("output_tokens") or 0),
+        cached_input_tokens=read,
+        cache_write_tokens=written,
         finish_reason=body.get("stop_reason"),
         raw={"id": body.get("id"), "model": body.get("model")},
     )

@@ -116,10 +116,12 @@ def chat_response(body: dict, item: BatchItem):
             for t in choice.logprobs.content
         ]
     usage = r.usage
+    details = usage.prompt_tokens_details if usage else None
     return ChatResponse(
         text=text,
         input_tokens=int(usage.prompt_tokens or 0) if usage else 0,
         output_tokens=int(usage.completion_tokens or 0) if usage else 0,
+        cached_input_tokens=int(details.cached_tokens or 0) if details else 0,
         logprobs=logprobs,
         finish_reason=choice.finish_reason if choice is not None else None,
         raw={"id": r.id, "model": r.model},

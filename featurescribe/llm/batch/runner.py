@@ -281,11 +281,13 @@ class BatchRunner:
             self._ledger(info, r.custom_id, backend, model, batch_id, "error",
                          error=f"unreadable answer in batch {batch_id}: {_one_line(err)}"[:2000])
             return r.custom_id, "errored", _one_line(err)
-        list_cost, note = self.prices.cost(backend, model, resp.input_tokens, resp.output_tokens)
+        list_cost, note = self.prices.cost(backend, model, resp.input_tokens, resp.output_tokens,
+                                           resp.cached_input_tokens, resp.cache_write_tokens)
         cost = list_cost * self.discount
         if self.budget is not None:
             self.budget.add(cost)
-        usage = dict(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens, cost_usd=cost)
+        usage = dict(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens, cost_usd=cost,
+                     cached_input_tokens=resp.cached_input_tokens, cache_write_tokens=resp.cache_write_tokens)
         problem = _unusable(resp, structured)
         if problem:
             self._ledger(info, r.custom_id, backend, model, batch_id, "parse_error",
