@@ -22,6 +22,8 @@ What happens to the next batch created is planned with `server.plan(...)` (first
     server.plan(errors=[0, 3])      # requests 0 and 3 (in submission order) come back errored
     server.plan(cancel=True)        # the batch is cancelled before it runs anything
     server.plan(fail=True)          # OpenAI: validation fails ('failed'); Anthropic: all errored
+    server.plan(garble=[1], extra_lines=['{"custom_id": "x"}'])  # request 1's result line cut
+                                    # short (not JSON); the lines given added to the results
 
 Output shapes follow the providers: an OpenAI output file holds one line per succeeded request
 `{"id", "custom_id", "response": {"status_code": 200, "request_id", "body": <chat.completion>},
@@ -66,6 +68,8 @@ class BatchPlan:
     errors: tuple[int, ...] = ()  # indices (submission order) that come back errored
     cancel: bool = False  # cancelled before anything runs
     fail: bool = False  # the whole batch fails
+    garble: tuple[int, ...] = ()  # indices whose result line is cut short (not JSON)
+    extra_lines: tuple[str, ...] = ()  # raw lines added to the results (OpenAI: the output file)
 
 
 @dataclass
@@ -110,9 +114,10 @@ class FakeBatchServer(FakeLLMServer):
 
     # ------------------------------------------------------------------ controls and views
     def plan(self, *, expire_after: int | None = None, errors=(), cancel: bool = False,
-             fail: bool = False) -> None:
+             fail: bool = False, garble=(), extra_lines=()) -> None:
         with self._batch_lock:
-            self.plans.append(BatchPlan(expire_after, tuple(errors), cancel, fail))
+            self.plans.append(BatchPlan(expire_after, tuple(errors), cancel, fail, tuple(garble),
+                                        tuple(extra_lines)))
 
     def created_batches(self, api: str | None = None) -> list[_Batch]:
         with self._batch_lock:
@@ -233,8 +238,9 @@ class FakeBatchServer(FakeLLMServer):
         def dump(lines):
             return "".join(json.dumps(x) + "\n" for x in lines).encode()
 
-        if out_lines:
-            b.output_file_id = self._add_file(dump(out_lines), f"{b.id}_output.jsonl", "batch_output")["id"]
+        if out_lines or b.plan.extra_lines:
+            content = _spoil(b, dump(out_lines), [r["custom_id"] for r in b.results if r["kind"] == "succeeded"])
+            b.output_file_id = self._add_file(content, f"{b.id}_output.jsonl", "batch_output")["id"]
         if err_lines:
             b.error_file_id = self._add_file(dump(err_lines), f"{b.id}_error.jsonl", "batch_output")["id"]
 
@@ -294,7 +300,16 @@ class FakeBatchServer(FakeLLMServer):
             else:
                 result = {"type": r["kind"]}
             lines.append(json.dumps({"custom_id": r["custom_id"], "result": result}) + "\n")
-        return "".join(lines).encode()
+        return _spoil(b, "".join(lines).encode(), [r["custom_id"] for r in b.results])
+
+
+def _spoil(b: _Batch, content: bytes, ids: list[str]) -> bytes:
+    """Result lines as the plan spoils them: the lines of `garble`'s requests cut short, and
+    `extra_lines` added."""
+    cut = {b.requests[i]["custom_id"] for i in b.plan.garble}
+    lines = [line[:len(line) // 2] + "\n" if cid in cut else line
+             for cid, line in zip(ids, content.decode().splitlines(keepends=True))]
+    return "".join(lines + [x + "\n" for x in b.plan.extra_lines]).encode()
 
 
 def _parse_multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:

@@ -393,3 +393,27 @@ def test_prompt_cache_tokens_of_batch_answers_are_counted_and_priced(server, db_
     price = PriceTable.load().lookup(*spec.split(":"))
     for tin, tout, read, written, cost in rows:
         assert cost == pytest.approx(price.cost(tin, tout, read, written) * 0.5)
+
+
+@pytest.mark.parametrize("spec,api", [("openai:gpt-4o-mini", "openai"),
+                                      ("anthropic:claude-haiku-4-5", "anthropic")])
+def test_unreadable_result_lines_are_skipped_and_their_requests_asked_again(server, db_path, spec, api):
+    """A result file with a line that is not JSON (request 1's, cut short), a line that is no
+    result and one for a request the batch never had: the batch is collected (it was stuck:
+    every run stopped with 'could not read the results', the paid answers never used), the
+    answers that are there are kept, and only request 1 is asked again, in a new batch."""
+    server.plan(garble=[1], extra_lines=["[1, 2]", json.dumps({"custom_id": "nobody", "result": {
+        "type": "succeeded"}, "response": {"status_code": 200, "body": {}}})])
+    report, out = run_batched(db_path, spec, 3)
+    assert report.done and out == [f"expl-{i}|0 1 2 3" for i in range(3)]
+    batches = server.created_batches(api)
+    first_ids = [r["custom_id"] for r in batches[0].requests]
+    again = [r["custom_id"] for b in batches[1:] for r in b.requests]
+    assert [c for c in first_ids if c in again] == [first_ids[1]]
+    assert chat_calls(server, api) == []
+    con = open_db(db_path)
+    try:
+        items = {i["custom_id"]: i["status"] for i in bsql.batch_items(con, batches[0].id)}
+        assert items[first_ids[1]] == "missing" and items[first_ids[0]] == "succeeded"
+    finally:
+        con.close()

@@ -12,7 +12,7 @@ import json
 from typing import Iterator
 
 from featurescribe.llm.batch.base import (CANCELED, ERRORED, EXPIRED, SUCCEEDED, BatchItem,
-                                          BatchState, ItemResult)
+                                          BatchState, ItemResult, read_lines)
 
 MAX_REQUESTS = 100_000
 MAX_BYTES = 256 * 1024 * 1024
@@ -54,20 +54,26 @@ class AnthropicBatchProvider:
                           extra={"results_url": b.results_url})
 
     def results(self, batch_id: str, state: BatchState) -> Iterator[ItemResult]:
-        for line in self.sdk.messages.batches.results(batch_id):
-            r = line.result
-            kind = _KINDS.get(r.type, ERRORED)
-            if kind == SUCCEEDED:
-                yield ItemResult(line.custom_id, SUCCEEDED, body=r.message.model_dump(mode="json"))
-            elif kind == ERRORED:
-                err = getattr(getattr(r, "error", None), "error", None)
-                msg = f"{getattr(err, 'type', 'error')}: {getattr(err, 'message', '')}" if err else "errored"
-                yield ItemResult(line.custom_id, ERRORED, error=msg)
-            else:
-                yield ItemResult(line.custom_id, kind, error=kind)
+        # read line by line, not through the SDK's decoder, which stops at the first bad line
+        with self.sdk.messages.batches.with_streaming_response.results(batch_id) as resp:
+            yield from read_lines(resp.iter_lines(), _result)
 
     def cancel(self, batch_id: str) -> None:
         self.sdk.messages.batches.cancel(batch_id)
+
+
+def _result(line: dict) -> ItemResult:
+    cid, r = line["custom_id"], line["result"]
+    kind = _KINDS.get(r.get("type"), ERRORED)
+    if kind == SUCCEEDED:
+        if not isinstance(r.get("message"), dict):
+            raise TypeError("a succeeded result without a message")
+        return ItemResult(cid, SUCCEEDED, body=r["message"])
+    if kind == ERRORED:
+        err = (r.get("error") or {}).get("error") or {}
+        msg = f"{err.get('type', 'error')}: {err.get('message', '')}" if err else "errored"
+        return ItemResult(cid, ERRORED, error=msg)
+    return ItemResult(cid, kind, error=kind)
 
 
 def chat_response(body: dict, item: BatchItem):

@@ -8,6 +8,7 @@ and reads the results back as `ItemResult`s keyed by `custom_id`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
@@ -15,6 +16,7 @@ from featurescribe.llm.base import LLMCallFailed
 
 # What can come back for one request.
 SUCCEEDED, ERRORED, EXPIRED, CANCELED, MISSING = "succeeded", "errored", "expired", "canceled", "missing"
+UNREADABLE = "unreadable"  # a result line that is not JSON or not a result: it answers no request
 
 
 class BatchPending(LLMCallFailed):
@@ -41,9 +43,22 @@ class BatchItem:
 @dataclass
 class ItemResult:
     custom_id: str
-    kind: str  # succeeded | errored | expired | canceled | missing
+    kind: str  # succeeded | errored | expired | canceled | missing | unreadable
     body: dict[str, Any] | None = None  # the provider's answer (chat.completion / message)
     error: str | None = None
+
+
+def read_lines(lines, parse) -> Iterator[ItemResult]:
+    """`parse(dict)` of every JSON line; a line that is not a result becomes an UNREADABLE
+    result, so one bad line neither hides the others nor keeps the batch from being collected
+    (its request, if it had one, is missing and asked again)."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield parse(json.loads(line))
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            yield ItemResult("", UNREADABLE, error=f"{type(err).__name__}: {err}"[:200])
 
 
 @dataclass

@@ -16,7 +16,7 @@ import json
 from typing import Iterator
 
 from featurescribe.llm.batch.base import (CANCELED, ERRORED, EXPIRED, SUCCEEDED, BatchItem,
-                                          BatchState, ItemResult)
+                                          BatchState, ItemResult, read_lines)
 
 ENDPOINT = "/v1/chat/completions"
 MAX_REQUESTS = 50_000
@@ -76,9 +76,7 @@ class OpenAIBatchProvider:
             if not file_id:
                 continue
             with self.sdk.files.with_streaming_response.content(file_id) as resp:  # files reach 200 MB
-                for line in resp.iter_lines():
-                    if line.strip():
-                        yield _result(json.loads(line))
+                yield from read_lines(resp.iter_lines(), _result)
 
     def cancel(self, batch_id: str) -> None:
         self.sdk.batches.cancel(batch_id)

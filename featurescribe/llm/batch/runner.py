@@ -239,10 +239,13 @@ class BatchRunner:
             info = sql.item_info(con, batch_id)
         outcomes: list[tuple[str, str, str | None]] = []
         seen: set[str] = set()
+        ignored = 0  # lines that are not JSON, no result, or for no request of this batch
         for r in self.provider(backend).results(batch_id, state):
             if r.custom_id in info and r.custom_id not in seen:
                 seen.add(r.custom_id)
                 outcomes.append(self._collect_one(r, batch_id, backend, model, info))
+            elif r.custom_id not in seen:
+                ignored += 1
         missing = [cid for cid in info if cid not in seen]
         for cid in missing:
             self._ledger(info, cid, backend, model, batch_id, "error",
@@ -258,6 +261,8 @@ class BatchRunner:
         self.report.n_answered += answered
         self.report.n_failed_items += failed
         extra = f", errors: {state.extra['errors']}" if state.extra.get("errors") else ""
+        if ignored:
+            extra += f", {ignored:,} result line(s) unreadable or for no request of the batch"
         self.log(f"batch: collected {batch_id} ({state.provider_status}): {answered:,} answered, "
                  f"{failed:,} to ask again{extra}")
 
