@@ -417,3 +417,39 @@ def test_unreadable_result_lines_are_skipped_and_their_requests_asked_again(serv
         assert items[first_ids[1]] == "missing" and items[first_ids[0]] == "succeeded"
     finally:
         con.close()
+
+
+def test_budget_caps_what_a_batch_may_cost(server, db_path, tmp_path, monkeypatch):
+    """--budget-usd with batches: a batch is cut to the requests whose worst-case cost (estimated
+    input, max_tokens output, at the batch price) fits in what is left. A whole batch went out
+    while anything was left, so a run could spend many times its budget at once."""
+    from featurescribe.llm import Budget
+
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"models": {"openai:gpt-4o-mini": {"input": 1e5, "output": 1e5}}}))
+    monkeypatch.setenv("FEATURESCRIBE_PRICES", str(prices))  # $0.05 a token at the batch price
+    con = open_db(db_path)
+    store = CallStore(con)
+    budget = Budget(limit_usd=2.0)
+    client = make_client("openai:gpt-4o-mini", store=store, budget=budget)
+    runner = BatchRunner(con, store, budget=budget, sleep=_nosleep,
+                         options=BatchOptions(progress=False, poll_initial_s=0))
+
+    async def explain_all(clients):
+        async def one(i):
+            try:
+                await clients["explainer"].chat(ChatRequest(
+                    messages=({"role": "user", "content": f"explain feature {i}"},),
+                    purpose="explain", max_tokens=8))
+            except BatchPending:
+                pass
+        await asyncio.gather(*(one(i) for i in range(10)))
+
+    report = asyncio.run(runner.run({"explainer": client}, explain_all))
+    store.flush()
+    spent = con.execute("SELECT sum(cost_usd) FROM llm_calls").fetchone()[0] or 0.0
+    store.close()
+    con.close()
+    assert spent <= 2.0
+    assert report.budget_stopped
+    assert 0 < server.batch_item_count("openai") < 10  # what fitted was asked, in batches

@@ -221,3 +221,26 @@ def test_label_batch_with_failed_features_ends_partial_or_failed(server, db, cap
     assert runs["label-batch"] == want[0]
     assert f"{4 - want[2]} failed" in notes["label-batch"] and f"{want[2]} labelled" in notes["label-batch"]
     assert "failed feature" in out
+
+
+BUDGET = "2"  # an explain answer costs about $0.9 at these prices, the 4 together $3.65
+
+
+def test_label_batch_budget_caps_the_batches_and_pays_no_list_price(server, db, tmp_path, monkeypatch, capsys):
+    """`label --batch --budget-usd X`: what the batches may cost is capped by their worst case
+    (the explain batch went out whole while anything was left, at several times the budget), and
+    what they left unasked is not asked directly at the list price by the final run."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"models": {"openai:gpt-4o-mini": {"input": 1000, "output": 1000}}}))
+    monkeypatch.setenv("FEATURESCRIBE_PRICES", str(prices))
+    assert label(db, "openai:gpt-4o-mini", "--budget-usd", BUDGET) == 0
+    out = capsys.readouterr()
+    assert "stopped at budget" in out.out or "stopped at the budget" in out.out
+    assert server.requests_for("openai") == []  # nothing at the list price
+    assert 0 < server.batch_item_count("openai"), out.err
+    con = open_db(db)
+    try:
+        spent = con.execute("SELECT sum(cost_usd) FROM llm_calls").fetchone()[0]
+    finally:
+        con.close()
+    assert spent <= float(BUDGET), spent

@@ -92,8 +92,10 @@ def run_label_batch(db: str, options: LabelOptions, *, stream=None, providers: d
         print("featurescribe: batches are running; run the same command again (later) to collect "
               "them and go on", file=stream)
         return BatchLabelResult(report, None, run_id, spent)
-    if options.budget_usd is not None:  # the batches spent part of the budget already
-        options = options.replace(budget_usd=max(0.0, options.budget_usd - spent))
+    if options.budget_usd is not None:  # the batches spent part of the budget already; what
+        # they left unasked for the budget's sake is not asked at the list price either
+        left = 0.0 if report.budget_stopped else max(0.0, options.budget_usd - spent)
+        options = options.replace(budget_usd=left)
     summary = run_label(db, options, progress=options.progress)
     record_call_outcomes(db, summary.run_id)
     _record_outcome(db, run_id, summary)

@@ -38,6 +38,7 @@ class BatchItem:
     purpose: str = "chat"
     structured: bool = False  # the request asked for a JSON schema: the answer must be JSON
     wrapped: bool = False  # Anthropic: the schema was wrapped in {"value": ...}
+    estimate: tuple[int, int] = (0, 0)  # worst-case (input, output) tokens, for --budget-usd
 
 
 @dataclass

@@ -10,12 +10,14 @@ pass over a million requests never holds more than one batch of them in memory.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from featurescribe.llm.base import ChatRequest, ChatResponse, UnparseableResponse
 from featurescribe.llm.batch.base import BatchItem, BatchPending, provider_class
 from featurescribe.llm.client import cache_key
+from featurescribe.llm.limits import estimate_tokens
 from featurescribe.llm.registry import BACKENDS, make_backend
 from featurescribe.store import batches as sql
 from featurescribe.store.connection import session
@@ -67,8 +69,10 @@ class BatchCollector:
     def item(self, key: str, request: ChatRequest) -> BatchItem:
         built = self._builder.params(request, request.max_tokens)
         params, wrapped = built if isinstance(built, tuple) else (built, False)
+        schema = json.dumps(request.json_schema) if request.json_schema is not None else ""
+        estimate = (estimate_tokens(request.messages, 0) + len(schema) // 4, request.max_tokens)
         return BatchItem(custom_id=key, params=params, purpose=request.purpose,
-                         structured=request.json_schema is not None, wrapped=wrapped)
+                         structured=request.json_schema is not None, wrapped=wrapped, estimate=estimate)
 
     async def chat(self, request: ChatRequest, parse: Callable[[ChatResponse], Any] | None = None):
         key = cache_key(self.backend, self.model, request)
@@ -95,12 +99,12 @@ class BatchSink:
     """Where collectors put the requests of one pass. See the module docstring.
 
     `submit(collector, items)` is the runner's: it creates one provider batch and records it, and
-    returns its id (None when it submitted nothing, e.g. the budget is spent).
+    returns how many of the items it submitted (0 when none, e.g. the budget is spent).
     Requests already tried in `max_attempts` batches (1 with retry='direct') are not batched again:
     they are kept in `direct` for the runner to send through the ordinary client.
     """
 
-    def __init__(self, con, submit: Callable[["BatchCollector", list[BatchItem]], None], *,
+    def __init__(self, con, submit: Callable[["BatchCollector", list[BatchItem]], int], *,
                  retry: str = "batch", max_attempts: int = 3, check_every: int = 2000,
                  given_up: set[str] | None = None,
                  limits: Callable[[str], tuple[int, int]] | None = None):
@@ -165,8 +169,7 @@ class BatchSink:
         if buf is None or not buf.items:
             return
         self._buffers[spec] = _Buffer()
-        if self._submit(self._collectors[spec], buf.items) is not None:
-            self.n_submitted += len(buf.items)
+        self.n_submitted += self._submit(self._collectors[spec], buf.items)
 
     def finish(self) -> None:
         """End of the pass: sort out the last requests and submit every partial batch."""

@@ -134,6 +134,7 @@ class BatchRunner:
         self.report = BatchReport()
         self.backends: set[str] | None = None  # set by run(): the providers of its clients
         self._poll_failures: dict[str, int] = {}
+        self._reserved: dict[str, float] = {}  # batch id -> worst-case cost, until it is collected
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str) -> None:
@@ -154,17 +155,42 @@ class BatchRunner:
         return n, b
 
     # ------------------------------------------------------------------ submitting
-    def submit(self, collector: BatchCollector, items: list[BatchItem]) -> str | None:
-        """Create one provider batch of `items` and record it at once."""
+    def _within_budget(self, collector: BatchCollector, items: list[BatchItem]) -> tuple[list[BatchItem], float]:
+        """The leading items whose worst-case cost at the batch price fits in what is left of the
+        budget, less the worst case of this run's batches not collected yet (what a batch costs
+        is known only when it ends); and their worst-case cost."""
+        price = self.prices.lookup(collector.backend, collector.model)
+        left = None if self.budget is None else self.budget.remaining_usd
+        if left is None or price is None:
+            return items, 0.0
+        left -= sum(self._reserved.values())
+        n, total = 0, 0.0
+        for item in items:
+            cost = price.cost(*item.estimate) * self.discount
+            if total + cost > left:
+                break
+            n, total = n + 1, total + cost
+        if n < len(items):
+            self.report.budget_stopped = True
+            self.log(f"batch: not submitting {len(items) - n:,} of {len(items):,} requests: their "
+                     f"worst-case cost passes what is left of the budget (${max(left, 0.0):.4f})")
+        return items[:n], total
+
+    def submit(self, collector: BatchCollector, items: list[BatchItem]) -> int:
+        """Create one provider batch of `items` (those the budget allows) and record it at once;
+        how many were submitted."""
         if self.report.budget_stopped:
-            return None
+            return 0
         if self.budget is not None:
             try:
                 self.budget.check()
             except BudgetExceeded as err:
                 self.report.budget_stopped = True
                 self.log(f"batch: not submitting {len(items):,} requests: {err}")
-                return None
+                return 0
+        items, worst = self._within_budget(collector, items)
+        if not items:
+            return 0
         provider = self.provider(collector.backend)
         purposes = sorted({i.purpose for i in items})
         metadata = {"featurescribe_spec": collector.spec}
@@ -181,11 +207,12 @@ class BatchRunner:
                              purpose=",".join(purposes), input_file_id=file_id,
                              payload={"spec": collector.spec, "model": collector.model},
                              items=[(i.custom_id, i.purpose, i.structured, i.wrapped) for i in items])
+        self._reserved[batch_id] = worst
         self.report.submitted.append(batch_id)
         self.report.n_submitted += len(items)
         self.log(f"batch: submitted {collector.backend} batch {batch_id} "
                  f"({len(items):,} {'/'.join(purposes)} requests to {collector.model})")
-        return batch_id
+        return len(items)
 
     # ------------------------------------------------------------------ polling and collecting
     def _open(self) -> list[dict]:
@@ -251,6 +278,7 @@ class BatchRunner:
             self._ledger(info, cid, backend, model, batch_id, "error",
                          error=f"missing from the results of batch {batch_id}")
         self.store.flush()  # answers in the cache before the batch counts as collected
+        self._reserved.pop(batch_id, None)
         with session(self.con) as con:
             sql.finish_batch(con, batch_id, outcomes, payload_update={
                 "provider_status": state.provider_status, "counts": state.counts,
