@@ -12,7 +12,8 @@ request log) that also answers:
 A batch is worked off when it is retrieved: it answers `in_progress` to its first `batch_polls`
 retrieves (default 1), then runs every request through the responder and ends. `server.hold =
 True` keeps every batch in progress until it is set back to False (a restart test submits, stops,
-and collects later). Each request a batch runs is appended to `server.batch_items` (a
+and collects later). `server.down_status = 503` makes every batch endpoint answer that status, and
+`server.api_key = "k"` answers 401 to another key, as for chat. Each request a batch runs is appended to `server.batch_items` (a
 `RecordedRequest` with `api` 'openai-batch' or 'anthropic-batch'); the HTTP calls to the batch
 endpoints go to `server.requests` as usual with `api` 'batch' (and never count as `billed`).
 
@@ -102,6 +103,7 @@ class FakeBatchServer(FakeLLMServer):
         super().__init__(*args, **kwargs)
         self.batch_polls = batch_polls
         self.hold = False
+        self.down_status: int | None = None  # set (e.g. 503): every batch endpoint answers it
         self.files: dict[str, dict] = {}
         self.batches: dict[str, _Batch] = {}
         self.plans: deque[BatchPlan] = deque()
@@ -353,9 +355,14 @@ class _BatchHandler(_Handler):
                               started_at=time.monotonic())
         fake._enter(rec)
         try:
-            if not rec.headers.get("authorization") and not rec.headers.get("x-api-key"):
+            key = rec.headers.get("x-api-key") or rec.headers.get("authorization", "").removeprefix("Bearer ")
+            if fake.down_status is not None:
+                rec.status = fake.down_status
+                self._send(fake.down_status, {"error": {"message": "service unavailable", "type": "api_error"}})
+            elif not key or (fake.api_key is not None and key != fake.api_key):
                 rec.status = 401
-                self._send(401, {"error": {"message": "missing API key", "type": "invalid_request_error"}})
+                self._send(401, {"error": {"message": "Incorrect API key provided" if key else "missing API key",
+                                           "type": "authentication_error"}})
             else:
                 rec.status = self._dispatch(method, parts[1:], raw, rec)
         finally:

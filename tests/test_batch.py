@@ -453,3 +453,52 @@ def test_budget_caps_what_a_batch_may_cost(server, db_path, tmp_path, monkeypatc
     assert spent <= 2.0
     assert report.budget_stopped
     assert 0 < server.batch_item_count("openai") < 10  # what fitted was asked, in batches
+
+
+@pytest.mark.parametrize("api,spec", [("openai", "openai:gpt-4o-mini"),
+                                      ("anthropic", "anthropic:claude-haiku-4-5")])
+@pytest.mark.parametrize("when", ["submit", "poll"])
+def test_a_provider_outage_is_exit_status_1_and_a_bad_key_2(server, db_path, api, spec, when):
+    """Batch endpoints that answer 503 (after the SDK's retries) stop the run as an outage, exit
+    status 1 like the circuit breaker (it was 2, the status of bad input); a refused key stays 2."""
+    import anthropic
+    import openai
+
+    from featurescribe.errors import FeaturescribeError
+    from featurescribe.llm.batch.anthropic_batch import AnthropicBatchProvider
+    from featurescribe.llm.batch.openai_batch import OpenAIBatchProvider
+    from featurescribe.statuses import ExitStatus
+
+    providers = {"openai": OpenAIBatchProvider(openai.OpenAI(max_retries=0)),
+                 "anthropic": AnthropicBatchProvider(anthropic.Anthropic(max_retries=0))}
+
+    def run_once():
+        con = open_db(db_path)
+        store = CallStore(con)
+        client = make_client(spec, store=store)
+        runner = BatchRunner(con, store, providers=providers, sleep=_nosleep,
+                             options=BatchOptions(progress=False, poll_initial_s=0))
+        try:
+            with pytest.raises(FeaturescribeError) as info:
+                asyncio.run(runner.run({"explainer": client}, lambda cl: toy_pipeline(cl, 2)))
+        finally:
+            store.close()
+            con.close()
+        return info.value
+
+    if when == "submit":
+        server.down_status = 503
+    else:
+        server.hold = True
+        orig = providers[api].poll
+
+        def poll_then_down(batch_id):
+            server.down_status = 503
+            return orig(batch_id)
+        providers[api].poll = poll_then_down
+    err = run_once()
+    assert err.exit_code == ExitStatus.ERROR, str(err)
+    server.down_status, server.hold, server.api_key = None, False, "right"
+    providers[api].poll = type(providers[api]).poll.__get__(providers[api])
+    err = run_once()
+    assert err.exit_code == ExitStatus.USAGE and "401" in str(err)

@@ -36,6 +36,8 @@ from featurescribe.llm.base import (BudgetExceeded, LLMAuthFailed, LLMError, par
 from featurescribe.llm.batch.base import (SUCCEEDED, BatchItem, BatchProvider, BatchState,
                                           provider_class)
 from featurescribe.llm.batch.collector import BatchCollector, BatchSink, has_batch_api
+from featurescribe.llm.breaker import BackendBroken
+from featurescribe.llm.client import classify
 from featurescribe.llm.prices import DEFAULT_PRICES, ENV_VAR, PriceTable
 from featurescribe.progress import Progress
 from featurescribe.store import batches as sql
@@ -43,6 +45,7 @@ from featurescribe.store.connection import session
 from featurescribe.store.llm_calls import CallRow, CallStore
 
 RETRY_MODES = ("batch", "direct")
+OUTAGE_KINDS = ("transport", "server", "rate_limit")  # llm.client.classify's kinds
 MAX_POLL_FAILURES = 5
 DEFAULT_BATCH_DISCOUNT = 0.5
 
@@ -199,9 +202,9 @@ class BatchRunner:
         try:
             batch_id, file_id = provider.submit(items, metadata)
         except Exception as err:
-            raise FeaturescribeError(
+            raise _endpoint_failed(
                 f"{collector.spec}: could not submit a batch of {len(items):,} requests: "
-                f"{_one_line(err)}") from None
+                f"{_one_line(err)}", err) from None
         with session(self.con) as con:
             sql.insert_batch(con, batch_id=batch_id, provider=collector.backend, run_id=self.run_id,
                              purpose=",".join(purposes), input_file_id=file_id,
@@ -234,9 +237,9 @@ class BatchRunner:
             except Exception as err:
                 n = self._poll_failures[bid] = self._poll_failures.get(bid, 0) + 1
                 if n >= MAX_POLL_FAILURES:
-                    raise FeaturescribeError(
+                    raise _endpoint_failed(
                         f"cannot poll {row['provider']} batch {bid} ({n} tries): {_one_line(err)}; "
-                        "it stays recorded, run again later to collect it") from None
+                        "it stays recorded, run again later to collect it", err) from None
                 self.log(f"batch: could not poll {bid}: {_one_line(err)}")
                 running.append((row, None))
                 continue
@@ -246,9 +249,9 @@ class BatchRunner:
                 except FeaturescribeError:
                     raise
                 except Exception as err:  # not marked collected: the next run reads it again
-                    raise FeaturescribeError(
+                    raise _endpoint_failed(
                         f"could not read the results of {row['provider']} batch {bid}: "
-                        f"{_one_line(err)}; run again to collect it") from None
+                        f"{_one_line(err)}; run again to collect it", err) from None
             else:
                 if row["status"] != "in_progress" or row["payload"].get("counts") != state.counts:
                     with session(self.con) as con:
@@ -423,6 +426,16 @@ def _unusable(resp, structured: bool) -> str | None:
         except (TypeError, ValueError):
             return "answer is not valid JSON"
     return None
+
+
+def _endpoint_failed(message: str, err: BaseException) -> FeaturescribeError:
+    """The error that stops a run when a batch endpoint failed: an outage (connection, timeout,
+    5xx, 429 after the SDK's retries) ends with exit status 1, as the circuit breaker's; what
+    the user can fix (a refused key, no such model) with 2."""
+    failure = classify(err)
+    if failure is not None and failure.kind in OUTAGE_KINDS:
+        return BackendBroken(message, failure.kind)
+    return FeaturescribeError(message)
 
 
 def _one_line(err: BaseException) -> str:
