@@ -187,6 +187,40 @@ def test_neuronpedia_layout_keys_types_and_content(demo, exported):
         _check_np_scores(demo, d, source)
 
 
+# Neuronpedia's importer (apps/webapp/app/api/admin/import/route.ts) passes each line of
+# model.jsonl, sourceset.jsonl and source.jsonl to Prisma's `create({data: line})`, which refuses a
+# key that is not a field of the model and a null for a Json field. The fields are those of
+# apps/webapp/prisma/schema.prisma (models Model, SourceSet, Source); Source.saelensConfig is Json?.
+NP_METADATA_FIELDS = {
+    "model.jsonl": {
+        "id", "displayNameShort", "displayName", "creatorId", "tlensId", "openRouterId", "dimension",
+        "thinking", "visibility", "defaultSourceSetName", "defaultSourceId", "defaultGraphSourceSetName",
+        "inferenceEnabled", "instruct", "layers", "neuronsPerLayer", "createdAt", "owner", "updatedAt", "website"},
+    "sourceset.jsonl": {
+        "modelId", "name", "hasDashboards", "allowInferenceSearch", "visibility", "description", "type",
+        "creatorName", "urls", "creatorEmail", "creatorId", "releaseName", "hasGraphs", "graphEnabled",
+        "similarityMatrixEnabled", "defaultOfModelId", "defaultGraphModelId", "defaultRange",
+        "defaultShowBreaks", "showDfa", "showCorrelated", "showHeadAttribution", "showUmap", "createdAt"},
+    "source.jsonl": {
+        "id", "modelId", "hasDashboards", "inferenceEnabled", "saelensConfig", "saelensRelease", "saelensSaeId",
+        "hfRepoId", "hfFolderId", "visibility", "defaultOfModelId", "setName", "creatorId", "hasUmap",
+        "hasUmapLogSparsity", "hasUmapClusters", "num_prompts", "num_tokens_in_prompt", "dataset", "notes",
+        "cosSimMatchModelId", "cosSimMatchSourceId", "createdAt"},
+}
+NP_JSON_FIELDS = {"source.jsonl": {"saelensConfig"}}
+
+
+def test_neuronpedia_metadata_lines_pass_prisma_create(exported):
+    root = exported["neuronpedia"]
+    source_dirs = [s for m in root.iterdir() if m.is_dir() and m.name != "config" for s in m.iterdir()]
+    for d in source_dirs:
+        for name, fields in NP_METADATA_FIELDS.items():
+            row = json.loads((d / name).read_text())
+            assert set(row) <= fields, (name, set(row) - fields)
+            for key in NP_JSON_FIELDS.get(name, ()):
+                assert row.get(key, "absent") is not None, f"{name}: {key} is null, which Prisma refuses"
+
+
 def test_neuronpedia_config_defines_every_name_used(exported):
     """Every name an explanation or score refers to is defined in config."""
     root = exported["neuronpedia"]

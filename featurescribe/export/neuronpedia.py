@@ -14,7 +14,9 @@ scores, which Neuronpedia's own export leaves out, sit in a folder of their own 
 importer, which reads every file under `features/` and `explanations/`, does not mistake them
 for features or explanations. Columns that are NOT NULL in Neuronpedia's schema and have a
 database default (createdAt) are left out rather than written as null, since its importer turns
-each line's keys into an INSERT's column list.
+each line's keys into an INSERT's column list. `source.jsonl` has no `saelensConfig`: its importer
+passes the line to Prisma's `create`, which refuses a null for a Json column (the column stays
+NULL when the key is absent).
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def _metadata(src: dict, model: str, all_sources: list[dict], n_sequences: int, 
         "source": {
             "id": src["source_id"], "modelId": model, "setName": set_name, "creatorId": creator_id,
             "hasDashboards": True, "inferenceEnabled": False, "visibility": "PUBLIC",
-            "saelensConfig": None, "saelensRelease": None, "saelensSaeId": None,
+            "saelensRelease": None, "saelensSaeId": None,
             "hfRepoId": None, "hfFolderId": None, "num_prompts": n_sequences,
             "num_tokens_in_prompt": src.get("ctx"), "dataset": src.get("corpus"),
             "notes": f"featurescribe export; hook {src['hook_name']}, {src['kind']}, width {src['width']}",
