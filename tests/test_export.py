@@ -717,3 +717,22 @@ def test_a_source_whose_harvest_was_interrupted_is_not_exported_or_labelled(smol
     harvest(cfg, loaded=smollm2)  # the same harvest again finishes it
     assert main(["export", "--db", db, "--format", "json", "--out", str(out)]) == 0
     assert "exported 1536 features" in capsys.readouterr().out
+
+
+def test_oai_random_sample_by_quantile_is_indexed_by_bin():
+    """openai/automated-interpretability's neuron-viewer (src/panes/datasetList.jsx) reads
+    `random_sample_by_quantile[0]` to `[3]` as the quantile ranges from the lowest up, beside
+    `quantile_boundaries`: list i must be bin i+1 (the sampler's bin 1 is the weakest), with an
+    empty list for a bin that has no window, not the non-empty bins packed together."""
+    from featurescribe.export.oai import neuron_record
+    from featurescribe.store.export_queries import FeatureBundle
+
+    def window(kind, quantile, seq_id):
+        return {"kind": kind, "quantile": quantile, "seq_id": seq_id, "tokens": ["a", "b"], "acts": [0.0, 1.0]}
+
+    b = FeatureBundle(source_id="6-mlp", feature_id=3, stats={},
+                      examples=[window("top", None, 1), window("quantile", 3, 7), window("quantile", 1, 8)],
+                      moments={"quantile_boundaries": [0.5, 1.0, 1.5]})
+    by_q = neuron_record(b, 6)["random_sample_by_quantile"]
+    assert len(by_q) == 4
+    assert [len(x) for x in by_q] == [1, 0, 1, 0]

@@ -12,7 +12,8 @@ object carries its fields in declaration order and then `"dataclass_name"`, the 
 
 A NeuronRecord's `most_positive_activation_records` are the feature's top windows (all splits,
 strongest first), `random_sample` its random windows, `random_sample_by_quantile` its quantile
-windows by bin (null when it has none); every alive feature has them, sampled by a label run or
+windows by bin, weakest bin first, one list per bin (empty when the bin has no window; null when
+the feature has no quantile windows); every alive feature has them, sampled by a label run or
 read from `activations`. The moments (mean, variance, skewness, excess kurtosis) are over every
 harvested token, a token below the source's threshold (not stored) counting as 0, and the quantile
 boundaries are the quartiles of the feature's per-sequence peaks (store/moments.py); null for a
@@ -49,19 +50,26 @@ def _neuron_id(layer: int, index: int) -> dict:
     return _dc("NeuronId", layer_index=int(layer), neuron_index=int(index))
 
 
+def _by_quantile(b: FeatureBundle) -> list[list[dict]] | None:
+    """One list per bin, weakest first, empty where the bin has no window, so that list i goes with
+    the i-th interval of `quantile_boundaries` (the sampler numbers its bins from 1, the weakest)."""
+    windows = b.windows("quantile")
+    if not windows:
+        return None
+    index = [max((w["quantile"] or 1) - 1, 0) for w in windows]
+    bounds = (b.moments or {}).get("quantile_boundaries") or []
+    out: list[list[dict]] = [[] for _ in range(max(len(bounds) + 1 if bounds else 0, max(index) + 1))]
+    for i, w in zip(index, windows):
+        out[i].append(_record(w))
+    return out
+
+
 def neuron_record(b: FeatureBundle, layer: int) -> dict:
-    quantile_windows = b.windows("quantile")
-    by_quantile = None
-    if quantile_windows:
-        bins: dict[int, list[dict]] = {}
-        for w in quantile_windows:
-            bins.setdefault(w["quantile"] if w["quantile"] is not None else 0, []).append(_record(w))
-        by_quantile = [bins[q] for q in sorted(bins)]
     return _dc(
         "NeuronRecord",
         neuron_id=_neuron_id(layer, b.feature_id),
         random_sample=[_record(w) for w in b.windows("random")],
-        random_sample_by_quantile=by_quantile,
+        random_sample_by_quantile=_by_quantile(b),
         **{k: (b.moments or {}).get(k) for k in ("quantile_boundaries", "mean", "variance", "skewness", "kurtosis")},
         most_positive_activation_records=[_record(w) for w in b.windows("top")],
     )
