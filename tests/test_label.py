@@ -390,7 +390,7 @@ def _reader(req):
 
 @pytest.mark.parametrize("spec,api", [("openai:gpt-4o-mini", "openai"),
                                       ("anthropic:claude-haiku-4-5", "anthropic")])
-def test_label_scores_with_every_scorer_through_an_api_judge(labdb, fake_llm, spec, api):
+def test_label_scores_with_every_scorer_through_an_api_judge(labdb, fake_llm, spec, api, tmp_path):
     """`label --explainer X --simulator X --scorers simulation,detection,fuzzing` fills `scores` and
     `simulations` through the real SDK (logprobs for OpenAI, structured output for Anthropic)."""
     fake_llm.responder = _reader
@@ -411,6 +411,7 @@ def test_label_scores_with_every_scorer_through_an_api_judge(labdb, fake_llm, sp
     assert value[(2, "detection")] == 0.5 and details["flag"] == "one_class" and details["fn"] == 0
     assert value[(2, "fuzzing")] > 0.8
     assert value[(3, "simulation")] < 0.5  # feature 3 fires at random
+    _judged_windows_give_the_score_and_delphi_files(labdb, value, tmp_path)
     # every test window's predictions are stored and recompute the score
     sims = _q(labdb, """SELECT e.feature_id, list(m.true_acts ORDER BY m.seq_id, m.start_pos),
                                list(m.predicted ORDER BY m.seq_id, m.start_pos)
@@ -424,6 +425,28 @@ def test_label_scores_with_every_scorer_through_an_api_judge(labdb, fake_llm, sp
     purposes = {r[0] for r in _q(labdb, "SELECT DISTINCT purpose FROM llm_calls WHERE status = 'ok'")}
     assert {"explain", "simulate", "detect", "fuzz"} <= purposes
     assert {r.api for r in fake_llm.requests} == {api}
+
+
+def _judged_windows_give_the_score_and_delphi_files(labdb, value: dict, tmp_path) -> None:
+    """Detection and fuzzing keep each judged window's verdict: the records give the score back,
+    and the delphi export writes its per-window score files from them (it wrote none)."""
+    from featurescribe.scorers.metrics import balanced_accuracy
+
+    rows = _q(labdb, """SELECT e.feature_id, s.scorer, s.details, s.n_examples
+                        FROM scores s JOIN explanations e USING (explanation_id)
+                        WHERE s.scorer IN ('detection', 'fuzzing')""")
+    for f, scorer, details, n in rows:
+        recs = json.loads(details)["records"]
+        assert len(recs) == n and all(isinstance(r["seq_id"], int) for r in recs)
+        got, _ = balanced_accuracy([r["activating"] for r in recs], [r["prediction"] for r in recs])
+        assert got == pytest.approx(value[(f, scorer)])
+    out = tmp_path / "delphi"
+    assert main(["export", "--db", labdb, "--format", "delphi", "--out", str(out)]) == 0
+    for folder in ("detection", "fuzz"):
+        files = sorted((out / SOURCE / "scores" / folder).glob("*_latent3.txt"))
+        assert len(files) == 1
+        records = json.loads(files[0].read_text())
+        assert records and all(len(r["str_tokens"]) == len(r["activations"]) > 0 for r in records)
 
 
 def test_baseline_sample_gives_the_others_the_population_baseline(labdb, fake_llm):

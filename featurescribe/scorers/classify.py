@@ -302,8 +302,17 @@ async def classify(
         "n_requests": len(batch_list),
         "batch_size": max((len(b) for b in batch_list), default=0),
         "judge": judge.spec,
+        "records": _records(batch_list, pred),
     }
     return ClassifyOutcome(value=value, n_examples=len(truth), details=details)
+
+
+def _records(batch_list: list[list[Sample]], pred: list[bool]) -> list[dict]:
+    """One record per judged window, in the order judged: what delphi's score files hold (the
+    delphi export reads the window's tokens and activations from `examples` by seq_id and start)."""
+    samples = [s for b in batch_list for s in b]
+    return [{"seq_id": s.window.seq_id, "start_pos": s.window.start_pos, "activating": bool(s.truth),
+             "prediction": bool(p)} for s, p in zip(samples, pred)]
 
 
 def prepare(task: str, windows: Sequence[Window], max_act: float, batch_size: int, seed_key: tuple):
