@@ -487,6 +487,18 @@ def test_delphi_files(demo, exported):
             assert data[0]["scored_sequence_simulations"]
 
 
+def test_delphi_distance_counts_quantiles_from_the_strongest():
+    """delphi's samplers (delphi/latents/samplers.py, split_quantiles) number quantiles from the
+    strongest examples, 0 first, and its scorers write -1 for non-activating ones; our bins count
+    from the weakest (1), after the top windows."""
+    from featurescribe.export.delphi import _distance
+
+    assert _distance("top", None, 4) == 0
+    assert [_distance("quantile", q, 4) for q in (4, 3, 2, 1)] == [1, 2, 3, 4]
+    assert _distance("quantile", 3, 0) == 1  # bins above the 3rd unseen: still the strongest here
+    assert _distance("random", None, 4) == -1
+
+
 # ---------------------------------------------------------------------------------------------
 # Parquet and JSON
 

@@ -37,10 +37,14 @@ def _first(d: dict, *keys: str, default: Any = None) -> Any:
     return default
 
 
-def _distance(kind: str | None, quantile: int | None) -> int:
+def _distance(kind: str | None, quantile: int | None, n_bins: int = 0) -> int:
+    """delphi's `distance`: -1 for a random window, else the quantile counted from the strongest
+    (its 0). Our top windows come first (0), then our bins, which count from the weakest (1)."""
     if kind == "random":
         return -1
-    return int(quantile) if quantile is not None else 0
+    if kind == "top" or quantile is None:
+        return 0
+    return max(n_bins, int(quantile)) - int(quantile) + 1
 
 
 def _chosen(b: FeatureBundle) -> dict | None:
@@ -89,6 +93,7 @@ def _classifier_file(b: FeatureBundle, s: dict) -> list[dict] | None:
     if not records:
         return None
     windows = {(w["seq_id"], w["start_pos"]): w for w in b.examples}
+    n_bins = max((w.get("quantile") or 0 for w in b.examples), default=0)
     out = []
     for r in records:
         if not isinstance(r, dict):
@@ -104,7 +109,8 @@ def _classifier_file(b: FeatureBundle, s: dict) -> list[dict] | None:
             "str_tokens": list(_first(r, "str_tokens", "tokens", default=w.get("tokens", []))),
             "activations": list(_first(r, "activations", "acts", default=w.get("acts", []))),
             "distance": _first(r, "distance", "quantile",
-                               default=_distance(_first(r, "kind", default=w.get("kind")), w.get("quantile"))),
+                               default=_distance(_first(r, "kind", default=w.get("kind")), w.get("quantile"),
+                                                 n_bins)),
             "activating": activating,
             "prediction": prediction,
             "probability": _first(r, "probability", "prob", "p"),
