@@ -81,6 +81,20 @@ def test_apply_b_dec_to_input_false(tmp_path):
     torch.testing.assert_close(load_sae(tmp_path / "sae").encode(x), expected_latents(w, "standard", x, apply_b_dec=False))
 
 
+def test_topk_rescaled_by_decoder_norm(tmp_path):
+    """SAELens 6 TopK with rescale_acts_by_decoder_norm (a training checkpoint, W_dec not unit-norm):
+    the k largest of pre * ||W_dec[i]|| are kept, with those values."""
+    w = write_sae(tmp_path / "sae", "topk", 16, 40, k=5)
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    pre = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * w["W_dec"].norm(dim=-1)
+    vals, idx = pre.topk(5, dim=-1)
+    sae = load_sae(tmp_path / "sae")
+    torch.testing.assert_close(sae.encode(x), torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals)))
+    torch.testing.assert_close(sae.decoder_row(3), w["W_dec"][3] / w["W_dec"][3].norm())
+
+
 def test_config_fields_of_both_layouts():
     v6 = parse_config({"architecture": "topk", "d_in": 4, "d_sae": 8, "k": 2, "metadata": {"hook_name": "h"}})
     assert (v6.architecture, v6.k, v6.hook_name) == ("topk", 2, "h")

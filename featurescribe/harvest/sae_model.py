@@ -7,6 +7,7 @@ in SAELens' orientation: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, 
     x' = norm(x) - b_dec * apply_b_dec_to_input
     pre = x' @ W_enc + b_enc
     standard (ReLU): relu(pre)       TopK: relu of the k largest of pre, 0 elsewhere
+    (TopK with rescale_acts_by_decoder_norm: pre * ||W_dec[i]|| first, as SAELens 6 does)
     JumpReLU: relu(pre) * (pre > threshold)
     groupmax (sparsify): relu(pre) cut into k equal groups, the largest of each group kept
     gated: (x' @ W_enc + b_gate > 0) * relu(x' @ (W_enc * exp(r_mag)) + b_mag)
@@ -24,7 +25,7 @@ from typing import Any
 from featurescribe.errors import FeaturescribeError
 
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "groupmax")
-_TENSORS = ("W_enc", "W_dec", "b_dec", "b_enc", "threshold", "b_gate", "r_mag", "b_mag")
+_TENSORS = ("W_enc", "W_dec", "b_dec", "b_enc", "threshold", "b_gate", "r_mag", "b_mag", "dec_norm")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SAEConfig:
     d_sae: int
     architecture: str  # one of ARCHITECTURES
     k: int | None = None
+    rescale_acts_by_decoder_norm: bool = False  # TopK: select on pre * ||W_dec row||
     apply_b_dec_to_input: bool = True
     normalize_activations: str = "none"
     hook_name: str | None = None
@@ -49,7 +51,8 @@ class SAEConfig:
 def _required(cfg: SAEConfig) -> list[str]:
     if cfg.architecture == "gated":
         return ["W_enc", "b_dec", "b_gate", "r_mag", "b_mag"]
-    return ["W_enc", "b_enc"] + (["b_dec"] if cfg.apply_b_dec_to_input else [])
+    return (["W_enc", "b_enc"] + (["b_dec"] if cfg.apply_b_dec_to_input else [])
+            + (["W_dec"] if cfg.rescale_acts_by_decoder_norm else []))
 
 
 def _check_shapes(cfg: SAEConfig, w: dict, path: str, weights_file: str) -> None:
@@ -81,6 +84,8 @@ class SAE:
         _check_shapes(cfg, w, path, weights_file)
         for name in _TENSORS:
             setattr(self, name, w.get(name))  # W_dec is not needed to encode; the logit lens reads it
+        if cfg.rescale_acts_by_decoder_norm:
+            self.dec_norm = self.W_dec.norm(dim=-1)
         if cfg.normalize_activations not in ("none", "constant_norm_rescale", "layer_norm"):
             warnings.warn(f"SAE {path}: normalize_activations={cfg.normalize_activations!r} needs a "
                           "dataset scaling factor this file does not carry; encoding the raw activations",
@@ -100,6 +105,12 @@ class SAE:
     @property
     def dtype(self):
         return self.W_enc.dtype
+
+    def decoder_row(self, i: int):
+        """What latent i adds to the output per unit of its activation: W_dec[i], divided by its
+        norm when the latents were rescaled by it (rescale_acts_by_decoder_norm)."""
+        row = self.W_dec[i]
+        return row / self.dec_norm[i] if self.dec_norm is not None else row
 
     def _prepare(self, x):
         x = x.to(self.W_enc.dtype)
@@ -129,5 +140,7 @@ class SAE:
             top = torch.relu(pre).unflatten(-1, (self.cfg.k, -1)).max(dim=-1)
             offsets = torch.arange(0, self.cfg.d_sae, self.cfg.d_sae // self.cfg.k, device=pre.device)
             return torch.zeros_like(pre).scatter_(-1, top.indices + offsets, top.values)
+        if self.dec_norm is not None:
+            pre = pre * self.dec_norm
         top = torch.topk(pre, k=self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))

@@ -30,8 +30,6 @@ def sae_from_object(obj: Any) -> SAE:
         raise BadOption(f"sae: a {type(obj).__name__} is neither an SAE folder nor a SAELens SAE "
                         "(an object with cfg.to_dict() and state_dict())")
     name = f"{type(obj).__name__} in memory"
-    if raw.get("rescale_acts_by_decoder_norm"):
-        raise BadOption(f"sae: {name} rescales its latents by the decoder norm, which harvest does not do")
     cfg = parse_config(raw, where=name)
     weights = {k: v.detach().float().cpu() for k, v in obj.state_dict().items()}
     return SAE(cfg, weights, path=name, weights_file="state_dict()")

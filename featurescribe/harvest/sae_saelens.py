@@ -8,7 +8,7 @@ Transcoders (`architecture` transcoder, skip_transcoder, jumprelu_transcoder) re
 transcoder's `W_skip` only matters to the output, not to the latents harvested.
 
 Config: the SAELens 6 layout (`architecture`, `d_in`, `d_sae`, `apply_b_dec_to_input`,
-`normalize_activations`, `k` for TopK, and `metadata` — or `meta` — holding `hook_name`,
+`normalize_activations`, `k` and `rescale_acts_by_decoder_norm` for TopK, and `metadata` — or `meta` — holding `hook_name`,
 `hook_name_out`, `model_name`, ...) and the older flat layout (`hook_name` or `hook_point`,
 `hook_layer`, `activation_fn_str` / `activation_fn` with `activation_fn_kwargs: {"k": K}` for TopK,
 `architecture` standard|gated|jumprelu).
@@ -89,6 +89,7 @@ def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
     layer = pick("hook_layer")
     return SAEConfig(
         d_in=d_in, d_sae=d_sae, architecture=arch, k=_topk_k(cfg, d_sae, where) if arch == "topk" else None,
+        rescale_acts_by_decoder_norm=arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm")),
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
         normalize_activations=_normalization(cfg),
         hook_name=pick("hook_name", "hook_point"),

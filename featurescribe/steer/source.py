@@ -6,7 +6,8 @@ never fired):
 - an MLP neuron, or a unit of the residual stream, attention or MLP output, is clamped to
   `strength * max_act` at every position (strength 0 ablates it);
 - an SAE latent adds `strength * max_act * W_dec[latent]` to the hooked activation at every
-  position (the latent's decoder row, as if it fired at `strength` times its max).
+  position (the latent's decoder row, as if it fired at `strength` times its max; divided by the
+  row's norm for a TopK SAE with `rescale_acts_by_decoder_norm`, whose latents carry that norm).
 
 The model comes from the process's one copy of it (the `local:` LLM backend's registry: a judge
 `local:MODEL` of the same model shares it); steering work runs under the model's lock, so a hook
@@ -58,7 +59,7 @@ class SourceSteering:
                                      f"which has features 0 to {width - 1}")
         scale = float(max_act) if max_act and max_act > 0 else 1.0
         if self.sae is not None:
-            direction = self.sae.W_dec[int(feature_id)].detach().float()
+            direction = self.sae.decoder_row(int(feature_id)).detach().float()
             return Intervention("add", scale, direction=direction)
         return Intervention("clamp", scale, unit=int(feature_id))
 
