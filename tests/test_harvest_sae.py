@@ -95,6 +95,21 @@ def test_topk_rescaled_by_decoder_norm(tmp_path):
     torch.testing.assert_close(sae.decoder_row(3), w["W_dec"][3] / w["W_dec"][3].norm())
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("normalize_activations", "expected_average_only_in", "needs the dataset's norm scaling factor"),
+    ("normalize_activations", True, "needs the dataset's norm scaling factor"),  # SAELens < 6's bool
+    ("normalize_activations", "rms_norm", "'rms_norm' is not supported"),
+    ("activation_fn_str", "tanh-relu", "activation_fn 'tanh-relu' is not supported"),  # SAELens < 6
+])
+def test_fields_we_cannot_compute_are_refused(tmp_path, field, value, message):
+    """Refused in one line, not encoded as something else (the raw input, or a plain ReLU)."""
+    write_sae(tmp_path / "sae", "standard", 8, 12, style="flat" if field == "activation_fn_str" else "v6")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(FeaturescribeError, match=message):
+        load_sae(tmp_path / "sae")
+
+
 def test_config_fields_of_both_layouts():
     v6 = parse_config({"architecture": "topk", "d_in": 4, "d_sae": 8, "k": 2, "metadata": {"hook_name": "h"}})
     assert (v6.architecture, v6.k, v6.hook_name) == ("topk", 2, "h")

@@ -4,11 +4,13 @@ hooks on the model; a checkpoint that does not fit its hook is one line before a
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
+from featurescribe.cli import main
 from tests.sae_checkpoints import (sparsify_latents, transcoder_latents, write_saelens_transcoder,
                                    write_sparsify)
 from tests.test_harvest import LAYER, assert_matches, cli_error, corpus_file, read, run  # noqa: F401 - a fixture
@@ -126,6 +128,17 @@ def test_saelens_transcoder_d_in_that_does_not_fit(smollm2, db_path, corpus_file
     err = cli_error(harvest_argv(db_path, corpus_file, tmp_path / "tc"), capsys)
     assert "width mismatch" in err and "d_in=1536" in err
     assert not os.path.exists(db_path)
+
+
+def test_saelens_normalization_we_cannot_compute_is_bad_input(smollm2, db_path, corpus_file, tmp_path,  # noqa: F811
+                                                               capsys):
+    write_saelens_transcoder(tmp_path / "tc", D_MODEL, LATENTS, D_MODEL, hook_name=f"blocks.{LAYER}.mlp.hook_in")
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    (tmp_path / "tc" / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
+    assert main(harvest_argv(db_path, corpus_file, tmp_path / "tc")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featurescribe: error: ") and len(err.strip().splitlines()) == 1
+    assert "expected_average_only_in" in err and not os.path.exists(db_path)
 
 
 def test_bad_sparsify_folders_write_nothing(smollm2, db_path, corpus_file, tmp_path, capsys):  # noqa: F811

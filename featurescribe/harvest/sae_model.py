@@ -18,13 +18,13 @@ monotone, and where they could pick different indices the value is 0 either way.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from featurescribe.errors import FeaturescribeError
 
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "groupmax")
+NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")  # of the input, done in _prepare
 _TENSORS = ("W_enc", "W_dec", "b_dec", "b_enc", "threshold", "b_gate", "r_mag", "b_mag", "dec_norm")
 
 
@@ -86,10 +86,6 @@ class SAE:
             setattr(self, name, w.get(name))  # W_dec is not needed to encode; the logit lens reads it
         if cfg.rescale_acts_by_decoder_norm:
             self.dec_norm = self.W_dec.norm(dim=-1)
-        if cfg.normalize_activations not in ("none", "constant_norm_rescale", "layer_norm"):
-            warnings.warn(f"SAE {path}: normalize_activations={cfg.normalize_activations!r} needs a "
-                          "dataset scaling factor this file does not carry; encoding the raw activations",
-                          stacklevel=2)
 
     @property
     def width(self) -> int:

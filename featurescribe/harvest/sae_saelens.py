@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from featurescribe.errors import FeaturescribeError
-from featurescribe.harvest.sae_model import ARCHITECTURES, SAE, SAEConfig
+from featurescribe.harvest.sae_model import ARCHITECTURES, NORMALIZATIONS, SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 _ALIASES = {"relu": "standard", "jump_relu": "jumprelu", "top_k": "topk", "transcoder": "standard"}
 _SAELENS_ARCHITECTURES = tuple(a for a in ARCHITECTURES if a != "groupmax")
+_ACTIVATIONS = ("standard", "topk", "jumprelu")  # activation_fn values (after _ALIASES) we compute
 
 
 def _picker(cfg: dict[str, Any]):
@@ -45,6 +46,8 @@ def _picker(cfg: dict[str, Any]):
 
 def _architecture(cfg: dict[str, Any], act: str, where: str) -> tuple[str, bool]:
     """(architecture, is a transcoder) from `architecture` and the activation function."""
+    if _ALIASES.get(act, act) not in _ACTIVATIONS:  # e.g. SAELens < 6's tanh-relu
+        raise FeaturescribeError(f"{where}: activation_fn {act!r} is not supported (relu, topk or jumprelu)")
     arch = str(cfg.get("architecture") or ("topk" if act == "topk" else "standard")).lower()
     transcoder = arch == "transcoder" or arch.endswith("_transcoder")
     if transcoder and arch != "transcoder":
@@ -69,11 +72,22 @@ def _topk_k(cfg: dict[str, Any], d_sae: int, where: str) -> int:
     return int(k)
 
 
-def _normalization(cfg: dict[str, Any]) -> str:
+def _normalization(cfg: dict[str, Any], where: str) -> str:
     norm = cfg.get("normalize_activations", "none")
     if isinstance(norm, bool):
         norm = "expected_average_only_in" if norm else "none"
-    return str(norm or "none")
+    norm = str(norm or "none")
+    if norm == "expected_average_only_in":
+        # the input was multiplied by a factor estimated on the training data; SAELens folds it
+        # into the weights when training ends (and then writes "none"), so it is not in this config
+        raise FeaturescribeError(f"{where}: normalize_activations 'expected_average_only_in' needs the "
+                                 "dataset's norm scaling factor, which this SAE does not carry: fold it "
+                                 "into the weights (SAELens: sae.fold_activation_norm_scaling_factor(f), "
+                                 "then save_model)")
+    if norm not in NORMALIZATIONS:
+        raise FeaturescribeError(f"{where}: normalize_activations {norm!r} is not supported "
+                                 f"({', '.join(NORMALIZATIONS)})")
+    return norm
 
 
 def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
@@ -91,7 +105,7 @@ def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
         d_in=d_in, d_sae=d_sae, architecture=arch, k=_topk_k(cfg, d_sae, where) if arch == "topk" else None,
         rescale_acts_by_decoder_norm=arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm")),
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
-        normalize_activations=_normalization(cfg),
+        normalize_activations=_normalization(cfg, where),
         hook_name=pick("hook_name", "hook_point"),
         hook_layer=int(layer) if layer is not None else None,
         model_name=pick("model_name"),
