@@ -176,3 +176,13 @@ def test_saelens_sae_without_a_known_hook_reads_the_site_asked(tmp_path):
     assert resolve_sae_site(sae, 2, "resid") == ("resid", 2)
     with pytest.raises(FeaturescribeError, match="its config names no hook: give --layer and --site"):
         resolve_sae_site(sae)
+
+
+@pytest.mark.parametrize("hook", ["blocks.2.hook_resid_mid", "blocks.2.hook_mlp_in", "blocks.2.attn.hook_z",
+                                  "blocks.2.ln1.hook_normalized"])
+def test_transformer_lens_hooks_no_site_reads_are_refused(tmp_path, hook):
+    """hook_mlp_in is the residual stream before ln2 (mlp_in is after it), hook_resid_mid is not the
+    layer's output, ...: reading --site there would encode another tensor than the SAE's."""
+    write_saelens_transcoder(tmp_path / "tc", 16, 24, 16, hook_name=hook)
+    with pytest.raises(FeaturescribeError, match=f"cannot read its hook '{hook}'.*TransformerLens"):
+        resolve_sae_site(load_sae(tmp_path / "tc"), 2, "mlp_in")

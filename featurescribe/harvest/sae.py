@@ -26,7 +26,7 @@ from typing import Callable
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.harvest.sae_files import read_json
-from featurescribe.harvest.sae_hooks import site_of_hook
+from featurescribe.harvest.sae_hooks import names_another_tensor, site_of_hook
 from featurescribe.harvest.sae_model import ARCHITECTURES, SAE, SAEConfig
 from featurescribe.harvest.sae_saelens import CFG_FILE, WEIGHTS_FILE, load_saelens, parse_config
 from featurescribe.harvest.sae_sparsify import WEIGHTS_FILE as SPARSIFY_WEIGHTS_FILE
@@ -120,19 +120,25 @@ def load_saes(items: list) -> list[SAE]:
     return out
 
 
+def _hint(sae: SAE) -> str:
+    if names_another_tensor(sae.cfg.hook_name):
+        return " (a TransformerLens hook no harvest site reads; a site there would be another tensor)"
+    return "" if sae.cfg.format == "sparsify" else ": give --layer and --site"
+
+
 def resolve_sae_site(sae: SAE, layer: int | None = None, site: str | None = None) -> tuple[str, int]:
     """(site, layer) the SAE reads: its hook's, which must agree with `layer`/`site` when given.
 
     An SAELens SAE whose hook we cannot name reads the `site` asked (default `mlp`, or `mlp_in`
-    for a transcoder) at `layer`.
+    for a transcoder) at `layer`; a TransformerLens hook we do not map (`blocks.6.hook_resid_mid`)
+    is refused, since it names a tensor that no site is.
     """
     name = sae.cfg.hook_name
     hooked = site_of_hook(name)
     if hooked is None:
         what = f"harvest cannot read its hook {name!r}" if name else "its config names no hook"
-        if sae.cfg.format == "sparsify" or layer is None:
-            raise FeaturescribeError(f"SAE {sae.path}: {what}"
-                                     + ("" if sae.cfg.format == "sparsify" else ": give --layer and --site"))
+        if sae.cfg.format == "sparsify" or layer is None or names_another_tensor(name):
+            raise FeaturescribeError(f"SAE {sae.path}: {what}" + _hint(sae))
         return site or ("mlp_in" if sae.cfg.transcoder else "mlp"), layer
     hooked_site, hooked_layer = hooked
     if hooked_layer < 0:

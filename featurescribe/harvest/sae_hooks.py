@@ -27,6 +27,13 @@ _HOOK_PATTERNS = [
     (_LAYER + r"\." + _ATTN + r"(?:\.(?:o_proj|c_proj|dense|out_proj))?(?:\.output)?$", "attn", 0),
 ]
 _COMPILED = [(re.compile(p), site, shift) for p, site, shift in _HOOK_PATTERNS]
+_TRANSFORMER_LENS = re.compile(r"^blocks\.\d+\.")  # hook_z, hook_resid_mid, hook_mlp_in, ...: known tensors
+
+
+def names_another_tensor(hook_name: str | None) -> bool:
+    """True for a TransformerLens hook that `site_of_hook` does not map: a named tensor no site
+    reads (reading a site there instead would encode another tensor)."""
+    return bool(hook_name) and site_of_hook(hook_name) is None and bool(_TRANSFORMER_LENS.match(hook_name))
 
 
 def site_of_hook(hook_name: str | None) -> tuple[str, int] | None:
