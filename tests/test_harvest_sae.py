@@ -146,3 +146,50 @@ def test_bad_sae_folders(tmp_path):
     (tmp_path / "bad" / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 9, "d_sae": 12}))
     with pytest.raises(FeaturescribeError, match="W_enc has shape"):
         load_sae(tmp_path / "bad")
+
+
+def _tiny(arch: str):
+    """A small random model of the architecture, built from its config (nothing downloaded)."""
+    import transformers
+
+    cfg_class, model_class = {"gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+                              "llama": ("LlamaConfig", "LlamaForCausalLM")}[arch]
+    cfg = getattr(transformers, cfg_class)(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(cfg).eval()
+
+
+@pytest.mark.parametrize("hook,module", [("blocks.1.hook_mlp_out", "post_feedforward_layernorm"),
+                                         ("blocks.1.hook_attn_out", "post_attention_layernorm")])
+def test_transformer_lens_sublayer_outputs_of_gemma_are_read_after_its_post_norms(tmp_path, hook, module):
+    """TransformerLens takes hook_mlp_out / hook_attn_out of Gemma 2/3 after the norm each sublayer's
+    output passes before the residual stream (use_normalization_before_and_after); the raw output
+    has the same width, so reading it gave other latents without a word."""
+    from featurescribe.harvest.harvester import Harvester
+
+    model = _tiny("gemma2")
+    w = write_sae(tmp_path / "sae", "standard", 16, 24, hook_name=hook)
+    h = Harvester(model, None, model_id="tiny-gemma2", sae=str(tmp_path / "sae"))
+    site = h.reader.sites[h.plans[0].key]
+    assert site.hook_name == f"model.layers.1.{module}.output"
+    assert h.plans[0].source_id == f"1-{'mlpoutpost' if 'mlp' in hook else 'attpost'}-sae24"
+    seen = {}
+    handle = getattr(model.model.layers[1], module).register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(ids)
+        got = h.reader.run(ids)[h.plans[0].key]
+    handle.remove()
+    torch.testing.assert_close(got, seen["x"])
+    torch.testing.assert_close(h.plans[0].sae.encode(got), expected_latents(w, "standard", seen["x"]))
+
+
+def test_transformer_lens_sublayer_outputs_of_llama_are_the_sublayers_own(tmp_path):
+    """Llama's post_attention_layernorm is its pre-MLP norm: hook_mlp_out stays the MLP's output."""
+    from featurescribe.harvest.harvester import Harvester
+
+    write_sae(tmp_path / "sae", "standard", 16, 24, hook_name="blocks.1.hook_mlp_out")
+    h = Harvester(_tiny("llama"), None, model_id="tiny-llama", sae=str(tmp_path / "sae"))
+    assert h.plans[0].site == "mlp_out" and h.plans[0].source_id == "1-mlpout-sae24"
+    assert h.reader.sites[h.plans[0].key].hook_name == "model.layers.1.mlp.output"

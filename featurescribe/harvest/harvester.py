@@ -30,11 +30,11 @@ from featurescribe.harvest import corpus as corpus_mod
 from featurescribe.harvest.batches import Batch, Plan, Prefetch, SeqIds, make_batches
 from featurescribe.harvest.early import Background, EarlyBatch, early_forward, first_sequences, plan_skips
 from featurescribe.harvest.sae import SAE, load_saes
-from featurescribe.harvest.sites import MultiSiteReader, n_layers
+from featurescribe.harvest.sites import MultiSiteReader, decoder_layers, n_layers
 from featurescribe.harvest.source_state import FIRST_POS, SourceState, prepare_states, settings_diffs, source_row
 from featurescribe.harvest.sources import (SourcePlan, bind_sites, check_layers, check_source_id,  # noqa: F401
-                                           default_source_id, parse_layers, parse_sites, plan_sources,
-                                           width_label)
+                                           default_source_id, follow_post_norms, parse_layers, parse_sites,
+                                           plan_sources, width_label)
 from featurescribe.harvest.thresholds import auto_threshold, parse_threshold  # noqa: F401
 from featurescribe.harvest.writer import WRITER_THREADS, Item, RowMaker, TokenStrings, Writers
 from featurescribe.interrupts import stop_if_received
@@ -131,6 +131,7 @@ class Harvester:
         n = n_layers(model)
         self.plans = plan_sources(parse_layers(layer, n), parse_sites(site), saes, source_id)
         check_layers(self.plans, n)
+        follow_post_norms(self.plans, decoder_layers(model)[1])
         self.reader = MultiSiteReader(model, [p.key for p in self.plans])
         bind_sites(self.plans, self.reader.sites)
         for p in self.plans:

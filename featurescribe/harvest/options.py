@@ -32,8 +32,9 @@ class HarvestOptions:
     layer: str | None = opt(None, "decoder layers, 0-based: 6, 3,6,9, 0-29 or all (needed unless --sae is given)")
     site: str | None = opt(None, f"comma list of {', '.join(SITES)}. mlp: MLP neurons (input of the down "
                            "projection; default), resid: residual stream after the layer, attn: attention output, "
-                           "mlp_out: MLP output, mlp_in: MLP input (after its norm; what transcoders read). With "
-                           "--sae and no --site only the SAEs are harvested")
+                           "mlp_out: MLP output, mlp_in: MLP input (after its norm; what transcoders read), "
+                           "mlp_out_normed, attn_normed: Gemma 2/3's sublayer outputs after their post-norms. "
+                           "With --sae and no --site only the SAEs are harvested")
     sae: list[Any] | None = opt(None, "an SAE or transcoder folder, SAELens (cfg.json + sae_weights.safetensors) "
                                 "or EleutherAI sparsify (cfg.json + sae.safetensors in a folder named by its "
                                 "hookpoint, e.g. layers.6), or a folder of such folders; repeat for more. Each is "

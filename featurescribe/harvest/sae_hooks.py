@@ -27,6 +27,7 @@ _HOOK_PATTERNS = [
     (_LAYER + r"\." + _ATTN + r"(?:\.(?:o_proj|c_proj|dense|out_proj))?(?:\.output)?$", "attn", 0),
 ]
 _COMPILED = [(re.compile(p), site, shift) for p, site, shift in _HOOK_PATTERNS]
+_TL_SUBLAYER_OUT = re.compile(r"^blocks\.\d+\.hook_(?:mlp|attn)_out$")
 _TRANSFORMER_LENS = re.compile(r"^blocks\.\d+\.")  # hook_z, hook_resid_mid, hook_mlp_in, ...: known tensors
 
 
@@ -45,3 +46,9 @@ def site_of_hook(hook_name: str | None) -> tuple[str, int] | None:
         if m:
             return site, int(m.group(1)) + shift
     return None
+
+
+def after_post_norm(hook_name: str | None) -> bool:
+    """True for TransformerLens's hook_mlp_out / hook_attn_out: in a block with post-norms (Gemma
+    2/3) they are the normed outputs, not the sublayers' own (sites.POST_NORM_SITES)."""
+    return bool(hook_name) and bool(_TL_SUBLAYER_OUT.match(hook_name))

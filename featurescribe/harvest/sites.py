@@ -9,10 +9,12 @@ Sites of layer L (0-based), one entry each in `SITE_TABLE`:
 | `resid`   | the residual stream after layer L                 | `model.layers.L.output`                     |
 | `attn`    | the attention block's output (output projection)  | `model.layers.L.self_attn.o_proj.output`    |
 | `mlp_out` | the MLP block's output (down projection output)   | `model.layers.L.mlp.output`                 |
-| `mlp_in`  | the MLP block's input (after its norm; what       | `model.layers.L.mlp.input`                  |
-|           | transcoders read)                                 |                                             |
 | `mlp_in`  | the MLP block's input (the residual stream after  | `model.layers.L.mlp.input`                  |
 |           | the pre-MLP norm): what a transcoder reads        |                                             |
+| `mlp_out_normed` | the MLP's output after the norm Gemma 2/3  | `model.layers.L.post_feedforward_layernorm.output` |
+|           | blocks apply to it (TransformerLens hook_mlp_out) |                                             |
+| `attn_normed` | the attention output after Gemma 2/3's post-  | `model.layers.L.post_attention_layernorm.output` |
+|           | attention norm (TransformerLens hook_attn_out)    |                                             |
 
 (Module paths are those of the model at hand; the examples are Llama/Gemma names.) One forward pass
 reads every site asked for: a hook on each hooked module captures its tensor, and the hook that
@@ -70,6 +72,23 @@ def _attn_out(block, where):
     return f"{where}.{an}.{on}", out
 
 
+def has_post_norms(block) -> bool:
+    """A block that normalises each sublayer's output before adding it to the residual stream
+    (Gemma 2 and 3). Llama's `post_attention_layernorm` is its pre-MLP norm: the pre-feedforward
+    norm beside it tells the two apart."""
+    return all(getattr(block, n, None) is not None
+               for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm", "post_attention_layernorm"))
+
+
+def _post_norm(name: str) -> Callable:
+    def locate(block, where):
+        if not has_post_norms(block):
+            raise FeaturescribeError(f"{where} ({type(block).__name__}) has no norm after its sublayers, as "
+                                     f"Gemma 2 and 3 blocks have ({name}): use site mlp_out or attn")
+        return f"{where}.{name}", getattr(block, name)
+    return locate
+
+
 @dataclass(frozen=True)
 class SiteKind:
     """A kind of site: its source-id abbreviation, which module of a block, and its input or output."""
@@ -86,7 +105,11 @@ SITE_TABLE: dict[str, SiteKind] = {k.name: k for k in (
     SiteKind("attn", "att", _attn_out, "output"),
     SiteKind("mlp_out", "mlpout", _mlp, "output"),
     SiteKind("mlp_in", "mlpin", _mlp, "input"),
+    SiteKind("mlp_out_normed", "mlpoutpost", _post_norm("post_feedforward_layernorm"), "output"),
+    SiteKind("attn_normed", "attpost", _post_norm("post_attention_layernorm"), "output"),
 )}
+# TransformerLens takes hook_mlp_out / hook_attn_out after the post-norms where a block has them
+POST_NORM_SITES = {"mlp_out": "mlp_out_normed", "attn": "attn_normed"}
 SITES = tuple(SITE_TABLE)
 SITE_ABBR = {k: v.abbr for k, v in SITE_TABLE.items()}
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from featurescribe.errors import BadOption, FeaturescribeError
 from featurescribe.harvest.sae import SAE, check_sae_fits, resolve_sae_site, site_of_hook
-from featurescribe.harvest.sites import SITE_ABBR, SITES, Site, check_layer, check_site
+from featurescribe.harvest.sae_hooks import after_post_norm
+from featurescribe.harvest.sites import (POST_NORM_SITES, SITE_ABBR, SITES, Site, check_layer, check_site,
+                                         has_post_norms)
 
 DEFAULT_SITE = "mlp"
 _LAYER_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")  # ASCII digits only: int() also reads '٣'
@@ -143,6 +145,20 @@ def _check_unique(plans: list[SourcePlan]) -> None:
             raise FeaturescribeError(f"two sources would get the id {p.source_id} ({what[0]} and {what[1]}); "
                                      "harvest one of them separately with --source-id")
         seen[p.source_id] = p
+
+
+def follow_post_norms(plans: list[SourcePlan], layers) -> None:
+    """An SAE trained on TransformerLens's hook_mlp_out or hook_attn_out of a block with post-norms
+    (Gemma 2/3) reads the normed output there: the sublayer's own output has the same width, so
+    reading it would give other latents without a word. A default source id follows the site."""
+    for p in plans:
+        if p.sae is None or not after_post_norm(p.sae.cfg.hook_name) or not has_post_norms(layers[p.layer]):
+            continue
+        default = p.source_id == default_source_id(p.layer, p.site, p.sae.width)
+        p.site = POST_NORM_SITES[p.site]
+        if default:
+            p.source_id = default_source_id(p.layer, p.site, p.sae.width)
+    _check_unique(plans)
 
 
 def bind_sites(plans: list[SourcePlan], sites: dict[tuple[str, int], Site]) -> None:
