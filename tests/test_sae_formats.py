@@ -139,6 +139,9 @@ def test_bad_sparsify_checkpoints(tmp_path):
     (tmp_path / "layers.1" / "cfg.json").write_text(json.dumps({**cfg, "activation": "batchtopk"}))
     with pytest.raises(FeaturescribeError, match="activation 'batchtopk' is not supported"):
         load_sae(tmp_path / "layers.1")
+    (tmp_path / "layers.1" / "cfg.json").write_text(json.dumps({**cfg, "signed": True}))
+    with pytest.raises(FeaturescribeError, match="signed: true .* is not supported"):
+        load_sae(tmp_path / "layers.1")
     from safetensors.torch import save_file
 
     save_file({"encoder.weight": torch.zeros(16, 8)}, str(tmp_path / "layers.1" / "sae.safetensors"))

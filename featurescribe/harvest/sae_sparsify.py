@@ -61,6 +61,9 @@ def parse_sparsify_config(raw: dict[str, Any], hookpoint: str, where: str = CFG_
         raise FeaturescribeError(f"{where}: k={k} must be between 1 and num_latents={latents}")
     if activation == "groupmax" and latents % k:
         raise FeaturescribeError(f"{where}: groupmax needs num_latents={latents} to be a multiple of k={k}")
+    if raw.get("signed"):  # EleutherAI/sae of mid-2024: top-k by magnitude, no ReLU
+        raise FeaturescribeError(f"{where}: signed: true (latents of either sign) is not supported; "
+                                 "harvest reads non-negative top-k latents")
     transcode = bool(raw.get("transcode", False))
     return SAEConfig(
         d_in=d_in, d_sae=latents, architecture=activation, k=k, apply_b_dec_to_input=not transcode,
