@@ -94,6 +94,24 @@ def test_sql_is_read_only_unless_asked(db_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_sql_write_script_that_fails_midway_changes_nothing(db_path):
+    """DuckDB commits each statement of a script by itself: `sql --write` runs them as one
+    transaction, so a statement that fails takes back those before it."""
+    assert cli("init", "--db", db_path).returncode == 0
+    assert cli("sql", "--db", db_path, "--write", "CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1)").returncode == 0
+    r = cli("sql", "--db", db_path, "--write", "INSERT INTO t VALUES (2); DELETE FROM t WHERE x = 1; "
+            "INSERT INTO t VALUES ('not a number')")
+    assert r.returncode == 2 and r.stderr.startswith("featurescribe: error: SQL error: Conversion Error")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert cli("sql", "--db", db_path, "SELECT x FROM t", "--format", "csv").stdout.split() == ["x", "1"]
+    r = cli("sql", "--db", db_path, "--write", "INSERT INTO t VALUES (3); SELECT count(*) AS n FROM t", "--format", "csv")
+    assert r.returncode == 0 and r.stdout.split() == ["n", "2"]
+    # a script with its own transactions keeps them
+    r = cli("sql", "--db", db_path, "--write", "BEGIN; INSERT INTO t VALUES (4); COMMIT; SELECT count(*) AS n FROM t",
+            "--format", "csv")
+    assert r.returncode == 0 and r.stdout.split() == ["n", "3"]
+
+
 def test_sql_syntax_error_is_one_line(db_path):
     assert cli("init", "--db", db_path).returncode == 0
     r = cli("sql", "--db", db_path, "SELEC 1")

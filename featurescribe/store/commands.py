@@ -42,20 +42,57 @@ def add_sql_arguments(p: argparse.ArgumentParser) -> None:
 def run_sql(args: argparse.Namespace) -> int:
     con = open_db(args.db, read_only=not args.write, create=False)
     try:
-        try:
-            cur = con.execute(args.query)
-        except duckdb.Error as err:
-            raise SQLFailed(sql_error_line(err, args.query, args.write)) from None
-        if cur is None:  # DuckDB's answer to a query of blanks, semicolons or comments
-            raise BadOption("no SQL statement in the query: give one, e.g. \"SELECT * FROM labels LIMIT 10\"")
-        if cur.description is None:
-            return 0
-        columns = [d[0] for d in cur.description]
-        rows = cur.fetchall()
+        result = _execute(con, args.query, args.write)
     finally:
         con.close()
-    write_rows(columns, rows, args.format, sys.stdout)
+    if result is not None:
+        write_rows(*result, args.format, sys.stdout)
     return 0
+
+
+def _execute(con: duckdb.DuckDBPyConnection, query: str, write: bool) -> tuple[list[str], list[tuple]] | None:
+    """The last statement's columns and rows (None when it returns none). With --write, the
+    statements run as one transaction unless the query has its own BEGIN/COMMIT: DuckDB commits
+    each statement of a script by itself, so one that fails would keep the changes of those before it."""
+    atomic = write and not _has_transaction_control(con, query)
+    if atomic:
+        con.execute("BEGIN TRANSACTION")
+    try:
+        result = _fetch(con, query, write, commit=atomic)
+    except BaseException:
+        if atomic:
+            _rollback(con)
+        raise
+    return result
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, query: str, write: bool,
+           commit: bool) -> tuple[list[str], list[tuple]] | None:
+    try:
+        cur = con.execute(query)
+        if cur is None:  # DuckDB's answer to a query of blanks, semicolons or comments
+            raise BadOption("no SQL statement in the query: give one, e.g. \"SELECT * FROM labels LIMIT 10\"")
+        result = None if cur.description is None else ([d[0] for d in cur.description], cur.fetchall())
+        if commit:
+            con.execute("COMMIT")
+        return result
+    except duckdb.Error as err:
+        raise SQLFailed(sql_error_line(err, query, write)) from None
+
+
+def _has_transaction_control(con: duckdb.DuckDBPyConnection, query: str) -> bool:
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error:  # a syntax error: running the query reports it
+        return False
+    return any(st.type == duckdb.StatementType.TRANSACTION for st in statements)
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:  # the failed statement may have ended the transaction already
+        pass
 
 
 def _plain(v: Any) -> Any:
