@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +25,9 @@ from tests.dbq import q
 from featurescribe.web.server import serve_in_thread
 from tests.export_fixtures import build_demo_db
 from tests.headless import Browser, chromium_path
+from tests.processes import end_process
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CHROMIUM = chromium_path()
 UNSAMPLED = ("6-mlp", 7)  # an alive, labelled feature whose sampled windows the fixture removes
@@ -176,3 +184,35 @@ def test_browse_in_headless_chromium(served, browse_db, tmp_path):
         page.close()
     finally:
         browser.close()
+
+
+def _start_browse(db: str, port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "featurescribe", "browse", "--db", db, "--port", str(port)],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_serving(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            get(url + "/api/meta")  # the server closes the connection first: it lingers in TIME_WAIT
+            return
+        except OSError:
+            time.sleep(0.1)
+    end_process(proc)
+    raise AssertionError(f"browse did not serve: {proc.communicate()}")
+
+
+def test_browse_stopped_and_started_again_on_the_same_port(browse_db):
+    """Ctrl-C then the same command again: the port is free, though the last connections linger."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = _start_browse(browse_db, port)
+        _wait_serving(proc, f"http://127.0.0.1:{port}")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
+        assert err.strip() == f"featurescribe: interrupted ({sig.name}); the server stopped"

@@ -14,6 +14,9 @@ from featurescribe.errors import FeaturescribeError
 
 def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # the connections of a browse just stopped linger in TIME_WAIT for a minute; without this its
+    # port could not be taken again until then (a port another process listens on is still refused)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
