@@ -41,6 +41,8 @@ def test_dry_run_prints_the_deployment(sdb, capsys):
 @pytest.mark.parametrize("args,msg", [
     (["--cron", "0 3 * *"], "bad --cron"),
     (["--cron", "0 0 3 * * *"], "bad --cron '0 0 3 * * *': five fields"),  # croniter's seconds field
+    (["--cron", "0 3 31 2 *"], "bad --cron '0 3 31 2 *': it names no date that exists"),  # never fires
+    (["--cron", "* * 30 2 *", "--timezone", "Europe/Paris"], "so it would never run"),
     (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "unknown --timezone"),
     (["--cron", "0 3 * * *", "--features", "0:99"], "outside the source"),
 ])

@@ -55,6 +55,21 @@ def _check_cron(cron: str, tz: str) -> None:
         if field == "timezone":
             raise FeaturescribeError(f"unknown --timezone {tz!r} (an IANA name: UTC, Europe/Paris, ...)") from None
         raise FeaturescribeError(bad) from None
+    _check_cron_fires(cron, tz)
+
+
+def _check_cron_fires(cron: str, tz: str) -> None:
+    """A cron of days that do not exist ("0 3 31 2 *", February 31) is valid to croniter, but
+    Prefect's scheduler finds no next run: `serve` would wait forever and run nothing."""
+    import asyncio
+
+    from prefect.server.schemas.schedules import CronSchedule as ServerCron  # what the scheduler runs
+
+    try:
+        asyncio.run(ServerCron(cron=cron, timezone=tz).get_dates(n=1))
+    except ValueError:  # croniter's CroniterBadDateError
+        raise FeaturescribeError(f"bad --cron {cron!r}: it names no date that exists (e.g. February 30), "
+                                 "so it would never run") from None
 
 
 def build_deployment(args: argparse.Namespace):
