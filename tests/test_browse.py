@@ -84,6 +84,11 @@ def test_feature_list_is_sorted_filtered_and_paged_in_the_database(served, brows
     with pytest.raises(urllib.error.HTTPError) as err:
         get(served.url + "/api/features?sort=nonsense")
     assert err.value.code == 400 and "unknown sort" in json.load(err.value)["error"]
+    for bad in ("offset=9223372036854775808", "offset=99999999999999999999", "offset=-1", "limit=0", "limit=501"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            get(served.url + "/api/features?" + bad)
+        assert err.value.code == 400 and "offset must be 0 to" in json.load(err.value)["error"], bad
+    assert get(served.url + "/api/features?offset=9223372036854775807")["rows"] == []
 
 
 def test_feature_page_has_everything(served, browse_db):

@@ -22,6 +22,7 @@ SORTS = {  # name -> ORDER BY expression (ties: source, feature)
     "feature": "feature_id", "n_active": "n_active",
 }
 STATUSES = ("labelled", "unlabelled", "alive", "dead", "rare")
+MAX_OFFSET = 2**63 - 1  # DuckDB's OFFSET is a BIGINT
 
 
 CATALOG = "fsdb"  # the database file, attached read-only
@@ -165,8 +166,8 @@ class ListQuery:
             raise FeaturescribeError(f"unknown sort {self.sort!r}: use {', '.join(SORTS)}")
         if self.status and self.status not in STATUSES:
             raise FeaturescribeError(f"unknown status {self.status!r}: use {', '.join(STATUSES)}")
-        if not (0 <= self.offset) or not (1 <= self.limit <= 500):
-            raise FeaturescribeError("offset must be 0 or more and limit 1 to 500")
+        if not (0 <= self.offset <= MAX_OFFSET) or not (1 <= self.limit <= 500):
+            raise FeaturescribeError(f"offset must be 0 to {MAX_OFFSET} and limit 1 to 500")
 
 
 _FILTERS = {  # ListQuery field -> SQL condition on the joined row
