@@ -221,3 +221,28 @@ def test_browse_stopped_and_started_again_on_the_same_port(browse_db):
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
         assert err.strip() == f"featurescribe: interrupted ({sig.name}); the server stopped"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
+def test_hand_edited_urls_read_sensibly_in_chromium(served):
+    """Odd offsets start at the first page; a long feature id is asked for as written; an error
+    the API returns as a list (FastAPI's 422) reads as words, not '[object Object]'."""
+    browser = Browser(CHROMIUM)
+    try:
+        page = browser.page()
+        rows = "document.querySelectorAll('#rows tr[data-id]').length"
+        for query in ("offset=abc", "offset=-50", "offset=0.5"):
+            page.goto(served.url + "/?" + query, ready="document.body && document.body.dataset.ready === '1'")
+            assert page.evaluate(rows) > 0 and page.evaluate("document.getElementById('page').textContent").startswith("1–")
+        page.goto(served.url + "/?offset=100000", ready="document.body && document.body.dataset.ready === '1'")
+        assert page.evaluate("document.getElementById('page').textContent") == "past the last page"
+        long_id = "1" + "0" * 21  # past what a JavaScript Number holds exactly
+        page.goto(served.url + f"/feature/6-mlp/{long_id}",
+                  ready="document.querySelector('#detail .error') !== null")
+        assert page.evaluate("document.querySelector('#detail .error').textContent") == f"no feature 6-mlp/{long_id}"
+        page.evaluate("getJson('/api/features?limit=abc').catch(e => { document.body.dataset.err = e.message; })")
+        page.wait_for("document.body.dataset.err !== undefined", timeout=10)
+        assert page.evaluate("document.body.dataset.err") == "limit: Input should be a valid integer, unable to parse string as an integer"
+        page.close()
+    finally:
+        browser.close()
