@@ -98,9 +98,10 @@ def _interrupted(signum: int, as_program: bool, what_now: str = RESUMES) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from featurescribe.flows.prefect_env import configure_prefect
+    from featurescribe.flows.prefect_env import configure_prefect, quiet_reported_errors
 
     configure_prefect()  # before any command imports Prefect
+    quiet_reported_errors()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from featurescribe.cli import main
 from featurescribe.flows.demo import ANTHROPIC_JUDGE, OPENAI_JUDGE, pick_judge
 from featurescribe.store import open_db
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_best_judge_available():
@@ -39,3 +47,37 @@ def test_demo_small(tmp_path, monkeypatch, capsys, prefect_server):
                          ("label", "completed"), ("export", "completed")]
     finally:
         con.close()
+
+
+def _demo(db: Path, prefect_server: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_API_URL=prefect_server)
+    return subprocess.run([sys.executable, "-m", "featurescribe", "demo", "--db", str(db), "--features", "2",
+                           "--llm-features", "0", "--max-tokens", "1000", "--no-progress"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_on_a_file_that_is_not_a_database_is_one_line(tmp_path, prefect_server):
+    """The error comes from inside the demo's flow: Prefect's traceback lines for it are left out."""
+    db = tmp_path / "notes.duckdb"
+    db.write_text("my notes, not a database")
+    r = _demo(db, prefect_server)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f'featurescribe: error: cannot open database {db}: IO Error: The file "{db}" '
+                                     "exists, but it is not a valid DuckDB database file!"]
+    assert db.read_text() == "my notes, not a database"
+
+
+def test_demo_on_a_full_disk_is_one_line_exit_1(tmp_path, prefect_server):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root and a tmpfs mount")
+    try:
+        r = _demo(mnt / "demo.duckdb", prefect_server)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("featurescribe: error: the disk is full ("), r.stderr[-3000:]

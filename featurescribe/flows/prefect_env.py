@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -33,3 +34,35 @@ def api_url() -> str | None:
 
     url = get_current_settings().api.url
     return str(url) if url else None
+
+
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class _ReportedErrorLines(logging.Filter):
+    """Prefect's ERROR lines (with tracebacks, one per flow and task the exception passes through)
+    about an exception the command reports itself in one `featurescribe: error:` line: a user's
+    mistake or a full disk. Dozens of lines would bury that one; the runs stay Failed on the server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._left_out: set[str] = set()  # the messages of those exceptions
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from featurescribe.errors import FeaturescribeError, disk_full
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (isinstance(exc, FeaturescribeError) or disk_full(exc) is not None):
+            if str(exc).strip():
+                self._left_out.add(str(exc))
+            return False
+        # a task's 'Finished in state Failed(...)' line names the exception without carrying it
+        return record.levelno < logging.ERROR or not any(m in record.getMessage() for m in self._left_out)
+
+
+def quiet_reported_errors() -> None:
+    """For the command line, whose `main` prints such errors in one line (once per process)."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ReportedErrorLines) for f in logger.filters):
+            logger.addFilter(_ReportedErrorLines())
