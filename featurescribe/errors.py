@@ -76,3 +76,9 @@ def disk_full(err: BaseException) -> DiskFull | None:
                             "space and run the same command again")
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def beyond_retrying(err: BaseException) -> bool:
+    """A user's mistake or a full disk: trying again at once cannot mend it (so a flow does not
+    retry it), and the command line reports it in one line."""
+    return isinstance(err, FeaturescribeError) or disk_full(err) is not None

@@ -225,3 +225,22 @@ def test_the_harvest_flow_takes_harvest_config_fields_only():
     names = set(inspect.signature(harvest_flow.fn).parameters)
     assert names <= {f.name for f in dataclasses.fields(HarvestConfig)}
     assert {"db", "model", "layer", "site", "sae", "corpus", "max_tokens"} <= names
+
+
+@pytest.mark.parametrize("retry_condition", ["harvest", "label"])
+def test_a_full_disk_or_a_users_error_is_not_retried(retry_condition):
+    """Trying again seconds later cannot free a disk: the run ends at once with the disk-full line."""
+    import errno
+
+    import duckdb
+    from prefect.states import Failed
+
+    from featurescribe.errors import BadOption
+    from featurescribe.flows import harvest_flow, label_flow
+
+    transient = {"harvest": harvest_flow._transient, "label": label_flow._transient}[retry_condition]
+    full = [OSError(errno.ENOSPC, "No space left on device"),
+            duckdb.TransactionException('Failed to commit: Could not write file "f.wal": No space left on device')]
+    for err in full + [BadOption("--layer 99: the model has 30 layers")]:
+        assert transient(None, None, Failed(data=err)) is False, err
+    assert transient(None, None, Failed(data=ConnectionResetError("the worker lost its connection"))) is True

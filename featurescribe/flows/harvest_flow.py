@@ -15,15 +15,14 @@ from featurescribe.interrupts import ours_in_flow
 
 
 def _transient(task, task_run, state) -> bool:
-    """Retry a harvest only for failures that are not the user's (those end the run at once)."""
-    from featurescribe.errors import FeaturescribeError
+    """Retry a harvest only for failures that are not the user's or a full disk's (those end the
+    run at once)."""
+    from featurescribe.errors import beyond_retrying
 
     try:
         state.result()
-    except FeaturescribeError:
-        return False
-    except Exception:
-        return True
+    except Exception as err:
+        return not beyond_retrying(err)
     return False
 
 

@@ -39,7 +39,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from featurescribe.errors import FeaturescribeError
+from featurescribe.errors import beyond_retrying
 from featurescribe.flows import label_core
 from featurescribe.flows.call_outcomes import record_call_outcomes
 from featurescribe.flows.label_checks import check_steering
@@ -55,13 +55,13 @@ from featurescribe.llm.breaker import BackendBroken
 
 
 def _transient(task, task_run, state) -> bool:
-    """Retry a chunk unless it failed for the user's reason (bad key, ...) or the budget."""
+    """Retry a chunk unless it failed for the user's reason (bad key, ...), a full disk or the budget."""
     try:
         state.result()
-    except (FeaturescribeError, BudgetExceeded):
+    except BudgetExceeded:
         return False
-    except Exception:
-        return True
+    except Exception as err:
+        return not beyond_retrying(err)
     return False
 
 

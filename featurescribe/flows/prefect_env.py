@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 
 def configure_prefect() -> None:
@@ -37,6 +38,8 @@ def api_url() -> str | None:
 
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+# a failed task's last line names its exception without carrying it
+_FAILED_TASK = re.compile(r"Finished in state Failed\('Task run encountered an exception (\w+): ")
 
 
 class _ReportedErrorLines(logging.Filter):
@@ -44,20 +47,22 @@ class _ReportedErrorLines(logging.Filter):
     about an exception the command reports itself in one `featurescribe: error:` line: a user's
     mistake or a full disk. Dozens of lines would bury that one; the runs stay Failed on the server."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._left_out: set[str] = set()  # the messages of those exceptions
-
     def filter(self, record: logging.LogRecord) -> bool:
-        from featurescribe.errors import FeaturescribeError, disk_full
+        from featurescribe.errors import beyond_retrying
 
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and (isinstance(exc, FeaturescribeError) or disk_full(exc) is not None):
-            if str(exc).strip():
-                self._left_out.add(str(exc))
-            return False
-        # a task's 'Finished in state Failed(...)' line names the exception without carrying it
-        return record.levelno < logging.ERROR or not any(m in record.getMessage() for m in self._left_out)
+        if record.exc_info and record.exc_info[1] is not None:
+            return not beyond_retrying(record.exc_info[1])
+        failed = _FAILED_TASK.match(record.getMessage())
+        return failed is None or not _names_reported_error(failed.group(1), record.getMessage())
+
+
+def _names_reported_error(class_name: str, message: str) -> bool:
+    from featurescribe.errors import FeaturescribeError, disk_full
+
+    def names(cls: type) -> set[str]:
+        return {cls.__name__}.union(*(names(sub) for sub in cls.__subclasses__()))
+
+    return class_name in names(FeaturescribeError) or disk_full(RuntimeError(message)) is not None
 
 
 def quiet_reported_errors() -> None:
