@@ -81,3 +81,19 @@ def test_demo_on_a_full_disk_is_one_line_exit_1(tmp_path, prefect_server):
     assert r.returncode == 1
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("featurescribe: error: the disk is full ("), r.stderr[-3000:]
+
+
+def test_demo_refuses_an_out_it_could_not_write_before_any_work(tmp_path, capsys):
+    """It was found at the export, after the harvest and the labels: a FileExistsError traceback."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    (tmp_path / "theirs" / "json").mkdir(parents=True)
+    (tmp_path / "theirs" / "json" / "data.csv").write_text("1,2")
+    cases = {str(notes): f"cannot export to {notes}: it is a file, not a folder",
+             str(notes / "sub"): f"cannot export to {notes / 'sub'}: {notes} is a file, not a folder",
+             str(tmp_path / "theirs"): f"cannot export to {tmp_path / 'theirs' / 'json'}: the folder is not empty"}
+    for out, message in cases.items():
+        assert main(["demo", "--db", str(tmp_path / "demo.duckdb"), "--out", out, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"featurescribe: error: {message}") and len(err.splitlines()) == 1, err
+    assert notes.read_text() == "mine" and not (tmp_path / "demo.duckdb").exists()

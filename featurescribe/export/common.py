@@ -189,14 +189,8 @@ def _cannot_write(out: Path, err: OSError) -> FeaturescribeError:
     return FeaturescribeError(f"cannot write to {out}: {err.strerror or err}")
 
 
-@contextmanager
-def output_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `out`; on success it becomes `out`.
-
-    `out` may be missing, an empty folder, or an earlier featurescribe export (replaced whole).
-    Anything else is refused before any work. On an error nothing is left behind.
-    """
-    out = Path(out)
+def check_output_dir(out: Path) -> None:
+    """What `output_dir` refuses before any work."""
     if out.exists() and not out.is_dir():
         raise FeaturescribeError(f"cannot export to {out}: it is a file, not a folder")
     if out.is_dir() and os.path.ismount(out):
@@ -209,6 +203,17 @@ def output_dir(out: str | os.PathLike) -> Iterator[Path]:
             f"cannot export to {out}: the folder is not empty and is not an earlier export; "
             "choose another folder"
         )
+
+
+@contextmanager
+def output_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `out`; on success it becomes `out`.
+
+    `out` may be missing, an empty folder, or an earlier featurescribe export (replaced whole).
+    Anything else is refused before any work. On an error nothing is left behind.
+    """
+    out = Path(out)
+    check_output_dir(out)
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

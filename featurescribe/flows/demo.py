@@ -199,6 +199,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if not parent.is_dir():
         raise FeaturescribeError(f"cannot create database {db}: folder {parent} does not exist")
     out = args.out or str(parent / "out" / Path(db).stem)
+    from featurescribe.flows.export_flow import check_export_targets
+
+    check_export_targets(out, "json", report=True)  # not after the harvest and the labels
     judge = pick_judge()
     if judge:
         from featurescribe.llm.registry import check_backend

@@ -28,6 +28,23 @@ def parse_formats(formats: str | list[str]) -> list[str]:
     return out
 
 
+def check_export_targets(out: str, formats: str | list[str], report: bool) -> None:
+    """Refuse, before any work, an OUT the flow could not write: a file, a folder under a file, or
+    format folders and a report that are someone else's (the demo checks before its harvest)."""
+    from featurescribe.export.common import check_output_dir
+    from featurescribe.export.report import check_report_target
+
+    root = Path(out)
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        what = "it" if existing == root else str(existing)
+        raise FeaturescribeError(f"cannot export to {out}: {what} is a file, not a folder")
+    for fmt in parse_formats(formats):
+        check_output_dir(root / fmt)
+    if report:
+        check_report_target(root / "report.html")
+
+
 @task(name="export-format", cache_policy=NONE)
 def export_format(db: str, fmt: str, out: str, source: str | None) -> str:
     from featurescribe.export.command import run_export
@@ -56,6 +73,7 @@ def export_flow(db: str, out: str, formats: str | list[str] = "json", source: st
     fmts = parse_formats(formats)
     params = {"db": db, "out": out, "formats": fmts, "source": source, "report": report}
     with recorded_run(db, "export", params) as run:
+        check_export_targets(out, fmts, report)
         Path(out).mkdir(parents=True, exist_ok=True)
         written = [export_format(db, f, str(Path(out) / f), source) for f in fmts]
         if report:
