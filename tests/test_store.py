@@ -112,6 +112,14 @@ def test_sql_write_script_that_fails_midway_changes_nothing(db_path):
     assert r.returncode == 0 and r.stdout.split() == ["n", "3"]
 
 
+def test_sql_output_to_a_file_has_no_progress_bar(db_path):
+    """DuckDB draws a progress bar on stdout for a query that runs a while (at once here)."""
+    assert cli("init", "--db", db_path).returncode == 0
+    r = cli("sql", "--db", db_path, "--format", "csv", "SET progress_bar_time = 0; "
+            "SELECT count(*) AS n FROM range(100000000) t(x) WHERE x % 7 = 3")
+    assert r.returncode == 0 and r.stdout == "n\n14285714\n"
+
+
 def test_sql_syntax_error_is_one_line(db_path):
     assert cli("init", "--db", db_path).returncode == 0
     r = cli("sql", "--db", db_path, "SELEC 1")

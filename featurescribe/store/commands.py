@@ -42,6 +42,8 @@ def add_sql_arguments(p: argparse.ArgumentParser) -> None:
 def run_sql(args: argparse.Namespace) -> int:
     con = open_db(args.db, read_only=not args.write, create=False)
     try:
+        if not sys.stdout.isatty():  # DuckDB draws its progress bar on stdout, into the csv or json
+            con.execute("SET enable_progress_bar_print = false")
         result = _execute(con, args.query, args.write)
     finally:
         con.close()
