@@ -42,7 +42,8 @@ def command_table() -> list[Command]:
 
     return [
         Command("init", "create an empty database with the schema", store.add_init_arguments, store.run_init),
-        Command("sql", "run SQL against a database and print the result", store.add_sql_arguments, store.run_sql),
+        Command("sql", "run SQL against a database and print the result", store.add_sql_arguments, store.run_sql,
+                on_signal="the query stopped; with --write, nothing it changed is kept"),
         Command("harvest", "run a model over a corpus once and store the activations of its layers, sites and SAEs",
                 harvest.add_arguments, harvest.run),
         Command("label", "sample, explain and score the features of a source",

@@ -219,3 +219,34 @@ def test_a_signal_leaves_one_line_and_no_prefect_noise(tmp_path, fake_llm):
     assert "featurescribe: interrupted (SIGINT)" in err
     assert "Error logging to API" not in err, err
     assert "Crash detected" not in err and "Crashed" not in err, err  # Prefect's lines on the runs we stopped
+
+
+def _holds_write_lock(db: str) -> bool:
+    import duckdb
+
+    try:
+        duckdb.connect(db, read_only=True).close()
+        return False
+    except duckdb.IOException:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_long_sql_query_and_its_writes_are_not_kept(tmp_path, sig):
+    """DuckDB computes without returning to Python, where signal handlers run: the query runs in a
+    thread and the signal interrupts it."""
+    db = str(tmp_path / "q.duckdb")
+    with open_db(db):
+        pass
+    query = ("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1); "
+             "SELECT count(*) FROM range(1000000000000) r(x) WHERE x % 7 = 3")  # hours
+    proc = subprocess.Popen([sys.executable, "-m", "featurescribe", "sql", "--db", db, "--write", query],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(proc, lambda: _holds_write_lock(db), deadline_s=60)
+    time.sleep(1)  # into the query
+    rc, took, _ = _stop(proc, sig)
+    assert rc == EXPECTED[sig] and took <= STOP_WITHIN_S, f"rc {rc}, {took:.1f} s"
+    assert proc.stderr.read().strip() == (f"featurescribe: interrupted ({sig.name}); the query stopped; "
+                                          "with --write, nothing it changed is kept")
+    assert q(db, "SELECT count(*) FROM information_schema.tables WHERE table_name = 't'") == [(0,)]

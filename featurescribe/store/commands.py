@@ -7,7 +7,8 @@ import csv
 import json
 import math
 import sys
-from typing import Any
+import threading
+from typing import Any, Callable, TypeVar
 
 import duckdb
 
@@ -15,6 +16,8 @@ from featurescribe.errors import BadOption, SQLFailed
 from featurescribe.store.connection import DEFAULT_DB, database_exists, open_db
 from featurescribe.store.schema import SCHEMA_VERSION
 from featurescribe.store.sql_errors import sql_error_line
+
+T = TypeVar("T")
 
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +63,7 @@ def _execute(con: duckdb.DuckDBPyConnection, query: str, write: bool) -> tuple[l
     if atomic:
         con.execute("BEGIN TRANSACTION")
     try:
-        result = _fetch(con, query, write, commit=atomic)
+        result = _interruptible(con, lambda: _fetch(con, query, write, commit=atomic))
     except BaseException:
         if atomic:
             _rollback(con)
@@ -80,6 +83,32 @@ def _fetch(con: duckdb.DuckDBPyConnection, query: str, write: bool,
         return result
     except duckdb.Error as err:
         raise SQLFailed(sql_error_line(err, query, write)) from None
+
+
+def _interruptible(con: duckdb.DuckDBPyConnection, work: Callable[[], T]) -> T:
+    """`work()` in a thread: Python runs a signal handler only in the main thread and only between
+    bytecodes, so Ctrl-C or SIGTERM would wait for DuckDB to finish the query (minutes, or never).
+    Here the main thread waits, takes the signal, and interrupts the query."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="fs-sql", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+    except BaseException:
+        con.interrupt()
+        thread.join()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _has_transaction_control(con: duckdb.DuckDBPyConnection, query: str) -> bool:
