@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -303,3 +304,25 @@ def test_sql_writes_to_a_view_say_which_tables_to_change(db_path):
     r = cli("sql", "--db", db_path, "--write", "UPDATE labels SET score = 1")
     assert r.returncode == 2 and "(labels is a view of the best-scored explanation per feature: " \
                                  "change explanations or scores)" in r.stderr
+
+
+def test_init_on_a_full_disk_leaves_no_broken_file(tmp_path):
+    """DuckDB had written the first page of the new file when the disk filled: every later command,
+    once there was space, failed on it ('Could not read enough bytes')."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root and a tmpfs mount")
+    try:
+        (mnt / "pad").write_bytes(b"\0" * 60_000)  # one page left
+        db = str(mnt / "f.duckdb")
+        r = cli("init", "--db", db)
+        assert r.returncode == 1 and r.stderr.startswith("featurescribe: error: the disk is full (")
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert sorted(p.name for p in mnt.iterdir()) == ["pad"]
+        (mnt / "pad").unlink()
+        assert cli("init", "--db", db).returncode == 0
+        assert cli("sql", "--db", db, "SELECT count(*) AS n FROM sources", "--format", "csv").stdout.split() == ["n", "0"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -29,7 +29,8 @@ from typing import Any, Iterator
 
 import duckdb
 
-from featurescribe.errors import BadOption, DatabaseLocked, FeaturescribeError, NoDatabase, SchemaTooNew
+from featurescribe.errors import (BadOption, DatabaseLocked, DiskFull, FeaturescribeError, NoDatabase,
+                                  SchemaTooNew, disk_full)
 from featurescribe.store.schema import SCHEMA_VERSION, current_version, migrate
 
 DEFAULT_DB = "featurescribe.duckdb"
@@ -88,6 +89,9 @@ def _connect_once(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     except duckdb.IOException as err:
         if "lock" in str(err).lower():
             raise DatabaseLocked(_lock_message(path, err)) from err
+        full = disk_full(err)
+        if full is not None:
+            raise full from None
         raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
     except duckdb.Error as err:
         raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
@@ -128,21 +132,42 @@ def open_db(
 
     `read_only` opens without taking the write lock; an older schema is upgraded first through a
     short writable connection. A database written by a newer featurescribe is refused. A locked
-    file is waited for (`timeout` seconds, default `lock_timeout()`).
+    file is waited for (`timeout` seconds, default `lock_timeout()`). A new file that could not be
+    made whole (a full disk) is removed: left behind, every later command would fail on it.
     """
     path = str(path)
+    new = _is_new(path, create)
+    try:
+        con = _connect(path, read_only, timeout)
+    except DiskFull:
+        if new:
+            _remove_unfinished(path)
+        raise
+    try:
+        return _upgraded(con, path, read_only, timeout)
+    except BaseException:
+        if new:  # this process made the file and held it: nobody else can be using it
+            _remove_unfinished(path)
+        raise
+
+
+def _is_new(path: str, create: bool) -> bool:
+    """True for a database file to create; the errors of a path that cannot be one."""
     if Path(path).is_dir():
         raise BadOption(f"--db {path} is a folder: give a database file, e.g. {Path(path) / DEFAULT_DB}")
-    if path != ":memory:" and not database_exists(path):
-        if not create:
-            raise NoDatabase(
-                f"no database at {path} (create one with: featurescribe init --db {path})"
-            )
-        parent = Path(path).parent
-        if not parent.exists():
-            raise FeaturescribeError(f"cannot create database {path}: folder {parent} does not exist")
+    if path == ":memory:" or database_exists(path):
+        return False
+    if not create:
+        raise NoDatabase(f"no database at {path} (create one with: featurescribe init --db {path})")
+    parent = Path(path).parent
+    if not parent.exists():
+        raise FeaturescribeError(f"cannot create database {path}: folder {parent} does not exist")
+    return True
 
-    con = _connect(path, read_only, timeout)
+
+def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
+              timeout: float | None) -> duckdb.DuckDBPyConnection:
+    """`con`, its schema brought up to this version (closed on an error)."""
     try:
         version = current_version(con)
         if version > SCHEMA_VERSION:
@@ -165,6 +190,14 @@ def open_db(
         con.close()
         raise
     return con
+
+
+def _remove_unfinished(path: str) -> None:
+    for leftover in (path, path + ".wal"):
+        try:
+            os.remove(leftover)
+        except FileNotFoundError:
+            pass
 
 
 @dataclass
