@@ -191,8 +191,8 @@ def test_browse_in_headless_chromium(served, browse_db, tmp_path):
         browser.close()
 
 
-def _start_browse(db: str, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "featurescribe", "browse", "--db", db, "--port", str(port)],
+def _start_browse(db: str, port: int, *more: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "featurescribe", "browse", "--db", db, "--port", str(port), *more],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -246,3 +246,19 @@ def test_hand_edited_urls_read_sensibly_in_chromium(served):
         page.close()
     finally:
         browser.close()
+
+
+def test_browse_on_an_ipv6_address(browse_db):
+    """--host ::1 was refused: 'Address family for hostname not supported'."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    proc = _start_browse(browse_db, port, "--host", "::1")
+    _wait_serving(proc, f"http://[::1]:{port}")
+    assert get(f"http://[::1]:{port}/api/features?limit=1")["total"] == q(browse_db, "SELECT count(*) FROM features")[0][0]
+    end_process(proc)
+    out, _ = proc.communicate()
+    assert f"at http://[::1]:{port}/ (read-only" in out

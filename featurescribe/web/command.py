@@ -17,7 +17,7 @@ def add_browse_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_browse(args: argparse.Namespace) -> int:
     from featurescribe.errors import FeaturescribeError
-    from featurescribe.web.server import bind, make_server
+    from featurescribe.web.server import bind, make_server, url
 
     if not 0 <= args.port <= 65535:
         raise FeaturescribeError(f"--port must be 0 to 65535, not {args.port}")
@@ -28,7 +28,7 @@ def run_browse(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    print(f"browse {args.db} at http://{args.host}:{sock.getsockname()[1]}/ (read-only; Ctrl-C stops)", flush=True)
+    print(f"browse {args.db} at {url(args.host, sock)}/ (read-only; Ctrl-C stops)", flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -13,7 +13,11 @@ from featurescribe.errors import FeaturescribeError
 
 
 def bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:  # the family of the address: "::1" or "::" is IPv6
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise FeaturescribeError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
     # the connections of a browse just stopped linger in TIME_WAIT for a minute; without this its
     # port could not be taken again until then (a port another process listens on is still refused)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -63,4 +67,9 @@ def serve_in_thread(db_path: str, host: str = "127.0.0.1", port: int = 0, timeou
             state.close()
             raise RuntimeError("the browse server did not start")
         time.sleep(0.02)
-    return Running(f"http://{host}:{sock.getsockname()[1]}", server, thread, state)
+    return Running(url(host, sock), server, thread, state)
+
+
+def url(host: str, sock: socket.socket) -> str:
+    """The address to open: an IPv6 host in brackets."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
