@@ -326,3 +326,24 @@ def test_init_on_a_full_disk_leaves_no_broken_file(tmp_path):
         assert cli("sql", "--db", db, "SELECT count(*) AS n FROM sources", "--format", "csv").stdout.split() == ["n", "0"]
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_commands_that_only_read_add_no_tables_to_another_programs_duckdb(tmp_path):
+    """`sql` (read-only) upgraded any DuckDB file it was pointed at: someone's own database gained
+    featurescribe's tables and a schema_version."""
+    import hashlib
+
+    db = str(tmp_path / "theirs.duckdb")
+    con = duckdb.connect(db)
+    con.execute("CREATE TABLE measurements (x INTEGER)")
+    con.close()
+    before = hashlib.sha256(open(db, "rb").read()).hexdigest()
+    for args in (["sql", "SELECT * FROM measurements"], ["export", "--format", "json", "--out", str(tmp_path / "e")],
+                 ["report", "--out", str(tmp_path / "r.html")]):
+        r = cli(*args, "--db", db)
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"featurescribe: error: database {db} is not a featurescribe database (it has no schema_version "
+            f"table); a command that only reads adds none: give another --db, or add the tables with: "
+            f"featurescribe init --db {db}"), r.stderr
+    assert hashlib.sha256(open(db, "rb").read()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.duckdb"]

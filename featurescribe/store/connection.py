@@ -170,6 +170,8 @@ def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
     """`con`, its schema brought up to this version (closed on an error)."""
     try:
         version = current_version(con)
+        if version == 0 and read_only:  # someone else's DuckDB file: reading must not add our tables
+            raise not_featurescribe(path)
         if version > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"database {path} has schema version {version}, newer than this featurescribe "
@@ -190,6 +192,12 @@ def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
         con.close()
         raise
     return con
+
+
+def not_featurescribe(path: str) -> BadOption:
+    return BadOption(f"database {path} is not a featurescribe database (it has no schema_version table); a "
+                     f"command that only reads adds none: give another --db, or add the tables with: "
+                     f"featurescribe init --db {path}")
 
 
 def _remove_unfinished(path: str) -> None:
