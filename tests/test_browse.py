@@ -262,3 +262,31 @@ def test_browse_on_an_ipv6_address(browse_db):
     end_process(proc)
     out, _ = proc.communicate()
     assert f"at http://[::1]:{port}/ (read-only" in out
+
+
+def test_a_database_browse_cannot_read_is_one_line_and_left_as_it_was(tmp_path, capsys):
+    """An older schema crashed the start with a DuckDB traceback (features.status missing); another
+    program's DuckDB file gave 500s on every page."""
+    import duckdb
+
+    from featurescribe.store.schema import MIGRATIONS, VERSION_TABLE
+
+    old, theirs = str(tmp_path / "v1.duckdb"), str(tmp_path / "theirs.duckdb")
+    con = duckdb.connect(old)
+    con.execute(VERSION_TABLE)
+    for stmt in MIGRATIONS[0]:
+        con.execute(stmt)
+    con.execute("INSERT INTO schema_version (version) VALUES (1)")
+    con.close()
+    con = duckdb.connect(theirs)
+    con.execute("CREATE TABLE measurements (x INTEGER)")
+    con.close()
+    before = {p: digest(p) for p in (old, theirs)}
+    expected = {old: f"database {old} has schema version 1, older than browse reads; browse only reads, so "
+                     f"upgrade it once with: featurescribe init --db {old}",
+                theirs: f"database {theirs} is not a featurescribe database (it has no schema_version table)"}
+    for db, message in expected.items():
+        assert main(["browse", "--db", db, "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"featurescribe: error: {message}") and len(err.splitlines()) == 1, err
+    assert {p: digest(p) for p in (old, theirs)} == before

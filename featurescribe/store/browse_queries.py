@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from featurescribe.errors import FeaturescribeError, SchemaTooNew
-from featurescribe.store.connection import database_exists
+from featurescribe.store.connection import database_exists, not_featurescribe
 from featurescribe.store.export_queries import HISTOGRAM_BINS
 from featurescribe.store.schema import SCHEMA_VERSION, current_version
 from featurescribe.store.windows import SEQUENCE_ORDER_SQL, SequenceTables, WindowCounts
@@ -27,6 +27,19 @@ MAX_OFFSET = 2**63 - 1  # DuckDB's OFFSET is a BIGINT
 
 CATALOG = "fsdb"  # the database file, attached read-only
 ROWS = "memory.main.browse_rows"  # every feature with its best label, built once at start
+
+
+OLDEST_READABLE = 11  # the schema version of the newest column the pages read (scores.baseline_population)
+
+
+def unreadable_version(path: str, version: int) -> FeaturescribeError:
+    if version > SCHEMA_VERSION:
+        return SchemaTooNew(f"database {path} has schema version {version}, newer than this featurescribe "
+                            f"understands ({SCHEMA_VERSION}); upgrade featurescribe")
+    if version == 0:
+        return not_featurescribe(path)
+    return FeaturescribeError(f"database {path} has schema version {version}, older than browse reads; browse "
+                              f"only reads, so upgrade it once with: featurescribe init --db {path}")
 
 
 class FileReader:
@@ -50,12 +63,12 @@ class FileReader:
         self._built: tuple | None = None  # (the file's stamp, when) of the last build of ROWS
         self.n_features = 0
         self.generation = 0
-        with self.reading() as cur:
-            version = current_version(cur)
-        if version > SCHEMA_VERSION:
+        try:
+            with self.reading():  # the first build, and the schema version's check
+                pass
+        except BaseException:
             self.con.close()
-            raise SchemaTooNew(f"database {path} has schema version {version}, newer than this featurescribe "
-                               f"understands ({SCHEMA_VERSION}); upgrade featurescribe")
+            raise
 
     def _stamp(self) -> tuple:
         import os
@@ -71,16 +84,26 @@ class FileReader:
         attach_read_only(self.con, self.path, CATALOG)
         stamp, now = self._stamp(), time.monotonic()
         if self._built is None or (stamp != self._built[0] and now - self._built[1] >= self.refresh_s):
-            cur = self.con.cursor()
             try:
-                use_catalog(cur)
-                if has_table(cur, "features"):
-                    self.n_features = prepare_rows(cur)
-                    prepare_sequences(cur)
-            finally:
-                cur.close()
+                self._build()
+            except BaseException:
+                self.con.execute(f"DETACH {CATALOG}")
+                raise
             self._built = (stamp, now)
             self.generation += 1  # the per-source sequence orders are to be made again
+
+    def _build(self) -> None:
+        cur = self.con.cursor()
+        try:
+            use_catalog(cur)
+            version = current_version(cur)
+            if not OLDEST_READABLE <= version <= SCHEMA_VERSION:
+                raise unreadable_version(self.path, version)
+            if has_table(cur, "features"):
+                self.n_features = prepare_rows(cur)
+                prepare_sequences(cur)
+        finally:
+            cur.close()
 
     @contextmanager
     def reading(self) -> Iterator[Any]:
