@@ -45,6 +45,7 @@ def test_dry_run_prints_the_deployment(sdb, capsys):
     (["--cron", "* * 30 2 *", "--timezone", "Europe/Paris"], "so it would never run"),
     (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "unknown --timezone"),
     (["--cron", "0 3 * * *", "--features", "0:99"], "outside the source"),
+    (["--cron", "0 3 * * *", "--name", "nightly/6-mlp"], "bad --name 'nightly/6-mlp': Name 'nightly/6-mlp' contains"),
 ])
 def test_user_errors_are_one_line(sdb, capsys, args, msg):
     assert main(["serve", "--db", sdb, "--source", SOURCE, "--dry-run", *args]) != 0

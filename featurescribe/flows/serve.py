@@ -81,14 +81,18 @@ def build_deployment(args: argparse.Namespace):
     db = os.path.abspath(args.db)  # runs start in other processes
     options = from_args(args).replace(no_progress=True)  # no terminal to draw on
     preflight(db, options)
+    from prefect.exceptions import InvalidNameError
     from prefect.schedules import Cron
 
     name = args.name or f"label-{args.source}"
-    return label_flow.to_deployment(
-        name=name, schedules=[Cron(args.cron, timezone=args.timezone)],
-        parameters={"db": db, **dataclasses.asdict(options)},
-        description=f"label new or unlabelled features of {args.source} in {db}",
-        tags=["featurescribe", "label"])
+    try:
+        return label_flow.to_deployment(
+            name=name, schedules=[Cron(args.cron, timezone=args.timezone)],
+            parameters={"db": db, **dataclasses.asdict(options)},
+            description=f"label new or unlabelled features of {args.source} in {db}",
+            tags=["featurescribe", "label"])
+    except InvalidNameError as err:
+        raise FeaturescribeError(f"bad --name {name!r}: {err}") from None
 
 
 def describe(deployment) -> dict[str, Any]:
