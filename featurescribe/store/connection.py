@@ -162,7 +162,7 @@ def _is_new(path: str, create: bool) -> bool:
     parent = Path(path).parent
     if not parent.exists():
         raise FeaturescribeError(f"cannot create database {path}: folder {parent} does not exist")
-    return True
+    return not os.path.exists(path + ".wal")  # a log left by another process is not ours to remove
 
 
 def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
