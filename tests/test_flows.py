@@ -51,6 +51,24 @@ def test_export_flow_records_its_run(prefect_server, tmp_path):
     assert fr.state.is_completed() and fr.parameters["formats"] == "json,oai"
 
 
+def test_no_progress_reaches_the_export(prefect_server, tmp_path, capsys):
+    """`demo --no-progress` still printed 'export json: N/N features' and 'report: ...' lines."""
+    from tests.export_fixtures import build_demo_db
+
+    from featurescribe.cli import main
+    from featurescribe.flows.export_flow import export_flow
+
+    db = str(tmp_path / "x.duckdb")
+    build_demo_db(db)
+    export_flow(db=db, out=str(tmp_path / "flow"), formats="json,parquet", report=True, no_progress=True)
+    assert main(["export", "--db", db, "--format", "oai", "--out", str(tmp_path / "oai"), "--no-progress"]) == 0
+    assert main(["report", "--db", db, "--out", str(tmp_path / "r.html"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "export " not in err and "report:" not in err, err
+    assert main(["export", "--db", db, "--format", "oai", "--out", str(tmp_path / "oai")]) == 0
+    assert "export oai: " in capsys.readouterr().err  # lines as before without it
+
+
 def test_failed_flow_is_recorded_failed(prefect_server, tmp_path):
     from featurescribe.errors import FeaturescribeError
     from featurescribe.flows.export_flow import export_flow

@@ -30,6 +30,7 @@ class ExportOptions:
     source: str | None = opt(None, "export one source (default: all)", metavar="SOURCE_ID")
     creator_id: str = opt("featurescribe", "neuronpedia: the user id written as creatorId/authorId "
                                            "(default: featurescribe)")
+    no_progress: bool = opt(False, "no progress bar or progress lines")
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -56,9 +57,10 @@ def _write_format(con, o: ExportOptions, sources: list[dict], all_sources: list[
     if o.format == "parquet":
         from featurescribe.export.tabular import table_names, write_parquet
 
-        with Progress("export parquet", total=len(table_names(con)), unit="tables") as prog:
+        with Progress("export parquet", total=len(table_names(con)), unit="tables",
+                      enabled=not o.no_progress) as prog:
             return write_parquet(con, sources, tmp, source_id=o.source, on_table=lambda: prog.advance(1))
-    with Progress(f"export {o.format}", total=total, unit="features") as prog:
+    with Progress(f"export {o.format}", total=total, unit="features", enabled=not o.no_progress) as prog:
         tick = lambda: prog.advance(1)  # noqa: E731
         if o.format == "neuronpedia":
             from featurescribe.export.neuronpedia import write_neuronpedia
@@ -110,6 +112,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB, metavar="MB",
                    help="refuse a report larger than this (default: 100; 0 for no limit): "
                         "`featurescribe browse` serves a database of any size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -126,7 +129,8 @@ def run_report(args: argparse.Namespace) -> int:
         sources = export_sources(con, args.source, db_label=f"database {args.db}")
         total = sum(count_features(con, s["source_id"]) for s in sources)
         with output_file(args.out) as tmp:
-            with Progress("report", total=total, unit="features") as prog:
+            shown = not getattr(args, "no_progress", False)
+            with Progress("report", total=total, unit="features", enabled=shown) as prog:
                 guard = SizeGuard(int(max_mb * 1e6) if max_mb else None, total, args.db)
                 n = write_report(con, sources, Path(tmp), db_name=Path(args.db).name,
                                  top_examples=args.examples, on_feature=lambda: prog.advance(1), guard=guard)

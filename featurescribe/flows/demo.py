@@ -116,7 +116,8 @@ def demo_flow_fn():
                         db=db, source=source, features=",".join(map(str, llm_feats)), explainer=local,
                         simulator=local, explain_windows=5, concurrency=4,
                         no_progress=no_progress)
-            exported = export_flow(db=db, out=out, formats="json", report=True)["written"] if out else []
+            exported = export_flow(db=db, out=out, formats="json", report=True,
+                                   no_progress=no_progress)["written"] if out else []
         return {"run_id": run.run_id, "source_id": source, "features": feats, "llm_features": llm_feats,
                 "failed": {k: dict(v.failed) for k, v in summaries.items()},
                 "spent_usd": sum(v.spent_usd for v in summaries.values()), "exported": exported}

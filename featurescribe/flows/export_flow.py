@@ -46,21 +46,21 @@ def check_export_targets(out: str, formats: str | list[str], report: bool) -> No
 
 
 @task(name="export-format", cache_policy=NONE)
-def export_format(db: str, fmt: str, out: str, source: str | None) -> str:
+def export_format(db: str, fmt: str, out: str, source: str | None, no_progress: bool = False) -> str:
     from featurescribe.export.command import run_export
 
     rc = run_export(argparse.Namespace(db=db, format=fmt, out=out, source=source,
-                                       creator_id="featurescribe"))
+                                       creator_id="featurescribe", no_progress=no_progress))
     if rc:
         raise FeaturescribeError(f"export {fmt} failed (exit {rc})")
     return out
 
 
 @task(name="export-report", cache_policy=NONE)
-def export_report(db: str, out: str, source: str | None) -> str:
+def export_report(db: str, out: str, source: str | None, no_progress: bool = False) -> str:
     from featurescribe.export.command import run_report
 
-    rc = run_report(argparse.Namespace(db=db, out=out, source=source, examples=8))
+    rc = run_report(argparse.Namespace(db=db, out=out, source=source, examples=8, no_progress=no_progress))
     if rc:
         raise FeaturescribeError(f"report failed (exit {rc})")
     return out
@@ -68,14 +68,14 @@ def export_report(db: str, out: str, source: str | None) -> str:
 
 @flow(name="export", log_prints=False)
 def export_flow(db: str, out: str, formats: str | list[str] = "json", source: str | None = None,
-                report: bool = True) -> dict:
+                report: bool = True, no_progress: bool = False) -> dict:
     """Write each of `formats` to OUT/<format>/ and, with `report`, OUT/report.html."""
     fmts = parse_formats(formats)
     params = {"db": db, "out": out, "formats": fmts, "source": source, "report": report}
     with recorded_run(db, "export", params) as run:
         check_export_targets(out, fmts, report)
         Path(out).mkdir(parents=True, exist_ok=True)
-        written = [export_format(db, f, str(Path(out) / f), source) for f in fmts]
+        written = [export_format(db, f, str(Path(out) / f), source, no_progress) for f in fmts]
         if report:
-            written.append(export_report(db, str(Path(out) / "report.html"), source))
+            written.append(export_report(db, str(Path(out) / "report.html"), source, no_progress))
     return {"run_id": run.run_id, "written": written}

@@ -38,6 +38,6 @@ def pipeline_flow(db: str, model: str, layer: int, site: str | None = None, sae:
                        task_runner=task_runner, workers=workers, no_progress=no_progress)
         exported = None
         if out:
-            exported = export_flow(db=db, out=out, formats=formats, report=True)["written"]
+            exported = export_flow(db=db, out=out, formats=formats, report=True, no_progress=no_progress)["written"]
     return {"run_id": run.run_id, "source_id": h["source_id"], "labelled": len(s.labelled),
             "failed": len(s.failed), "mean_score": s.mean_score, "exported": exported}
