@@ -66,6 +66,13 @@ def test_demo_on_a_file_that_is_not_a_database_is_one_line(tmp_path, prefect_ser
     assert r.stderr.splitlines() == [f'featurescribe: error: cannot open database {db}: IO Error: The file "{db}" '
                                      "exists, but it is not a valid DuckDB database file!"]
     assert db.read_text() == "my notes, not a database"
+    # the Prefect server still has Prefect's lines about it: only the console is spared them
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterLevel
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(level=LogFilterLevel(ge_=40)), limit=200)
+    assert any("Encountered exception" in log.message and str(db) in log.message for log in logs)
 
 
 def test_demo_on_a_full_disk_is_one_line_exit_1(tmp_path, prefect_server):

@@ -50,6 +50,8 @@ class _ReportedErrorLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from featurescribe.errors import beyond_retrying
 
+        if not record.name.startswith(RUN_LOGGERS):
+            return True
         if record.exc_info and record.exc_info[1] is not None:
             return not beyond_retrying(record.exc_info[1])
         failed = _FAILED_TASK.match(record.getMessage())
@@ -65,9 +67,21 @@ def _names_reported_error(class_name: str, message: str) -> bool:
     return class_name in names(FeaturescribeError) or disk_full(RuntimeError(message)) is not None
 
 
+class _OnTheConsole(logging.Filter):
+    """On Prefect's run loggers, whose own handler sends every record to the Prefect server: puts
+    `_ReportedErrorLines` on the console handler, which Prefect sets up on the root logger when it
+    is first used, as the first record goes by. It leaves every record through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, _ReportedErrorLines) for f in handler.filters):
+                handler.addFilter(_ReportedErrorLines())
+        return True
+
+
 def quiet_reported_errors() -> None:
     """For the command line, whose `main` prints such errors in one line (once per process)."""
     for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _ReportedErrorLines) for f in logger.filters):
-            logger.addFilter(_ReportedErrorLines())
+        if not any(isinstance(f, _OnTheConsole) for f in logger.filters):
+            logger.addFilter(_OnTheConsole())
