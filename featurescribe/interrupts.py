@@ -164,7 +164,7 @@ def _on_signal(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
-class _PrefectCrashLines(logging.Filter):
+class PrefectCrashLines(logging.Filter):
     """Prefect's console lines on the runs a signal cut short ('Crash detected! Execution was
     interrupted by an unexpected exception: CancelledError'): our own line says what happened,
     and the runs keep their Crashed state on the Prefect server."""
@@ -178,8 +178,8 @@ class _PrefectCrashLines(logging.Filter):
 
 def _quiet_prefect_crash_lines() -> None:
     for handler in logging.getLogger().handlers:  # the console handler Prefect puts on the root
-        if not any(isinstance(f, _PrefectCrashLines) for f in handler.filters):
-            handler.addFilter(_PrefectCrashLines())
+        if not any(isinstance(f, PrefectCrashLines) for f in handler.filters):
+            handler.addFilter(PrefectCrashLines())
 
 
 @contextmanager

@@ -104,3 +104,35 @@ def test_demo_refuses_an_out_it_could_not_write_before_any_work(tmp_path, capsys
         err = capsys.readouterr().err
         assert err.startswith(f"featurescribe: error: {message}") and len(err.splitlines()) == 1, err
     assert notes.read_text() == "mine" and not (tmp_path / "demo.duckdb").exists()
+
+
+def test_sigterm_during_the_demos_harvest_is_one_line(tmp_path, prefect_server):
+    """Prefect's own SIGTERM handler takes a signal in a task: its 'Crash detected!' lines for the
+    task and each flow came before ours."""
+    import signal
+    import time
+
+    from featurescribe.errors import FeaturescribeError
+    from tests.dbq import q
+
+    db = str(tmp_path / "demo.duckdb")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_API_URL=prefect_server)
+    proc = subprocess.Popen([sys.executable, "-m", "featurescribe", "demo", "--db", db, "--features", "2",
+                             "--llm-features", "0", "--max-tokens", "200000", "--no-progress"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the harvest never started"
+        try:
+            if os.path.exists(db) and q(db, "SELECT count(*) FROM runs WHERE flow = 'harvest'")[0][0]:
+                break
+        except FeaturescribeError:  # locked by the harvest's writes
+            pass
+        time.sleep(0.2)
+    time.sleep(2)  # into the harvest task
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.splitlines() == ["featurescribe: interrupted (SIGTERM); what finished is kept, run the same command "
+                                "again to go on"], err

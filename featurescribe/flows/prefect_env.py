@@ -69,13 +69,17 @@ def _names_reported_error(class_name: str, message: str) -> bool:
 
 class _OnTheConsole(logging.Filter):
     """On Prefect's run loggers, whose own handler sends every record to the Prefect server: puts
-    `_ReportedErrorLines` on the console handler, which Prefect sets up on the root logger when it
-    is first used, as the first record goes by. It leaves every record through."""
+    `_ReportedErrorLines` and the interruption's `PrefectCrashLines` (a signal that Prefect's own
+    handler took, in a task, never reaches ours) on the console handler, which Prefect sets up on
+    the root logger when it is first used, as the first record goes by. It lets every record through."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from featurescribe.interrupts import PrefectCrashLines
+
         for handler in logging.getLogger().handlers:
-            if not any(isinstance(f, _ReportedErrorLines) for f in handler.filters):
-                handler.addFilter(_ReportedErrorLines())
+            for kind in (_ReportedErrorLines, PrefectCrashLines):
+                if not any(isinstance(f, kind) for f in handler.filters):
+                    handler.addFilter(kind())
         return True
 
 
