@@ -136,3 +136,19 @@ def test_sigterm_during_the_demos_harvest_is_one_line(tmp_path, prefect_server):
     assert proc.returncode == 143
     assert err.splitlines() == ["featurescribe: interrupted (SIGTERM); what finished is kept, run the same command "
                                 "again to go on"], err
+
+
+def test_demo_refuses_a_read_only_out_before_any_work(tmp_path, capsys):
+    """A read-only --out was found at the export, after the harvest and the labels."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root and a tmpfs mount")
+    try:
+        assert main(["demo", "--db", str(tmp_path / "demo.duckdb"), "--out", str(mnt / "out"), "--no-progress"]) == 2
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"featurescribe: error: cannot export to {mnt / 'out'}: {mnt} cannot be written to"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"]

@@ -8,6 +8,7 @@ writes `OUT/<format>/`, the report `OUT/report.html`. The writers are those of
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from prefect import flow, task
@@ -36,9 +37,11 @@ def check_export_targets(out: str, formats: str | list[str], report: bool) -> No
 
     root = Path(out)
     existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    what = "it" if existing == root else str(existing)
     if not existing.is_dir():
-        what = "it" if existing == root else str(existing)
         raise FeaturescribeError(f"cannot export to {out}: {what} is a file, not a folder")
+    if not os.access(existing, os.W_OK):  # a read-only mount, or a folder of another user's
+        raise FeaturescribeError(f"cannot export to {out}: {what} cannot be written to")
     for fmt in parse_formats(formats):
         check_output_dir(root / fmt)
     if report:
