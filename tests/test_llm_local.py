@@ -166,3 +166,19 @@ def test_local_explainer_answers_in_plain_text(local_name, con):
     assert outcome.ok, outcome.error
     assert 2 <= len(outcome.text.split()) <= 25 and "<<" not in outcome.text
     assert rows and all(r["purpose"] == "explain" for r in rows) and rows[-1]["status"] == "ok"
+
+
+def test_candidate_probs_pass_the_cache_by_the_name_transformers_wants(local_name):
+    """`past_key_values=` made transformers 5 print a FutureWarning in every no-key demo."""
+    import warnings
+
+    from featurescribe.llm.backends.local import get_local_model
+
+    client = make_client(f"local:{local_name}")
+    get_local_model(local_name).prefixes.clear()
+    messages = [{"role": "user", "content": "Rate how much each token is about animals, 0-9. " * 4}]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for text in ("the\t0\ncat\t7\nsat\t", "the\t0\ndog\t8\nran\t"):  # the second reuses the first's cache
+            asyncio.run(client.candidate_probs(text, [text.index("\t") + 1], DIGITS, messages=messages))
+    assert not [w for w in seen if "past_key_values" in str(w.message)], [str(w.message) for w in seen]

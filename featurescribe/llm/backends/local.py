@@ -20,6 +20,7 @@ lock and run in a worker thread so the event loop stays free. Loading is lazy (f
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,11 @@ class LocalModel:
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    @property
+    def cache_arg(self) -> str:
+        """transformers 5.x names the key/value cache argument `cache` (`past_key_values` warns)."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
 
 _MODELS: dict[str, LocalModel] = {}
@@ -299,9 +305,9 @@ class LocalBackend(Backend):
                 cache.crop(start - len(best[0]))  # a negative count: the tokens dropped from its end
         else:
             start = 0
-        out = lm.model(input_ids=torch.tensor([ids[start:]], device=lm.device),
-                       past_key_values=cache, use_cache=True)
-        kv = out.past_key_values
+        out = lm.model(input_ids=torch.tensor([ids[start:]], device=lm.device), use_cache=True,
+                       **{lm.cache_arg: cache})
+        kv = getattr(out, "cache", None) or out.past_key_values
         if PREFIX_CACHE_ENTRIES > 0 and kv is not None and getattr(kv, "is_croppable", False):
             lm.prefixes = lm.prefixes[max(0, len(lm.prefixes) - PREFIX_CACHE_ENTRIES + 1):] + [(list(ids), kv)]
         return out.logits[0], start
