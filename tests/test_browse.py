@@ -89,6 +89,10 @@ def test_feature_list_is_sorted_filtered_and_paged_in_the_database(served, brows
             get(served.url + "/api/features?" + bad)
         assert err.value.code == 400 and "offset must be 0 to" in json.load(err.value)["error"], bad
     assert get(served.url + "/api/features?offset=9223372036854775807")["rows"] == []
+    with pytest.raises(urllib.error.HTTPError) as err:  # it was an empty list, as if the source had no features
+        get(served.url + "/api/features?source=6-nope")
+    assert err.value.code == 400 and json.load(err.value)["error"] == (
+        "no source '6-nope' (sources in this database: 6-mlp, 6-res-sae16)")
 
 
 def test_feature_page_has_everything(served, browse_db):

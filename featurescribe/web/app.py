@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.store import browse_queries as bq
+from featurescribe.store.labelling import source_width
 from featurescribe.store.windows import feature_windows
 
 
@@ -171,6 +172,8 @@ def create_app(state: BrowseState) -> FastAPI:
         lq = bq.ListQuery(source or None, min_score, max_score, min_lift, min_density, max_density, status or None,
                           explainer or None, q if mode == "text" else None, sort, order == "desc", offset, limit)
         with state.cursor() as cur:
+            if lq.source:
+                source_width(cur, lq.source)  # an unknown source: an error naming the sources
             if mode == "semantic" and q and q.strip():
                 rows, total = _semantic(state, cur, lq, q)
             else:
