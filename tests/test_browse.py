@@ -89,6 +89,10 @@ def test_feature_list_is_sorted_filtered_and_paged_in_the_database(served, brows
             get(served.url + "/api/features?" + bad)
         assert err.value.code == 400 and "offset must be 0 to" in json.load(err.value)["error"], bad
     assert get(served.url + "/api/features?offset=9223372036854775807")["rows"] == []
+    for bad in ("min_score=nan", "max_density=inf", "min_lift=-inf"):  # nan gave an empty list, no word
+        with pytest.raises(urllib.error.HTTPError) as err:
+            get(served.url + "/api/features?" + bad)
+        assert err.value.code == 400 and "must be a finite number" in json.load(err.value)["error"], bad
     with pytest.raises(urllib.error.HTTPError) as err:  # it was an empty list, as if the source had no features
         get(served.url + "/api/features?source=6-nope")
     assert err.value.code == 400 and json.load(err.value)["error"] == (

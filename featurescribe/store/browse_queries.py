@@ -7,6 +7,7 @@ read-only (`FileReader`), without even upgrading an older schema, and only while
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -191,6 +192,10 @@ class ListQuery:
             raise FeaturescribeError(f"unknown status {self.status!r}: use {', '.join(STATUSES)}")
         if not (0 <= self.offset <= MAX_OFFSET) or not (1 <= self.limit <= 500):
             raise FeaturescribeError(f"offset must be 0 to {MAX_OFFSET} and limit 1 to 500")
+        for name in ("min_score", "max_score", "min_lift", "min_density", "max_density"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # nan matched nothing: an empty list
+                raise FeaturescribeError(f"{name} must be a finite number, not {value}")
 
 
 _FILTERS = {  # ListQuery field -> SQL condition on the joined row
