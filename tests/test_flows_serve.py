@@ -42,6 +42,7 @@ def test_dry_run_prints_the_deployment(sdb, capsys):
     (["--cron", "0 3 * *"], "bad --cron"),
     (["--cron", "0 0 3 * * *"], "bad --cron '0 0 3 * * *': five fields"),  # croniter's seconds field
     (["--cron", "0 3 31 2 *"], "bad --cron '0 3 31 2 *': it names no date that exists"),  # never fires
+    (["--cron", "61 * * * *"], "bad --cron '61 * * * *': a field is out of range"),  # it said 'five fields'
     (["--cron", "* * 30 2 *", "--timezone", "Europe/Paris"], "so it would never run"),
     (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "unknown --timezone"),
     (["--cron", "0 3 * * *", "--features", "0:99"], "outside the source"),

@@ -54,7 +54,8 @@ def _check_cron(cron: str, tz: str) -> None:
         field = err.errors()[0]["loc"][0] if err.errors() else "cron"
         if field == "timezone":
             raise FeaturescribeError(f"unknown --timezone {tz!r} (an IANA name: UTC, Europe/Paris, ...)") from None
-        raise FeaturescribeError(bad) from None
+        raise FeaturescribeError(f"bad --cron {cron!r}: a field is out of range or not understood (minute 0-59, "
+                                 "hour 0-23, day 1-31, month 1-12, weekday 0-6; e.g. \"0 3 * * *\")") from None
     _check_cron_fires(cron, tz)
 
 
