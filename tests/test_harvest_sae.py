@@ -133,6 +133,7 @@ def test_hook_names_map_to_sites():
     assert site_of_hook("blocks.6.hook_attn_out") == ("attn", 6)
     assert site_of_hook("model.layers.6.mlp.down_proj.input") == ("mlp", 6)
     assert site_of_hook("model.layers.6.output") == ("resid", 6)
+    assert site_of_hook("model.layers.6.post_feedforward_layernorm.output") == ("mlp_out_normed", 6)  # as recorded
     assert site_of_hook("something.else") is None
 
 

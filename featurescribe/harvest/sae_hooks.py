@@ -24,6 +24,7 @@ _HOOK_PATTERNS = [
     (_LAYER + r"\.mlp\.(?:down_proj|c_proj|fc2|dense_4h_to_h)\.input$", "mlp", 0),
     (_LAYER + r"\.mlp\.input$", "mlp_in", 0),
     (_LAYER + r"\.mlp(?:\.output)?$", "mlp_out", 0),
+    (_LAYER + r"\.post_feedforward_layernorm(?:\.output)?$", "mlp_out_normed", 0),  # Gemma 2/3 only
     (_LAYER + r"\." + _ATTN + r"(?:\.(?:o_proj|c_proj|dense|out_proj))?(?:\.output)?$", "attn", 0),
 ]
 _COMPILED = [(re.compile(p), site, shift) for p, site, shift in _HOOK_PATTERNS]
