@@ -248,6 +248,9 @@ def test_hand_edited_urls_read_sensibly_in_chromium(served):
         page.goto(served.url + f"/feature/6-mlp/{long_id}",
                   ready="document.querySelector('#detail .error') !== null")
         assert page.evaluate("document.querySelector('#detail .error').textContent") == f"no feature 6-mlp/{long_id}"
+        page.goto(served.url + "/feature/6-mlp/abc", ready="document.querySelector('#detail .error') !== null")
+        assert page.evaluate("document.querySelector('#detail .error').textContent") == \
+            "a feature id is a whole number, not 'abc'"  # it was FastAPI's 422 JSON, no page
         page.evaluate("getJson('/api/features?limit=abc').catch(e => { document.body.dataset.err = e.message; })")
         page.wait_for("document.body.dataset.err !== undefined", timeout=10)
         assert page.evaluate("document.body.dataset.err") == "limit: Input should be a valid integer, unable to parse string as an integer"

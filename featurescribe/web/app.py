@@ -128,6 +128,14 @@ def _page() -> str:
     return resources.files("featurescribe.web").joinpath("templates/browse.html").read_text("utf-8")
 
 
+def _feature_number(text: str) -> int:
+    """A feature id from a URL; words (FastAPI's 422 list) become one error a page can show."""
+    try:
+        return int(text)
+    except ValueError:
+        raise FeaturescribeError(f"a feature id is a whole number, not {text!r}") from None
+
+
 def _feature_page(state: BrowseState, source_id: str, feature_id: int) -> dict:
     with state.cursor() as cur:
         stats = bq.feature_stats(cur, source_id, feature_id)
@@ -155,7 +163,7 @@ def create_app(state: BrowseState) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     @app.get("/feature/{source_id}/{feature_id}", response_class=HTMLResponse)
-    def index(source_id: str | None = None, feature_id: int | None = None):
+    def index(source_id: str | None = None, feature_id: str | None = None):  # the page asks the API
         return page
 
     @app.get("/api/meta")
@@ -181,12 +189,13 @@ def create_app(state: BrowseState) -> FastAPI:
         return _clean({"rows": rows, "total": total, "offset": offset, "limit": limit, "mode": mode})
 
     @app.get("/api/feature/{source_id}/{feature_id}")
-    def api_feature(source_id: str, feature_id: int):
-        return _feature_page(state, source_id, feature_id)
+    def api_feature(source_id: str, feature_id: str):
+        return _feature_page(state, source_id, _feature_number(feature_id))
 
     @app.get("/api/feature/{source_id}/{feature_id}/neighbours")
-    def api_neighbours(source_id: str, feature_id: int):
+    def api_neighbours(source_id: str, feature_id: str):
         """The nearest labels of other features (a scan of every vector: fetched after the page)."""
+        feature_id = _feature_number(feature_id)
         with state.cursor() as cur:
             explanations = bq.feature_explanations(cur, source_id, feature_id)
             return _clean({"neighbours": _neighbours(cur, explanations, source_id, feature_id)})
