@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from featurescribe.cli import main
 from featurescribe.flows.demo import ANTHROPIC_JUDGE, OPENAI_JUDGE, pick_judge
 from featurescribe.store import open_db
+from tests.mounts import tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,15 +76,8 @@ def test_demo_on_a_file_that_is_not_a_database_is_one_line(tmp_path, prefect_ser
 
 
 def test_demo_on_a_full_disk_is_one_line_exit_1(tmp_path, prefect_server):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("needs root and a tmpfs mount")
-    try:
+    with tmpfs(tmp_path / "small", "size=1m") as mnt:
         r = _demo(mnt / "demo.duckdb", prefect_server)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
     assert r.returncode == 1
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("featurescribe: error: the disk is full ("), r.stderr[-3000:]
@@ -140,15 +133,8 @@ def test_sigterm_during_the_demos_harvest_is_one_line(tmp_path, prefect_server):
 
 def test_demo_refuses_a_read_only_out_before_any_work(tmp_path, capsys):
     """A read-only --out was found at the export, after the harvest and the labels."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("needs root and a tmpfs mount")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mnt:
         assert main(["demo", "--db", str(tmp_path / "demo.duckdb"), "--out", str(mnt / "out"), "--no-progress"]) == 2
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
     err = capsys.readouterr().err
     assert err.splitlines() == [f"featurescribe: error: cannot export to {mnt / 'out'}: {mnt} cannot be written to"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"]

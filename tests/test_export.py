@@ -6,8 +6,6 @@ import gzip
 import json
 import math
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import partial
 from pathlib import Path
@@ -22,6 +20,7 @@ from featurescribe.cli import main
 from featurescribe.store import open_db
 from featurescribe.store.activation_store import STORAGE_TABLES
 from tests.export_fixtures import build_large_db
+from tests.mounts import tmpfs
 
 FORMATS = ["neuronpedia", "oai", "delphi", "parquet", "json"]
 
@@ -647,25 +646,12 @@ def test_unwritable_output_is_one_line(demo, tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} == expected  # no half-written folders or files
 
 
-def _mount_tmpfs(path) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 def test_a_mount_point_is_refused_before_any_work(demo, tmp_path, capsys):
-    mnt = tmp_path / "mnt"
-    if not _mount_tmpfs(mnt):
-        pytest.skip("needs root and a tmpfs mount")
-    try:
+    with tmpfs(tmp_path / "mnt", "ro,size=1m") as mnt:
         assert main(["export", "--db", demo, "--format", "json", "--out", str(mnt)]) == 2
         assert _one_error_line(capsys) == (f"featurescribe: error: cannot export to {mnt}: it is a mount point, "
                                            f"which an export cannot replace; export to a folder inside it, "
                                            f"e.g. --out {mnt / 'export'}")
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
     assert [p.name for p in tmp_path.iterdir()] == ["mnt"] and list(mnt.iterdir()) == []
 
 

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import pytest
 
 from featurescribe.store import open_db
 from featurescribe.store.schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, current_version
+from tests.mounts import tmpfs
 
 DESIGN_TABLES = ["sources", "sequences", "activations", "features", "explanations", "scores",
                  "examples", "simulations", "llm_calls", "runs", "labels"]
@@ -309,12 +309,7 @@ def test_sql_writes_to_a_view_say_which_tables_to_change(db_path):
 def test_init_on_a_full_disk_leaves_no_broken_file(tmp_path):
     """DuckDB had written the first page of the new file when the disk filled: every later command,
     once there was space, failed on it ('Could not read enough bytes')."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("needs root and a tmpfs mount")
-    try:
+    with tmpfs(tmp_path / "small", "size=64k") as mnt:
         (mnt / "pad").write_bytes(b"\0" * 60_000)  # one page left
         db = str(mnt / "f.duckdb")
         r = cli("init", "--db", db)
@@ -324,8 +319,6 @@ def test_init_on_a_full_disk_leaves_no_broken_file(tmp_path):
         (mnt / "pad").unlink()
         assert cli("init", "--db", db).returncode == 0
         assert cli("sql", "--db", db, "SELECT count(*) AS n FROM sources", "--format", "csv").stdout.split() == ["n", "0"]
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_commands_that_only_read_add_no_tables_to_another_programs_duckdb(tmp_path):
