@@ -484,6 +484,21 @@ def test_delphi_files(demo, exported):
                                 AND s.split = 'test'""", [source, latent])[0][0]
             assert data[0]["distance"] == 0 and data[0]["ev_correlation_score"] == pytest.approx(stored)
             assert data[0]["scored_sequence_simulations"]
+        _check_firing_counts(demo, run, source, module)
+
+
+def _check_firing_counts(demo, run: Path, source: str, module: str) -> None:
+    """delphi's result analysis (log_results, frequency-weighted F1) reads log/hookpoint_firing_counts.pt
+    with torch.load(weights_only=True): each latent's firing count, by hookpoint."""
+    import torch
+
+    counts = torch.load(run / "log" / "hookpoint_firing_counts.pt", weights_only=True)
+    assert list(counts) == [module] and counts[module].dtype == torch.int64
+    width = q(demo, "SELECT width FROM sources WHERE source_id = ?", [source])[0][0]
+    expected = [0] * width
+    for feature_id, n in q(demo, "SELECT feature_id, n_active FROM features WHERE source_id = ?", [source]):
+        expected[feature_id] = n
+    assert counts[module].tolist() == expected and sum(expected) > 0
 
 
 def test_delphi_distance_counts_quantiles_from_the_strongest():

@@ -3,6 +3,7 @@
     DIR/{sourceId}/run_config.json
     DIR/{sourceId}/explanations/{module}_latent{i}.txt
     DIR/{sourceId}/scores/{scorer}/{module}_latent{i}.txt
+    DIR/{sourceId}/log/hookpoint_firing_counts.pt
 
 `{module}` is delphi's hookpoint name for the source (`layers.6.mlp`, `layers.6` for the residual
 stream, `layers.6.self_attn`). As delphi writes them, an explanation file is the explanation as
@@ -11,6 +12,10 @@ window (`str_tokens`, `activations`, `distance`, `activating`, `prediction`, `pr
 `correct`), for `simulation` the scored simulations (`distance` 0 is all windows together,
 each with its `scored_sequence_simulations`, correlations that cannot be computed as "nan").
 
+`hookpoint_firing_counts.pt` is what delphi's result analysis reads for its frequency-weighted
+F1: a `torch.save`d dict {module: int64 tensor [width]}, each latent's `n_active` (tokens where it
+fired above the source's threshold; 0 for a latent no row of `features` has).
+
 Each latent gets its best explanation (the `labels` view; else the chosen candidate) and that
 explanation's scores. A detection or fuzzing score whose details hold no per-window records
 gets no score file, since delphi's format has no place for a bare number.
@@ -18,6 +23,7 @@ gets no score file, since delphi's format has no place for a bare number.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -119,6 +125,18 @@ def _classifier_file(b: FeatureBundle, s: dict) -> list[dict] | None:
     return out
 
 
+def _write_firing_counts(path: Path, module: str, width: int, n_active: dict[int, int]) -> None:
+    import torch  # only here: the other exporters need no torch
+
+    counts = torch.zeros(width, dtype=torch.int64)
+    for feature_id, n in n_active.items():
+        counts[feature_id] = n
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({module: counts}, buf)
+    path.write_bytes(buf.getvalue())
+
+
 def write_delphi(con, sources: list[dict], out: Path, *, on_feature: Callable[[], None] | None = None) -> dict:
     summary = {}
     for src in sources:
@@ -129,8 +147,9 @@ def write_delphi(con, sources: list[dict], out: Path, *, on_feature: Callable[[]
             "hookpoints": [module], "sampler_cfg": {}, "constructor_cfg": {},
         }, compact=False) + "\n")
         (run / "explanations").mkdir(parents=True, exist_ok=True)
-        n_expl, n_scores = 0, {}
+        n_expl, n_scores, n_active = 0, {}, {}
         for b in iter_feature_bundles(con, src["source_id"], simulations=True):
+            n_active[b.feature_id] = int(b.stats.get("n_active") or 0)
             e = _chosen(b)
             if on_feature:
                 on_feature()
@@ -147,5 +166,6 @@ def write_delphi(con, sources: list[dict], out: Path, *, on_feature: Callable[[]
                 folder = SCORER_DIRS.get(scorer, scorer)
                 write_text(run / "scores" / folder / name, dumps(content, compact=True))
                 n_scores[folder] = n_scores.get(folder, 0) + 1
+        _write_firing_counts(run / "log" / "hookpoint_firing_counts.pt", module, int(src["width"]), n_active)
         summary[src["source_id"]] = {"module": module, "explanations": n_expl, "scores": n_scores}
     return summary
