@@ -81,6 +81,66 @@ def test_apply_b_dec_to_input_false(tmp_path):
     torch.testing.assert_close(load_sae(tmp_path / "sae").encode(x), expected_latents(w, "standard", x, apply_b_dec=False))
 
 
+def _set_cfg(folder, **fields) -> None:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, **fields}))
+
+
+def _resave(folder, w: dict, dtype) -> dict:
+    """The folder's weights saved again in `dtype`; returns them as saved."""
+    from safetensors.torch import save_file
+
+    w = {n: t.to(dtype) for n, t in w.items()}
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    return w
+
+
+def test_weights_are_cast_to_the_config_dtype(tmp_path):
+    """SAELens casts the weights to cfg.dtype at load and the input to it at encode: a bfloat16 file
+    that says float32 is encoded in float32 (not in bfloat16, the file's dtype)."""
+    w = _resave(tmp_path / "sae", write_sae(tmp_path / "sae", "jumprelu", 16, 40), torch.bfloat16)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    sae = load_sae(tmp_path / "sae")
+    assert sae.dtype == torch.float32
+    want = expected_latents({n: t.float() for n, t in w.items()}, "jumprelu", x)
+    torch.testing.assert_close(sae.encode(x), want)
+    assert (want > 0).any()
+
+
+def test_a_bfloat16_config_encodes_in_bfloat16(tmp_path):
+    w = write_sae(tmp_path / "sae", "standard", 16, 40)
+    _set_cfg(tmp_path / "sae", dtype="bfloat16")
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    b = {n: t.bfloat16() for n, t in w.items()}
+    want = torch.relu((x.bfloat16() - b["b_dec"]) @ b["W_enc"] + b["b_enc"])
+    got = load_sae(tmp_path / "sae").encode(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # load_sae(dtype=) replaces the config's dtype, as SAELens' load_from_disk(dtype=) does: the
+    # float32 file is read as it is, not through bfloat16
+    torch.testing.assert_close(load_sae(tmp_path / "sae", dtype=torch.float32).encode(x), expected_latents(w, "standard", x))
+    _set_cfg(tmp_path / "sae", dtype="torch.float16")  # SAELens' .to(dtype) writes this spelling
+    assert load_sae(tmp_path / "sae").dtype == torch.float16
+    _set_cfg(tmp_path / "sae", dtype="int8")
+    with pytest.raises(FeaturescribeError, match="dtype 'int8' is not one SAELens loads"):
+        load_sae(tmp_path / "sae")
+
+
+def test_a_bfloat16_saelens_object_encodes_as_it_does():
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.saes.sae import SAEMetadata
+
+    from featurescribe.harvest.sae_objects import sae_from_object
+
+    cfg = sae_lens.StandardSAEConfig(d_in=16, d_sae=40, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))
+    obj = sae_lens.StandardSAE(cfg)
+    obj.load_state_dict(saelens_weights(torch.Generator().manual_seed(3), 16, 40, 16, scale=1.0, b_dec_scale=0.1))
+    obj = obj.to(torch.bfloat16)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = obj.encode(x)
+    torch.testing.assert_close(sae_from_object(obj).encode(x), want, rtol=0, atol=0)
+
+
 def test_topk_rescaled_by_decoder_norm(tmp_path):
     """SAELens 6 TopK with rescale_acts_by_decoder_norm (a training checkpoint, W_dec not unit-norm):
     the k largest of pre * ||W_dec[i]|| are kept, with those values."""

@@ -94,7 +94,8 @@ def sae_dirs(path: str | Path) -> list[Path]:
 
 
 def load_sae(path: str | Path, device: str = "cpu", dtype=None) -> SAE:
-    """Load one SAE folder (any format of FORMATS) onto `device`."""
+    """Load one SAE folder (any format of FORMATS) onto `device`; `dtype` (a torch dtype) replaces the
+    config's, as SAELens' `load_from_disk(dtype=...)` does: the weights are cast once, to it."""
     dirs = sae_dirs(path)
     if len(dirs) > 1:
         names = ", ".join(d.relative_to(Path(path).expanduser()).as_posix() for d in dirs[:6])
@@ -102,7 +103,10 @@ def load_sae(path: str | Path, device: str = "cpu", dtype=None) -> SAE:
         raise FeaturescribeError(f"--sae {path} holds {len(dirs)} SAEs ({names}{more}): pass one of them, "
                                  f"e.g. --sae {dirs[0]}")
     folder = dirs[0]
-    sae = format_of(folder).load(folder, read_json(folder / CFG_FILE))
+    raw_cfg = read_json(folder / CFG_FILE)
+    if dtype is not None:
+        raw_cfg["dtype"] = str(dtype)
+    sae = format_of(folder).load(folder, raw_cfg)
     return sae.to(device, dtype)
 
 

@@ -22,7 +22,10 @@ def _config_dict(obj: Any) -> dict | None:
 
 
 def sae_from_object(obj: Any) -> SAE:
-    """Our `SAE` for a SAELens SAE object (its weights copied to float32 on the CPU)."""
+    """Our `SAE` for a SAELens SAE object (its weights copied to the CPU, in its config's dtype, which
+    SAELens keeps equal to its weights' and encodes in)."""
+    import torch
+
     if isinstance(obj, SAE):
         return obj
     raw = _config_dict(obj)
@@ -31,5 +34,6 @@ def sae_from_object(obj: Any) -> SAE:
                         "(an object with cfg.to_dict() and state_dict())")
     name = f"{type(obj).__name__} in memory"
     cfg = parse_config(raw, where=name)
-    weights = {k: v.detach().float().cpu() for k, v in obj.state_dict().items()}
+    dtype = getattr(torch, cfg.dtype)
+    weights = {k: v.detach().to("cpu", dtype) for k, v in obj.state_dict().items()}
     return SAE(cfg, weights, path=name, weights_file="state_dict()")

@@ -12,6 +12,11 @@ Config: the SAELens 6 layout (`architecture`, `d_in`, `d_sae`, `apply_b_dec_to_i
 `hook_name_out`, `model_name`, ...) and the older flat layout (`hook_name` or `hook_point`,
 `hook_layer`, `activation_fn_str` / `activation_fn` with `activation_fn_kwargs: {"k": K}` for TopK,
 `architecture` standard|gated|jumprelu).
+
+dtype: SAELens casts every tensor to the config's `dtype` when it loads (`load_from_disk(dtype=...)`
+overrides it) and casts the input to it before encoding, so a bfloat16 file with `"dtype":
+"float32"` is encoded in float32, and the reverse in bfloat16; we do the same. The config's
+`device` is not read: SAELens replaces it with the device it loads onto, as we do.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 _ALIASES = {"relu": "standard", "jump_relu": "jumprelu", "top_k": "topk", "transcoder": "standard"}
 _SAELENS_ARCHITECTURES = tuple(a for a in ARCHITECTURES if a != "groupmax")
 _ACTIVATIONS = ("standard", "topk", "jumprelu")  # activation_fn values (after _ALIASES) we compute
+DTYPES = ("float32", "float64", "float16", "bfloat16")  # SAELens' DTYPE_MAP, each also as "torch.NAME"
 
 
 def _picker(cfg: dict[str, Any]):
@@ -90,6 +96,14 @@ def _normalization(cfg: dict[str, Any], where: str) -> str:
     return norm
 
 
+def _dtype(cfg: dict[str, Any], where: str) -> str:
+    value = cfg.get("dtype") or "float32"
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise FeaturescribeError(f"{where}: dtype {value!r} is not one SAELens loads ({', '.join(DTYPES)})")
+    return name
+
+
 def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
     """Read both SAELens config layouts, SAEs and transcoders, into one `SAEConfig`."""
     pick = _picker(cfg)
@@ -109,7 +123,7 @@ def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
         hook_name=pick("hook_name", "hook_point"),
         hook_layer=int(layer) if layer is not None else None,
         model_name=pick("model_name"),
-        dtype=str(cfg.get("dtype") or "float32"),
+        dtype=_dtype(cfg, where),
         format="saelens", transcoder=transcoder,
         d_out=(d_out or d_in) if transcoder else None,
         hook_name_out=pick("hook_name_out") if transcoder else None,
@@ -118,9 +132,12 @@ def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
 
 
 def load_saelens(folder: Path, raw_cfg: dict[str, Any]) -> SAE:
-    """An SAE (or transcoder) from a SAELens folder, on the CPU."""
+    """An SAE (or transcoder) from a SAELens folder, on the CPU, in the config's dtype."""
+    import torch
+
     from featurescribe.harvest.sae_files import read_safetensors
 
     cfg = parse_config(raw_cfg, str(folder / CFG_FILE))
-    weights = read_safetensors(folder / WEIGHTS_FILE)
+    dtype = getattr(torch, cfg.dtype)
+    weights = {name: t.to(dtype) for name, t in read_safetensors(folder / WEIGHTS_FILE).items()}
     return SAE(cfg, weights, str(folder.resolve()), WEIGHTS_FILE)
