@@ -155,6 +155,52 @@ def test_topk_rescaled_by_decoder_norm(tmp_path):
     torch.testing.assert_close(sae.decoder_row(3), w["W_dec"][3] / w["W_dec"][3].norm())
 
 
+def _write_scaler(folder, factor, **more) -> None:
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": factor, **more}))
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_a_training_checkpoint_scales_its_input_by_activation_scaler(tmp_path, arch):
+    """A SAELens checkpoint trained with normalize_activations expected_average_only_in carries its
+    factor f in activation_scaler.json: the SAE saw x * f, and its output is divided by f."""
+    w = write_sae(tmp_path / "sae", arch, 16, 40)
+    _set_cfg(tmp_path / "sae", normalize_activations="expected_average_only_in")
+    _write_scaler(tmp_path / "sae", 2.5, has_whitening=False)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    sae = load_sae(tmp_path / "sae")
+    got = sae.encode(x)
+    torch.testing.assert_close(got, expected_latents(w, arch, x * 2.5))
+    assert not torch.allclose(got, expected_latents(w, arch, x))
+    # what SAELens' fold_activation_norm_scaling_factor leaves at the end of training encodes the same
+    folded = {**w, "W_enc": w["W_enc"] * 2.5, "b_dec": w["b_dec"] / 2.5}
+    torch.testing.assert_close(got, expected_latents(folded, arch, x))
+    torch.testing.assert_close(sae.decoder_row(3), w["W_dec"][3] / 2.5)
+
+
+def test_an_activation_scaler_of_null_changes_nothing(tmp_path):
+    """Every SAELens checkpoint has the file; without the normalization, or once folded, it holds null."""
+    w = write_sae(tmp_path / "sae", "standard", 16, 40)
+    _write_scaler(tmp_path / "sae", None)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(load_sae(tmp_path / "sae").encode(x), expected_latents(w, "standard", x))
+
+
+@pytest.mark.parametrize("norm, scaler, message", [
+    ("none", {"scaling_factor": 2.5}, "holds scaling_factor 2.5 but normalize_activations is 'none'"),
+    ("expected_average_only_in", {"scaling_factor": None}, "needs the dataset's norm scaling factor"),
+    ("expected_average_only_in", {"scaling_factor": -1}, "scaling_factor must be a positive number or null"),
+    ("expected_average_only_in", {"scaling_factor": "2"}, "scaling_factor must be a positive number or null"),
+    ("expected_average_only_in", {"scaling_factor": True}, "scaling_factor must be a positive number or null"),
+    ("none", {"scaling_factor": None, "has_whitening": True}, "has_whitening .* not supported"),
+])
+def test_activation_scalers_we_cannot_read_are_refused(tmp_path, norm, scaler, message):
+    write_sae(tmp_path / "sae", "standard", 8, 12)
+    _set_cfg(tmp_path / "sae", normalize_activations=norm)
+    (tmp_path / "sae" / "activation_scaler.json").write_text(json.dumps(scaler))
+    with pytest.raises(FeaturescribeError, match=message):
+        load_sae(tmp_path / "sae")
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("normalize_activations", "expected_average_only_in", "needs the dataset's norm scaling factor"),
     ("normalize_activations", True, "needs the dataset's norm scaling factor"),  # SAELens < 6's bool

@@ -4,7 +4,7 @@ Every format (SAELens, SAELens transcoders, EleutherAI sparsify) is read into th
 in SAELens' orientation: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_out]`,
 `b_dec` ([d_in] for an SAE, [d_out] for a transcoder, where it is never subtracted from the input).
 
-    x' = norm(x) - b_dec * apply_b_dec_to_input
+    x' = norm(x * input_scale) - b_dec * apply_b_dec_to_input
     pre = x' @ W_enc + b_enc
     standard (ReLU): relu(pre)       TopK: relu of the k largest of pre, 0 elsewhere
     (TopK with rescale_acts_by_decoder_norm: pre * ||W_dec[i]|| first, as SAELens 6 does)
@@ -37,6 +37,7 @@ class SAEConfig:
     rescale_acts_by_decoder_norm: bool = False  # TopK: select on pre * ||W_dec row||
     apply_b_dec_to_input: bool = True
     normalize_activations: str = "none"
+    input_scale: float | None = None  # SAELens' activation_scaler.json: the input times this, in training
     hook_name: str | None = None
     hook_layer: int | None = None
     model_name: str | None = None
@@ -104,11 +105,15 @@ class SAE:
 
     def decoder_row(self, i: int):
         """What latent i adds to the output per unit of its activation: W_dec[i], divided by its
-        norm when the latents were rescaled by it (rescale_acts_by_decoder_norm)."""
+        norm when the latents were rescaled by it (rescale_acts_by_decoder_norm), and by the input
+        scale (SAELens' ActivationScaler.unscale undoes it on the output)."""
         row = self.W_dec[i]
-        return row / self.dec_norm[i] if self.dec_norm is not None else row
+        row = row / self.dec_norm[i] if self.dec_norm is not None else row
+        return row / self.cfg.input_scale if self.cfg.input_scale is not None else row
 
     def _prepare(self, x):
+        if self.cfg.input_scale is not None:  # before the cast, as SAELens' ActivationScaler.scale runs
+            x = x * self.cfg.input_scale
         x = x.to(self.W_enc.dtype)
         norm = self.cfg.normalize_activations
         if norm == "constant_norm_rescale":

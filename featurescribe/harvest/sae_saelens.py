@@ -17,18 +17,27 @@ dtype: SAELens casts every tensor to the config's `dtype` when it loads (`load_f
 overrides it) and casts the input to it before encoding, so a bfloat16 file with `"dtype":
 "float32"` is encoded in float32, and the reverse in bfloat16; we do the same. The config's
 `device` is not read: SAELens replaces it with the device it loads onto, as we do.
+
+`activation_scaler.json` (`{"scaling_factor": f}`, saved with every SAELens training checkpoint):
+with `normalize_activations: expected_average_only_in` the SAE was trained on the input times f
+(f = sqrt(d_in) / the mean input norm), and SAELens' evals scale the input by f before the SAE and
+divide its output by f; when training ends SAELens folds f into the weights and writes null and
+`none`. So a checkpoint's latents are encode(x * f), and a latent adds W_dec[i] / f to the output.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from featurescribe.errors import FeaturescribeError
+from featurescribe.harvest.sae_files import read_json, read_safetensors
 from featurescribe.harvest.sae_model import ARCHITECTURES, NORMALIZATIONS, SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+SCALER_FILE = "activation_scaler.json"
 _ALIASES = {"relu": "standard", "jump_relu": "jumprelu", "top_k": "topk", "transcoder": "standard"}
 _SAELENS_ARCHITECTURES = tuple(a for a in ARCHITECTURES if a != "groupmax")
 _ACTIVATIONS = ("standard", "topk", "jumprelu")  # activation_fn values (after _ALIASES) we compute
@@ -78,18 +87,46 @@ def _topk_k(cfg: dict[str, Any], d_sae: int, where: str) -> int:
     return int(k)
 
 
-def _normalization(cfg: dict[str, Any], where: str) -> str:
+def read_scaling_factor(folder: Path) -> float | None:
+    """The factor in SAELens' activation_scaler.json, which a training checkpoint carries beside its
+    cfg.json: the input was multiplied by it in training (normalize_activations
+    'expected_average_only_in'). None without the file, or when it holds null (no such
+    normalization, or the factor already folded into the weights, as at the end of training)."""
+    path = folder / SCALER_FILE
+    if not path.is_file():
+        return None
+    raw = read_json(path)
+    if raw.get("has_whitening"):
+        raise FeaturescribeError(f"--sae {folder}: {SCALER_FILE} says has_whitening (covariance_whitening "
+                                 "of the input), which is not supported")
+    factor = raw.get("scaling_factor")
+    if factor is None:
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+        raise FeaturescribeError(f"--sae {folder}: {SCALER_FILE}: scaling_factor must be a positive number "
+                                 f"or null, not {factor!r}")
+    return float(factor)
+
+
+def _normalization(cfg: dict[str, Any], where: str, input_scale: float | None) -> str:
     norm = cfg.get("normalize_activations", "none")
     if isinstance(norm, bool):
         norm = "expected_average_only_in" if norm else "none"
     norm = str(norm or "none")
-    if norm == "expected_average_only_in":
-        # the input was multiplied by a factor estimated on the training data; SAELens folds it
-        # into the weights when training ends (and then writes "none"), so it is not in this config
+    if norm == "expected_average_only_in" and input_scale is None:
+        # the input was multiplied by a factor estimated on the training data; SAELens saves it in
+        # activation_scaler.json with each checkpoint, and folds it into the weights when training ends
         raise FeaturescribeError(f"{where}: normalize_activations 'expected_average_only_in' needs the "
-                                 "dataset's norm scaling factor, which this SAE does not carry: fold it "
-                                 "into the weights (SAELens: sae.fold_activation_norm_scaling_factor(f), "
-                                 "then save_model)")
+                                 f"dataset's norm scaling factor, which SAELens saves in {SCALER_FILE} beside "
+                                 "a training checkpoint's cfg.json and this SAE does not carry: add that file, "
+                                 "or fold the factor into the weights (SAELens: "
+                                 "sae.fold_activation_norm_scaling_factor(f), then save_model)")
+    if norm == "expected_average_only_in":
+        return norm
+    if input_scale is not None:
+        raise FeaturescribeError(f"{where}: {SCALER_FILE} holds scaling_factor {input_scale} but "
+                                 f"normalize_activations is {norm!r}: SAELens writes a factor only with "
+                                 "'expected_average_only_in' (and null once it is folded into the weights)")
     if norm not in NORMALIZATIONS:
         raise FeaturescribeError(f"{where}: normalize_activations {norm!r} is not supported "
                                  f"({', '.join(NORMALIZATIONS)})")
@@ -104,8 +141,9 @@ def _dtype(cfg: dict[str, Any], where: str) -> str:
     return name
 
 
-def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
-    """Read both SAELens config layouts, SAEs and transcoders, into one `SAEConfig`."""
+def parse_config(cfg: dict[str, Any], where: str = CFG_FILE, input_scale: float | None = None) -> SAEConfig:
+    """Read both SAELens config layouts, SAEs and transcoders, into one `SAEConfig`; `input_scale`
+    is the factor of the folder's activation_scaler.json."""
     pick = _picker(cfg)
     try:
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
@@ -119,7 +157,7 @@ def parse_config(cfg: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
         d_in=d_in, d_sae=d_sae, architecture=arch, k=_topk_k(cfg, d_sae, where) if arch == "topk" else None,
         rescale_acts_by_decoder_norm=arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm")),
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
-        normalize_activations=_normalization(cfg, where),
+        normalize_activations=_normalization(cfg, where, input_scale), input_scale=input_scale,
         hook_name=pick("hook_name", "hook_point"),
         hook_layer=int(layer) if layer is not None else None,
         model_name=pick("model_name"),
@@ -135,9 +173,7 @@ def load_saelens(folder: Path, raw_cfg: dict[str, Any]) -> SAE:
     """An SAE (or transcoder) from a SAELens folder, on the CPU, in the config's dtype."""
     import torch
 
-    from featurescribe.harvest.sae_files import read_safetensors
-
-    cfg = parse_config(raw_cfg, str(folder / CFG_FILE))
+    cfg = parse_config(raw_cfg, str(folder / CFG_FILE), read_scaling_factor(folder))
     dtype = getattr(torch, cfg.dtype)
     weights = {name: t.to(dtype) for name, t in read_safetensors(folder / WEIGHTS_FILE).items()}
     return SAE(cfg, weights, str(folder.resolve()), WEIGHTS_FILE)
