@@ -1,12 +1,13 @@
-"""sparsify checkpoints and SAELens transcoders harvested on the real offline SmolLM2-135M: the
-stored latents equal latents computed by hand from activations this test captures with its own
-hooks on the model; a checkpoint that does not fit its hook is one line before any work."""
+"""sparsify checkpoints, SAELens transcoders and Gemma Scope folders harvested on the real offline
+SmolLM2-135M: the stored latents equal latents computed by hand from activations this test captures
+with its own hooks on the model; a checkpoint that does not fit its hook is one line before any work."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,23 @@ def test_bad_sparsify_folders_write_nothing(smollm2, db_path, corpus_file, tmp_p
     err = cli_error(harvest_argv(db_path, corpus_file, tmp_path / "run", "--layer", "0"), capsys)
     assert f"(layer {LAYER}), not on layer 0" in err
     assert not os.path.exists(db_path)
+
+
+def test_gemma_scope_folder_through_the_command(smollm2, db_path, corpus_file, tmp_path, capsys):  # noqa: F811
+    """A params.npz folder: without --site one line and nothing written; with --layer and --site the
+    stored latents equal JumpReLU computed with numpy on the residual stream this test captures."""
+    from tests.test_sae_gemmascope import jumprelu, write_gemmascope
+
+    _, model, _ = smollm2
+    folder = tmp_path / f"layer_{LAYER}" / "width_16k" / "average_l0_20"
+    w = write_gemmascope(folder, D_MODEL, LATENTS, threshold=np.full(LATENTS, 0.3, np.float32))
+    err = cli_error(harvest_argv(db_path, corpus_file, folder), capsys)
+    assert f"names no hook (its folder is layer_{LAYER}): give --layer and --site" in err
+    assert not os.path.exists(db_path)
+    assert main(harvest_argv(db_path, corpus_file, folder, "--site", "resid")) == 0
+    capsys.readouterr()
+    acts, seqs, _, src = read(db_path, f"{LAYER}-res-sae{LATENTS}")
+    assert src["hook_name"] == f"model.layers.{LAYER}.output" and src["kind"] == "sae"
+    n = assert_matches(acts, seqs, lambda ids: torch.from_numpy(jumprelu(w, captured(model, "resid", ids).numpy())),
+                       0.0, tol=2e-4)
+    assert n == len(acts["act"]) > 0

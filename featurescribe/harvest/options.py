@@ -37,7 +37,8 @@ class HarvestOptions:
                            "With --sae and no --site only the SAEs are harvested")
     sae: list[Any] | None = opt(None, "an SAE or transcoder folder, SAELens (cfg.json + sae_weights.safetensors) "
                                 "or EleutherAI sparsify (cfg.json + sae.safetensors in a folder named by its "
-                                "hookpoint, e.g. layers.6), or a folder of such folders; repeat for more. Each is "
+                                "hookpoint, e.g. layers.6), Gemma Scope (params.npz; give --layer and --site: resid or "
+                                "mlp_out_normed), or a folder of such folders; repeat for more. Each is "
                                 "read at the hook its config names, in the same forward pass. In Python also "
                                 "SAELens SAE objects", metavar="DIR", action="append", type=str)
     corpus: str = opt("builtin:stdlib", "a .txt file or folder, .jsonl (field text), .parquet (column text), or "

@@ -5,6 +5,7 @@ their format (detected from the files), loading, and where each one reads.
 |---|---|---|
 | SAELens (SAEs and transcoders) | `cfg.json` + `sae_weights.safetensors` | `sae_saelens.py` |
 | EleutherAI sparsify (SAEs and transcoders) | `cfg.json` + `sae.safetensors`, the folder named by its hookpoint | `sae_sparsify.py` |
+| Gemma Scope (JumpReLU SAEs of Gemma 2; `--layer` and `--site` say where) | `params.npz` | `sae_gemmascope.py` |
 
 `--sae DIR` names either one SAE's folder, or a folder of such folders (a sparsify run saves one
 folder per hookpoint: `layers.0`, `layers.1`, ..., `layers.6.mlp`; a run with several seeds adds
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from featurescribe.errors import FeaturescribeError
-from featurescribe.harvest.sae_files import read_json
+from featurescribe.harvest import sae_gemmascope
 from featurescribe.harvest.sae_hooks import names_another_tensor, site_of_hook
 from featurescribe.harvest.sae_model import ARCHITECTURES, SAE, SAEConfig
 from featurescribe.harvest.sae_saelens import CFG_FILE, WEIGHTS_FILE, load_saelens, parse_config
@@ -39,22 +40,28 @@ __all__ = ["ARCHITECTURES", "FORMATS", "SAE", "SAEConfig", "check_sae_fits", "lo
 @dataclass(frozen=True)
 class SAEFormat:
     name: str
-    weights_file: str  # beside cfg.json
-    load: Callable[[Path, dict], SAE]  # (folder, parsed cfg.json) -> an SAE on the CPU
+    files: tuple[str, ...]  # what a folder of this format holds
+    load: Callable[..., SAE]  # (folder, dtype that replaces the file's or None) -> an SAE on the CPU
 
 
 FORMATS = (
-    SAEFormat("SAELens", WEIGHTS_FILE, load_saelens),
-    SAEFormat("sparsify", SPARSIFY_WEIGHTS_FILE, load_sparsify),
+    SAEFormat("SAELens", (CFG_FILE, WEIGHTS_FILE), load_saelens),
+    SAEFormat("sparsify", (CFG_FILE, SPARSIFY_WEIGHTS_FILE), load_sparsify),
+    SAEFormat("Gemma Scope", (sae_gemmascope.WEIGHTS_FILE,), sae_gemmascope.load_gemmascope),
 )
-_LAYOUTS = " or ".join(f"{CFG_FILE} + {f.weights_file} ({f.name})" for f in FORMATS)
+_LAYOUTS = " or ".join(f"{' + '.join(f.files)} ({f.name})" for f in FORMATS)
 
 
 def format_of(folder: Path) -> SAEFormat | None:
     """The format of an SAE folder, None when it holds no complete SAE."""
-    if not (folder / CFG_FILE).is_file():
-        return None
-    return next((f for f in FORMATS if (folder / f.weights_file).is_file()), None)
+    return next((f for f in FORMATS if all((folder / name).is_file() for name in f.files)), None)
+
+
+def _missing(folder: Path) -> str:
+    """What an incomplete SAE folder lacks, for each format it holds a file of."""
+    lacks = [" + ".join(n for n in f.files if not (folder / n).is_file())
+             for f in FORMATS if any((folder / n).is_file() for n in f.files)]
+    return " or ".join(dict.fromkeys(lacks))
 
 
 def _natural_key(path: Path):
@@ -62,7 +69,7 @@ def _natural_key(path: Path):
 
 
 def _has_sae_files(folder: Path) -> bool:
-    return (folder / CFG_FILE).is_file() or any((folder / f.weights_file).is_file() for f in FORMATS)
+    return any((folder / name).is_file() for f in FORMATS for name in f.files)
 
 
 def _children(folder: Path) -> list[Path]:
@@ -83,8 +90,7 @@ def sae_dirs(path: str | Path) -> list[Path]:
         raise FeaturescribeError(f"--sae {path}: not a folder (expected {_LAYOUTS} in it)")
     if _has_sae_files(p):
         if format_of(p) is None:
-            missing = CFG_FILE if not (p / CFG_FILE).is_file() else " or ".join(f.weights_file for f in FORMATS)
-            raise FeaturescribeError(f"--sae {path}: missing {missing} (expected {_LAYOUTS})")
+            raise FeaturescribeError(f"--sae {path}: missing {_missing(p)} (expected {_LAYOUTS})")
         return [p]
     found = _children(p)
     if not found:
@@ -103,11 +109,7 @@ def load_sae(path: str | Path, device: str = "cpu", dtype=None) -> SAE:
         raise FeaturescribeError(f"--sae {path} holds {len(dirs)} SAEs ({names}{more}): pass one of them, "
                                  f"e.g. --sae {dirs[0]}")
     folder = dirs[0]
-    raw_cfg = read_json(folder / CFG_FILE)
-    if dtype is not None:
-        raw_cfg["dtype"] = str(dtype)
-    sae = format_of(folder).load(folder, raw_cfg)
-    return sae.to(device, dtype)
+    return format_of(folder).load(folder, dtype).to(device, dtype)
 
 
 def load_saes(items: list) -> list[SAE]:
@@ -124,7 +126,7 @@ def load_saes(items: list) -> list[SAE]:
     return out
 
 
-def _hint(sae: SAE) -> str:
+def _hint(sae: SAE) -> str:  # for an SAE whose hook no site is
     if names_another_tensor(sae.cfg.hook_name):
         return " (a TransformerLens hook no harvest site reads; a site there would be another tensor)"
     return "" if sae.cfg.format == "sparsify" else ": give --layer and --site"
@@ -137,6 +139,8 @@ def resolve_sae_site(sae: SAE, layer: int | None = None, site: str | None = None
     for a transcoder) at `layer`; a TransformerLens hook we do not map (`blocks.6.hook_resid_mid`)
     is refused, since it names a tensor that no site is.
     """
+    if sae.cfg.format == sae_gemmascope.FORMAT:
+        return sae_gemmascope.place(sae, layer, site)
     name = sae.cfg.hook_name
     hooked = site_of_hook(name)
     if hooked is None:
@@ -158,6 +162,7 @@ def resolve_sae_site(sae: SAE, layer: int | None = None, site: str | None = None
 def check_sae_fits(sae: SAE, site) -> None:
     """Refuse an SAE whose d_in is not the width of the `Site` (sites.Site) it reads."""
     if sae.cfg.d_in != site.width:
+        hint = sae_gemmascope.width_hint(sae) if sae.cfg.format == sae_gemmascope.FORMAT else ""
         raise FeaturescribeError(
             f"SAE width mismatch: the SAE {Path(sae.path).name} reads d_in={sae.cfg.d_in} but site {site.site} "
-            f"of layer {site.layer} ({site.hook_name}) has width {site.width}")
+            f"of layer {site.layer} ({site.hook_name}) has width {site.width}{hint}")

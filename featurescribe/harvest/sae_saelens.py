@@ -169,10 +169,14 @@ def parse_config(cfg: dict[str, Any], where: str = CFG_FILE, input_scale: float 
     )
 
 
-def load_saelens(folder: Path, raw_cfg: dict[str, Any]) -> SAE:
-    """An SAE (or transcoder) from a SAELens folder, on the CPU, in the config's dtype."""
+def load_saelens(folder: Path, dtype=None) -> SAE:
+    """An SAE (or transcoder) from a SAELens folder, on the CPU, in the config's dtype or `dtype`,
+    which replaces it as SAELens' `load_from_disk(dtype=...)` does (the file is cast once)."""
     import torch
 
+    raw_cfg = read_json(folder / CFG_FILE)
+    if dtype is not None:
+        raw_cfg["dtype"] = str(dtype)
     cfg = parse_config(raw_cfg, str(folder / CFG_FILE), read_scaling_factor(folder))
     dtype = getattr(torch, cfg.dtype)
     weights = {name: t.to(dtype) for name, t in read_safetensors(folder / WEIGHTS_FILE).items()}

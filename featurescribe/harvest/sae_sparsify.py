@@ -98,10 +98,13 @@ def _weights(folder: Path, cfg: SAEConfig) -> dict:
     return {name: t for name, t in w.items() if t is not None}
 
 
-def load_sparsify(folder: Path, raw_cfg: dict[str, Any]) -> SAE:
-    """An SAE (or transcoder) from one sparsify hookpoint folder, on the CPU."""
+def load_sparsify(folder: Path, dtype=None) -> SAE:
+    """An SAE (or transcoder) from one sparsify hookpoint folder, on the CPU, in the file's dtype
+    (`dtype` is applied by the caller)."""
+    from featurescribe.harvest.sae_files import read_json
+
     hookpoint = hookpoint_of(folder)
-    cfg = parse_sparsify_config(raw_cfg, hookpoint, str(folder / CFG_FILE))
+    cfg = parse_sparsify_config(read_json(folder / CFG_FILE), hookpoint, str(folder / CFG_FILE))
     _check_hookpoint(cfg, hookpoint, folder)
     weights = _weights(folder, cfg)
     cfg.dtype = str(weights["W_enc"].dtype).replace("torch.", "")  # sparsify's config does not record it

@@ -99,8 +99,8 @@ def _sae_place(sae: SAE, layers: list[int] | None, sites: list[str] | None) -> t
     if site_of_hook(sae.cfg.hook_name) is None:
         one_layer = layers[0] if layers is not None and len(layers) == 1 else None
         if one_layer is None or (sites is not None and len(sites) != 1):
-            raise FeaturescribeError(f"SAE {sae.path}: hook {sae.cfg.hook_name!r} names no site we know; "
-                                     "give one --layer and one --site for it")
+            what = f"hook {sae.cfg.hook_name!r} names no site we know" if sae.cfg.hook_name else "it names no hook"
+            raise FeaturescribeError(f"SAE {sae.path}: {what}; give one --layer and one --site for it")
         return resolve_sae_site(sae, one_layer, (sites or [None])[0])
     site, layer = resolve_sae_site(sae)
     if sites is None and layers is not None and layer not in layers:
