@@ -201,6 +201,24 @@ def test_activation_scalers_we_cannot_read_are_refused(tmp_path, norm, scaler, m
         load_sae(tmp_path / "sae")
 
 
+def test_a_finetuning_scaling_factor_scales_what_a_latent_decodes_to(tmp_path):
+    """SAELens < 6 (finetuning_scaling_factor: true) decoded (acts * scaling_factor) @ W_dec: the latents
+    are the same, the direction a latent adds (steering) is scaling_factor[i] * W_dec[i]."""
+    w = write_sae(tmp_path / "sae", "standard", 16, 40, style="flat")
+    scale = torch.rand(40, generator=torch.Generator().manual_seed(5)) + 0.5
+    _resave(tmp_path / "sae", {**w, "scaling_factor": scale}, torch.float32)
+    _set_cfg(tmp_path / "sae", finetuning_scaling_factor=True)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    sae = load_sae(tmp_path / "sae")
+    torch.testing.assert_close(sae.encode(x), expected_latents(w, "standard", x))
+    torch.testing.assert_close(sae.decoder_row(3), w["W_dec"][3] * scale[3])
+    _set_cfg(tmp_path / "sae", finetuning_scaling_factor=False)
+    with pytest.raises(FeaturescribeError, match="scaling_factor but finetuning_scaling_factor is not true"):
+        load_sae(tmp_path / "sae")
+    _resave(tmp_path / "sae", {**w, "scaling_factor": torch.ones(40)}, torch.float32)  # all ones: no factor
+    torch.testing.assert_close(load_sae(tmp_path / "sae").decoder_row(3), w["W_dec"][3])
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("normalize_activations", "expected_average_only_in", "needs the dataset's norm scaling factor"),
     ("normalize_activations", True, "needs the dataset's norm scaling factor"),  # SAELens < 6's bool

@@ -11,7 +11,8 @@ Config: the SAELens 6 layout (`architecture`, `d_in`, `d_sae`, `apply_b_dec_to_i
 `normalize_activations`, `k` and `rescale_acts_by_decoder_norm` for TopK, and `metadata` — or `meta` — holding `hook_name`,
 `hook_name_out`, `model_name`, ...) and the older flat layout (`hook_name` or `hook_point`,
 `hook_layer`, `activation_fn_str` / `activation_fn` with `activation_fn_kwargs: {"k": K}` for TopK,
-`architecture` standard|gated|jumprelu).
+`architecture` standard|gated|jumprelu; `finetuning_scaling_factor` with a `scaling_factor [d_sae]`
+tensor, by which SAELens < 6 multiplied each latent before decoding: folded into W_dec's rows).
 
 dtype: SAELens casts every tensor to the config's `dtype` when it loads (`load_from_disk(dtype=...)`
 overrides it) and casts the input to it before encoding, so a bfloat16 file with `"dtype":
@@ -169,6 +170,25 @@ def parse_config(cfg: dict[str, Any], where: str = CFG_FILE, input_scale: float 
     )
 
 
+def _fold_finetuning_scale(weights: dict, cfg: dict[str, Any], d_sae: int, where: str) -> dict:
+    """SAELens < 6 with `finetuning_scaling_factor: true` multiplies each latent by the weights'
+    `scaling_factor` before decoding: the latents are unchanged, W_dec's rows take the factor. One of
+    all ones is dropped, as SAELens does."""
+    import torch
+
+    scale = weights.pop("scaling_factor", None)
+    if scale is None or torch.allclose(scale, torch.ones_like(scale)):
+        return weights
+    if not cfg.get("finetuning_scaling_factor"):
+        raise FeaturescribeError(f"{where}: the weights hold a scaling_factor but finetuning_scaling_factor "
+                                 "is not true (SAELens refuses this too)")
+    if tuple(scale.shape) != (d_sae,):
+        raise FeaturescribeError(f"{where}: scaling_factor has shape {tuple(scale.shape)}, expected [{d_sae}]")
+    if "W_dec" in weights:
+        weights["W_dec"] = weights["W_dec"] * scale[:, None]
+    return weights
+
+
 def load_saelens(folder: Path, dtype=None) -> SAE:
     """An SAE (or transcoder) from a SAELens folder, on the CPU, in the config's dtype or `dtype`,
     which replaces it as SAELens' `load_from_disk(dtype=...)` does (the file is cast once)."""
@@ -180,4 +200,5 @@ def load_saelens(folder: Path, dtype=None) -> SAE:
     cfg = parse_config(raw_cfg, str(folder / CFG_FILE), read_scaling_factor(folder))
     dtype = getattr(torch, cfg.dtype)
     weights = {name: t.to(dtype) for name, t in read_safetensors(folder / WEIGHTS_FILE).items()}
+    weights = _fold_finetuning_scale(weights, raw_cfg, cfg.d_sae, str(folder / WEIGHTS_FILE))
     return SAE(cfg, weights, str(folder.resolve()), WEIGHTS_FILE)
