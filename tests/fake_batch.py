@@ -12,7 +12,8 @@ request log) that also answers:
 A batch is worked off when it is retrieved: it answers `in_progress` to its first `batch_polls`
 retrieves (default 1), then runs every request through the responder and ends. `server.hold =
 True` keeps every batch in progress until it is set back to False (a restart test submits, stops,
-and collects later). `server.down_status = 503` makes every batch endpoint answer that status, and
+and collects later). `server.down_status = 503` makes every batch endpoint answer that status
+(with the error body `server.down_body`, when set), and
 `server.api_key = "k"` answers 401 to another key, as for chat. Each request a batch runs is appended to `server.batch_items` (a
 `RecordedRequest` with `api` 'openai-batch' or 'anthropic-batch'); the HTTP calls to the batch
 endpoints go to `server.requests` as usual with `api` 'batch' (and never count as `billed`).
@@ -104,6 +105,7 @@ class FakeBatchServer(FakeLLMServer):
         self.batch_polls = batch_polls
         self.hold = False
         self.down_status: int | None = None  # set (e.g. 503): every batch endpoint answers it
+        self.down_body: dict | None = None  # the body it answers with (default: a 'service unavailable' error)
         self.files: dict[str, dict] = {}
         self.batches: dict[str, _Batch] = {}
         self.plans: deque[BatchPlan] = deque()
@@ -358,7 +360,8 @@ class _BatchHandler(_Handler):
             key = rec.headers.get("x-api-key") or rec.headers.get("authorization", "").removeprefix("Bearer ")
             if fake.down_status is not None:
                 rec.status = fake.down_status
-                self._send(fake.down_status, {"error": {"message": "service unavailable", "type": "api_error"}})
+                self._send(fake.down_status, fake.down_body or {"error": {"message": "service unavailable",
+                                                                          "type": "api_error"}})
             elif not key or (fake.api_key is not None and key != fake.api_key):
                 rec.status = 401
                 self._send(401, {"error": {"message": "Incorrect API key provided" if key else "missing API key",

@@ -37,6 +37,10 @@ Faults (`server.inject(kind, times=1, **options)`; consumed first in, first out,
 | `"529"`       | 529 overloaded (Anthropic body type `overloaded_error`; OpenAI gets it too)     |
 | `"401"`       | 401 invalid API key                                                             |
 | `"400"`       | 400 bad request                                                                 |
+| `"quota"`     | no credit left: OpenAI 429 `insufficient_quota` (no Retry-After), Anthropic 402 |
+|               | `billing_error`                                                                 |
+| `"spend_limit"`| Anthropic's 429 `rate_limit_error` with `details.error_code`                   |
+|               | `enforced_spend_limit_reached` (the API tier's monthly spend; OpenAI gets it too)|
 | `"slow"`      | sleeps `delay_s` (default 5 s) before answering normally                        |
 | `"malformed"` | 200, but the content is not valid JSON (Anthropic tool requests: a text block)  |
 | `"truncated"` | 200, content cut short, `finish_reason: "length"` / `stop_reason: "max_tokens"`|
@@ -96,7 +100,8 @@ DIALECTS = {
     "llama.cpp": {"response_format.json_schema": (500, LLAMA_CPP_JSON_SCHEMA_ERROR)},
 }
 
-FAULT_KINDS = ("429", "500", "503", "529", "401", "400", "slow", "malformed", "truncated", "disconnect")
+FAULT_KINDS = ("429", "500", "503", "529", "401", "400", "quota", "spend_limit", "slow", "malformed", "truncated",
+               "disconnect")
 
 
 OPENAI_CACHE_MIN, OPENAI_CACHE_STEP = 1024, 128
@@ -500,8 +505,27 @@ def _openai_error(status: int, message: str, typ: str, code: str | None = None) 
     return {"error": {"message": message, "type": typ, "param": None, "code": code}}
 
 
-def _anthropic_error(typ: str, message: str) -> dict:
-    return {"type": "error", "error": {"type": typ, "message": message}}
+def _anthropic_error(typ: str, message: str, error_code: str | None = None) -> dict:
+    body = {"type": "error", "error": {"type": typ, "message": message}}
+    if error_code:
+        body["error"]["details"] = {"error_code": error_code}
+    return body
+
+
+# the answers of an account without credit: (status, body) per API, as the providers send them
+_QUOTA_ERRORS = {
+    "quota": {
+        "openai": (429, _openai_error(429, "You exceeded your current quota, please check your plan and billing "
+                                           "details.", "insufficient_quota", "insufficient_quota")),
+        "anthropic": (402, _anthropic_error("billing_error", "Your credit balance is too low to access the "
+                                                             "Anthropic API.")),
+    },
+    "spend_limit": {
+        api: (429, _anthropic_error("rate_limit_error", "You have reached your specified API usage limits.",
+                                    "enforced_spend_limit_reached"))
+        for api in ("openai", "anthropic")
+    },
+}
 
 
 _ERRORS = {
@@ -746,6 +770,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            return True
+        if fault.kind in _QUOTA_ERRORS:
+            rec.status, rec.response = _QUOTA_ERRORS[fault.kind][rec.api]
+            self._send(rec.status, rec.response)
             return True
         if fault.kind in _ERRORS:
             status, otype, atype, msg = _ERRORS[fault.kind]

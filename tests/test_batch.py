@@ -502,3 +502,27 @@ def test_a_provider_outage_is_exit_status_1_and_a_bad_key_2(server, db_path, api
     providers[api].poll = type(providers[api]).poll.__get__(providers[api])
     err = run_once()
     assert err.exit_code == ExitStatus.USAGE and "401" in str(err)
+
+
+@pytest.mark.parametrize("spec", ["openai:gpt-4o-mini", "anthropic:claude-haiku-4-5"])
+def test_an_exhausted_quota_at_submit_is_exit_status_1_and_says_so(server, db_path, spec):
+    """OpenAI's 429 insufficient_quota and Anthropic's 402 billing error when a batch is created:
+    one line that says the account's quota is exhausted, exit status 1 as without --batch
+    (Anthropic's 402 was a bad request, status 2; OpenAI's said only 'HTTP 429')."""
+    from featurescribe.llm.breaker import QuotaExhausted
+    from featurescribe.statuses import ExitStatus
+    from tests.fake_llm import _QUOTA_ERRORS
+
+    status, body = _QUOTA_ERRORS["quota"][spec.split(":")[0]]
+    server.down_status, server.down_body = status, body
+    con = open_db(db_path)
+    store = CallStore(con)
+    runner = BatchRunner(con, store, sleep=_nosleep, options=BatchOptions(progress=False, poll_initial_s=0))
+    try:
+        with pytest.raises(QuotaExhausted) as info:
+            asyncio.run(runner.run({"explainer": make_client(spec, store=store)}, lambda cl: toy_pipeline(cl, 2)))
+    finally:
+        store.close()
+        con.close()
+    assert info.value.exit_code == ExitStatus.ERROR
+    assert f"{spec}: could not submit a batch" in str(info.value) and "quota or billing is exhausted" in str(info.value)

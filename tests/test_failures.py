@@ -71,6 +71,36 @@ def test_each_kind_trips_the_breaker(labdb, fake_llm, capsys, prefect_server, ki
     assert q(labdb, "SELECT status FROM runs") == [("failed",)]
 
 
+@pytest.mark.parametrize("spec,kind", [("openai:gpt-4o-mini", "quota"), ("anthropic:claude-haiku-4-5", "quota"),
+                                       ("anthropic:claude-haiku-4-5", "spend_limit")])
+def test_an_exhausted_quota_stops_the_run_at_once(labdb, fake_llm, capsys, prefect_server, spec, kind):
+    """No credit left: the first answer stops the run with one line naming the backend, exit 1
+    (as a refused key or an outage); before, each feature's call was retried 8 times."""
+    fake_llm.inject(kind, times=1000)
+    rc = _cli(labdb, "--explainer", spec, "--concurrency", "1")
+    assert rc == ExitStatus.ERROR
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"featurescribe: error: {spec} at ") and "quota or billing is exhausted" in line, line
+    assert len(fake_llm.requests) == 1
+    assert q(labdb, "SELECT status FROM runs") == [("failed",)]
+    assert q(labdb, "SELECT status, cost_usd FROM llm_calls") == [("error", 0.0)]  # a 429/402 is not billed
+
+
+def test_a_provider_that_rate_limits_everything_trips_the_breaker(labdb, fake_llm, capsys, prefect_server,
+                                                                  monkeypatch):
+    """429s without Retry-After on every request: --max-failures of them in a row (that lasted
+    FEATURESCRIBE_LLM_RATE_LIMIT_PATIENCE, 0 here) stop the run, instead of 8 backed-off attempts
+    on every feature."""
+    monkeypatch.setenv("FEATURESCRIBE_LLM_RATE_LIMIT_PATIENCE", "0")
+    fake_llm.inject("429", times=1000, retry_after=None)
+    rc = _cli(labdb, "--explainer", "openai:gpt-4o-mini", "--max-failures", "3", "--concurrency", "2")
+    assert rc == ExitStatus.ERROR
+    line = _one_error_line(capsys.readouterr().err)
+    assert "rate limits (429 without Retry-After)" in line and "openai:gpt-4o-mini at" in line, line
+    assert 3 <= len(fake_llm.requests) <= 3 + 2
+    assert q(labdb, "SELECT DISTINCT status, cost_usd FROM llm_calls") == [("error", 0.0)]
+
+
 def test_a_simulator_that_never_parses_trips_while_the_explainer_works(labdb, fake_llm, capsys, prefect_server):
     def responder(req):
         if req.json_schema and "explanation" in json.dumps(req.json_schema):
@@ -127,7 +157,7 @@ def test_a_success_ends_the_streak():
     assert b.failed("parse", "simulate", "bad") is None
     assert b.failed("parse", "simulate", "bad") is None
     b.succeeded("explain")  # another purpose's answers do not end a parse streak
-    assert b.failed("rate_limit", "simulate", "429") is None  # never counted
+    assert b.failed("rate_limit", "simulate", "429") is None  # one 429, within the patience
     tripped = b.failed("parse", "simulate", "bad")
     assert tripped is not None and tripped.kind == "parse"
     with pytest.raises(type(tripped)):

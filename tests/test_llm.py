@@ -27,7 +27,9 @@ from featurescribe.llm import (
     cache_key,
     make_client,
 )
+from featurescribe.llm.breaker import BackendBroken, QuotaExhausted
 from featurescribe.llm.client import classify, parse_retry_after
+from featurescribe.statuses import ExitStatus
 from featurescribe.llm.limits import RateLimiter, TokenBucket
 from tests.fake_llm import Reply, count_tokens, simple_logprobs
 
@@ -304,6 +306,78 @@ def test_rejected_key_stops_with_a_clear_error(fake_llm, store):
     assert isinstance(info.value, FeaturescribeError)
     assert "refused the API key" in str(info.value)
     assert len(fake_llm.requests) == 1
+
+
+@pytest.mark.parametrize("spec,kind", [("openai:gpt-4o-mini", "quota"), ("anthropic:claude-haiku-4-5", "quota"),
+                                       ("anthropic:claude-haiku-4-5", "spend_limit")])
+def test_an_exhausted_quota_stops_at_the_first_answer(fake_llm, store, spec, kind):
+    """OpenAI's 429 insufficient_quota, Anthropic's 402 billing error and its 429 spend limit are
+    not rate limits: asking again cannot help, so the first one stops the backend (it was retried
+    8 times per call, on every feature)."""
+    fake_llm.inject(kind, times=20)
+    client = client_for(spec, store)
+
+    async def go():
+        errors = []
+        for text in ("first", "second"):
+            try:
+                await client.chat(req(text))
+            except Exception as err:  # noqa: BLE001 - both calls are looked at below
+                errors.append(err)
+        await client.aclose()
+        return errors
+
+    first, second = run(go())
+    assert isinstance(first, QuotaExhausted) and first.exit_code == ExitStatus.ERROR
+    assert str(first).startswith(f"{spec} at ") and "quota or billing is exhausted" in str(first), str(first)
+    assert second is first  # the next call is refused before it is sent
+    assert len(fake_llm.requests) == 1
+    rows = store.rows()
+    assert [r["status"] for r in rows] == ["error"] and rows[0]["cost_usd"] == 0  # not billed
+    assert_ledger_matches(rows, fake_llm.requests, spec)
+
+
+def test_429s_without_retry_after_trip_the_breaker_once_they_last(fake_llm, store):
+    """A provider that rate-limits every request (no Retry-After) stops the run: --max-failures
+    429s in a row that lasted the patience trip the breaker, instead of each call's 8 backed-off
+    attempts on every feature. Nothing of it is billed."""
+    fake_llm.inject("429", times=1000, retry_after=None)
+    client = client_for("openai:gpt-4o-mini", store, max_failures=4, rate_limit_patience_s=0.3,
+                        rate_limit_attempts=1000, concurrency=2)
+
+    async def go():
+        results = await asyncio.gather(*(client.chat(req(f"feature {i}")) for i in range(3)),
+                                       return_exceptions=True)
+        await client.aclose()
+        return results
+
+    t0 = time.monotonic()
+    results = run(go())
+    assert all(isinstance(r, BackendBroken) and r.kind == "rate_limit" for r in results), results
+    assert "rate limits (429 without Retry-After)" in str(results[0])
+    assert time.monotonic() - t0 >= 0.3  # not before the streak lasted the patience
+    rows = store.rows()
+    assert len(rows) == len(fake_llm.requests) >= 4
+    assert all(r["status"] == "error" and r["cost_usd"] == 0 for r in rows)
+
+
+def test_a_short_burst_of_429s_waits_and_succeeds(fake_llm, store):
+    """More 429s in a row than --max-failures, but shorter than the patience: the calls wait and
+    are answered; only the answers are billed."""
+    fake_llm.inject("429", times=6, retry_after=None)
+    client = client_for("openai:gpt-4o-mini", store, max_failures=2, rate_limit_patience_s=30, concurrency=2)
+
+    async def go():
+        results = await asyncio.gather(*(client.chat(req(f"feature {i}")) for i in range(3)))
+        await client.aclose()
+        return results
+
+    assert [r.text for r in run(go())] == ["ok"] * 3
+    rows = store.rows()
+    assert sorted(r["status"] for r in rows) == ["error"] * 6 + ["ok"] * 3
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(sum(
+        PRICES.lookup("openai", "gpt-4o-mini").cost(r.input_tokens, r.output_tokens)
+        for r in fake_llm.requests if r.billed))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,17 +8,27 @@ every later call of the client raises it before sending. An answer that parses e
 Kinds that depend on the request's form (unparseable answers, refused requests) are counted per
 purpose, so a simulator whose answers never parse trips even while the same model explains well;
 the others (transport, auth, not-found model, server, bad request) are the endpoint's and any
-usable answer ends them. Rate limits are never counted: waiting is the cure.
+usable answer ends them.
+
+Rate limits: a 429 with Retry-After is never counted (the server says when to come back, and
+waiting is the cure). A 429 without one counts, but trips only once the streak has also lasted
+`rate_limit_patience_s` (default 120 s, about what one call's own rate-limit retries wait), so a
+short burst waits and goes on while a provider that refuses every request stops the run.
+
+An exhausted quota (OpenAI's 429 `insufficient_quota`, Anthropic's 402 billing error or 429 spend
+limit) trips at the first answer, as `QuotaExhausted`: no retry can mend it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.statuses import ExitStatus
 
 DEFAULT_MAX_FAILURES = 50
+DEFAULT_RATE_LIMIT_PATIENCE_S = 120.0
 
 # failure kind (llm/client.py `Failure.kind`) -> how the one line names it
 BREAKER_KINDS = {
@@ -29,8 +39,11 @@ BREAKER_KINDS = {
     "rejected": "request rejected (the server refuses the request's form)",
     "server": "server errors (5xx)",
     "fatal": "bad request (4xx)",
+    "rate_limit": "rate limits (429 without Retry-After)",
+    "quota": "the account's quota or billing exhausted",
 }
 PER_PURPOSE = ("parse", "rejected")
+QUOTA = "quota"  # trips at the first such answer
 
 
 class BackendBroken(FeaturescribeError):
@@ -43,12 +56,23 @@ class BackendBroken(FeaturescribeError):
         self.kind = kind
 
 
+class QuotaExhausted(BackendBroken):
+    """The provider says the account has no quota or credit left (or hit its spend limit): the
+    run stops at the first such answer, with exit status 1 as for any backend that cannot answer."""
+
+    def __init__(self, message: str):
+        super().__init__(message, QUOTA)
+
+
 class CircuitBreaker:
     """See the module docstring. Thread-safe: a client may serve several threads' loops."""
 
-    def __init__(self, spec: str, url: str | None, limit: int = DEFAULT_MAX_FAILURES):
+    def __init__(self, spec: str, url: str | None, limit: int = DEFAULT_MAX_FAILURES,
+                 rate_limit_patience_s: float = DEFAULT_RATE_LIMIT_PATIENCE_S):
         self.spec, self.url, self.limit = spec, url, max(1, int(limit))
+        self.rate_limit_patience_s = max(0.0, float(rate_limit_patience_s))
         self._streaks: dict[tuple[str, str | None], int] = {}
+        self._since: dict[tuple[str, str | None], float] = {}  # when each streak began (monotonic)
         self._lock = threading.Lock()
         self.tripped: BackendBroken | None = None
 
@@ -61,21 +85,40 @@ class CircuitBreaker:
         with self._lock:
             for key in [k for k in self._streaks if k[1] in (None, purpose)]:
                 del self._streaks[key]
+                self._since.pop(key, None)
 
     def failed(self, kind: str, purpose: str, message: str) -> BackendBroken | None:
         """Count a failed attempt; the BackendBroken to raise when this one trips the breaker."""
         if kind not in BREAKER_KINDS:
             return None
         key = (kind, purpose if kind in PER_PURPOSE else None)
+        now = time.monotonic()
         with self._lock:
             n = self._streaks[key] = self._streaks.get(key, 0) + 1
-            if n >= self.limit and self.tripped is None:
-                self.tripped = BackendBroken(self._line(kind, purpose, n, message), kind)
+            lasted = now - self._since.setdefault(key, now)
+            if self.tripped is None and self._trips(kind, n, lasted):
+                self.tripped = (QuotaExhausted(self._quota_line(message)) if kind == QUOTA
+                                else BackendBroken(self._line(kind, purpose, n, lasted, message), kind))
             return self.tripped
 
-    def _line(self, kind: str, purpose: str, n: int, message: str) -> str:
-        where = f" at {self.url}" if self.url else ""
+    def _trips(self, kind: str, n: int, lasted: float) -> bool:
+        if kind == QUOTA:
+            return True
+        if kind == "rate_limit" and lasted < self.rate_limit_patience_s:
+            return False
+        return n >= self.limit
+
+    def _where(self) -> str:
+        return f" at {self.url}" if self.url else ""
+
+    def _line(self, kind: str, purpose: str, n: int, lasted: float, message: str) -> str:
         what = f"{purpose} calls" if kind in PER_PURPOSE else "calls"
-        return (f"{self.spec}{where} is not answering: {n} {what} in a row failed with "
+        over = f" over {lasted:.0f} s" if kind == "rate_limit" else ""
+        return (f"{self.spec}{self._where()} is not answering: {n} {what} in a row{over} failed with "
                 f"{BREAKER_KINDS[kind]}; last: {message}. Stopped before spending more "
                 f"(--max-failures {self.limit})")
+
+    def _quota_line(self, message: str) -> str:
+        return (f"{self.spec}{self._where()}: the account's quota or billing is exhausted ({message}); "
+                "add credit or raise the account's spend limit, then run the same command again. "
+                "Stopped at the first such answer")

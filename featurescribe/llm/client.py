@@ -17,6 +17,8 @@ What one `chat` does:
    - transport (connection errors, timeouts): jittered exponential backoff;
    - rate limit (429): waits what Retry-After / retry-after-ms says (else backoff), and pauses
      every client of the same backend:model meanwhile;
+   - quota (the account has no credit or hit its spend limit: OpenAI's 429 `insufficient_quota`,
+     Anthropic's 402 or 429 spend limit): never retried, it trips the circuit breaker at once;
    - server (5xx, 529 overloaded): jittered exponential backoff;
    - parse (the caller's `parse` raised UnparseableResponse, a JSON-schema answer is not JSON,
      or the answer was cut at max_tokens; a truncated answer is asked again with twice the
@@ -31,6 +33,7 @@ What one `chat` does:
    Circuit breaker (llm/breaker.py): every failed attempt is counted by kind; `max_failures` in a
    row of one kind (transport, auth, not found, parse, rejected, ...) raise `BackendBroken`, which
    no labeler or scorer catches: the run stops with one line naming the backend, URL and kind.
+   429s without Retry-After count too, once their streak lasted `rate_limit_patience_s`.
 5. Ledger: every attempt that reached the server gets one `llm_calls` row: `ok`, `error` (with
    the status and message) or `parse_error` (billed: tokens and cost recorded). Its
    `prompt_hash` is the cache key, `attempt` its number within the call.
@@ -67,7 +70,7 @@ from featurescribe.llm.base import (
     UnparseableResponse,
     parse_backend_spec,
 )
-from featurescribe.llm.breaker import DEFAULT_MAX_FAILURES, CircuitBreaker
+from featurescribe.llm.breaker import DEFAULT_MAX_FAILURES, DEFAULT_RATE_LIMIT_PATIENCE_S, CircuitBreaker
 from featurescribe.llm.budget import Budget
 from featurescribe.llm.negotiation import RequestRejected
 from featurescribe.llm.limits import LoopKeyLocks, LoopSemaphore, estimate_tokens, shared_limiter
@@ -106,6 +109,8 @@ class ClientSettings:
     structured: str = "auto"  # --structured: auto (negotiated) | json_schema | json_object | text
     rejected_attempts: int = 6  # sends after refusals of the request's form (one per weaker form)
     max_failures: int = DEFAULT_MAX_FAILURES  # attempts in a row failing alike trip the breaker
+    # a streak of 429s without Retry-After trips the breaker only once it lasted this long
+    rate_limit_patience_s: float = DEFAULT_RATE_LIMIT_PATIENCE_S
 
     @classmethod
     def from_env(cls, kind: str | None = None, **overrides) -> "ClientSettings":
@@ -136,10 +141,12 @@ _ENV_SETTINGS = {
     "max_parse_retries": ("FEATURESCRIBE_LLM_PARSE_RETRIES", int),
     "http": ("FEATURESCRIBE_LLM_HTTP", str),
     "structured": ("FEATURESCRIBE_LLM_STRUCTURED", str),
+    "rate_limit_patience_s": ("FEATURESCRIBE_LLM_RATE_LIMIT_PATIENCE", float),
 }
 
 
-_ZERO_ALLOWED = ("FEATURESCRIBE_LLM_PARSE_RETRIES",)  # 0: an unusable answer is not asked again
+# 0: an unusable answer is not asked again; a streak of 429s trips on its count alone
+_ZERO_ALLOWED = ("FEATURESCRIBE_LLM_PARSE_RETRIES", "FEATURESCRIBE_LLM_RATE_LIMIT_PATIENCE")
 
 
 def _env_value(var: str, typ: type):
@@ -171,7 +178,7 @@ def cache_key(backend: str, model: str, request: ChatRequest) -> str:
 # ---------------------------------------------------------------------- failure classification
 @dataclass
 class Failure:
-    kind: str  # transport | rate_limit | server | parse | fatal | auth | not_found | rejected
+    kind: str  # transport | rate_limit | quota | server | parse | fatal | auth | not_found | rejected
     message: str
     retry_after: float | None = None
     status: int | None = None
@@ -217,6 +224,35 @@ def _sdk_message(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+# what providers answer when the account has no credit left or reached its spend limit (an
+# OpenAI `code`/`type`, an Anthropic `error.type` or `error.details.error_code`): no retry helps
+QUOTA_CODES = frozenset({
+    "insufficient_quota",  # OpenAI, HTTP 429 "You exceeded your current quota"
+    "billing_hard_limit_reached",  # OpenAI
+    "billing_error",  # Anthropic, HTTP 402
+    "enforced_spend_limit_reached",  # Anthropic, HTTP 429: the API tier's monthly threshold
+    "contract_spend_limit_reached",  # Anthropic, HTTP 429
+    "linked_organization_spend_limit_reached",  # Anthropic, HTTP 402
+})
+
+
+def _error_codes(exc: BaseException) -> set[str]:
+    """The machine-readable codes of an SDK error: its `code`, `type` and `error_code`, and those
+    of its body's `error` object (and `error.details`)."""
+    found = [getattr(exc, name, None) for name in ("code", "type", "error_code")]
+    body = getattr(exc, "body", None)
+    err = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        details = err.get("details")
+        found += [err.get("code"), err.get("type"), details.get("error_code") if isinstance(details, dict) else None]
+    return {c for c in found if isinstance(c, str)}
+
+
+def quota_exhausted(exc: BaseException, status: int) -> bool:
+    """A 402 (payment required), or an answer whose code says the quota or spend limit is used up."""
+    return status == 402 or (status in (400, 403, 429) and not _error_codes(exc).isdisjoint(QUOTA_CODES))
+
+
 def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | None:
     """What kind of failure an SDK exception is (None: not an API failure, a bug)."""
     name = type(exc).__name__
@@ -236,6 +272,8 @@ def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | No
         return None
     msg = f"HTTP {status}: {_sdk_message(exc)}"
     response = getattr(exc, "response", None)
+    if quota_exhausted(exc, status):
+        return Failure("quota", msg, status=status)
     if status == 429:
         ra = parse_retry_after(getattr(response, "headers", None))
         return Failure("rate_limit", msg, retry_after=ra, status=status)
@@ -313,7 +351,8 @@ class Client:
         self.limiter = shared_limiter(self.backend, self.model, self.settings.rpm, self.settings.tpm)
         self._sem = LoopSemaphore(self.settings.concurrency)
         self._same_request = LoopKeyLocks()
-        self.breaker = CircuitBreaker(self.spec, getattr(backend, "endpoint", None), self.settings.max_failures)
+        self.breaker = CircuitBreaker(self.spec, getattr(backend, "endpoint", None), self.settings.max_failures,
+                                      self.settings.rate_limit_patience_s)
         self._lock = threading.Lock()
         self.ledger: list[CallRow] = []  # this client's rows, kept in memory when there is no store
         self.spent_usd = 0.0
@@ -512,7 +551,8 @@ class Client:
                          error=f"{type(exc).__name__}: {exc}"[:2000])
             return exc
         self._record(state, state.key, state.request.purpose, CallStatus.ERROR, latency_s=latency, error=f.message[:2000])
-        broken = self.breaker.failed(f.kind, state.request.purpose, f.message)
+        told_when = f.kind == "rate_limit" and f.retry_after is not None  # waiting is the cure
+        broken = None if told_when else self.breaker.failed(f.kind, state.request.purpose, f.message)
         if broken is not None:
             return broken
         if f.kind == "auth":

@@ -36,7 +36,7 @@ from featurescribe.llm.base import (BudgetExceeded, LLMAuthFailed, LLMError, par
 from featurescribe.llm.batch.base import (SUCCEEDED, BatchItem, BatchProvider, BatchState,
                                           provider_class)
 from featurescribe.llm.batch.collector import BatchCollector, BatchSink, has_batch_api
-from featurescribe.llm.breaker import BackendBroken
+from featurescribe.llm.breaker import BackendBroken, QuotaExhausted
 from featurescribe.llm.client import classify
 from featurescribe.llm.prices import DEFAULT_PRICES, ENV_VAR, PriceTable
 from featurescribe.progress import Progress
@@ -430,9 +430,13 @@ def _unusable(resp, structured: bool) -> str | None:
 
 def _endpoint_failed(message: str, err: BaseException) -> FeaturescribeError:
     """The error that stops a run when a batch endpoint failed: an outage (connection, timeout,
-    5xx, 429 after the SDK's retries) ends with exit status 1, as the circuit breaker's; what
-    the user can fix (a refused key, no such model) with 2."""
+    5xx, 429 after the SDK's retries) ends with exit status 1, as the circuit breaker's, and so
+    does an exhausted quota (as in a run without --batch); what the user can fix (a refused key,
+    no such model) with 2."""
     failure = classify(err)
+    if failure is not None and failure.kind == "quota":
+        return QuotaExhausted(f"{message} (the account's quota or billing is exhausted; add credit or "
+                              "raise the account's spend limit, then run the same command again)")
     if failure is not None and failure.kind in OUTAGE_KINDS:
         return BackendBroken(message, failure.kind)
     return FeaturescribeError(message)
