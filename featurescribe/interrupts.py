@@ -9,6 +9,9 @@ close and write their buffered ledger rows, and the thread pools they ran on are
 Prefect swaps in its own SIGTERM handler while a flow runs (it raises `TerminationSignal`, which
 DuckDB may turn into an error of its own, and then exits 0 or 1); the label flow's body puts ours
 back (`ours_in_flow()`) and calls `stop_running()` on its way out, whatever the exception.
+
+`signals_deferred()` makes a section a signal cannot split (a provider batch created and its id
+recorded): a signal that arrives inside is delivered when the section ends.
 """
 
 from __future__ import annotations
@@ -194,6 +197,25 @@ def ours_in_flow() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block has ended (main thread only; elsewhere the handler
+    raises nothing anyway), then go to the handlers that were there before: a paid side effect
+    and the record of it happen both or neither."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(held[0])
 
 
 @contextmanager

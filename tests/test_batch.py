@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
 
 import pytest
 
@@ -526,3 +528,39 @@ def test_an_exhausted_quota_at_submit_is_exit_status_1_and_says_so(server, db_pa
         con.close()
     assert info.value.exit_code == ExitStatus.ERROR
     assert f"{spec}: could not submit a batch" in str(info.value) and "quota or billing is exhausted" in str(info.value)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_right_after_the_batch_is_created_keeps_its_id(server, db_path, signum):
+    """A real SIGINT/SIGTERM sent to this process in the instant after the provider created the
+    batch (before featurescribe recorded it), under the command's signal handling: the run stops
+    with the batch recorded, and the next run picks it up instead of paying for a second one (the
+    id was lost and the requests submitted again)."""
+    import openai
+
+    from featurescribe.interrupts import Interrupted, handling_signals
+    from featurescribe.llm.batch.openai_batch import OpenAIBatchProvider
+
+    class SignalledAfterCreate(OpenAIBatchProvider):
+        def submit(self, items, metadata):
+            created = super().submit(items, metadata)
+            os.kill(os.getpid(), signum)  # its handler runs at once, before submit returns
+            return created
+
+    server.hold = True
+    con = open_db(db_path)
+    store = CallStore(con)
+    runner = BatchRunner(con, store, sleep=_nosleep, providers={"openai": SignalledAfterCreate(openai.OpenAI())},
+                         options=BatchOptions(progress=False, poll_initial_s=0, wait=False))
+    client = make_client("openai:gpt-4o-mini", store=store)
+    try:
+        with handling_signals(), pytest.raises(Interrupted) as info:
+            asyncio.run(runner.run({"explainer": client}, lambda cl: toy_pipeline(cl, 3)))
+        assert info.value.signum == signum
+        (row,) = bsql.open_batches(con)
+        assert row["batch_id"] == server.created_batches()[0].id and row["n_requests"] == 3
+    finally:
+        store.close()
+        con.close()
+    report, _ = run_batched(db_path, "openai:gpt-4o-mini", 3, wait=False)
+    assert report.submitted == [] and len(server.created_batches()) == 1

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from featurescribe.errors import FeaturescribeError
+from featurescribe.interrupts import signals_deferred
 from featurescribe.llm.base import (BudgetExceeded, LLMAuthFailed, LLMError, parse_backend_spec)
 from featurescribe.llm.batch.base import (SUCCEEDED, BatchItem, BatchProvider, BatchState,
                                           provider_class)
@@ -199,17 +200,20 @@ class BatchRunner:
         metadata = {"featurescribe_spec": collector.spec}
         if self.run_id:
             metadata["featurescribe_run"] = self.run_id
-        try:
-            batch_id, file_id = provider.submit(items, metadata)
-        except Exception as err:
-            raise _endpoint_failed(
-                f"{collector.spec}: could not submit a batch of {len(items):,} requests: "
-                f"{_one_line(err)}", err) from None
-        with session(self.con) as con:
-            sql.insert_batch(con, batch_id=batch_id, provider=collector.backend, run_id=self.run_id,
-                             purpose=",".join(purposes), input_file_id=file_id,
-                             payload={"spec": collector.spec, "model": collector.model},
-                             items=[(i.custom_id, i.purpose, i.structured, i.wrapped) for i in items])
+        # a signal between the provider creating the (paid) batch and its row here would lose its
+        # id, and the next run would pay for the same requests again: it waits for the row
+        with signals_deferred():
+            try:
+                batch_id, file_id = provider.submit(items, metadata)
+            except Exception as err:
+                raise _endpoint_failed(
+                    f"{collector.spec}: could not submit a batch of {len(items):,} requests: "
+                    f"{_one_line(err)}", err) from None
+            with session(self.con) as con:
+                sql.insert_batch(con, batch_id=batch_id, provider=collector.backend, run_id=self.run_id,
+                                 purpose=",".join(purposes), input_file_id=file_id,
+                                 payload={"spec": collector.spec, "model": collector.model},
+                                 items=[(i.custom_id, i.purpose, i.structured, i.wrapped) for i in items])
         self._reserved[batch_id] = worst
         self.report.submitted.append(batch_id)
         self.report.n_submitted += len(items)
