@@ -92,10 +92,19 @@ def test_label_batch_end_to_end(server, db, spec, api, capsys):
         paid = con.execute("SELECT count(*), coalesce(sum(cost_usd), 0) FROM llm_calls "
                            "WHERE run_id = ? AND status <> 'cached'", [final]).fetchone()
         assert paid == (0, 0)
+        # the summary's spend is the run's total from the ledger, batch answers included (it
+        # said $0.0000, the final run's share)
+        total = con.execute("SELECT sum(cost_usd) FROM llm_calls").fetchone()[0]
+        assert _summary_spend(out.out) == f"${total:.4f}" != "$0.0000"
         assert [b["status"] for b in bsql.list_batches(con)] == ["collected"] * 3
         assert con.execute("SELECT status FROM runs WHERE flow = 'label-batch'").fetchone()[0] == "completed"
     finally:
         con.close()
+
+
+def _summary_spend(stdout: str) -> str:
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("spend ")]
+    return line.split()[-1]
 
 
 def test_label_batch_no_wait_submits_one_phase_per_run(server, db, capsys):
@@ -180,7 +189,18 @@ def test_label_flow_on_a_schedule_submits_one_night_and_collects_the_next(server
         if summary is not None:
             break
     assert nights == [1, 2, 3, 3]  # explain; simulate; baselines; collected and labelled
-    assert summary.labelled == [2, 3, 4, 5] and summary.spent_usd == 0  # all from the cache
+    con = open_db(db)
+    try:  # the last night's spend: the baselines' batch it collected; the final run's calls were cached
+        (last_batch_run,) = con.execute("SELECT run_id FROM runs WHERE flow = 'label-batch' "
+                                        "ORDER BY started_at DESC LIMIT 1").fetchone()
+        night = con.execute("SELECT sum(cost_usd) FROM llm_calls WHERE run_id IN (?, ?)",
+                            [last_batch_run, summary.run_id]).fetchone()[0]
+        direct = con.execute("SELECT count(*) FROM llm_calls WHERE run_id = ? AND status <> 'cached'",
+                             [summary.run_id]).fetchone()[0]
+    finally:
+        con.close()
+    assert summary.labelled == [2, 3, 4, 5] and direct == 0
+    assert summary.spent_usd == pytest.approx(night) and night > 0
     assert server.requests_for("openai") == []
 
 

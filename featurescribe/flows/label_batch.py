@@ -97,6 +97,7 @@ def run_label_batch(db: str, options: LabelOptions, *, stream=None, providers: d
         left = 0.0 if report.budget_stopped else max(0.0, options.budget_usd - spent)
         options = options.replace(budget_usd=left)
     summary = run_label(db, options, progress=options.progress)
+    summary.spent_usd += spent  # the run's total: the batches' answers (ledgered under the batch run) too
     record_call_outcomes(db, summary.run_id)
     _record_outcome(db, run_id, summary)
     return BatchLabelResult(report, summary, run_id, spent)
