@@ -171,6 +171,23 @@ def test_candidates_best_on_valid_is_chosen_and_scored_on_test(labdb, fake_llm):
     assert label == [(GOOD, "test")]
 
 
+def test_candidates_with_the_same_text_are_stored_once(labdb, fake_llm):
+    """--candidates 3 whose answers agree: one explanation row per distinct text per feature and
+    run (it stored 3 identical rows, each scored on valid), the first candidate that wrote it."""
+    fake_llm.responder = _explain_responder({1: GOOD, 2: GOOD, 3: 'the token " def"'})
+    assert _label(labdb, "--features", "2:4", "--explainer", "openai:gpt-4o-mini", "--candidates", "3") == 0
+    rows = _q(labdb, "SELECT feature_id, candidate, text FROM explanations ORDER BY 1, 2")
+    assert rows == [(f, c, t) for f in (2, 3) for c, t in ((0, GOOD), (2, 'the token " def"'))]
+    valid = _q(labdb, "SELECT count(*) FROM scores WHERE split = 'valid' AND scorer = 'simulation'")
+    assert valid == [(4,)]  # the two distinct texts of each feature
+    assert _q(labdb, "SELECT count(DISTINCT feature_id) FROM labels") == [(2,)]
+
+    fake_llm.responder = _explain_responder()  # all three the same: one row, nothing to choose between
+    assert _label(labdb, "--features", "4:6", "--explainer", "openai:gpt-4o-mini", "--candidates", "3") == 0
+    assert _q(labdb, "SELECT feature_id, text, chosen FROM explanations WHERE feature_id >= 4 ORDER BY 1") == \
+        [(4, GOOD, True), (5, GOOD, True)]
+
+
 def test_candidates_honour_the_baseline_option(labdb, fake_llm):
     """--candidates N with --baseline sample:N: only the sampled features' candidates are scored
     on `valid` against a shuffled explanation, the others carry the population baseline; with

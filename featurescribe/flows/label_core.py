@@ -12,7 +12,8 @@ label flow wraps the compute step in a task. Features go in chunks (a few hundre
 - `prepare_chunk` samples the chunk's examples (kept when a feature already has them, so a
   resumed run sees the same windows), marks dead and rare features, and loads the windows.
 - `compute_chunk` explains every feature (`--candidates N`: N candidates at temperature > 0,
-  each scored on the `valid` split by the simulation scorer, the best one chosen), then scores
+  one per distinct text, each scored on the `valid` split by the simulation scorer, the best one
+  chosen), then scores
   the chosen explanation on `test` with every scorer. All features of the chunk run at once
   under the LLM client's concurrency limit. It never touches DuckDB: LLM calls go through the
   clients it is handed, which record to their CallStore (ledger rows and the response cache).
@@ -383,10 +384,24 @@ async def explain_features(chunk: _Chunk) -> dict[int, list[ExplanationRow]]:
             chunk.result.not_done.append(fe.feature_id)
             chunk.result.stopped_at_budget = True
             continue
-        rows = [_explanation_row(chunk, fe, oc) for oc in ocs]
+        rows = distinct_texts([_explanation_row(chunk, fe, oc) for oc in ocs])
         per_feature[fe.feature_id] = rows
         chunk.result.explanations.extend(rows)
     return per_feature
+
+
+def distinct_texts(rows: list[ExplanationRow]) -> list[ExplanationRow]:
+    """One ok row per distinct text (candidates sampled at temperature > 0 may agree), the first
+    candidate that wrote it; failed rows (text '') are kept, each with its own error."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        if row.status == ExplanationStatus.OK:
+            if row.explanation.text in seen:
+                continue
+            seen.add(row.explanation.text)
+        kept.append(row)
+    return kept
 
 
 def _explanation_row(chunk: _Chunk, fe: FeatureExamples, oc: ExplainOutcome) -> ExplanationRow:
