@@ -84,6 +84,9 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
         options = dataclasses.replace(options, concurrency=max(1, min(options.concurrency, cap)))
     budget = label_core.as_budget(budget)
 
+    # clients (and their SDK's connection pool) per chunk: each chunk runs in its own event loop,
+    # and an httpx pool cannot outlive its loop. Measured against the fake server: 23 ms to build
+    # and up to --concurrency new connections per chunk, under 1% of a 256-feature chunk's calls
     async def main() -> ChunkResult:
         async with label_core.llm_clients(options, store=store, budget=budget, run_id=run_id) as clients:
             async with chunk_slots(clients.distinct(), global_limits):
