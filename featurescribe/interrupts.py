@@ -220,10 +220,13 @@ def signals_deferred() -> Iterator[None]:
 
 @contextmanager
 def handling_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise `Interrupted` for the block (main thread only)."""
+    """SIGINT and SIGTERM raise `Interrupted` for the block (main thread only). The block starts
+    with no signal received: a command run again in the same process (`main()` from Python) is not
+    stopped by the signal that stopped the one before."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _LOOPS.stopping = None
     previous = {s: signal.signal(s, _on_signal) for s in SIGNALS}
     try:
         yield

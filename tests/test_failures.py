@@ -57,7 +57,6 @@ def test_dead_port_stops_the_run_with_one_line(labdb, monkeypatch, capsys, prefe
 
 
 @pytest.mark.parametrize("kind,setup,words", [
-    ("auth", lambda s: setattr(s, "api_key", "the-right-key"), "auth"),
     ("not_found", lambda s: setattr(s, "models", {"another-model"}), "not found"),
     ("server", lambda s: s.inject("500", times=1000), "server errors"),
 ])
@@ -69,6 +68,20 @@ def test_each_kind_trips_the_breaker(labdb, fake_llm, capsys, prefect_server, ki
     assert f"openai:gpt-4o-mini at {fake_llm.base_url_openai}" in line and words in line, line
     assert len(fake_llm.requests_for("openai")) == LIMIT  # not one more
     assert q(labdb, "SELECT status FROM runs") == [("failed",)]
+
+
+@pytest.mark.parametrize("spec", ["openai:gpt-4o-mini", "anthropic:claude-haiku-4-5"])
+def test_a_refused_key_stops_the_run_at_once_as_bad_input(labdb, fake_llm, capsys, prefect_server, spec):
+    """A wrong key is wrong for every request: the first 401 stops the run, exit 2 as a missing key
+    (it was --max-failures refused requests, then exit 1; label --batch already said 2)."""
+    fake_llm.api_key = "the-right-key"
+    rc = _cli(labdb, "--explainer", spec, "--max-failures", str(LIMIT), "--concurrency", "1")
+    assert rc == ExitStatus.USAGE
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"featurescribe: error: {spec} at ") and "refused the API key" in line, line
+    assert len(fake_llm.requests) == 1
+    assert q(labdb, "SELECT status FROM runs") == [("failed",)]
+    assert q(labdb, "SELECT count(*) FROM explanations") == [(0,)]
 
 
 @pytest.mark.parametrize("spec,kind", [("openai:gpt-4o-mini", "quota"), ("anthropic:claude-haiku-4-5", "quota"),

@@ -303,7 +303,7 @@ def test_rejected_key_stops_with_a_clear_error(fake_llm, store):
     fake_llm.inject("401")
     with pytest.raises(LLMAuthFailed) as info:
         run(call(client_for("anthropic:claude-haiku-4-5", store), req()))
-    assert isinstance(info.value, FeaturescribeError)
+    assert isinstance(info.value, FeaturescribeError) and info.value.exit_code == ExitStatus.USAGE
     assert "refused the API key" in str(info.value)
     assert len(fake_llm.requests) == 1
 

@@ -250,3 +250,21 @@ def test_a_signal_stops_a_long_sql_query_and_its_writes_are_not_kept(tmp_path, s
     assert proc.stderr.read().strip() == (f"featurescribe: interrupted ({sig.name}); the query stopped; "
                                           "with --write, nothing it changed is kept")
     assert q(db, "SELECT count(*) FROM information_schema.tables WHERE table_name = 't'") == [(0,)]
+
+
+def test_a_command_run_again_in_the_same_process_is_not_stopped_by_the_last_signal():
+    """`main()` called from Python (a notebook, a test) after a command that a signal stopped: the
+    next command ran into the old signal at its first LLM chunk and ended 143 at once."""
+    import asyncio
+
+    from featurescribe.interrupts import Interrupted, handling_signals, run_cancellable
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    with pytest.raises(Interrupted), handling_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
+        time.sleep(5)
+    with handling_signals():
+        assert run_cancellable(answer()) == 42

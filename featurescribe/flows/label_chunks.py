@@ -142,7 +142,7 @@ class ChunkPipeline:
         counts = self.run.write(result, calls)  # after this chunk's ledger rows
         self.summary.add(result, counts)
         if result.broken:
-            raise BackendBroken(result.broken, "")
+            raise BackendBroken(result.broken, "", result.broken_exit)
         if calls is not None:
             self.run.budget.add(result.spent_usd, calls=0)
         self.progress.chunk_written(prepared.feature_ids, counts.ledger_rows)

@@ -43,7 +43,7 @@ from featurescribe.flows.label_options import LabelOptions
 from featurescribe.labelers import ExplainOutcome, is_llm_explainer, make_explainer
 from featurescribe.llm.base import BudgetExceeded, gather_settled
 from featurescribe.records import Explanation, FeatureExamples, ScoreResult
-from featurescribe.statuses import ExplanationStatus, FeatureStatus
+from featurescribe.statuses import ExitStatus, ExplanationStatus, FeatureStatus
 from featurescribe.store import labelling as sql
 from featurescribe.store.harvest_rows import refuse_unfinished
 from featurescribe.store.sampling import load_examples, sample_examples
@@ -204,6 +204,7 @@ class ChunkResult:
     stopped_at_budget: bool = False
     spent_usd: float = 0.0
     broken: str | None = None  # the circuit breaker's line: a backend stopped answering
+    broken_exit: int = ExitStatus.ERROR  # and the exit status it asks for (2: a refused key)
     interrupted: bool = False  # stopped on a Dask worker by a signal to the flow: only its calls count
 
 

@@ -96,7 +96,7 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
     try:
         result = run_cancellable(main())  # a signal cancels its calls (featurescribe/interrupts.py)
     except BackendBroken as err:  # a result, not a task failure: the flow stops with one line
-        result = ChunkResult(prepared.source_id, broken=str(err))
+        result = ChunkResult(prepared.source_id, broken=str(err), broken_exit=int(err.exit_code))
     except (asyncio.CancelledError, Interrupted):
         if memory is None:  # in the flow's own process: its calls are in the database already
             raise
@@ -139,7 +139,7 @@ def _label(database, options: LabelOptions, run_id: str) -> LabelSummary:
         try:
             ChunkPipeline(run, summary, compute_chunk_task).label(ids)
         except BackendBroken as err:
-            summary.broken = str(err)
+            summary.broken, summary.broken_exit = str(err), int(err.exit_code)
         return run.finish(summary)
 
 

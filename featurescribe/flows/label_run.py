@@ -54,6 +54,7 @@ class LabelSummary:
     budget_message: str | None = None
     mean_score: float | None = None
     broken: str | None = None  # the circuit breaker stopped the run (its one line)
+    broken_exit: int = ExitStatus.ERROR
 
     def add(self, result: ChunkResult, counts: ChunkCounts) -> None:
         self.labelled += result.labelled
@@ -81,6 +82,8 @@ class LabelSummary:
 
     @property
     def exit_status(self) -> ExitStatus:
+        if self.broken:
+            return ExitStatus(self.broken_exit)
         return {RunStatus.FAILED: ExitStatus.ERROR, RunStatus.PARTIAL: ExitStatus.PARTIAL}.get(
             self.run_status, ExitStatus.OK)
 

@@ -14,7 +14,6 @@ from featurescribe.llm.base import (
     BudgetExceeded,
     ChatRequest,
     ChatResponse,
-    LLMAuthFailed,
     LLMCallFailed,
     LLMClient,
     LLMError,
@@ -25,6 +24,7 @@ from featurescribe.llm.base import (
     UnparseableResponse,
     parse_backend_spec,
 )
+from featurescribe.llm.breaker import BackendBroken, LLMAuthFailed, QuotaExhausted
 from featurescribe.llm.budget import Budget, budget_message
 from featurescribe.llm.client import (
     Client,
@@ -41,6 +41,7 @@ __all__ = [
     "BACKENDS",
     "BackendKind",
     "register_backend",
+    "BackendBroken",
     "Budget",
     "BudgetExceeded",
     "CallRow",
@@ -58,6 +59,7 @@ __all__ = [
     "ModelNotFound",
     "NotAnLLMBackend",
     "PriceTable",
+    "QuotaExhausted",
     "TokenLogprob",
     "UnparseableResponse",
     "budget_message",

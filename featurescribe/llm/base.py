@@ -139,10 +139,6 @@ async def gather_settled(*aws: Awaitable[T]) -> list[T]:
     return list(results)
 
 
-class LLMAuthFailed(LLMCallFailed, FeaturescribeError):
-    """The provider refused the API key (401/403): every further call would fail too."""
-
-
 class MissingAPIKey(FeaturescribeError):
     """The backend's API key variable is not set (raised by make_client, before any work)."""
 

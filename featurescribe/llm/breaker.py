@@ -7,7 +7,7 @@ every later call of the client raises it before sending. An answer that parses e
 
 Kinds that depend on the request's form (unparseable answers, refused requests) are counted per
 purpose, so a simulator whose answers never parse trips even while the same model explains well;
-the others (transport, auth, not-found model, server, bad request) are the endpoint's and any
+the others (transport, not-found model, server, bad request) are the endpoint's and any
 usable answer ends them.
 
 Rate limits: a 429 with Retry-After is never counted (the server says when to come back, and
@@ -15,8 +15,9 @@ waiting is the cure). A 429 without one counts, but trips only once the streak h
 `rate_limit_patience_s` (default 120 s, about what one call's own rate-limit retries wait), so a
 short burst waits and goes on while a provider that refuses every request stops the run.
 
-An exhausted quota (OpenAI's 429 `insufficient_quota`, Anthropic's 402 billing error or 429 spend
-limit) trips at the first answer, as `QuotaExhausted`: no retry can mend it.
+Two kinds trip at the first answer, since no retry can mend them: an exhausted quota (OpenAI's 429
+`insufficient_quota`, Anthropic's 402 billing error or 429 spend limit), as `QuotaExhausted`, and a
+refused key (401/403), as `LLMAuthFailed`, exit status 2 like a missing key.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ BREAKER_KINDS = {
     "quota": "the account's quota or billing exhausted",
 }
 PER_PURPOSE = ("parse", "rejected")
-QUOTA = "quota"  # trips at the first such answer
+QUOTA = "quota"
 
 
 class BackendBroken(FeaturescribeError):
@@ -51,9 +52,11 @@ class BackendBroken(FeaturescribeError):
 
     exit_code = ExitStatus.ERROR
 
-    def __init__(self, message: str, kind: str):
+    def __init__(self, message: str, kind: str, exit_code: int | None = None):
         super().__init__(message)
         self.kind = kind
+        if exit_code is not None:  # raised again from a chunk's result, which keeps only these two
+            self.exit_code = ExitStatus(exit_code)
 
 
 class QuotaExhausted(BackendBroken):
@@ -62,6 +65,25 @@ class QuotaExhausted(BackendBroken):
 
     def __init__(self, message: str):
         super().__init__(message, QUOTA)
+
+
+class LLMAuthFailed(BackendBroken):
+    """The provider refused the API key (401/403): the run stops at the first such answer with exit
+    status 2, a condition the user fixes, as a missing key is."""
+
+    exit_code = ExitStatus.USAGE
+
+    def __init__(self, message: str):
+        super().__init__(message, "auth")
+
+
+# kind -> the error raised at its first answer, and how its line reads
+_AT_ONCE = {
+    QUOTA: (QuotaExhausted, "the account's quota or billing is exhausted ({message}); add credit or raise "
+                            "the account's spend limit, then run the same command again"),
+    "auth": (LLMAuthFailed, "the provider refused the API key ({message}); check the key (and that it may use "
+                         "this model), then run the same command again"),
+}
 
 
 class CircuitBreaker:
@@ -97,12 +119,12 @@ class CircuitBreaker:
             n = self._streaks[key] = self._streaks.get(key, 0) + 1
             lasted = now - self._since.setdefault(key, now)
             if self.tripped is None and self._trips(kind, n, lasted):
-                self.tripped = (QuotaExhausted(self._quota_line(message)) if kind == QUOTA
+                self.tripped = (self._at_once(kind, message) if kind in _AT_ONCE
                                 else BackendBroken(self._line(kind, purpose, n, lasted, message), kind))
             return self.tripped
 
     def _trips(self, kind: str, n: int, lasted: float) -> bool:
-        if kind == QUOTA:
+        if kind in _AT_ONCE:
             return True
         if kind == "rate_limit" and lasted < self.rate_limit_patience_s:
             return False
@@ -118,7 +140,6 @@ class CircuitBreaker:
                 f"{BREAKER_KINDS[kind]}; last: {message}. Stopped before spending more "
                 f"(--max-failures {self.limit})")
 
-    def _quota_line(self, message: str) -> str:
-        return (f"{self.spec}{self._where()}: the account's quota or billing is exhausted ({message}); "
-                "add credit or raise the account's spend limit, then run the same command again. "
-                "Stopped at the first such answer")
+    def _at_once(self, kind: str, message: str) -> BackendBroken:
+        error, line = _AT_ONCE[kind]
+        return error(f"{self.spec}{self._where()}: {line.format(message=message)}. Stopped at the first such answer")

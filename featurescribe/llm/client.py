@@ -27,7 +27,8 @@ What one `chat` does:
      parameter; llm/negotiation.py): sent again at once in the weaker form the backend moved
      to, which is remembered in the database per base URL + model; with no weaker form left the
      call fails as `request rejected`, never retried as an outage.
-   Other errors (400, 404, ...) are not retried; 401/403 raise LLMAuthFailed.
+   Other errors (400, 404, ...) are not retried; a 401/403 stops the backend at once
+   (LLMAuthFailed, from the breaker).
    When a kind runs out of attempts the call ends in LLMCallFailed. A placeholder answer is
    never returned.
    Circuit breaker (llm/breaker.py): every failed attempt is counted by kind; `max_failures` in a
@@ -64,7 +65,6 @@ from featurescribe.llm.base import (
     BudgetExceeded,
     ChatRequest,
     ChatResponse,
-    LLMAuthFailed,
     LLMCallFailed,
     ModelNotFound,
     UnparseableResponse,
@@ -524,7 +524,7 @@ class Client:
 
     async def _send(self, state: _CallState, t0: float) -> ChatResponse:
         """The backend's one attempt; a failure is recorded and raised as what the retry loop
-        makes of it (_Retry, LLMAuthFailed, LLMCallFailed, or the error itself)."""
+        makes of it (_Retry, BackendBroken, LLMCallFailed, or the error itself)."""
         state.attempt += 1
         timeout = self.settings.timeout_s if self._backend.uses_timeout else 0
         try:
@@ -555,8 +555,6 @@ class Client:
         broken = None if told_when else self.breaker.failed(f.kind, state.request.purpose, f.message)
         if broken is not None:
             return broken
-        if f.kind == "auth":
-            return LLMAuthFailed(f"{self.spec}: the provider refused the API key ({f.message})")
         if f.kind == "not_found":
             return ModelNotFound(f"{self.spec}: {f.message}")
         if f.kind == "fatal":

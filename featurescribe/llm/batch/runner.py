@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable
 
 from featurescribe.errors import FeaturescribeError
 from featurescribe.interrupts import signals_deferred
-from featurescribe.llm.base import (BudgetExceeded, LLMAuthFailed, LLMError, parse_backend_spec)
+from featurescribe.llm.base import BudgetExceeded, LLMError, parse_backend_spec
 from featurescribe.llm.batch.base import (SUCCEEDED, BatchItem, BatchProvider, BatchState,
                                           provider_class)
 from featurescribe.llm.batch.collector import BatchCollector, BatchSink, has_batch_api
@@ -368,8 +368,6 @@ class BatchRunner:
         async def one(collector: BatchCollector, key: str, request) -> None:
             try:
                 await collector.inner.chat(request)
-            except LLMAuthFailed:
-                raise
             except LLMError as err:
                 given_up.add(key)
                 self.report.n_given_up += 1
