@@ -340,3 +340,26 @@ def test_commands_that_only_read_add_no_tables_to_another_programs_duckdb(tmp_pa
             f"featurescribe init --db {db}"), r.stderr
     assert hashlib.sha256(open(db, "rb").read()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.duckdb"]
+
+
+def test_sql_table_lines_up_wide_and_combining_characters(db_path):
+    """Column widths counted code points: a CJK character or an emoji takes two cells on a terminal,
+    so every row with one pushed the columns after it out of line."""
+    assert cli("init", "--db", db_path).returncode == 0
+    r = cli("sql", "--db", db_path, "SELECT * FROM (VALUES (1, 'abc', 'x'), (2, '特徴量', 'y'), (3, '🙂🙂', 'z'), "
+            "(4, 'e\u0301te\u0301', 'w')) t(n, token, after) ORDER BY n")
+    assert r.returncode == 0, r.stderr
+    header, rule, *rows, count = r.stdout.splitlines()
+    assert count == "(4 rows)" and len(rows) == 4
+    wide = {"特": 2, "徴": 2, "量": 2, "🙂": 2, "\u0301": 0}
+
+    def cells_before(line: str, ch: str) -> int:  # display cells before the last column's value
+        return sum(wide.get(c, 1) for c in line[:line.rindex(ch)])
+
+    starts = {cells_before(line, last) for line, last in zip(rows, "xyzw")}
+    assert starts == {cells_before(header, "after")}, r.stdout
+    assert rule.split() == ["-", "-" * 6, "-" * 5]
+    # a value over 60 cells is cut at 60 cells, not at 60 characters (40 CJK characters are 80 cells)
+    r = cli("sql", "--db", db_path, "SELECT repeat('語', 40) AS long")
+    value = r.stdout.splitlines()[2]
+    assert value == "語" * 29 + "…", value

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import threading
+import unicodedata
 from typing import Any, Callable, TypeVar
 
 import duckdb
@@ -146,7 +147,33 @@ def _cell(v: Any, width: int = 60) -> str:
     else:
         text = str(v)
     text = text.replace("\n", "\\n")
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if display_width(text) <= width else _cut(text, width - 1) + "…"
+
+
+def _char_cells(ch: str) -> int:
+    """Terminal cells of one character: 2 for East Asian wide and fullwidth ones (CJK, most emoji),
+    0 for combining marks and format characters (accents, variation selectors, joiners)."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def display_width(text: str) -> int:
+    return sum(_char_cells(ch) for ch in text)
+
+
+def _cut(text: str, width: int) -> str:
+    """The longest start of `text` that fits in `width` cells."""
+    used = 0
+    for i, ch in enumerate(text):
+        used += _char_cells(ch)
+        if used > width:
+            return text[:i]
+    return text
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - display_width(text))
 
 
 def write_rows(columns: list[str], rows: list[tuple], fmt: str, out) -> None:
@@ -169,9 +196,9 @@ def write_rows(columns: list[str], rows: list[tuple], fmt: str, out) -> None:
         out.write("\n")
     else:
         cells = [[_cell(v) for v in r] for r in rows]
-        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-        out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+        widths = [max([display_width(c)] + [display_width(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        out.write("  ".join(_pad(c, w) for c, w in zip(columns, widths)).rstrip() + "\n")
         out.write("  ".join("-" * w for w in widths) + "\n")
         for r in cells:
-            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+            out.write("  ".join(_pad(v, w) for v, w in zip(r, widths)).rstrip() + "\n")
         out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
