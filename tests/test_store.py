@@ -363,3 +363,32 @@ def test_sql_table_lines_up_wide_and_combining_characters(db_path):
     r = cli("sql", "--db", db_path, "SELECT repeat('語', 40) AS long")
     value = r.stdout.splitlines()[2]
     assert value == "語" * 29 + "…", value
+
+
+def test_sql_write_adds_no_tables_to_another_programs_duckdb(tmp_path):
+    """`sql --write` (and a writable Python handle) upgraded any DuckDB file it was pointed at:
+    someone's own database gained featurescribe's tables before their statement ran."""
+    import hashlib
+
+    import featurescribe
+
+    db = str(tmp_path / "theirs.duckdb")
+    con = duckdb.connect(db)
+    con.execute("CREATE TABLE measurements (x INTEGER)")
+    con.close()
+    before = hashlib.sha256(open(db, "rb").read()).hexdigest()
+    r = cli("sql", "--db", db, "--write", "INSERT INTO measurements VALUES (1)")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"featurescribe: error: database {db} is not a featurescribe database (it has no schema_version "
+        f"table); only init adds them to an existing file: give another --db, or add the tables with: "
+        f"featurescribe init --db {db}"), r.stderr
+    with pytest.raises(featurescribe.BadOption, match="is not a featurescribe database"):
+        featurescribe.open(db, read_only=False)
+    assert hashlib.sha256(open(db, "rb").read()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.duckdb"]
+    con = duckdb.connect(db, read_only=True)
+    assert con.execute("SELECT table_name FROM information_schema.tables").fetchall() == [("measurements",)]
+    con.close()
+    # init is how the tables are added when that is meant
+    assert cli("init", "--db", db).returncode == 0
+    assert cli("sql", "--db", db, "--write", "INSERT INTO measurements VALUES (1)").returncode == 0

@@ -144,7 +144,7 @@ def open_db(
             _remove_unfinished(path)
         raise
     try:
-        return _upgraded(con, path, read_only, timeout)
+        return _upgraded(con, path, read_only, timeout, adopt=create)
     except BaseException:
         if new:  # this process made the file and held it: nobody else can be using it
             _remove_unfinished(path)
@@ -166,12 +166,13 @@ def _is_new(path: str, create: bool) -> bool:
 
 
 def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
-              timeout: float | None) -> duckdb.DuckDBPyConnection:
-    """`con`, its schema brought up to this version (closed on an error)."""
+              timeout: float | None, adopt: bool = True) -> duckdb.DuckDBPyConnection:
+    """`con`, its schema brought up to this version (closed on an error). A DuckDB file without our
+    schema gets it only when `adopt` (init, or a command that creates its database) and not read-only."""
     try:
         version = current_version(con)
-        if version == 0 and read_only:  # someone else's DuckDB file: reading must not add our tables
-            raise not_featurescribe(path)
+        if version == 0 and (read_only or not adopt):  # someone else's DuckDB file: keep our tables out
+            raise not_featurescribe(path, read_only)
         if version > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"database {path} has schema version {version}, newer than this featurescribe "
@@ -194,10 +195,10 @@ def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
     return con
 
 
-def not_featurescribe(path: str) -> BadOption:
-    return BadOption(f"database {path} is not a featurescribe database (it has no schema_version table); a "
-                     f"command that only reads adds none: give another --db, or add the tables with: "
-                     f"featurescribe init --db {path}")
+def not_featurescribe(path: str, read_only: bool = True) -> BadOption:
+    why = "a command that only reads adds none" if read_only else "only init adds them to an existing file"
+    return BadOption(f"database {path} is not a featurescribe database (it has no schema_version table); {why}: "
+                     f"give another --db, or add the tables with: featurescribe init --db {path}")
 
 
 def _remove_unfinished(path: str) -> None:
