@@ -309,8 +309,8 @@ def test_sql_writes_to_a_view_say_which_tables_to_change(db_path):
 def test_init_on_a_full_disk_leaves_no_broken_file(tmp_path):
     """DuckDB had written the first page of the new file when the disk filled: every later command,
     once there was space, failed on it ('Could not read enough bytes')."""
-    with tmpfs(tmp_path / "small", "size=64k") as mnt:
-        (mnt / "pad").write_bytes(b"\0" * 60_000)  # one page left
+    with tmpfs(tmp_path / "small", "size=1m") as mnt:  # a new database's checkpoint needs ~530 KB
+        (mnt / "pad").write_bytes(b"\0" * 1_044_000)  # one page left
         db = str(mnt / "f.duckdb")
         r = cli("init", "--db", db)
         assert r.returncode == 1 and r.stderr.startswith("featurescribe: error: the disk is full (")
@@ -392,3 +392,18 @@ def test_sql_write_adds_no_tables_to_another_programs_duckdb(tmp_path):
     # init is how the tables are added when that is meant
     assert cli("init", "--db", db).returncode == 0
     assert cli("sql", "--db", db, "--write", "INSERT INTO measurements VALUES (1)").returncode == 0
+
+
+def test_init_whose_checkpoint_finds_the_disk_full_says_so_and_leaves_no_files(tmp_path):
+    """With room for the new file but not for its checkpoint, init said 'created' while the schema
+    was only in f.duckdb.wal (DuckDB checkpoints at closing and says nothing when that fails)."""
+    with tmpfs(tmp_path / "small", "size=1m") as mnt:
+        (mnt / "pad").write_bytes(b"\0" * 768 * 1024)  # 256 KiB left: the file is made, its checkpoint fails
+        db = str(mnt / "f.duckdb")
+        r = cli("init", "--db", db)
+        assert r.returncode == 1 and r.stderr.startswith("featurescribe: error: the disk is full ("), r.stdout
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+        assert sorted(p.name for p in mnt.iterdir()) == ["pad"]
+        (mnt / "pad").unlink()
+        r = cli("init", "--db", db)
+        assert r.returncode == 0 and sorted(p.name for p in mnt.iterdir()) == ["f.duckdb"]

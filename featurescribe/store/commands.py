@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 import duckdb
 
 from featurescribe.errors import BadOption, SQLFailed
-from featurescribe.store.connection import DEFAULT_DB, database_exists, open_db
+from featurescribe.store.connection import DEFAULT_DB, checkpoint, database_exists, open_db
 from featurescribe.store.schema import SCHEMA_VERSION
 from featurescribe.store.sql_errors import sql_error_line
 
@@ -28,6 +28,7 @@ def add_init_arguments(p: argparse.ArgumentParser) -> None:
 def run_init(args: argparse.Namespace) -> int:
     existed = database_exists(args.db)
     con = open_db(args.db, create=True)
+    checkpoint(con, args.db)  # an upgraded file too: 'ready' only once the schema is out of the .wal
     con.close()
     # an existing file is brought up to the current schema, or left as it is when it already is
     state = f"ready at schema version {SCHEMA_VERSION}" if existed else f"created (schema version {SCHEMA_VERSION})"

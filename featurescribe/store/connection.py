@@ -144,7 +144,10 @@ def open_db(
             _remove_unfinished(path)
         raise
     try:
-        return _upgraded(con, path, read_only, timeout, adopt=create)
+        con = _upgraded(con, path, read_only, timeout, adopt=create)
+        if new and not read_only:
+            checkpoint(con, path)
+        return con
     except BaseException:
         if new:  # this process made the file and held it: nobody else can be using it
             _remove_unfinished(path)
@@ -193,6 +196,20 @@ def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
         con.close()
         raise
     return con
+
+
+def checkpoint(con: duckdb.DuckDBPyConnection, path: str) -> None:
+    """Write what is committed into the file itself (closing `con` on an error). DuckDB checkpoints
+    when a connection closes but says nothing when that fails: on a full disk a new database's
+    schema stayed in its .wal while init said 'created'."""
+    try:
+        con.execute("CHECKPOINT")
+    except duckdb.Error as err:
+        con.close()
+        full = disk_full(err)
+        if full is not None:
+            raise full from None
+        raise FeaturescribeError(f"cannot write database {path}: {str(err).splitlines()[0]}") from None
 
 
 def not_featurescribe(path: str, read_only: bool = True) -> BadOption:
