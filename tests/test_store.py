@@ -407,3 +407,20 @@ def test_init_whose_checkpoint_finds_the_disk_full_says_so_and_leaves_no_files(t
         (mnt / "pad").unlink()
         r = cli("init", "--db", db)
         assert r.returncode == 0 and sorted(p.name for p in mnt.iterdir()) == ["f.duckdb"]
+
+
+def test_sql_write_that_leaves_its_own_transaction_open_says_nothing_was_kept(db_path):
+    """'BEGIN; INSERT ...' without a COMMIT printed the insert's count and exit 0, but DuckDB rolls
+    an open transaction back when the connection closes: the change was lost without a word."""
+    assert cli("init", "--db", db_path).returncode == 0
+    assert cli("sql", "--db", db_path, "--write", "CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1)").returncode == 0
+    r = cli("sql", "--db", db_path, "--write", "BEGIN; INSERT INTO t VALUES (2)")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip() == (
+        "featurescribe: error: SQL error: the query ends inside a transaction (a BEGIN without a COMMIT "
+        "after it), so what it changed since that BEGIN was rolled back: end it with COMMIT")
+    r = cli("sql", "--db", db_path, "--write", "INSERT INTO t VALUES (3); BEGIN; INSERT INTO t VALUES (4)")
+    assert r.returncode == 2  # what was committed before the BEGIN is kept, as DuckDB commits it
+    assert cli("sql", "--db", db_path, "SELECT x FROM t ORDER BY x", "--format", "csv").stdout.split() == ["x", "1", "3"]
+    # reading needs no COMMIT: nothing is lost
+    r = cli("sql", "--db", db_path, "BEGIN; SELECT count(*) AS n FROM t", "--format", "csv")
+    assert r.returncode == 0 and r.stdout.split() == ["n", "2"]

@@ -70,6 +70,9 @@ def _execute(con: duckdb.DuckDBPyConnection, query: str, write: bool) -> tuple[l
         if atomic:
             _rollback(con)
         raise
+    if write and not atomic and _rollback(con):
+        raise SQLFailed("SQL error: the query ends inside a transaction (a BEGIN without a COMMIT after it), so "
+                        "what it changed since that BEGIN was rolled back: end it with COMMIT")
     return result
 
 
@@ -121,11 +124,14 @@ def _has_transaction_control(con: duckdb.DuckDBPyConnection, query: str) -> bool
     return any(st.type == duckdb.StatementType.TRANSACTION for st in statements)
 
 
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+def _rollback(con: duckdb.DuckDBPyConnection) -> bool:
+    """Roll back the open transaction; False when none was open. (DuckDB would roll it back at
+    closing too, without a word.)"""
     try:
         con.execute("ROLLBACK")
-    except duckdb.Error:  # the failed statement may have ended the transaction already
-        pass
+    except duckdb.Error:  # none open: the failed statement may have ended it already
+        return False
+    return True
 
 
 def _plain(v: Any) -> Any:
