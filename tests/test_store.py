@@ -424,3 +424,16 @@ def test_sql_write_that_leaves_its_own_transaction_open_says_nothing_was_kept(db
     # reading needs no COMMIT: nothing is lost
     r = cli("sql", "--db", db_path, "BEGIN; SELECT count(*) AS n FROM t", "--format", "csv")
     assert r.returncode == 0 and r.stdout.split() == ["n", "2"]
+
+
+def test_sql_table_shows_control_characters_escaped(db_path):
+    """Only a newline was escaped: a tab in a value jumped to the terminal's next tab stop, a carriage
+    return sent the rest of the row over its start, and an ANSI escape (a corpus token can hold one)
+    reached the terminal and recoloured it."""
+    assert cli("init", "--db", db_path).returncode == 0
+    r = cli("sql", "--db", db_path, "SELECT 'a' || chr(9) || 'b' AS v, 'x' AS w UNION ALL "
+            "SELECT 'c' || chr(13) || 'd', 'y' UNION ALL SELECT chr(27) || '[31mred', 'z' UNION ALL "
+            "SELECT 'e' || chr(10) || 'f', 'q'")
+    assert r.returncode == 0, r.stderr
+    shown = ["a\\tb", "c\\rd", "\\x1b[31mred", "e\\nf"]
+    assert r.stdout.splitlines()[2:6] == [f"{v:<11}  {w}" for v, w in zip(shown, "xyzq")]

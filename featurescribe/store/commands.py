@@ -153,8 +153,19 @@ def _cell(v: Any, width: int = 60) -> str:
         text = f"{v:.4g}"
     else:
         text = str(v)
-    text = text.replace("\n", "\\n")
+    text = "".join(_escaped(ch) for ch in text)
     return text if display_width(text) <= width else _cut(text, width - 1) + "…"
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(ch: str) -> str:
+    """A control character as its escape (a tab, a carriage return or an ANSI escape would move
+    the cursor or recolour the terminal); any other character as it is."""
+    if unicodedata.category(ch) != "Cc":
+        return ch
+    return _ESCAPES.get(ch) or ascii(ch)[1:-1]
 
 
 def _char_cells(ch: str) -> int:
