@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from featurescribe.errors import FeaturescribeError, disk_full
+from featurescribe.errors import FeaturescribeError, damaged_database, disk_full
 from featurescribe.interrupts import as_interruption, exit_now, handling_signals
 from featurescribe.statuses import ExitStatus
 
@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, FeaturescribeError):
             print(f"featurescribe: error: {err}", file=sys.stderr)
             return err.exit_code
-        full = disk_full(err)
-        if full is not None:
-            print(f"featurescribe: error: {full}", file=sys.stderr)
-            return full.exit_code
+        known = disk_full(err) or damaged_database(err, getattr(args, "db", None))
+        if known is not None:
+            print(f"featurescribe: error: {known}", file=sys.stderr)
+            return known.exit_code
         if isinstance(err, BrokenPipeError):
             return ExitStatus.OK
         raise

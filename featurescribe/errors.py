@@ -7,6 +7,7 @@ the kind it expects (`except featurescribe.UnknownSource`); the lookup errors ar
 """
 
 import errno
+from typing import Iterator
 
 
 class FeaturescribeError(Exception):
@@ -63,18 +64,46 @@ class DiskFull(FeaturescribeError, OSError):
     exit_code = 1  # statuses.ExitStatus.ERROR: the run failed midway, it is not bad input
 
 
-def disk_full(err: BaseException) -> DiskFull | None:
-    """A `DiskFull` for an error that a full disk caused, else None: an OSError ENOSPC, or DuckDB's
-    IO and transaction errors (their own classes, with the OS's words in the message), also when a
-    later error (a Prefect flow's, a cleanup's) was raised while handling it."""
+class DamagedDatabase(FeaturescribeError):
+    """DuckDB cannot read part of the database file: it was cut short or overwritten."""
+
+    exit_code = 1  # statuses.ExitStatus.ERROR: not bad input
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """`err` and the errors it was raised from or while handling (a Prefect flow's, a cleanup's)."""
     seen: BaseException | None = err
     for _ in range(16):  # a chain is short; a cycle in it must not hang the error path
         if seen is None:
-            break
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def disk_full(err: BaseException) -> DiskFull | None:
+    """A `DiskFull` for an error that a full disk caused, else None: an OSError ENOSPC, or DuckDB's
+    IO and transaction errors (their own classes, with the OS's words in the message), also when a
+    later error was raised while handling it."""
+    for seen in _chain(err):
         if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or "No space left on device" in str(seen):
             return DiskFull(f"the disk is full ({first_error_line(seen)}); what was committed is kept: free some "
                             "space and run the same command again")
-        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+# DuckDB's words for a block it cannot read: past the end of the file, or failing its checksum
+_DAMAGE_SIGNS = ("Could not read enough bytes", "Corrupt database file")
+
+
+def damaged_database(err: BaseException, path: str | None) -> DamagedDatabase | None:
+    """A `DamagedDatabase` for DuckDB's error on reading a block of a file cut short or overwritten
+    (which it finds only when a query first reads that block), else None."""
+    for seen in _chain(err):
+        lines = str(seen).strip().splitlines()
+        if lines and any(sign in lines[0] for sign in _DAMAGE_SIGNS):
+            name = f"database {path}" if path else "the database"
+            return DamagedDatabase(f"{name} is damaged ({lines[0]}): DuckDB cannot read part of it; restore it "
+                                   "from a copy, or harvest into a new file")
     return None
 
 

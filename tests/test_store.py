@@ -437,3 +437,41 @@ def test_sql_table_shows_control_characters_escaped(db_path):
     assert r.returncode == 0, r.stderr
     shown = ["a\\tb", "c\\rd", "\\x1b[31mred", "e\\nf"]
     assert r.stdout.splitlines()[2:6] == [f"{v:<11}  {w}" for v, w in zip(shown, "xyzq")]
+
+
+def _damaged_copies(tmp_path) -> dict[str, str]:
+    """A database cut short in a data block, one with a data block overwritten, and one cut after
+    its headers."""
+    from tests.export_fixtures import build_large_db
+
+    whole = str(tmp_path / "whole.duckdb")
+    build_large_db(whole, 2000)
+    con = duckdb.connect(whole, read_only=True)
+    block = con.execute("SELECT max(block_id) FROM pragma_storage_info('sequences')").fetchone()[0]
+    block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    con.close()
+    data = open(whole, "rb").read()
+    at = 3 * 4096 + block * block_size + 100  # DuckDB's blocks follow its three 4 KiB headers
+    cut, overwritten = str(tmp_path / "cut.duckdb"), str(tmp_path / "overwritten.duckdb")
+    headers_only = str(tmp_path / "headers-only.duckdb")  # this one fails at opening
+    open(cut, "wb").write(data[:at])
+    open(overwritten, "wb").write(data[:at] + b"\x55" * 64 + data[at + 64:])
+    open(headers_only, "wb").write(data[:3 * 4096 + 100])
+    return {cut: "Could not read enough bytes", overwritten: "Corrupt database file",
+            headers_only: "Could not read enough bytes"}
+
+
+def test_a_damaged_database_is_one_line_for_every_command(tmp_path):
+    """A file cut short (a copy that stopped midway) or overwritten in a block opened fine, and the
+    first read of the block gave export and report a DuckDB traceback; sql called it bad SQL."""
+    for db, duckdb_says in _damaged_copies(tmp_path).items():
+        before = open(db, "rb").read()
+        for args in (["export", "--format", "json", "--out", str(tmp_path / f"e-{os.path.basename(db)}")],
+                     ["report", "--out", str(tmp_path / "r.html")],
+                     ["sql", "SELECT sum(len(tokens)) FROM sequences"]):
+            r = cli(*args, "--db", db)
+            *progress, error = r.stderr.strip().splitlines()  # export logs its progress first
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+            assert error.startswith(f"featurescribe: error: database {db} is damaged (") and duckdb_says in error
+            assert error.endswith("restore it from a copy, or harvest into a new file"), error
+        assert open(db, "rb").read() == before

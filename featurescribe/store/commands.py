@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import duckdb
 
-from featurescribe.errors import BadOption, SQLFailed
+from featurescribe.errors import BadOption, SQLFailed, damaged_database
 from featurescribe.store.connection import DEFAULT_DB, checkpoint, database_exists, open_db
 from featurescribe.store.schema import SCHEMA_VERSION
 from featurescribe.store.sql_errors import sql_error_line
@@ -87,6 +87,8 @@ def _fetch(con: duckdb.DuckDBPyConnection, query: str, write: bool,
             con.execute("COMMIT")
         return result
     except duckdb.Error as err:
+        if damaged_database(err, None):  # the file's fault, not the SQL's: the command line says so
+            raise
         raise SQLFailed(sql_error_line(err, query, write)) from None
 
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import duckdb
 
 from featurescribe.errors import (BadOption, DatabaseLocked, DiskFull, FeaturescribeError, NoDatabase,
-                                  SchemaTooNew, disk_full)
+                                  SchemaTooNew, damaged_database, disk_full)
 from featurescribe.store.schema import SCHEMA_VERSION, current_version, migrate
 
 DEFAULT_DB = "featurescribe.duckdb"
@@ -89,9 +89,9 @@ def _connect_once(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     except duckdb.IOException as err:
         if "lock" in str(err).lower():
             raise DatabaseLocked(_lock_message(path, err)) from err
-        full = disk_full(err)
-        if full is not None:
-            raise full from None
+        known = disk_full(err) or damaged_database(err, path)
+        if known is not None:
+            raise known from None
         raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
     except duckdb.Error as err:
         raise FeaturescribeError(f"cannot open database {path}: {str(err).splitlines()[0]}") from None
