@@ -25,3 +25,8 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+def remount(path: Path, options: str) -> None:
+    """Mount a `tmpfs` mount again with other options (e.g. "ro,size=1m" once its files are written)."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)

@@ -475,3 +475,27 @@ def test_a_damaged_database_is_one_line_for_every_command(tmp_path):
             assert error.startswith(f"featurescribe: error: database {db} is damaged (") and duckdb_says in error
             assert error.endswith("restore it from a copy, or harvest into a new file"), error
         assert open(db, "rb").read() == before
+
+
+def test_reading_an_older_database_on_a_read_only_mount_says_why_it_must_write(tmp_path):
+    """An older database is upgraded before it is read; on a read-only mount that failed with DuckDB's
+    'Cannot open file ...: Read-only file system', as if the file could not be read at all."""
+    from tests.mounts import remount
+
+    with tmpfs(tmp_path / "ro", "size=4m") as mnt:
+        db = str(mnt / "v1.duckdb")
+        con = duckdb.connect(db)
+        con.execute(VERSION_TABLE)
+        for stmt in MIGRATIONS[0]:
+            con.execute(stmt)
+        con.execute("INSERT INTO schema_version (version) VALUES (1)")
+        con.close()
+        remount(mnt, "ro,size=4m")
+        try:
+            r = cli("sql", "--db", db, "SELECT count(*) FROM sources")
+        finally:
+            remount(mnt, "rw,size=4m")
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"featurescribe: error: database {db} has schema version 1, older than this featurescribe reads "
+            f"({SCHEMA_VERSION}), and upgrading it needs it writable: it is not (Read-only file system); "
+            f"upgrade it once where it can be written, with: featurescribe init --db {db}"), r.stderr

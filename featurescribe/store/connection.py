@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-from featurescribe.errors import (BadOption, DatabaseLocked, DiskFull, FeaturescribeError, NoDatabase,
+from featurescribe.errors import (BadOption, DamagedDatabase, DatabaseLocked, DiskFull, FeaturescribeError, NoDatabase,
                                   SchemaTooNew, damaged_database, disk_full)
 from featurescribe.store.schema import SCHEMA_VERSION, current_version, migrate
 
@@ -184,11 +184,7 @@ def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
         if version < SCHEMA_VERSION:
             if read_only:
                 con.close()
-                rw = _connect(path, False, timeout)
-                try:
-                    migrate(rw)
-                finally:
-                    rw.close()
+                _upgrade_to_read(path, version, timeout)
                 con = _connect(path, True, timeout)
             else:
                 migrate(con)
@@ -196,6 +192,28 @@ def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
         con.close()
         raise
     return con
+
+
+_OS_REASON = re.compile(r'": (?P<why>[^"]+)$')  # DuckDB's 'Cannot open file "PATH": Read-only file system'
+
+
+def _upgrade_to_read(path: str, version: int, timeout: float | None) -> None:
+    """Migrate an older database through a short writable opening, so that it can be read; one line
+    saying why when the file cannot be written (a read-only mount or file)."""
+    try:
+        rw = _connect(path, False, timeout)
+    except (DatabaseLocked, DiskFull, DamagedDatabase):
+        raise
+    except FeaturescribeError as err:
+        reason = _OS_REASON.search(str(err))
+        raise FeaturescribeError(
+            f"database {path} has schema version {version}, older than this featurescribe reads ({SCHEMA_VERSION}), "
+            f"and upgrading it needs it writable: it is not ({reason.group('why') if reason else err}); upgrade it "
+            f"once where it can be written, with: featurescribe init --db {path}") from None
+    try:
+        migrate(rw)
+    finally:
+        rw.close()
 
 
 def checkpoint(con: duckdb.DuckDBPyConnection, path: str) -> None:
