@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 
 import duckdb
 import pytest
@@ -499,3 +500,21 @@ def test_reading_an_older_database_on_a_read_only_mount_says_why_it_must_write(t
             f"featurescribe: error: database {db} has schema version 1, older than this featurescribe reads "
             f"({SCHEMA_VERSION}), and upgrading it needs it writable: it is not (Read-only file system); "
             f"upgrade it once where it can be written, with: featurescribe init --db {db}"), r.stderr
+
+
+def test_a_sqlite_file_is_named_as_one_without_duckdb_reaching_for_an_extension(tmp_path):
+    """DuckDB opens a SQLite file through its sqlite extension, which it tried to download:
+    'cannot open database s.db: IO Error: Failed to download extension "sqlite_scanner" at URL
+    "http://extensions.duckdb.org/..."', a network request and a line that hid the mistake."""
+    import sqlite3
+
+    db = str(tmp_path / "notes.db")
+    with closing(sqlite3.connect(db)) as con:
+        con.execute("CREATE TABLE notes (x)")
+        con.commit()
+    before = open(db, "rb").read()
+    for args in (["sql", "SELECT 1"], ["sql", "--write", "SELECT 1"], ["init"]):
+        r = cli(*args, "--db", db)
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"featurescribe: error: database {db} is a SQLite file, not a DuckDB database: give a DuckDB file"), r.stderr
+    assert open(db, "rb").read() == before

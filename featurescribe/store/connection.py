@@ -158,7 +158,10 @@ def _is_new(path: str, create: bool) -> bool:
     """True for a database file to create; the errors of a path that cannot be one."""
     if Path(path).is_dir():
         raise BadOption(f"--db {path} is a folder: give a database file, e.g. {Path(path) / DEFAULT_DB}")
-    if path == ":memory:" or database_exists(path):
+    if path == ":memory:":
+        return False
+    if database_exists(path):
+        _refuse_sqlite(path)
         return False
     if not create:
         raise NoDatabase(f"no database at {path} (create one with: featurescribe init --db {path})")
@@ -166,6 +169,21 @@ def _is_new(path: str, create: bool) -> bool:
     if not parent.exists():
         raise FeaturescribeError(f"cannot create database {path}: folder {parent} does not exist")
     return not os.path.exists(path + ".wal")  # a log left by another process is not ours to remove
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _refuse_sqlite(path: str) -> None:
+    """DuckDB opens a SQLite file through an extension that it downloads when missing: a network
+    request, then an error about the download rather than the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError:  # unreadable: DuckDB's opening says why
+        return
+    if head == SQLITE_MAGIC:
+        raise BadOption(f"database {path} is a SQLite file, not a DuckDB database: give a DuckDB file")
 
 
 def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
