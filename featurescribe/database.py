@@ -141,11 +141,12 @@ class Database:
         return as_format(SearchResults(_hits_table(hits)), format)
 
     def sql(self, query: str, *, format: str | None = None) -> Any:
-        """Run SQL (read-only unless the handle was opened with `read_only=False`)."""
-        from featurescribe.store.handle_queries import query_table
+        """Run SQL (read-only unless the handle was opened with `read_only=False`): the last
+        statement's result; a writable script changes all or nothing, as `featurescribe sql --write`."""
+        from featurescribe.store.handle_queries import user_table
 
         with self._connect() as con:
-            return as_format(Table(query_table(con, query)), format)
+            return as_format(Table(user_table(con, query, write=not self.read_only)), format)
 
 
 def _hits_table(hits: list) -> Any:

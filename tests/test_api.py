@@ -190,3 +190,25 @@ def test_report_and_cards_share_the_styles(demo, tmp_path):
     assert main(["report", "--db", demo, "--out", str(out)]) == 0
     page = out.read_text()
     assert "@@CARDS_CSS@@" not in page and ".fs .window {" in page and '<div id="detail" class="fs">' in page
+
+
+def test_writable_sql_runs_a_script_whole_or_not_at_all(db_path):
+    """The handle's sql() ran a script statement by statement: a failing statement kept the changes
+    of those before it, and 'BEGIN; INSERT ...' returned the count while the row was rolled back
+    unseen when the handle closed its connection. It now does what `featurescribe sql --write` does."""
+    from featurescribe.store import open_db
+
+    open_db(db_path).close()
+    db = fs.open(db_path, read_only=False)
+    db.sql("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1)")
+    with pytest.raises(fs.SQLFailed, match="^SQL error: Conversion Error"):
+        db.sql("INSERT INTO t VALUES (2); INSERT INTO t VALUES ('not a number')")
+    with pytest.raises(fs.SQLFailed, match="^SQL error: the query ends inside a transaction"):
+        db.sql("BEGIN; INSERT INTO t VALUES (3)")
+    assert db.sql("SELECT x FROM t ORDER BY x").to_dicts() == [{"x": 1}]
+    assert db.sql("INSERT INTO t VALUES (4); SELECT count(*) AS n FROM t").to_dicts() == [{"n": 2}]
+    with pytest.raises(fs.BadOption, match="no SQL statement"):
+        db.sql("-- nothing")
+    with pytest.raises(fs.SQLFailed, match=r"read-only mode! \(the handle is read-only: open it with "
+                                           r"featurescribe.open\(path, read_only=False\) to change it\)"):
+        fs.open(db_path).sql("DELETE FROM t")

@@ -7,18 +7,12 @@ import csv
 import json
 import math
 import sys
-import threading
 import unicodedata
-from typing import Any, Callable, TypeVar
+from typing import Any
 
-import duckdb
-
-from featurescribe.errors import BadOption, SQLFailed, damaged_database
 from featurescribe.store.connection import DEFAULT_DB, checkpoint, database_exists, open_db
 from featurescribe.store.schema import SCHEMA_VERSION
-from featurescribe.store.sql_errors import sql_error_line
-
-T = TypeVar("T")
+from featurescribe.store.user_sql import columns_and_rows, run_script
 
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,91 +43,12 @@ def run_sql(args: argparse.Namespace) -> int:
     try:
         if not sys.stdout.isatty():  # DuckDB draws its progress bar on stdout, into the csv or json
             con.execute("SET enable_progress_bar_print = false")
-        result = _execute(con, args.query, args.write)
+        result = run_script(con, args.query, columns_and_rows, write=args.write)
     finally:
         con.close()
     if result is not None:
         write_rows(*result, args.format, sys.stdout)
     return 0
-
-
-def _execute(con: duckdb.DuckDBPyConnection, query: str, write: bool) -> tuple[list[str], list[tuple]] | None:
-    """The last statement's columns and rows (None when it returns none). With --write, the
-    statements run as one transaction unless the query has its own BEGIN/COMMIT: DuckDB commits
-    each statement of a script by itself, so one that fails would keep the changes of those before it."""
-    atomic = write and not _has_transaction_control(con, query)
-    if atomic:
-        con.execute("BEGIN TRANSACTION")
-    try:
-        result = _interruptible(con, lambda: _fetch(con, query, write, commit=atomic))
-    except BaseException:
-        if atomic:
-            _rollback(con)
-        raise
-    if write and not atomic and _rollback(con):
-        raise SQLFailed("SQL error: the query ends inside a transaction (a BEGIN without a COMMIT after it), so "
-                        "what it changed since that BEGIN was rolled back: end it with COMMIT")
-    return result
-
-
-def _fetch(con: duckdb.DuckDBPyConnection, query: str, write: bool,
-           commit: bool) -> tuple[list[str], list[tuple]] | None:
-    try:
-        cur = con.execute(query)
-        if cur is None:  # DuckDB's answer to a query of blanks, semicolons or comments
-            raise BadOption("no SQL statement in the query: give one, e.g. \"SELECT * FROM labels LIMIT 10\"")
-        result = None if cur.description is None else ([d[0] for d in cur.description], cur.fetchall())
-        if commit:
-            con.execute("COMMIT")
-        return result
-    except duckdb.Error as err:
-        if damaged_database(err, None):  # the file's fault, not the SQL's: the command line says so
-            raise
-        raise SQLFailed(sql_error_line(err, query, write)) from None
-
-
-def _interruptible(con: duckdb.DuckDBPyConnection, work: Callable[[], T]) -> T:
-    """`work()` in a thread: Python runs a signal handler only in the main thread and only between
-    bytecodes, so Ctrl-C or SIGTERM would wait for DuckDB to finish the query (minutes, or never).
-    Here the main thread waits, takes the signal, and interrupts the query."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = work()
-        except BaseException as err:
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="fs-sql", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.1)
-    except BaseException:
-        con.interrupt()
-        thread.join()
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def _has_transaction_control(con: duckdb.DuckDBPyConnection, query: str) -> bool:
-    try:
-        statements = con.extract_statements(query)
-    except duckdb.Error:  # a syntax error: running the query reports it
-        return False
-    return any(st.type == duckdb.StatementType.TRANSACTION for st in statements)
-
-
-def _rollback(con: duckdb.DuckDBPyConnection) -> bool:
-    """Roll back the open transaction; False when none was open. (DuckDB would roll it back at
-    closing too, without a word.)"""
-    try:
-        con.execute("ROLLBACK")
-    except duckdb.Error:  # none open: the failed statement may have ended it already
-        return False
-    return True
 
 
 def _plain(v: Any) -> Any:

@@ -13,6 +13,7 @@ from featurescribe.store import browse_queries as bq
 from featurescribe.store.labelling import source_width
 from featurescribe.store.sampling import arrow_table
 from featurescribe.store.sql_errors import sql_error_line
+from featurescribe.store.user_sql import API_READ_ONLY_HINT, run_script
 from featurescribe.store.windows import WindowCounts, feature_windows
 
 _FEATURES_SQL = """
@@ -30,9 +31,24 @@ def query_table(con, sql: str, params: dict | None = None) -> pa.Table:
         rel = cur.sql(sql, params=params)
         return pa.table({}) if rel is None else arrow_table(rel)
     except duckdb.Error as err:
-        raise SQLFailed(sql_error_line(err, sql, writable=True)) from None
+        raise SQLFailed(sql_error_line(err, sql)) from None
     finally:
         cur.close()
+
+
+def user_table(con, query: str, write: bool) -> pa.Table:
+    """A user's SQL script (store/user_sql.py) and its last statement's result as an Arrow table
+    (empty for a statement without rows)."""
+    cur = con.cursor()  # a fresh cursor: the connection may hold an unfinished result
+    try:
+        return run_script(cur, query, _last_table, write=write, read_only_hint=API_READ_ONLY_HINT)
+    finally:
+        cur.close()
+
+
+def _last_table(con, query: str) -> pa.Table:
+    rel = con.sql(query)
+    return pa.table({}) if rel is None else arrow_table(rel)
 
 
 def sources_table(con) -> pa.Table:

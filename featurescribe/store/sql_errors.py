@@ -21,11 +21,12 @@ _VIEW_HINTS = {
 }
 
 
-def sql_error_line(err: duckdb.Error, query: str, writable: bool) -> str:
-    """'SQL error: <DuckDB's first line>', plus what to do when the cause is ours to explain."""
+def sql_error_line(err: duckdb.Error, query: str, read_only_hint: str | None = None) -> str:
+    """'SQL error: <DuckDB's first line>', plus what to do when the cause is ours to explain
+    (`read_only_hint`: how to open the database writable, for a connection that is not)."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if not writable and "read-only" in first:
-        first += " (sql opens the database read-only: add --write to change it)"
+    if read_only_hint and "read-only" in first:
+        first += f" ({read_only_hint})"
     elif any(refusal in first for refusal in _VIEW_REFUSALS):
         first += f" ({_view_hint(query)})"
     return f"SQL error: {first}"
