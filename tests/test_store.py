@@ -518,3 +518,16 @@ def test_a_sqlite_file_is_named_as_one_without_duckdb_reaching_for_an_extension(
         assert r.returncode == 2 and r.stderr.strip() == (
             f"featurescribe: error: database {db} is a SQLite file, not a DuckDB database: give a DuckDB file"), r.stderr
     assert open(db, "rb").read() == before
+
+
+def test_a_db_that_is_a_pipe_is_refused_at_once(tmp_path):
+    """A path that exists but is no regular file counted as a new database: init on a named pipe
+    waited forever for a writer, and sql said 'no database ... create one with init'."""
+    fifo = tmp_path / "f.duckdb"
+    os.mkfifo(fifo)
+    for args in (["init"], ["sql", "SELECT 1"], ["sql", "--write", "SELECT 1"]):
+        r = cli(*args, "--db", str(fifo), timeout=30)
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"featurescribe: error: --db {fifo} is not a regular file (a pipe, a device or a socket): give a "
+            f"database file"), r.stderr
+    assert fifo.is_fifo()

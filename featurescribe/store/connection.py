@@ -163,6 +163,8 @@ def _is_new(path: str, create: bool) -> bool:
     if database_exists(path):
         _refuse_sqlite(path)
         return False
+    if os.path.exists(path):  # DuckDB would wait forever on a pipe; nor is a device ours to remove
+        raise BadOption(f"--db {path} is not a regular file (a pipe, a device or a socket): give a database file")
     if not create:
         raise NoDatabase(f"no database at {path} (create one with: featurescribe init --db {path})")
     parent = Path(path).parent
