@@ -531,3 +531,16 @@ def test_a_db_that_is_a_pipe_is_refused_at_once(tmp_path):
             f"featurescribe: error: --db {fifo} is not a regular file (a pipe, a device or a socket): give a "
             f"database file"), r.stderr
     assert fifo.is_fifo()
+
+
+def test_sql_keeps_every_column_when_names_repeat(db_path):
+    """A join's SELECT * repeats names: the JSON rows were dicts by name, so a later column of the
+    same name overwrote the earlier one without a word. Repeats get DuckDB's own pandas names."""
+    import featurescribe
+
+    assert cli("init", "--db", db_path).returncode == 0
+    q = "SELECT * FROM (SELECT 1 AS x, 3 AS x_1) t1, (SELECT 2 AS x) t2"
+    r = cli("sql", "--db", db_path, q, "--format", "json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [{"x": 1, "x_1": 3, "x_2": 2}], r.stdout
+    assert cli("sql", "--db", db_path, q, "--format", "csv").stdout.splitlines() == ["x,x_1,x_2", "1,3,2"]
+    assert featurescribe.open(db_path).sql(q).to_dicts() == [{"x": 1, "x_1": 3, "x_2": 2}]

@@ -13,7 +13,7 @@ from featurescribe.store import browse_queries as bq
 from featurescribe.store.labelling import source_width
 from featurescribe.store.sampling import arrow_table
 from featurescribe.store.sql_errors import sql_error_line
-from featurescribe.store.user_sql import API_READ_ONLY_HINT, run_script
+from featurescribe.store.user_sql import API_READ_ONLY_HINT, run_script, unique_names
 from featurescribe.store.windows import WindowCounts, feature_windows
 
 _FEATURES_SQL = """
@@ -48,7 +48,10 @@ def user_table(con, query: str, write: bool) -> pa.Table:
 
 def _last_table(con, query: str) -> pa.Table:
     rel = con.sql(query)
-    return pa.table({}) if rel is None else arrow_table(rel)
+    if rel is None:
+        return pa.table({})
+    table = arrow_table(rel)
+    return table.rename_columns(unique_names(table.column_names))
 
 
 def sources_table(con) -> pa.Table:

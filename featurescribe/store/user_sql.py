@@ -29,7 +29,25 @@ def columns_and_rows(con: duckdb.DuckDBPyConnection, query: str) -> tuple[list[s
     cur = con.execute(query)
     if cur is None or cur.description is None:
         return None
-    return [d[0] for d in cur.description], cur.fetchall()
+    return unique_names([d[0] for d in cur.description]), cur.fetchall()
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """`names` with each repeat renamed as DuckDB names them for pandas (x, x_1, x_2, skipping a
+    name already taken): a result read by name (JSON rows, dicts) would lose all but one of them."""
+    taken = set(names)
+    out: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            k = 1
+            while f"{name}_{k}" in taken:
+                k += 1
+            name = f"{name}_{k}"
+            taken.add(name)
+        seen.add(name)
+        out.append(name)
+    return out
 
 
 def run_script(con: duckdb.DuckDBPyConnection, query: str, fetch: Fetch, *, write: bool,
