@@ -544,3 +544,19 @@ def test_sql_keeps_every_column_when_names_repeat(db_path):
     assert r.returncode == 0 and json.loads(r.stdout) == [{"x": 1, "x_1": 3, "x_2": 2}], r.stdout
     assert cli("sql", "--db", db_path, q, "--format", "csv").stdout.splitlines() == ["x,x_1,x_2", "1,3,2"]
     assert featurescribe.open(db_path).sql(q).to_dicts() == [{"x": 1, "x_1": 3, "x_2": 2}]
+
+
+def test_a_db_path_the_system_cannot_use_is_one_line(tmp_path):
+    """A name over the file system's limit was a traceback (OSError: File name too long, from the
+    check for an existing file); a path ending in '/' made a file named like the folder meant."""
+    long_name = str(tmp_path / ("a" * 300 + ".duckdb"))
+    for args in (["init"], ["sql", "SELECT 1"]):
+        r = cli(*args, "--db", long_name)
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"featurescribe: error: --db {long_name} cannot be used: File name too long"), r.stderr[-1000:]
+    folder = str(tmp_path / "out") + "/"
+    r = cli("init", "--db", folder)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"featurescribe: error: --db {folder} ends in '/', which names a folder: give a database file, "
+        f"e.g. {tmp_path / 'out' / 'featurescribe.duckdb'}"), r.stderr
+    assert list(tmp_path.iterdir()) == []

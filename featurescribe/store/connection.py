@@ -42,7 +42,10 @@ _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<prog>\S+)(?: \(PID (
 
 
 def database_exists(path: str | os.PathLike) -> bool:
-    return Path(path).is_file()
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long, a loop of links: no database there (open_db says why)
+        return False
 
 
 def parse_lock_timeout(text: str | float | None, what: str = "--lock-timeout") -> float:
@@ -156,8 +159,12 @@ def open_db(
 
 def _is_new(path: str, create: bool) -> bool:
     """True for a database file to create; the errors of a path that cannot be one."""
+    _check_usable(path)
     if Path(path).is_dir():
         raise BadOption(f"--db {path} is a folder: give a database file, e.g. {Path(path) / DEFAULT_DB}")
+    if path.endswith(("/", os.sep)):  # DuckDB would make a file named like the folder
+        raise BadOption(f"--db {path} ends in '/', which names a folder: give a database file, "
+                        f"e.g. {Path(path) / DEFAULT_DB}")
     if path == ":memory:":
         return False
     if database_exists(path):
@@ -186,6 +193,16 @@ def _refuse_sqlite(path: str) -> None:
         return
     if head == SQLITE_MAGIC:
         raise BadOption(f"database {path} is a SQLite file, not a DuckDB database: give a DuckDB file")
+
+
+def _check_usable(path: str) -> None:
+    """One line for a path the system refuses to look up (a name too long, a loop of links)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):  # a new file, or DuckDB's own line
+        return
+    except OSError as err:
+        raise BadOption(f"--db {path} cannot be used: {err.strerror}") from None
 
 
 def _upgraded(con: duckdb.DuckDBPyConnection, path: str, read_only: bool,
