@@ -560,3 +560,18 @@ def test_a_db_path_the_system_cannot_use_is_one_line(tmp_path):
         f"featurescribe: error: --db {folder} ends in '/', which names a folder: give a database file, "
         f"e.g. {tmp_path / 'out' / 'featurescribe.duckdb'}"), r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sql_write_on_a_full_disk_is_the_disk_full_line_and_changes_nothing(tmp_path):
+    """It said 'SQL error: IO Error: Could not write file ...: No space left on device', exit 2, as
+    if the SQL were wrong; every other command gives the disk-full line and exit 1."""
+    with tmpfs(tmp_path / "small", "size=2m") as mnt:
+        db = str(mnt / "f.duckdb")
+        assert cli("init", "--db", db).returncode == 0
+        r = cli("sql", "--db", db, "--write",
+                "CREATE TABLE big AS SELECT range AS x, md5(range::VARCHAR) AS h FROM range(1000000)")
+        assert r.returncode == 1 and r.stderr.startswith("featurescribe: error: the disk is full ("), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        r = cli("sql", "--db", db, "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'big'",
+                "--format", "csv")
+        assert r.returncode == 0 and r.stdout.split() == ["n", "0"]

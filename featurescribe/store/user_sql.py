@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import duckdb
 
-from featurescribe.errors import BadOption, SQLFailed, damaged_database
+from featurescribe.errors import BadOption, SQLFailed, damaged_database, disk_full
 from featurescribe.store.sql_errors import sql_error_line
 
 T = TypeVar("T")
@@ -88,7 +88,10 @@ def _fetch(con: duckdb.DuckDBPyConnection, query: str, fetch: Fetch, commit: boo
             con.execute("COMMIT")
         return result
     except duckdb.Error as err:
-        if damaged_database(err, None):  # the file's fault, not the SQL's: the caller says so
+        full = disk_full(err)
+        if full is not None:  # not the SQL's fault: the disk-full line, as every command gives
+            raise full from None
+        if damaged_database(err, None):  # nor this: the command line names the damaged file
             raise
         raise SQLFailed(sql_error_line(err, query, read_only_hint)) from None
 
