@@ -108,6 +108,7 @@ def damaged_database(err: BaseException, path: str | None) -> DamagedDatabase | 
 
 
 def beyond_retrying(err: BaseException) -> bool:
-    """A user's mistake or a full disk: trying again at once cannot mend it (so a flow does not
-    retry it), and the command line reports it in one line."""
-    return isinstance(err, FeaturescribeError) or disk_full(err) is not None
+    """A user's mistake, a full disk or a damaged database: trying again at once cannot mend it (so
+    a flow does not retry it), and the command line reports it in one line."""
+    return (isinstance(err, FeaturescribeError) or disk_full(err) is not None
+            or damaged_database(err, None) is not None)

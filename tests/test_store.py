@@ -575,3 +575,16 @@ def test_sql_write_on_a_full_disk_is_the_disk_full_line_and_changes_nothing(tmp_
         r = cli("sql", "--db", db, "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'big'",
                 "--format", "csv")
         assert r.returncode == 0 and r.stdout.split() == ["n", "0"]
+
+
+def test_a_label_run_on_a_damaged_database_is_its_one_line(tmp_path, prefect_server):
+    """Inside a flow, Prefect logged the DuckDB error with its traceback ('Encountered exception
+    during execution') before the command's own line, and the task was retried as if it might pass."""
+    damaged = [db for db, says in _damaged_copies(tmp_path).items() if says == "Corrupt database file"]
+    env = dict(os.environ, PREFECT_API_URL=prefect_server)
+    r = subprocess.run([sys.executable, "-m", "featurescribe", "label", "--db", damaged[0], "--source", "8-res-sae1m",
+                        "--features", "0:4", "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Encountered exception" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [line for line in errors if line.startswith(f"featurescribe: error: database {damaged[0]} is damaged (")]
+    assert len(errors) == 1, r.stderr

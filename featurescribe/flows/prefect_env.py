@@ -45,7 +45,8 @@ _FAILED_TASK = re.compile(r"Finished in state Failed\('Task run encountered an e
 class _ReportedErrorLines(logging.Filter):
     """Prefect's ERROR lines (with tracebacks, one per flow and task the exception passes through)
     about an exception the command reports itself in one `featurescribe: error:` line: a user's
-    mistake or a full disk. Dozens of lines would bury that one; the runs stay Failed on the server."""
+    mistake, a full disk or a damaged database. Dozens of lines would bury that one; the runs stay
+    Failed on the server."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from featurescribe.errors import beyond_retrying
@@ -59,12 +60,14 @@ class _ReportedErrorLines(logging.Filter):
 
 
 def _names_reported_error(class_name: str, message: str) -> bool:
-    from featurescribe.errors import FeaturescribeError, disk_full
+    from featurescribe.errors import FeaturescribeError, damaged_database, disk_full
 
     def names(cls: type) -> set[str]:
         return {cls.__name__}.union(*(names(sub) for sub in cls.__subclasses__()))
 
-    return class_name in names(FeaturescribeError) or disk_full(RuntimeError(message)) is not None
+    reported = RuntimeError(message)
+    return (class_name in names(FeaturescribeError) or disk_full(reported) is not None
+            or damaged_database(reported, None) is not None)
 
 
 class _OnTheConsole(logging.Filter):
