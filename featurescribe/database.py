@@ -86,11 +86,17 @@ class Database:
 
     @contextmanager
     def _connect(self) -> Iterator[Any]:
+        from featurescribe.errors import damaged_database
         from featurescribe.store.connection import open_db
 
         con = open_db(self.path, read_only=self.read_only, create=False)
         try:
             yield con
+        except Exception as err:  # DuckDB finds a damaged block only when a read reaches it
+            damaged = damaged_database(err, self.path)
+            if damaged is None:
+                raise
+            raise damaged from None
         finally:
             con.close()
 

@@ -588,3 +588,16 @@ def test_a_label_run_on_a_damaged_database_is_its_one_line(tmp_path, prefect_ser
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
     assert errors == [line for line in errors if line.startswith(f"featurescribe: error: database {damaged[0]} is damaged (")]
     assert len(errors) == 1, r.stderr
+
+
+def test_the_python_handle_on_a_damaged_database_raises_one_featurescribe_error(tmp_path):
+    """The handle let DuckDB's own error out (`_duckdb.Error: Corrupt database file ...`), where a
+    notebook catches featurescribe's errors."""
+    import featurescribe
+
+    for db, duckdb_says in _damaged_copies(tmp_path).items():
+        with pytest.raises(featurescribe.FeaturescribeError, match=f"^database {db} is damaged \\(.*{duckdb_says}"):
+            featurescribe.open(db).sql("SELECT sum(len(tokens)) FROM sequences")
+        if duckdb_says == "Corrupt database file":
+            with pytest.raises(featurescribe.FeaturescribeError, match="is damaged"):
+                featurescribe.open(db).feature("8-res-sae1m", 1)
