@@ -26,6 +26,10 @@ class DatabaseLocked(FeaturescribeError):
     """Another process holds the database's write lock."""
 
 
+class PrefectUnreachable(FeaturescribeError):
+    """`PREFECT_API_URL` names a Prefect server that does not answer."""
+
+
 class SchemaTooNew(FeaturescribeError):
     """The database was written by a newer featurescribe."""
 

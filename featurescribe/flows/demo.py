@@ -203,6 +203,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from featurescribe.flows.export_flow import check_export_targets
 
     check_export_targets(out, "json", report=True)  # not after the harvest and the labels
+    from featurescribe.flows.prefect_env import check_prefect_server
+
+    check_prefect_server()
     judge = pick_judge()
     if judge:
         from featurescribe.llm.registry import check_backend

@@ -159,5 +159,8 @@ def preflight(db: str, options: LabelOptions) -> None:
 
 def run_label_flow(db: str, options: LabelOptions) -> LabelSummary:
     """`featurescribe label` (without --batch): the label flow, in this process."""
+    from featurescribe.flows.prefect_env import check_prefect_server
+
     preflight(db, options)
+    check_prefect_server()
     return label_flow(db=db, **dataclasses.asdict(options))

@@ -37,6 +37,25 @@ def api_url() -> str | None:
     return str(url) if url else None
 
 
+def check_prefect_server() -> None:
+    """Refuse a configured Prefect server that does not answer, before any work: Prefect itself
+    finds out only when the first flow run starts, with a traceback (and, for the demo, after the
+    checks of its options)."""
+    url = api_url()
+    if url is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    from featurescribe.errors import PrefectUnreachable, first_error_line
+
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise PrefectUnreachable(
+            f"the Prefect server at {url} is unreachable ({first_error_line(failure)}); start it "
+            "(prefect server start), or unset PREFECT_API_URL to run on a temporary server of this command's own")
+
+
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 # a failed task's last line names its exception without carrying it
 _FAILED_TASK = re.compile(r"Finished in state Failed\('Task run encountered an exception (\w+): ")

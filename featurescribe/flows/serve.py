@@ -108,13 +108,14 @@ def run_serve(args: argparse.Namespace) -> int:
     # served runs (its subprocesses) send theirs to the UI
     if not args.dry_run:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    from featurescribe.flows.prefect_env import api_url
+    from featurescribe.flows.prefect_env import api_url, check_prefect_server
 
     dep = build_deployment(args)
     info = describe(dep)
     if args.dry_run:
         print(json.dumps(info, indent=2, default=str))
         return 0
+    check_prefect_server()
     where = api_url() or "Prefect's ephemeral server (set PREFECT_API_URL to register it on a server)"
     print(f"serving {info['deployment']} on {args.cron!r} ({args.timezone}) via {where}; Ctrl-C stops",
           file=sys.stderr, flush=True)

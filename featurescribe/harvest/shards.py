@@ -229,6 +229,8 @@ def harvest_sharded(cfg: HarvestConfig, shards: int, *, task_runner: str = "thre
                     dask_address: str | None = None, loaded=None) -> list[HarvestResult]:
     """Plan (every check first), run the shards on the task runner, merge. One result per source."""
     from featurescribe.flows.harvest_flow import harvest_shards_flow
+    from featurescribe.flows.prefect_env import check_prefect_server
 
+    check_prefect_server()  # before the plan, which loads the model
     plan = plan_shards(cfg, shards, loaded)
     return harvest_shards_flow(asdict(plan), task_runner=task_runner, workers=workers, dask_address=dask_address)
