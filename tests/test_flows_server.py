@@ -53,3 +53,25 @@ def test_a_prefect_server_that_does_not_answer_is_one_line_before_any_work(tmp_p
         assert q(db, "SELECT count(*) FROM runs") == q(db, "SELECT count(*) FROM explanations") == [(0,)]
     else:  # no database made, no harvest, no export folder
         assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_label_run_that_failed_is_failed_on_the_server_too(db_path, fake_llm, prefect_server,
+                                                               no_global_limits, capsys):
+    """A run whose backend stopped answering (the circuit breaker) exits 1 and is `failed` in
+    `runs`; Prefect showed it Completed."""
+    from prefect.client.orchestration import get_client
+
+    from featurescribe.cli import main
+
+    with closing(open_db(db_path)) as con:
+        build_db(con, n_features=6)
+    fake_llm.html_status = 500
+    rc = main(["label", "--db", db_path, "--source", SOURCE, "--features", "all", "--explainer",
+               "openai:gpt-4o-mini", "--simulator", "lexical", "--max-failures", "2", "--no-progress"])
+    assert rc == 1
+    assert "is not answering" in capsys.readouterr().err
+    ((status, error, flow_run_id),) = q(db_path, "SELECT status, error, prefect_flow_run_id FROM runs")
+    assert status == "failed" and "is not answering" in error
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+    assert state.is_failed() and state.message == error

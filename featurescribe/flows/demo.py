@@ -72,7 +72,7 @@ def demo_flow_fn():
 
     from featurescribe.flows.export_flow import export_flow
     from featurescribe.flows.harvest_flow import harvest_flow
-    from featurescribe.flows.label_flow import label_flow
+    from featurescribe.flows.label_flow import labelled_by_flow
     from featurescribe.flows.run_record import recorded_run
     from featurescribe.store.connection import open_db
     from featurescribe.store.demo import demo_features, demo_labels
@@ -92,15 +92,15 @@ def demo_flow_fn():
             finally:
                 con.close()
             spec = ",".join(map(str, feats))
-            summaries = {"baseline": label_flow(db=db, source=source, features=spec,
-                                                explainer=BASELINE[0], simulator=BASELINE[1],
-                                                baseline="every", no_progress=no_progress)}
+            summaries = {"baseline": labelled_by_flow(db=db, source=source, features=spec,
+                                                      explainer=BASELINE[0], simulator=BASELINE[1],
+                                                      baseline="every", no_progress=no_progress)}
             llm_feats: list[int] = []
             if judge:
                 llm_feats = feats
-                summaries["llm"] = label_flow(db=db, source=source, features=spec, explainer=judge,
-                                              simulator=judge, budget_usd=budget_usd,
-                                              no_progress=no_progress)
+                summaries["llm"] = labelled_by_flow(db=db, source=source, features=spec, explainer=judge,
+                                                    simulator=judge, budget_usd=budget_usd,
+                                                    no_progress=no_progress)
             elif llm_features > 0:
                 con = open_db(db)
                 try:
@@ -112,7 +112,7 @@ def demo_flow_fn():
                 llm_feats = sorted(r["feature_id"] for r in base[:llm_features])
                 if llm_feats:
                     local = f"local:{DEMO_MODEL}"
-                    summaries["llm"] = label_flow(
+                    summaries["llm"] = labelled_by_flow(
                         db=db, source=source, features=",".join(map(str, llm_feats)), explainer=local,
                         simulator=local, explain_windows=5, concurrency=4,
                         no_progress=no_progress)

@@ -38,6 +38,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.states import Failed, State
 
 from featurescribe.errors import beyond_retrying
 from featurescribe.flows import label_core
@@ -52,6 +53,7 @@ from featurescribe.flows.run_record import recorded_run
 from featurescribe.interrupts import Interrupted, ours_in_flow, run_cancellable
 from featurescribe.llm.base import BudgetExceeded
 from featurescribe.llm.breaker import BackendBroken
+from featurescribe.statuses import RunStatus
 
 
 def _transient(task, task_run, state) -> bool:
@@ -106,9 +108,10 @@ def compute_chunk_task(prepared: PreparedChunk, options: LabelOptions, run_id: s
     return result, (memory.outgoing() if memory is not None else None)
 
 
-def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
+def _label_flow(db: str, **fields: Any) -> LabelSummary | State | None:
     """Label the features of `source` (options as `featurescribe label`); returns the summary
-    (None when `batch` and `no_wait` left batches running: a later run collects them)."""
+    (None when `batch` and `no_wait` left batches running: a later run collects them), inside a
+    Failed state when the run failed (`labelled_by_flow` takes it out)."""
     options = LabelOptions(**fields)
     check_backends(options)
     if options.batch:  # provider batch APIs first, then the label run from the cache
@@ -123,7 +126,24 @@ def _label_flow(db: str, **fields: Any) -> LabelSummary | None:
         summary = _label(database, options, run.run_id)
         run.status, run.note = summary.run_status, summary.status_note()
     record_call_outcomes(database, run.run_id)  # a scheduled run (serve) keeps them too
-    return summary
+    return _as_state(summary)
+
+
+def _as_state(summary: LabelSummary) -> LabelSummary | State:
+    """A run that failed (no feature labelled, or a backend's breaker) ends Failed in Prefect, as
+    `runs.status` and the exit status say; its summary travels in the state."""
+    if summary.run_status != RunStatus.FAILED:
+        return summary
+    return Failed(message=summary.status_note() or "the label run failed", data=summary)
+
+
+def labelled_by_flow(**params: Any) -> LabelSummary | None:
+    """`label_flow(**params)`'s summary, also of a run that failed (a Failed state, which calling
+    the flow plainly would raise as a bare `FailedRun`); an error the run raised goes on."""
+    outcome = label_flow(**params, return_state=True).result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 # the flow's parameters are made from LabelOptions (declared once, there)
@@ -163,4 +183,4 @@ def run_label_flow(db: str, options: LabelOptions) -> LabelSummary:
 
     preflight(db, options)
     check_prefect_server()
-    return label_flow(db=db, **dataclasses.asdict(options))
+    return labelled_by_flow(db=db, **dataclasses.asdict(options))

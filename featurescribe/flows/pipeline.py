@@ -15,7 +15,7 @@ from prefect import flow
 from featurescribe.flows.export_flow import export_flow
 from featurescribe.flows.harvest_flow import harvest_flow
 from featurescribe.flows.label_options import DEFAULT_CHUNK_SIZE
-from featurescribe.flows.label_flow import label_flow
+from featurescribe.flows.label_flow import labelled_by_flow
 from featurescribe.flows.run_record import recorded_run
 
 
@@ -32,10 +32,10 @@ def pipeline_flow(db: str, model: str, layer: int, site: str | None = None, sae:
     with recorded_run(db, "pipeline", params) as run:
         h = harvest_flow(db=db, model=model, layer=layer, site=site, sae=sae, corpus=corpus,
                          max_tokens=max_tokens, ctx=ctx, device=device, progress=not no_progress)
-        s = label_flow(db=db, source=h["source_id"], features=features, explainer=explainer,
-                       simulator=simulator, scorers=scorers, candidates=candidates,
-                       concurrency=concurrency, budget_usd=budget_usd, chunk_size=chunk_size,
-                       task_runner=task_runner, workers=workers, no_progress=no_progress)
+        s = labelled_by_flow(db=db, source=h["source_id"], features=features, explainer=explainer,
+                             simulator=simulator, scorers=scorers, candidates=candidates,
+                             concurrency=concurrency, budget_usd=budget_usd, chunk_size=chunk_size,
+                             task_runner=task_runner, workers=workers, no_progress=no_progress)
         exported = None
         if out:
             exported = export_flow(db=db, out=out, formats=formats, report=True, no_progress=no_progress)["written"]
