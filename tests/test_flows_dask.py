@@ -4,9 +4,20 @@ LLM calls made in the workers (through the real openai SDK), written by the flow
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
 
 from featurescribe.store import open_db
+from tests.dbq import q
+from tests.processes import end_process
 from tests.test_sampling import SOURCE, build_db
+
+DASK = str(Path(sys.executable).with_name("dask"))
 
 
 def _responder(req):
@@ -61,3 +72,58 @@ def test_dask_runner_spreads_chunks_and_the_flow_writes(tmp_path, fake_llm, pref
                simulator="lexical", chunk_size=3, no_progress=True)
     q = "SELECT feature_id, explanation, round(score, 6) FROM labels ORDER BY 1"
     assert _q(db, q) == _q(db2, q)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_cluster_without_workers_or_whose_workers_lack_featurescribe_is_one_line(tmp_path):
+    """The scheduler answers, so the run went on: the worker died unpickling the first chunk
+    (ModuleNotFoundError in its log only), and `label` waited for ever without a word."""
+    from distributed import Client
+
+    db = str(tmp_path / "f.duckdb")
+    with closing(open_db(db)) as con:
+        build_db(con, n_features=6)
+    elsewhere = tmp_path / "elsewhere" / "featurescribe"  # an environment where featurescribe fails to import
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "__init__.py").write_text("raise ModuleNotFoundError('No module named featurescribe')\n")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                                  "--no-dashboard"], **quiet)
+    worker = None
+    try:
+        def label() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "featurescribe", "label", "--db", db, "--source", SOURCE,
+                                   "--features", "all", "--explainer", "baseline:tokens", "--simulator", "lexical",
+                                   "--task-runner", "dask", "--dask-address", address, "--no-progress"],
+                                  capture_output=True, text=True, timeout=120)
+
+        worker = subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--no-dashboard"],
+                                  env={**os.environ, "PYTHONPATH": str(elsewhere.parent)}, **quiet)
+        with Client(address, timeout=60, set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=90)
+        r = label()
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+        assert f"1 of the 1 Dask workers at {address} cannot import featurescribe" in r.stderr
+        assert "No module named featurescribe" in r.stderr
+
+        end_process(worker)
+        with Client(address, timeout=60, set_as_default=False) as client:
+            deadline = time.monotonic() + 60
+            while client.scheduler_info()["workers"]:  # the scheduler lets the ended worker go
+                assert time.monotonic() < deadline, "the scheduler still lists the ended worker"
+                time.sleep(0.2)
+        r = label()
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"featurescribe: error: the Dask scheduler at {address} has no workers; start some "
+            f"(dask worker {address}), or leave out --dask-address"]
+        assert q(db, "SELECT count(*) FROM runs") == [(0,)]
+    finally:
+        for proc in (worker, scheduler):
+            if proc is not None:
+                end_process(proc)

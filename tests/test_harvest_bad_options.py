@@ -177,12 +177,16 @@ def test_a_dask_address_without_the_dask_runner_is_refused(tmp_path, corpus_file
     assert not os.path.exists(db) and not os.path.exists(db + ".shards")
 
 
-def test_a_listening_scheduler_address_passes():
+def test_a_listening_address_where_no_scheduler_answers_is_refused():
+    """Something listens, but it is no Dask scheduler (tests/test_flows_dask.py checks a real one)."""
     import socket
 
+    from featurescribe.errors import FeaturescribeError
     from featurescribe.flows.runners import check_scheduler
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        check_scheduler(f"tcp://127.0.0.1:{s.getsockname()[1]}")
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(FeaturescribeError, match=f"no Dask scheduler answers at {address}"):
+            check_scheduler(address, timeout_s=1.0)

@@ -14,6 +14,7 @@ existing cluster on other machines need `PREFECT_API_URL` set to a server they c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import contextmanager
@@ -44,8 +45,9 @@ def make_task_runner(kind: str, *, threads: int = 2, workers: int = 2, address: 
 
 
 def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse a `--dask-address` where no scheduler listens, before any work: Dask itself first
-    connects at the first task, and gives up 30 s later with a traceback."""
+    """Refuse a `--dask-address` where no scheduler listens, or whose workers cannot run our tasks,
+    before any work: Dask itself first connects at the first task, and gives up 30 s later with a
+    traceback."""
     import socket
 
     from distributed.comm import get_address_host_port
@@ -59,6 +61,47 @@ def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
     except OSError as err:
         raise FeaturescribeError(f"cannot reach the Dask scheduler at {address} "
                                  f"({err.strerror or err}); start it, or leave out --dask-address") from None
+    _check_workers(address, timeout_s)
+
+
+def _check_workers(address: str, timeout_s: float) -> None:
+    """Refuse a cluster with no workers, or with a worker that cannot import featurescribe (started
+    from another environment): the chunks would wait forever, or the worker would die unpickling
+    the first one and the run wait for it, without a word."""
+    from distributed import Client
+
+    from featurescribe.errors import first_error_line
+
+    try:
+        workers = asyncio.run(_scheduler_identity(address, timeout_s))["workers"]
+    except (OSError, TimeoutError) as err:  # something listens there, but no Dask scheduler answers
+        reason = first_error_line(err) if str(err) else f"no answer in {timeout_s:g} s"
+        raise FeaturescribeError(f"no Dask scheduler answers at {address} ({reason}); "
+                                 "start one, or leave out --dask-address") from None
+    if not workers:
+        raise FeaturescribeError(f"the Dask scheduler at {address} has no workers; start some "
+                                 f"(dask worker {address}), or leave out --dask-address")
+    with Client(address, timeout=timeout_s, set_as_default=False) as client:
+        # exec, a builtin, travels by name: a worker without featurescribe can still run it
+        outcomes = client.run(exec, "import featurescribe", on_error="return")
+    failed = {worker: err for worker, err in outcomes.items() if isinstance(err, BaseException)}
+    if failed:
+        worker, err = sorted(failed.items())[0]
+        raise FeaturescribeError(f"{len(failed)} of the {len(outcomes)} Dask workers at {address} cannot import "
+                                 f"featurescribe (worker {worker}: {first_error_line(err)}); start them in an "
+                                 "environment that has it, or leave out --dask-address")
+
+
+async def _scheduler_identity(address: str, timeout_s: float) -> dict:
+    """The scheduler's answer to `identity` (its workers among it), within `timeout_s`: Dask's own
+    timeouts do not cover a peer that accepts the connection and never answers."""
+    from distributed.core import rpc
+
+    async def ask() -> dict:
+        async with rpc(address, timeout=timeout_s) as scheduler:
+            return await scheduler.identity()
+
+    return await asyncio.wait_for(ask(), timeout_s)
 
 
 @contextmanager
