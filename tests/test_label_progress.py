@@ -51,3 +51,44 @@ def test_the_flow_run_has_a_progress_artifact(labdb, fake_llm, prefect_server):
     assert len(found) == 1 and found[0].type == "progress"
     assert float(found[0].data) == 100.0
     assert found[0].description.startswith("8 of 8 features, 6 paid calls, $")
+
+
+@pytest.mark.filterwarnings("ignore:Artifact creation outside of a flow")  # outside a flow here
+def test_a_prefect_server_gone_mid_run_holds_the_run_up_once_not_at_every_update():
+    """The progress artifact is a courtesy: when the server stopped answering, Prefect's client
+    retried each update for about a minute, and the flow waited that long every 5 s (a 38-feature
+    run whose server died 12 s in had labelled 24 features 5 minutes later)."""
+    import socket
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def hang_up() -> None:  # a server gone wrong: every connection closed at once
+        while True:
+            try:
+                con, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(con)
+            con.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+    try:
+        # one try per update (the client's minute of retries is what the run no longer waits for)
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}), \
+                Progress("label", total=4, unit="features", enabled=False) as bar:
+            progress = LabelProgress(bar, Budget(None), total=4, artifact_key="label-gone")
+            progress.refresh(force=True)
+            assert connections, "the artifact was never asked for"
+            tried = len(connections)
+            progress.feature_done(chunk_key=0)
+            progress.refresh(force=True)
+            progress.chunk_written([0, 1, 2, 3])
+            assert len(connections) == tried  # not asked again: the run goes on at its own pace
+            assert bar.done == 4
+    finally:
+        listener.close()

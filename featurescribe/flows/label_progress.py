@@ -71,5 +71,8 @@ class LabelProgress:
                                                              description=self.description())
             else:
                 update_progress_artifact(self._artifact_id, pct, description=self.description())
-        except Exception as err:  # the UI's view is a courtesy: a run never fails for it
-            log.debug("progress artifact not updated: %s", err)
+        except Exception as err:  # the UI's view is a courtesy: a run never fails for it, nor waits
+            # on it again (Prefect's client retries for about a minute: a server that went away
+            # held the flow that long at every update)
+            log.debug("progress artifact not updated, and no longer updated in this run: %s", err)
+            self._artifact_key = None
