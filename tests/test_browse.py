@@ -21,7 +21,7 @@ from featurescribe.cli import main
 from featurescribe.semantic.embed import embed_labels
 from featurescribe.store import open_db
 from featurescribe.store.windows import feature_windows
-from tests.dbq import q
+from tests.dbq import q, version1_database
 from featurescribe.web.server import serve_in_thread
 from tests.export_fixtures import build_demo_db
 from tests.headless import Browser, chromium_path
@@ -280,15 +280,8 @@ def test_a_database_browse_cannot_read_is_one_line_and_left_as_it_was(tmp_path, 
     program's DuckDB file gave 500s on every page."""
     import duckdb
 
-    from featurescribe.store.schema import MIGRATIONS, VERSION_TABLE
-
     old, theirs = str(tmp_path / "v1.duckdb"), str(tmp_path / "theirs.duckdb")
-    con = duckdb.connect(old)
-    con.execute(VERSION_TABLE)
-    for stmt in MIGRATIONS[0]:
-        con.execute(stmt)
-    con.execute("INSERT INTO schema_version (version) VALUES (1)")
-    con.close()
+    version1_database(old)
     con = duckdb.connect(theirs)
     con.execute("CREATE TABLE measurements (x INTEGER)")
     con.close()

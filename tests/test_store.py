@@ -16,7 +16,8 @@ import duckdb
 import pytest
 
 from featurescribe.store import open_db
-from featurescribe.store.schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, current_version
+from featurescribe.store.schema import SCHEMA_VERSION, current_version
+from tests.dbq import version1_database
 from tests.mounts import tmpfs
 
 DESIGN_TABLES = ["sources", "sequences", "activations", "features", "explanations", "scores",
@@ -211,16 +212,11 @@ def test_newer_schema_is_refused(db_path):
 
 def test_older_database_upgrades_keeping_its_rows(db_path):
     # a database as version 1 wrote it
-    con = duckdb.connect(db_path)
-    con.execute(VERSION_TABLE)
-    for stmt in MIGRATIONS[0]:
-        con.execute(stmt)
-    con.execute("INSERT INTO schema_version (version) VALUES (1)")
-    con.execute("INSERT INTO sources VALUES ('6-mlp', 'm', 'h', 6, 'neuron', 10)")
-    con.execute("INSERT INTO explanations (explanation_id, source_id, feature_id, text, explainer, method)"
-                " VALUES ('e1', '6-mlp', 3, 'digits', 'baseline:tokens', 'tokens')")
-    con.execute("INSERT INTO scores VALUES ('e1', 'simulation', 0.5, 'lexical', 20, '{}')")
-    con.close()
+    version1_database(
+        db_path, "INSERT INTO sources VALUES ('6-mlp', 'm', 'h', 6, 'neuron', 10)",
+        "INSERT INTO explanations (explanation_id, source_id, feature_id, text, explainer, method)"
+        " VALUES ('e1', '6-mlp', 3, 'digits', 'baseline:tokens', 'tokens')",
+        "INSERT INTO scores VALUES ('e1', 'simulation', 0.5, 'lexical', 20, '{}')")
     # read-only use upgrades it first
     r = cli("sql", "--db", db_path, "SELECT feature_id, explanation, score FROM labels", "--format", "json")
     assert r.returncode == 0, r.stderr
@@ -485,12 +481,7 @@ def test_reading_an_older_database_on_a_read_only_mount_says_why_it_must_write(t
 
     with tmpfs(tmp_path / "ro", "size=4m") as mnt:
         db = str(mnt / "v1.duckdb")
-        con = duckdb.connect(db)
-        con.execute(VERSION_TABLE)
-        for stmt in MIGRATIONS[0]:
-            con.execute(stmt)
-        con.execute("INSERT INTO schema_version (version) VALUES (1)")
-        con.close()
+        version1_database(db)
         remount(mnt, "ro,size=4m")
         try:
             r = cli("sql", "--db", db, "SELECT count(*) FROM sources")
