@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -65,9 +66,10 @@ def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
 
 
 def _check_workers(address: str, timeout_s: float) -> None:
-    """Refuse a cluster with no workers, or with a worker that cannot import featurescribe (started
-    from another environment): the chunks would wait forever, or the worker would die unpickling
-    the first one and the run wait for it, without a word."""
+    """Refuse a cluster with a worker that cannot import featurescribe (started from another
+    environment): it would die unpickling the first chunk and the run wait for it, without a word.
+    A cluster with no workers yet is said on stderr, not refused: an adaptive one (dask-jobqueue,
+    dask-kubernetes) starts its workers once the tasks arrive."""
     from distributed import Client
 
     from featurescribe.errors import first_error_line
@@ -79,8 +81,9 @@ def _check_workers(address: str, timeout_s: float) -> None:
         raise FeaturescribeError(f"no Dask scheduler answers at {address} ({reason}); "
                                  "start one, or leave out --dask-address") from None
     if not workers:
-        raise FeaturescribeError(f"the Dask scheduler at {address} has no workers; start some "
-                                 f"(dask worker {address}), or leave out --dask-address")
+        print(f"the Dask scheduler at {address} has no workers yet: the work waits for them (start some "
+              f"with: dask worker {address})", file=sys.stderr, flush=True)
+        return
     with Client(address, timeout=timeout_s, set_as_default=False) as client:
         # exec, a builtin, travels by name: a worker without featurescribe can still run it
         outcomes = client.run(exec, "import featurescribe", on_error="return")
