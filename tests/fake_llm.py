@@ -41,6 +41,7 @@ Faults (`server.inject(kind, times=1, **options)`; consumed first in, first out,
 |               | `billing_error`                                                                 |
 | `"spend_limit"`| Anthropic's 429 `rate_limit_error` with `details.error_code`                   |
 |               | `enforced_spend_limit_reached` (the API tier's monthly spend; OpenAI gets it too)|
+| `"low_credit"` | Anthropic's 400 `invalid_request_error` "Your credit balance is too low..." (OpenAI gets it too) |
 | `"slow"`      | sleeps `delay_s` (default 5 s) before answering normally                        |
 | `"malformed"` | 200, but the content is not valid JSON (Anthropic tool requests: a text block)  |
 | `"truncated"` | 200, content cut short, `finish_reason: "length"` / `stop_reason: "max_tokens"`|
@@ -100,7 +101,7 @@ DIALECTS = {
     "llama.cpp": {"response_format.json_schema": (500, LLAMA_CPP_JSON_SCHEMA_ERROR)},
 }
 
-FAULT_KINDS = ("429", "500", "503", "529", "401", "400", "quota", "spend_limit", "slow", "malformed", "truncated",
+FAULT_KINDS = ("429", "500", "503", "529", "401", "400", "quota", "spend_limit", "low_credit", "slow", "malformed", "truncated",
                "disconnect")
 
 
@@ -523,6 +524,12 @@ _QUOTA_ERRORS = {
     "spend_limit": {
         api: (429, _anthropic_error("rate_limit_error", "You have reached your specified API usage limits.",
                                     "enforced_spend_limit_reached"))
+        for api in ("openai", "anthropic")
+    },
+    # Anthropic's older answer for an empty credit balance: a plain 400 only its message tells apart
+    "low_credit": {
+        api: (400, _anthropic_error("invalid_request_error", "Your credit balance is too low to access the "
+                                    "Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."))
         for api in ("openai", "anthropic")
     },
 }

@@ -85,7 +85,8 @@ def test_a_refused_key_stops_the_run_at_once_as_bad_input(labdb, fake_llm, capsy
 
 
 @pytest.mark.parametrize("spec,kind", [("openai:gpt-4o-mini", "quota"), ("anthropic:claude-haiku-4-5", "quota"),
-                                       ("anthropic:claude-haiku-4-5", "spend_limit")])
+                                       ("anthropic:claude-haiku-4-5", "spend_limit"),
+                                       ("anthropic:claude-haiku-4-5", "low_credit")])
 def test_an_exhausted_quota_stops_the_run_at_once(labdb, fake_llm, capsys, prefect_server, spec, kind):
     """No credit left: the first answer stops the run with one line naming the backend, exit 1
     (as a refused key or an outage); before, each feature's call was retried 8 times."""

@@ -309,7 +309,8 @@ def test_rejected_key_stops_with_a_clear_error(fake_llm, store):
 
 
 @pytest.mark.parametrize("spec,kind", [("openai:gpt-4o-mini", "quota"), ("anthropic:claude-haiku-4-5", "quota"),
-                                       ("anthropic:claude-haiku-4-5", "spend_limit")])
+                                       ("anthropic:claude-haiku-4-5", "spend_limit"),
+                                       ("anthropic:claude-haiku-4-5", "low_credit")])
 def test_an_exhausted_quota_stops_at_the_first_answer(fake_llm, store, spec, kind):
     """OpenAI's 429 insufficient_quota, Anthropic's 402 billing error and its 429 spend limit are
     not rate limits: asking again cannot help, so the first one stops the backend (it was retried

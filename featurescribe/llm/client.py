@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -248,9 +249,17 @@ def _error_codes(exc: BaseException) -> set[str]:
     return {c for c in found if isinstance(c, str)}
 
 
+# Anthropic's answer for an empty credit balance has been a plain 400 invalid_request_error, which
+# only its message tells apart from a malformed request
+_LOW_CREDIT = re.compile(r"credit balance is too low", re.IGNORECASE)
+
+
 def quota_exhausted(exc: BaseException, status: int) -> bool:
-    """A 402 (payment required), or an answer whose code says the quota or spend limit is used up."""
-    return status == 402 or (status in (400, 403, 429) and not _error_codes(exc).isdisjoint(QUOTA_CODES))
+    """A 402 (payment required), or an answer whose code (or, for a 400, message) says the quota or
+    spend limit is used up."""
+    if status == 402 or (status in (400, 403, 429) and not _error_codes(exc).isdisjoint(QUOTA_CODES)):
+        return True
+    return status == 400 and bool(_LOW_CREDIT.search(_sdk_message(exc)))
 
 
 def classify(exc: BaseException, timeout_s: float | None = None) -> Failure | None:
