@@ -355,11 +355,29 @@ def test_429s_without_retry_after_trip_the_breaker_once_they_last(fake_llm, stor
     t0 = time.monotonic()
     results = run(go())
     assert all(isinstance(r, BackendBroken) and r.kind == "rate_limit" for r in results), results
-    assert "rate limits (429 without Retry-After)" in str(results[0])
+    assert "rate limits (429)" in str(results[0])
     assert time.monotonic() - t0 >= 0.3  # not before the streak lasted the patience
     rows = store.rows()
     assert len(rows) == len(fake_llm.requests) >= 4
     assert all(r["status"] == "error" and r["cost_usd"] == 0 for r in rows)
+
+
+def test_429s_that_say_retry_after_forever_trip_the_breaker_once_they_last(fake_llm, store):
+    """Retry-After on every 429 (a daily cap reached): the calls waited as told, 8 attempts each, on
+    every feature, and the breaker never counted them; now the streak trips it once it lasted."""
+    fake_llm.inject("429", times=1000, retry_after=0.05)
+    client = client_for("openai:gpt-4o-mini", store, max_failures=4, rate_limit_patience_s=0.3,
+                        rate_limit_attempts=1000, concurrency=2)
+
+    async def go():
+        results = await asyncio.gather(*(client.chat(req(f"feature {i}")) for i in range(3)),
+                                       return_exceptions=True)
+        await client.aclose()
+        return results
+
+    results = run(go())
+    assert all(isinstance(r, BackendBroken) and r.kind == "rate_limit" for r in results), results
+    assert all(r["status"] == "error" and r["cost_usd"] == 0 for r in store.rows())
 
 
 def test_a_short_burst_of_429s_waits_and_succeeds(fake_llm, store):

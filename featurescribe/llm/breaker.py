@@ -10,10 +10,10 @@ purpose, so a simulator whose answers never parse trips even while the same mode
 the others (transport, not-found model, server, bad request) are the endpoint's and any
 usable answer ends them.
 
-Rate limits: a 429 with Retry-After is never counted (the server says when to come back, and
-waiting is the cure). A 429 without one counts, but trips only once the streak has also lasted
-`rate_limit_patience_s` (default 120 s, about what one call's own rate-limit retries wait), so a
-short burst waits and goes on while a provider that refuses every request stops the run.
+Rate limits: a 429 (with or without Retry-After) counts, but trips only once the streak has also
+lasted `rate_limit_patience_s` (default 120 s, about what one call's own rate-limit retries wait), so
+a short burst waits and goes on, as does a steady limit that lets some requests through (each answer
+ends the streak), while a provider that refuses every request (a daily cap reached) stops the run.
 
 Two kinds trip at the first answer, since no retry can mend them: an exhausted quota (OpenAI's 429
 `insufficient_quota`, Anthropic's 402 billing error or 429 spend limit), as `QuotaExhausted`, and a
@@ -40,7 +40,7 @@ BREAKER_KINDS = {
     "rejected": "request rejected (the server refuses the request's form)",
     "server": "server errors (5xx)",
     "fatal": "bad request (4xx)",
-    "rate_limit": "rate limits (429 without Retry-After)",
+    "rate_limit": "rate limits (429)",
     "quota": "the account's quota or billing exhausted",
 }
 PER_PURPOSE = ("parse", "rejected")

@@ -34,7 +34,7 @@ What one `chat` does:
    Circuit breaker (llm/breaker.py): every failed attempt is counted by kind; `max_failures` in a
    row of one kind (transport, auth, not found, parse, rejected, ...) raise `BackendBroken`, which
    no labeler or scorer catches: the run stops with one line naming the backend, URL and kind.
-   429s without Retry-After count too, once their streak lasted `rate_limit_patience_s`.
+   429s count only once their streak lasted `rate_limit_patience_s`.
 5. Ledger: every attempt that reached the server gets one `llm_calls` row: `ok`, `error` (with
    the status and message) or `parse_error` (billed: tokens and cost recorded). Its
    `prompt_hash` is the cache key, `attempt` its number within the call.
@@ -110,7 +110,7 @@ class ClientSettings:
     structured: str = "auto"  # --structured: auto (negotiated) | json_schema | json_object | text
     rejected_attempts: int = 6  # sends after refusals of the request's form (one per weaker form)
     max_failures: int = DEFAULT_MAX_FAILURES  # attempts in a row failing alike trip the breaker
-    # a streak of 429s without Retry-After trips the breaker only once it lasted this long
+    # a streak of 429s trips the breaker only once it lasted this long
     rate_limit_patience_s: float = DEFAULT_RATE_LIMIT_PATIENCE_S
 
     @classmethod
@@ -560,8 +560,7 @@ class Client:
                          error=f"{type(exc).__name__}: {exc}"[:2000])
             return exc
         self._record(state, state.key, state.request.purpose, CallStatus.ERROR, latency_s=latency, error=f.message[:2000])
-        told_when = f.kind == "rate_limit" and f.retry_after is not None  # waiting is the cure
-        broken = None if told_when else self.breaker.failed(f.kind, state.request.purpose, f.message)
+        broken = self.breaker.failed(f.kind, state.request.purpose, f.message)
         if broken is not None:
             return broken
         if f.kind == "not_found":
