@@ -592,3 +592,28 @@ def test_the_python_handle_on_a_damaged_database_raises_one_featurescribe_error(
         if duckdb_says == "Corrupt database file":
             with pytest.raises(featurescribe.FeaturescribeError, match="is damaged"):
                 featurescribe.open(db).feature("8-res-sae1m", 1)
+
+
+def test_a_new_path_another_process_made_first_is_not_removed_on_our_error(tmp_path, monkeypatch):
+    """Two harvests of one new path started together: both found no file, the other made it and
+    wrote its rows, and then this one's opening failed (here a Ctrl-C while it reads the schema).
+    It removed the file as if it had made it, with the other's rows. The race is pinned by making
+    this opening look before the other's file exists (`_is_new` answers True)."""
+    from featurescribe.store import connection
+
+    db = str(tmp_path / "shared.duckdb")
+    with closing(open_db(db)) as theirs:
+        theirs.execute("INSERT INTO sources (source_id, model_id, hook_name, layer, kind, width) "
+                       "VALUES ('6-mlp', 'm', 'h', 6, 'neuron', 10)")
+
+    def interrupted(con, *args, **kwargs):
+        con.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(connection, "_is_new", lambda path, create: True)
+    monkeypatch.setattr(connection, "_upgraded", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        open_db(db)
+    monkeypatch.undo()
+    with closing(open_db(db, read_only=True, create=False)) as con:
+        assert con.execute("SELECT source_id FROM sources").fetchall() == [("6-mlp",)]

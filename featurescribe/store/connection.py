@@ -146,6 +146,9 @@ def open_db(
         if new:
             _remove_unfinished(path)
         raise
+    # another process may have made the file between our look and our connect (two harvests of
+    # one new path started together): then it is theirs, and not ours to remove on an error
+    new = new and _made_here(con)
     try:
         con = _upgraded(con, path, read_only, timeout, adopt=create)
         if new and not read_only:
@@ -154,6 +157,15 @@ def open_db(
     except BaseException:
         if new:  # this process made the file and held it: nobody else can be using it
             _remove_unfinished(path)
+        raise
+
+
+def _made_here(con: duckdb.DuckDBPyConnection) -> bool:
+    """A database that holds nothing yet: the one this process's connect just made."""
+    try:
+        return current_version(con) == 0 and not con.execute("SELECT 1 FROM duckdb_tables() LIMIT 1").fetchall()
+    except BaseException:
+        con.close()
         raise
 
 
