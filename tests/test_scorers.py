@@ -144,6 +144,16 @@ def test_degenerate_simulations_score_zero_with_a_flag_never_nan():
     assert not math.isnan(res[0].value)
 
 
+def test_predictions_that_do_not_line_up_with_the_windows_are_refused():
+    ws = _windows()
+    # a missing window would be scored on fewer records than its baselines
+    with pytest.raises(ValueError, match="1 prediction lists for 2 windows"):
+        simulation_score(ws, [[0.1, 0.9, 0.4]])
+    # 2 + 4 values for 3 + 3 tokens concatenate to the right total but pair the wrong tokens
+    with pytest.raises(ValueError, match="2 predictions for 3 tokens"):
+        simulation_score(ws, [[0.1, 0.9], [0.4, 0.2, 0.0, 0.1]])
+
+
 class _Failing(Simulator):
     spec = "openai:broken"
 

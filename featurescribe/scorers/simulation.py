@@ -26,8 +26,19 @@ class Simulated:
     records: list[SimulationRecord]
 
 
+def _check_lined_up(windows: Sequence[Window], predicted: Sequence[Sequence[float]]) -> None:
+    """One prediction per token of every window, or ValueError: a short list must not shrink the
+    records scored (the baselines beside the score are on all of them), nor shift the tokens."""
+    if len(predicted) != len(windows):
+        raise ValueError(f"{len(predicted)} prediction lists for {len(windows)} windows")
+    for w, pred in zip(windows, predicted):
+        if len(pred) != len(w.acts):
+            raise ValueError(f"window {w.seq_id}:{w.start_pos}: {len(pred)} predictions for {len(w.acts)} tokens")
+
+
 def simulation_score(windows: Sequence[Window], predicted: Sequence[Sequence[float]]) -> Simulated:
     """The score from windows and predictions, with per-kind breakdowns and records."""
+    _check_lined_up(windows, predicted)
     records = [
         SimulationRecord(seq_id=w.seq_id, start_pos=w.start_pos, split=w.split, kind=w.kind,
                          true_acts=[float(a) for a in w.acts], predicted=[float(p) for p in pred])
