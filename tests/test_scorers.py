@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featurescribe.llm.base import LLMCallFailed
-from featurescribe.records import Explanation, FeatureExamples, Window
+from featurescribe.records import Explanation, FeatureExamples, Window, discretize
 from featurescribe.scorers import (
     LexicalSimulator,
     Simulator,
@@ -60,6 +60,15 @@ def test_balanced_accuracy_and_auc():
     assert auc([3, 4], [1, 2]) == 1.0
     assert auc([1], [1]) == 0.5
     assert auc([0], [1, 2]) == 0.0
+
+
+def test_the_0_10_scale_is_floor_of_ten_relu_over_the_max():
+    # floor(10 * relu(a) / max_a), at most 10 (a window above the max the scale was set on)
+    assert discretize([-1.0, 0.05, 0.1, 0.55, 1.0, 1.2], 1.0) == [0, 0, 1, 5, 10, 10]
+    assert discretize([0.3, 2.0], 4.0) == [0, 5]
+    # a feature that never fires above 0 shows all zeros
+    assert discretize([-0.5, -2.0], -0.5) == [0, 0]
+    assert discretize([0.0, 0.0], 0.0) == [0, 0]
 
 
 # ----------------------------------------------------------------------------- lexical reading
