@@ -163,6 +163,27 @@ def test_predictions_that_do_not_line_up_with_the_windows_are_refused():
         simulation_score(ws, [[0.1, 0.9], [0.4, 0.2, 0.0, 0.1]])
 
 
+def test_scorers_and_their_baselines_see_only_the_split_they_score():
+    """The explain windows (what the explainer saw) and valid ones never reach a test score."""
+    windows = [Window(10, 0, ["x", "y"], [3.0, 0.0], split="explain"),
+               Window(11, 0, ["x", "y"], [0.0, 3.0], kind="random", split="valid")] + _windows()
+    fe = FeatureExamples("s", 0, 3.0, windows)
+    es = [Explanation("e0", "s", 0, 'the token "b"', "x", "m"),
+          Explanation("e1", "s", 1, 'the token "d"', "x", "m")]
+    other = FeatureExamples("s", 1, 3.0, [Window(20, 0, ["d"], [1.0], split="test"),
+                                          Window(21, 0, ["a"], [0.0], kind="random", split="test")])
+    out = run(score_explanations(es, [fe, other], simulator="lexical", scorers="simulation,detection,fuzzing"))
+    scores = {r.scorer: r for r in out.results if r.explanation_id == "e0"}
+    assert {(r.seq_id, r.split) for r in scores["simulation"].simulations} == {(1, "test"), (2, "test")}
+    assert scores["simulation"].n_examples == 2
+    # the shuffled baseline ("d", the other feature's) is read on the same two windows: 0 on
+    # token "d" of the silent window against 2.0 on "b" gives a negative correlation
+    true, pred = [0, 2, 0.5, 0, 0, 0], [0, 0, 0, 1, 0, 0]
+    assert scores["simulation"].baseline_shuffled == pytest.approx(np.corrcoef(true, pred)[0, 1], abs=1e-6)
+    for task in ("detection", "fuzzing"):
+        assert {r["seq_id"] for r in scores[task].details["records"]} == {1, 2}
+
+
 class _Failing(Simulator):
     spec = "openai:broken"
 
