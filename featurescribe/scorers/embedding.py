@@ -19,14 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from featurescribe.records import Explanation, ScoreResult, Window
-
-
-def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """P(a random positive scores above a random negative), ties counting one half."""
-    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (pos.size * neg.size))
+from featurescribe.scorers.metrics import auc
 
 
 def window_text(w: Window) -> str:
