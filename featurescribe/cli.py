@@ -99,7 +99,7 @@ def _interrupted(signum: int, as_program: bool, what_now: str = RESUMES) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from featurescribe.flows.prefect_env import configure_prefect, quiet_reported_errors
+    from featurescribe.flows.prefect_env import configure_prefect, prefect_server_gone, quiet_reported_errors
 
     configure_prefect()  # before any command imports Prefect
     quiet_reported_errors()
@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         if known is not None:
             print(f"featurescribe: error: {known}", file=sys.stderr)
             return known.exit_code
+        gone = prefect_server_gone(err)
+        if gone is not None:
+            print(f"featurescribe: error: {gone}", file=sys.stderr)
+            if argv is None:  # Prefect's events for that server would be drained for ever at exit
+                exit_now(gone.exit_code)
+            return gone.exit_code
         if isinstance(err, BrokenPipeError):
             return ExitStatus.OK
         raise

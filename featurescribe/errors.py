@@ -30,6 +30,13 @@ class PrefectUnreachable(FeaturescribeError):
     """`PREFECT_API_URL` names a Prefect server that does not answer."""
 
 
+class PrefectServerGone(FeaturescribeError):
+    """The configured Prefect server stopped answering while a flow ran: the work (local) is kept,
+    the flow run's end is not recorded on the server."""
+
+    exit_code = 1  # statuses.ExitStatus.ERROR
+
+
 class SchemaTooNew(FeaturescribeError):
     """The database was written by a newer featurescribe."""
 

@@ -7,6 +7,9 @@
   `~/.prefect`; `make` points it into `.venv/prefect-home`).
 - `PREFECT_API_URL` set (or set in the active Prefect profile): every flow run is recorded on that
   server, and provider limits become Prefect global concurrency limits (see `global_limits.py`).
+  Set in the environment, Prefect's client retries a request twice (`PREFECT_CLIENT_MAX_RETRIES`),
+  unless the user set it. A server that stops answering mid-run is one line at the end
+  (`prefect_server_gone`), not Prefect's lines about every event it could not send.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 
 
 def configure_prefect() -> None:
@@ -26,6 +30,11 @@ def configure_prefect() -> None:
     # the ephemeral server's start-up check waits this long before giving up (default 20 s,
     # too short on a busy 2-core machine)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if os.environ.get("PREFECT_API_URL"):
+        # Prefect's client tries a request 6 times over about 80 s; a configured server that went
+        # away mid-run held the run that long at the progress artifact and again at the run's end.
+        # Two retries (2 s and 4 s apart) still ride out a server's restart or a busy moment.
+        os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
 
 
 def api_url() -> str | None:
@@ -56,7 +65,35 @@ def check_prefect_server() -> None:
             "(prefect server start), or unset PREFECT_API_URL to run on a temporary server of this command's own")
 
 
+def prefect_server_gone(err: BaseException):
+    """A `PrefectServerGone` for an error of Prefect's client on a request to the configured server
+    (no connection, a connection cut) raised while a flow ran, else None. Only a configured server:
+    the command's own temporary one ends with the command."""
+    from featurescribe.errors import PrefectServerGone, _chain, first_error_line
+
+    httpx = sys.modules.get("httpx")
+    url = api_url() if httpx is not None and "prefect" in sys.modules else None
+    for seen in _chain(err) if url else ():
+        if isinstance(seen, httpx.TransportError) and _request_url(seen).startswith(url.rstrip("/")):
+            return PrefectServerGone(
+                f"the Prefect server at {url} stopped answering during the run ({first_error_line(seen)}), so "
+                f"the flow run's end is not recorded there; what finished is kept in the database, run the same "
+                "command again to go on")
+    return None
+
+
+def _request_url(err) -> str:
+    try:
+        return str(err.request.url)
+    except RuntimeError:  # httpx raises it for an error made without its request
+        return ""
+
+
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+# Prefect's events go to the server over a websocket, from a background service that reports every
+# event it could not send, about every 7 s while the server is away
+_EVENT_LOGGERS = ("prefect.events.clients", "prefect._internal.concurrency")
+_LOST_EVENT_LINES = ("Unable to connect to 'ws", "Service 'EventsWorker' failed to process item")
 # a failed task's last line names its exception without carrying it
 _FAILED_TASK = re.compile(r"Finished in state Failed\('Task run encountered an exception (\w+): ")
 
@@ -105,9 +142,25 @@ class _OnTheConsole(logging.Filter):
         return True
 
 
+class _ServerGoneLines(logging.Filter):
+    """Prefect's lines about a configured server that stopped answering mid-run: the events it
+    could not send (a WARNING and an ERROR every few seconds until the command ends) and the flow's
+    ConnectError with its traceback. The command says it in one line at the end (`prefect_server_gone`).
+    A logger's filter: the record reaches neither the console nor Prefect's API handler (which would
+    only fail to send it to that server, with a line of its own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(_EVENT_LOGGERS):
+            return not record.getMessage().startswith(_LOST_EVENT_LINES)
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or prefect_server_gone(error) is None
+
+
 def quiet_reported_errors() -> None:
     """For the command line, whose `main` prints such errors in one line (once per process)."""
-    for name in RUN_LOGGERS:
+    for name, kinds in [*((n, (_OnTheConsole, _ServerGoneLines)) for n in RUN_LOGGERS),
+                        *((n, (_ServerGoneLines,)) for n in _EVENT_LOGGERS)]:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _OnTheConsole) for f in logger.filters):
-            logger.addFilter(_OnTheConsole())
+        for kind in kinds:
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
