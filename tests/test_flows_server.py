@@ -75,3 +75,68 @@ def test_a_label_run_that_failed_is_failed_on_the_server_too(db_path, fake_llm, 
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(flow_run_id).state
     assert state.is_failed() and state.message == error
+
+
+def _start_prefect_server(home) -> tuple[subprocess.Popen, str]:
+    """A real `prefect server start` on a free port of 127.0.0.1, answering: (process, API URL)."""
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    port = _closed_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        assert server.poll() is None, "prefect server start exited"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+            return server, f"http://127.0.0.1:{port}/api"
+        except OSError:
+            assert time.monotonic() < deadline, "the Prefect server did not answer in 90 s"
+            time.sleep(0.3)
+
+
+def test_a_prefect_server_gone_mid_run_is_one_line_at_the_end_and_the_labels_are_kept(tmp_path, fake_llm):
+    """The Prefect server is only bookkeeping: killed mid-run, the run labels every feature; the
+    command then says so in one line and exits 1. Before: a pair of Prefect lines every ~7 s, an
+    httpx.ConnectError traceback after ~80 s of retries, and a process that never ended (it drained
+    the events it could not send)."""
+    import signal
+    import time
+
+    db = str(tmp_path / "f.duckdb")
+    with closing(open_db(db)) as con:
+        build_db(con, n_features=8)
+    fake_llm.latency_s = 0.3
+    server, url = _start_prefect_server(tmp_path / "prefect-home")
+    try:
+        label = subprocess.Popen(
+            [sys.executable, "-m", "featurescribe", "label", "--db", db, "--source", SOURCE, "--features", "all",
+             "--explainer", "openai:gpt-4o-mini", "--simulator", "lexical", "--chunk-size", "2",
+             "--concurrency", "1", "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "PREFECT_API_URL": url, "FEATURESCRIBE_PREFECT_LIMITS": "off"})
+        while len(fake_llm.requests) < 2 and label.poll() is None:  # the run is under way
+            time.sleep(0.1)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    asked_before = len(fake_llm.requests)
+    try:
+        _, err = label.communicate(timeout=150)
+    finally:
+        label.kill()
+    assert label.returncode == 1, err[-3000:]
+    assert err.strip().splitlines() == [
+        f"featurescribe: error: the Prefect server at {url} stopped answering during the run (ConnectError: "
+        "[Errno 111] Connection refused), so the flow run's end is not recorded there; what finished is kept in "
+        "the database, run the same command again to go on"]
+    assert len(fake_llm.requests) > asked_before  # it went on labelling
+    assert q(db, "SELECT status FROM runs") == [("completed",)]
+    (alive,) = q(db, "SELECT count(*) FROM features WHERE status = 'alive'")[0]
+    assert alive >= 5
+    assert q(db, "SELECT count(*), count(DISTINCT feature_id) FROM labels") == [(alive, alive)]
+    assert q(db, "SELECT count(*) FROM explanations") == [(alive,)]
