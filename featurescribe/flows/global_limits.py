@@ -20,12 +20,16 @@ cannot give its slots back: they return when the lease expires, which the server
 service does on `prefect server start` within about a minute. Meanwhile a resumed run waits for
 them (or free them at once: `prefect gcl update featurescribe-llm-openai --active-slots 0`).
 `FEATURESCRIBE_PREFECT_LIMITS=off` keeps the in-process limits only, even with a server.
+A server that stops answering during a run costs the run nothing but the global limits: a chunk
+(or request) that cannot reach it goes on under the in-process limits, which always apply too.
 Local models (`local:`) are not a shared provider and take no global slot.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -34,6 +38,9 @@ from featurescribe.llm.base import ChatRequest, ChatResponse, parse_backend_spec
 from featurescribe.llm.registry import BACKENDS
 
 LEASE_S = 60  # the shortest lease Prefect allows
+log = logging.getLogger(__name__)
+# set once the server stopped answering: later chunks of this process do not wait on it again
+_SERVER_AWAY = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ def ensure_global_limits(specs: list[str], concurrency: int, rpm: float | None =
                     rate_name, max(1, int(round(per_s))), slot_decay_per_second=per_s)
                 rate = read(rate_name)
             out[backend] = GlobalLimits(conc_name, int(conc.limit), rate_name if rate is not None else None)
+    _SERVER_AWAY.clear()  # it answered: this run takes its limits again
     return out
 
 
@@ -97,7 +105,7 @@ async def chunk_slots(clients: list[Any], limits: dict[str, GlobalLimits] | None
     theirs take a rate-limit slot. A no-op without limits."""
     from contextlib import AsyncExitStack
 
-    if not limits:
+    if not limits or _SERVER_AWAY.is_set():
         yield
         return
     from prefect.concurrency.asyncio import concurrency
@@ -108,8 +116,13 @@ async def chunk_slots(clients: list[Any], limits: dict[str, GlobalLimits] | None
             if not mine:
                 continue
             occupy = min(max(c.settings.concurrency for c in mine), max(1, lim.limit))
-            await stack.enter_async_context(concurrency(
-                lim.concurrency_name, occupy=occupy, strict=True, lease_duration=LEASE_S))
+            try:
+                await stack.enter_async_context(concurrency(
+                    lim.concurrency_name, occupy=occupy, strict=True, lease_duration=LEASE_S))
+            except Exception as err:
+                if not _server_gone(err):
+                    raise
+                continue
             if lim.rate_name:
                 for c in mine:
                     _rate_limited(c, lim.rate_name)
@@ -130,7 +143,12 @@ class _RateLimitedBackend:
                    retry_index: int = 0) -> ChatResponse:
         from prefect.concurrency.asyncio import rate_limit
 
-        await rate_limit(self._rate_name, strict=True)
+        try:
+            if not _SERVER_AWAY.is_set():
+                await rate_limit(self._rate_name, strict=True)
+        except Exception as err:
+            if not _server_gone(err):
+                raise
         return await self._inner.send(request, max_tokens=max_tokens, timeout=timeout,
                                       retry_index=retry_index)
 
@@ -142,3 +160,17 @@ def _rate_limited(client: Any, rate_name: str) -> None:
     backend = getattr(client, "_backend", None)
     if backend is not None and not isinstance(backend, _RateLimitedBackend):
         client._backend = _RateLimitedBackend(backend, rate_name)
+
+
+def _server_gone(err: BaseException) -> bool:
+    """The Prefect server stopped answering (its limits with it): the work goes on under the
+    in-process limits, and the command says at its end that the server went away."""
+    from featurescribe.flows.prefect_env import prefect_server_gone
+
+    if prefect_server_gone(err) is None:
+        return False
+    if not _SERVER_AWAY.is_set():
+        _SERVER_AWAY.set()
+        # said on the console once, at the command's end (PrefectServerGone)
+        log.debug("the Prefect server's global limits cannot be reached; going on under this process's own limits")
+    return True

@@ -92,8 +92,11 @@ def _request_url(err) -> str:
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 # Prefect's events go to the server over a websocket, from a background service that reports every
 # event it could not send, about every 7 s while the server is away
-_EVENT_LOGGERS = ("prefect.events.clients", "prefect._internal.concurrency")
-_LOST_EVENT_LINES = ("Unable to connect to 'ws", "Service 'EventsWorker' failed to process item")
+# (as do the global-limit slots it could not take or renew, and the drain of those services at exit)
+_EVENT_LOGGERS = ("prefect.events.clients", "prefect._internal.concurrency", "EventsWorker", "APILogWorker")
+_LOST_EVENT_LINES = ("Unable to connect to 'ws", "Service 'EventsWorker' failed to process item",
+                     "Service 'ConcurrencySlotAcquisitionWithLeaseService' failed to process item",
+                     "Still processing items")
 # a failed task's last line names its exception without carrying it
 _FAILED_TASK = re.compile(r"Finished in state Failed\('Task run encountered an exception (\w+): ")
 
