@@ -16,7 +16,8 @@ import featurescribe.harvest  # noqa: E402,F401  isort: skip
 from featurescribe.api import export, harvest, label, open  # noqa: E402
 from featurescribe.database import Database, Feature, Labels, SearchResults  # noqa: E402
 from featurescribe.errors import (BadOption, DatabaseLocked, FeaturescribeError, MissingDependency,  # noqa: E402
-                                  NoDatabase, NoEmbeddings, PrefectUnreachable, SchemaTooNew,
+                                  NoDatabase, NoEmbeddings, PrefectServerGone, PrefectUnreachable,
+                                  SchemaTooNew,
                                   SQLFailed, UnknownFeature, UnknownSource)
 from featurescribe.export.command import ExportOptions, ExportResult  # noqa: E402
 from featurescribe.flows.label_options import LabelOptions  # noqa: E402
@@ -35,5 +36,5 @@ __all__ = [
     "HarvestOptions", "LabelOptions", "ExportOptions", "HarvestResult", "LabelSummary", "ExportResult",
     # errors, one class per kind
     "FeaturescribeError", "BadOption", "DatabaseLocked", "MissingDependency", "NoDatabase", "NoEmbeddings",
-    "PrefectUnreachable", "SchemaTooNew", "SQLFailed", "UnknownFeature", "UnknownSource",
+    "PrefectServerGone", "PrefectUnreachable", "SchemaTooNew", "SQLFailed", "UnknownFeature", "UnknownSource",
 ]

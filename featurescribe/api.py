@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from featurescribe.database import Database
 from featurescribe.export.command import ExportOptions, ExportResult
@@ -34,10 +35,20 @@ def open(path: PathLike = DEFAULT_DB, *, read_only: bool = True) -> Database:  #
     return Database(path, read_only=read_only)
 
 
-def _prefect() -> None:
-    from featurescribe.flows.prefect_env import configure_prefect
+@contextmanager
+def _prefect() -> Iterator[None]:
+    """Prefect configured for a flow run; a configured Prefect server that stopped answering during
+    it raises `PrefectServerGone` (what finished is in the database) instead of httpx's error."""
+    from featurescribe.flows.prefect_env import configure_prefect, prefect_server_gone
 
     configure_prefect()
+    try:
+        yield
+    except Exception as err:
+        gone = prefect_server_gone(err)
+        if gone is None:
+            raise
+        raise gone from err
 
 
 def harvest(db: PathLike = DEFAULT_DB, **options: Any) -> list[HarvestResult]:
@@ -48,8 +59,8 @@ def harvest(db: PathLike = DEFAULT_DB, **options: Any) -> list[HarvestResult]:
     are those of `featurescribe harvest` (`HarvestOptions`)."""
     from featurescribe.harvest.command import run_harvest
 
-    _prefect()
-    return run_harvest(str(db), options_from_kwargs(HarvestOptions, "harvest", options))
+    with _prefect():
+        return run_harvest(str(db), options_from_kwargs(HarvestOptions, "harvest", options))
 
 
 def label(db: PathLike = DEFAULT_DB, **options: Any) -> LabelSummary | None:
@@ -57,8 +68,8 @@ def label(db: PathLike = DEFAULT_DB, **options: Any) -> LabelSummary | None:
     `LabelOptions`'s, `source=` required). Returns the run's `LabelSummary`."""
     from featurescribe.flows.label_command import run_label
 
-    _prefect()
-    return run_label(str(db), options_from_kwargs(LabelOptions, "label", options))
+    with _prefect():
+        return run_label(str(db), options_from_kwargs(LabelOptions, "label", options))
 
 
 def export(db: PathLike = DEFAULT_DB, **options: Any) -> ExportResult:
