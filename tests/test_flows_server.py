@@ -149,21 +149,21 @@ def test_the_python_api_names_a_prefect_server_gone_mid_run(monkeypatch):
     error is the one Prefect's client raises, made on a request to that server; the run that raises
     it is cut to the raise."""
     import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     import featurescribe as fs
     from featurescribe.flows import label_command
 
     url = f"http://127.0.0.1:{_closed_port()}/api"
-    monkeypatch.setenv("PREFECT_API_URL", url)
-    import prefect  # noqa: F401 - a real run has imported it by the time its client fails
 
     def run_label(db, options):
         raise httpx.ConnectError("[Errno 111] Connection refused", request=httpx.Request("POST", f"{url}/flow_runs/"))
 
     monkeypatch.setattr(label_command, "run_label", run_label)
-    with pytest.raises(fs.PrefectServerGone, match=f"the Prefect server at {url} stopped answering"):
-        fs.label("any.duckdb", source="6-mlp")
-    other = httpx.ConnectError("refused", request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"))
-    monkeypatch.setattr(label_command, "run_label", lambda db, options: (_ for _ in ()).throw(other))
-    with pytest.raises(httpx.ConnectError):  # not the Prefect server's: left as it is
-        fs.label("any.duckdb", source="6-mlp")
+    with temporary_settings({PREFECT_API_URL: url}):  # over the test session's own server, if it runs
+        with pytest.raises(fs.PrefectServerGone, match=f"the Prefect server at {url} stopped answering"):
+            fs.label("any.duckdb", source="6-mlp")
+        other = httpx.ConnectError("refused", request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"))
+        monkeypatch.setattr(label_command, "run_label", lambda db, options: (_ for _ in ()).throw(other))
+        with pytest.raises(httpx.ConnectError):  # not the Prefect server's: left as it is
+            fs.label("any.duckdb", source="6-mlp")
